@@ -1,0 +1,136 @@
+"""What every bench suite shares: the card name, versions, timing, and the result file."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def card_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu-{platform.processor() or platform.machine()}-{os.cpu_count()}cores"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "triton", "torchvision", "timm", "numpy", "streaming", "nvidia.dali", "ffcv", "PIL"):
+        try:
+            m = __import__(mod, fromlist=["__version__"])
+            out[mod] = str(getattr(m, "__version__", "?"))
+        except Exception:
+            pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["cuda"] = str(torch.version.cuda)
+            out["driver_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    except Exception:
+        pass
+    return out
+
+
+def cuda_time_ms(fn: Callable[[], Any], warmup: int = 5, iters: int = 20) -> float:
+    """Median milliseconds per call: CUDA events on a GPU, wall clock elsewhere."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available():
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=0, rep=max(iters, 25), return_mode="median"))
+        except Exception:
+            pass
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+    else:
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def write_result(suite: str, payload: dict[str, Any], argv: list[str] | None = None) -> Path:
+    """Write bench/results/<suite>-<card>-<date>.json with card, versions and command."""
+    card = card_name()
+    cmd = "python -m bench " + " ".join(shlex.quote(a) for a in [suite, *(argv or [])])
+    record = {
+        "suite": suite,
+        "card": card,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": cmd,
+        "versions": versions(),
+        **payload,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{suite}-{slug(card)}-{_dt.date.today().isoformat()}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> Path | None:
+    """Grouped bar chart as PNG beside the JSON; skipped quietly without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    n = max(len(series), 1)
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 1.2), 4))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [x + (i - (n - 1) / 2) * width for x in range(len(labels))]
+        ax.bar(xs, values, width, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

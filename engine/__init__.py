@@ -1,0 +1,1 @@
+"""The trainer: MAE (and DINOv2) objectives on timm ViTs. `python -m engine.run RECIPE`."""

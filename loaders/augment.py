@@ -1,0 +1,79 @@
+"""The augmentation spec: what every backend must do to an image, independent of how.
+
+A backend is a choice of decoder, never of semantics: each one reads an `AugmentSpec`
+and applies the same random-resized-crop, flip and normalization.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AugmentSpec:
+    """Single-view augmentation (MAE): RandomResizedCrop + horizontal flip + normalize.
+
+    Grayscale images are repeated to 3 channels before normalization.
+    """
+
+    size: int = 224
+    scale: tuple[float, float] = (0.2, 1.0)  # MAE's default crop scale
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5  # probability
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        self.scale = tuple(float(s) for s in self.scale)  # YAML gives lists
+        self.ratio = tuple(float(r) for r in self.ratio)
+        self.mean = tuple(float(m) for m in self.mean)
+        self.std = tuple(float(s) for s in self.std)
+        if self.size <= 0:
+            raise ValueError(f"augment.size must be positive, got {self.size}")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError(f"augment.scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"augment.ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+        if not (0 <= self.hflip <= 1):
+            raise ValueError(f"augment.hflip is a probability, got {self.hflip}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("augment.mean and augment.std need 3 values (std > 0)")
+
+
+def sample_crop(height: int, width: int, spec: AugmentSpec, gen: torch.Generator) -> tuple[int, int, int, int, bool]:
+    """Draw (top, left, h, w, flip) for one image, the way torchvision's RandomResizedCrop does:
+    up to 10 tries of area scale x log-uniform aspect ratio, else a center crop clamped to the
+    ratio range. Shared by all backends so their crop statistics match."""
+    area = height * width
+    log_lo, log_hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
+    draws = torch.rand(11, 4, generator=gen).tolist()
+    flip = bool(draws[10][0] < spec.hflip)
+    for a, r, p, q in draws[:10]:
+        target = area * (spec.scale[0] + a * (spec.scale[1] - spec.scale[0]))
+        aspect = math.exp(log_lo + r * (log_hi - log_lo))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(p * (height - h + 1)), int(q * (width - w + 1)), h, w, flip
+    in_ratio = width / height
+    if in_ratio < spec.ratio[0]:
+        w, h = width, int(round(width / spec.ratio[0]))
+    elif in_ratio > spec.ratio[1]:
+        h, w = height, int(round(height * spec.ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w, flip
+
+
+def normalize(images: torch.Tensor, spec: AugmentSpec, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [B, C, H, W] (C = 1 or 3) -> normalized `dtype` [B, 3, H, W], on images' device."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    mean = torch.tensor(spec.mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    inv_std = 1.0 / (torch.tensor(spec.std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+    return ((images.float() - mean) * inv_std).to(dtype)
