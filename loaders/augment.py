@@ -44,6 +44,21 @@ class AugmentSpec:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("augment.mean and augment.std need 3 values (std > 0)")
 
+    # The two halves every augmentation spec provides, so that a backend that decodes on
+    # the CPU can serve any spec (MultiCropSpec for DINOv2 follows the same interface).
+    def views(self, img: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        """Geometric part on one decoded uint8 [C, H, W] image -> list of uint8 [3, s, s] views."""
+        from torchvision.transforms.v2 import functional as TF
+
+        top, left, h, w, flip = sample_crop(img.shape[1], img.shape[2], self, gen)
+        out = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+        out = out.flip(-1) if flip else out
+        return [out.expand(3, -1, -1) if out.shape[0] == 1 else out]
+
+    def finish(self, views: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Batched part on the device: uint8 [B, 3, s, s] per view -> the batch's images."""
+        return normalize(views[0], self, dtype)
+
 
 def sample_crop(height: int, width: int, spec: AugmentSpec, gen: torch.Generator) -> tuple[int, int, int, int, bool]:
     """Draw (top, left, h, w, flip) for one image, the way torchvision's RandomResizedCrop does:

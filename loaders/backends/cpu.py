@@ -9,9 +9,8 @@ from typing import Any, Iterator
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as TF
 
-from loaders.augment import AugmentSpec, normalize, sample_crop
+from loaders.augment import AugmentSpec
 from loaders.loader import Batch, Loader, make_streams, register_backend
 
 
@@ -23,14 +22,14 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(key)
 
 
-def decode_and_crop(data: bytes, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
-    """JPEG/PNG bytes -> augmented uint8 [C, size, size] (C = 1 or 3)."""
+def decode(data: bytes) -> torch.Tensor:
+    """JPEG/PNG bytes -> uint8 [C, H, W] with C = 1 or 3."""
     img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
-    if img.shape[0] not in (1, 3):
-        img = img[:3] if img.shape[0] == 4 else img[:1]
-    top, left, h, w, flip = sample_crop(img.shape[1], img.shape[2], spec, gen)
-    out = TF.resized_crop(img, top, left, h, w, [spec.size, spec.size], antialias=True)
-    return out.flip(-1) if flip else out
+    if img.shape[0] == 4:  # RGBA: drop alpha
+        img = img[:3]
+    elif img.shape[0] == 2:  # gray + alpha
+        img = img[:1]
+    return img
 
 
 def _make_dataset_class():
@@ -49,8 +48,8 @@ def _make_dataset_class():
             row = super().get_item(idx, retry)
             out = {"modality": row["modality"], "source": row["source"], "uid": row["uid"]}
             try:
-                img = decode_and_crop(row["image"], self.augment, sample_generator(self.aug_seed, self.aug_epoch, idx))
-                out["image"] = img.expand(3, -1, -1) if img.shape[0] == 1 else img
+                gen = sample_generator(self.aug_seed, self.aug_epoch, idx)
+                out["views"] = self.augment.views(decode(row["image"]), gen)
             except Exception as e:  # a corrupt sample is skipped and counted, never substituted
                 out["error"] = f"{type(e).__name__}: {e}"
             return out
@@ -61,9 +60,9 @@ def _make_dataset_class():
 def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     good = [r for r in rows if "error" not in r]
     bad = [r for r in rows if "error" in r]
-    images = torch.stack([r["image"] for r in good]) if good else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+    views = [torch.stack(v) for v in zip(*(r["views"] for r in good))]
     return {
-        "images": images,
+        "views": views,
         "modality": [r["modality"] for r in good],
         "source": [r["source"] for r in good],
         "uid": [r["uid"] for r in good],
@@ -109,8 +108,8 @@ class CPULoader(Loader):
         )
 
     def _to_device(self, raw: dict[str, Any]) -> Batch:
-        images = raw["images"].to(self.device, non_blocking=True)
-        return Batch(normalize(images, self.augment, self.dtype), raw["modality"], raw["source"], raw["uid"])
+        views = [v.to(self.device, non_blocking=True) for v in raw["views"]]
+        return Batch(self.augment.finish(views, self.dtype), raw["modality"], raw["source"], raw["uid"])
 
     def _batches(self) -> Iterator[Batch]:
         self.dataset.aug_epoch = self.epoch
@@ -128,7 +127,8 @@ class CPULoader(Loader):
                 if pending is not None:
                     yield pending
                 torch.cuda.current_stream(self.device).wait_stream(stream)
-                batch.images.record_stream(torch.cuda.current_stream(self.device))
+                for t in batch.images if isinstance(batch.images, list) else [batch.images]:
+                    t.record_stream(torch.cuda.current_stream(self.device))
                 pending = batch
             else:
                 yield self._to_device(raw)
