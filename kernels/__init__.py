@@ -1,0 +1,33 @@
+"""Triton kernels for ViT pretraining, each with its autograd wrapper and a plain torch reference.
+
+Every op takes `impl=`: "triton" (our kernels; also runs on CPU tensors under TRITON_INTERPRET=1),
+"torch" (the reference), and "auto" (triton on CUDA, the reference/SDPA elsewhere).
+Files: attn.py (attention), masking.py (mae_mask / mae_unmask), loss.py (mae_loss).
+"""
+from kernels.attn import (
+    attention,
+    attention_flops,
+    attention_reference,
+    attention_sdpa,
+    attention_triton,
+    attention_xformers,
+)
+from kernels.loss import mae_loss, mae_loss_reference, patchify
+from kernels.masking import keep_count, mae_mask, mae_mask_reference, mae_unmask, mae_unmask_reference
+
+__all__ = [
+    "attention",
+    "attention_flops",
+    "attention_reference",
+    "attention_sdpa",
+    "attention_triton",
+    "attention_xformers",
+    "keep_count",
+    "mae_loss",
+    "mae_loss_reference",
+    "mae_mask",
+    "mae_mask_reference",
+    "mae_unmask",
+    "mae_unmask_reference",
+    "patchify",
+]

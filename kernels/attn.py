@@ -1,0 +1,465 @@
+"""Fused scaled-dot-product attention shaped for ViT sequences (N <= ~1.4k, many batch x heads).
+
+    kernels.attention(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, impl="auto")
+
+q/k/v are [B, H, N, D] (any strides with a contiguous last dim), or packed [total, H, D] with
+`cu_seqlens` (int32 [nseq + 1], the block-diagonal packing DINOv2 uses for its crops).
+
+Forward: one program per (query block, batch x head); each streams the keys/values in
+BLOCK_N tiles with an online softmax (exp2, scale folded in) and stores the output and the
+row log-sum-exp. For short sequences the whole K/V is one tile.
+
+Backward, two layouts chosen per shape (see `_bwd_config`):
+- "fused": one program per (batch x head) walks its key blocks and, inside, all query blocks,
+  so dK/dV stay in registers and dQ accumulates in a private fp32 scratch (read-modify-write,
+  no atomics). When the whole sequence is one key block there is no scratch at all and
+  delta = rowsum(dO * O) is computed inline: one kernel, one pass. Made for N <= ~300.
+- "split": one program per (key block, batch x head) with dQ accumulated by fp32 atomics;
+  delta comes from a small preprocessing kernel. Made for longer sequences, where the
+  per-head program above would leave SMs idle.
+Head dims that are not a power of two (88) are padded in-kernel to the next power of two.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+IMPLS = ("auto", "triton", "torch", "sdpa", "xformers")
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _split_packed(x: torch.Tensor, cu_seqlens: torch.Tensor):
+    bounds = cu_seqlens.tolist()
+    return [x[bounds[i]:bounds[i + 1]].transpose(0, 1) for i in range(len(bounds) - 1)]  # [H, n, D]
+
+
+def attention_reference(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None):
+    """Plain softmax(q k^T * scale) v computed in fp32; output in q's dtype. Differentiable."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    def dense(q_, k_, v_):
+        s = (q_.float() @ k_.float().transpose(-1, -2)) * scale
+        return (s.softmax(-1) @ v_.float()).to(q.dtype)
+
+    if cu_seqlens is None:
+        return dense(q, k, v)
+    outs = [dense(a, b, c).transpose(0, 1) for a, b, c in
+            zip(_split_packed(q, cu_seqlens), _split_packed(k, cu_seqlens), _split_packed(v, cu_seqlens))]
+    return torch.cat(outs, 0)
+
+
+def attention_sdpa(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None):
+    """torch's scaled_dot_product_attention; packed input runs one call per group of equal lengths."""
+    if cu_seqlens is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    starts = cu_seqlens[:-1].tolist()
+    out = torch.empty_like(q)
+    for n in sorted(set(lengths)):
+        idx = [s for s, m in zip(starts, lengths) if m == n]
+        if n == 0:
+            continue
+        rows = torch.tensor(idx, device=q.device)[:, None] + torch.arange(n, device=q.device)  # [g, n]
+        pick = lambda x: x[rows].transpose(1, 2)  # [g, H, n, D]
+        o = F.scaled_dot_product_attention(pick(q), pick(k), pick(v), scale=scale)
+        out = out.index_put((rows,), o.transpose(1, 2))
+    return out
+
+
+def attention_xformers(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None):
+    """xformers.ops.memory_efficient_attention (optional dependency, CUDA only)."""
+    import xformers.ops as xops
+
+    if cu_seqlens is None:
+        o = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+        return o.transpose(1, 2)
+    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+    bias = BlockDiagonalMask.from_seqlens((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
+    o = xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=scale)
+    return o[0]
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _seq_bounds(CU, b, N, VARLEN: tl.constexpr):
+    if VARLEN:
+        start = tl.load(CU + b)
+        seqlen = tl.load(CU + b + 1) - start
+    else:
+        start = b * 0
+        seqlen = N + b * 0
+    return start, seqlen
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, CU,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sl_b, sl_h,
+    H, N, qk_scale,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start, seqlen = _seq_bounds(CU, b, N, VARLEN)
+    if pid_m * BLOCK_M < seqlen:
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        tok = start.to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        row_ok = offs_m < seqlen
+
+        q_ptrs = Q + b64 * sq_b + h64 * sq_h + (tok + offs_m[:, None]) * sq_n + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
+        kt_base = K + b64 * sk_b + h64 * sk_h + tok * sk_n + offs_d[:, None]  # K^T tile: [D, BLOCK_N]
+        v_base = V + b64 * sv_b + h64 * sv_h + tok * sv_n + offs_d[None, :]
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, seqlen, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < seqlen
+            kt = tl.load(kt_base + cols[None, :] * sk_n, mask=mask_d[:, None] & col_ok[None, :], other=0.0)
+            s = tl.dot(q, kt) * qk_scale  # log2 units
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vv = tl.load(v_base + cols[:, None] * sv_n, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        o_ptrs = O + b64 * so_b + h64 * so_h + (tok + offs_m[:, None]) * so_n + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & mask_d[None, :])
+        lse_ptrs = LSE + b64 * sl_b + h64 * sl_h + tok + offs_m
+        tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta(
+    O, DO, DELTA, CU,
+    so_b, so_h, so_n, sd_b, sd_h, sd_n, sl_b, sl_h,
+    H, N,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start, seqlen = _seq_bounds(CU, b, N, VARLEN)
+    if pid_m * BLOCK_M < seqlen:
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        tok = start.to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        msk = (offs_m < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(O + b64 * so_b + h64 * so_h + (tok + offs_m[:, None]) * so_n + offs_d[None, :], mask=msk, other=0.0)
+        do = tl.load(DO + b64 * sd_b + h64 * sd_h + (tok + offs_m[:, None]) * sd_n + offs_d[None, :], mask=msk, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + b64 * sl_b + h64 * sl_h + tok + offs_m, delta, mask=offs_m < seqlen)
+
+
+@triton.jit
+def _attn_bwd_block(
+    q, do, lse, delta, kt, v, k, rows_ok, cols_ok,
+    qk_scale,
+):
+    """One (query block, key block) step of the backward: returns dV, dK (unscaled), dQ parts."""
+    s = tl.dot(q, kt) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    p = tl.where(rows_ok[:, None] & cols_ok[None, :], p, 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    ds_lp = ds.to(q.dtype)
+    dk = tl.dot(tl.trans(ds_lp), q)
+    dq = tl.dot(ds_lp, k)
+    return dv, dk, dq
+
+
+@triton.jit
+def _attn_bwd(
+    Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA, CU,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sdo_b, sdo_h, sdo_n,
+    sdq_b, sdq_h, sdq_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sa_b, sa_h, sa_n, sl_b, sl_h,
+    H, N, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, SINGLE_KV: tl.constexpr,
+):
+    # SPLIT: program (key block, b*h) with atomics into DQACC. Otherwise program (b*h,) walking
+    # every key block; SINGLE_KV means the whole sequence is one key block (delta inline, no DQACC).
+    if SPLIT:
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+    else:
+        pid_n = 0
+        pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    start, seqlen = _seq_bounds(CU, b, N, VARLEN)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    tok = start.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q_base = Q + b64 * sq_b + h64 * sq_h + tok * sq_n + offs_d[None, :]
+    o_base = O + b64 * so_b + h64 * so_h + tok * so_n + offs_d[None, :]
+    do_base = DO + b64 * sdo_b + h64 * sdo_h + tok * sdo_n + offs_d[None, :]
+    dq_base = DQ + b64 * sdq_b + h64 * sdq_h + tok * sdq_n + offs_d[None, :]
+    acc_base = DQACC + b64 * sa_b + h64 * sa_h + tok * sa_n + offs_d[None, :]
+    l_base = b64 * sl_b + h64 * sl_h + tok
+
+    if SPLIT:
+        n_lo = pid_n * BLOCK_N
+        n_hi = tl.minimum(n_lo + BLOCK_N, seqlen)
+    else:
+        n_lo = 0
+        n_hi = seqlen
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        cols = start_n + offs_n
+        cols_ok = cols < seqlen
+        kv_mask = cols_ok[:, None] & mask_d[None, :]
+        k = tl.load(K + b64 * sk_b + h64 * sk_h + (tok + cols[:, None]) * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b64 * sv_b + h64 * sv_h + (tok + cols[:, None]) * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        kt = tl.trans(k)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(0, seqlen, BLOCK_M):
+            rows = start_m + offs_m
+            rows_ok = rows < seqlen
+            q_mask = rows_ok[:, None] & mask_d[None, :]
+            q = tl.load(q_base + rows[:, None] * sq_n, mask=q_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * sdo_n, mask=q_mask, other=0.0)
+            lse = tl.load(LSE + l_base + rows, mask=rows_ok, other=0.0)
+            if SINGLE_KV:
+                o = tl.load(o_base + rows[:, None] * so_n, mask=q_mask, other=0.0)
+                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            else:
+                delta = tl.load(DELTA + l_base + rows, mask=rows_ok, other=0.0)
+            dv_i, dk_i, dq_i = _attn_bwd_block(q, do, lse, delta, kt, v, k, rows_ok, cols_ok, qk_scale)
+            dv += dv_i
+            dk += dk_i
+            if SINGLE_KV:
+                tl.store(dq_base + rows[:, None] * sdq_n, (dq_i * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+            elif SPLIT:
+                tl.atomic_add(acc_base + rows[:, None] * sa_n, dq_i, mask=q_mask)
+            else:
+                acc_ptrs = acc_base + rows[:, None] * sa_n
+                if start_n > 0:
+                    dq_i += tl.load(acc_ptrs, mask=q_mask, other=0.0)
+                if start_n + BLOCK_N >= seqlen:
+                    tl.store(dq_base + rows[:, None] * sdq_n, (dq_i * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+                else:
+                    tl.store(acc_ptrs, dq_i, mask=q_mask)
+        tl.store(DK + b64 * sdk_b + h64 * sdk_h + (tok + cols[:, None]) * sdk_n + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + b64 * sdv_b + h64 * sdv_h + (tok + cols[:, None]) * sdv_n + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+        if not SPLIT:
+            if not SINGLE_KV:
+                tl.debug_barrier()  # this key block's dQ partials are read back by other threads next
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+LOG2E = 1.4426950408889634
+
+
+def _pow2(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _fwd_config(n: int, d: int) -> dict:
+    """Block shapes by sequence length and head dim (tuned on H100/H200, see bench/kernels.py)."""
+    bd = _pow2(d)
+    if n <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if bd <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def _bwd_config(n: int, d: int) -> dict:
+    bd = _pow2(d)
+    if n <= 64:
+        return dict(SPLIT=False, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+    if n <= 320:
+        return dict(SPLIT=False, BLOCK_M=64, BLOCK_N=64, num_warps=4 if bd <= 64 else 8, num_stages=1)
+    return dict(SPLIT=True, BLOCK_M=64, BLOCK_N=64, num_warps=4 if bd <= 64 else 8, num_stages=1)
+
+
+def _as_bhnd(x: torch.Tensor, packed: bool):
+    """(tensor, strides b, h, n) with a unit last stride; packed [T, H, D] has b-stride 0."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if packed:
+        return x, (0, x.stride(1), x.stride(0))
+    return x, (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _empty_out(q: torch.Tensor, packed: bool, dtype=None):
+    dtype = dtype or q.dtype
+    if packed:
+        return torch.empty(q.shape, device=q.device, dtype=dtype)
+    B, H, N, D = q.shape
+    # [B, N, H, D] memory, viewed as [B, H, N, D]: the caller's transpose(1, 2).reshape is free.
+    return torch.empty(B, N, H, D, device=q.device, dtype=dtype).transpose(1, 2)
+
+
+def _geometry(q, cu_seqlens, max_seqlen):
+    if cu_seqlens is None:
+        B, H, N, D = q.shape
+        return B, H, N, D, N
+    T, H, D = q.shape
+    nseq = cu_seqlens.numel() - 1
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if nseq else 0
+    return nseq, H, T, D, int(max_seqlen)
+
+
+def _lse_strides(H, N, packed):
+    # dense: [B, H, N]; packed: [H, T]
+    return (0, N) if packed else (H * N, N)
+
+
+def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None):
+    packed = cu_seqlens is not None
+    B, H, N, D, maxn = _geometry(q, cu_seqlens, max_seqlen)
+    q, sq = _as_bhnd(q, packed)
+    k, sk = _as_bhnd(k, packed)
+    v, sv = _as_bhnd(v, packed)
+    o = _empty_out(q, packed)
+    so = _as_bhnd(o, packed)[1]
+    lse = torch.empty((H, N) if packed else (B, H, N), device=q.device, dtype=torch.float32)
+    cfg = dict(config or _fwd_config(maxn, D))
+    cu = cu_seqlens.to(torch.int32) if packed else q  # dummy pointer when dense
+    grid = (triton.cdiv(max(maxn, 1), cfg["BLOCK_M"]), B * H)
+    if B * H > 0 and maxn > 0:
+        _attn_fwd[grid](
+            q, k, v, o, lse, cu, *sq, *sk, *sv, *so, *_lse_strides(H, N, packed),
+            H, N, scale * LOG2E,
+            HEAD_DIM=D, VARLEN=packed, BLOCK_D=_pow2(D), **cfg,
+        )
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, config=None):
+    packed = cu_seqlens is not None
+    B, H, N, D, maxn = _geometry(q, cu_seqlens, max_seqlen)
+    q, sq = _as_bhnd(q, packed)
+    k, sk = _as_bhnd(k, packed)
+    v, sv = _as_bhnd(v, packed)
+    o, so = _as_bhnd(o, packed)
+    do, sdo = _as_bhnd(do, packed)
+    dq, dk, dv = (_empty_out(x, packed) for x in (q, k, v))
+    sdq, sdk, sdv = (_as_bhnd(x, packed)[1] for x in (dq, dk, dv))
+    cfg = dict(config or _bwd_config(maxn, D))
+    split = cfg.pop("SPLIT")
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    single = (not split) and maxn <= bn
+    sl = _lse_strides(H, N, packed)
+    cu = cu_seqlens.to(torch.int32) if packed else q
+    bd = _pow2(D)
+    if B * H == 0 or maxn == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if single:
+        delta, acc = lse, q  # unused
+    else:
+        delta = torch.empty_like(lse)
+        _attn_bwd_delta[(triton.cdiv(maxn, 64), B * H)](
+            o, do, delta, cu, *so, *sdo, *sl, H, N,
+            HEAD_DIM=D, VARLEN=packed, BLOCK_M=64, BLOCK_D=bd, num_warps=4,
+        )
+        acc = (torch.zeros if split else torch.empty)(q.shape, device=q.device, dtype=torch.float32)
+    sa = _as_bhnd(acc, packed)[1] if not single else sq
+    grid = (triton.cdiv(maxn, bn), B * H) if split else (B * H,)
+    _attn_bwd[grid](
+        q, k, v, o, do, dq, dk, dv, acc, lse, delta, cu,
+        *sq, *sk, *sv, *so, *sdo, *sdq, *sdk, *sdv, *sa, *sl,
+        H, N, scale * LOG2E, scale,
+        HEAD_DIM=D, VARLEN=packed, BLOCK_D=bd, SPLIT=split, SINGLE_KV=single, **cfg,
+    )
+    if split:
+        dq.copy_(acc.mul_(scale))
+    return dq, dk, dv
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, cu_seqlens, max_seqlen, fwd_config, bwd_config):
+        o, lse = attention_fwd(q, k, v, scale, cu_seqlens, max_seqlen, fwd_config)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.scale, ctx.max_seqlen, ctx.bwd_config = scale, max_seqlen, bwd_config
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale, cu_seqlens, ctx.max_seqlen, ctx.bwd_config)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def attention_triton(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, fwd_config=None, bwd_config=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if cu_seqlens is not None and max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    return _TritonAttention.apply(q, k, v, scale, cu_seqlens, max_seqlen, fwd_config, bwd_config)
+
+
+def _xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def attention(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, impl="auto"):
+    """Scaled-dot-product attention over [B, H, N, D] or packed [total, H, D] + cu_seqlens.
+
+    impl: "triton" (our kernels), "sdpa" (torch's fused SDPA), "torch" (fp32 reference),
+    "xformers" (memory_efficient_attention), "auto" = triton on CUDA, SDPA elsewhere.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if cu_seqlens is None and q.dim() != 4:
+        raise ValueError(f"q must be [B, H, N, D] (or packed [T, H, D] with cu_seqlens); got {tuple(q.shape)}")
+    if cu_seqlens is not None and q.dim() != 3:
+        raise ValueError(f"packed q must be [T, H, D]; got {tuple(q.shape)}")
+    if impl == "auto":
+        impl = "triton" if q.is_cuda else "sdpa"
+    if impl == "triton":
+        return attention_triton(q, k, v, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if impl == "sdpa":
+        return attention_sdpa(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
+    if impl == "xformers":
+        return attention_xformers(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
+    return attention_reference(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
+
+
+def attention_flops(batch_heads_n2: float, d: int, backward: bool = True) -> float:
+    """FLOPs of attention for sum over sequences of H * N^2: fwd 4*N^2*D, bwd 2.5x that."""
+    f = 4.0 * batch_heads_n2 * d
+    return f * 3.5 if backward else f

@@ -1,0 +1,126 @@
+"""kernels.attention: the Triton forward/backward under TRITON_INTERPRET=1 against the fp32 reference."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU tensors
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+
+def _interpreted_kernels():
+    """The kernels package with interpreted kernels, even if another test imported it compiled."""
+    mod = importlib.import_module("kernels.attn")
+    if type(mod._attn_fwd).__name__ != "InterpretedFunction":
+        for name in ("kernels.attn", "kernels.masking", "kernels.loss", "kernels"):
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])
+    return importlib.import_module("kernels")
+
+
+kernels = _interpreted_kernels()
+attn = sys.modules["kernels.attn"]
+
+SMALL_FWD = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+FUSED_MULTI = dict(SPLIT=False, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+SPLIT = dict(SPLIT=True, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def run_both(q, k, v, **kw):
+    fwd_config = kw.pop("fwd_config", None)
+    bwd_config = kw.pop("bwd_config", None)
+    out = attn.attention_triton(q, k, v, fwd_config=fwd_config, bwd_config=bwd_config, **kw)
+    ref = kernels.attention_reference(q, k, v, **kw)
+    do = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    return (out, *grads), (ref, *ref_grads)
+
+
+def assert_close(got, want, tol=1e-5):
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape, name
+        assert torch.isfinite(g).all(), name
+        if w.abs().max() < 1e-6:  # e.g. dq, dk at N = 1: softmax over one key has no gradient
+            assert g.abs().max() < 1e-5, name
+        else:
+            assert rel(g, w) < tol, (name, rel(g, w))
+
+
+@pytest.mark.parametrize("n", [1, 50, 197, 257, 261])
+@pytest.mark.parametrize("d", [32, 64, 88])
+def test_dense_default_configs(n, d):
+    q, k, v = (torch.randn(1, 2, n, d, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v))
+
+
+@pytest.mark.parametrize("bwd", [FUSED_MULTI, SPLIT], ids=["fused-multiblock", "split-atomic"])
+@pytest.mark.parametrize("n,d", [(50, 88), (197, 64), (70, 32)])
+def test_dense_backward_layouts(bwd, n, d):
+    q, k, v = (torch.randn(2, 1, n, d, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=bwd))
+
+
+def test_timm_layout_and_scale():
+    # timm hands q, k, v as strided views of one qkv tensor [B, N, 3, H, D]
+    B, N, H, D = 2, 37, 3, 32
+    qkv = torch.randn(B, N, 3, H, D, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = kernels.attention(q, k, v, scale=0.3, impl="triton")
+    ref = kernels.attention_reference(q, k, v, scale=0.3)
+    do = torch.randn_like(ref)
+    (g,) = torch.autograd.grad(out, qkv, do)
+    (gr,) = torch.autograd.grad(ref, qkv, do)
+    assert rel(out, ref) < 1e-5 and rel(g, gr) < 1e-5
+    # the output is laid out [B, N, H, D] so that timm's transpose + reshape is free
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("bwd", [None, FUSED_MULTI, SPLIT], ids=["default", "fused-multiblock", "split-atomic"])
+@pytest.mark.parametrize("d", [64, 88])
+def test_packed_mixed_lengths(bwd, d):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    lens = [int(x) for x in torch.randint(1, 80, (4,), generator=g)] + [1, 57]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    T, H = sum(lens), 2
+    q, k, v = (torch.randn(T, H, d, requires_grad=True) for _ in range(3))
+    got, want = run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD if bwd else None, bwd_config=bwd)
+    assert_close(got, want)
+    # packing is block-diagonal: each sequence alone gives the same answer
+    s = 1
+    lo, hi = cu[s].item(), cu[s + 1].item()
+    alone = kernels.attention_reference(q[lo:hi].transpose(0, 1)[None], k[lo:hi].transpose(0, 1)[None],
+                                        v[lo:hi].transpose(0, 1)[None])[0].transpose(0, 1)
+    assert rel(got[0][lo:hi], alone) < 1e-5
+
+
+def test_packed_sdpa_matches_reference():
+    lens = [5, 9, 5, 3]
+    cu = torch.tensor([0, 5, 14, 19, 22], dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lens), 2, 16) for _ in range(3))
+    a = kernels.attention(q, k, v, cu_seqlens=cu, impl="sdpa")
+    b = kernels.attention(q, k, v, cu_seqlens=cu, impl="torch")
+    assert rel(a, b) < 1e-5
+
+
+def test_dispatch():
+    q, k, v = (torch.randn(1, 2, 10, 16) for _ in range(3))
+    ref = kernels.attention_reference(q, k, v)
+    for impl in ("auto", "sdpa", "torch", "triton"):
+        assert rel(kernels.attention(q, k, v, impl=impl), ref) < 1e-5, impl
+    with pytest.raises(ValueError):
+        kernels.attention(q, k, v, impl="cuda-magic")
+    with pytest.raises(ValueError):
+        kernels.attention(q[0], k[0], v[0])
+
+
+def test_flops():
+    assert kernels.attention_flops(2 * 3 * 10**2, 64, backward=False) == 4 * 600 * 64
+    assert kernels.attention_flops(1, 1) == 14

@@ -1,0 +1,136 @@
+"""kernels.mae_mask / mae_unmask / mae_loss: Triton (TRITON_INTERPRET=1) against the torch references."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU tensors
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+
+def _interpreted_kernels():
+    mod = importlib.import_module("kernels.attn")
+    if type(mod._attn_fwd).__name__ != "InterpretedFunction":
+        for name in ("kernels.attn", "kernels.masking", "kernels.loss", "kernels"):
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])
+    return importlib.import_module("kernels")
+
+
+kernels = _interpreted_kernels()
+
+
+@pytest.mark.parametrize("B,N,C,ratio", [(3, 50, 40, 0.75), (2, 197, 24, 0.75), (2, 261, 8, 0.5), (2, 7, 8, 0.0),
+                                         (1, 1, 8, 0.0)])
+@pytest.mark.parametrize("pos_shape", ["1NC", "NC"])
+def test_mae_mask_matches_reference(B, N, C, ratio, pos_shape):
+    tokens = torch.randn(B, N, C, requires_grad=True)
+    pos = torch.randn((1, N, C) if pos_shape == "1NC" else (N, C), requires_grad=True)
+    noise = torch.rand(B, N)
+    vis, ids, mask = kernels.mae_mask(tokens, pos, ratio, noise=noise, impl="triton")
+    rvis, rids, rmask = kernels.mae_mask_reference(tokens, pos, ratio, noise=noise)
+    K = int(N * (1 - ratio))
+    assert vis.shape == (B, K, C) and ids.shape == (B, K) and ids.dtype == torch.int64
+    assert mask.dtype == torch.bool and mask.shape == (B, N) and mask.sum().item() == B * (N - K)
+    assert torch.equal(ids, rids) and torch.equal(mask, rmask)
+    # the keep set is the K smallest noise values, in increasing order
+    assert torch.equal(ids, torch.sort(noise, dim=1, stable=True).indices[:, :K])
+    torch.testing.assert_close(vis, rvis)
+    g = torch.randn_like(vis)
+    got = torch.autograd.grad(vis, (tokens, pos), g)
+    want = torch.autograd.grad(rvis, (tokens, pos), g)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+
+
+def test_mae_mask_ties_and_rng():
+    tokens, pos = torch.randn(2, 9, 4), torch.randn(9, 4)
+    noise = torch.tensor([[0.5] * 9, [0.3, 0.1, 0.3, 0.1, 0.9, 0.0, 0.3, 0.1, 0.2]])
+    _, ids, _ = kernels.mae_mask(tokens, pos, 0.5, noise=noise, impl="triton")
+    assert ids.tolist() == [[0, 1, 2, 3], [5, 1, 3, 7]]
+    # without noise: torch's global RNG decides, so reseeding reproduces the keep set
+    torch.manual_seed(3)
+    a = kernels.mae_mask(tokens, pos, 0.75, impl="triton")[1]
+    torch.manual_seed(3)
+    b = kernels.mae_mask(tokens, pos, 0.75, impl="torch")[1]
+    assert torch.equal(a, b)
+
+
+def test_mae_mask_pos_without_grad_and_dtype():
+    tokens = torch.randn(2, 16, 8, requires_grad=True)
+    pos = torch.randn(1, 16, 8)  # MAE's fixed sin-cos embedding
+    vis, _, _ = kernels.mae_mask(tokens, pos, 0.75, impl="triton")
+    (g,) = torch.autograd.grad(vis.sum(), tokens)
+    assert g.sum().item() == pytest.approx(2 * 4 * 8)
+    v16 = kernels.mae_mask(tokens.detach().half(), pos, 0.75, impl="triton")[0]
+    assert v16.dtype == torch.float32  # promoted like tokens + pos_embed
+
+
+@pytest.mark.parametrize("B,N,C,ratio", [(3, 50, 40, 0.75), (2, 197, 24, 0.75), (2, 5, 300, 0.4), (1, 1, 8, 0.0)])
+@pytest.mark.parametrize("mt_shape", ["C", "11C"])
+def test_mae_unmask_matches_reference(B, N, C, ratio, mt_shape):
+    K = int(N * (1 - ratio))
+    ids = torch.argsort(torch.rand(B, N), 1)[:, :K]
+    vis = torch.randn(B, K, C, requires_grad=True)
+    mt = torch.randn((C,) if mt_shape == "C" else (1, 1, C), requires_grad=True)
+    pos = torch.randn(1, N, C, requires_grad=True)
+    full = kernels.mae_unmask(vis, ids, mt, pos, impl="triton")
+    ref = kernels.mae_unmask_reference(vis, ids, mt, pos)
+    torch.testing.assert_close(full, ref)
+    # kept positions hold their visible token, the rest the mask token (before pos_embed)
+    b = B - 1
+    torch.testing.assert_close(full[b, ids[b]] - pos[0, ids[b]], vis[b])
+    g = torch.randn_like(full)
+    got = torch.autograd.grad(full, (vis, mt, pos), g)
+    want = torch.autograd.grad(ref, (vis, mt, pos), g)
+    for a, w in zip(got, want):
+        assert a.shape == w.shape
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_unmask_roundtrip():
+    tokens, pos = torch.randn(2, 30, 6), torch.zeros(1, 30, 6)
+    vis, ids, mask = kernels.mae_mask(tokens, pos, 0.6, impl="triton")
+    full = kernels.mae_unmask(vis, ids, torch.full((6,), 7.0), pos, impl="triton")
+    torch.testing.assert_close(full[~mask], tokens[~mask])
+    assert (full[mask] == 7.0).all()
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+@pytest.mark.parametrize("C,p,H,W", [(3, 16, 32, 48), (1, 14, 28, 14), (3, 4, 12, 8)])
+def test_mae_loss_matches_reference(norm_pix, C, p, H, W):
+    B = 2
+    N = (H // p) * (W // p)
+    imgs = torch.randn(B, C, H, W) * 2 + 0.5
+    pred = torch.randn(B, N, p * p * C, requires_grad=True)
+    mask = torch.rand(B, N) < 0.6
+    mask[0, 0] = True
+    loss = kernels.mae_loss(imgs, pred, mask, p, norm_pix=norm_pix, impl="triton")
+    ref = kernels.mae_loss_reference(imgs, pred, mask, p, norm_pix=norm_pix)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(loss * 2.5, pred)
+    (gr,) = torch.autograd.grad(ref * 2.5, pred)
+    torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-7)
+    assert (g[~mask] == 0).all()
+
+
+def test_mae_loss_float_mask_and_patchify_order():
+    imgs = torch.randn(1, 3, 8, 8)
+    p = 4
+    target = kernels.patchify(imgs, p)
+    # pred[b, i*w + j, (pi*p + pj)*C + c] is pixel (c, i*p + pi, j*p + pj)
+    assert target[0, 1 * 2 + 0, (2 * p + 3) * 3 + 1] == imgs[0, 1, 1 * p + 2, 0 * p + 3]
+    pred = torch.randn(1, 4, 48, requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0, 0.5, 1.0]])
+    a = kernels.mae_loss(imgs, pred, mask, p, impl="triton")
+    b = kernels.mae_loss_reference(imgs, pred, mask, p)
+    torch.testing.assert_close(a, b)
+    # a perfect prediction of the normalized patch gives zero loss
+    t = kernels.patchify(imgs, p)
+    t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
+    assert kernels.mae_loss(imgs, t, mask, p, impl="triton").item() < 1e-10
+    with pytest.raises(ValueError):
+        kernels.mae_loss(imgs, pred[:, :3], mask[:, :3], p, impl="triton")
