@@ -1,0 +1,94 @@
+"""Intensity scaling to 8 bits and resizing, shared by every reader.
+
+Two ways to map raw intensities to 0..255, both linear between a low and a high value:
+- a window (center, width), for CT in Hounsfield units: the file's own or a named preset;
+- robust percentiles of the finite values (default 0.5 and 99.5), for everything else.
+Never a division by 255 or a clip of 16-bit data to 255: a 12-bit X-ray in a 16-bit PNG
+would come out black, and a full-range one white.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+# (center, width) in Hounsfield units; the usual radiology reading windows.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "soft_tissue": (40.0, 400.0),
+    "mediastinum": (40.0, 400.0),  # same window under its other common name
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "wide": (0.0, 2000.0),  # -1000..1000 HU: air to dense bone, little tissue contrast
+}
+WINDOW_MODES = ("auto", "file", "percentile", *WINDOW_PRESETS)
+
+
+def parse_window(value: str) -> str | tuple[float, float]:
+    """'auto' | 'file' | 'percentile' | a preset name | 'C:W' (e.g. '40:400')."""
+    value = str(value).strip().lower().replace("-", "_").replace(" ", "_")
+    if value in WINDOW_MODES:
+        return value
+    if ":" in value:
+        c, w = value.split(":", 1)
+        center, width = float(c), float(w)
+        if width <= 0:
+            raise ValueError(f"window width must be > 0, got {width}")
+        return (center, width)
+    raise ValueError(f"unknown window {value!r}; valid: {', '.join(WINDOW_MODES)} or CENTER:WIDTH")
+
+
+def window_bounds(center: float, width: float) -> tuple[float, float]:
+    return center - width / 2.0, center + width / 2.0
+
+
+def robust_bounds(values: np.ndarray, lo_pct: float, hi_pct: float, max_samples: int = 1_000_000) -> tuple[float, float] | None:
+    """Percentiles of the finite values (subsampled for big volumes); None when there are none."""
+    flat = values.reshape(-1)
+    if flat.size > max_samples:
+        flat = flat[:: math.ceil(flat.size / max_samples)]
+    if flat.dtype.kind == "f":
+        flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        return None
+    lo, hi = np.percentile(flat, [lo_pct, hi_pct])
+    lo, hi = float(lo), float(hi)
+    if hi <= lo:  # (near) constant under the percentiles: fall back to the full range
+        lo, hi = float(flat.min()), float(flat.max())
+    return lo, hi
+
+
+def to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Linear map [lo, hi] -> [0, 255], saturating outside; NaN/inf -> 0. Constant input -> 0."""
+    x = values.astype(np.float32, copy=False)
+    if hi <= lo:
+        out = np.zeros(x.shape, np.uint8)
+    else:
+        x = (x - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+        x = np.nan_to_num(x, nan=0.0, posinf=255.0, neginf=0.0)
+        out = np.clip(x + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def target_size(h: int, w: int, max_size: int, side: str = "short", aspect: float = 1.0) -> tuple[int, int]:
+    """(height, width) after making pixels square (aspect = row spacing / column spacing)
+    and shrinking so the short (or long) side is at most max_size. Never upsamples for size."""
+    fh, fw = float(h) * aspect, float(w)
+    if max_size and max_size > 0:
+        ref = min(fh, fw) if side == "short" else max(fh, fw)
+        if ref > max_size:
+            s = max_size / ref
+            fh, fw = fh * s, fw * s
+    return max(1, int(round(fh))), max(1, int(round(fw)))
+
+
+def resize(pixels: np.ndarray, max_size: int, side: str = "short", aspect: float = 1.0) -> np.ndarray:
+    """Antialiased resize of an 8-bit HxW or HxWx3 array (Pillow's Lanczos, reducing_gap for speed)."""
+    h, w = pixels.shape[:2]
+    th, tw = target_size(h, w, max_size, side, aspect)
+    if (th, tw) == (h, w):
+        return pixels
+    img = Image.fromarray(pixels)
+    img = img.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(img)
