@@ -7,6 +7,7 @@ Files: attn.py (attention), masking.py (mae_mask / mae_unmask), loss.py (mae_los
 from kernels.attn import (
     attention,
     attention_flops,
+    attention_qkv,
     attention_reference,
     attention_sdpa,
     attention_triton,
@@ -18,6 +19,7 @@ from kernels.masking import keep_count, mae_mask, mae_mask_reference, mae_unmask
 __all__ = [
     "attention",
     "attention_flops",
+    "attention_qkv",
     "attention_reference",
     "attention_sdpa",
     "attention_triton",

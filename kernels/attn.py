@@ -365,7 +365,8 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None)
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, config=None):
+def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, config=None, out=None):
+    """(dq, dk, dv); `out` may hand in the three gradient tensors (any strides, unit last stride)."""
     packed = cu_seqlens is not None
     B, H, N, D, maxn = _geometry(q, cu_seqlens, max_seqlen)
     q, sq = _as_bhnd(q, packed)
@@ -373,7 +374,7 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
     v, sv = _as_bhnd(v, packed)
     o, so = _as_bhnd(o, packed)
     do, sdo = _as_bhnd(do, packed)
-    dq, dk, dv = (_empty_out(x, packed) for x in (q, k, v))
+    dq, dk, dv = out if out is not None else (_empty_out(x, packed) for x in (q, k, v))
     sdq, sdk, sdv = (_as_bhnd(x, packed)[1] for x in (dq, dk, dv))
     cfg = dict(config or _bwd_config(maxn, D))
     split = cfg.pop("SPLIT")
@@ -419,6 +420,43 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale, cu_seqlens, ctx.max_seqlen, ctx.bwd_config)
         return dq, dk, dv, None, None, None, None, None
+
+
+class _TritonAttentionQKV(torch.autograd.Function):
+    """Attention on one packed qkv [B, N, 3, H, D] (timm's layout): the gradient comes back as one
+    [B, N, 3, H, D] tensor written in place by the kernel, so no stack/permute copies follow."""
+
+    @staticmethod
+    def forward(ctx, qkv, scale, fwd_config, bwd_config):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        o, lse = attention_fwd(q, k, v, scale, None, None, fwd_config)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.scale, ctx.bwd_config = scale, bwd_config
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+        grads = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attention_bwd(do, q, k, v, o, lse, ctx.scale, None, None, ctx.bwd_config, out=grads)
+        return dqkv, None, None, None
+
+
+def attention_qkv(qkv, *, scale=None, impl="auto", fwd_config=None, bwd_config=None):
+    """Attention on a packed qkv [B, N, 3, H, D] (timm's `qkv(x).reshape(B, N, 3, H, D)`); -> [B, H, N, D]."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be [B, N, 3, H, D]; got {tuple(qkv.shape)}")
+    if impl == "auto":
+        impl = "triton" if qkv.is_cuda else "sdpa"
+    if impl != "triton":
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return attention(q, k, v, scale=scale, impl=impl)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _TritonAttentionQKV.apply(qkv, scale, fwd_config, bwd_config)
 
 
 def attention_triton(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, fwd_config=None, bwd_config=None):
