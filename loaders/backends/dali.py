@@ -1,0 +1,202 @@
+"""`dali` backend: DataLoader workers read encoded bytes from the MDS shards and draw each
+sample's crop; a DALI pipeline decodes on the GPU (`mixed`: the hardware JPEG engines of
+A100/H100/H200 plus CUDA), crops + resizes + flips in one `fn.resize` over a region of
+interest, and normalizes into CHW fp16/fp32, which lands in a torch tensor on the GPU.
+
+Crops are the `cpu` backend's (same per-sample RNG, `sample_crop`), so the backends differ
+only in the decoder. With `device="cpu"` the pipeline runs CPU-only (`device_id=None`), which
+is how CI tests it. A batch DALI cannot decode is replayed sample by sample to find the
+culprits, which are skipped and counted; the rest of the batch is kept.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from loaders.loader import Batch, Loader, register_backend
+from loaders.backends.encoded import encoded_dataloader, make_encoded_dataset, prefetch, select, split_encoded
+
+try:
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+except ImportError:  # optional dependency: the backend is simply unavailable
+    fn = types = Pipeline = None
+
+
+def roi(crops: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(top, left, h, w, flip) rows -> fn.resize's roi_start / roi_end in (y, x) order;
+    a flipped crop has its x ends swapped, which makes fn.resize mirror it."""
+    top, left, h, w, flip = (crops[:, i].astype(np.float32) for i in range(5))
+    x0 = np.where(flip > 0, left + w, left)
+    x1 = np.where(flip > 0, left, left + w)
+    start = np.stack([top, x0], 1)
+    end = np.stack([top + h, x1], 1)
+    return list(start), list(end)
+
+
+def build_pipeline(*, batch_size: int, size: int, mean, std, device: torch.device, out_dtype: torch.dtype,
+                   num_threads: int, hw_decoder_load: float, prefetch_queue_depth: int, source=None) -> "Pipeline":
+    """The decode -> crop/resize/flip -> normalize graph. Inputs come from `source`
+    (a batch callback) or, with source=None, from `pipe.run(jpegs=..., roi_start=..., roi_end=...)`."""
+    gpu = device.type == "cuda"
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device.index if gpu else None,
+        prefetch_queue_depth=prefetch_queue_depth,
+        exec_pipelined=source is not None,
+        exec_async=source is not None,
+    )
+    with pipe:
+        kw = dict(dtype=[types.UINT8, types.FLOAT, types.FLOAT], ndim=[1, 1, 1])
+        if source is not None:
+            jpegs, start, end = fn.external_source(source=source, num_outputs=3, batch=True, **kw)
+        else:
+            jpegs, start, end = (fn.external_source(name=n, dtype=d, ndim=1)
+                                 for n, d in zip(("jpegs", "roi_start", "roi_end"), kw["dtype"]))
+        if gpu:
+            images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+        else:
+            images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        images = fn.resize(images, roi_start=start, roi_end=end, size=[size, size], antialias=True)
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT16 if out_dtype in (torch.float16, torch.bfloat16) and gpu else types.FLOAT,
+            output_layout="CHW",
+            mean=[m * 255 for m in mean],
+            std=[s * 255 for s in std],
+        )
+        pipe.set_outputs(images)
+    pipe.build()
+    return pipe
+
+
+def to_torch(output, device: torch.device) -> torch.Tensor:
+    """A dense DALI TensorList -> torch tensor on `device` (no host round trip on GPU)."""
+    tensor = output.as_tensor()
+    if device.type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dtype = torch.float16 if tensor.dtype == types.FLOAT16 else torch.float32
+        out = torch.empty(tensor.shape(), dtype=dtype, device=device)
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(np.array(tensor))
+
+
+class DaliLoader(Loader):
+    backend = "dali"
+
+    def __init__(self, *, streams, batch_size, augment, device, dtype, shuffle, seed, num_workers, cache_dir,
+                 num_canonical_nodes, dali_threads: int | None = None, hw_decoder_load: float = 0.9,
+                 prefetch_queue_depth: int = 2, prefetch_batches: int = 2, prefetch_factor: int = 4):
+        if Pipeline is None:
+            raise RuntimeError("the dali backend needs nvidia-dali (pip install nvidia-dali-cuda130)")
+        dataset = make_encoded_dataset(streams, batch_size=batch_size, shuffle=shuffle, seed=seed, cache_dir=cache_dir,
+                                       num_canonical_nodes=num_canonical_nodes, augment=augment, decode_png=False)
+        super().__init__(dataset=dataset, batch_size=batch_size, augment=augment, device=device, dtype=dtype)
+        self.num_workers = num_workers
+        self.dali_threads = dali_threads or max(1, min(4, os.cpu_count() or 1))
+        self.hw_decoder_load = hw_decoder_load
+        self.prefetch_queue_depth = prefetch_queue_depth
+        self.prefetch_batches = prefetch_batches
+        self.prefetch_factor = prefetch_factor
+        self._single: Pipeline | None = None  # batch-of-one pipeline that finds undecodable samples
+
+    def _pipeline(self, source=None, batch_size: int | None = None) -> "Pipeline":
+        return build_pipeline(
+            batch_size=batch_size or self.batch_size, size=self.augment.size, mean=self.augment.mean,
+            std=self.augment.std, device=self.device, out_dtype=self.dtype, num_threads=self.dali_threads,
+            hw_decoder_load=self.hw_decoder_load,
+            prefetch_queue_depth=self.prefetch_queue_depth if source is not None else 1, source=source)
+
+    @staticmethod
+    def _inputs(raw: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        jpegs = [t.numpy() for t in split_encoded(raw)]
+        start, end = roi(raw["crops"].numpy())
+        return jpegs, start, end
+
+    def _salvage(self, raw: dict[str, Any], error: Exception) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """Decode a failed batch one sample at a time; keep the samples that decode."""
+        if self._single is None:
+            self._single = self._pipeline(batch_size=1)
+        jpegs, start, end = self._inputs(raw)
+        keep, failed = [], []
+        for i in range(len(jpegs)):
+            try:
+                self._single.run(jpegs=[jpegs[i]], roi_start=[start[i]], roi_end=[end[i]])
+                keep.append(i)
+            except Exception as e:
+                failed.append((raw["uid"][i], f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"))
+        if not failed:  # not the data's fault (e.g. out of memory): do not hide it
+            raise error
+        return select(raw, keep), failed
+
+    def _produce(self) -> Iterator[tuple[Any, list[torch.Tensor]]]:
+        batches = iter(encoded_dataloader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                          prefetch_factor=self.prefetch_factor))
+        replay: collections.deque = collections.deque()  # fed to a pipeline that then failed
+        inflight: collections.deque = collections.deque()  # (raw, failures) in DALI's order
+        failures: list[tuple[str, str]] = []  # from batches with no decodable sample left
+
+        def source():
+            while True:
+                raw = replay.popleft() if replay else next(batches)  # StopIteration ends the epoch
+                if raw["uid"]:
+                    break
+                failures.extend(raw["failed"])
+            inflight.append((raw, failures[:] + list(raw["failed"])))
+            failures.clear()
+            return self._inputs(raw)
+
+        pipe = self._pipeline(source)
+        try:
+            while True:
+                try:
+                    (output,) = pipe.run()
+                    raw, failed = inflight.popleft()
+                except StopIteration:
+                    break
+                except Exception as e:
+                    # Rebuild, find the bad samples of the failed batch, requeue the others.
+                    (raw, failed), rest = inflight.popleft(), list(inflight)
+                    inflight.clear()
+                    replay.extendleft(r for r, _ in reversed(rest))
+                    failures[:0] = [f for _, fs in rest for f in fs]
+                    del pipe
+                    pipe = self._pipeline(source)
+                    raw, more = self._salvage(raw, e)
+                    failed = failed + more
+                    if not raw["uid"]:
+                        yield (None, failed), []
+                        continue
+                    jpegs, start, end = self._inputs(raw)
+                    if self._single is None or len(jpegs) > 1:
+                        (output,) = self._pipeline(batch_size=len(jpegs)).run(jpegs=jpegs, roi_start=start, roi_end=end)
+                    else:
+                        (output,) = self._single.run(jpegs=jpegs, roi_start=start, roi_end=end)
+                images = to_torch(output, self.device).to(self.dtype)
+                yield (Batch(images, raw["modality"], raw["source"], raw["uid"]), failed), [images]
+            if failures:
+                yield (None, failures[:]), []
+        finally:
+            del pipe
+
+    def _batches(self) -> Iterator[Batch]:
+        self.dataset.aug_epoch = self.epoch
+        for batch, failed in prefetch(self._produce, self.device, self.prefetch_batches):
+            if failed:
+                self._note_skipped(*zip(*failed))
+            if batch is not None:
+                yield batch
+
+
+def _available(device: torch.device) -> bool:
+    return Pipeline is not None and (device.type == "cpu" or torch.cuda.is_available())
+
+
+register_backend("dali", available=_available)(DaliLoader)

@@ -1,0 +1,270 @@
+"""What the GPU-decoding backends (`nvjpeg`, `dali`) share: DataLoader workers that read
+*encoded* bytes from the MDS shards without decoding them, plus the per-sample crop drawn
+from the same RNG as the `cpu` backend, and a prefetch thread that prepares the next
+batch on a side CUDA stream while the training step runs.
+
+Workers only parse the image header (dimensions, channels, not truncated) so a crop can
+be drawn and garbage rejected early; the decode happens in one batched call on the device.
+"""
+from __future__ import annotations
+
+import queue
+import struct
+import threading
+from typing import Any, Callable, Iterator
+
+import torch
+
+from loaders.augment import AugmentSpec, sample_crop
+from loaders.backends.cpu import decode, sample_generator
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# SOF markers carrying the frame size (all but DHT=C4, JPG=C8, DAC=CC).
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+class ImageHeaderError(ValueError):
+    """The bytes are not a complete JPEG or PNG."""
+
+
+def probe_image(data: bytes) -> tuple[str, int, int, int]:
+    """(kind, height, width, channels) of JPEG/PNG bytes from the header alone.
+
+    Raises ImageHeaderError for anything else, and for a JPEG without an end-of-image
+    marker after its scan (truncated files: GPU decoders may not notice those).
+    """
+    if data[:2] == b"\xff\xd8":
+        pos, n, size = 2, len(data), None
+        while pos + 4 <= n:
+            if data[pos] != 0xFF:
+                raise ImageHeaderError(f"bad JPEG marker at byte {pos}")
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+                pos += 2
+                continue
+            (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+            if marker in _SOF:
+                if pos + 10 > n:
+                    break
+                _, h, w, c = struct.unpack(">BHHB", data[pos + 4 : pos + 10])
+                size = (h, w, c)
+            elif marker == 0xDA:  # start of scan: the entropy-coded data follows
+                if size is None:
+                    raise ImageHeaderError("JPEG scan before frame header")
+                if data.rfind(b"\xff\xd9", pos) < 0:
+                    raise ImageHeaderError("JPEG is truncated (no end-of-image marker)")
+                h, w, c = size
+                if h == 0 or w == 0 or c not in (1, 3, 4):
+                    raise ImageHeaderError(f"unsupported JPEG frame {h}x{w}x{c}")
+                return "jpeg", h, w, (1 if c == 1 else 3)
+            pos += 2 + length
+        raise ImageHeaderError("JPEG header is incomplete")
+    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 26:
+        w, h, depth, ctype = struct.unpack(">IIBB", data[16:26])
+        if h == 0 or w == 0:
+            raise ImageHeaderError("empty PNG")
+        return "png", h, w, (1 if ctype in (0, 4) else 3)
+    raise ImageHeaderError(f"not a JPEG or PNG (starts with {bytes(data[:8])!r})")
+
+
+def _make_dataset_class():
+    from streaming import StreamingDataset
+
+    class EncodedDataset(StreamingDataset):
+        """StreamingDataset whose items are the encoded bytes plus the sample's crop.
+
+        `decode_png`: PNG samples are decoded here (the `nvjpeg` path decodes only JPEG);
+        `dali` leaves them encoded (its decoder reads PNG).
+        """
+
+        def __init__(self, *, augment: AugmentSpec, aug_seed: int, decode_png: bool, **kwargs: Any):
+            super().__init__(**kwargs)
+            if not isinstance(augment, AugmentSpec):
+                raise TypeError(
+                    f"this backend implements AugmentSpec only, got {type(augment).__name__}; "
+                    "use backend='cpu' for multi-crop specs"
+                )
+            self.augment = augment
+            self.aug_seed = aug_seed
+            self.aug_epoch = 0  # set by the loader before each epoch; workers inherit it
+            self.decode_png = decode_png
+
+        def get_item(self, idx: int, retry: int = 7) -> dict[str, Any]:
+            row = super().get_item(idx, retry)
+            out = {"modality": row["modality"], "source": row["source"], "uid": row["uid"]}
+            try:
+                data = row["image"]
+                kind, h, w, _ = probe_image(data)
+                gen = sample_generator(self.aug_seed, self.aug_epoch, idx)
+                out["crop"] = sample_crop(h, w, self.augment, gen)
+                if kind == "png" and self.decode_png:
+                    out["pixels"] = decode(data)
+                else:
+                    out["data"] = data
+                out["shape"] = (h, w)
+            except Exception as e:  # skipped and counted by the loader, never substituted
+                out["error"] = f"{type(e).__name__}: {e}"
+            return out
+
+    return EncodedDataset
+
+
+def collate_encoded(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One flat uint8 tensor of all encoded images (one shared-memory buffer per batch,
+    not one per image) with their lengths; decoded PNGs ride along as tensors, at the
+    positions listed in `decoded_at`. Sample order is the dataset's."""
+    good = [r for r in rows if "error" not in r]
+    blob = b"".join(r["data"] for r in good if "data" in r)
+    return {
+        "bytes": torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8),
+        "lengths": [len(r["data"]) for r in good if "data" in r],
+        "pixels": [r["pixels"] for r in good if "data" not in r],
+        "decoded_at": [i for i, r in enumerate(good) if "data" not in r],
+        "crops": torch.tensor([list(r["crop"]) for r in good], dtype=torch.int64).reshape(-1, 5),
+        "shapes": torch.tensor([list(r["shape"]) for r in good], dtype=torch.int64).reshape(-1, 2),
+        "modality": [r["modality"] for r in good],
+        "source": [r["source"] for r in good],
+        "uid": [r["uid"] for r in good],
+        "failed": [(r["uid"], r["error"]) for r in rows if "error" in r],
+    }
+
+
+def split_encoded(raw: dict[str, Any]) -> list[torch.Tensor]:
+    """The batch's encoded images as 1-D uint8 tensors (views into one buffer), in sample
+    order, skipping the positions in `decoded_at`."""
+    return list(torch.split(raw["bytes"], raw["lengths"])) if raw["lengths"] else []
+
+
+def encoded_positions(raw: dict[str, Any]) -> list[int]:
+    decoded = set(raw["decoded_at"])
+    return [i for i in range(len(raw["uid"])) if i not in decoded]
+
+
+def select(raw: dict[str, Any], keep: list[int]) -> dict[str, Any]:
+    """The batch restricted to the samples at positions `keep` (ascending)."""
+    parts = dict(zip(encoded_positions(raw), split_encoded(raw)))
+    pixels = dict(zip(raw["decoded_at"], raw["pixels"]))
+    enc = [parts[i] for i in keep if i in parts]
+    idx = torch.tensor(keep, dtype=torch.int64)
+    return raw | {
+        "bytes": torch.cat(enc) if enc else torch.empty(0, dtype=torch.uint8),
+        "lengths": [len(t) for t in enc],
+        "pixels": [pixels[i] for i in keep if i in pixels],
+        "decoded_at": [k for k, i in enumerate(keep) if i in pixels],
+        "crops": raw["crops"][idx].reshape(-1, 5),
+        "shapes": raw["shapes"][idx].reshape(-1, 2),
+        "modality": [raw["modality"][i] for i in keep],
+        "source": [raw["source"][i] for i in keep],
+        "uid": [raw["uid"][i] for i in keep],
+    }
+
+
+def make_encoded_dataset(streams, *, batch_size, shuffle, seed, cache_dir, num_canonical_nodes, augment, decode_png):
+    from loaders.loader import make_streams
+
+    return _make_dataset_class()(
+        streams=make_streams(streams, cache_dir),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        shuffle_seed=seed,
+        num_canonical_nodes=num_canonical_nodes,
+        augment=augment,
+        aug_seed=seed,
+        decode_png=decode_png,
+    )
+
+
+def encoded_dataloader(dataset, *, batch_size: int, num_workers: int, prefetch_factor: int = 4):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_encoded,
+        drop_last=True,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=False,  # workers must see the new aug_epoch each epoch
+    )
+
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def prefetch(produce: Callable[[], Iterator[Any]], device: torch.device, depth: int = 2) -> Iterator[Any]:
+    """Run `produce()` in a background thread, `depth` items ahead of the consumer.
+
+    On CUDA the producer runs on a side stream; each item's tensors are handed to the
+    consumer's stream through an event, so decoding overlaps the training step. Items
+    are (payload, tensors) pairs; the consumer gets payload. Stops the producer when the
+    consumer stops early (break, exception, garbage collection).
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run() -> None:
+        try:
+            if cuda:
+                torch.cuda.set_device(device)
+            with torch.cuda.stream(side) if cuda else _nullcontext():
+                for payload, tensors in produce():
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(side)
+                    if not put((payload, tensors, event)):
+                        return
+        except BaseException as e:  # re-raised in the consumer
+            put(_Failure(e))
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=run, name="loader-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            payload, tensors, event = item
+            if event is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for t in tensors:
+                    t.record_stream(current)
+            yield payload
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,145 @@
+"""`nvjpeg` backend: workers read encoded bytes, the GPU decodes them in one batched
+`torchvision.io.decode_jpeg(list, device='cuda')` call, and crops + resizes the whole batch
+with two batched matmuls. Needs nothing beyond torch and torchvision.
+
+The crop + resize is a separable linear map: for each sample, a [size, H] matrix along y
+and a [size, W] one along x whose rows hold the antialiased bilinear (triangle) filter
+taps over the crop window, the same filter torchvision's `resized_crop(antialias=True)`
+and PIL use. `out = Wy @ img @ Wx^T` then does crop, resize and flip (rows of Wx reversed)
+for every image of a size group in one call, with no per-image Python on the hot path.
+Crops come from the same per-sample RNG as the `cpu` backend, so for the same seed both
+backends cut the same windows.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterator
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from loaders.loader import Batch, Loader, register_backend
+from loaders.backends.encoded import (encoded_dataloader, encoded_positions, make_encoded_dataset, prefetch, select,
+                                     split_encoded)
+
+
+def crop_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
+                 flip: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Resampling matrices [B, out_size, in_size] mapping a window [start, start + length)
+    of an axis of `in_size` pixels onto `out_size` pixels (antialiased when shrinking)."""
+    device = start.device
+    start = start.to(torch.float32)[:, None, None]
+    length = length.to(torch.float32)[:, None, None]
+    scale = length / out_size  # input pixels per output pixel
+    support = scale.clamp(min=1.0)  # the triangle widens when shrinking: antialiasing
+    center = start + (torch.arange(out_size, device=device, dtype=torch.float32)[None, :, None] + 0.5) * scale
+    pos = torch.arange(in_size, device=device, dtype=torch.float32)[None, None, :] + 0.5
+    w = (1.0 - ((pos - center) / support).abs()).clamp_(min=0.0)
+    w = w * ((pos > start) & (pos < start + length))  # only pixels inside the crop window
+    w = w / w.sum(-1, keepdim=True).clamp_(min=1e-12)
+    if flip is not None:
+        w = torch.where(flip.to(torch.bool)[:, None, None], w.flip(1), w)
+    return w.to(dtype)
+
+
+def resized_crop_batch(images: torch.Tensor, crops: torch.Tensor, size: int, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """images uint8/float [B, C, H, W]; crops int [B, 5] = (top, left, h, w, flip) ->
+    float [B, C, size, size], each image's window resized (antialiased bilinear) and flipped."""
+    b, c, h, w = images.shape
+    if compute_dtype is None:  # fp16 holds 0..255 exactly enough (< 0.07 error); tensor cores on GPU
+        compute_dtype = torch.float16 if images.is_cuda else torch.float32
+    crops = crops.to(images.device)
+    wy = crop_weights(crops[:, 0], crops[:, 2], h, size, dtype=compute_dtype)
+    wx = crop_weights(crops[:, 1], crops[:, 3], w, size, flip=crops[:, 4], dtype=compute_dtype)
+    x = images.to(compute_dtype)
+    if h * size * (w + size) > w * size * (h + size):  # cheaper to shrink x first
+        x = torch.matmul(x, wx.transpose(1, 2)[:, None])  # [B, C, H, size]
+        x = torch.matmul(wy[:, None], x)  # [B, C, size, size]
+    else:
+        x = torch.matmul(wy[:, None], x)  # [B, C, size, W]
+        x = torch.matmul(x, wx.transpose(1, 2)[:, None])
+    return x.float()
+
+
+def resized_crop_list(images: list[torch.Tensor], crops: torch.Tensor, size: int) -> torch.Tensor:
+    """Decoded images of mixed sizes ([C, H, W] each, C = 1 or 3) -> float [B, 3, size, size].
+    Images are grouped by size, so the work is one batched call per distinct size."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, img in enumerate(images):
+        groups[(img.shape[-2], img.shape[-1])].append(i)
+    if len(groups) == 1:
+        stack = torch.stack([img.expand(3, -1, -1) for img in images])
+        return resized_crop_batch(stack, crops, size)
+    out = torch.empty(len(images), 3, size, size, device=images[0].device)
+    crops = crops.to(images[0].device)
+    for idx in groups.values():
+        stack = torch.stack([images[i].expand(3, -1, -1) for i in idx])
+        index = torch.tensor(idx, device=out.device)
+        out.index_copy_(0, index, resized_crop_batch(stack, crops[index], size))
+    return out
+
+
+class NvjpegLoader(Loader):
+    backend = "nvjpeg"
+
+    def __init__(self, *, streams, batch_size, augment, device, dtype, shuffle, seed, num_workers, cache_dir,
+                 num_canonical_nodes, prefetch_batches: int = 2, prefetch_factor: int = 4):
+        dataset = make_encoded_dataset(streams, batch_size=batch_size, shuffle=shuffle, seed=seed, cache_dir=cache_dir,
+                                       num_canonical_nodes=num_canonical_nodes, augment=augment, decode_png=True)
+        super().__init__(dataset=dataset, batch_size=batch_size, augment=augment, device=device, dtype=dtype)
+        self.num_workers = num_workers
+        self.prefetch_batches = prefetch_batches
+        self.prefetch_factor = prefetch_factor
+
+    def decode(self, raw: dict[str, Any]) -> tuple[list[torch.Tensor], dict[str, Any], list[tuple[str, str]]]:
+        """Batched decode on the device; a batch that fails is decoded image by image to
+        find (and drop) the samples at fault. Returns images in sample order."""
+        parts = split_encoded(raw)
+        positions = encoded_positions(raw)
+        failed: list[tuple[str, str]] = []
+        try:
+            decoded = decode_jpeg(parts, mode=ImageReadMode.RGB, device=self.device) if parts else []
+        except Exception:
+            decoded, bad = [], set()
+            for i, data in zip(positions, parts):
+                try:
+                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except Exception as e:
+                    bad.add(i)
+                    failed.append((raw["uid"][i], f"{type(e).__name__}: {e}"))
+            positions = [i for i in positions if i not in bad]
+            keep = sorted(set(range(len(raw["uid"]))) - bad)
+            remap = {old: new for new, old in enumerate(keep)}
+            positions = [remap[i] for i in positions]
+            raw = select(raw, keep)
+        images: list[torch.Tensor | None] = [None] * len(raw["uid"])
+        for i, img in zip(positions, decoded):
+            images[i] = img
+        for i, pix in zip(raw["decoded_at"], raw["pixels"]):
+            images[i] = pix.to(self.device, non_blocking=True)
+        return images, raw, failed  # type: ignore[return-value]
+
+    def _produce(self) -> Iterator[tuple[Any, list[torch.Tensor]]]:
+        loader = encoded_dataloader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                    prefetch_factor=self.prefetch_factor)
+        for raw in loader:
+            failed = list(raw["failed"])
+            images, raw, more = self.decode(raw) if raw["uid"] else ([], raw, [])
+            failed += more
+            if not images:
+                yield (None, failed), []
+                continue
+            out = resized_crop_list(images, raw["crops"], self.augment.size)
+            out = self.augment.finish([out], self.dtype)
+            yield (Batch(out, raw["modality"], raw["source"], raw["uid"]), failed), [out]
+
+    def _batches(self) -> Iterator[Batch]:
+        self.dataset.aug_epoch = self.epoch
+        for batch, failed in prefetch(self._produce, self.device, self.prefetch_batches):
+            if failed:
+                self._note_skipped(*zip(*failed))
+            if batch is not None:
+                yield batch
+
+
+register_backend("nvjpeg", available=lambda d: d.type == "cuda" and torch.cuda.is_available())(NvjpegLoader)
