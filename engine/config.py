@@ -33,13 +33,18 @@ class ModelConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    name: Literal["mae"] = "mae"
+class MAEConfig:
     mask_ratio: float = 0.75
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["mae"] = "mae"  # selects the sub-section below that applies
+    mae: MAEConfig = field(default_factory=MAEConfig)
 
 
 @dataclass
@@ -80,7 +85,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 4096  # global, across GPUs and accumulation steps
-    accum_steps: int = 1
+    micro_batch: int | None = None  # per GPU per forward; accumulation = batch_size / (GPUs x micro_batch)
+    accum_steps: int = 1  # used when micro_batch is null
     epochs: float = 800.0
     steps: int | None = None  # overrides epochs
     seed: int = 0
@@ -200,14 +206,15 @@ def _check(cfg: Config) -> None:
     def bad(key: str, why: str) -> None:
         raise ConfigError(f"{key}: {why}")
 
-    if not 0.0 <= cfg.objective.mask_ratio < 1.0:
-        bad("objective.mask_ratio", f"must be in [0, 1), got {cfg.objective.mask_ratio}")
-    if cfg.objective.decoder_dim % cfg.objective.decoder_heads:
-        bad("objective.decoder_dim", "must be divisible by objective.decoder_heads")
+    mae = cfg.objective.mae
+    if not 0.0 <= mae.mask_ratio < 1.0:
+        bad("objective.mae.mask_ratio", f"must be in [0, 1), got {mae.mask_ratio}")
+    if mae.decoder_dim % mae.decoder_heads:
+        bad("objective.mae.decoder_dim", "must be divisible by objective.mae.decoder_heads")
     if cfg.train.batch_size <= 0 or cfg.train.accum_steps <= 0:
         bad("train.batch_size", "batch_size and accum_steps must be positive")
-    if cfg.train.batch_size % cfg.train.accum_steps:
-        bad("train.batch_size", f"must be divisible by train.accum_steps ({cfg.train.accum_steps})")
+    if cfg.train.micro_batch is not None and cfg.train.micro_batch <= 0:
+        bad("train.micro_batch", "must be positive or null")
     if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
         bad("train.device", f"{cfg.train.device!r} is not valid; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
     if cfg.optim.clip_grad is not None and cfg.optim.clip_grad <= 0:

@@ -175,13 +175,14 @@ def real_sample_files() -> list[tuple[str, str, str]]:
     try:
         from pydicom.data import get_testdata_file
 
-        for name, modality in (("CT_small.dcm", "CT"), ("MR_small.dcm", "MR"), ("emri_small.dcm", "MR")):
+        for name, modality in (("CT_small.dcm", "CT"), ("MR_small.dcm", "MR"), ("US1_UNCR.dcm", "US"),
+                               ("MR2_UNCR.dcm", "MR")):
             try:
-                path = get_testdata_file(name)
+                path = get_testdata_file(name, download=False)  # only what the wheel ships
             except Exception:
                 path = None
             if path:
-                found.append((str(path), "pydicom-samples", modality))
+                found.append((str(path), f"pydicom-{Path(name).stem}", modality))
     except ImportError:
         pass
     try:
@@ -190,7 +191,7 @@ def real_sample_files() -> list[tuple[str, str, str]]:
         for name in ("anatomical.nii", "example4d.nii.gz"):
             p = Path(data_path) / name
             if p.is_file():
-                found.append((str(p), "nibabel-samples", "MR"))
+                found.append((str(p), f"nibabel-{name.split('.')[0]}", "MR"))
     except ImportError:
         pass
     return found
@@ -219,7 +220,7 @@ def quickstart_shards(cache_dir: str | os.PathLike | None = None, *, per_modalit
             except ImportError:
                 ingest = None
             if ingest is not None:
-                ingest([{"path": p, "source": s, "modality": m} for p, s, m in samples], str(tmp / "real"),
+                ingest([{"path": p, "name": s, "modality": m} for p, s, m in samples], str(tmp / "real"),
                        max_size=size * 2, workers=1, progress=False)
                 if (tmp / "real" / "index.json").is_file():
                     streams.append("real")

@@ -1,0 +1,61 @@
+"""Encoders: timm ViTs by name, with our attention plugged in through timm's `attn_layer`."""
+from __future__ import annotations
+
+import torch
+import timm
+from torch import nn
+
+
+def use_triton(kernels: str, device: torch.device | str) -> bool:
+    """`model.kernels`: auto means our Triton kernels on CUDA and torch/SDPA elsewhere."""
+    if kernels == "auto":
+        return torch.device(device).type == "cuda"
+    return kernels == "triton"
+
+
+def attention_layer(kernels: str, device: torch.device | str):
+    """The `attn_layer` for timm blocks, or None for timm's own (SDPA) attention."""
+    if not use_triton(kernels, device):
+        return None
+    from engine.attention import KernelAttention
+
+    return KernelAttention
+
+
+def create_encoder(name: str, *, img_size: int = 224, patch_size: int | None = None, drop_path: float = 0.0,
+                   attn_layer=None, **kwargs) -> nn.Module:
+    """A timm ViT with no classifier head (num_classes=0). Its state dict loads unchanged into
+    `timm.create_model(name, num_classes=0, img_size=..., patch_size=...)`."""
+    if name not in timm.list_models():
+        vits = [n for n in timm.list_models("vit_*") if "patch" in n][:12]
+        raise ValueError(f"unknown timm model {name!r}; e.g. {', '.join(vits)} (see timm.list_models('vit_*'))")
+    extra = dict(kwargs)
+    if patch_size is not None:
+        extra["patch_size"] = patch_size
+    if attn_layer is not None:
+        extra["attn_layer"] = attn_layer
+    return timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, drop_path_rate=drop_path,
+                             **extra)
+
+
+def sincos_pos_embed(dim: int, grid: int, prefix_tokens: int = 1) -> torch.Tensor:
+    """Fixed 2-D sine-cosine positional embedding [1, prefix + grid*grid, dim] (prefix rows zero),
+    half of the channels encoding the row and half the column, as in the MAE paper."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(cols), encode(rows)], dim=1)
+    table = torch.cat([torch.zeros(prefix_tokens, dim, dtype=torch.float64), table], dim=0)
+    return table.float().unsqueeze(0)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

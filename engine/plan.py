@@ -1,0 +1,189 @@
+"""What a recipe will do, computed without a GPU or data: `--dry-run` prints this."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import Config
+from engine.models import count_params
+
+
+@dataclass
+class Plan:
+    model: str
+    encoder_params: int
+    total_params: int
+    trainable_params: int
+    flops_per_image: float  # forward + backward, training
+    act_bytes_per_image: float  # saved for backward, at fp32 on the meta device
+    global_batch: int
+    world: int
+    micro_batch: int
+    accum_steps: int
+    steps: int
+    steps_per_epoch: int | None
+    epochs: float | None
+    num_samples: int | None
+    lr: float
+    warmup_steps: int
+    sources: list[str]
+
+    def memory_per_gpu(self, world: int | None = None, bf16: bool = True, sharded: bool | None = None) -> dict[str, float]:
+        """Bytes per GPU: fp32 weights + grads + AdamW moments (sharded over `world` under FSDP)
+        plus the activations the micro batch keeps for backward (halved for bf16 autocast)."""
+        world = world or self.world
+        sharded = world > 1 if sharded is None else sharded
+        shard = world if sharded else 1
+        states = (self.total_params * 4 + self.trainable_params * (4 + 8)) / shard
+        acts = self.act_bytes_per_image * self.micro_batch * (0.5 if bf16 else 1.0)
+        return {"states": states, "activations": acts, "total": states + acts}
+
+
+def batch_geometry(cfg: Config, world: int) -> tuple[int, int]:
+    """(micro batch per GPU, accumulation steps) that keep the global batch for `world` GPUs."""
+    gb, micro = cfg.train.batch_size, cfg.train.micro_batch
+    if micro is None:
+        accum = cfg.train.accum_steps
+        if gb % (world * accum):
+            raise ValueError(f"train.batch_size {gb} is not divisible by {world} GPUs x {accum} accumulation steps")
+        return gb // (world * accum), accum
+    micro = min(micro, max(1, gb // world))
+    if gb % (world * micro):
+        raise ValueError(f"train.batch_size {gb} is not divisible by {world} GPUs x train.micro_batch {micro}")
+    return micro, gb // (world * micro)
+
+
+def _sources(cfg: Config) -> list[str]:
+    shards = cfg.data.shards
+    if isinstance(shards, list):
+        return [f"{s['path']} (proportion {s.get('proportion')})" if isinstance(s, dict) else str(s) for s in shards]
+    return [str(shards)]
+
+
+def estimate_samples(cfg: Config) -> int | None:
+    if cfg.data.num_samples:
+        return cfg.data.num_samples
+    shards = cfg.data.shards
+    if shards in ("builtin:quickstart", "synthetic"):
+        return None
+    try:
+        from loaders import count_samples
+
+        return count_samples(shards)
+    except Exception:
+        return None
+
+
+def schedule_lengths(cfg: Config, num_samples: int | None) -> tuple[int, int | None, int]:
+    """(total steps, steps per epoch or None, warmup steps)."""
+    gb = cfg.train.batch_size
+    spe = max(1, num_samples // gb) if num_samples else None
+    if cfg.train.steps is not None:
+        steps = cfg.train.steps
+    elif spe is not None:
+        steps = max(1, math.ceil(cfg.train.epochs * spe))
+    else:
+        raise ValueError("train.steps is not set and the data size is unknown: set train.steps or data.num_samples")
+    if cfg.optim.warmup_steps is not None:
+        warmup = cfg.optim.warmup_steps
+    else:
+        warmup = int(cfg.optim.warmup_epochs * spe) if spe else 0
+    return steps, spe, min(warmup, steps)
+
+
+def learning_rate(cfg: Config) -> float:
+    return cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * cfg.train.batch_size / 256
+
+
+def measure_model(cfg: Config) -> dict[str, float]:
+    """Parameters, training FLOPs and saved activations per image, on the meta device (no memory, no GPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.objectives import build_objective
+
+    with torch.device("meta"):
+        model = build_objective(cfg, torch.device("cpu"))
+        x = model.synthetic_batch(1, "meta")
+    saved = 0
+    params = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor):
+        # Count activations only: weights saved by linear layers (or views of them) are not.
+        nonlocal saved
+        base = t._base if t._base is not None else t
+        if id(base) not in params and id(base) not in seen:
+            seen.add(id(base))
+            saved += base.numel() * base.element_size()
+        return t
+
+    with FlopCounterMode(display=False) as counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        out["loss"].backward()
+    return {
+        "encoder_params": count_params(model.encoder),
+        "total_params": count_params(model),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "flops": float(counter.get_total_flops()),
+        "act_bytes": float(saved),
+    }
+
+
+def make_plan(cfg: Config, world: int = 1) -> Plan:
+    m = measure_model(cfg)
+    samples = estimate_samples(cfg)
+    steps, spe, warmup = schedule_lengths(cfg, samples)
+    micro, accum = batch_geometry(cfg, world)
+    return Plan(
+        model=cfg.model.name, encoder_params=m["encoder_params"], total_params=m["total_params"],
+        trainable_params=m["trainable_params"], flops_per_image=m["flops"], act_bytes_per_image=m["act_bytes"],
+        global_batch=cfg.train.batch_size, world=world,
+        micro_batch=micro, accum_steps=accum, steps=steps, steps_per_epoch=spe,
+        epochs=steps / spe if spe else None, num_samples=samples, lr=learning_rate(cfg), warmup_steps=warmup,
+        sources=_sources(cfg),
+    )
+
+
+def _human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -> str:
+    gib = 1024**3
+    lines = [
+        f"recipe          {cfg.run.name}   objective {cfg.objective.name}",
+        f"model           {plan.model}  img {cfg.model.img_size}  patch {cfg.model.patch_size or 'timm default'}"
+        f"  kernels {cfg.model.kernels}  compile {cfg.model.compile}",
+        f"parameters      encoder {plan.encoder_params / 1e6:,.1f} M ({plan.encoder_params / 1e9:.3f} B)"
+        f"   total {plan.total_params / 1e6:,.1f} M   trainable {plan.trainable_params / 1e6:,.1f} M",
+        f"FLOPs / image   {_human(plan.flops_per_image, 'FLOP')} (forward + backward, training step)",
+        f"batch           global {plan.global_batch} = {plan.world} GPU x {plan.micro_batch} micro x "
+        f"{plan.accum_steps} accumulation",
+        f"schedule        {plan.steps:,} steps"
+        + (f" = {plan.epochs:,.1f} epochs of {plan.steps_per_epoch:,} steps" if plan.epochs else "")
+        + f"; lr {plan.lr:.3g} (peak), warmup {plan.warmup_steps:,} steps, cosine to {cfg.optim.min_lr:g}",
+        f"total compute   {_human(plan.flops_per_image * plan.global_batch * plan.steps, 'FLOP')}",
+        f"data            {', '.join(plan.sources)}  backend {cfg.data.backend}"
+        + (f"  ({plan.num_samples:,} samples)" if plan.num_samples else ""),
+        "memory / GPU    (fp32 weights+grads+AdamW, bf16 activations at the micro batch; no activation checkpointing)",
+    ]
+    for n in gpu_counts:
+        mem = plan.memory_per_gpu(world=n, sharded=n > 1)
+        try:
+            micro = batch_geometry(cfg, n)[0]
+        except ValueError as e:
+            lines.append(f"  {n} GPUs: {e}")
+            continue
+        acts = plan.act_bytes_per_image * micro * 0.5
+        total = mem["states"] + acts
+        fits = "fits" if total < 80 * 1e9 * 0.92 else "does NOT fit"
+        lines.append(f"  {n} GPU{'s' if n > 1 else ' '}{' (FSDP)' if n > 1 else '       '}  states "
+                     f"{mem['states'] / gib:6.1f} GiB + activations {acts / gib:7.1f} GiB (micro {micro}) = "
+                     f"{total / gib:7.1f} GiB -> {fits} on an 80 GB H100")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""Train a recipe: `python -m engine.run RECIPE [key.sub=value ...] [--dry-run]`.
+
+Outputs go to the run directory (default runs/<recipe name>, or run.dir=PATH):
+config.yaml (the resolved recipe), metrics.jsonl, tensorboard/, checkpoints/.
+Running the same command again resumes from the newest checkpoint there.
+Multi-GPU: `torchrun --nproc_per_node=N -m engine.run RECIPE`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from engine.config import ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m engine.run",
+        description="Pretrain a vision foundation model from a recipe (YAML under recipes/).",
+        epilog="Examples:\n"
+        "  python -m engine.run recipes/quickstart.yaml\n"
+        "  python -m engine.run recipes/vit_b_mae.yaml data.shards=/data/shards train.batch_size=2048\n"
+        "  python -m engine.run recipes/vit_g_mae.yaml --dry-run\n"
+        "Override any key as section.key=value (values are YAML: 1e-4, true, [0.9, 0.95]).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="recipe YAML file (e.g. recipes/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (parameters, FLOPs/image, memory per GPU, steps, data) and exit; "
+                        "needs no GPU and no data")
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 8], metavar="N",
+                   help="GPU counts for the --dry-run memory estimate (default: 1 8)")
+    p.add_argument("--stop-after-steps", type=int, default=None, metavar="K",
+                   help="stop with a checkpoint after K steps of this invocation (for job time limits); "
+                        "the same command resumes")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from engine.plan import format_plan, make_plan
+
+        try:
+            plan = make_plan(cfg, world=1)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(format_plan(cfg, plan, tuple(args.gpus)))
+        return 0
+
+    from engine.train import Trainer, TrainingStopped
+
+    run_dir = Path(cfg.run.dir or Path("runs") / (cfg.run.name or "run"))
+    try:
+        trainer = Trainer(cfg, run_dir)
+        if trainer.dist.main:
+            print(f"run directory {run_dir}  device {trainer.device}  steps {trainer.total_steps:,}", file=sys.stderr)
+        trainer.fit(stop_after=args.stop_after_steps)
+    except (TrainingStopped, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

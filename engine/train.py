@@ -1,0 +1,355 @@
+"""The training loop shared by every objective.
+
+One step = `accum_steps` micro-batches forward/backward, gradient clipping, one fused AdamW
+update. Nothing inside a step waits for the GPU: the loss, the gradient norm and the
+non-finite counters stay on the device and are read every `log.every_steps` steps. A
+non-finite loss or gradient skips the update through the fused optimizer's `found_inf`
+input (the way AMP's GradScaler skips steps), so skipping costs no host sync either.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from engine import checkpoint as ckpt
+from engine.config import Config, dump_config
+from engine.plan import batch_geometry, estimate_samples, learning_rate, schedule_lengths
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. a run of non-finite losses); the message says why."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_kind: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(cfg: Config, d: Dist) -> torch.device:
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainingStopped("train.device is cuda but no CUDA device is visible")
+        index = d.local_rank if want == "cuda" else int(want.split(":")[1])
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def synthetic_batches(model: nn.Module, batch_size: int, device: torch.device, dtype: torch.dtype) -> Iterator:
+    """Endless identical random batches: measures the model with data loading taken out."""
+    from loaders import Batch
+
+    images = model.synthetic_batch(batch_size, device, dtype)
+    tags = ["synthetic"] * batch_size
+    while True:
+        yield Batch(images, tags, tags, tags)
+
+
+def checkpoint_blocks(blocks) -> None:
+    """Activation checkpointing per transformer block: each block's activations are recomputed
+    in backward instead of kept. Patches `forward` so parameter names stay timm's."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        inner = block.forward
+        block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, *, out=sys.stderr):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.out = out
+        self.dist = setup_distributed("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+        self.device = pick_device(cfg, self.dist)
+        precision = cfg.train.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        torch.manual_seed(cfg.train.seed + self.dist.rank)
+
+        from engine.objectives import build_objective
+
+        self.model = build_objective(cfg, self.device).to(self.device)
+        if cfg.model.activation_checkpointing:
+            checkpoint_blocks(self.model.encoder.blocks)
+        if cfg.model.compile:
+            for block in self._blocks():
+                block.compile()
+        self.micro_batch, self.accum_steps = batch_geometry(cfg, self.dist.world)
+        self.ddp = self._wrap_distributed()
+        self.loader = self._build_loader()
+        num_samples = estimate_samples(cfg)
+        if num_samples is None and self.loader is not None:
+            num_samples = len(self.loader) * self.micro_batch * self.dist.world
+        self.total_steps, self.steps_per_epoch, self.warmup_steps = schedule_lengths(cfg, num_samples)
+        self.peak_lr = learning_rate(cfg)
+        groups = self.model.param_groups(cfg.optim.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                           fused=True)
+        self.params = [p for g in groups for p in g["params"]]
+        self.step = 0
+        self.nonfinite_total = torch.zeros((), device=self.device)
+        self.nonfinite_run = torch.zeros((), device=self.device)  # consecutive, current
+        self.nonfinite_run_max = torch.zeros((), device=self.device)  # longest run since last log
+        self.resumed_from: Path | None = None
+
+    # ------------------------------------------------------------------ setup helpers
+    def _blocks(self) -> list[nn.Module]:
+        blocks = list(self.model.encoder.blocks)
+        blocks += list(getattr(self.model, "decoder_blocks", []))
+        return blocks
+
+    def _wrap_distributed(self) -> nn.Module:
+        if self.dist.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=False)
+
+    def _build_loader(self):
+        data = self.cfg.data
+        if data.shards == "synthetic":
+            return None
+        from loaders import build_loader
+
+        shards = data.shards
+        if shards == "builtin:quickstart":
+            from loaders.synthetic import quickstart_streams
+
+            shards = quickstart_streams(data.cache_dir) if self.dist.main else None
+            if self.dist.world > 1:  # rank 0 builds the cache once, the others wait and read it
+                box = [shards]
+                torch.distributed.broadcast_object_list(box, src=0)
+                shards = box[0]
+        return build_loader(shards, backend=data.backend, batch_size=self.micro_batch, augment=self.model.augment,
+                            device=self.device, dtype=torch.float32, seed=self.cfg.train.seed,
+                            num_workers=data.workers, cache_dir=data.cache_dir,
+                            num_canonical_nodes=data.num_canonical_nodes)
+
+    def batches(self) -> Iterator:
+        """Micro-batches forever, epoch after epoch (the loader keeps its own position)."""
+        if self.loader is None:
+            yield from synthetic_batches(self.model, self.micro_batch, self.device, torch.float32)
+        while True:
+            empty = True
+            for batch in self.loader:
+                empty = False
+                yield batch
+            if empty and len(self.loader) == 0:
+                raise TrainingStopped("the data set yields no full batch: lower train.batch_size or add data")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict() if self.loader is not None else None,
+            "rng": ckpt.rng_state(),
+            "nonfinite_total": float(self.nonfinite_total),
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.loader is not None and state.get("loader"):
+            self.loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.nonfinite_total.fill_(state.get("nonfinite_total", 0.0))
+
+    def save(self) -> Path | None:
+        if not self.dist.main:
+            return None
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.model.encoder, self.state_dict(),
+                                    keep=self.cfg.checkpoint.keep)
+
+    def maybe_resume(self) -> bool:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        self.load_state_dict(ckpt.load_state(path))
+        self.resumed_from = path
+        return True
+
+    # ------------------------------------------------------------------ the step
+    def set_lr(self) -> float:
+        lr = cosine_lr(self.step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.min_lr)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def train_step(self, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns (loss or 0 if skipped, 1 or 0 for taken/skipped, grad norm) on the device."""
+        accum = len(micro_batches)
+        loss_sum = torch.zeros((), device=self.device)
+        hooks = getattr(self.model, "on_step_start", None)
+        if hooks:
+            hooks(self.step, self.total_steps, self.optimizer)
+        for i, batch in enumerate(micro_batches):
+            sync = contextlib.nullcontext()
+            if self.dist.world > 1 and i < accum - 1:
+                sync = self.ddp.no_sync()  # reduce gradients once, on the last micro-batch
+            with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                      enabled=self.autocast_dtype is not None):
+                out = self.ddp(batch.images)
+                loss = out["loss"].float()
+            (loss / accum).backward()
+            loss_sum = loss_sum + loss.detach()
+        loss = loss_sum / accum
+        clip = self.cfg.optim.clip_grad
+        grad_norm = nn.utils.clip_grad_norm_(self.params, clip if clip else float("inf"), foreach=True)
+        bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
+        self.optimizer.grad_scale = None
+        self.optimizer.found_inf = bad  # fused AdamW skips the update where this is 1
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_total += bad
+        self.nonfinite_run = (self.nonfinite_run + 1) * bad
+        torch.maximum(self.nonfinite_run_max, self.nonfinite_run, out=self.nonfinite_run_max)
+        hooks = getattr(self.model, "on_step_end", None)
+        if hooks:
+            hooks(self.step, self.total_steps)
+        self.step += 1
+        return torch.where(bad > 0, torch.zeros_like(loss), loss), 1.0 - bad, grad_norm
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        main = self.dist.main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if self.maybe_resume() and main:
+            print(f"resuming from {self.resumed_from} (step {self.step:,} of {self.total_steps:,})", file=self.out)
+        if self.step >= self.total_steps:
+            if main:
+                print(f"run already complete ({self.step:,} steps) in {self.run_dir}; nothing to do", file=self.out)
+            return {"step": self.step, "complete": True}
+        writer = None
+        if main and cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        metrics = open(self.run_dir / "metrics.jsonl", "a") if main else None
+        bar = None
+        if main and cfg.log.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.run.name or "train", unit="step",
+                       file=self.out, dynamic_ncols=True, smoothing=0.1)
+        data = self.batches()
+        last = None
+        stop_at = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
+        loss_acc = torch.zeros((), device=self.device)
+        good_acc = torch.zeros((), device=self.device)
+        images_since, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
+        try:
+            self.model.train()
+            while self.step < stop_at:
+                lr = self.set_lr()
+                micro = [next(data) for _ in range(self.accum_steps)]
+                loss, good, grad_norm = self.train_step(micro)
+                loss_acc += loss
+                good_acc += good
+                images_since += sum(len(b) for b in micro) * self.dist.world
+                if bar:
+                    bar.update(1)
+                if self.step % cfg.log.every_steps == 0 or self.step == stop_at:
+                    # The one host sync: read what the last steps left on the device.
+                    now = time.perf_counter()
+                    n_good = float(good_acc)
+                    row = {
+                        "step": self.step,
+                        "epoch": self.loader.epoch + self.loader.batches_in_epoch / max(1, len(self.loader))
+                        if self.loader is not None else None,
+                        "loss": float(loss_acc) / n_good if n_good else float("nan"),
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "img_per_s": images_since / (now - t_log),
+                        "nonfinite_total": int(self.nonfinite_total),
+                        "time": now - t_start,
+                    }
+                    if self.loader is not None:
+                        row["skipped_samples"] = self.loader.skipped
+                    run = int(self.nonfinite_run_max)
+                    loss_acc.zero_()
+                    good_acc.zero_()
+                    self.nonfinite_run_max.copy_(self.nonfinite_run)
+                    images_since, t_log = 0, now
+                    last = row
+                    if main:
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                        if writer:
+                            for k in ("loss", "lr", "grad_norm", "img_per_s", "nonfinite_total"):
+                                writer.add_scalar(f"train/{k}", row[k], self.step)
+                        if bar:
+                            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
+                                            img_s=f"{row['img_per_s']:,.0f}")
+                    if run >= cfg.train.max_nonfinite:
+                        self.save()
+                        raise TrainingStopped(
+                            f"stopped at step {self.step:,}: {run} consecutive steps had a non-finite loss or "
+                            f"gradient ({row['nonfinite_total']} in all; their updates were skipped). Lower "
+                            f"optim.lr or base_lr, set optim.clip_grad, or check the data; the last checkpoint "
+                            f"is in {self.run_dir / 'checkpoints'}")
+                if self.step % cfg.checkpoint.every_steps == 0 and self.step < stop_at:
+                    self.save()
+        except KeyboardInterrupt:
+            if main:
+                print(f"\ninterrupted at step {self.step:,}; saving a checkpoint to resume from", file=self.out)
+            self.save()
+            raise
+        finally:
+            if bar:
+                bar.close()
+            if metrics:
+                metrics.close()
+            if writer:
+                writer.close()
+        path = self.save()
+        if main and path:
+            done = "finished" if self.step >= self.total_steps else "paused"
+            print(f"{done} at step {self.step:,}; checkpoint {path}", file=self.out)
+        return {"step": self.step, "complete": self.step >= self.total_steps, "last": last}
