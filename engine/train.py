@@ -201,7 +201,8 @@ class Trainer:
     def save(self) -> Path | None:
         if not self.dist.main:
             return None
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model.encoder, self.state_dict(),
+        export = getattr(self.model, "export_encoder", self.model.encoder)  # e.g. DINOv2's teacher
+        return ckpt.save_checkpoint(self.run_dir, self.step, export, self.state_dict(),
                                     keep=self.cfg.checkpoint.keep)
 
     def maybe_resume(self) -> bool:
@@ -216,7 +217,7 @@ class Trainer:
     def set_lr(self) -> float:
         lr = cosine_lr(self.step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.min_lr)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # objectives may scale groups (layer-wise decay)
         return lr
 
     def train_step(self, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,6 +238,9 @@ class Trainer:
             (loss / accum).backward()
             loss_sum = loss_sum + loss.detach()
         loss = loss_sum / accum
+        hooks = getattr(self.model, "on_after_backward", None)
+        if hooks:
+            hooks(self.step, self.total_steps)
         clip = self.cfg.optim.clip_grad
         grad_norm = nn.utils.clip_grad_norm_(self.params, clip if clip else float("inf"), foreach=True)
         bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()

@@ -4,8 +4,14 @@
 - `encoder`: the timm ViT being pretrained (what checkpoints export).
 - `augment`: the loader's augmentation spec (AugmentSpec, or a multi-crop spec).
 - `synthetic_batch(batch_size, device, dtype)`: images shaped as the loader would give them.
-- optional `param_groups(weight_decay)`, `on_step_start(step, total_steps, optimizer)` and
-  `on_step_end(step, total_steps)` for objectives with schedules or an EMA teacher.
+- `param_groups(weight_decay)`: optimizer groups; a group's optional "lr_scale" multiplies
+  the scheduled lr (layer-wise decay).
+- optional hooks for objectives with schedules or an EMA teacher:
+  `on_step_start(step, total_steps, optimizer)` (e.g. a weight-decay schedule),
+  `on_after_backward(step, total_steps)` (e.g. cancel the last layer's gradients early on),
+  `on_step_end(step, total_steps)` (e.g. the EMA teacher update).
+- optional `export_encoder`: the module checkpoints export as the timm encoder when it is not
+  `encoder` (DINOv2 exports its teacher).
 
 Objectives are looked up by `objective.name` in OBJECTIVES.
 """
