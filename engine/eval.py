@@ -359,12 +359,13 @@ def markdown_table(record: dict) -> str:
     if record.get("step"):
         head += f" @ {record['step']}"
     lines = [head, "", "| task | AUC | AUC 95% CI | ACC | ACC 95% CI | n test |", "|---|---|---|---|---|---|"]
+    def ci(pair) -> str:
+        if not pair or any(v is None or math.isnan(v) for v in pair):
+            return "n/a" if pair else ""
+        return f"{pair[0]:.3f}–{pair[1]:.3f}"
+
     for task, m in record["tasks"].items():
-        aci, cci = m.get("auc_ci"), m.get("acc_ci")
-        lines.append(
-            f"| {task} | {_fmt(m['auc'])} | {f'{_fmt(aci[0], 3)}–{_fmt(aci[1], 3)}' if aci else ''} | {_fmt(m['acc'])} | "
-            f"{f'{_fmt(cci[0], 3)}–{_fmt(cci[1], 3)}' if cci else ''} | {m['n_test']} |"
-        )
+        lines.append(f"| {task} | {_fmt(m['auc'])} | {ci(m.get('auc_ci'))} | {_fmt(m['acc'])} | {ci(m.get('acc_ci'))} | {m['n_test']} |")
     lines.append(f"| **mean** | **{_fmt(record['mean_auc'])}** | | **{_fmt(record['mean_acc'])}** | | |")
     return "\n".join(lines) + "\n"
 
