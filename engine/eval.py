@@ -53,6 +53,7 @@ class Checkpoint:
     weights: Path
     model: str
     img_size: int | None
+    patch_size: int | None = None
     run_dir: Path | None = None
     step: str | None = None
     objective: str | None = None
@@ -65,7 +66,9 @@ def _read_config(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
 
 
-def resolve_checkpoint(path: str | Path, *, model: str | None = None, img_size: int | None = None, step: str | None = None) -> Checkpoint:
+def resolve_checkpoint(
+    path: str | Path, *, model: str | None = None, img_size: int | None = None, patch_size: int | None = None, step: str | None = None
+) -> Checkpoint:
     """A run dir, a step dir or a weights file → what to load and how."""
     path = Path(path)
     run_dir: Path | None = None
@@ -100,7 +103,8 @@ def resolve_checkpoint(path: str | Path, *, model: str | None = None, img_size: 
         raise CheckpointError(f"{path} is not inside a run directory: pass --model with the timm model name")
     size = img_size or mcfg.get("img_size") or (224 if run_dir is not None else None)
     objective = (config.get("objective", {}) or {}).get("name")
-    return Checkpoint(weights, name, int(size) if size else None, run_dir, step, objective, config)
+    patch = patch_size or mcfg.get("patch_size")
+    return Checkpoint(weights, name, int(size) if size else None, int(patch) if patch else None, run_dir, step, objective, config)
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -115,12 +119,15 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def create_encoder(name: str, img_size: int | None = None) -> torch.nn.Module:
+def create_encoder(name: str, img_size: int | None = None, patch_size: int | None = None) -> torch.nn.Module:
+    """The timm model without classifier; `img_size`/`patch_size` as the recipe's `model` section."""
     import timm
 
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0}
     if img_size:
         kwargs["img_size"] = img_size
+    if patch_size:
+        kwargs["patch_size"] = patch_size
     return timm.create_model(name, **kwargs)
 
 
@@ -128,7 +135,7 @@ def load_encoder(ckpt: Checkpoint) -> torch.nn.Module:
     """timm model + state dict; position embeddings resampled if the stored size differs."""
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-    model = create_encoder(ckpt.model, ckpt.img_size)
+    model = create_encoder(ckpt.model, ckpt.img_size, ckpt.patch_size)
     sd = _load_state_dict(ckpt.weights)
     if isinstance(model, VisionTransformer):
         sd = checkpoint_filter_fn(sd, model)
@@ -172,12 +179,22 @@ def config_mean_std(config: dict) -> tuple[tuple, tuple] | None:
 
 @contextmanager
 def frozen(module: torch.nn.Module):
-    """eval() for the duration, then every submodule's own train/eval flag back."""
+    """eval() for the duration, then every submodule's own train/eval flag back.
+
+    An FSDP2 root is unsharded for the duration: `forward_features` bypasses the root's
+    forward hooks (which would gather patch_embed, pos_embed, norm); the blocks, sharded
+    on their own, still gather themselves.
+    """
     modes = [(m, m.training) for m in module.modules()]
+    fsdp = callable(getattr(module, "unshard", None)) and callable(getattr(module, "reshard", None))
     module.eval()
+    if fsdp:
+        module.unshard()
     try:
         yield module
     finally:
+        if fsdp:
+            module.reshard()
         for m, mode in modes:
             m.training = mode
 
@@ -386,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["linear", "knn", "both"], default="linear")
     p.add_argument("--model", help="timm model name (required for a bare weights file)")
     p.add_argument("--img-size", type=int, help="model input size (default: recipe's model.img_size, else the model's)")
+    p.add_argument("--patch-size", type=int, help="patch size if not the model name's (default: recipe's model.patch_size)")
     p.add_argument("--step", help="step directory name or number in a run dir (default: checkpoints/LATEST)")
     p.add_argument("--size", default="auto", help="MedMNIST image size to read: 28, 64, 128, 224, or auto (largest present)")
     p.add_argument("--out", help="output folder (default RUN_DIR/eval, or <file>_eval beside a weights file)")
@@ -424,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = list(ALL_TASKS) if args.tasks in (["all"], ["ALL"]) else args.tasks
     methods = ["linear", "knn"] if args.method == "both" else [args.method]
     size = args.size if args.size == "auto" else int(args.size)
-    ckpt = resolve_checkpoint(args.checkpoint, model=args.model, img_size=args.img_size, step=args.step)
+    ckpt = resolve_checkpoint(args.checkpoint, model=args.model, img_size=args.img_size, patch_size=args.patch_size, step=args.step)
     check_available(args.data, tasks, size)  # fail before loading a large model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -446,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
     cache = None
     if not args.no_cache:
         key = cache_key(
-            weights=file_fingerprint(ckpt.weights), model=ckpt.model, img_size=img_size, mean=mean, std=std,
+            weights=file_fingerprint(ckpt.weights), model=ckpt.model, img_size=img_size, patch=ckpt.patch_size, mean=mean, std=std,
             bf16=device.type == "cuda", pool="mean-patch-tokens",
         )
         meta = {"weights": str(ckpt.weights), "model": ckpt.model, "img_size": img_size, "mean": mean, "std": std}

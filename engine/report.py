@@ -57,7 +57,7 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def count_params(model: str, img_size: int | None) -> int | None:
+def count_params(model: str, img_size: int | None, patch_size: int | None = None) -> int | None:
     """Encoder parameters without allocating them (meta device)."""
     try:
         import timm
@@ -66,6 +66,8 @@ def count_params(model: str, img_size: int | None) -> int | None:
         kwargs = {"pretrained": False, "num_classes": 0}
         if img_size:
             kwargs["img_size"] = img_size
+        if patch_size:
+            kwargs["patch_size"] = patch_size
         with torch.device("meta"):
             m = timm.create_model(model, **kwargs)
         return sum(p.numel() for p in m.parameters())
@@ -96,7 +98,7 @@ def load_run(path: str | Path) -> Run:
             evals[rec["method"]] = rec
     params = next((int(r["params"]) for r in evals.values() if r.get("params")), None)
     if params is None and mcfg.get("name"):
-        params = count_params(mcfg["name"], mcfg.get("img_size"))
+        params = count_params(mcfg["name"], mcfg.get("img_size"), mcfg.get("patch_size"))
     return Run(path, path.name, mcfg.get("name"), objective, params, read_metrics(path / "metrics.jsonl"), evals)
 
 

@@ -82,7 +82,7 @@ def tiny_vit():
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=IMG)
 
 
-def make_run_dir(root: Path, model, step=10, objective="mae") -> Path:
+def make_run_dir(root: Path, model, step=10, objective="mae", img_size=IMG, patch_size=None) -> Path:
     from safetensors.torch import save_file
 
     run = root / f"run_{objective}"
@@ -91,7 +91,9 @@ def make_run_dir(root: Path, model, step=10, objective="mae") -> Path:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck / "encoder.safetensors"))
     (run / "checkpoints" / "LATEST").write_text(f"step_{step:08d}\n")
     (run / "config.yaml").write_text(
-        f"model:\n  name: vit_tiny_patch16_224\n  img_size: {IMG}\nobjective:\n  name: {objective}\n"
+        f"model:\n  name: vit_tiny_patch16_224\n  img_size: {img_size}\n"
+        + (f"  patch_size: {patch_size}\n" if patch_size else "")
+        + f"objective:\n  name: {objective}\ndata:\n  augment:\n    scale: [0.2, 1.0]\n    mean: [0.5, 0.5, 0.5]\n    std: [0.25, 0.25, 0.25]\n"
     )
     (run / "metrics.jsonl").write_text(
         "\n".join(json.dumps({"step": s, "epoch": s // 5, "loss": 1.0 / s, "lr": 1e-3, "img_per_s": 100.0 + s, "time": s}) for s in range(1, 11))
@@ -310,10 +312,15 @@ class ForwardCounter:
         monkeypatch.setattr(VisionTransformer, "forward_features", counted)
 
 
-def test_cli_end_to_end_on_run_dir_with_cache(data_dir, tiny_vit, tmp_path, monkeypatch):
+def test_cli_end_to_end_on_run_dir_with_cache(data_dir, tmp_path, monkeypatch):
+    import timm
+
     from engine.eval import main
 
-    run = make_run_dir(tmp_path, tiny_vit)
+    # the recipe's model section: 16 px with 8-px patches (as the quickstart recipe does at 64/8)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=8)
+    run = make_run_dir(tmp_path, model, img_size=16, patch_size=8)
     counter = ForwardCounter(monkeypatch)
     argv = [str(run), "--data", str(data_dir), "--tasks", "pathmnist", "chestmnist", "--method", "both",
             "--bootstrap", "50", "--epochs", "15", "--batch-size", "64", "--no-progress", "--device", "cpu"]
@@ -321,8 +328,9 @@ def test_cli_end_to_end_on_run_dir_with_cache(data_dir, tiny_vit, tmp_path, monk
     first = counter.calls
     assert first > 0
     rec = json.loads((run / "eval" / "linear_step_00000010.json").read_text())
-    assert rec["model"] == "vit_tiny_patch16_224" and rec["objective"] == "mae" and rec["img_size"] == IMG
-    assert rec["params"] == sum(p.numel() for p in tiny_vit.parameters())
+    assert rec["model"] == "vit_tiny_patch16_224" and rec["objective"] == "mae" and rec["img_size"] == 16
+    assert rec["params"] == sum(p.numel() for p in model.parameters())
+    assert rec["mean"] == [0.5, 0.5, 0.5] and rec["std"] == [0.25, 0.25, 0.25]  # the recipe's normalization
     assert set(rec["tasks"]) == {"pathmnist", "chestmnist"}
     p = rec["tasks"]["pathmnist"]
     assert p["auc"] > 0.9 and p["auc_ci"][0] <= p["auc"] <= p["auc_ci"][1] and not p["cached"]
@@ -395,3 +403,45 @@ def test_preprocess_resizes_expands_and_normalizes():
     assert y.shape == (1, 3, 32, 32) and torch.allclose(y[0, 0], torch.full((32, 32), 2.0))
     tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
     assert torch.equal(pool(tokens, 1), tokens[:, 1:].mean(1))
+
+
+FSDP_SCRIPT = r"""
+import os, sys, torch, timm
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.device_mesh import init_device_mesh
+from engine.eval import evaluate_encoder
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (1,))
+torch.manual_seed(0)
+m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
+ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
+ref.load_state_dict(m.state_dict())
+for b in m.blocks:
+    fully_shard(b, mesh=mesh)
+fully_shard(m, mesh=mesh)
+m(torch.randn(2, 3, 32, 32)).sum().backward()  # as after a training step
+a = evaluate_encoder(m, sys.argv[1], ["pathmnist"], img_size=32, max_train=60)
+b = evaluate_encoder(ref, sys.argv[1], ["pathmnist"], img_size=32, max_train=60)
+assert type(m.patch_embed.proj.weight).__name__ == "DTensor"  # resharded afterwards
+m(torch.randn(2, 3, 32, 32)).sum().backward()  # training goes on
+print("RESULT", a == b, a)
+dist.destroy_process_group()
+"""
+
+
+def test_evaluate_encoder_on_fsdp2_sharded_encoder(data_dir):
+    """The trainer's FSDP2 encoder (root + per-block fully_shard): same numbers as the plain model."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(data_dir)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RESULT True" in out.stdout, out.stdout

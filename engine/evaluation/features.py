@@ -117,6 +117,8 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
         for name, t in sorted(module.state_dict().items()):
             if not torch.is_tensor(t) or t.numel() == 0:
                 continue
+            if hasattr(t, "to_local"):  # an FSDP2 shard: this rank's part identifies it well enough
+                t = t.to_local()
             flat = t.detach().reshape(-1).double()
             step = max(1, flat.numel() // 64)
             sums = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()])
