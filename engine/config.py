@@ -42,9 +42,46 @@ class MAEConfig:
 
 
 @dataclass
+class DINOv2Config:
+    # Heads: MLP (layers, hidden, bottleneck) then an L2-normalized prototype layer.
+    dino_prototypes: int = 65536
+    ibot_prototypes: int = 65536
+    ibot_separate_head: bool = True  # False: the iBOT loss shares the DINO head
+    head_layers: int = 3
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    # Temperatures and teacher centering.
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    teacher_temp_start: float = 0.04  # warmed up linearly to teacher_temp ...
+    teacher_temp_warmup: float = 0.3  # ... over this fraction of training
+    centering: Literal["sinkhorn", "softmax"] = "sinkhorn"
+    sinkhorn_iters: int = 3
+    center_momentum: float = 0.9  # running center, centering: softmax
+    # EMA teacher: momentum follows a cosine from momentum_start to momentum_end.
+    momentum_start: float = 0.992
+    momentum_end: float = 1.0
+    # Loss weights.
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    # iBOT block-wise masking of the student's global crops.
+    mask_probability: float = 0.5  # share of global crops that are masked
+    mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # per-crop ratio, uniform in range
+    # Optimization schedule (lr and the starting weight decay come from `optim`).
+    weight_decay_end: float = 0.2  # cosine from optim.weight_decay to this
+    freeze_last_layer: float = 0.01  # fraction of training with the prototype layers frozen
+    layer_decay: float = 0.9  # lr x layer_decay^(depth - layer) per block
+    patch_embed_lr_scale: float = 0.2
+    pack_crops: bool = True  # one student pass over all crops (varlen attention; Triton kernels only)
+    encoder_kwargs: Any = None  # extra timm.create_model kwargs (e.g. {reg_tokens: 4}); a mapping
+
+
+@dataclass
 class ObjectiveConfig:
-    name: Literal["mae"] = "mae"  # selects the sub-section below that applies
+    name: Literal["mae", "dinov2"] = "mae"  # selects the sub-section below that applies
     mae: MAEConfig = field(default_factory=MAEConfig)
+    dinov2: DINOv2Config = field(default_factory=DINOv2Config)
 
 
 @dataclass
@@ -54,6 +91,25 @@ class AugmentConfig:
     hflip: float = 0.5
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class MultiCropConfig:
+    """DINOv2 crops (objective dinov2); ratio, hflip, mean and std come from data.augment."""
+    global_size: int = 224
+    local_size: int = 96  # a multiple of the patch size (98 for /14 models)
+    global_crops: int = 2
+    local_crops: int = 8
+    global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    color_jitter: float = 0.8  # probability of brightness/contrast/saturation/hue jitter
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale: float = 0.2
+    blur: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # p for global 1, other globals, locals
+    solarize: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.0])  # same layout
 
 
 @dataclass
@@ -67,6 +123,7 @@ class DataConfig:
     cache_dir: str | None = None
     num_canonical_nodes: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
 
 
 @dataclass
@@ -182,6 +239,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -211,6 +273,8 @@ def _check(cfg: Config) -> None:
         bad("objective.mae.mask_ratio", f"must be in [0, 1), got {mae.mask_ratio}")
     if mae.decoder_dim % mae.decoder_heads:
         bad("objective.mae.decoder_dim", "must be divisible by objective.mae.decoder_heads")
+    if cfg.objective.name == "dinov2":
+        _check_dinov2(cfg, bad)
     if cfg.train.batch_size <= 0 or cfg.train.accum_steps <= 0:
         bad("train.batch_size", "batch_size and accum_steps must be positive")
     if cfg.train.micro_batch is not None and cfg.train.micro_batch <= 0:
@@ -225,6 +289,28 @@ def _check(cfg: Config) -> None:
         bad("model.img_size", "must be positive")
     if cfg.checkpoint.every_steps <= 0 or cfg.log.every_steps <= 0:
         bad("checkpoint.every_steps", "checkpoint and log intervals must be positive")
+
+
+def _check_dinov2(cfg: Config, bad) -> None:
+    d, mc = cfg.objective.dinov2, cfg.data.multicrop
+    if d.dino_prototypes <= 0 or d.ibot_prototypes <= 0 or d.head_layers < 1:
+        bad("objective.dinov2.dino_prototypes", "prototype counts and head_layers must be positive")
+    if len(d.mask_ratio) != 2 or not 0.0 <= d.mask_ratio[0] <= d.mask_ratio[1] < 1.0:
+        bad("objective.dinov2.mask_ratio", f"needs [lo, hi] with 0 <= lo <= hi < 1, got {d.mask_ratio}")
+    if not 0.0 <= d.mask_probability <= 1.0:
+        bad("objective.dinov2.mask_probability", f"is a probability, got {d.mask_probability}")
+    if not 0.0 <= d.momentum_start <= d.momentum_end <= 1.0:
+        bad("objective.dinov2.momentum_start", "needs 0 <= momentum_start <= momentum_end <= 1")
+    if min(d.student_temp, d.teacher_temp, d.teacher_temp_start) <= 0:
+        bad("objective.dinov2.teacher_temp", "temperatures must be positive")
+    if d.encoder_kwargs is not None and not isinstance(d.encoder_kwargs, dict):
+        bad("objective.dinov2.encoder_kwargs", f"must be a mapping of timm kwargs, got {d.encoder_kwargs!r}")
+    if mc.global_crops < 1 or mc.local_crops < 0 or mc.global_crops + mc.local_crops < 2:
+        bad("data.multicrop.global_crops", "needs at least 1 global crop and 2 crops in all")
+    if mc.global_size <= 0 or mc.local_size <= 0:
+        bad("data.multicrop.global_size", "crop sizes must be positive")
+    if len(mc.blur) != 3 or len(mc.solarize) != 3:
+        bad("data.multicrop.blur", "blur and solarize take 3 probabilities: [global 1, other globals, locals]")
 
 
 # ----------------------------------------------------------------------------- loading

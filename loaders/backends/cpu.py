@@ -92,6 +92,7 @@ class CPULoader(Loader):
                                num_canonical_nodes=num_canonical_nodes, augment=augment)
         super().__init__(dataset=dataset, batch_size=batch_size, augment=augment, device=device, dtype=dtype)
         self.num_workers = num_workers
+        self.seed = seed
         self.pin_memory = device.type == "cuda" if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
 
@@ -105,6 +106,9 @@ class CPULoader(Loader):
             drop_last=True,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             persistent_workers=False,  # workers must see the new aug_epoch each epoch
+            # Its own generator: starting an epoch must not draw from the global RNG, which the
+            # model uses (masking), or a resumed run would diverge from an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _to_device(self, raw: dict[str, Any]) -> Batch:

@@ -1,0 +1,80 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if not p.name.startswith("_"))
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(ROOT / "recipes" / "vit_b_mae.yaml", ["optim.base_lr=3e-4", "optim.betas=[0.8, 0.9]",
+                                                             "model.compile=false"])
+    assert cfg.model.name == "vit_base_patch16_224"
+    assert cfg.optim.base_lr == pytest.approx(3e-4)
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert cfg.model.compile is False
+    assert cfg.objective.mae.decoder_dim == 512  # from the shared base recipe
+    assert cfg.run.name == "vit_b_mae"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("no.such.key=1", "unknown key 'no'"),
+        ("optim.lr=abc", "optim.lr: expected"),
+        ("optim.nope=1", "valid keys: base_lr"),
+        ("model.kernels=cuda", "valid: 'auto', 'triton', 'torch'"),
+        ("train.batch_size=1.5", "train.batch_size: expected an integer"),
+        ("objective.mae.mask_ratio=1.5", "mask_ratio"),
+        ("model=3", "expected a section"),
+        ("novalue", "key.sub=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "recipes" / "quickstart.yaml", [override])
+    assert needle in str(e.value)
+
+
+def test_base_overlay_and_cycle(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain: {steps: 5}\n")
+    (tmp_path / "b.yaml").write_text("train: {steps: 9, seed: 3}\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert (cfg.train.steps, cfg.train.seed) == (5, 3)
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize("override", ["no.such.key=1", "optim.lr=abc"])
+def test_cli_bad_override_exits_nonzero(override):
+    r = subprocess.run([sys.executable, "-m", "engine.run", "recipes/quickstart.yaml", override, "--dry-run"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert override.split("=")[0].split(".")[-1] in r.stderr or override.split(".")[0] in r.stderr
+    assert "error:" in r.stderr
+
+
+def test_every_recipe_dry_runs():
+    """Every recipe validates and plans on a machine with no GPU and no data."""
+    from engine.plan import format_plan, make_plan
+
+    assert RECIPES, "no recipes found"
+    for recipe in RECIPES:
+        cfg = load_config(recipe)
+        plan = make_plan(cfg)
+        text = format_plan(cfg, plan)
+        assert plan.flops_per_image > 0 and plan.encoder_params > 0, recipe
+        assert "FLOPs / image" in text
+
+
+def test_vit_g_dry_run_cli():
+    r = subprocess.run([sys.executable, "-m", "engine.run", "recipes/vit_g_mae.yaml", "--dry-run"], cwd=ROOT,
+                       capture_output=True, text=True, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr
+    assert "encoder 1,011.2 M (1.011 B)" in r.stdout
+    assert "FLOP" in r.stdout and "80 GB H100" in r.stdout

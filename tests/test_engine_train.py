@@ -1,0 +1,151 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.train import Trainer, TrainingStopped, cosine_lr
+from tests.engine_helpers import TINY, phantom_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return phantom_shards(tmp_path_factory.mktemp("data"))
+
+
+def make(tmp_path, shards, *extra) -> Trainer:
+    cfg = load_config(None, TINY + [f"data.shards={shards}", "run.name=t", *extra])
+    return Trainer(cfg, tmp_path / "run", out=open("/dev/null", "w"))
+
+
+def params(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_train_writes_metrics_config_and_checkpoint(tmp_path, shards):
+    t = make(tmp_path, shards)
+    result = t.fit()
+    assert result["complete"] and t.step == 6
+    run = tmp_path / "run"
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all(math.isfinite(r["loss"]) and r["img_per_s"] > 0 for r in rows)
+    assert (run / "config.yaml").is_file()
+    latest = (run / "checkpoints" / "LATEST").read_text().strip()
+    assert latest == "step_00000006"
+    assert (run / "checkpoints" / latest / "encoder.safetensors").is_file()
+    assert len(list((run / "checkpoints").glob("step_*"))) == 2  # keep=2: steps 3 and 6
+
+
+def test_resume_is_exact(tmp_path, shards):
+    """6 steps straight == 4 steps, stop, resume for the remaining 2 (model, optimizer, data, RNG)."""
+    a = make(tmp_path / "a", shards)
+    a.fit()
+    b = make(tmp_path / "b", shards)
+    b.fit(stop_after=4)
+    assert b.step == 4
+    c = make(tmp_path / "b", shards)  # a new process would do exactly this
+    c.fit()
+    assert c.resumed_from is not None and c.resumed_from.name == "step_00000004"
+    pa, pc = params(a), params(c)
+    for k in pa:
+        assert torch.equal(pa[k], pc[k]), k
+    sa, sc = a.optimizer.state_dict()["state"], c.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sc[i]["exp_avg"]) for i in sa)
+
+
+def test_rerun_of_finished_run_does_nothing(tmp_path, shards):
+    make(tmp_path, shards).fit()
+    again = make(tmp_path, shards)
+    before = params(again)
+    assert again.fit()["complete"]
+    assert again.step == 6
+
+
+def test_nonfinite_loss_skips_update_and_stops(tmp_path, shards):
+    t = make(tmp_path, shards, "train.max_nonfinite=3", "train.steps=20")
+    real_forward = t.model.forward
+
+    def poisoned(images):
+        out = real_forward(images)
+        return {"loss": out["loss"] * float("nan")}
+
+    t.model.forward = poisoned
+    before = params(t)
+    with pytest.raises(TrainingStopped, match="consecutive steps had a non-finite loss"):
+        t.fit()
+    after = params(t)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # every update was skipped
+    assert int(t.nonfinite_total) >= 3
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path, shards):
+    """micro_batch 4 x 2 accumulation == one batch of 8 with the same data."""
+    torch.manual_seed(0)
+    one = make(tmp_path / "one", shards, "train.steps=1")
+    two = make(tmp_path / "two", shards, "train.steps=1", "train.micro_batch=4")
+    assert (two.micro_batch, two.accum_steps) == (4, 2)
+    two.model.load_state_dict(one.model.state_dict())
+    images = one.model.synthetic_batch(8, "cpu")
+    from loaders import Batch
+
+    def b(x):
+        return Batch(x, [""] * len(x), [""] * len(x), [""] * len(x))
+
+    torch.manual_seed(3)
+    noise = torch.rand(8, 16)
+    import kernels
+
+    orig = kernels.mae_mask
+    chunks = iter([noise, noise[:4], noise[4:]])
+    kernels.mae_mask = lambda *a, **k: orig(*a, noise=next(chunks), **{kk: v for kk, v in k.items() if kk != "noise"})
+    try:
+        one.set_lr(); one.train_step([b(images)])
+        two.set_lr(); two.train_step([b(images[:4]), b(images[4:])])
+    finally:
+        kernels.mae_mask = orig
+    for (k, p1), p2 in zip(one.model.state_dict().items(), two.model.state_dict().values()):
+        assert torch.allclose(p1, p2, atol=1e-6, rtol=1e-4), k
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert cosine_lr(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, shards, monkeypatch):
+    from engine import checkpoint as ckpt
+
+    t = make(tmp_path, shards, "train.steps=3", "checkpoint.every_steps=100")
+    t.fit()
+    good = ckpt.latest_checkpoint(tmp_path / "run")
+    t.step = 99
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        t.save()
+    assert ckpt.latest_checkpoint(tmp_path / "run") == good
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_cli_runs_then_resumes(tmp_path, shards):
+    args = [sys.executable, "-m", "engine.run", "recipes/quickstart.yaml", *TINY, f"data.shards={shards}",
+            f"run.dir={tmp_path / 'run'}"]
+    r1 = subprocess.run(args + ["--stop-after-steps", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert r1.returncode == 0, r1.stderr
+    assert "paused at step 3" in r1.stderr
+    r2 = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert r2.returncode == 0, r2.stderr
+    assert "resuming from" in r2.stderr and "step_00000003" in r2.stderr
+    assert "finished at step 6" in r2.stderr
