@@ -75,6 +75,15 @@ def build_pipeline(*, batch_size: int, size: int, mean, std, device: torch.devic
     return pipe
 
 
+def _reason(error: Exception) -> str:
+    """DALI's error text without its traceback boilerplate."""
+    text = str(error)
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1]
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return f"DALI decode failed: {text[:300]}"
+
+
 def to_torch(output, device: torch.device) -> torch.Tensor:
     """A dense DALI TensorList -> torch tensor on `device` (no host round trip on GPU)."""
     tensor = output.as_tensor()
@@ -121,36 +130,36 @@ class DaliLoader(Loader):
         return jpegs, start, end
 
     def _salvage(self, raw: dict[str, Any], error: Exception) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-        """Decode a failed batch one sample at a time; keep the samples that decode."""
-        if self._single is None:
-            self._single = self._pipeline(batch_size=1)
+        """Decode a failed batch one sample at a time; keep the samples that decode.
+        (A DALI pipeline is unusable after an error, so each failure costs a rebuild.)"""
         jpegs, start, end = self._inputs(raw)
         keep, failed = [], []
         for i in range(len(jpegs)):
+            if self._single is None:
+                self._single = self._pipeline(batch_size=1)
             try:
                 self._single.run(jpegs=[jpegs[i]], roi_start=[start[i]], roi_end=[end[i]])
                 keep.append(i)
             except Exception as e:
-                failed.append((raw["uid"][i], f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"))
+                self._single = None
+                failed.append((raw["uid"][i], _reason(e)))
         if not failed:  # not the data's fault (e.g. out of memory): do not hide it
             raise error
         return select(raw, keep), failed
 
-    def _produce(self) -> Iterator[tuple[Any, list[torch.Tensor]]]:
-        batches = iter(encoded_dataloader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                          prefetch_factor=self.prefetch_factor))
+    def _produce(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, list[torch.Tensor]]]:
         replay: collections.deque = collections.deque()  # fed to a pipeline that then failed
-        inflight: collections.deque = collections.deque()  # (raw, failures) in DALI's order
-        failures: list[tuple[str, str]] = []  # from batches with no decodable sample left
+        inflight: collections.deque = collections.deque()  # (raw, carried failures) in DALI's order
+        carry: list[tuple[str, str]] = []  # failures of batches with no decodable sample left
 
         def source():
             while True:
                 raw = replay.popleft() if replay else next(batches)  # StopIteration ends the epoch
                 if raw["uid"]:
                     break
-                failures.extend(raw["failed"])
-            inflight.append((raw, failures[:] + list(raw["failed"])))
-            failures.clear()
+                carry.extend(raw["failed"])
+            inflight.append((raw, carry[:]))
+            carry.clear()
             return self._inputs(raw)
 
         pipe = self._pipeline(source)
@@ -158,37 +167,38 @@ class DaliLoader(Loader):
             while True:
                 try:
                     (output,) = pipe.run()
-                    raw, failed = inflight.popleft()
+                    raw, carried = inflight.popleft()
+                    failed = carried + list(raw["failed"])
                 except StopIteration:
                     break
                 except Exception as e:
                     # Rebuild, find the bad samples of the failed batch, requeue the others.
-                    (raw, failed), rest = inflight.popleft(), list(inflight)
+                    (raw, carried), rest = inflight.popleft(), list(inflight)
                     inflight.clear()
                     replay.extendleft(r for r, _ in reversed(rest))
-                    failures[:0] = [f for _, fs in rest for f in fs]
+                    carry[:0] = [f for _, fs in rest for f in fs]
                     del pipe
                     pipe = self._pipeline(source)
                     raw, more = self._salvage(raw, e)
-                    failed = failed + more
+                    failed = carried + list(raw["failed"]) + more
                     if not raw["uid"]:
                         yield (None, failed), []
                         continue
                     jpegs, start, end = self._inputs(raw)
-                    if self._single is None or len(jpegs) > 1:
-                        (output,) = self._pipeline(batch_size=len(jpegs)).run(jpegs=jpegs, roi_start=start, roi_end=end)
-                    else:
-                        (output,) = self._single.run(jpegs=jpegs, roi_start=start, roi_end=end)
+                    (output,) = self._pipeline(batch_size=len(jpegs)).run(jpegs=jpegs, roi_start=start, roi_end=end)
                 images = to_torch(output, self.device).to(self.dtype)
                 yield (Batch(images, raw["modality"], raw["source"], raw["uid"]), failed), [images]
-            if failures:
-                yield (None, failures[:]), []
+            if carry:
+                yield (None, carry[:]), []
         finally:
             del pipe
 
     def _batches(self) -> Iterator[Batch]:
         self.dataset.aug_epoch = self.epoch
-        for batch, failed in prefetch(self._produce, self.device, self.prefetch_batches):
+        # Workers are forked here, in the caller's thread, not in the prefetch thread.
+        batches = iter(encoded_dataloader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                          prefetch_factor=self.prefetch_factor))
+        for batch, failed in prefetch(lambda: self._produce(batches), self.device, self.prefetch_batches):
             if failed:
                 self._note_skipped(*zip(*failed))
             if batch is not None:

@@ -119,10 +119,8 @@ class NvjpegLoader(Loader):
             images[i] = pix.to(self.device, non_blocking=True)
         return images, raw, failed  # type: ignore[return-value]
 
-    def _produce(self) -> Iterator[tuple[Any, list[torch.Tensor]]]:
-        loader = encoded_dataloader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                    prefetch_factor=self.prefetch_factor)
-        for raw in loader:
+    def _produce(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, list[torch.Tensor]]]:
+        for raw in batches:
             failed = list(raw["failed"])
             images, raw, more = self.decode(raw) if raw["uid"] else ([], raw, [])
             failed += more
@@ -135,7 +133,10 @@ class NvjpegLoader(Loader):
 
     def _batches(self) -> Iterator[Batch]:
         self.dataset.aug_epoch = self.epoch
-        for batch, failed in prefetch(self._produce, self.device, self.prefetch_batches):
+        # Workers are forked here, in the caller's thread, not in the prefetch thread.
+        batches = iter(encoded_dataloader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                          prefetch_factor=self.prefetch_factor))
+        for batch, failed in prefetch(lambda: self._produce(batches), self.device, self.prefetch_batches):
             if failed:
                 self._note_skipped(*zip(*failed))
             if batch is not None:

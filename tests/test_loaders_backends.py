@@ -1,0 +1,259 @@
+"""Loader backends on CPU: cpu, nvjpeg (its batched path run on CPU tensors), dali
+(CPU-only pipeline) and ffcv. Same shards, same spec: shapes, dtype, normalization,
+undecodable samples skipped and counted, crops that match (per sample where the backend
+shares the cpu backend's RNG, in distribution for ffcv), and exact mid-epoch resume."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+sys.path.insert(0, os.path.dirname(__file__))
+from backend_fixtures import (  # noqa: E402
+    BAD, CONST_COLOURS, GRAD_H, GRAD_W, SPEC, crop_stats, drop_segment, recover_crop, reference_stats, run_epochs,
+    unnormalize, write_shards,
+)
+
+from loaders import available_backends, build_loader  # noqa: E402
+from loaders.augment import sample_crop  # noqa: E402
+from loaders.backends.cpu import sample_generator  # noqa: E402
+from loaders.backends.encoded import ImageHeaderError, probe_image  # noqa: E402
+from loaders.backends.nvjpeg import NvjpegLoader, resized_crop_batch, resized_crop_list  # noqa: E402
+from loaders.loader import as_stream_specs  # noqa: E402
+from loaders.shards import encode_image  # noqa: E402
+
+HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
+HAVE_FFCV = importlib.util.find_spec("ffcv") is not None
+BACKENDS = [
+    "cpu",
+    "nvjpeg",
+    pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")),
+    pytest.param("ffcv", marks=pytest.mark.skipif(not HAVE_FFCV, reason="ffcv not installed")),
+]
+SAME_RNG = ("cpu", "nvjpeg", "dali")  # backends that cut exactly the cpu backend's crops
+BATCH, SEED, EPOCHS, SNAPSHOT = 16, 5, 2, 3
+DTYPE = torch.bfloat16
+
+
+# ----------------------------------------------------------------- pure functions
+def test_probe_image_reads_headers_and_rejects_broken_files():
+    rgb = encode_image(np.zeros((37, 53, 3), np.uint8))
+    gray = encode_image(np.zeros((20, 11), np.uint8))
+    png = encode_image(np.zeros((9, 14, 3), np.uint8), "png")
+    assert probe_image(rgb) == ("jpeg", 37, 53, 3)
+    assert probe_image(gray) == ("jpeg", 20, 11, 1)
+    assert probe_image(png) == ("png", 9, 14, 3)
+    for broken in (b"hello world" * 5, rgb[: len(rgb) // 2], rgb[:20], b""):
+        with pytest.raises(ImageHeaderError):
+            probe_image(broken)
+    # header intact, tables missing: the header probe cannot tell (the decoder must)
+    assert probe_image(drop_segment(rgb, 0xDB))[0] == "jpeg"
+
+
+@pytest.mark.parametrize("shape", [(3, 97, 131), (1, 64, 48)])
+def test_batched_crop_matches_torchvision_resized_crop(shape):
+    c, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, c, h, w), dtype=torch.uint8, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    images[0] = ((3 * xx + yy) % 256).to(torch.uint8)  # smooth content too
+    crops = [[0, 0, h, w, 0], [1, 2, h - 3, w - 5, 1], [5, 7, 20, 30, 0], [h // 2, w // 3, h // 2, w // 2, 1],
+             [0, 3, h, w // 2, 0], [10, 10, 9, 11, 1], [3, 0, 2, 3, 0], [h - 40, w - 40, 40, 40, 1]]
+    crops = torch.tensor(crops)
+    for size in (16, 32, 100):  # shrink (antialiased) and enlarge
+        out = resized_crop_batch(images, crops, size)
+        assert out.shape == (8, c, size, size) and out.dtype == torch.float32
+        for b in range(8):
+            top, left, ch, cw, flip = crops[b].tolist()
+            ref = TF.resized_crop(images[b], top, left, ch, cw, [size, size], antialias=True).float()
+            ref = ref.flip(-1) if flip else ref
+            diff = (out[b] - ref).abs()
+            assert diff.max() <= 1.0 + 1e-3, (size, b, diff.max())  # torchvision rounds to uint8
+            assert diff.mean() < 0.5
+
+
+def test_crop_list_groups_sizes_and_expands_gray():
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, s, dtype=torch.uint8, generator=g) for s in
+              [(3, 40, 50), (1, 30, 30), (3, 40, 50), (3, 30, 30), (1, 40, 50)]]
+    crops = torch.tensor([[0, 0, 40, 50, 0], [2, 3, 20, 25, 1], [5, 5, 30, 30, 1], [0, 0, 30, 30, 0], [1, 1, 38, 20, 0]])
+    out = resized_crop_list(images, crops, 24)
+    assert out.shape == (5, 3, 24, 24)
+    for i, img in enumerate(images):
+        ref = resized_crop_batch(img.expand(3, -1, -1)[None], crops[i : i + 1], 24)[0]
+        torch.testing.assert_close(out[i], ref)
+
+
+def test_backend_availability_on_cpu():
+    names = available_backends("cpu")
+    assert "cpu" in names and "nvjpeg" not in names  # nvjpeg decodes with CUDA only
+    assert ("dali" in names) == HAVE_DALI and ("ffcv" in names) == HAVE_FFCV
+
+
+# ----------------------------------------------------------------- loaders
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backend_shards")
+    uids = write_shards(str(root / "mds"))
+    return str(root / "mds"), {u: i for i, u in enumerate(uids)}, str(root / "cache")
+
+
+def make_loader(backend: str, path: str, cache: str, **kw):
+    kw = dict(batch_size=BATCH, augment=SPEC, device="cpu", dtype=DTYPE, seed=SEED, num_workers=2, cache_dir=cache) | kw
+    if backend == "nvjpeg":  # not offered on CPU; its code path runs unchanged on CPU tensors
+        return NvjpegLoader(streams=as_stream_specs(path), device=torch.device("cpu"), shuffle=True,
+                            num_canonical_nodes=None, **{k: v for k, v in kw.items() if k != "device"})
+    return build_loader(path, backend=backend, **kw)
+
+
+_RUNS: dict[str, tuple] = {}
+
+
+@pytest.fixture
+def run(shards, request):
+    """(loader, epochs of batches, state after SNAPSHOT batches of epoch 0), once per backend."""
+    backend = request.param
+    if backend not in _RUNS:
+        loader = make_loader(backend, shards[0], shards[2])
+        epochs, state = run_epochs(loader, EPOCHS, snapshot_after=SNAPSHOT)
+        _RUNS[backend] = (loader, epochs, state)
+    return (backend, *_RUNS[backend])
+
+
+def backends(fn):
+    return pytest.mark.parametrize("run", BACKENDS, indirect=True)(fn)
+
+
+@backends
+def test_batches_have_contract_shape_dtype_and_tags(run, shards):
+    backend, loader, epochs, _ = run
+    index = shards[1]
+    for batches in epochs:
+        assert len(batches) == len(loader)
+        seen = []
+        for b in batches:
+            assert b.images.shape == (len(b), 3, SPEC.size, SPEC.size)
+            assert b.images.dtype == DTYPE and b.images.device.type == "cpu"
+            assert b.images.is_contiguous()
+            assert len(b.uid) == len(b.modality) == len(b.source) == len(b)
+            assert all(m == "CT" for m in b.modality)
+            assert all(s == u.split("/")[0] for s, u in zip(b.source, b.uid))
+            assert torch.isfinite(b.images.float()).all()
+            seen += b.uid
+        assert len(seen) == len(set(seen)) and set(seen) <= set(index)
+
+
+@backends
+def test_undecodable_samples_are_skipped_and_counted(run):
+    backend, loader, epochs, _ = run
+    delivered = [u for batches in epochs for b in batches for u in b.uid]
+    assert not set(delivered) & set(BAD)
+    assert loader.skipped > 0
+    if backend == "ffcv":  # bad rows are left out at conversion, counted once per epoch
+        assert loader.skipped == len(BAD) * EPOCHS
+        assert len(delivered) == EPOCHS * len(loader) * BATCH
+    else:  # every position of the epoch is either delivered or counted as skipped
+        assert len(delivered) + loader.skipped == EPOCHS * len(loader) * BATCH
+
+
+@backends
+def test_normalization_matches_spec(run):
+    _, _, epochs, _ = run
+    checked = 0
+    for batches in epochs:
+        for b in batches:
+            for k, uid in enumerate(b.uid):
+                if uid.startswith("const/"):
+                    colour = torch.tensor(CONST_COLOURS[int(uid.split("/")[1])], dtype=torch.float32)
+                    expect = (colour / 255 - torch.tensor(SPEC.mean)) / torch.tensor(SPEC.std)
+                    got = b.images[k].float()
+                    torch.testing.assert_close(got.mean((1, 2)), expect, atol=0.04, rtol=0)
+                    assert got.std((1, 2)).max() < 0.04
+                    checked += 1
+    assert checked >= 8
+
+
+@backends
+def test_crops_match_the_spec(run, shards):
+    backend, _, epochs, _ = run
+    index = shards[1]
+    crops = []
+    for epoch, batches in enumerate(epochs):
+        for b in batches:
+            pixels = unnormalize(b.images)
+            for k, uid in enumerate(b.uid):
+                if not uid.startswith("grad/"):
+                    continue
+                got = recover_crop(pixels[k])
+                crops.append(got)
+                if backend in SAME_RNG:  # exactly the window the shared per-sample RNG draws
+                    want = sample_crop(GRAD_H, GRAD_W, SPEC, sample_generator(SEED, epoch, index[uid]))
+                    assert got[4] == want[4], (uid, got, want)
+                    np.testing.assert_allclose(got[:4], want[:4], atol=1.5, err_msg=uid)
+    stats, ref = crop_stats(crops), reference_stats()
+    assert stats["n"] >= 200
+    assert abs(stats["scale"] - ref["scale"]) < 0.06, (stats, ref)
+    assert abs(stats["log_aspect"] - ref["log_aspect"]) < 0.06, (stats, ref)
+    assert abs(stats["flip"] - SPEC.hflip) < 0.15, stats
+    assert 0.75 < stats["scale_sd"] / ref["scale_sd"] < 1.33, (stats, ref)
+    assert 0.75 < stats["log_aspect_sd"] / ref["log_aspect_sd"] < 1.33, (stats, ref)
+
+
+@backends
+def test_resume_mid_epoch_gives_exactly_the_remaining_samples(run, shards):
+    backend, _, epochs, state = run
+    assert state["epoch"] == 0 and state["batches_in_epoch"] == SNAPSHOT
+    resumed = make_loader(backend, shards[0], shards[2], num_workers=1)  # worker count may change
+    resumed.load_state_dict(state)
+    rest, _ = run_epochs(resumed, 2)
+    want = [u for b in epochs[0][SNAPSHOT:] for u in b.uid]
+    assert [u for b in rest[0] for u in b.uid] == want
+    assert [u for b in rest[1] for u in b.uid] == [u for b in epochs[1] for u in b.uid]  # next epoch as before
+    if backend in SAME_RNG:  # same crops too
+        for got, ref in zip(rest[0], epochs[0][SNAPSHOT:]):
+            torch.testing.assert_close(got.images.float(), ref.images.float(), atol=0.02, rtol=0)
+
+
+def test_same_order_across_streaming_backends():
+    runs = {b: _RUNS[b] for b in SAME_RNG if b in _RUNS}
+    if len(runs) < 2:
+        pytest.skip("needs two backends run first (run the whole module)")
+    orders = {b: [u for batches in r[1] for bt in batches for u in bt.uid] for b, r in runs.items()}
+    first = next(iter(orders.values()))
+    assert all(o == first for o in orders.values())
+
+
+@pytest.mark.parametrize("backend", ["nvjpeg", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="no dali")),
+                                     pytest.param("ffcv", marks=pytest.mark.skipif(not HAVE_FFCV, reason="no ffcv"))])
+def test_gpu_backends_reject_specs_they_do_not_implement(backend, shards):
+    class OtherSpec:
+        size = 32
+
+    with pytest.raises(TypeError, match="AugmentSpec"):
+        make_loader(backend, shards[0], shards[2], augment=OtherSpec())
+
+
+@pytest.mark.skipif(not HAVE_FFCV, reason="ffcv not installed")
+def test_ffcv_conversion_is_cached_and_lists_failures(run, shards):
+    import json
+
+    from loaders.backends.ffcv import beton_for
+
+    (root,) = [p for p in os.scandir(os.path.join(shards[2], "ffcv"))]
+    beton = os.path.join(root.path, "data.beton")
+    table = json.load(open(os.path.join(root.path, "table.json")))
+    assert sorted(u for u, _ in table["failed"]) == sorted(BAD)
+    assert len(table["uid"]) == len(shards[1])
+    mtime = os.path.getmtime(beton)
+    again = beton_for(as_stream_specs(shards[0]), cache_dir=shards[2], num_workers=1, rank=0)
+    assert str(again) == root.path and os.path.getmtime(beton) == mtime
+
+
+test_ffcv_conversion_is_cached_and_lists_failures = pytest.mark.parametrize(
+    "run", [pytest.param("ffcv")], indirect=True)(test_ffcv_conversion_is_cached_and_lists_failures)
