@@ -88,6 +88,36 @@ def attention_xformers(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
+#
+# Short sequences waste most of a fixed tile on padding (N = 197 in 64-blocks is 256: 59 % of
+# the tile products are real). So every loop runs full BLOCK tiles without masks and then the
+# remainder in TAIL tiles (16 by default: 197 -> 3 x 64 + 16), and query programs past the full
+# blocks take TAIL_M rows. Block shapes are constexpr: both variants compile into one kernel.
+
+
+@triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    if MASK_R and MASK_C:
+        x = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+    elif MASK_R:
+        x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    elif MASK_C:
+        x = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, rows_ok, cols_ok, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    if MASK_R and MASK_C:
+        tl.store(ptrs, x, mask=rows_ok[:, None] & cols_ok[None, :])
+    elif MASK_R:
+        tl.store(ptrs, x, mask=rows_ok[:, None])
+    elif MASK_C:
+        tl.store(ptrs, x, mask=cols_ok[None, :])
+    else:
+        tl.store(ptrs, x)
 
 
 @triton.jit
@@ -102,54 +132,90 @@ def _seq_bounds(CU, b, N, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale, offs_d, mask_d,
+                 BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
+    cols = start_n + tl.arange(0, BN)
+    cols_ok = cols < seqlen
+    kt = tl.trans(_load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D))
+    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    s = tl.dot(q, kt) * qk_scale  # log2 units
+    if MASK_N:
+        s = tl.where(cols_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
+                 offs_d, mask_d,
+                 BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    rows = row0 + tl.arange(0, BM)
+    rows_ok = rows < seqlen
+    q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BLOCK_D], tl.float32)
+    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
+                                     offs_d, mask_d, BLOCK_N, False, EVEN_D)
+    for start_n in range(n_full, seqlen, TAIL_N):
+        m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
+                                     offs_d, mask_d, TAIL_N, True, EVEN_D)
+    acc = acc / l_i[:, None]
+    _store_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], acc.to(O.dtype.element_ty), rows_ok, mask_d,
+                MASK_M, not EVEN_D)
+    lse = m_i + tl.math.log2(l_i)
+    if MASK_M:
+        tl.store(LSE + lo + rows, lse, mask=rows_ok)
+    else:
+        tl.store(LSE + lo + rows, lse)
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, CU,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sl_b, sl_h,
     H, N, qk_scale,
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     start, seqlen = _seq_bounds(CU, b, N, VARLEN)
-    if pid_m * BLOCK_M < seqlen:
-        b64 = b.to(tl.int64)
-        h64 = h.to(tl.int64)
-        tok = start.to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < HEAD_DIM
-        row_ok = offs_m < seqlen
-
-        q_ptrs = Q + b64 * sq_b + h64 * sq_h + (tok + offs_m[:, None]) * sq_n + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
-        kt_base = K + b64 * sk_b + h64 * sk_h + tok * sk_n + offs_d[:, None]  # K^T tile: [D, BLOCK_N]
-        v_base = V + b64 * sv_b + h64 * sv_h + tok * sv_n + offs_d[None, :]
-
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(0, seqlen, BLOCK_N):
-            cols = start_n + offs_n
-            col_ok = cols < seqlen
-            kt = tl.load(kt_base + cols[None, :] * sk_n, mask=mask_d[:, None] & col_ok[None, :], other=0.0)
-            s = tl.dot(q, kt) * qk_scale  # log2 units
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vv = tl.load(v_base + cols[:, None] * sv_n, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
-            m_i = m_new
-        acc = acc / l_i[:, None]
-        o_ptrs = O + b64 * so_b + h64 * so_h + (tok + offs_m[:, None]) * so_n + offs_d[None, :]
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & mask_d[None, :])
-        lse_ptrs = LSE + b64 * sl_b + h64 * sl_h + tok + offs_m
-        tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=row_ok)
+    # strides arrive divided by ALIGN: multiplying back tells the compiler every row starts on a
+    # 16-byte boundary, so the loads vectorize (d = 88: 176-byte rows)
+    sq_b, sq_h, sq_n = sq_b * ALIGN, sq_h * ALIGN, sq_n * ALIGN
+    sk_b, sk_h, sk_n = sk_b * ALIGN, sk_h * ALIGN, sk_n * ALIGN
+    sv_b, sv_h, sv_n = sv_b * ALIGN, sv_h * ALIGN, sv_n * ALIGN
+    so_b, so_h, so_n = so_b * ALIGN, so_h * ALIGN, so_n * ALIGN
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    tok = start.to(tl.int64)
+    qo = b64 * sq_b + h64 * sq_h + tok * sq_n
+    ko = b64 * sk_b + h64 * sk_h + tok * sk_n
+    vo = b64 * sv_b + h64 * sv_h + tok * sv_n
+    oo = b64 * so_b + h64 * so_h + tok * so_n
+    lo = b64 * sl_b + h64 * sl_h + tok
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    m_full = seqlen // BLOCK_M
+    if pid_m < m_full:
+        _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
+                     offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D)
+    else:
+        row0 = m_full * BLOCK_M + (pid_m - m_full) * TAIL_M
+        if row0 < seqlen:
+            _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
+                         offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D)
 
 
 @triton.jit
@@ -178,21 +244,86 @@ def _attn_bwd_delta(
 
 
 @triton.jit
-def _attn_bwd_block(
-    q, do, lse, delta, kt, v, k, rows_ok, cols_ok,
-    qk_scale,
-):
-    """One (query block, key block) step of the backward: returns dV, dK (unscaled), dQ parts."""
+def _bwd_q_step(Q, O, DO, DQ, DQACC, LSE, DELTA, qo, oo, doo, dqo, ao, lo, sq_n, so_n, sdo_n, sdq_n, sa_n,
+                k, v, kt, dk, dv, cols_ok, start_m, seqlen, first, last, qk_scale, sm_scale, offs_d, mask_d,
+                BM: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr, DQ_MODE: tl.constexpr,
+                EVEN_D: tl.constexpr):
+    """One (query tile, key tile) product of the backward; dQ goes out (DQ_MODE 0: final store,
+    1: fp32 atomics, 2: private fp32 read-modify-write across key tiles)."""
+    rows = start_m + tl.arange(0, BM)
+    rows_ok = rows < seqlen
+    q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+    do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+    if MASK_M:
+        lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))  # padded rows: p = 0
+    else:
+        lse = tl.load(LSE + lo + rows)
+    if DQ_MODE == 0:
+        o = _load_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    elif MASK_M:
+        delta = tl.load(DELTA + lo + rows, mask=rows_ok, other=0.0)
+    else:
+        delta = tl.load(DELTA + lo + rows)
     s = tl.dot(q, kt) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
-    p = tl.where(rows_ok[:, None] & cols_ok[None, :], p, 0.0)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+    if MASK_N:
+        p = tl.where(cols_ok[None, :], p, 0.0)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
     dp = tl.dot(do, tl.trans(v))
-    ds = p * (dp - delta[:, None])
-    ds_lp = ds.to(q.dtype)
-    dk = tl.dot(tl.trans(ds_lp), q)
-    dq = tl.dot(ds_lp, k)
-    return dv, dk, dq
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dk += tl.dot(tl.trans(ds), q)
+    dq = tl.dot(ds, k)
+    dq_ptrs = DQ + dqo + rows[:, None] * sdq_n + offs_d[None, :]
+    if DQ_MODE == 0:
+        _store_tile(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), rows_ok, mask_d, MASK_M, not EVEN_D)
+    elif DQ_MODE == 1:
+        acc_ptrs = DQACC + ao + rows[:, None] * sa_n + offs_d[None, :]
+        if MASK_M:
+            tl.atomic_add(acc_ptrs, dq, mask=rows_ok[:, None] & mask_d[None, :])
+        else:
+            tl.atomic_add(acc_ptrs, dq, mask=mask_d[None, :])
+    else:
+        acc_ptrs = DQACC + ao + rows[:, None] * sa_n + offs_d[None, :]
+        if not first:
+            dq += _load_tile(acc_ptrs, rows_ok, mask_d, MASK_M, not EVEN_D)
+        if last:
+            _store_tile(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), rows_ok, mask_d, MASK_M, not EVEN_D)
+        else:
+            _store_tile(acc_ptrs, dq, rows_ok, mask_d, MASK_M, not EVEN_D)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA,
+                  qo, ko, vo, oo, doo, dqo, dko, dvo, ao, lo,
+                  sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, sdk_n, sdv_n, sa_n,
+                  start_n, seqlen, qk_scale, sm_scale, offs_d, mask_d,
+                  BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
+                  BLOCK_D: tl.constexpr, DQ_MODE: tl.constexpr, EVEN_D: tl.constexpr):
+    """dK, dV of one key tile, walking every query tile (full ones, then the tail)."""
+    cols = start_n + tl.arange(0, BN)
+    cols_ok = cols < seqlen
+    k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    kt = tl.trans(k)
+    dk = tl.zeros([BN, BLOCK_D], tl.float32)
+    dv = tl.zeros([BN, BLOCK_D], tl.float32)
+    first = start_n == 0
+    last = start_n + BN >= seqlen
+    m_full = (seqlen // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _bwd_q_step(Q, O, DO, DQ, DQACC, LSE, DELTA, qo, oo, doo, dqo, ao, lo, sq_n, so_n, sdo_n, sdq_n,
+                             sa_n, k, v, kt, dk, dv, cols_ok, start_m, seqlen, first, last, qk_scale, sm_scale,
+                             offs_d, mask_d, BLOCK_M, False, MASK_N, DQ_MODE, EVEN_D)
+    for start_m in range(m_full, seqlen, TAIL_M):
+        dk, dv = _bwd_q_step(Q, O, DO, DQ, DQACC, LSE, DELTA, qo, oo, doo, dqo, ao, lo, sq_n, so_n, sdo_n, sdq_n,
+                             sa_n, k, v, kt, dk, dv, cols_ok, start_m, seqlen, first, last, qk_scale, sm_scale,
+                             offs_d, mask_d, TAIL_M, True, MASK_N, DQ_MODE, EVEN_D)
+    _store_tile(DK + dko + cols[:, None] * sdk_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                cols_ok, mask_d, MASK_N, not EVEN_D)
+    _store_tile(DV + dvo + cols[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                cols_ok, mask_d, MASK_N, not EVEN_D)
 
 
 @triton.jit
@@ -201,12 +332,12 @@ def _attn_bwd(
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sdo_b, sdo_h, sdo_n,
     sdq_b, sdq_h, sdq_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sa_b, sa_h, sa_n, sl_b, sl_h,
     H, N, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, SINGLE_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, SPLIT: tl.constexpr, DQ_MODE: tl.constexpr,
 ):
-    # SPLIT: program (key block, b*h) with atomics into DQACC. Otherwise program (b*h,) walking
-    # every key block; SINGLE_KV means the whole sequence is one key block (delta inline, no DQACC).
+    # SPLIT: program (key tile, b*h), dQ by atomics (DQ_MODE 1). Otherwise program (b*h,) walking all
+    # key tiles: DQ_MODE 0 when the whole sequence is one key tile, else 2 (private fp32 scratch).
     if SPLIT:
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -216,69 +347,58 @@ def _attn_bwd(
     b = pid_bh // H
     h = pid_bh % H
     start, seqlen = _seq_bounds(CU, b, N, VARLEN)
+    sq_b, sq_h, sq_n = sq_b * ALIGN, sq_h * ALIGN, sq_n * ALIGN  # see _attn_fwd
+    sk_b, sk_h, sk_n = sk_b * ALIGN, sk_h * ALIGN, sk_n * ALIGN
+    sv_b, sv_h, sv_n = sv_b * ALIGN, sv_h * ALIGN, sv_n * ALIGN
+    so_b, so_h, so_n = so_b * ALIGN, so_h * ALIGN, so_n * ALIGN
+    sdo_b, sdo_h, sdo_n = sdo_b * ALIGN, sdo_h * ALIGN, sdo_n * ALIGN
+    sdq_b, sdq_h, sdq_n = sdq_b * ALIGN, sdq_h * ALIGN, sdq_n * ALIGN
+    sdk_b, sdk_h, sdk_n = sdk_b * ALIGN, sdk_h * ALIGN, sdk_n * ALIGN
+    sdv_b, sdv_h, sdv_n = sdv_b * ALIGN, sdv_h * ALIGN, sdv_n * ALIGN
+    sa_b, sa_h, sa_n = sa_b * ALIGN, sa_h * ALIGN, sa_n * ALIGN
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     tok = start.to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    qo = b64 * sq_b + h64 * sq_h + tok * sq_n
+    ko = b64 * sk_b + h64 * sk_h + tok * sk_n
+    vo = b64 * sv_b + h64 * sv_h + tok * sv_n
+    oo = b64 * so_b + h64 * so_h + tok * so_n
+    doo = b64 * sdo_b + h64 * sdo_h + tok * sdo_n
+    dqo = b64 * sdq_b + h64 * sdq_h + tok * sdq_n
+    dko = b64 * sdk_b + h64 * sdk_h + tok * sdk_n
+    dvo = b64 * sdv_b + h64 * sdv_h + tok * sdv_n
+    ao = b64 * sa_b + h64 * sa_h + tok * sa_n
+    lo = b64 * sl_b + h64 * sl_h + tok
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    q_base = Q + b64 * sq_b + h64 * sq_h + tok * sq_n + offs_d[None, :]
-    o_base = O + b64 * so_b + h64 * so_h + tok * so_n + offs_d[None, :]
-    do_base = DO + b64 * sdo_b + h64 * sdo_h + tok * sdo_n + offs_d[None, :]
-    dq_base = DQ + b64 * sdq_b + h64 * sdq_h + tok * sdq_n + offs_d[None, :]
-    acc_base = DQACC + b64 * sa_b + h64 * sa_h + tok * sa_n + offs_d[None, :]
-    l_base = b64 * sl_b + h64 * sl_h + tok
-
     if SPLIT:
-        n_lo = pid_n * BLOCK_N
-        n_hi = tl.minimum(n_lo + BLOCK_N, seqlen)
+        n_full = seqlen // BLOCK_N
+        if pid_n < n_full:
+            _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA, qo, ko, vo, oo, doo, dqo, dko, dvo, ao, lo,
+                          sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, sdk_n, sdv_n, sa_n, pid_n * BLOCK_N, seqlen,
+                          qk_scale, sm_scale, offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, 1, EVEN_D)
+        else:
+            start_n = n_full * BLOCK_N + (pid_n - n_full) * TAIL_N
+            if start_n < seqlen:
+                _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA, qo, ko, vo, oo, doo, dqo, dko, dvo, ao,
+                              lo, sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, sdk_n, sdv_n, sa_n, start_n, seqlen,
+                              qk_scale, sm_scale, offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, 1, EVEN_D)
     else:
-        n_lo = 0
-        n_hi = seqlen
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        cols = start_n + offs_n
-        cols_ok = cols < seqlen
-        kv_mask = cols_ok[:, None] & mask_d[None, :]
-        k = tl.load(K + b64 * sk_b + h64 * sk_h + (tok + cols[:, None]) * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b64 * sv_b + h64 * sv_h + (tok + cols[:, None]) * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        kt = tl.trans(k)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for start_m in range(0, seqlen, BLOCK_M):
-            rows = start_m + offs_m
-            rows_ok = rows < seqlen
-            q_mask = rows_ok[:, None] & mask_d[None, :]
-            q = tl.load(q_base + rows[:, None] * sq_n, mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * sdo_n, mask=q_mask, other=0.0)
-            lse = tl.load(LSE + l_base + rows, mask=rows_ok, other=0.0)
-            if SINGLE_KV:
-                o = tl.load(o_base + rows[:, None] * so_n, mask=q_mask, other=0.0)
-                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            else:
-                delta = tl.load(DELTA + l_base + rows, mask=rows_ok, other=0.0)
-            dv_i, dk_i, dq_i = _attn_bwd_block(q, do, lse, delta, kt, v, k, rows_ok, cols_ok, qk_scale)
-            dv += dv_i
-            dk += dk_i
-            if SINGLE_KV:
-                tl.store(dq_base + rows[:, None] * sdq_n, (dq_i * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
-            elif SPLIT:
-                tl.atomic_add(acc_base + rows[:, None] * sa_n, dq_i, mask=q_mask)
-            else:
-                acc_ptrs = acc_base + rows[:, None] * sa_n
-                if start_n > 0:
-                    dq_i += tl.load(acc_ptrs, mask=q_mask, other=0.0)
-                if start_n + BLOCK_N >= seqlen:
-                    tl.store(dq_base + rows[:, None] * sdq_n, (dq_i * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
-                else:
-                    tl.store(acc_ptrs, dq_i, mask=q_mask)
-        tl.store(DK + b64 * sdk_b + h64 * sdk_h + (tok + cols[:, None]) * sdk_n + offs_d[None, :],
-                 (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + b64 * sdv_b + h64 * sdv_h + (tok + cols[:, None]) * sdv_n + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=kv_mask)
-        if not SPLIT:
-            if not SINGLE_KV:
-                tl.debug_barrier()  # this key block's dQ partials are read back by other threads next
+        n_full = (seqlen // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA, qo, ko, vo, oo, doo, dqo, dko, dvo, ao, lo,
+                          sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, sdk_n, sdv_n, sa_n, start_n, seqlen,
+                          qk_scale, sm_scale, offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, DQ_MODE,
+                          EVEN_D)
+            if DQ_MODE == 2:
+                tl.debug_barrier()  # this key tile's dQ partials are read back by other threads next
+        for start_n in range(n_full, seqlen, TAIL_N):
+            _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA, qo, ko, vo, oo, doo, dqo, dko, dvo, ao, lo,
+                          sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, sdk_n, sdv_n, sa_n, start_n, seqlen,
+                          qk_scale, sm_scale, offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, DQ_MODE,
+                          EVEN_D)
+            if DQ_MODE == 2:
+                tl.debug_barrier()
 
 
 # ----------------------------------------------------------------------------- launch
@@ -291,23 +411,42 @@ def _pow2(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+# (N, D) -> (forward config, backward config) measured best by `python -m bench kernels --tune`.
+TUNED: dict = {}
+
+
 def _fwd_config(n: int, d: int) -> dict:
-    """Block shapes by sequence length and head dim (tuned on H100/H200, see bench/kernels.py)."""
-    bd = _pow2(d)
+    """Block shapes by sequence length and head dim (swept with `python -m bench kernels --tune`)."""
+    if (n, d) in TUNED:
+        return TUNED[(n, d)][0]
     if n <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    if bd <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=64, TAIL_M=64, TAIL_N=64, num_warps=4, num_stages=2)
+    if _pow2(d) <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, TAIL_M=16, TAIL_N=16, num_warps=8, num_stages=3)
 
 
 def _bwd_config(n: int, d: int) -> dict:
-    bd = _pow2(d)
+    if (n, d) in TUNED:
+        return TUNED[(n, d)][1]
     if n <= 64:
-        return dict(SPLIT=False, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
-    if n <= 320:
-        return dict(SPLIT=False, BLOCK_M=64, BLOCK_N=64, num_warps=4 if bd <= 64 else 8, num_stages=1)
-    return dict(SPLIT=True, BLOCK_M=64, BLOCK_N=64, num_warps=4 if bd <= 64 else 8, num_stages=1)
+        return dict(SPLIT=False, BLOCK_M=64, BLOCK_N=64, TAIL_M=64, TAIL_N=64, num_warps=4, num_stages=1)
+    if n <= 2048:
+        return dict(SPLIT=False, BLOCK_M=64, BLOCK_N=64, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=2)
+    return dict(SPLIT=True, BLOCK_M=128, BLOCK_N=128, TAIL_M=16, TAIL_N=16, num_warps=8, num_stages=1)
+
+
+def _n_tiles(n: int, block: int, tail: int, packed: bool) -> int:
+    """Programs along a sequence: full blocks, then tail tiles (an upper bound when packed)."""
+    if packed:
+        return triton.cdiv(n, block) + triton.cdiv(block, tail)
+    return n // block + triton.cdiv(n % block, tail)
+
+
+def _align(*strides):
+    """(ALIGN, strides divided by it): 8 when every stride is a multiple of 8 elements."""
+    a = 8 if all(s % 8 == 0 for st in strides for s in st) else 1
+    return a, [s // a for st in strides for s in st]
 
 
 def _as_bhnd(x: torch.Tensor, packed: bool):
@@ -353,14 +492,15 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None)
     o = _empty_out(q, packed)
     so = _as_bhnd(o, packed)[1]
     lse = torch.empty((H, N) if packed else (B, H, N), device=q.device, dtype=torch.float32)
-    cfg = dict(config or _fwd_config(maxn, D))
+    cfg = config or _fwd_config(maxn, D)
     cu = cu_seqlens.to(torch.int32) if packed else q  # dummy pointer when dense
-    grid = (triton.cdiv(max(maxn, 1), cfg["BLOCK_M"]), B * H)
     if B * H > 0 and maxn > 0:
+        grid = (_n_tiles(maxn, cfg["BLOCK_M"], cfg["TAIL_M"], packed), B * H)
+        align, strides = _align(sq, sk, sv, so)
         _attn_fwd[grid](
-            q, k, v, o, lse, cu, *sq, *sk, *sv, *so, *_lse_strides(H, N, packed),
+            q, k, v, o, lse, cu, *strides, *_lse_strides(H, N, packed),
             H, N, scale * LOG2E,
-            HEAD_DIM=D, VARLEN=packed, BLOCK_D=_pow2(D), **cfg,
+            HEAD_DIM=D, VARLEN=packed, ALIGN=align, BLOCK_D=_pow2(D), EVEN_D=_pow2(D) == D, **cfg,
         )
     return o, lse
 
@@ -376,17 +516,22 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
     do, sdo = _as_bhnd(do, packed)
     dq, dk, dv = out if out is not None else (_empty_out(x, packed) for x in (q, k, v))
     sdq, sdk, sdv = (_as_bhnd(x, packed)[1] for x in (dq, dk, dv))
+    if B * H == 0 or maxn == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
     cfg = dict(config or _bwd_config(maxn, D))
     split = cfg.pop("SPLIT")
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    single = (not split) and maxn <= bn
+    bn = cfg["BLOCK_N"]
     sl = _lse_strides(H, N, packed)
     cu = cu_seqlens.to(torch.int32) if packed else q
     bd = _pow2(D)
-    if B * H == 0 or maxn == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    if single:
-        delta, acc = lse, q  # unused
+    if split:
+        mode = 1
+    elif maxn <= bn:
+        mode, cfg["TAIL_N"] = 0, bn  # the whole sequence is one key tile: no scratch, delta inline
+    else:
+        mode = 2
+    if mode == 0:
+        delta, acc, sa = lse, q, sq  # unused
     else:
         delta = torch.empty_like(lse)
         _attn_bwd_delta[(triton.cdiv(maxn, 64), B * H)](
@@ -394,13 +539,13 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
             HEAD_DIM=D, VARLEN=packed, BLOCK_M=64, BLOCK_D=bd, num_warps=4,
         )
         acc = (torch.zeros if split else torch.empty)(q.shape, device=q.device, dtype=torch.float32)
-    sa = _as_bhnd(acc, packed)[1] if not single else sq
-    grid = (triton.cdiv(maxn, bn), B * H) if split else (B * H,)
+        sa = _as_bhnd(acc, packed)[1]
+    grid = (_n_tiles(maxn, bn, cfg["TAIL_N"], packed), B * H) if split else (B * H,)
+    align, strides = _align(sq, sk, sv, so, sdo, sdq, sdk, sdv, sa)
     _attn_bwd[grid](
-        q, k, v, o, do, dq, dk, dv, acc, lse, delta, cu,
-        *sq, *sk, *sv, *so, *sdo, *sdq, *sdk, *sdv, *sa, *sl,
+        q, k, v, o, do, dq, dk, dv, acc, lse, delta, cu, *strides, *sl,
         H, N, scale * LOG2E, scale,
-        HEAD_DIM=D, VARLEN=packed, BLOCK_D=bd, SPLIT=split, SINGLE_KV=single, **cfg,
+        HEAD_DIM=D, VARLEN=packed, ALIGN=align, BLOCK_D=bd, EVEN_D=bd == D, SPLIT=split, DQ_MODE=mode, **cfg,
     )
     if split:
         dq.copy_(acc.mul_(scale))

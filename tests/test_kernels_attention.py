@@ -23,9 +23,9 @@ def _interpreted_kernels():
 kernels = _interpreted_kernels()
 attn = sys.modules["kernels.attn"]
 
-SMALL_FWD = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
-FUSED_MULTI = dict(SPLIT=False, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-SPLIT = dict(SPLIT=True, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+SMALL_FWD = dict(BLOCK_M=32, BLOCK_N=32, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=1)
+FUSED_MULTI = dict(SPLIT=False, BLOCK_M=32, BLOCK_N=32, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=1)
+SPLIT = dict(SPLIT=True, BLOCK_M=32, BLOCK_N=32, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=1)
 
 
 def rel(a, b):
