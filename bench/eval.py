@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import bar_plot, card_name, cuda_time_ms, print_table, write_result
+from bench.common import bar_plot, card_name, print_table, write_result
 
 
 def write_synthetic(root: Path, tasks: list[str], size: int, cap: int | None, seed: int = 0) -> dict[str, int]:
@@ -57,6 +57,27 @@ def write_synthetic(root: Path, tasks: list[str], size: int, cap: int | None, se
                 arrays[f"{split}_labels"] = (np.arange(n) % info.num_classes)[rng.permutation(n)].reshape(-1, 1).astype(np.uint8)
         np.savez(path, **arrays)
     return counts
+
+
+def median_ms(fn, cuda: bool, warmup: int, iters: int) -> float:
+    """Median ms per call, one CUDA-event pair per call: a ViT-B batch takes ~100 ms, so
+    a fixed repetition budget (do_bench's rep) would leave only a sample or two."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad(), autocast:
             return model(x)
 
-    iters = 20 if cuda else 3
-    base_ms = cuda_time_ms(plain_forward, warmup=3 if cuda else 1, iters=iters)
+    base_ms = median_ms(plain_forward, cuda, warmup=3 if cuda else 1, iters=15 if cuda else 3)
     base_ips = bs / (base_ms / 1e3)
     # warm the extraction path (allocator, pinned buffers, compile) outside the timing
     warm = raw.cpu().numpy()

@@ -38,10 +38,20 @@ class ProbeConfig:
 
 @contextmanager
 def private_rng(device: torch.device, seed: int):
-    """Seeded RNG for the probe that leaves the caller's (the trainer's) RNG state untouched."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    """Seeded RNG for the probe that leaves the caller's (the trainer's) RNG state untouched.
+
+    Only the CPU generator and the probe's own GPU are seeded and restored (torch.manual_seed
+    would reseed, without restoring, every GPU of the host).
+    """
+    if device.type != "cuda":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[index]), torch.cuda.device(index):
+        torch.random.default_generator.manual_seed(seed)
+        torch.cuda.manual_seed(seed)
         yield
 
 
@@ -79,7 +89,7 @@ def train_linear_probe(
     device = train_x.device
     n, dim = train_x.shape
     with private_rng(device, cfg.seed):
-        head = linear_head(dim, num_classes).to(device)
+        head = linear_head(dim, num_classes).to(device)  # initialized by the (seeded) CPU generator
         opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         bs = min(cfg.batch_size, n)
         steps_per_epoch = max(1, n // bs)  # drop the ragged last batch: BatchNorm needs > 1 sample
