@@ -88,7 +88,7 @@ def small_corpus(root: str, n_png: int = 10) -> None:
         write_image(f"{root}/png/{i:03d}.png", rgb_tissue(40 + i, 52, i))
     for i in range(3):
         write_dicom(f"{root}/dcm/{i}.dcm", ct_stored(i), window=(40, 400), intercept=-1024)
-    write_nifti(f"{root}/nii/vol.nii.gz", volume((20, 24, 12), seed=1, empty_border=1))
+    write_nifti(f"{root}/nii/vol.nii.gz", volume((12, 10, 14), seed=1, empty_border=1))
     with open(f"{root}/png/bad.png", "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + os.urandom(40))
 

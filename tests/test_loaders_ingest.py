@@ -287,3 +287,17 @@ def test_remote_upload_reads_back(tmp_path):
 
     ds = StreamingDataset(remote=remote, local=str(tmp_path / "cache"), batch_size=1, shuffle=False)
     assert [ds[i]["uid"] for i in range(len(ds))] == ["src/0.png", "src/1.png", "src/2.png"]
+
+
+def test_ingested_shards_feed_the_loader(corpus):
+    from loaders import AugmentSpec, build_loader
+
+    _, _, out, samples, _, _ = corpus
+    assert len(samples) % 2 == 0  # the loader drops a last partial batch
+    loader = build_loader(out, backend="cpu", batch_size=2, augment=AugmentSpec(size=32), device="cpu",
+                          shuffle=False, num_workers=0)
+    seen = []
+    for batch in loader:
+        assert batch.images.shape[1:] == (3, 32, 32) and batch.images.dtype.is_floating_point
+        seen += batch.uid
+    assert sorted(seen) == sorted(s["uid"] for s in samples)

@@ -163,8 +163,9 @@ def process_file(task: Task, spec: SourceSpec, opts: IngestOptions) -> dict[str,
                 label=task.label, meta=meta, encoding=opts.encoding, quality=opts.quality,
             )
             samples.append(sample)
-            x = pixels.astype(np.float64) / 255.0
-            stats.append((modality, x.size, float(x.sum()), float(np.square(x).sum())))
+            total = int(pixels.sum(dtype=np.uint64))
+            squares = int(np.square(pixels, dtype=np.uint32).sum(dtype=np.uint64))
+            stats.append((modality, pixels.size, total / 255.0, squares / 65025.0))  # in [0, 1] units
         return {"samples": samples, "stats": stats, "skip": None}
     except SkipFile as e:
         return {"samples": [], "stats": [], "skip": str(e)}
@@ -308,6 +309,17 @@ class _Totals:
         return {"counts": self.counts, "files_ok": self.files_ok, "pixels": self.pixels, "skipped": self.skipped}
 
 
+def _preload(kinds: set) -> None:
+    """Import the writer and the readers' libraries once, before the workers fork, rather
+    than in every worker (streaming alone takes seconds: it imports transformers)."""
+    import streaming  # noqa: F401
+
+    if "dicom" in kinds:
+        import pydicom.pixels  # noqa: F401
+    if "nifti" in kinds:
+        import nibabel  # noqa: F401
+
+
 def _kill_hook() -> int | None:
     value = os.environ.get(KILL_HOOK_ENV)
     return int(value) if value else None
@@ -337,13 +349,14 @@ def ingest(sources: Iterable[Any], out: str, **options: Any) -> dict[str, Any]:
     resumed = len(pending) < len(chunks)
 
     kill_after = _kill_hook()
-    written = 0
+    written = n_skipped = 0
     if todo:
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="file", desc="ingest", disable=not opts.progress, file=sys.stderr,
                    dynamic_ncols=True)
         workers = min(opts.workers, len(todo))
+        _preload({t.kind for t in todo})
         pool = None
         if workers > 1:
             pool = mp.get_context().Pool(workers, initializer=_init_worker, initargs=(specs, opts))
@@ -366,7 +379,8 @@ def ingest(sources: Iterable[Any], out: str, **options: Any) -> dict[str, Any]:
                                 os.kill(os.getpid(), signal.SIGKILL)
                         totals.add(name, task.relpath, res)
                         bar.update(1)
-                        bar.set_postfix(samples=written, skipped=len(totals.skipped), refresh=False)
+                        n_skipped += res["skip"] is not None
+                        bar.set_postfix(samples=written, skipped=n_skipped, refresh=False)
                 _write_json(_done_path(out, ci), {"files": len(chunks[ci]), **totals.to_json()})
         finally:
             bar.close()

@@ -7,7 +7,8 @@ from typing import Iterator
 import numpy as np
 
 from .common import Frame, ReadOptions, SkipFile, jsonable
-from .scaling import WINDOW_PRESETS, parse_window, robust_bounds, to_uint8, window_bounds
+from .scaling import (WINDOW_PRESETS, integer_view, parse_window, robust_bounds, table_percentiles, table_to_uint8,
+                      to_uint8, window_bounds)
 
 # DICOM Modality tag -> shard contract code.
 DICOM_MODALITY = {
@@ -91,7 +92,15 @@ def read_dicom(path: str, window: str, opts: ReadOptions, modality: str | None =
             frames8 = to_uint8(arr, *bounds)
             meta["scaling"] = {"percentile": list(opts.percentiles), "bounds": [round(b, 4) for b in bounds]}
     else:
-        values = apply_modality_lut(arr, ds)  # RescaleSlope/Intercept or a Modality LUT -> HU for CT
+        # RescaleSlope/Intercept (-> HU for CT) folded into a lookup table for 8/16-bit data;
+        # pydicom's apply_modality_lut for Modality LUT sequences and other bit depths.
+        iv = None if "ModalityLUTSequence" in ds else integer_view(arr)
+        if iv is not None:
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            indices, table = iv[0], iv[1] * slope + intercept
+        else:
+            values = apply_modality_lut(arr, ds)
         mode = parse_window(window)
         is_ct = (modality or file_modality) == "CT"
         bounds = None
@@ -109,11 +118,14 @@ def read_dicom(path: str, window: str, opts: ReadOptions, modality: str | None =
             elif mode == "file":
                 meta["window_missing"] = True
         if bounds is None:
-            bounds = robust_bounds(values, *opts.percentiles)
+            if iv is not None:
+                bounds = table_percentiles(indices, table, *opts.percentiles)
+            else:
+                bounds = robust_bounds(values, *opts.percentiles)
             if bounds is None:
                 raise SkipFile("no finite pixel values")
             meta["scaling"] = {"percentile": list(opts.percentiles), "bounds": [round(b, 4) for b in bounds]}
-        frames8 = to_uint8(values, *bounds)
+        frames8 = table_to_uint8(indices, table, *bounds) if iv is not None else to_uint8(values, *bounds)
         if photometric == "MONOCHROME1":  # low values are bright: invert so bright means dense
             frames8 = 255 - frames8
             meta["inverted"] = True

@@ -25,10 +25,16 @@ def choose_axis(shape: tuple[int, int, int], axis: str) -> int:
 def is_empty(pixels: np.ndarray, min_std: float, min_foreground: float) -> bool:
     """Near-constant (8-bit std below min_std), or almost all background: fewer than
     min_foreground of the pixels differ from the slice's median by more than 10% of the range."""
-    if float(pixels.std()) < min_std:
+    counts = np.bincount(pixels.reshape(-1), minlength=256)  # one pass; all stats from the histogram
+    n = pixels.size
+    levels = np.arange(256, dtype=np.float64)
+    mean = float(counts @ levels) / n
+    std = (max(float(counts @ (levels * levels)) / n - mean * mean, 0.0)) ** 0.5
+    if std < min_std:
         return True
-    median = int(np.median(pixels))
-    return float(np.mean(np.abs(pixels.astype(np.int16) - median) > 25)) < min_foreground
+    median = int(np.searchsorted(np.cumsum(counts), (n + 1) // 2))
+    near = int(counts[max(median - 25, 0): median + 26].sum())
+    return (n - near) / n < min_foreground
 
 
 def read_nifti(path: str, window: str, axis: str, stride: int, volumes: str, opts: ReadOptions,
@@ -87,7 +93,7 @@ def read_nifti(path: str, window: str, axis: str, stride: int, volumes: str, opt
                 raise SkipFile("volume has no finite voxels (all NaN/inf)")
             how = {"scaling": {"percentile": list(opts.percentiles), "bounds": [round(b, 4) for b in bounds]}}
         for s in range(0, n_slices, stride):
-            plane = np.take(vol, s, axis=ax)  # (first in-plane axis, second)
+            plane = vol[(slice(None),) * ax + (s,)]  # a view: (first in-plane axis, second)
             pixels = to_uint8(np.flipud(plane.T), *bounds)
             if is_empty(pixels, opts.min_std, opts.min_foreground):
                 continue  # empty or near-constant slice (background, padding, NaN)

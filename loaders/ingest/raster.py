@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .common import Frame, ReadOptions, SkipFile
-from .scaling import robust_bounds, target_size, to_uint8
+from .scaling import integer_view, robust_bounds, table_percentiles, table_to_uint8, target_size, to_uint8
 
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -46,10 +46,11 @@ def read_raster(path: str, opts: ReadOptions) -> Iterator[Frame]:
             if mode == "I" and arr.dtype != np.int32:
                 arr = arr.astype(np.int32)
             meta["original_dtype"] = str(arr.dtype)
-            bounds = robust_bounds(arr, *opts.percentiles)
+            iv = integer_view(arr)
+            bounds = table_percentiles(*iv, *opts.percentiles) if iv else robust_bounds(arr, *opts.percentiles)
             if bounds is None:
                 raise SkipFile("no finite pixel values")
-            pixels = to_uint8(arr, *bounds)
+            pixels = table_to_uint8(*iv, *bounds) if iv else to_uint8(arr, *bounds)
             meta["scaling"] = {"percentile": list(opts.percentiles), "bounds": [round(b, 4) for b in bounds]}
         else:
             meta["original_dtype"] = "uint8"

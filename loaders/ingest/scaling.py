@@ -65,10 +65,59 @@ def to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     if hi <= lo:
         out = np.zeros(x.shape, np.uint8)
     else:
-        x = (x - np.float32(lo)) * np.float32(255.0 / (hi - lo))
-        x = np.nan_to_num(x, nan=0.0, posinf=255.0, neginf=0.0)
-        out = np.clip(x + 0.5, 0, 255).astype(np.uint8)
+        x = (x - np.float32(lo)) * np.float32(255.0 / (hi - lo)) + np.float32(0.5)
+        if values.dtype.kind == "f":
+            x = np.nan_to_num(x, nan=0.0, posinf=255.0, neginf=0.0)
+        out = np.clip(x, 0, 255, out=x).astype(np.uint8)
     return out
+
+
+# ---- 8/16-bit integer images: a histogram and a lookup table instead of float passes.
+# Percentiles from np.bincount are exact (same linear interpolation as np.percentile) and
+# the 8-bit result is one gather through a 65536-entry table that also holds the rescale.
+
+
+def integer_view(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(indices, table) with values == table[indices], for (u)int8/(u)int16 arrays; else None."""
+    dt = values.dtype
+    if dt == np.uint8 or dt == np.uint16:
+        return values, np.arange(1 << (8 * dt.itemsize), dtype=np.float64)
+    if dt == np.int8 or dt == np.int16:
+        udt = np.uint8 if dt == np.int8 else np.uint16
+        table = np.arange(1 << (8 * dt.itemsize), dtype=np.int64).astype(udt).view(dt).astype(np.float64)
+        return values.view(udt), table
+    return None
+
+
+def table_percentiles(indices: np.ndarray, table: np.ndarray, lo_pct: float, hi_pct: float) -> tuple[float, float] | None:
+    """np.percentile(table[indices], [lo, hi]) (linear method) via a histogram of the indices."""
+    counts = np.bincount(indices.reshape(-1), minlength=table.size)
+    order = np.argsort(table, kind="stable")
+    cum = np.cumsum(counts[order])
+    n = int(cum[-1]) if cum.size else 0
+    if n == 0:
+        return None
+    sorted_table = table[order]
+
+    def stat(k: int) -> float:  # k-th smallest value, 0-based
+        return float(sorted_table[np.searchsorted(cum, k, side="right")])
+
+    out = []
+    for q in (lo_pct, hi_pct):
+        pos = q / 100.0 * (n - 1)
+        k = int(np.floor(pos))
+        v0, v1 = stat(k), stat(min(k + 1, n - 1))
+        out.append(v0 + (pos - k) * (v1 - v0))
+    lo, hi = out
+    if hi <= lo:
+        present = sorted_table[counts[order] > 0]
+        lo, hi = float(present[0]), float(present[-1])
+    return lo, hi
+
+
+def table_to_uint8(indices: np.ndarray, table: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """to_uint8(table[indices], lo, hi) as one lookup."""
+    return to_uint8(table.astype(np.float32), lo, hi)[indices]
 
 
 def target_size(h: int, w: int, max_size: int, side: str = "short", aspect: float = 1.0) -> tuple[int, int]:

@@ -83,6 +83,7 @@ class SourceSpec:
     def resolved(self, defaults: dict[str, Any]) -> "SourceSpec":
         """A copy with unset per-source options taken from the run-wide defaults."""
         values = dataclasses.asdict(self)
+        values["path"] = os.path.abspath(os.path.expanduser(self.path))
         for key in ("window", "axis", "stride", "volumes"):
             if values[key] is None:
                 values[key] = defaults[key]
