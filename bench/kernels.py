@@ -238,14 +238,20 @@ FWD_CFGS = [dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=w, num_
                 (64, 64, 64, 64, 4, 2), (64, 32, 64, 32, 4, 2), (128, 64, 16, 16, 4, 3), (128, 64, 16, 16, 8, 3),
                 (128, 32, 16, 16, 4, 3), (64, 64, 16, 16, 4, 3), (128, 128, 16, 16, 8, 3), (128, 64, 32, 32, 4, 3),
                 (64, 32, 16, 16, 4, 2), (128, 64, 64, 16, 4, 3)]]
-BWD_CFGS = [dict(SPLIT=sp, BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=w, num_stages=s)
-            for sp, bm, bn, tm, tn, w, s in [
-                (False, 64, 64, 64, 64, 4, 1), (False, 32, 64, 32, 64, 4, 1), (False, 64, 64, 16, 16, 4, 2),
-                (False, 64, 64, 16, 16, 4, 1), (False, 64, 64, 32, 32, 4, 2), (False, 32, 64, 16, 16, 4, 2),
-                (False, 64, 64, 16, 16, 8, 2), (False, 128, 64, 16, 16, 8, 2), (False, 64, 128, 16, 16, 8, 2),
-                (False, 64, 32, 16, 16, 4, 2), (False, 32, 32, 16, 16, 4, 2),
-                (True, 64, 64, 16, 16, 4, 2), (True, 128, 128, 16, 16, 8, 1), (True, 64, 128, 16, 16, 8, 2),
-                (True, 32, 128, 16, 16, 4, 2)]]
+BWD_CFGS = [dict(SPLIT=sp, BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=w, num_stages=s, TRANS=tr)
+            for sp, bm, bn, tm, tn, w, s, tr in [
+                (False, 64, 64, 64, 64, 4, 1, False), (False, 32, 64, 32, 64, 4, 1, False),
+                (False, 64, 64, 16, 16, 4, 2, False), (False, 64, 64, 32, 32, 4, 2, False),
+                (False, 32, 64, 16, 16, 4, 2, False), (False, 64, 64, 16, 16, 8, 2, False),
+                (False, 64, 32, 16, 16, 4, 2, False), (False, 32, 32, 16, 16, 4, 2, False),
+                (False, 128, 64, 16, 16, 8, 2, False),
+                (False, 64, 64, 64, 64, 4, 1, True), (False, 64, 64, 16, 16, 4, 2, True),
+                (False, 32, 64, 16, 16, 4, 2, True), (False, 64, 32, 16, 16, 4, 2, True),
+                (False, 64, 64, 16, 16, 8, 2, True),
+                (True, 64, 64, 16, 16, 4, 2, False), (True, 128, 128, 16, 16, 8, 1, False),
+                (True, 64, 128, 16, 16, 8, 2, False), (True, 32, 128, 16, 16, 8, 2, True),
+                (True, 64, 64, 16, 16, 4, 2, True), (True, 32, 64, 16, 16, 4, 2, True)]]
+TUNE_MAX_N = 2048  # the 4k reference point keeps its default config
 
 
 def _compile_worker(job):
@@ -278,6 +284,8 @@ def precompile(names):
     jobs = []
     for n in names:
         shape = ATTN_SHAPES[n]
+        if shape[2] > TUNE_MAX_N:
+            continue
         jobs += [(shape, "fwd", i) for i in range(len(FWD_CFGS))]
         jobs += [(shape, "bwd", i) for i, c in enumerate(BWD_CFGS) if c["SPLIT"] or shape[2] <= 1400]
     with cf.ProcessPoolExecutor(max_workers=max(1, min(16, (os.cpu_count() or 2) - 1)),
@@ -296,6 +304,8 @@ def tune_attention(names):
     out = {}
     for name in names:
         B, H, N, D = ATTN_SHAPES[name]
+        if N > TUNE_MAX_N:
+            continue
         q, k, v, do = (torch.randn(B, H, N, D, device=DEV, dtype=torch.bfloat16) for _ in range(4))
         scale = D ** -0.5
         qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))

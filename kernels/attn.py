@@ -247,7 +247,7 @@ def _attn_bwd_delta(
 def _bwd_q_step(Q, O, DO, DQ, DQACC, LSE, DELTA, qo, oo, doo, dqo, ao, lo, sq_n, so_n, sdo_n, sdq_n, sa_n,
                 k, v, kt, dk, dv, cols_ok, start_m, seqlen, first, last, qk_scale, sm_scale, offs_d, mask_d,
                 BM: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr, DQ_MODE: tl.constexpr,
-                EVEN_D: tl.constexpr):
+                EVEN_D: tl.constexpr, TRANS: tl.constexpr):
     """One (query tile, key tile) product of the backward; dQ goes out (DQ_MODE 0: final store,
     1: fp32 atomics, 2: private fp32 read-modify-write across key tiles)."""
     rows = start_m + tl.arange(0, BM)
@@ -265,24 +265,36 @@ def _bwd_q_step(Q, O, DO, DQ, DQACC, LSE, DELTA, qo, oo, doo, dqo, ao, lo, sq_n,
         delta = tl.load(DELTA + lo + rows, mask=rows_ok, other=0.0)
     else:
         delta = tl.load(DELTA + lo + rows)
-    s = tl.dot(q, kt) * qk_scale
-    p = tl.math.exp2(s - lse[:, None])
-    if MASK_N:
-        p = tl.where(cols_ok[None, :], p, 0.0)
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-    dp = tl.dot(do, tl.trans(v))
-    ds = (p * (dp - delta[:, None])).to(q.dtype)
-    dk += tl.dot(tl.trans(ds), q)
-    dq = tl.dot(ds, k)
+    if TRANS:
+        # key-major products: P^T and dS^T come out of the dot in the layout dV and dK need,
+        # so only dQ pays for a register transpose
+        pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+        if MASK_N:
+            pt = tl.where(cols_ok[:, None], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dst, q)
+        dq = tl.dot(tl.trans(dst), k)
+    else:
+        s = tl.dot(q, kt) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASK_N:
+            p = tl.where(cols_ok[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk += tl.dot(tl.trans(ds), q)
+        dq = tl.dot(ds, k)
     dq_ptrs = DQ + dqo + rows[:, None] * sdq_n + offs_d[None, :]
     if DQ_MODE == 0:
         _store_tile(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), rows_ok, mask_d, MASK_M, not EVEN_D)
     elif DQ_MODE == 1:
         acc_ptrs = DQACC + ao + rows[:, None] * sa_n + offs_d[None, :]
         if MASK_M:
-            tl.atomic_add(acc_ptrs, dq, mask=rows_ok[:, None] & mask_d[None, :])
+            tl.atomic_add(acc_ptrs, dq, mask=rows_ok[:, None] & mask_d[None, :], sem="relaxed")
         else:
-            tl.atomic_add(acc_ptrs, dq, mask=mask_d[None, :])
+            tl.atomic_add(acc_ptrs, dq, mask=mask_d[None, :], sem="relaxed")
     else:
         acc_ptrs = DQACC + ao + rows[:, None] * sa_n + offs_d[None, :]
         if not first:
@@ -300,7 +312,7 @@ def _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA,
                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, sdk_n, sdv_n, sa_n,
                   start_n, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                   BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
-                  BLOCK_D: tl.constexpr, DQ_MODE: tl.constexpr, EVEN_D: tl.constexpr):
+                  BLOCK_D: tl.constexpr, DQ_MODE: tl.constexpr, EVEN_D: tl.constexpr, TRANS: tl.constexpr):
     """dK, dV of one key tile, walking every query tile (full ones, then the tail)."""
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
@@ -315,11 +327,11 @@ def _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA,
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _bwd_q_step(Q, O, DO, DQ, DQACC, LSE, DELTA, qo, oo, doo, dqo, ao, lo, sq_n, so_n, sdo_n, sdq_n,
                              sa_n, k, v, kt, dk, dv, cols_ok, start_m, seqlen, first, last, qk_scale, sm_scale,
-                             offs_d, mask_d, BLOCK_M, False, MASK_N, DQ_MODE, EVEN_D)
+                             offs_d, mask_d, BLOCK_M, False, MASK_N, DQ_MODE, EVEN_D, TRANS)
     for start_m in range(m_full, seqlen, TAIL_M):
         dk, dv = _bwd_q_step(Q, O, DO, DQ, DQACC, LSE, DELTA, qo, oo, doo, dqo, ao, lo, sq_n, so_n, sdo_n, sdq_n,
                              sa_n, k, v, kt, dk, dv, cols_ok, start_m, seqlen, first, last, qk_scale, sm_scale,
-                             offs_d, mask_d, TAIL_M, True, MASK_N, DQ_MODE, EVEN_D)
+                             offs_d, mask_d, TAIL_M, True, MASK_N, DQ_MODE, EVEN_D, TRANS)
     _store_tile(DK + dko + cols[:, None] * sdk_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
                 cols_ok, mask_d, MASK_N, not EVEN_D)
     _store_tile(DV + dvo + cols[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -334,7 +346,7 @@ def _attn_bwd(
     H, N, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, SPLIT: tl.constexpr, DQ_MODE: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, SPLIT: tl.constexpr, DQ_MODE: tl.constexpr, TRANS: tl.constexpr,
 ):
     # SPLIT: program (key tile, b*h), dQ by atomics (DQ_MODE 1). Otherwise program (b*h,) walking all
     # key tiles: DQ_MODE 0 when the whole sequence is one key tile, else 2 (private fp32 scratch).
@@ -376,27 +388,27 @@ def _attn_bwd(
         if pid_n < n_full:
             _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA, qo, ko, vo, oo, doo, dqo, dko, dvo, ao, lo,
                           sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, sdk_n, sdv_n, sa_n, pid_n * BLOCK_N, seqlen,
-                          qk_scale, sm_scale, offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, 1, EVEN_D)
+                          qk_scale, sm_scale, offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, 1, EVEN_D, TRANS)
         else:
             start_n = n_full * BLOCK_N + (pid_n - n_full) * TAIL_N
             if start_n < seqlen:
                 _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA, qo, ko, vo, oo, doo, dqo, dko, dvo, ao,
                               lo, sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, sdk_n, sdv_n, sa_n, start_n, seqlen,
-                              qk_scale, sm_scale, offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, 1, EVEN_D)
+                              qk_scale, sm_scale, offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, 1, EVEN_D, TRANS)
     else:
         n_full = (seqlen // BLOCK_N) * BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
             _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA, qo, ko, vo, oo, doo, dqo, dko, dvo, ao, lo,
                           sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, sdk_n, sdv_n, sa_n, start_n, seqlen,
                           qk_scale, sm_scale, offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, DQ_MODE,
-                          EVEN_D)
+                          EVEN_D, TRANS)
             if DQ_MODE == 2:
                 tl.debug_barrier()  # this key tile's dQ partials are read back by other threads next
         for start_n in range(n_full, seqlen, TAIL_N):
             _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA, qo, ko, vo, oo, doo, dqo, dko, dvo, ao, lo,
                           sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, sdk_n, sdv_n, sa_n, start_n, seqlen,
                           qk_scale, sm_scale, offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, DQ_MODE,
-                          EVEN_D)
+                          EVEN_D, TRANS)
             if DQ_MODE == 2:
                 tl.debug_barrier()
 
@@ -520,6 +532,7 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         return dq.zero_(), dk.zero_(), dv.zero_()
     cfg = dict(config or _bwd_config(maxn, D))
     split = cfg.pop("SPLIT")
+    cfg.setdefault("TRANS", False)
     bn = cfg["BLOCK_N"]
     sl = _lse_strides(H, N, packed)
     cu = cu_seqlens.to(torch.int32) if packed else q
