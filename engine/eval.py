@@ -34,7 +34,7 @@ from engine.evaluation.features import (
     file_fingerprint,
     weights_fingerprint,
 )
-from engine.evaluation.medmnist import ALL_TASKS, SPLITS, MissingDataError, check_available, load_task, subsample
+from engine.evaluation.medmnist import ALL_TASKS, SPLITS, MissingDataError, check_available, load_images, load_task, subsample
 from engine.evaluation.metrics import task_metrics
 from engine.evaluation.probe import ProbeConfig, knn_predict, predict, train_linear_probe
 
@@ -246,20 +246,25 @@ def evaluate_tasks(
         for task in tasks:
             path, found = files[task]
             t0 = time.perf_counter()
-            data = load_task(data_dir, task, found)
+            data = load_task(data_dir, task, found, with_images=False)  # images only for splits not cached
             load_s = time.perf_counter() - t0
             info = data.info
             feats, labels, extract_s, cached, extracted = {}, {}, 0.0, True, 0
             for split in SPLITS:
-                keep = subsample(len(data.images[split]), max_train if split == "train" else max_eval)
-                imgs = data.images[split] if keep is None else data.images[split][keep]
+                limit = max_train if split == "train" else max_eval
+                keep = subsample(len(data.labels[split]), limit)
                 labs = data.labels[split] if keep is None else data.labels[split][keep]
-                cpath = cache.path(task, found, split, cache_key(file=file_fingerprint(path), n=len(imgs), max=(max_train if split == "train" else max_eval))) if cache else None
+                key = cache_key(file=file_fingerprint(path), n=len(labs), max=limit)
+                cpath = cache.path(task, found, split, key) if cache else None
                 arr = cache.load(cpath) if cache else None
-                if arr is not None and len(arr) == len(imgs):
+                if arr is not None and len(arr) == len(labs):
                     f = torch.from_numpy(arr).to(device)
                 else:
                     cached = False
+                    t1 = time.perf_counter()
+                    imgs = load_images(path, split, len(data.labels[split]))
+                    imgs = imgs if keep is None else imgs[keep]
+                    load_s += time.perf_counter() - t1
                     if enc_device.type == "cuda":
                         torch.cuda.synchronize(enc_device)
                     t1 = time.perf_counter()
@@ -271,6 +276,7 @@ def evaluate_tasks(
                         torch.cuda.synchronize(enc_device)
                     extract_s += time.perf_counter() - t1
                     extracted += len(imgs)
+                    del imgs
                     if cache:
                         cache.save(cpath, f)
                     f = f.to(device)
@@ -295,6 +301,8 @@ def evaluate_tasks(
                         multilabel=info.multilabel, k=knn_k, temperature=knn_temperature,
                     )
                     fit = {}
+                if scores.is_cuda:
+                    torch.cuda.synchronize(scores.device)
                 fit_s = time.perf_counter() - t2
                 m = task_metrics(scores, labels["test"], info.multilabel, bootstrap=bootstrap, name=f"{task}/test")
                 results[method][task] = {**m, **fit, **common, "fit_s": round(fit_s, 3)}

@@ -192,6 +192,14 @@ def test_load_task_reads_official_layout(data_dir):
     path = medmnist.load_task(data_dir, "pathmnist")
     assert path.labels["test"].shape == (60,) and path.images["train"].shape == (150, 28, 28, 3)
     assert path.size == 28
+    labels_only = medmnist.load_task(data_dir, "pathmnist", with_images=False)
+    assert labels_only.images == {} and (labels_only.labels["val"] == path.labels["val"]).all()
+
+
+def test_malformed_file_names_the_missing_arrays(tmp_path):
+    np.savez(tmp_path / "octmnist.npz", train_images=np.zeros((2, 28, 28), np.uint8), train_labels=np.zeros((2, 1)))
+    with pytest.raises(KeyError, match="val_images"):
+        medmnist.load_task(tmp_path, "octmnist")
 
 
 def test_size_auto_prefers_largest_and_explicit_size(tmp_path):
@@ -338,9 +346,14 @@ def test_cli_end_to_end_on_run_dir_with_cache(data_dir, tmp_path, monkeypatch):
     assert "| pathmnist |" in (run / "eval" / "linear_step_00000010.md").read_text()
     assert list((run / "eval" / "cache").rglob("*.npy"))
 
-    # second run: every feature comes from the cache, the model never runs
+    # second run: every feature comes from the cache, the model never runs, no image is read
+    import engine.eval as ev
+
+    reads = []
+    real_load = ev.load_images
+    monkeypatch.setattr(ev, "load_images", lambda *a, **k: reads.append(a) or real_load(*a, **k))
     assert main(argv) == 0
-    assert counter.calls == first
+    assert counter.calls == first and reads == []
     rec2 = json.loads((run / "eval" / "linear_step_00000010.json").read_text())
     assert rec2["tasks"]["pathmnist"]["cached"]
     assert rec2["tasks"]["pathmnist"]["auc"] == pytest.approx(p["auc"])

@@ -56,7 +56,7 @@ class TaskData:
     info: TaskInfo
     path: Path
     size: int  # side length of the stored images
-    images: dict[str, np.ndarray]  # split -> uint8 [N, H, W] or [N, H, W, C]
+    images: dict[str, np.ndarray]  # split -> uint8 [N, H, W] or [N, H, W, C]; empty if not loaded
     labels: dict[str, np.ndarray]  # split -> int64 [N] (multi-class) or float32 [N, L] (multi-label)
 
 
@@ -118,40 +118,51 @@ def check_available(data_dir: str | Path, tasks: list[str], size: int | str = "a
     return out
 
 
-def task_info(task: str, labels: dict[str, np.ndarray], images: dict[str, np.ndarray]) -> TaskInfo:
+def task_info(task: str, labels: dict[str, np.ndarray], channels: int = 0) -> TaskInfo:
     """Known tasks come from the table; any other file in the same layout is described from its labels."""
     if task in TASKS:
         return TASKS[task]
     lab = labels["train"]
     multilabel = lab.ndim == 2 and lab.shape[1] > 1
     num = lab.shape[1] if multilabel else int(max(int(v.max()) for v in labels.values() if v.size) + 1)
-    channels = 3 if images["train"].ndim == 4 and images["train"].shape[-1] == 3 else 1
     return TaskInfo(task, num, multilabel, channels, tuple(len(labels[s]) for s in SPLITS))  # type: ignore[arg-type]
 
 
-def load_task(data_dir: str | Path, task: str, size: int | str = "auto") -> TaskData:
+def _check_keys(path: Path, npz) -> None:
+    need = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
+    absent = [k for k in need if k not in npz.files]
+    if absent:
+        raise KeyError(f"{path} lacks arrays {absent} (has {sorted(npz.files)}); expected the official MedMNIST layout")
+
+
+def load_images(path: str | Path, split: str, expected: int | None = None) -> np.ndarray:
+    """One split's uint8 images; `.npz` members are read one at a time, so this reads only them."""
+    path = Path(path)
+    with np.load(path) as npz:
+        _check_keys(path, npz)
+        images = np.ascontiguousarray(npz[f"{split}_images"])
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ValueError(f"{path}: {split}_images must be uint8 [N,H,W] or [N,H,W,C], got {images.dtype} {images.shape}")
+    if expected is not None and len(images) != expected:
+        raise ValueError(f"{path}: {split} has {len(images)} images but {expected} labels")
+    return images
+
+
+def load_task(data_dir: str | Path, task: str, size: int | str = "auto", with_images: bool = True) -> TaskData:
+    """Labels of the three splits, and their images unless `with_images=False` (features cached)."""
     path, found_size = find_task_file(data_dir, task, size)
     with np.load(path) as npz:
-        keys = set(npz.files)
-        need = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
-        absent = [k for k in need if k not in keys]
-        if absent:
-            raise KeyError(f"{path} lacks arrays {absent} (has {sorted(keys)}); expected the official MedMNIST layout")
-        images = {s: np.ascontiguousarray(npz[f"{s}_images"]) for s in SPLITS}
+        _check_keys(path, npz)
         raw = {s: np.asarray(npz[f"{s}_labels"]) for s in SPLITS}
-    for s in SPLITS:
-        if images[s].dtype != np.uint8 or images[s].ndim not in (3, 4):
-            raise ValueError(f"{path}: {s}_images must be uint8 [N,H,W] or [N,H,W,C], got {images[s].dtype} {images[s].shape}")
-        if len(images[s]) != len(raw[s]):
-            raise ValueError(f"{path}: {s} has {len(images[s])} images but {len(raw[s])} labels")
-    info = task_info(task, raw, images)
+    images = {s: load_images(path, s, len(raw[s])) for s in SPLITS} if with_images else {}
+    channels = 0
+    if images:
+        channels = 3 if images["train"].ndim == 4 else 1
+    info = task_info(task, raw, channels)
     labels = {}
     for s in SPLITS:
         lab = raw[s].reshape(len(raw[s]), -1)
-        if info.multilabel:
-            labels[s] = lab.astype(np.float32)
-        else:
-            labels[s] = lab[:, 0].astype(np.int64)
+        labels[s] = lab.astype(np.float32) if info.multilabel else lab[:, 0].astype(np.int64)
     return TaskData(info, path, found_size, images, labels)
 
 
