@@ -1,7 +1,6 @@
 """MedMNIST evaluation: metrics against hand-made cases, data files, probes, cache, CLI."""
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import warnings
