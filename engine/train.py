@@ -8,7 +8,6 @@ input (the way AMP's GradScaler skips steps), so skipping costs no host sync eit
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -114,7 +113,7 @@ class Trainer:
             for block in self._blocks():
                 block.compile()
         self.micro_batch, self.accum_steps = batch_geometry(cfg, self.dist.world)
-        self.ddp = self._wrap_distributed()
+        self._wrap_distributed()
         self.loader = self._build_loader()
         num_samples = estimate_samples(cfg)
         if num_samples is None and self.loader is not None:
@@ -130,6 +129,7 @@ class Trainer:
         self.nonfinite_run = torch.zeros((), device=self.device)  # consecutive, current
         self.nonfinite_run_max = torch.zeros((), device=self.device)  # longest run since last log
         self.resumed_from: Path | None = None
+        self.resumed_world = self.dist.world
 
     # ------------------------------------------------------------------ setup helpers
     def _blocks(self) -> list[nn.Module]:
@@ -138,12 +138,18 @@ class Trainer:
         return blocks
 
     def _wrap_distributed(self) -> nn.Module:
+        """FSDP2 across ranks: each transformer block is its own shard group, then the root.
+        Parameters gather in bf16 on CUDA; gradients reduce in fp32."""
         if self.dist.world == 1:
             return self.model
-        from torch.nn.parallel import DistributedDataParallel
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=False)
+        bf16 = self.autocast_dtype is not None
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        for block in self._blocks():
+            fully_shard(block, mp_policy=mp)
+        fully_shard(self.model, mp_policy=mp)
+        return self.model
 
     def _build_loader(self):
         data = self.cfg.data
@@ -178,39 +184,34 @@ class Trainer:
                 raise TrainingStopped("the data set yields no full batch: lower train.batch_size or add data")
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
+    def train_state(self) -> dict[str, Any]:
+        """What the checkpoint keeps beside the model and optimizer (rank 0 writes it)."""
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "world": self.dist.world,
+            "seed": self.cfg.train.seed,
             "loader": self.loader.state_dict() if self.loader is not None else None,
-            "rng": ckpt.rng_state(),
             "nonfinite_total": float(self.nonfinite_total),
             "config": self.cfg.to_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.loader is not None and state.get("loader"):
-            self.loader.load_state_dict(state["loader"])
-        ckpt.set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self.nonfinite_total.fill_(state.get("nonfinite_total", 0.0))
-
     def save(self) -> Path | None:
-        if not self.dist.main:
-            return None
+        """Collective: every rank calls it; rank 0 returns the checkpoint folder."""
         export = getattr(self.model, "export_encoder", self.model.encoder)  # e.g. DINOv2's teacher
-        return ckpt.save_checkpoint(self.run_dir, self.step, export, self.state_dict(),
-                                    keep=self.cfg.checkpoint.keep)
+        return ckpt.save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                    encoder=export, state=self.train_state(), keep=self.cfg.checkpoint.keep)
 
     def maybe_resume(self) -> bool:
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             return False
-        self.load_state_dict(ckpt.load_state(path))
+        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        if self.loader is not None and state.get("loader"):
+            self.loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        self.nonfinite_total.fill_(state.get("nonfinite_total", 0.0))
         self.resumed_from = path
+        self.resumed_world = state.get("world", 1)
         return True
 
     # ------------------------------------------------------------------ the step
@@ -228,12 +229,11 @@ class Trainer:
         if hooks:
             hooks(self.step, self.total_steps, self.optimizer)
         for i, batch in enumerate(micro_batches):
-            sync = contextlib.nullcontext()
-            if self.dist.world > 1 and i < accum - 1:
-                sync = self.ddp.no_sync()  # reduce gradients once, on the last micro-batch
-            with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+            if self.dist.world > 1:  # reduce-scatter gradients once, on the last micro-batch
+                self.model.set_requires_gradient_sync(i == accum - 1)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                       enabled=self.autocast_dtype is not None):
-                out = self.ddp(batch.images)
+                out = self.model(batch.images)
                 loss = out["loss"].float()
             (loss / accum).backward()
             loss_sum = loss_sum + loss.detach()
@@ -243,6 +243,8 @@ class Trainer:
             hooks(self.step, self.total_steps)
         clip = self.cfg.optim.clip_grad
         grad_norm = nn.utils.clip_grad_norm_(self.params, clip if clip else float("inf"), foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a DTensor
+            grad_norm = grad_norm.full_tensor()
         bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
         self.optimizer.grad_scale = None
         self.optimizer.found_inf = bad  # fused AdamW skips the update where this is 1
@@ -265,7 +267,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         if self.maybe_resume() and main:
-            print(f"resuming from {self.resumed_from} (step {self.step:,} of {self.total_steps:,})", file=self.out)
+            print(f"resuming from {self.resumed_from} (step {self.step:,} of {self.total_steps:,})"
+                  + (f", saved by {self.resumed_world} ranks, now {self.dist.world}"
+                     if self.resumed_world != self.dist.world else ""), file=self.out)
         if self.step >= self.total_steps:
             if main:
                 print(f"run already complete ({self.step:,} steps) in {self.run_dir}; nothing to do", file=self.out)

@@ -132,7 +132,9 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, shards, monkeypatc
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)  # dies mid-save, after the sharded part
     with pytest.raises(OSError):
         t.save()
     assert ckpt.latest_checkpoint(tmp_path / "run") == good
