@@ -166,6 +166,18 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic linear-probe evaluation on MedMNIST tasks during pretraining (engine.eval)."""
+
+    data: str | None = None  # folder with the official MedMNIST .npz files; null: no periodic eval
+    every_epochs: float | None = None
+    every_steps: int | None = None  # overrides every_epochs
+    tasks: list[str] = field(default_factory=lambda: ["pathmnist", "dermamnist", "bloodmnist"])
+    method: Literal["linear", "knn", "both"] = "knn"  # knn is cheap enough to run often
+    max_train: int | None = 20000  # training samples per task for the probe (null: all)
+
+
+@dataclass
 class RunConfig:
     name: str | None = None  # default: the recipe file's stem
     dir: str | None = None  # default: runs/<name>
@@ -180,6 +192,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:

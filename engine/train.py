@@ -259,6 +259,44 @@ class Trainer:
         self.step += 1
         return torch.where(bad > 0, torch.zeros_like(loss), loss), 1.0 - bad, grad_norm
 
+    # ------------------------------------------------------------------ periodic evaluation
+    def eval_every_steps(self) -> int | None:
+        e = self.cfg.eval
+        if not e.data:
+            return None
+        if e.every_steps:
+            return e.every_steps
+        if e.every_epochs and self.steps_per_epoch:
+            return max(1, round(e.every_epochs * self.steps_per_epoch))
+        return None
+
+    def eval_due(self) -> bool:
+        every = self.eval_every_steps()
+        return bool(every) and (self.step % every == 0 or self.step == self.total_steps)
+
+    def evaluate(self, metrics=None, writer=None) -> dict[str, dict[str, float]]:
+        """Probe the exported encoder on the recipe's MedMNIST tasks; logged as eval/<task>/<metric>."""
+        from engine.eval import evaluate_encoder
+
+        e, a = self.cfg.eval, self.cfg.data.augment
+        encoder = getattr(self.model, "export_encoder", self.model.encoder)
+        results = evaluate_encoder(encoder, e.data, e.tasks, method=e.method, img_size=self.cfg.model.img_size,
+                                   max_train=e.max_train, mean=tuple(a.mean), std=tuple(a.std),
+                                   cache_dir=None)
+        if self.dist.main:
+            row = {"step": self.step}
+            for task, values in results.items():
+                for name, value in values.items():
+                    row[f"eval/{task}/{name}"] = value
+                    if writer:
+                        writer.add_scalar(f"eval/{task}/{name}", value, self.step)
+            if metrics:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            summary = "  ".join(f"{t} {v.get('auc', v.get('knn_auc', float('nan'))):.3f}" for t, v in results.items())
+            print(f"\neval at step {self.step:,}: AUC {summary}", file=self.out)
+        return results
+
     # ------------------------------------------------------------------ the loop
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         cfg = self.cfg
@@ -344,6 +382,8 @@ class Trainer:
                             f"is in {self.run_dir / 'checkpoints'}")
                 if self.step % cfg.checkpoint.every_steps == 0 and self.step < stop_at:
                     self.save()
+                if self.eval_due():
+                    self.evaluate(metrics, writer)
         except KeyboardInterrupt:
             if main:
                 print(f"\ninterrupted at step {self.step:,}; saving a checkpoint to resume from", file=self.out)

@@ -151,3 +151,18 @@ def test_cli_runs_then_resumes(tmp_path, shards):
     assert r2.returncode == 0, r2.stderr
     assert "resuming from" in r2.stderr and "step_00000003" in r2.stderr
     assert "finished at step 6" in r2.stderr
+
+
+def test_periodic_eval_logs_auc(tmp_path, shards):
+    from tests.test_engine_eval import write_easy
+
+    data = tmp_path / "medmnist"
+    data.mkdir()
+    write_easy(data / "pathmnist.npz", sizes=(60, 20, 30))
+    t = make(tmp_path, shards, f"eval.data={data}", "eval.every_steps=3", "eval.tasks=[pathmnist]",
+             "eval.method=knn")
+    t.fit()
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/pathmnist/auc" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(0.0 <= r["eval/pathmnist/auc"] <= 1.0 for r in evals)
