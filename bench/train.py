@@ -1,0 +1,212 @@
+"""`python -m bench train`: training images/sec and MFU of the engine against the naive MAE
+that users would otherwise write (timm blocks, argsort + gather masking, SDPA attention,
+the whole model under torch.compile, bf16 autocast, fused AdamW), in the same process, on
+the same synthetic batch.
+
+    python -m bench train --recipes recipes/vit_b_mae.yaml recipes/vit_l_mae.yaml --batch 512 256
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.common import bar_plot, card_name, print_table, write_result
+
+# Dense bf16 tensor-core peak by card (FLOP/s), for MFU.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "GH200": 989e12}
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    for key, value in PEAK_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
+# ----------------------------------------------------------------------------- the baseline
+class NaiveMAE(nn.Module):
+    """MAE as commonly written: random masking by argsort of noise and gathers, mask tokens
+    appended with cat and unshuffled with a gather, timm blocks with SDPA, loss by patchify."""
+
+    def __init__(self, encoder: nn.Module, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75):
+        from timm.models.vision_transformer import Block
+
+        super().__init__()
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.p = encoder.patch_embed.patch_size[0]
+        n = encoder.patch_embed.num_patches
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, decoder_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, 4.0, qkv_bias=True)
+                                            for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, self.p**2 * 3)
+
+    def forward(self, imgs):
+        enc = self.encoder
+        x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:]
+        b, n, c = x.shape
+        keep = int(n * (1 - self.mask_ratio))
+        noise = torch.rand(b, n, device=x.device)
+        shuffle = torch.argsort(noise, dim=1)
+        restore = torch.argsort(shuffle, dim=1)
+        ids_keep = shuffle[:, :keep]
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, c))
+        mask = torch.ones(b, n, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, restore)
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(b, -1, -1)
+        x = enc.norm(enc.blocks(torch.cat([cls, x], 1)))
+        x = self.decoder_embed(x)
+        d = x.shape[-1]
+        tokens = torch.cat([x[:, 1:], self.mask_token.expand(b, n - keep, -1)], 1)
+        tokens = torch.gather(tokens, 1, restore.unsqueeze(-1).expand(-1, -1, d))
+        x = torch.cat([x[:, :1], tokens], 1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        p = self.p
+        h = imgs.shape[2] // p
+        target = imgs.reshape(b, 3, h, p, h, p).permute(0, 2, 4, 3, 5, 1).reshape(b, h * h, p * p * 3)
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = ((pred.float() - target) ** 2).mean(-1)
+        return {"loss": (loss * mask).sum() / mask.sum()}
+
+
+def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def run_naive(cfg, batch: int, steps: int, warmup: int, device: torch.device, compile_: bool) -> dict[str, Any]:
+    from engine.models import create_encoder
+
+    m, o = cfg.model, cfg.objective.mae
+    torch.manual_seed(0)
+    enc = create_encoder(m.name, img_size=m.img_size, patch_size=m.patch_size)
+    model = NaiveMAE(enc, o.decoder_dim, o.decoder_depth, o.decoder_heads, o.mask_ratio).to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
+                            fused=True)
+    fwd = torch.compile(model) if compile_ else model
+    imgs = torch.randn(batch, 3, m.img_size, m.img_size, device=device)
+    amp = device.type == "cuda"
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = fwd(imgs)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sec = _time_steps(step, steps, warmup, device)
+    return {"img_per_s": batch / sec, "step_ms": sec * 1e3}
+
+
+def run_engine(cfg, batch: int, steps: int, warmup: int) -> dict[str, Any]:
+    """The engine's own training step (Trainer.train_step) on a synthetic batch."""
+    from engine.train import Trainer
+
+    cfg.data.shards = "synthetic"
+    cfg.train.batch_size = batch
+    cfg.train.micro_batch = None
+    cfg.train.accum_steps = 1
+    cfg.train.steps = 10**9
+    cfg.log.tensorboard = False
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, "/tmp/bench-train-unused")
+    data = trainer.batches()
+    batch0 = next(data)
+
+    def step():
+        trainer.set_lr()
+        trainer.train_step([batch0])
+
+    sec = _time_steps(step, steps, warmup, trainer.device)
+    return {"img_per_s": batch / sec, "step_ms": sec * 1e3, "device": str(trainer.device)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", nargs="+", default=["recipes/vit_b_mae.yaml", "recipes/vit_l_mae.yaml"])
+    ap.add_argument("--batch", type=int, nargs="+", default=None,
+                    help="per-GPU batch for each recipe (default: the recipe's micro_batch)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--variants", nargs="+", default=["engine-triton", "engine-torch", "naive"],
+                    help="engine-triton (our kernels), engine-torch (SDPA + torch masking/loss), naive")
+    ap.add_argument("--no-compile", action="store_true", help="measure eager mode (all variants)")
+    ap.add_argument("--override", nargs="*", default=[], help="recipe overrides for every recipe (key=value)")
+    args = ap.parse_args(argv)
+
+    from engine.config import load_config
+    from engine.plan import measure_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = peak_flops()
+    rows = []
+    for i, recipe in enumerate(args.recipes):
+        base = load_config(recipe, args.override)
+        batch = args.batch[i] if args.batch else (base.train.micro_batch or base.train.batch_size)
+        flops = measure_model(base)["flops"]
+        row: dict[str, Any] = {"recipe": recipe, "model": base.model.name, "objective": base.objective.name,
+                               "batch": batch, "flops_per_image": flops}
+        if base.objective.name == "dinov2":
+            from bench._dinov2 import bench_dinov2
+
+            row.update(bench_dinov2(base, batch=batch, steps=args.steps, warmup=args.warmup, device=device,
+                                    compile_=not args.no_compile))
+        else:
+            for variant in args.variants:
+                cfg = load_config(recipe, args.override)
+                cfg.model.compile = not args.no_compile
+                try:
+                    if variant == "naive":
+                        r = run_naive(cfg, batch, args.steps, args.warmup, device, not args.no_compile)
+                    else:
+                        cfg.model.kernels = "triton" if variant == "engine-triton" else "torch"
+                        if cfg.model.kernels == "triton" and device.type != "cuda":
+                            raise RuntimeError("Triton kernels need CUDA (the interpreter is for tests)")
+                        r = run_engine(cfg, batch, args.steps, args.warmup)
+                    row[f"{variant}_img_s"] = r["img_per_s"]
+                    row[f"{variant}_step_ms"] = r["step_ms"]
+                    if peak:
+                        row[f"{variant}_mfu"] = r["img_per_s"] * flops / peak
+                except Exception as e:  # one failing variant must not hide the others
+                    row[f"{variant}_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+        ours = [row.get(f"{v}_img_s") for v in ("engine-triton", "engine-torch") if row.get(f"{v}_img_s")]
+        if ours and row.get("naive_img_s"):
+            row["best_engine_vs_naive"] = max(ours) / row["naive_img_s"]
+        rows.append(row)
+        print_table([row], [k for k in row if not k.endswith("_error")])
+        for k, v in row.items():
+            if k.endswith("_error"):
+                print(f"  {k}: {v}")
+    cols = ["model", "batch"] + [f"{v}_img_s" for v in args.variants] + ["best_engine_vs_naive"]
+    print()
+    print_table(rows, cols)
+    path = write_result("train", {"device": str(device), "peak_bf16_flops": peak, "compile": not args.no_compile,
+                                  "steps": args.steps, "rows": rows}, argv if argv is not None else [])
+    bar_plot(path.with_suffix(".png"), [r["model"] for r in rows],
+             {v: [r.get(f"{v}_img_s", 0.0) for r in rows] for v in args.variants}, "images / s",
+             f"MAE training throughput on {card_name()}")
+    return 0
