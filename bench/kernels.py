@@ -193,16 +193,18 @@ def bench_mae(rows, errors, B=256):
     gr = torch.autograd.grad(r[0], (tokens, pos), gvis)
     errors["mae_mask"] = {"ids_equal": bool(torch.equal(a[1], r[1])), "vis": _rel(a[0], r[0]),
                           "dtokens": _rel(ga[0], gr[0]), "dpos": _rel(ga[1], gr[1])}
+    ids, mask = a[1].clone(), a[2].clone()
+    del a, r, ga, gr  # no live autograd graph on the leaves while timing (CUDA-graph capture)
     bytes_ = 2 * B * K * C * 2 + B * N * 4 + B * N * C * 2 + B * K * C * 2 + N * C * 2 * 2
     for impl in ("triton", "torch"):
-        e, t = time_ms(_fwdbwd(lambda: kernels.mae_mask(tokens, pos, ratio, impl=impl)[0], (tokens, pos), gvis))
+        e, t = time_ms(_fwdbwd(lambda: kernels.mae_mask(tokens, pos, ratio, noise=noise, impl=impl)[0],
+                               (tokens, pos), gvis))
         rows.append({"op": "mae_mask", "impl": impl, "shape": f"B{B} N{N} C{C} keep{K}", "ms": t, "eager_ms": e,
                      "GB/s": bytes_ / t / 1e6})
     # --- decoder side: unmask
     vis = torch.randn(B, K, Cd, device=dev, dtype=dt, requires_grad=True)
     mt = torch.randn(Cd, device=dev, dtype=dt, requires_grad=True)
     dpos = torch.randn(1, N, Cd, device=dev, dtype=dt, requires_grad=True)
-    ids = a[1]
     gfull = torch.randn(B, N, Cd, device=dev, dtype=dt)
     fa = kernels.mae_unmask(vis, ids, mt, dpos, impl="triton")
     fr = kernels.mae_unmask(vis, ids, mt, dpos, impl="torch")
@@ -210,6 +212,7 @@ def bench_mae(rows, errors, B=256):
     gr = torch.autograd.grad(fr, (vis, mt, dpos), gfull)
     errors["mae_unmask"] = {"full": _rel(fa, fr), "dvis": _rel(ga[0], gr[0]), "dmask_token": _rel(ga[1], gr[1]),
                             "dpos": _rel(ga[2], gr[2])}
+    del fa, fr, ga, gr
     bytes_ = (B * K * Cd * 2 + B * N * Cd * 2) * 2
     for impl in ("triton", "torch"):
         e, t = time_ms(_fwdbwd(lambda: kernels.mae_unmask(vis, ids, mt, dpos, impl=impl), (vis, mt, dpos), gfull))
@@ -218,12 +221,12 @@ def bench_mae(rows, errors, B=256):
     # --- loss
     imgs = torch.randn(B, 3, 224, 224, device=dev, dtype=dt)
     pred = torch.randn(B, N, p * p * 3, device=dev, dtype=dt, requires_grad=True)
-    mask = a[2]
     la = kernels.mae_loss(imgs, pred, mask, p, impl="triton")
     lr = kernels.mae_loss(imgs, pred, mask, p, impl="torch")
     (ga,) = torch.autograd.grad(la, pred)
     (gr,) = torch.autograd.grad(lr, pred)
     errors["mae_loss"] = {"loss": abs(la.item() - lr.item()) / abs(lr.item()), "dpred": _rel(ga, gr)}
+    del la, lr, ga, gr
     frac = mask.float().mean().item()
     px = imgs.numel() * 2
     bytes_ = 2 * frac * (px + pred.numel() * 2) + pred.numel() * 2  # fwd+bwd read masked patches, write dpred
@@ -260,35 +263,40 @@ def _compile_worker(job):
 
     from kernels import attn
 
-    shape, part, i = job
+    shape, fwd_cfg, bwd_cfg = job
     _, H, N, D = shape
     q, k, v, do = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     try:
-        if part == "fwd":
-            attn.attention_fwd(q, k, v, D ** -0.5, config=FWD_CFGS[i])
-        else:
-            o, lse = attn.attention_fwd(q, k, v, D ** -0.5, config=FWD_CFGS[0])
-            attn.attention_bwd(do, q, k, v, o, lse, D ** -0.5, config=BWD_CFGS[i])
+        o, lse = attn.attention_fwd(q, k, v, D ** -0.5, config=fwd_cfg)
+        if bwd_cfg is not None:
+            attn.attention_bwd(do, q, k, v, o, lse, D ** -0.5, config=bwd_cfg)
         torch.cuda.synchronize()
     except Exception as e:
-        return f"{part} {BWD_CFGS[i] if part == 'bwd' else FWD_CFGS[i]}: {type(e).__name__}: {str(e)[:200]}"
+        return f"{fwd_cfg} {bwd_cfg}: {type(e).__name__}: {str(e)[:200]}"
     return ""
 
 
-def precompile(names):
-    """Compile the sweep's kernels in parallel processes before timing anything."""
+def precompile(names, sweep=True):
+    """Compile the attention kernels in parallel processes before timing anything: the sweep's
+    configs (--tune) or just the ones each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
 
+    from kernels import attn
+
     jobs = []
     for n in names:
         shape = ATTN_SHAPES[n]
-        if shape[2] > TUNE_MAX_N:
+        N, D = shape[2], shape[3]
+        if not sweep:
+            jobs.append((shape, attn._fwd_config(N, D), attn._bwd_config(N, D)))
             continue
-        jobs += [(shape, "fwd", i) for i in range(len(FWD_CFGS))]
-        jobs += [(shape, "bwd", i) for i, c in enumerate(BWD_CFGS) if c["SPLIT"] or shape[2] <= 1400]
-    with cf.ProcessPoolExecutor(max_workers=max(1, min(16, (os.cpu_count() or 2) - 1)),
+        if N > TUNE_MAX_N:
+            continue
+        jobs += [(shape, c, None) for c in FWD_CFGS]
+        jobs += [(shape, FWD_CFGS[0], c) for c in BWD_CFGS if c["SPLIT"] or N <= 1400]
+    with cf.ProcessPoolExecutor(max_workers=max(1, min(16, len(jobs), (os.cpu_count() or 2) - 1)),
                                 mp_context=mp.get_context("spawn")) as ex:
         errors = [e for e in ex.map(_compile_worker, jobs) if e]
     print(f"  precompiled {len(jobs)} kernels, {len(errors)} failed", file=sys.stderr)
@@ -379,6 +387,8 @@ def main(argv=None) -> int:
         print(f"  precompile {time.time() - t0:.0f}s", file=sys.stderr)
         payload["tune"] = tune_attention(names)
         print(f"  tune done {time.time() - t0:.0f}s", file=sys.stderr)
+    else:
+        precompile(names, sweep=False)
     attn_rows, errors = [], {}
     bench_attention(names, attn_rows, errors)
     payload["attention"] = attn_rows

@@ -423,29 +423,47 @@ def _pow2(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-# (N, D) -> (forward config, backward config) measured best by `python -m bench kernels --tune`.
-TUNED: dict = {}
+def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False):
+    c = dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=warps, num_stages=stages)
+    if split is not None:
+        c.update(SPLIT=split, TRANS=trans)
+    return c
+
+
+# (N, D) -> (forward config, backward config): the winners of `python -m bench kernels --tune`
+# on an H200 (bench/results/kernels-nvidia-h200-2026-11-28-tune.log), bf16, ViT batch sizes.
+TUNED: dict = {
+    (50, 64): (_cfg(64, 64, 64, 64, 4, 2), _cfg(64, 64, 64, 64, 4, 1, split=False)),
+    (197, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(64, 64, 16, 16, 4, 2, split=False, trans=True)),
+    (261, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(64, 64, 16, 16, 4, 2, split=True)),
+    (257, 88): (_cfg(128, 32, 16, 16, 4, 3), _cfg(32, 64, 16, 16, 4, 2, split=True, trans=True)),
+    (1374, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(64, 64, 16, 16, 4, 2, split=True)),
+}
 
 
 def _fwd_config(n: int, d: int) -> dict:
-    """Block shapes by sequence length and head dim (swept with `python -m bench kernels --tune`)."""
+    """Block shapes by sequence length and head dim; exact tuned shapes first."""
     if (n, d) in TUNED:
         return TUNED[(n, d)][0]
     if n <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, TAIL_M=64, TAIL_N=64, num_warps=4, num_stages=2)
+        return _cfg(64, 64, 64, 64, 4, 2)  # one tile: the whole sequence
     if _pow2(d) <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, TAIL_M=16, TAIL_N=16, num_warps=8, num_stages=3)
+        return _cfg(64, 64, 16, 16, 4, 3)
+    return _cfg(128, 32, 16, 16, 4, 3)
 
 
 def _bwd_config(n: int, d: int) -> dict:
     if (n, d) in TUNED:
         return TUNED[(n, d)][1]
-    if n <= 64:
-        return dict(SPLIT=False, BLOCK_M=64, BLOCK_N=64, TAIL_M=64, TAIL_N=64, num_warps=4, num_stages=1)
+    if n <= 64:  # one program per (batch, head), whole sequence resident, delta inline
+        return _cfg(64, 64, 64, 64, 4, 1, split=False)
+    if n <= 224 and _pow2(d) <= 64:  # one program per (batch, head), dQ in a private scratch
+        return _cfg(64, 64, 16, 16, 4, 2, split=False, trans=True)
+    if _pow2(d) <= 64:  # one program per key tile, dQ by atomics
+        return _cfg(64, 64, 16, 16, 4, 2, split=True)
     if n <= 2048:
-        return dict(SPLIT=False, BLOCK_M=64, BLOCK_N=64, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=2)
-    return dict(SPLIT=True, BLOCK_M=128, BLOCK_N=128, TAIL_M=16, TAIL_N=16, num_warps=8, num_stages=1)
+        return _cfg(32, 64, 16, 16, 4, 2, split=True, trans=True)
+    return _cfg(128, 128, 16, 16, 8, 1, split=True)
 
 
 def _n_tiles(n: int, block: int, tail: int, packed: bool) -> int:
