@@ -110,8 +110,11 @@ class Trainer:
         if cfg.model.activation_checkpointing:
             checkpoint_blocks(self.model.encoder.blocks)
         if cfg.model.compile:
-            for block in self._blocks():
-                block.compile()
+            if self.dist.world == 1:
+                self.model.compile()  # one graph: fuses masking, embeddings and loss too
+            else:
+                for block in self._blocks():  # per block, so FSDP2 can hook between blocks
+                    block.compile()
         self.micro_batch, self.accum_steps = batch_geometry(cfg, self.dist.world)
         self._wrap_distributed()
         self.loader = self._build_loader()
