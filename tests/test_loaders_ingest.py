@@ -301,3 +301,22 @@ def test_ingested_shards_feed_the_loader(corpus):
         assert batch.images.shape[1:] == (3, 32, 32) and batch.images.dtype.is_floating_point
         seen += batch.uid
     assert sorted(seen) == sorted(s["uid"] for s in samples)
+
+
+def test_large_jpeg_draft_decode_and_exif_rotation(tmp_path):
+    from loaders.ingest.synthetic import rgb_tissue
+
+    rgb = rgb_tissue(1200, 1600, 9)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # camera held upright: display rotated by 90 degrees
+    Image.fromarray(rgb).save(tmp_path / "photo.jpg", quality=95, exif=exif)
+    Image.fromarray(rgb).save(tmp_path / "plain.jpg", quality=95)
+    spec = SourceSpec(str(tmp_path), name="p", window="auto", axis="auto", stride=1, volumes="first")
+    plain = process_file(Task(0, str(tmp_path / "plain.jpg"), "plain.jpg", "raster", -1), spec,
+                         IngestOptions(encoding="png"))["samples"][0]
+    assert (plain["height"], plain["width"]) == (512, 683) and plain["meta"]["original_shape"] == [1200, 1600]
+    full = np.asarray(Image.open(tmp_path / "plain.jpg").resize((683, 512), Image.Resampling.LANCZOS)).astype(int)
+    assert np.abs(decode(plain).astype(int) - full).mean() < 2.0  # reduced-scale decode ~ full decode
+    rotated = process_file(Task(0, str(tmp_path / "photo.jpg"), "photo.jpg", "raster", -1), spec,
+                           IngestOptions(encoding="png"))["samples"][0]
+    assert (rotated["height"], rotated["width"]) == (683, 512) and rotated["meta"]["exif_rotated"] is True

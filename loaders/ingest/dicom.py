@@ -98,7 +98,7 @@ def read_dicom(path: str, window: str, opts: ReadOptions, modality: str | None =
         if iv is not None:
             slope = float(ds.get("RescaleSlope", 1) or 1)
             intercept = float(ds.get("RescaleIntercept", 0) or 0)
-            indices, table = iv[0], iv[1] * slope + intercept
+            iv = iv.rescaled(slope, intercept)
         else:
             values = apply_modality_lut(arr, ds)
         mode = parse_window(window)
@@ -119,13 +119,13 @@ def read_dicom(path: str, window: str, opts: ReadOptions, modality: str | None =
                 meta["window_missing"] = True
         if bounds is None:
             if iv is not None:
-                bounds = table_percentiles(indices, table, *opts.percentiles)
+                bounds = table_percentiles(iv, *opts.percentiles)
             else:
                 bounds = robust_bounds(values, *opts.percentiles)
             if bounds is None:
                 raise SkipFile("no finite pixel values")
             meta["scaling"] = {"percentile": list(opts.percentiles), "bounds": [round(b, 4) for b in bounds]}
-        frames8 = table_to_uint8(indices, table, *bounds) if iv is not None else to_uint8(values, *bounds)
+        frames8 = table_to_uint8(iv, *bounds) if iv is not None else to_uint8(values, *bounds)
         if photometric == "MONOCHROME1":  # low values are bright: invert so bright means dense
             frames8 = 255 - frames8
             meta["inverted"] = True

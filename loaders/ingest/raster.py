@@ -23,6 +23,8 @@ def read_raster(path: str, opts: ReadOptions) -> Iterator[Frame]:
         n_pages = getattr(img, "n_frames", 1)
         orig_mode = img.mode
         rawmode = img.tile[0][3] if img.tile and isinstance(img.tile[0][3], str) else ""
+        meta = {"format": (fmt or "unknown").lower(), "original_mode": orig_mode,
+                "original_shape": [img.height, img.width]}
         if fmt == "JPEG" and opts.max_size and opts.max_size > 0:
             # Decode at 1/2, 1/4 or 1/8 scale when the result still covers the target size:
             # the DCT does the downscale, most of the decode work is skipped.
@@ -32,10 +34,9 @@ def read_raster(path: str, opts: ReadOptions) -> Iterator[Frame]:
             img.load()  # truncated/corrupt files fail here, not later
         except Exception as e:
             raise SkipFile(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
-        if fmt in ("JPEG", "MPO", "TIFF"):
+        if fmt in ("JPEG", "MPO", "TIFF") and img.getexif().get(0x0112, 1) != 1:
             img = ImageOps.exif_transpose(img)  # camera photos (dermoscopy, fundus) rotated upright
-        meta = {"format": (fmt or "unknown").lower(), "original_mode": orig_mode,
-                "original_shape": [img.height, img.width]}
+            meta["exif_rotated"] = True
         if img.mode == "RGB" and ";16" in rawmode:
             meta["note"] = "16-bit color read as 8 bits by Pillow (high byte kept)"
         if n_pages > 1:
@@ -47,10 +48,10 @@ def read_raster(path: str, opts: ReadOptions) -> Iterator[Frame]:
                 arr = arr.astype(np.int32)
             meta["original_dtype"] = str(arr.dtype)
             iv = integer_view(arr)
-            bounds = table_percentiles(*iv, *opts.percentiles) if iv else robust_bounds(arr, *opts.percentiles)
+            bounds = table_percentiles(iv, *opts.percentiles) if iv is not None else robust_bounds(arr, *opts.percentiles)
             if bounds is None:
                 raise SkipFile("no finite pixel values")
-            pixels = table_to_uint8(*iv, *bounds) if iv else to_uint8(arr, *bounds)
+            pixels = table_to_uint8(iv, *bounds) if iv is not None else to_uint8(arr, *bounds)
             meta["scaling"] = {"percentile": list(opts.percentiles), "bounds": [round(b, 4) for b in bounds]}
         else:
             meta["original_dtype"] = "uint8"

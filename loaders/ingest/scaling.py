@@ -8,7 +8,9 @@ would come out black, and a full-range one white.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -59,14 +61,15 @@ def robust_bounds(values: np.ndarray, lo_pct: float, hi_pct: float, max_samples:
     return lo, hi
 
 
-def to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Linear map [lo, hi] -> [0, 255], saturating outside; NaN/inf -> 0. Constant input -> 0."""
+def to_uint8(values: np.ndarray, lo: float, hi: float, finite: bool = False) -> np.ndarray:
+    """Linear map [lo, hi] -> [0, 255], saturating outside; NaN/inf -> 0 (skipped when the
+    caller knows the values are finite). Constant input -> 0."""
     x = values.astype(np.float32, copy=False)
     if hi <= lo:
         out = np.zeros(x.shape, np.uint8)
     else:
         x = (x - np.float32(lo)) * np.float32(255.0 / (hi - lo)) + np.float32(0.5)
-        if values.dtype.kind == "f":
+        if values.dtype.kind == "f" and not finite:
             x = np.nan_to_num(x, nan=0.0, posinf=255.0, neginf=0.0)
         out = np.clip(x, 0, 255, out=x).astype(np.uint8)
     return out
@@ -77,22 +80,50 @@ def to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 # the 8-bit result is one gather through a 65536-entry table that also holds the rescale.
 
 
-def integer_view(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(indices, table) with values == table[indices], for (u)int8/(u)int16 arrays; else None."""
+class IntegerView(NamedTuple):
+    """values == table[indices]; `order` sorts `table` (a cached argsort)."""
+
+    indices: np.ndarray
+    table: np.ndarray
+    order: np.ndarray
+
+    def rescaled(self, slope: float, intercept: float) -> "IntegerView":
+        """The same pixels with table values slope * v + intercept (DICOM modality rescale)."""
+        order = self.order if slope >= 0 else self.order[::-1]
+        return IntegerView(self.indices, self.table * slope + intercept, order)
+
+
+def integer_view(values: np.ndarray) -> IntegerView | None:
+    """An IntegerView of (u)int8/(u)int16 arrays; None for other dtypes."""
     dt = values.dtype
-    if dt == np.uint8 or dt == np.uint16:
-        return values, np.arange(1 << (8 * dt.itemsize), dtype=np.float64)
-    if dt == np.int8 or dt == np.int16:
-        udt = np.uint8 if dt == np.int8 else np.uint16
-        table = np.arange(1 << (8 * dt.itemsize), dtype=np.int64).astype(udt).view(dt).astype(np.float64)
-        return values.view(udt), table
+    if dt in (np.uint8, np.uint16, np.int8, np.int16):
+        table, order = _value_table(dt.str)
+        return IntegerView(values.view(np.uint8 if dt.itemsize == 1 else np.uint16), table, order)
     return None
 
 
-def table_percentiles(indices: np.ndarray, table: np.ndarray, lo_pct: float, hi_pct: float) -> tuple[float, float] | None:
-    """np.percentile(table[indices], [lo, hi]) (linear method) via a histogram of the indices."""
-    counts = np.bincount(indices.reshape(-1), minlength=table.size)
+@functools.lru_cache(maxsize=None)
+def _value_table(dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every value of an 8/16-bit integer dtype, in the order of its unsigned bit patterns,
+    and the argsort of that table."""
+    dt = np.dtype(dtype)
+    udt = np.uint8 if dt.itemsize == 1 else np.uint16
+    table = np.arange(1 << (8 * dt.itemsize), dtype=np.int64).astype(udt).view(dt).astype(np.float64)
     order = np.argsort(table, kind="stable")
+    table.setflags(write=False)
+    order.setflags(write=False)
+    return table, order
+
+
+def table_percentiles(view: IntegerView, lo_pct: float, hi_pct: float,
+                      max_samples: int = 4_000_000) -> tuple[float, float] | None:
+    """np.percentile(values, [lo, hi]) (linear method) from a histogram of the indices
+    (of every k-th one beyond max_samples, as robust_bounds does)."""
+    indices, table, order = view
+    flat = indices.reshape(-1)
+    if flat.size > max_samples:
+        flat = flat[:: math.ceil(flat.size / max_samples)]
+    counts = np.bincount(flat, minlength=table.size)
     cum = np.cumsum(counts[order])
     n = int(cum[-1]) if cum.size else 0
     if n == 0:
@@ -115,9 +146,9 @@ def table_percentiles(indices: np.ndarray, table: np.ndarray, lo_pct: float, hi_
     return lo, hi
 
 
-def table_to_uint8(indices: np.ndarray, table: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """to_uint8(table[indices], lo, hi) as one lookup."""
-    return to_uint8(table.astype(np.float32), lo, hi)[indices]
+def table_to_uint8(view: IntegerView, lo: float, hi: float) -> np.ndarray:
+    """to_uint8(values, lo, hi) as one lookup."""
+    return to_uint8(view.table.astype(np.float32), lo, hi, finite=True)[view.indices]
 
 
 def target_size(h: int, w: int, max_size: int, side: str = "short", aspect: float = 1.0) -> tuple[int, int]:
