@@ -377,13 +377,17 @@ def apply_override(data: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(recipe: str | Path | None, overrides: list[str] = (), overlays: list[str | Path] = ()) -> Config:
+    """Recipe, then overlay recipes in order (e.g. a data-size or modality variant), then
+    `key.sub=value` overrides."""
     data = read_recipe(recipe) if recipe else {}
+    for overlay in overlays:
+        data = _merge(data, read_recipe(overlay))
     for text in overrides:
         apply_override(data, *parse_override(text))
     cfg = _build(Config, data)
     if cfg.run.name is None and recipe:
-        cfg.run.name = Path(recipe).stem
+        cfg.run.name = "+".join(Path(r).stem for r in [recipe, *overlays])
     _check(cfg)
     return cfg
 
