@@ -58,7 +58,14 @@ def batch_geometry(cfg: Config, world: int) -> tuple[int, int]:
 def _sources(cfg: Config) -> list[str]:
     shards = cfg.data.shards
     if isinstance(shards, list):
-        return [f"{s['path']} (proportion {s.get('proportion')})" if isinstance(s, dict) else str(s) for s in shards]
+        out = []
+        for s in shards:
+            if isinstance(s, dict):
+                extra = ", ".join(f"{k} {v}" for k, v in s.items() if k != "path" and v is not None)
+                out.append(f"{s.get('path')}" + (f" ({extra})" if extra else ""))
+            else:
+                out.append(str(s))
+        return out
     return [str(shards)]
 
 
@@ -148,7 +155,7 @@ def make_plan(cfg: Config, world: int = 1) -> Plan:
 
 
 def _human(n: float, unit: str = "") -> str:
-    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    for div, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
             return f"{n / div:.2f} {suffix}{unit}"
     return f"{n:.0f} {unit}"

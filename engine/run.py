@@ -23,11 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
         "  python -m engine.run recipes/quickstart.yaml\n"
         "  python -m engine.run recipes/vit_b_mae.yaml data.shards=/data/shards train.batch_size=2048\n"
         "  python -m engine.run recipes/vit_g_mae.yaml --dry-run\n"
+        "  python -m engine.run recipes/vit_b_mae.yaml recipes/data/us_only.yaml   # an overlay\n"
         "Override any key as section.key=value (values are YAML: 1e-4, true, [0.9, 0.95]).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", help="recipe YAML file (e.g. recipes/quickstart.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value | overlay.yaml",
+                   help="recipe overrides, and overlay recipes applied in order (e.g. recipes/data/ladder_2m.yaml)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (parameters, FLOPs/image, memory per GPU, steps, data) and exit; "
                         "needs no GPU and no data")
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.recipe, args.overrides)
+        overlays = [a for a in args.overrides if "=" not in a and a.endswith((".yaml", ".yml"))]
+        overrides = [a for a in args.overrides if a not in overlays]
+        cfg = load_config(args.recipe, overrides, overlays)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
