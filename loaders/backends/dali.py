@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from loaders.loader import Batch, Loader, register_backend
-from loaders.backends.encoded import encoded_dataloader, make_encoded_dataset, prefetch, select, split_encoded
+from loaders.backends.encoded import (encoded_dataloader, make_encoded_dataset, prefetch, select, shutdown_workers,
+                                     split_encoded)
 
 try:
     from nvidia.dali import fn, types
@@ -65,7 +66,7 @@ def build_pipeline(*, batch_size: int, size: int, mean, std, device: torch.devic
         images = fn.resize(images, roi_start=start, roi_end=end, size=[size, size], antialias=True)
         images = fn.crop_mirror_normalize(
             images,
-            dtype=types.FLOAT16 if out_dtype in (torch.float16, torch.bfloat16) and gpu else types.FLOAT,
+            dtype=types.FLOAT16 if out_dtype == torch.float16 else types.FLOAT,
             output_layout="CHW",
             mean=[m * 255 for m in mean],
             std=[s * 255 for s in std],
@@ -84,17 +85,26 @@ def _reason(error: Exception) -> str:
     return f"DALI decode failed: {text[:300]}"
 
 
-def to_torch(output, device: torch.device) -> torch.Tensor:
-    """A dense DALI TensorList -> torch tensor on `device` (no host round trip on GPU)."""
+def to_torch(output, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A dense DALI TensorList of `dtype` -> torch tensor on `device` (no host round trip on GPU)."""
     tensor = output.as_tensor()
     if device.type == "cuda":
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        dtype = torch.float16 if tensor.dtype == types.FLOAT16 else torch.float32
         out = torch.empty(tensor.shape(), dtype=dtype, device=device)
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
         return out
     return torch.from_numpy(np.array(tensor))
+
+
+class _Feed:
+    """One epoch's input state, shared with DALI's source callback."""
+
+    def __init__(self, batches: Iterator[dict[str, Any]]):
+        self.batches = batches
+        self.replay: collections.deque = collections.deque()  # fed to a pipeline that then failed
+        self.inflight: collections.deque = collections.deque()  # (raw, carried failures), DALI's order
+        self.carry: list[tuple[str, str]] = []  # failures of batches with no decodable sample left
 
 
 class DaliLoader(Loader):
@@ -114,14 +124,20 @@ class DaliLoader(Loader):
         self.prefetch_queue_depth = prefetch_queue_depth
         self.prefetch_batches = prefetch_batches
         self.prefetch_factor = prefetch_factor
+        self._dataloader: torch.utils.data.DataLoader | None = None  # persistent workers
         self._single: Pipeline | None = None  # batch-of-one pipeline that finds undecodable samples
+        self._pipe: Pipeline | None = None
+        self._feed: _Feed | None = None
+        half = dtype in (torch.float16, torch.bfloat16) and device.type == "cuda"
+        self._out_dtype = torch.float16 if half else torch.float32  # what the pipeline emits
 
     def _pipeline(self, source=None, batch_size: int | None = None) -> "Pipeline":
         return build_pipeline(
             batch_size=batch_size or self.batch_size, size=self.augment.size, mean=self.augment.mean,
-            std=self.augment.std, device=self.device, out_dtype=self.dtype, num_threads=self.dali_threads,
+            std=self.augment.std, device=self.device, num_threads=self.dali_threads,
             hw_decoder_load=self.hw_decoder_load,
-            prefetch_queue_depth=self.prefetch_queue_depth if source is not None else 1, source=source)
+            prefetch_queue_depth=self.prefetch_queue_depth if source is not None else 1, source=source,
+            out_dtype=self._out_dtype)
 
     @staticmethod
     def _inputs(raw: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
@@ -147,38 +163,43 @@ class DaliLoader(Loader):
             raise error
         return select(raw, keep), failed
 
+    def _source(self):
+        """DALI's batch callback: the next batch of the epoch (replayed ones first)."""
+        feed = self._feed
+        while True:
+            raw = feed.replay.popleft() if feed.replay else next(feed.batches)  # StopIteration ends the epoch
+            if raw["uid"]:
+                break
+            feed.carry.extend(raw["failed"])
+        feed.inflight.append((raw, feed.carry[:]))
+        feed.carry.clear()
+        return self._inputs(raw)
+
     def _produce(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, list[torch.Tensor]]]:
-        replay: collections.deque = collections.deque()  # fed to a pipeline that then failed
-        inflight: collections.deque = collections.deque()  # (raw, carried failures) in DALI's order
-        carry: list[tuple[str, str]] = []  # failures of batches with no decodable sample left
-
-        def source():
-            while True:
-                raw = replay.popleft() if replay else next(batches)  # StopIteration ends the epoch
-                if raw["uid"]:
-                    break
-                carry.extend(raw["failed"])
-            inflight.append((raw, carry[:]))
-            carry.clear()
-            return self._inputs(raw)
-
-        pipe = self._pipeline(source)
+        # The pipeline outlives the epoch (building one costs the decoder's setup); it is
+        # dropped only when an epoch is left unfinished, as it then holds prefetched batches.
+        feed = self._feed = _Feed(batches)
+        if self._pipe is None:
+            self._pipe = self._pipeline(self._source)
+        finished = False
         try:
             while True:
                 try:
-                    (output,) = pipe.run()
-                    raw, carried = inflight.popleft()
+                    (output,) = self._pipe.run()
+                    raw, carried = feed.inflight.popleft()
                     failed = carried + list(raw["failed"])
                 except StopIteration:
+                    self._pipe.reset()
+                    finished = True
                     break
                 except Exception as e:
                     # Rebuild, find the bad samples of the failed batch, requeue the others.
-                    (raw, carried), rest = inflight.popleft(), list(inflight)
-                    inflight.clear()
-                    replay.extendleft(r for r, _ in reversed(rest))
-                    carry[:0] = [f for _, fs in rest for f in fs]
-                    del pipe
-                    pipe = self._pipeline(source)
+                    (raw, carried), rest = feed.inflight.popleft(), list(feed.inflight)
+                    feed.inflight.clear()
+                    feed.replay.extendleft(r for r, _ in reversed(rest))
+                    feed.carry[:0] = [f for _, fs in rest for f in fs]
+                    self._pipe = None
+                    self._pipe = self._pipeline(self._source)
                     raw, more = self._salvage(raw, e)
                     failed = carried + list(raw["failed"]) + more
                     if not raw["uid"]:
@@ -186,18 +207,29 @@ class DaliLoader(Loader):
                         continue
                     jpegs, start, end = self._inputs(raw)
                     (output,) = self._pipeline(batch_size=len(jpegs)).run(jpegs=jpegs, roi_start=start, roi_end=end)
-                images = to_torch(output, self.device).to(self.dtype)
+                images = to_torch(output, self.device, self._out_dtype).to(self.dtype)
                 yield (Batch(images, raw["modality"], raw["source"], raw["uid"]), failed), [images]
-            if carry:
-                yield (None, carry[:]), []
+            if feed.carry:
+                yield (None, feed.carry[:]), []
         finally:
-            del pipe
+            if not finished:
+                self._pipe = None
+
+    def close(self) -> None:
+        """Stop the persistent workers (before the dataset's shared memory goes away)."""
+        dataloader, self._dataloader = self._dataloader, None
+        shutdown_workers(dataloader)
+
+    def __del__(self) -> None:
+        self.close()
 
     def _batches(self) -> Iterator[Batch]:
         self.dataset.aug_epoch = self.epoch
         # Workers are forked here, in the caller's thread, not in the prefetch thread.
-        batches = iter(encoded_dataloader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                          prefetch_factor=self.prefetch_factor))
+        if self._dataloader is None:
+            self._dataloader = encoded_dataloader(self.dataset, batch_size=self.batch_size,
+                                                  num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
+        batches = iter(self._dataloader)
         for batch, failed in prefetch(lambda: self._produce(batches), self.device, self.prefetch_batches):
             if failed:
                 self._note_skipped(*zip(*failed))

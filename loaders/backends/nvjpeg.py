@@ -20,7 +20,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from loaders.loader import Batch, Loader, register_backend
 from loaders.backends.encoded import (encoded_dataloader, encoded_positions, make_encoded_dataset, prefetch, select,
-                                     split_encoded)
+                                     shutdown_workers, split_encoded)
 
 
 def crop_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
@@ -90,6 +90,7 @@ class NvjpegLoader(Loader):
         self.num_workers = num_workers
         self.prefetch_batches = prefetch_batches
         self.prefetch_factor = prefetch_factor
+        self._dataloader: torch.utils.data.DataLoader | None = None  # persistent workers
 
     def decode(self, raw: dict[str, Any]) -> tuple[list[torch.Tensor], dict[str, Any], list[tuple[str, str]]]:
         """Batched decode on the device; a batch that fails is decoded image by image to
@@ -131,11 +132,21 @@ class NvjpegLoader(Loader):
             out = self.augment.finish([out], self.dtype)
             yield (Batch(out, raw["modality"], raw["source"], raw["uid"]), failed), [out]
 
+    def close(self) -> None:
+        """Stop the persistent workers (before the dataset's shared memory goes away)."""
+        dataloader, self._dataloader = self._dataloader, None
+        shutdown_workers(dataloader)
+
+    def __del__(self) -> None:
+        self.close()
+
     def _batches(self) -> Iterator[Batch]:
         self.dataset.aug_epoch = self.epoch
         # Workers are forked here, in the caller's thread, not in the prefetch thread.
-        batches = iter(encoded_dataloader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                          prefetch_factor=self.prefetch_factor))
+        if self._dataloader is None:
+            self._dataloader = encoded_dataloader(self.dataset, batch_size=self.batch_size,
+                                                  num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
+        batches = iter(self._dataloader)
         for batch, failed in prefetch(lambda: self._produce(batches), self.device, self.prefetch_batches):
             if failed:
                 self._note_skipped(*zip(*failed))

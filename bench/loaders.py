@@ -1,0 +1,487 @@
+"""`python -m bench loaders`: images/s delivered to the training device by each loader
+backend, against the loader people would otherwise write (PyTorch DataLoader + PIL +
+torchvision v2 RandomResizedCrop), from real MDS shards of synthetic 256-px and 512-px
+JPEGs (~27 KB and ~106 KB, like photos of that size). With `--stall`, also the data stall
+of an MAE training step: 1 - (img/s with real data) / (img/s with a synthetic batch).
+
+For each (backend, image size) it reports images/s (a batch counts once it is on the
+device and the device has synchronized), CPU cores busy (process + worker CPU time / wall
+time) and the GPU's busy share while loading. Each backend runs on its own: one that
+fails records its error and the others still run; results are written after each one.
+
+    python -m bench loaders                          # all backends, 256 and 512 px, 4 workers
+    python -m bench loaders --workers 4,15 --stall   # + the PIL baseline with more cores, + MAE stall
+    python -m bench loaders --tiny                   # seconds on a CPU: checks the script end to end
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import gc
+import io
+import itertools
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from bench.common import bar_plot, card_name, print_table, write_result
+
+ALL_BACKENDS = ("dali", "nvjpeg", "ffcv", "cpu", "pil")
+BASELINE = "pil"
+
+
+# ----------------------------------------------------------------- data
+def synthetic_photo(seed: int, size: int) -> np.ndarray:
+    """RGB content that compresses like a photo: smooth colour fields, discs, sensor noise
+    (q90 JPEG: ~28 KB at 256 px, ~105 KB at 512 px)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def smooth(k: int) -> np.ndarray:
+        coarse = (rng.random((k + 1, k + 1, 3)) * 255).astype(np.uint8)
+        return np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), dtype=np.float32) / 255
+
+    img = 0.6 * smooth(4) + 0.4 * smooth(24)
+    y, x = np.mgrid[0:size, 0:size] / size
+    for _ in range(6):
+        cx, cy, r = rng.random(3)
+        disc = (x - cx) ** 2 + (y - cy) ** 2 < (0.05 + 0.2 * r) ** 2
+        img[disc] = img[disc] * 0.3 + 0.7 * rng.random(3)
+    img += rng.normal(0, 0.05, img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def _encoded_photo(args: tuple[int, int]) -> bytes:
+    from loaders.shards import encode_image
+
+    seed, size = args
+    return encode_image(synthetic_photo(seed, size), "jpeg", quality=90)
+
+
+def build_shards(root: Path, size: int, rows: int, distinct: int, workers: int) -> dict[str, Any]:
+    """MDS shards of `rows` JPEGs (`distinct` different images, repeated under distinct uids)."""
+    from loaders.shards import ShardWriter
+
+    out = root / f"jpeg{size}"
+    if (out / "index.json").is_file():
+        shutil.rmtree(out)
+    args = [(i, size) for i in range(distinct)]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            images = pool.map(_encoded_photo, args)
+    else:
+        images = [_encoded_photo(a) for a in args]
+    with ShardWriter(str(out), size_limit="128mb") as w:
+        for i in range(rows):
+            data = images[i % distinct]
+            w.write({"image": data, "height": size, "width": size, "channels": 3, "modality": "OTHER",
+                     "source": "bench", "uid": f"bench/{size}/{i}", "label": -1, "meta": {}})
+    return {"path": str(out), "rows": rows, "distinct": distinct, "mean_kb": float(np.mean([len(b) for b in images]) / 1024)}
+
+
+# ----------------------------------------------------------------- the baseline
+def pil_loader(path: str, *, batch_size: int, crop: int, workers: int, device: torch.device, dtype: torch.dtype):
+    """What a user would write: StreamingDataset rows -> PIL decode -> torchvision v2
+    RandomResizedCrop + flip in DataLoader workers -> pinned uint8 -> device -> normalize."""
+    from streaming import StreamingDataset
+    from torchvision.transforms import v2
+
+    from loaders.augment import AugmentSpec, normalize
+
+    spec = AugmentSpec(size=crop)
+
+    class PILDataset(StreamingDataset):
+        transform = v2.Compose([
+            v2.PILToTensor(),
+            v2.RandomResizedCrop(crop, scale=spec.scale, ratio=spec.ratio, antialias=True),
+            v2.RandomHorizontalFlip(spec.hflip),
+        ])
+
+        def get_item(self, idx: int, retry: int = 7):
+            from PIL import Image
+
+            row = super().get_item(idx, retry)
+            return self.transform(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+
+    dataset = PILDataset(local=path, shuffle=True, batch_size=batch_size)
+    dl = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=True,
+                                     pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                     prefetch_factor=4 if workers > 0 else None)
+
+    class Wrapped:
+        def __iter__(self):
+            for x in dl:
+                yield normalize(x.to(device, non_blocking=True), spec, dtype)
+
+        def close(self):
+            from loaders.backends.encoded import shutdown_workers
+
+            shutdown_workers(dl)
+
+    return Wrapped()
+
+
+def make_loader(backend: str, path: str, *, batch_size: int, crop: int, workers: int, device: torch.device,
+                dtype: torch.dtype, cache_dir: str):
+    if backend == BASELINE:
+        return pil_loader(path, batch_size=batch_size, crop=crop, workers=workers, device=device, dtype=dtype)
+    from loaders import AugmentSpec, build_loader
+
+    return build_loader(path, backend=backend, batch_size=batch_size, augment=AugmentSpec(size=crop), device=device,
+                        dtype=dtype, num_workers=workers, cache_dir=cache_dir, seed=0)
+
+
+def close(loader) -> None:
+    """Workers first, then the dataset (see loaders.backends.encoded.shutdown_workers)."""
+    if hasattr(loader, "close"):
+        loader.close()
+
+
+def images_of(batch) -> torch.Tensor:
+    return batch if isinstance(batch, torch.Tensor) else batch.images
+
+
+def forever(loader) -> Iterator[torch.Tensor]:
+    while True:
+        n = 0
+        for batch in loader:
+            n += 1
+            yield images_of(batch)
+        if n == 0:
+            raise RuntimeError("the loader yielded no batch in an epoch (too few samples for the batch size?)")
+
+
+# ----------------------------------------------------------------- meters
+def cpu_seconds() -> float:
+    """CPU time of this process and all its children, live and finished."""
+    import psutil
+
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in me.children(recursive=True):
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.Error:
+            pass
+    return total
+
+
+class GPUBusy:
+    """Samples the device's busy share (NVML utilization) in a thread; None without NVML."""
+
+    def __init__(self, device: torch.device, every: float = 0.1):
+        self.device, self.every, self.samples = device, every, []
+        self._stop = threading.Event()
+        self.ok = False
+        if device.type == "cuda":
+            try:
+                torch.cuda.utilization(device)
+                self.ok = True
+            except Exception:
+                pass
+
+    def __enter__(self):
+        if self.ok:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            try:
+                self.samples.append(torch.cuda.utilization(self.device))
+            except Exception:
+                pass
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.ok:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) / 100 if self.samples else None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_throughput(loader, *, seconds: float, warmup: int, device: torch.device) -> dict[str, Any]:
+    batches = forever(loader)
+    t_start = time.perf_counter()
+    for _ in range(warmup):
+        next(batches)
+    sync(device)
+    startup = time.perf_counter() - t_start
+    n, count = 0, 0
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    with GPUBusy(device) as busy:
+        while time.perf_counter() - t0 < seconds:
+            x = next(batches)
+            n += x.shape[0]
+            count += 1
+        sync(device)
+        wall = time.perf_counter() - t0
+    cores = (cpu_seconds() - cpu0) / wall
+    batches.close()
+    return {"img_s": n / wall, "images": n, "batches": count, "wall_s": wall, "cpu_cores": cores,
+            "gpu_busy": busy.mean, "startup_s": startup, "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
+
+
+# ----------------------------------------------------------------- MAE stall
+def build_train_step(model_name: str, crop: int, device: torch.device, compile_blocks: bool):
+    """An MAE training step (the engine's MaskedAutoencoder if present, else a timm ViT
+    forward/backward), bf16 autocast, fused AdamW; no host sync inside."""
+    kind = "engine.objectives.mae.MaskedAutoencoder"
+    try:
+        from engine.models import attention_layer, create_encoder
+        from engine.objectives.mae import MaskedAutoencoder
+
+        attn = attention_layer("auto", device)
+        patch = 16 if crop % 16 == 0 and crop >= 64 else 8
+        encoder = create_encoder(model_name, img_size=crop, patch_size=patch, attn_layer=attn)
+        model = MaskedAutoencoder(encoder, impl="triton" if device.type == "cuda" else "torch", attn_layer=attn)
+
+        def loss_of(x):
+            return model(x)["loss"]
+    except ImportError as e:
+        import timm
+
+        kind = f"timm {model_name} forward/backward (engine MAE unavailable: {e})"
+        model = timm.create_model(model_name, num_classes=0, img_size=crop)
+
+        def loss_of(x):
+            return model(x).float().pow(2).mean()
+
+    model.to(device).train()
+    if compile_blocks:
+        for block in getattr(getattr(model, "encoder", model), "blocks", []):
+            block.compile()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        with amp:
+            loss = loss_of(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, kind
+
+
+def timed_steps(step: Callable, batches: Iterator[torch.Tensor], steps: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        step(next(batches))
+    sync(device)
+    n, t0 = 0, time.perf_counter()
+    for _ in range(steps):
+        x = next(batches)
+        step(x)
+        n += x.shape[0]
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------- main
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench loaders", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma list of " + ", ".join(ALL_BACKENDS))
+    p.add_argument("--sizes", default="256,512", help="JPEG edge lengths of the shards")
+    p.add_argument("--workers", default="4", help="DataLoader workers (comma list: each backend runs at each)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--crop", type=int, default=224, help="output size of the random resized crop")
+    p.add_argument("--seconds", type=float, default=6.0, help="measured time per backend and size")
+    p.add_argument("--warmup", type=int, default=10, help="batches before the clock starts")
+    p.add_argument("--images", type=int, default=None, help="rows per shard set (default: 20000 at <=256 px, else 8000)")
+    p.add_argument("--distinct", type=int, default=128, help="distinct images among the rows")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument("--data-dir", default=None, help="where to build the shards (default: a temp dir, removed)")
+    p.add_argument("--stall", action="store_true", help="also measure the MAE training data stall per backend")
+    p.add_argument("--stall-backends", default="dali,nvjpeg,cpu,pil")
+    p.add_argument("--stall-steps", type=int, default=40)
+    p.add_argument("--stall-size", type=int, default=256, help="JPEG size of the stall runs")
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder blocks of the stall model")
+    p.add_argument("--limit", type=float, default=240.0, help="seconds before a hung measurement aborts the run")
+    p.add_argument("--tiny", action="store_true", help="CPU-sized settings to check the script end to end")
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.sizes, a.batch_size, a.crop, a.seconds, a.warmup = "64", 8, 32, 1.0, 1
+        a.images, a.distinct, a.stall_steps, a.stall_size = a.images or 64, 8, 1, 64
+        a.model, a.dtype, a.limit = "vit_tiny_patch16_224", "float32", 120.0
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, a.dtype)
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    sizes = [int(s) for s in a.sizes.split(",")]
+    workers = [int(w) for w in a.workers.split(",")]
+    for b in backends:
+        if b not in ALL_BACKENDS:
+            print(f"unknown backend {b!r}; valid: {', '.join(ALL_BACKENDS)}", file=sys.stderr)
+            return 2
+    data_root = Path(a.data_dir) if a.data_dir else Path(tempfile.mkdtemp(prefix="bench-loaders-"))
+    data_root.mkdir(parents=True, exist_ok=True)
+    cache_dir = str(data_root / "cache")
+    cores = os.cpu_count() or 1
+    payload: dict[str, Any] = {
+        "config": {k: v for k, v in vars(a).items()} | {"device": str(device), "host_cores": cores},
+        "shards": {}, "throughput": [], "stall": [], "ratios": {}, "notes": [],
+    }
+    out_path: list[Path] = []
+
+    def save() -> None:
+        payload["ratios"] = ratios(payload["throughput"])
+        out_path[:] = [write_result("loaders", payload, argv)]
+
+    def guarded(what: str, fn: Callable[[], dict]) -> dict:
+        faulthandler.dump_traceback_later(a.limit, exit=True)  # a hung backend must not eat the GPU lease
+        try:
+            return fn()
+        except Exception as e:
+            print(f"[{what}] failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+            gc.collect()
+
+    try:
+        for size in sorted(set(sizes) | ({a.stall_size} if a.stall else set())):
+            # Enough rows that epoch boundaries are rare even at 30k img/s (~0.5-0.9 GB per set).
+            rows = a.images or (20000 if size <= 256 else 8000)
+            t = time.perf_counter()
+            payload["shards"][str(size)] = build_shards(data_root, size, rows, a.distinct, min(cores, 16))
+            payload["shards"][str(size)]["build_s"] = time.perf_counter() - t
+        for size, w, backend in itertools.product(sizes, workers, backends):
+            path = payload["shards"][str(size)]["path"]
+
+            def run(backend=backend, w=w, path=path):
+                loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=w, device=device,
+                                     dtype=dtype, cache_dir=cache_dir)
+                try:
+                    return measure_throughput(loader, seconds=a.seconds, warmup=a.warmup, device=device)
+                finally:
+                    close(loader)
+
+            t = time.perf_counter()
+            row = {"backend": backend, "size": size, "workers": w} | guarded(f"{backend} {size}px", run)
+            row["total_s"] = time.perf_counter() - t
+            payload["throughput"].append(row)
+            print(f"{backend:>6} {size}px workers={w}: " + (f"{row['img_s']:,.0f} img/s, {row['cpu_cores']:.1f} cores"
+                                                           if "img_s" in row else row["error"]), flush=True)
+            save()
+        if a.stall:
+            stall(a, payload, device, dtype, cache_dir, guarded, save)
+    finally:
+        if not a.data_dir:
+            shutil.rmtree(data_root, ignore_errors=True)
+    report(payload)
+    save()
+    plot(out_path[0], payload)
+    return 0
+
+
+def stall(a, payload, device, dtype, cache_dir, guarded, save) -> None:
+    step_box: dict[str, Any] = {}
+
+    def setup():
+        step, kind = build_train_step(a.model, a.crop, device, a.compile)
+        step_box["step"] = step
+        from loaders.augment import AugmentSpec
+
+        fixed = torch.randn(a.batch_size, 3, a.crop, a.crop, device=device).to(dtype)
+        rate = timed_steps(step, itertools.repeat(fixed), a.stall_steps, max(1, a.warmup // 2), device)
+        return {"model": a.model, "step": kind, "synthetic_img_s": rate, "compile": a.compile,
+                "spec": str(AugmentSpec(size=a.crop))}
+
+    base = guarded("stall setup", setup)
+    payload["stall_model"] = base
+    save()
+    if "error" in base:
+        return
+    path = payload["shards"][str(a.stall_size)]["path"]
+    w = int(a.workers.split(",")[0])
+    for backend in [b.strip() for b in a.stall_backends.split(",") if b.strip()]:
+        def run(backend=backend):
+            loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=w, device=device,
+                                 dtype=dtype, cache_dir=cache_dir)
+            batches = forever(loader)
+            cpu0, t0 = cpu_seconds(), time.perf_counter()
+            rate = timed_steps(step_box["step"], batches, a.stall_steps, max(1, a.warmup // 2), device)
+            cores = (cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+            batches.close()
+            close(loader)
+            return {"real_img_s": rate, "stall": 1 - rate / base["synthetic_img_s"], "cpu_cores": cores}
+
+        row = {"backend": backend, "size": a.stall_size, "workers": w} | guarded(f"stall {backend}", run)
+        payload["stall"].append(row)
+        print(f"stall {backend:>6}: " + (f"{row['real_img_s']:,.0f} img/s real vs {base['synthetic_img_s']:,.0f} "
+                                         f"synthetic, stall {row['stall']:.1%}" if "stall" in row else row["error"]),
+              flush=True)
+        save()
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    """Each backend's img/s over the PIL baseline's at the same size and worker count."""
+    base = {(r["size"], r["workers"]): r["img_s"] for r in rows if r["backend"] == BASELINE and "img_s" in r}
+    out = {}
+    for r in rows:
+        if r["backend"] != BASELINE and "img_s" in r and base.get((r["size"], r["workers"])):
+            out[f"{r['backend']}/{BASELINE} {r['size']}px w{r['workers']}"] = r["img_s"] / base[(r["size"], r["workers"])]
+    return out
+
+
+def report(payload: dict) -> None:
+    print(f"\nloaders on {card_name()} (batch {payload['config']['batch_size']}, crop {payload['config']['crop']})")
+    rows = [{"backend": r["backend"], "size": r["size"], "workers": r["workers"],
+             "img/s": r.get("img_s", float("nan")), "cores": r.get("cpu_cores", float("nan")),
+             "gpu busy": r.get("gpu_busy") if r.get("gpu_busy") is not None else "-",
+             "error": (r.get("error") or "")[:60]} for r in payload["throughput"]]
+    print_table(rows, ["backend", "size", "workers", "img/s", "cores", "gpu busy", "error"])
+    for k, v in payload["ratios"].items():
+        print(f"  {k}: {v:.2f}x")
+    if payload["stall"]:
+        print(f"\nMAE stall ({payload.get('stall_model', {}).get('step')}):")
+        print_table([{"backend": r["backend"], "real img/s": r.get("real_img_s", float("nan")),
+                      "stall": r.get("stall", float("nan")), "cores": r.get("cpu_cores", float("nan")),
+                      "error": (r.get("error") or "")[:60]} for r in payload["stall"]],
+                    ["backend", "real img/s", "stall", "cores", "error"])
+
+
+def plot(json_path: Path, payload: dict) -> None:
+    rows = [r for r in payload["throughput"] if "img_s" in r]
+    labels = sorted({f"{r['size']}px w{r['workers']}" for r in rows})
+    series: dict[str, list[float]] = {}
+    for r in rows:
+        series.setdefault(r["backend"], [0.0] * len(labels))[labels.index(f"{r['size']}px w{r['workers']}")] = r["img_s"]
+    if series:
+        bar_plot(json_path.with_suffix(".png"), labels, series, "images/s to the device",
+                 f"loader throughput on {card_name()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
