@@ -121,11 +121,13 @@ def run_naive(cfg, batch: int, steps: int, warmup: int, device: torch.device, co
 
 
 def run_engine(cfg, batch: int, steps: int, warmup: int) -> dict[str, Any]:
-    """The engine's own training step (Trainer.train_step) on a synthetic batch."""
+    """The engine's own training step (Trainer.train_step) on a synthetic batch of `batch`
+    per GPU; under torchrun every rank runs it (FSDP2) and images/s counts all ranks."""
     from engine.train import Trainer
 
+    world = int(__import__("os").environ.get("WORLD_SIZE", 1))
     cfg.data.shards = "synthetic"
-    cfg.train.batch_size = batch
+    cfg.train.batch_size = batch * world
     cfg.train.micro_batch = None
     cfg.train.accum_steps = 1
     cfg.train.steps = 10**9
@@ -140,7 +142,58 @@ def run_engine(cfg, batch: int, steps: int, warmup: int) -> dict[str, Any]:
         trainer.train_step([batch0])
 
     sec = _time_steps(step, steps, warmup, trainer.device)
-    return {"img_per_s": batch / sec, "step_ms": sec * 1e3, "device": str(trainer.device)}
+    out = {"img_per_s": batch * world / sec, "step_ms": sec * 1e3, "device": str(trainer.device), "world": world}
+    if trainer.device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def run_scaling(args) -> int:
+    """Launch the engine on 1..N GPUs with torchrun (same per-GPU batch) and report images/s,
+    MFU, peak memory and scaling efficiency = img/s(N) / (N x img/s(1))."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from engine.config import load_config
+    from engine.plan import measure_model
+
+    rows = []
+    for i, recipe in enumerate(args.recipes):
+        cfg = load_config(recipe, args.override)
+        batch = args.batch[i] if args.batch else (cfg.train.micro_batch or cfg.train.batch_size)
+        flops = measure_model(cfg)["flops"]
+        base = None
+        for n in args.gpus:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "r.json")
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                       "-m", "bench", "train", "--worker-json", out, "--recipes", recipe, "--batch", str(batch),
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", args.variants[0],
+                       "--override", *args.override] + (["--no-compile"] if args.no_compile else [])
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                row = {"recipe": recipe, "model": cfg.model.name, "gpus": n, "batch_per_gpu": batch,
+                       "variant": args.variants[0]}
+                if r.returncode == 0 and os.path.exists(out):
+                    res = json.load(open(out))
+                    row.update(img_s=res["img_per_s"], step_ms=res["step_ms"], peak_mem_gib=res.get("peak_mem_gib"))
+                    peak = peak_flops()
+                    if peak:
+                        row["mfu"] = res["img_per_s"] * flops / (peak * n)
+                    base = base or (row["img_s"] if n == 1 else None)
+                    if base:
+                        row["speedup"] = row["img_s"] / base
+                        row["scaling_eff"] = row["img_s"] / (n * base)
+                else:
+                    row["error"] = (r.stderr or r.stdout)[-1500:]
+                rows.append(row)
+                print_table([row], [k for k in row if k != "error"])
+                if "error" in row:
+                    print(row["error"])
+    write_result("train-scaling", {"rows": rows, "compile": not args.no_compile}, sys.argv[2:])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +208,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine-triton (our kernels), engine-torch (SDPA + torch masking/loss), naive")
     ap.add_argument("--no-compile", action="store_true", help="measure eager mode (all variants)")
     ap.add_argument("--override", nargs="*", default=[], help="recipe overrides for every recipe (key=value)")
+    ap.add_argument("--gpus", type=int, nargs="+", default=None,
+                    help="scaling mode: run the first variant (engine-*) under torchrun on each GPU count")
+    ap.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)  # internal: one torchrun worker
     args = ap.parse_args(argv)
+    if args.gpus:
+        return run_scaling(args)
+    if args.worker_json:
+        import json
+        import os
+
+        from engine.config import load_config
+
+        cfg = load_config(args.recipes[0], args.override)
+        cfg.model.compile = not args.no_compile
+        cfg.model.kernels = "triton" if args.variants[0] == "engine-triton" else "torch"
+        res = run_engine(cfg, args.batch[0], args.steps, args.warmup)
+        if int(os.environ.get("RANK", 0)) == 0:
+            json.dump(res, open(args.worker_json, "w"))
+        return 0
 
     from engine.config import load_config
     from engine.plan import measure_model
