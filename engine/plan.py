@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -194,3 +195,77 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
                      f"{mem['states'] / gib:6.1f} GiB + activations {acts / gib:7.1f} GiB (micro {micro}) = "
                      f"{total / gib:7.1f} GiB -> {fits} on an 80 GB H100")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- recipe table
+def _measured_throughput(results_glob: str) -> tuple[dict[str, float], str | None, float | None]:
+    """img/s per timm model name from bench train results (best engine variant), the card, and MFU."""
+    import glob
+    import json
+
+    best: dict[str, float] = {}
+    card, mfus = None, []
+    for path in sorted(glob.glob(results_glob)):
+        data = json.loads(open(path).read())
+        if data.get("suite") != "train":
+            continue
+        card = data.get("card", card)
+        for row in data.get("rows", []):
+            vals = [row.get(k) for k in ("engine-triton_img_s", "engine-torch_img_s", "engine_img_s") if row.get(k)]
+            if vals:
+                best[row["model"]] = max(max(vals), best.get(row["model"], 0.0))
+                mfu = [row.get(k) for k in ("engine-triton_mfu", "engine-torch_mfu", "engine_mfu") if row.get(k)]
+                mfus += mfu
+    return best, card, (sum(mfus) / len(mfus) if mfus else None)
+
+
+def recipe_table(recipes: list[str], results_glob: str = "bench/results/train-*.json",
+                 peak: float = 989e12) -> str:
+    """Markdown table of recipes: parameters, FLOPs/image, total compute, GPU-hours at the
+    throughput measured by `bench train` (or, for unmeasured models, at the mean measured MFU)."""
+    measured, card, mfu = _measured_throughput(results_glob)
+    head = ("| recipe | objective | model | encoder params | FLOPs / image (train) | images seen | total FLOP "
+            "| img/s / GPU | GPU-hours |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for recipe in recipes:
+        cfg = load_config_for_table(recipe)
+        plan = make_plan(cfg)
+        images = plan.global_batch * plan.steps
+        if plan.model in measured:
+            rate, how = measured[plan.model], "measured"
+        elif mfu:
+            rate, how = mfu * peak / plan.flops_per_image, "est."
+        else:
+            rate, how = None, ""
+        hours = f"{images / rate / 3600:,.0f}" if rate else "—"
+        rate_s = f"{rate:,.0f} ({how})" if rate else "—"
+        lines.append(f"| `{Path(recipe).name}` | {cfg.objective.name} | {plan.model} | {plan.encoder_params / 1e6:,.1f} M "
+                     f"| {_human(plan.flops_per_image, 'FLOP')} | {images / 1e6:,.0f} M | "
+                     f"{_human(plan.flops_per_image * images, 'FLOP')} | {rate_s} | {hours} |")
+    note = (f"\nThroughput: `python -m bench train` on {card}" + (f", mean MFU {mfu:.1%}" if mfu else "")
+            + "; 'est.' rows assume that MFU at the card's dense bf16 peak.\n") if card else ""
+    return "\n".join(lines) + "\n" + note
+
+
+def load_config_for_table(recipe: str):
+    from engine.config import load_config
+
+    return load_config(recipe)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m engine.plan",
+                                 description="Markdown table of recipes (parameters, FLOPs, GPU-hours).")
+    ap.add_argument("recipes", nargs="+")
+    ap.add_argument("--results", default="bench/results/train-*.json", help="bench train result files")
+    args = ap.parse_args(argv)
+    print(recipe_table(args.recipes, args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
