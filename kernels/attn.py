@@ -620,6 +620,97 @@ class _TritonAttentionQKV(torch.autograd.Function):
         return dqkv, None, None, None
 
 
+# torch.library custom ops: the default-config path. torch.compile (e.g. `block.compile()` in the
+# engine) sees them as opaque ops with known output shapes instead of tracing into the launcher.
+
+
+@torch.library.custom_op("vfm::attn_fwd", mutates_args=())
+def _op_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cu_seqlens: Optional[torch.Tensor],
+            max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, scale, cu_seqlens, max_seqlen or None)
+
+
+@_op_fwd.register_fake
+def _(q, k, v, scale, cu_seqlens, max_seqlen):
+    if cu_seqlens is None:
+        B, H, N, D = q.shape
+        return q.new_empty(B, N, H, D).transpose(1, 2), q.new_empty((B, H, N), dtype=torch.float32)
+    T, H, D = q.shape
+    return q.new_empty(q.shape), q.new_empty((H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("vfm::attn_bwd", mutates_args=())
+def _op_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+            lse: torch.Tensor, scale: float, cu_seqlens: Optional[torch.Tensor],
+            max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens, max_seqlen or None)
+
+
+@_op_bwd.register_fake
+def _(do, q, k, v, o, lse, scale, cu_seqlens, max_seqlen):
+    packed = cu_seqlens is not None
+    return tuple(_empty_out(x, packed) for x in (q, k, v))
+
+
+def _op_setup(ctx, inputs, output):
+    q, k, v, scale, cu_seqlens, max_seqlen = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+    ctx.scale, ctx.max_seqlen = scale, max_seqlen
+
+
+def _op_backward(ctx, do, dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _op_bwd(do, q, k, v, o, lse, ctx.scale, cu_seqlens, ctx.max_seqlen)
+    return dq, dk, dv, None, None, None
+
+
+_op_fwd.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+def _qkv_views(qkv):
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@torch.library.custom_op("vfm::attn_qkv_fwd", mutates_args=())
+def _op_qkv_fwd(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _qkv_views(qkv)
+    return attention_fwd(q, k, v, scale)
+
+
+@_op_qkv_fwd.register_fake
+def _(qkv, scale):
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty(B, N, H, D).transpose(1, 2), qkv.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("vfm::attn_qkv_bwd", mutates_args=())
+def _op_qkv_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    # one [B, N, 3, H, D] gradient written in place by the kernel: no stack/permute copies follow
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    q, k, v = _qkv_views(qkv)
+    attention_bwd(do, q, k, v, o, lse, scale, out=_qkv_views(dqkv))
+    return dqkv
+
+
+@_op_qkv_bwd.register_fake
+def _(do, qkv, o, lse, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _op_qkv_setup(ctx, inputs, output):
+    qkv, scale = inputs
+    ctx.save_for_backward(qkv, output[0], output[1])
+    ctx.scale = scale
+
+
+def _op_qkv_backward(ctx, do, dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return _op_qkv_bwd(do, qkv, o, lse, ctx.scale), None
+
+
+_op_qkv_fwd.register_autograd(_op_qkv_backward, setup_context=_op_qkv_setup)
+
+
 def attention_qkv(qkv, *, scale=None, impl="auto", fwd_config=None, bwd_config=None):
     """Attention on a packed qkv [B, N, 3, H, D] (timm's `qkv(x).reshape(B, N, 3, H, D)`); -> [B, H, N, D]."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
@@ -627,18 +718,23 @@ def attention_qkv(qkv, *, scale=None, impl="auto", fwd_config=None, bwd_config=N
     if impl == "auto":
         impl = "triton" if qkv.is_cuda else "sdpa"
     if impl != "triton":
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _qkv_views(qkv)
         return attention(q, k, v, scale=scale, impl=impl)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    if fwd_config is None and bwd_config is None:
+        return _op_qkv_fwd(qkv, scale)[0]
     return _TritonAttentionQKV.apply(qkv, scale, fwd_config, bwd_config)
 
 
 def attention_triton(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, fwd_config=None, bwd_config=None):
+    """Our kernels; explicit block configs (tests, tuning) go through a plain autograd.Function."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if cu_seqlens is not None and max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    if fwd_config is None and bwd_config is None:
+        return _op_fwd(q, k, v, scale, cu_seqlens, int(max_seqlen or 0))[0]
     return _TritonAttention.apply(q, k, v, scale, cu_seqlens, max_seqlen, fwd_config, bwd_config)
 
 

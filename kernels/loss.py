@@ -38,9 +38,12 @@ def mae_loss_reference(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6)
 
 
 @triton.jit
-def _patch_loss(IMG, PRED, MASK, LOSS, DPRED, GSCALE, N, W_PATCHES, C, P, L, si_b, si_c, si_h, si_w,
+def _patch_loss(IMG, PRED, MASK, LOSS, DPRED, GSCALE, N, W_PATCHES, si_b, si_c, si_h, si_w,
                 sp_b, sp_n, G, eps,
-                NORM: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
+                C: tl.constexpr, P: tl.constexpr, L: tl.constexpr, NORM: tl.constexpr, BACKWARD: tl.constexpr,
+                BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
+    # patch size and channels are constexpr (L = P * P * C): the per-element index math below
+    # (e -> c, pi, pj) becomes shifts and constant multiplies instead of run-time integer divisions
     offs_g = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # patch = b * N + n
     ok_g = offs_g < G
     m = tl.load(MASK + offs_g, mask=ok_g, other=0.0)
@@ -91,9 +94,9 @@ def _launch(imgs, pred, m, p, eps, norm_pix, backward, gscale=None):
         out, dp = loss, pred
     if G:
         _patch_loss[(triton.cdiv(G, bp),)](
-            imgs, pred, m, out, dp, gscale if gscale is not None else m, N, W // p, C, p, L,
+            imgs, pred, m, out, dp, gscale if gscale is not None else m, N, W // p,
             *imgs.stride(), pred.stride(0), pred.stride(1), G, eps,
-            NORM=norm_pix, BACKWARD=backward, BLOCK_P=bp, BLOCK_L=bl, num_warps=8 if bl >= 1024 else 4)
+            C=C, P=p, L=L, NORM=norm_pix, BACKWARD=backward, BLOCK_P=bp, BLOCK_L=bl, num_warps=8 if bl >= 1024 else 4)
     return dpred if backward else loss
 
 
