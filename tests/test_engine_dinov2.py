@@ -179,12 +179,12 @@ def test_schedules_weight_decay_teacher_temp_and_frozen_prototypes():
     opt = torch.optim.AdamW(groups, lr=1e-3)
     total = 100
     model.on_step_start(0, total, opt)
-    assert model.current_teacher_temp == pytest.approx(0.04)
+    assert float(model.teacher_temp_now) == pytest.approx(0.04)
     assert {round(g["weight_decay"], 6) for g in opt.param_groups} == {0.0, 0.04}
     model.on_step_start(15, total, opt)
-    assert model.current_teacher_temp == pytest.approx(0.04 + 0.5 * 0.03)
+    assert float(model.teacher_temp_now) == pytest.approx(0.04 + 0.5 * 0.03)
     model.on_step_start(total, total, opt)
-    assert model.current_teacher_temp == pytest.approx(0.07)
+    assert float(model.teacher_temp_now) == pytest.approx(0.07)
     assert {round(g["weight_decay"], 6) for g in opt.param_groups} == {0.0, 0.2}
     out = model(model.synthetic_batch(2, "cpu"))
     out["loss"].backward()
@@ -282,3 +282,23 @@ def test_resume_is_exact_and_checkpoint_loads_into_timm(tmp_path, shards):
                             patch_size=4, embed_dim=32, depth=2, num_heads=2,
                             pretrained_cfg_overlay=dict(file=str(path)))
     torch.testing.assert_close(net.pos_embed, sd["pos_embed"])
+
+
+def test_compiled_forward_does_not_recompile_per_step():
+    """The trainer compiles the whole objective on one GPU: per-step values (teacher
+    temperature, mask counts) must not force a recompile every step."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, _ = tiny_model("model.drop_path=0.1")
+    opt = torch.optim.AdamW(model.param_groups(0.04), lr=1e-3)
+    model.train()
+    model.compile(backend="eager")
+    images = model.synthetic_batch(3, "cpu")
+    for step in range(6):
+        model.on_step_start(step, 20, opt)
+        model(images)["loss"].backward()
+        model.on_step_end(step, 20)
+    assert counters["frames"]["ok"] <= 4, dict(counters["frames"])  # first graphs + one dynamic-shape recompile
+    torch._dynamo.reset()

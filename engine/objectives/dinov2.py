@@ -69,7 +69,7 @@ def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(logits: torch.Tensor, temp: float | torch.Tensor, iters: int = 3) -> torch.Tensor:
     """[M, K] teacher scores -> [M, K] targets: each row a distribution (sums to 1) while the
     K prototypes share the M samples (columns sum to M / K) as evenly as `iters`
     alternations allow. M and the sums span all ranks."""
@@ -86,7 +86,7 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.T
     return (q * M).t()
 
 
-def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float | torch.Tensor) -> torch.Tensor:
     """DINO's centering: softmax((scores - running center) / temp)."""
     return F.softmax((logits.float() - center) / temp, dim=-1)
 
@@ -182,8 +182,7 @@ class DINOv2(nn.Module):
                  mask_probability: float = 0.5, mask_ratio: tuple[float, float] = (0.1, 0.5),
                  weight_decay_end: float = 0.2, freeze_last_layer: float = 0.01, layer_decay: float = 0.9,
                  patch_embed_lr_scale: float = 0.2, attn_impl: str = "sdpa", pack_crops: bool = True,
-                 activation_checkpointing: bool = False, compile_packed: bool = False,
-                 compile_teacher: bool = False):
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.encoder = encoder  # the student backbone
         dim = encoder.embed_dim
@@ -219,9 +218,9 @@ class DINOv2(nn.Module):
         self.weight_decay_end, self.freeze_last_layer = weight_decay_end, freeze_last_layer
         self.layer_decay, self.patch_embed_lr_scale = layer_decay, patch_embed_lr_scale
         self.attn_impl, self.pack_crops = attn_impl, pack_crops
-        self.activation_checkpointing, self.compile_packed = activation_checkpointing, compile_packed
-        self.compile_teacher = compile_teacher  # the trainer compiles the student's blocks, not these
-        self.current_teacher_temp = teacher_temp_start  # set per step by on_step_start
+        self.activation_checkpointing = activation_checkpointing
+        # Set per step by on_step_start; a tensor, so a compiled forward does not recompile for it.
+        self.register_buffer("teacher_temp_now", torch.tensor(teacher_temp_start), persistent=False)
         self.weight_decay_start: float | None = None  # set by param_groups
 
     @property
@@ -290,42 +289,27 @@ class DINOv2(nn.Module):
         q, k, v = attn.qkv(h).view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
         o = kernels.attention(attn.q_norm(q), attn.k_norm(k), v, scale=attn.scale, cu_seqlens=cu,
                               max_seqlen=longest, impl=self.attn_impl)
-        return self._block_tail(block, x, h, o.reshape(T, -1), keep1, keep2)
-
-    def _block_tail(self, block, x, h, o, keep1, keep2):
-        """Everything after the attention core: projection, residuals, MLP (compiled on CUDA)."""
-        fn = self._compiled_tail if self.compile_packed and x.is_cuda else _block_tail
-        return fn(block, x, h, o, keep1, keep2)
-
-    @property
-    def _compiled_tail(self):
-        if not hasattr(self, "_tail_fn"):
-            self._tail_fn = torch.compile(_block_tail, dynamic=False)
-        return self._tail_fn
+        o = attn.norm(o.reshape(T, -1))
+        gate = getattr(attn, "gate", None)
+        o = block.ls1(attn.proj_drop(attn.proj(o if gate is None else o * gate(h).sigmoid())))
+        x = x + (o if keep1 is None else o * keep1)
+        m = block.ls2(block.mlp(block.norm2(x)))
+        return x + (m if keep2 is None else m * keep2)
 
     # ------------------------------------------------------------------ the step
     def forward(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         glob, loc = images
         G, V = self.augment.global_crops, self.augment.num_crops
         B = glob.shape[0] // G
-        grid = glob.shape[-1] // self.patch_size
-        masks = sample_masks(G * B, grid, grid, self.mask_probability, self.mask_ratio)
-        masked_at = masks.flatten().nonzero().squeeze(1)  # on the CPU: its size is known without a device sync
-        crop_of_token = (masked_at // (grid * grid)).to(glob.device, non_blocking=True)
-        masked_at = masked_at.to(glob.device, non_blocking=True)
-        masks = masks.to(glob.device, non_blocking=True)
+        masks, masked_at, crop_of_token = self.draw_masks(G * B, glob.shape[-1] // self.patch_size, glob.device)
         prefix = self.encoder.num_prefix_tokens
 
         # Teacher: global crops, unmasked; targets for the class token and the masked patches.
-        if self.compile_teacher and glob.is_cuda:
-            self.compile_teacher = False
-            for block in self.teacher["encoder"].blocks:
-                block.compile()
         with torch.no_grad():
             t = self.forward_dense(self.teacher["encoder"], glob)
             t_cls = self.teacher["dino_head"](t[:, 0])  # [G*B, K]
             t_patch = self._teacher_ibot_head()(t[:, prefix:].flatten(0, 1)[masked_at])  # [M, K']
-            temp = self.current_teacher_temp
+            temp = self.teacher_temp_now
             if self.centering == "sinkhorn":
                 t_cls_p = sinkhorn_knopp(t_cls, temp, self.sinkhorn_iters)
                 t_patch_p = sinkhorn_knopp(t_patch, temp, self.sinkhorn_iters)
@@ -356,6 +340,15 @@ class DINOv2(nn.Module):
         koleo = sum(koleo_loss(c) for c in s_glob[:, 0].chunk(G))
         loss = self.dino_weight * dino + self.ibot_weight * ibot + self.koleo_weight * koleo
         return {"loss": loss, "dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach()}
+
+    @torch.compiler.disable  # host-side Python: a graph break under torch.compile
+    def draw_masks(self, n: int, grid: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """iBOT masks for n crops: (bool [n, grid, grid], flat indices of the masked patches,
+        the crop of each). Drawn on the CPU, so the count is known without a device sync."""
+        masks = sample_masks(n, grid, grid, self.mask_probability, self.mask_ratio)
+        masked_at = masks.flatten().nonzero().squeeze(1)
+        crop_of_token = masked_at // (grid * grid)
+        return tuple(t.to(device, non_blocking=True) for t in (masks.view(n, grid, grid), masked_at, crop_of_token))
 
     def synthetic_batch(self, batch_size: int, device, dtype=torch.float32) -> list[torch.Tensor]:
         return self.augment.synthetic(batch_size, device, dtype)
@@ -397,7 +390,7 @@ class DINOv2(nn.Module):
     def on_step_start(self, step: int, total: int, optimizer) -> None:
         warm = self.teacher_temp_warmup * total
         frac = min(1.0, step / warm) if warm > 0 else 1.0
-        self.current_teacher_temp = self.teacher_temp_start + frac * (self.teacher_temp - self.teacher_temp_start)
+        self.teacher_temp_now.fill_(self.teacher_temp_start + frac * (self.teacher_temp - self.teacher_temp_start))
         if self.weight_decay_start is not None:
             wd = cosine(self.weight_decay_start, self.weight_decay_end, self._progress(step, total))
             for g in optimizer.param_groups:
@@ -423,17 +416,6 @@ class DINOv2(nn.Module):
         s = [p for mod in student for p in mod.parameters()]
         t = [p for mod in teacher for p in mod.parameters()]
         torch._foreach_lerp_(t, [p.detach() for p in s], 1.0 - m)
-
-
-def _block_tail(block, x, h, o, keep1, keep2):
-    attn = block.attn
-    gate = getattr(attn, "gate", None)
-    o = attn.norm(o) if gate is None else attn.norm(o) * gate(h).sigmoid()
-    o = attn.proj_drop(attn.proj(o))
-    o = block.ls1(o)
-    x = x + (o if keep1 is None else o * keep1)
-    m = block.ls2(block.mlp(block.norm2(x)))
-    return x + (m if keep2 is None else m * keep2)
 
 
 def cosine(start: float, end: float, progress: float) -> float:
@@ -467,4 +449,4 @@ def build_dinov2(cfg, device) -> DINOv2:
         weight_decay_end=o.weight_decay_end, freeze_last_layer=o.freeze_last_layer, layer_decay=o.layer_decay,
         patch_embed_lr_scale=o.patch_embed_lr_scale, attn_impl="triton" if triton else "sdpa",
         pack_crops=o.pack_crops, activation_checkpointing=m.activation_checkpointing,
-        compile_packed=m.compile and triton, compile_teacher=m.compile)
+        )

@@ -1,0 +1,74 @@
+"""DINOv2's one-pass student: all crops packed into one sequence through the Triton varlen
+attention (TRITON_INTERPRET=1, fp32) give the same tokens, loss and gradients as one pass
+per crop size through SDPA."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run the kernels on CPU tensors
+
+from pathlib import Path
+
+import torch
+
+from engine.config import load_config
+from engine.objectives import build_objective
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+TINY = [
+    "objective.dinov2.dino_prototypes=32", "objective.dinov2.ibot_prototypes=16",
+    "objective.dinov2.head_hidden_dim=32", "objective.dinov2.head_bottleneck_dim=16",
+    "objective.dinov2.encoder_kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
+    "data.multicrop.local_crops=2", "data.multicrop.global_size=16", "data.multicrop.local_size=8",
+    "model.img_size=16", "model.patch_size=4", "model.kernels=triton",
+]
+
+
+def test_packed_student_pass_matches_one_pass_per_crop_size(monkeypatch):
+    torch.manual_seed(0)
+    model = build_objective(load_config(RECIPES / "quickstart_dinov2.yaml", TINY), torch.device("cpu"))
+    assert model.attn_impl == "triton" and model.pack_crops
+    glob, loc = model.synthetic_batch(2, "cpu")
+    enc = model.encoder
+
+    packed_calls = []
+    inner = model.forward_packed
+    monkeypatch.setattr(model, "forward_packed", lambda *a: (packed_calls.append(1), inner(*a))[1])
+
+    def run(impl: str):
+        model.attn_impl = impl  # "sdpa": one pass per crop size through timm's blocks
+        for block in list(enc.blocks) + list(model.teacher["encoder"].blocks):
+            block.attn.impl = "triton" if impl == "triton" else "sdpa"
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # same masks
+        out = model([glob, loc])
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    packed, g_packed = run("triton")
+    assert packed_calls == [1]
+    dense, g_dense = run("sdpa")
+    assert packed_calls == [1]
+    for k in ("loss", "dino", "ibot", "koleo"):
+        torch.testing.assert_close(packed[k], dense[k], atol=1e-5, rtol=1e-5)
+    assert g_packed.keys() == g_dense.keys() and "encoder.blocks.0.attn.qkv.weight" in g_packed
+    for n in g_packed:
+        scale = g_dense[n].abs().max().clamp(min=1.0)
+        torch.testing.assert_close(g_packed[n] / scale, g_dense[n] / scale, atol=1e-4, rtol=1e-4, msg=n)
+
+    # the tokens themselves, crop by crop
+    with torch.no_grad():
+        a_glob, a_loc = model.forward_packed(enc, [model.embed(enc, glob), model.embed(enc, loc)])
+        torch.testing.assert_close(a_glob, model.forward_dense(enc, glob), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a_loc, model.forward_dense(enc, loc), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_drop_path_drops_whole_crops():
+    torch.manual_seed(0)
+    cfg = load_config(RECIPES / "quickstart_dinov2.yaml", TINY + ["model.drop_path=0.5"])
+    model = build_objective(cfg, torch.device("cpu")).train()
+    keep = model._keep(model.encoder.blocks[1].drop_path1, 64, torch.zeros(1))
+    assert set(keep.tolist()) <= {0.0, 2.0} and 0 < keep.count_nonzero() < 64  # per crop: dropped or 1/(1-p)
+    model.eval()
+    assert model._keep(model.encoder.blocks[1].drop_path1, 64, torch.zeros(1)) is None
