@@ -716,7 +716,7 @@ def attention_qkv(qkv, *, scale=None, impl="auto", fwd_config=None, bwd_config=N
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [B, N, 3, H, D]; got {tuple(qkv.shape)}")
     if impl == "auto":
-        impl = "triton" if qkv.is_cuda else "sdpa"
+        impl = "triton" if _triton_fits(qkv) else "sdpa"
     if impl != "triton":
         q, k, v = _qkv_views(qkv)
         return attention(q, k, v, scale=scale, impl=impl)
@@ -738,6 +738,11 @@ def attention_triton(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, f
     return _TritonAttention.apply(q, k, v, scale, cu_seqlens, max_seqlen, fwd_config, bwd_config)
 
 
+def _triton_fits(x: torch.Tensor) -> bool:
+    """What "auto" sends to our kernel: CUDA, half/bfloat16/float32, head dim <= 128."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.shape[-1] <= 128
+
+
 def _xformers_available() -> bool:
     try:
         import xformers.ops  # noqa: F401
@@ -750,7 +755,7 @@ def attention(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, impl="au
     """Scaled-dot-product attention over [B, H, N, D] or packed [total, H, D] + cu_seqlens.
 
     impl: "triton" (our kernels), "sdpa" (torch's fused SDPA), "torch" (fp32 reference),
-    "xformers" (memory_efficient_attention), "auto" = triton on CUDA, SDPA elsewhere.
+    "xformers" (memory_efficient_attention), "auto" = triton on CUDA (head dim <= 128), SDPA elsewhere.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -759,7 +764,7 @@ def attention(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, impl="au
     if cu_seqlens is not None and q.dim() != 3:
         raise ValueError(f"packed q must be [T, H, D]; got {tuple(q.shape)}")
     if impl == "auto":
-        impl = "triton" if q.is_cuda else "sdpa"
+        impl = "triton" if _triton_fits(q) else "sdpa"
     if impl == "triton":
         return attention_triton(q, k, v, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if impl == "sdpa":
