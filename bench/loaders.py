@@ -164,9 +164,12 @@ def forever(loader) -> Iterator[torch.Tensor]:
 
 # ----------------------------------------------------------------- meters
 def cpu_seconds() -> float:
-    """CPU time of this process and all its children, live and finished."""
-    import psutil
-
+    """CPU time of this process and all its descendants, live and finished (psutil if
+    installed, else /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        return _proc_cpu_seconds()
     me = psutil.Process()
     t = me.cpu_times()
     total = t.user + t.system + t.children_user + t.children_system
@@ -177,6 +180,28 @@ def cpu_seconds() -> float:
         except psutil.Error:
             pass
     return total
+
+
+def _proc_cpu_seconds() -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+            stats[int(entry)] = (int(fields[1]), [int(x) for x in fields[11:15]])  # ppid; utime stime cutime cstime
+    me = os.getpid()
+    total = sum(stats[me][1]) if me in stats else 0
+    family, frontier = {me}, [me]
+    while frontier:  # live descendants
+        kids = [pid for pid, (ppid, _) in stats.items() if ppid in frontier and pid not in family]
+        family.update(kids)
+        frontier = kids
+        total += sum(sum(stats[k][1][:2]) for k in kids)
+    return total / tick
 
 
 class GPUBusy:

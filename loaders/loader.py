@@ -259,6 +259,10 @@ class Loader:
         self.skipped = int(state.get("skipped", 0))
         self._resume = dict(state["dataset"])
 
+    def close(self) -> None:
+        """Release worker processes and device pipelines now (backends that keep them
+        between epochs override this); the loader can still be iterated afterwards."""
+
     def _note_skipped(self, uids: list[str], reasons: list[str]) -> None:
         for uid, why in zip(uids, reasons):
             self.skipped += 1

@@ -219,9 +219,13 @@ class DaliLoader(Loader):
         """Stop the persistent workers (before the dataset's shared memory goes away)."""
         dataloader, self._dataloader = self._dataloader, None
         shutdown_workers(dataloader)
+        self._pipe = self._single = None
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     def _batches(self) -> Iterator[Batch]:
         self.dataset.aug_epoch = self.epoch

@@ -138,7 +138,10 @@ class NvjpegLoader(Loader):
         shutdown_workers(dataloader)
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     def _batches(self) -> Iterator[Batch]:
         self.dataset.aug_epoch = self.epoch
