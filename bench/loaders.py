@@ -133,13 +133,14 @@ def pil_loader(path: str, *, batch_size: int, crop: int, workers: int, device: t
 
 
 def make_loader(backend: str, path: str, *, batch_size: int, crop: int, workers: int, device: torch.device,
-                dtype: torch.dtype, cache_dir: str):
+                dtype: torch.dtype, cache_dir: str, options: dict[str, dict] | None = None):
     if backend == BASELINE:
         return pil_loader(path, batch_size=batch_size, crop=crop, workers=workers, device=device, dtype=dtype)
     from loaders import AugmentSpec, build_loader
 
     return build_loader(path, backend=backend, batch_size=batch_size, augment=AugmentSpec(size=crop), device=device,
-                        dtype=dtype, num_workers=workers, cache_dir=cache_dir, seed=0)
+                        dtype=dtype, num_workers=workers, cache_dir=cache_dir, seed=0,
+                        **(options or {}).get(backend, {}))
 
 
 def close(loader) -> None:
@@ -338,6 +339,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="batches before the clock starts")
     p.add_argument("--images", type=int, default=None, help="rows per shard set (default: 20000 at <=256 px, else 8000)")
     p.add_argument("--distinct", type=int, default=128, help="distinct images among the rows")
+    p.add_argument("--dali-threads", type=int, default=4, help="DALI's CPU threads (besides the workers)")
+    p.add_argument("--hw-decoder-load", type=float, default=0.9, help="share of JPEGs for the hardware decoder")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--data-dir", default=None, help="where to build the shards (default: a temp dir, removed)")
@@ -373,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     data_root.mkdir(parents=True, exist_ok=True)
     cache_dir = str(data_root / "cache")
     cores = os.cpu_count() or 1
+    options = {"dali": {"dali_threads": a.dali_threads, "hw_decoder_load": a.hw_decoder_load}}
     payload: dict[str, Any] = {
         "config": {k: v for k, v in vars(a).items()} | {"device": str(device), "host_cores": cores},
         "shards": {}, "throughput": [], "stall": [], "ratios": {}, "notes": [],
@@ -406,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def run(backend=backend, w=w, path=path):
                 loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=w, device=device,
-                                     dtype=dtype, cache_dir=cache_dir)
+                                     dtype=dtype, cache_dir=cache_dir, options=options)
                 try:
                     return measure_throughput(loader, seconds=a.seconds, warmup=a.warmup, device=device)
                 finally:
@@ -420,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            if "img_s" in row else row["error"]), flush=True)
             save()
         if a.stall:
-            stall(a, payload, device, dtype, cache_dir, guarded, save)
+            stall(a, payload, device, dtype, cache_dir, guarded, save, options)
     finally:
         if not a.data_dir:
             shutil.rmtree(data_root, ignore_errors=True)
@@ -430,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def stall(a, payload, device, dtype, cache_dir, guarded, save) -> None:
+def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
     step_box: dict[str, Any] = {}
 
     def setup():
@@ -453,7 +457,7 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save) -> None:
     for backend in [b.strip() for b in a.stall_backends.split(",") if b.strip()]:
         def run(backend=backend):
             loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=w, device=device,
-                                 dtype=dtype, cache_dir=cache_dir)
+                                 dtype=dtype, cache_dir=cache_dir, options=options)
             batches = forever(loader)
             cpu0, t0 = cpu_seconds(), time.perf_counter()
             rate = timed_steps(step_box["step"], batches, a.stall_steps, max(1, a.warmup // 2), device)

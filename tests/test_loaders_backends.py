@@ -257,3 +257,38 @@ def test_ffcv_conversion_is_cached_and_lists_failures(run, shards):
 
 test_ffcv_conversion_is_cached_and_lists_failures = pytest.mark.parametrize(
     "run", [pytest.param("ffcv")], indirect=True)(test_ffcv_conversion_is_cached_and_lists_failures)
+
+
+def test_prefetch_passes_errors_on_and_stops_early():
+    import threading
+
+    from loaders.backends.encoded import prefetch
+
+    produced = []
+
+    def produce():
+        for i in range(1000):
+            produced.append(i)
+            yield i, []
+
+    got = []
+    for item in prefetch(produce, torch.device("cpu"), depth=2):
+        got.append(item)
+        if len(got) == 3:
+            break
+    assert got == [0, 1, 2] and len(produced) <= 3 + 2 + 1  # the producer stopped soon after
+    assert not [t for t in threading.enumerate() if t.name == "loader-prefetch"]
+
+    def failing():
+        yield 1, []
+        raise ValueError("decoder exploded")
+
+    with pytest.raises(ValueError, match="decoder exploded"):
+        list(prefetch(failing, torch.device("cpu")))
+
+
+@pytest.mark.skipif(not HAVE_FFCV, reason="ffcv not installed")
+def test_ffcv_refuses_stream_mixing(shards):
+    with pytest.raises(ValueError, match="proportion"):
+        build_loader([{"path": shards[0], "proportion": 0.5}], backend="ffcv", batch_size=4, device="cpu",
+                     cache_dir=shards[2])
