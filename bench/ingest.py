@@ -24,10 +24,10 @@ from bench.common import bar_plot, card_name, print_table, write_result
 FORMATS = {
     "dicom_ct": (1.0, "DICOM CT 512x512 int16, rescale + window tags"),
     "dicom_multiframe": (0.25, "DICOM XA 12 frames 512x512 uint16"),
-    "nifti": (0.125, "NIfTI .nii.gz 256x256x64 float32 volume"),
-    "png16": (0.5, "16-bit PNG 1536x1536 (X-ray like)"),
+    "nifti": (1 / 16, "NIfTI .nii.gz 256x256x64 float32 volume"),
+    "png16": (0.25, "16-bit PNG 1536x1536 (X-ray like)"),
     "tiff_rgb": (0.5, "RGB TIFF 1024x1024 uncompressed (pathology tile)"),
-    "jpeg": (1.0, "RGB JPEG 2048x1536 q90 (dermoscopy photo)"),
+    "jpeg": (0.5, "RGB JPEG 2048x1536 q90 (dermoscopy photo)"),
 }
 
 
@@ -107,7 +107,7 @@ def cpu_seconds() -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench ingest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--files", type=int, default=48, help="files per format unit (see FORMATS; default 48)")
+    p.add_argument("--files", type=int, default=96, help="files per format unit (see FORMATS; default 96)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N for the parallel run")
     p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of " + ",".join(FORMATS))
     p.add_argument("--tmp", default=None, help="folder for the generated files (default: a temp dir)")

@@ -43,6 +43,12 @@ def build_corpus(root: str) -> dict[str, int | str]:
     ds.compress(RLELossless)
     ds.save_as(f"{root}/dicom/ct_rle.dcm")
     expect["dicom/ct_rle.dcm"] = 1
+    # No preamble, no file meta (ACR-NEMA style): read anyway.
+    ds = pydicom.dcmread(f"{root}/dicom/ct_window.dcm")
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(f"{root}/dicom/ct_no_header.dcm", implicit_vr=True, little_endian=True, enforce_file_format=False)
+    expect["dicom/ct_no_header.dcm"] = 1
     # Hostile DICOM
     write_dicom(f"{root}/dicom/jpegls.dcm", np.zeros((32, 32), np.uint16), modality="MR",
                 transfer_syntax=JPEGLSLossless, encapsulated=[b"\xff\xd8\xff\xf7" + bytes(64)])

@@ -12,6 +12,8 @@ from .core import IngestOptions, ingest
 from .scaling import WINDOW_PRESETS
 from .sources import SOURCE_KEYS, load_sources_yaml, parse_source
 
+PER_SOURCE_DEFAULTS = ("window", "axis", "stride", "volumes", "modality")
+
 EPILOG = f"""
 sources:
   SRC is a folder (walked recursively), a single file, or a .txt/.lst file listing paths
@@ -53,14 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", metavar="YAML", help="YAML file listing sources (added after SRC ones)")
     p.add_argument("--out", required=True, help="output folder (local)")
     p.add_argument("--remote", help="also upload to this object-store URI (s3://, gs://, ...)")
-    g = p.add_argument_group("defaults for every source (a source's own key=value wins)")
+    g = p.add_argument_group("defaults for every source (a source's own key=value wins, then these flags, "
+                             "then the YAML's defaults)")
     g.add_argument("--name", help="source name (only with a single SRC; default: folder name)")
     g.add_argument("--modality", choices=MODALITIES, help="modality code (default: DICOM tag, else OTHER)")
-    g.add_argument("--window", default=d.window, help=f"intensity window (default {d.window}; see below)")
-    g.add_argument("--axis", default=d.axis, help="NIfTI slicing axis: auto (most slices) | 0 | 1 | 2 | "
+    g.add_argument("--window", help=f"intensity window (default {d.window}; see below; write a negative "
+                   "center as --window=-600:1500)")
+    g.add_argument("--axis", help="NIfTI slicing axis: auto (most slices) | 0 | 1 | 2 | "
                    "sagittal | coronal | axial (default auto)")
-    g.add_argument("--stride", type=int, default=d.stride, help="NIfTI: keep every N-th slice (default 1)")
-    g.add_argument("--volumes", choices=("first", "all"), default=d.volumes,
+    g.add_argument("--stride", type=int, help="NIfTI: keep every N-th slice (default 1)")
+    g.add_argument("--volumes", choices=("first", "all"),
                    help="4-D NIfTI: first volume only or all (default first)")
     g = p.add_argument_group("scaling and output")
     g.add_argument("--percentiles", default=f"{d.percentiles[0]:g},{d.percentiles[1]:g}", metavar="LO,HI",
@@ -78,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quality", type=int, default=d.quality, help="JPEG quality (default 95)")
     g.add_argument("--shard-size", default=d.shard_size, help="MDS shard size limit (default 64mb)")
     g = p.add_argument_group("selection (data-size ladder)")
-    g.add_argument("--subset", type=int, help="keep N files chosen at random (nested across N for one seed)")
+    g.add_argument("--subset", type=int, help="keep N files (not samples) chosen at random; nested across N for one seed")
     g.add_argument("--fraction", type=float, help="keep this fraction of the files")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for --subset/--fraction (default 0)")
     g = p.add_argument_group("execution")
@@ -107,17 +111,24 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             sources[0].name = args.name
         lo, hi = (float(x) for x in args.percentiles.split(","))
+        unknown = set(defaults) - set(PER_SOURCE_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown YAML defaults {sorted(unknown)}; valid: {', '.join(PER_SOURCE_DEFAULTS)}")
+        d = IngestOptions()
+        per_source = {}
+        for key in PER_SOURCE_DEFAULTS:  # flag given > YAML default > built-in default
+            flag = getattr(args, key)
+            per_source[key] = flag if flag is not None else defaults.get(key, getattr(d, key))
+        per_source["axis"] = str(per_source["axis"])
         options = dict(
             max_size=args.max_size, resize_side=args.resize_side, encoding=args.encoding, quality=args.quality,
-            window=defaults.get("window", args.window), axis=str(defaults.get("axis", args.axis)),
-            stride=int(defaults.get("stride", args.stride)), volumes=defaults.get("volumes", args.volumes),
-            modality=defaults.get("modality", args.modality), percentiles=(lo, hi), min_std=args.min_std,
+            percentiles=(lo, hi), min_std=args.min_std,
             min_foreground=args.min_foreground,
             subset=args.subset, fraction=args.fraction, seed=args.seed, chunk_size=args.chunk_size,
             shard_size=args.shard_size, workers=args.workers, remote=args.remote, overwrite=args.overwrite,
             progress=not args.quiet,
         )
-        manifest = ingest(sources, args.out, **options)
+        manifest = ingest(sources, args.out, **options, **per_source)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -104,6 +105,9 @@ class Task:
 
 # --------------------------------------------------------------------------- workers
 
+_LEVELS = np.arange(256, dtype=np.float64) / 255.0  # pixel statistics in [0, 1] units
+_LEVELS_SQ = _LEVELS * _LEVELS
+
 _SOURCES: list[SourceSpec] = []
 _OPTS: IngestOptions | None = None
 
@@ -150,12 +154,17 @@ def process_file(task: Task, spec: SourceSpec, opts: IngestOptions) -> dict[str,
     try:
         if os.path.getsize(task.path) == 0:
             raise SkipFile("empty file")
-        frames = _frames(task, spec, opts)
+        with warnings.catch_warnings(record=True) as caught:  # keep library warnings off the
+            warnings.simplefilter("always")  # progress bar; the first few go into meta
+            frames = _frames(task, spec, opts)
+        notes = list(dict.fromkeys(str(w.message)[:200] for w in caught))[:3]
         samples, stats = [], []
         for fr in frames:
             pixels = resize(fr.pixels, opts.max_size, opts.resize_side, fr.aspect)
             modality = spec.modality or fr.modality or "OTHER"
             meta = {**fr.meta, "relpath": task.relpath}
+            if notes:
+                meta["warnings"] = notes
             if pixels.shape[:2] != fr.pixels.shape[:2]:
                 meta["resized_from"] = [int(fr.pixels.shape[0]), int(fr.pixels.shape[1])]
             sample = make_sample(
@@ -163,9 +172,8 @@ def process_file(task: Task, spec: SourceSpec, opts: IngestOptions) -> dict[str,
                 label=task.label, meta=meta, encoding=opts.encoding, quality=opts.quality,
             )
             samples.append(sample)
-            total = int(pixels.sum(dtype=np.uint64))
-            squares = int(np.square(pixels, dtype=np.uint32).sum(dtype=np.uint64))
-            stats.append((modality, pixels.size, total / 255.0, squares / 65025.0))  # in [0, 1] units
+            hist = np.bincount(pixels.reshape(-1), minlength=256)  # cheaper than sum + sum of squares
+            stats.append((modality, pixels.size, float(hist @ _LEVELS), float(hist @ _LEVELS_SQ)))
         return {"samples": samples, "stats": stats, "skip": None}
     except SkipFile as e:
         return {"samples": [], "stats": [], "skip": str(e)}

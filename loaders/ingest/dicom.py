@@ -27,6 +27,21 @@ def _first(value) -> float | None:
         return None
 
 
+def _set_transfer_syntax(ds) -> None:
+    """Files without a file meta header are uncompressed; name their syntax from how they
+    were parsed, so that pydicom can decode the pixels."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
 def read_dicom(path: str, window: str, opts: ReadOptions, modality: str | None = None) -> Iterator[Frame]:
     """`modality`: the source's (wins over the file's tag for choosing CT windows)."""
     import pydicom
@@ -34,8 +49,17 @@ def read_dicom(path: str, window: str, opts: ReadOptions, modality: str | None =
 
     try:
         ds = pydicom.dcmread(path)
-    except InvalidDicomError as e:
-        raise SkipFile(f"not a DICOM file: {e}") from None
+    except InvalidDicomError:
+        # No preamble/'DICM': old ACR-NEMA style files still parse with force=True; random
+        # bytes do not give a dataset with pixel data.
+        try:
+            ds = pydicom.dcmread(path, force=True)
+            ok = "PixelData" in ds and "Rows" in ds
+        except Exception:
+            ok = False
+        if not ok:
+            raise SkipFile("not a DICOM image: no 'DICM' file header, and no pixel data when read anyway") from None
+        _set_transfer_syntax(ds)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise SkipFile(f"DICOM has no pixel data (SOP class {ds.get('SOPClassUID', '?')})")
     file_meta = getattr(ds, "file_meta", None)

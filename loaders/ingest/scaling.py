@@ -116,7 +116,7 @@ def _value_table(dtype: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def table_percentiles(view: IntegerView, lo_pct: float, hi_pct: float,
-                      max_samples: int = 4_000_000) -> tuple[float, float] | None:
+                      max_samples: int = 1_000_000) -> tuple[float, float] | None:
     """np.percentile(values, [lo, hi]) (linear method) from a histogram of the indices
     (of every k-th one beyond max_samples, as robust_bounds does)."""
     indices, table, order = view
