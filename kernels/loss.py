@@ -100,25 +100,48 @@ def _launch(imgs, pred, m, p, eps, norm_pix, backward, gscale=None):
     return dpred if backward else loss
 
 
-class _MAELoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, imgs, pred, mask, p, norm_pix, eps):
-        if pred.stride(-1) != 1:
-            pred = pred.contiguous()
-        m = mask.reshape(-1).to(torch.float32).contiguous()
-        per_patch = _launch(imgs, pred, m, p, eps, norm_pix, backward=False)
-        msum = m.sum()
-        ctx.save_for_backward(imgs, pred, m, msum)
-        ctx.cfg = (p, norm_pix, eps)
-        return per_patch.sum() / msum
+# torch.library custom ops: opaque to torch.compile (the engine compiles the whole objective).
 
-    @staticmethod
-    def backward(ctx, gout):
-        imgs, pred, m, msum = ctx.saved_tensors
-        p, norm_pix, eps = ctx.cfg
-        gscale = (gout.float() / msum).reshape(1)
-        dpred = _launch(imgs, pred, m, p, eps, norm_pix, backward=True, gscale=gscale)
-        return None, dpred, None, None, None, None
+
+@torch.library.custom_op("vfm::mae_loss", mutates_args=())
+def _loss_op(imgs: torch.Tensor, pred: torch.Tensor, m: torch.Tensor, p: int, norm_pix: bool,
+             eps: float) -> torch.Tensor:
+    pred = pred if pred.stride(-1) == 1 else pred.contiguous()
+    per_patch = _launch(imgs, pred, m.contiguous(), p, eps, norm_pix, backward=False)
+    return per_patch.sum() / m.sum()
+
+
+@_loss_op.register_fake
+def _(imgs, pred, m, p, norm_pix, eps):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("vfm::mae_loss_bwd", mutates_args=())
+def _loss_bwd_op(gout: torch.Tensor, imgs: torch.Tensor, pred: torch.Tensor, m: torch.Tensor, p: int,
+                 norm_pix: bool, eps: float) -> torch.Tensor:
+    # recomputes the target from the image instead of saving it
+    pred = pred if pred.stride(-1) == 1 else pred.contiguous()
+    gscale = (gout.float() / m.sum()).reshape(1)
+    return _launch(imgs, pred, m.contiguous(), p, eps, norm_pix, backward=True, gscale=gscale)
+
+
+@_loss_bwd_op.register_fake
+def _(gout, imgs, pred, m, p, norm_pix, eps):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _loss_setup(ctx, inputs, output):
+    imgs, pred, m, p, norm_pix, eps = inputs
+    ctx.save_for_backward(imgs, pred, m)
+    ctx.cfg = (p, norm_pix, eps)
+
+
+def _loss_backward(ctx, gout):
+    imgs, pred, m = ctx.saved_tensors
+    return None, _loss_bwd_op(gout, imgs, pred, m, *ctx.cfg), None, None, None, None
+
+
+_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 def mae_loss(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6, impl="auto"):
@@ -134,4 +157,5 @@ def mae_loss(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6, impl="aut
         impl = "triton" if pred.is_cuda else "torch"
     if impl == "torch":
         return mae_loss_reference(imgs, pred, mask, p, norm_pix=norm_pix, eps=eps)
-    return _MAELoss.apply(imgs.detach(), pred, mask, p, bool(norm_pix), float(eps))
+    m = mask.reshape(-1).to(torch.float32)
+    return _loss_op(imgs.detach(), pred, m, p, bool(norm_pix), float(eps))

@@ -187,7 +187,12 @@ def _b_chunks(B: int, n_tiles: int, target: int = 1024) -> int:
     return triton.cdiv(B, chunks)
 
 
-def mae_rank(noise: torch.Tensor, K: int):
+# The ops are torch.library custom ops: torch.compile (the engine compiles the whole objective)
+# sees opaque ops with known output shapes instead of tracing into the Triton launchers.
+
+
+@torch.library.custom_op("vfm::mae_rank", mutates_args=())
+def mae_rank(noise: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids_keep [B, K] int64, mask [B, N] bool, rank [B, N] int32) from noise [B, N]."""
     B, N = noise.shape
     noise = noise.float().contiguous()
@@ -198,87 +203,157 @@ def mae_rank(noise: torch.Tensor, K: int):
     bi = max(1, min(64, 8192 // bj))
     if B and N:
         _rank_kernel[(B,)](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj, num_warps=4)
-    return ids_keep, mask.view(torch.bool), rank
+    return ids_keep, mask.to(torch.bool), rank
 
 
-class _MaskGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens, pos_embed, ids_keep, rank):
-        B, N, C = tokens.shape
-        K = ids_keep.shape[1]
-        if tokens.stride(-1) != 1:
-            tokens = tokens.contiguous()
-        pos = _pos2d(pos_embed)
-        if pos.stride(-1) != 1:
-            pos = pos.contiguous()
-        out = torch.empty(B, K, C, device=tokens.device, dtype=torch.result_type(tokens, pos_embed))
-        br, bc = _row_block(C)
-        if B * K:
-            _gather_kernel[(triton.cdiv(B * K, br), triton.cdiv(C, bc))](
-                tokens, pos, ids_keep, out, B * K, K, C, tokens.stride(0), tokens.stride(1), pos.stride(0),
-                BLOCK_R=br, BLOCK_C=bc, num_warps=4)
-        ctx.save_for_backward(rank)
-        ctx.meta = (B, N, K, C, tokens.dtype, pos_embed.dtype, pos_embed.shape)
-        return out
-
-    @staticmethod
-    def backward(ctx, dvis):
-        (rank,) = ctx.saved_tensors
-        B, N, K, C, tdtype, pdtype, pshape = ctx.meta
-        dvis = dvis.contiguous()
-        dtok = torch.empty(B, N, C, device=dvis.device, dtype=tdtype)
-        has_dpos = ctx.needs_input_grad[1]
-        bn, bc = 16, min(triton.next_power_of_2(C), 256)
-        tiles = triton.cdiv(N, bn) * triton.cdiv(C, bc)
-        bchunk = _b_chunks(B, tiles)
-        nchunks = triton.cdiv(B, bchunk) if B else 0
-        dpos = torch.empty(nchunks, N, C, device=dvis.device, dtype=torch.float32) if has_dpos else dtok
-        if B and N:
-            _gather_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), nchunks)](
-                dvis, rank, dtok, dpos, B, N, K, C, bchunk, HAS_DPOS=has_dpos, BLOCK_N=bn, BLOCK_C=bc, num_warps=4)
-        gpos = dpos.sum(0).to(pdtype).reshape(pshape) if has_dpos else None
-        return dtok, gpos, None, None
+@mae_rank.register_fake
+def _(noise, K):
+    B, N = noise.shape
+    return (noise.new_empty((B, K), dtype=torch.int64), noise.new_empty((B, N), dtype=torch.bool),
+            noise.new_empty((B, N), dtype=torch.int32))
 
 
-class _Unmask(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, visible, ids_keep, mask_token, pos_embed):
-        B, K, C = visible.shape
-        pos = _pos2d(pos_embed)
-        if pos.stride(-1) != 1:
-            pos = pos.contiguous()
-        N = pos.shape[0]
-        visible = visible.contiguous()
-        inv = torch.full((B, N), -1, device=visible.device, dtype=torch.int32)
-        inv.scatter_(1, ids_keep, torch.arange(K, device=visible.device, dtype=torch.int32).expand(B, K))
-        mt = mask_token.reshape(C).contiguous()
-        dtype = torch.result_type(visible, pos_embed)
-        out = torch.empty(B, N, C, device=visible.device, dtype=dtype)
-        br, bc = _row_block(C)
-        if B * N:
-            _unmask_kernel[(triton.cdiv(B * N, br), triton.cdiv(C, bc))](
-                visible, inv, mt, pos, out, B * N, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, num_warps=4)
-        ctx.save_for_backward(inv)
-        ctx.meta = (B, N, K, C, visible.dtype, mask_token.dtype, mask_token.shape, pos_embed.dtype, pos_embed.shape)
-        return out
+def _gather_impl(tokens, pos, ids_keep):
+    B, N, C = tokens.shape
+    K = ids_keep.shape[1]
+    tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
+    pos = pos if pos.stride(-1) == 1 else pos.contiguous()
+    ids_keep = ids_keep.contiguous()
+    out = torch.empty(B, K, C, device=tokens.device, dtype=torch.result_type(tokens, pos))
+    br, bc = _row_block(C)
+    if B * K:
+        _gather_kernel[(triton.cdiv(B * K, br), triton.cdiv(C, bc))](
+            tokens, pos, ids_keep, out, B * K, K, C, tokens.stride(0), tokens.stride(1), pos.stride(0),
+            BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+    return out
 
-    @staticmethod
-    def backward(ctx, dfull):
-        (inv,) = ctx.saved_tensors
-        B, N, K, C, vdtype, mdtype, mshape, pdtype, pshape = ctx.meta
-        dfull = dfull.contiguous()
-        dvis = torch.empty(B, K, C, device=dfull.device, dtype=vdtype)
-        bn, bc = 16, min(triton.next_power_of_2(C), 256)
-        nb = triton.cdiv(N, bn)
-        tiles = nb * triton.cdiv(C, bc)
-        bchunk = _b_chunks(B, tiles)
-        nchunks = triton.cdiv(B, bchunk) if B else 0
-        dpos = torch.empty(nchunks, N, C, device=dfull.device, dtype=torch.float32)
-        dmt = torch.empty(nchunks, nb, C, device=dfull.device, dtype=torch.float32)
-        if B and N:
-            _unmask_bwd_kernel[(nb, triton.cdiv(C, bc), nchunks)](
-                dfull, inv, dvis, dpos, dmt, B, N, K, C, bchunk, BLOCK_N=bn, BLOCK_C=bc, num_warps=4)
-        return dvis, None, dmt.sum((0, 1)).to(mdtype).reshape(mshape), dpos.sum(0).to(pdtype).reshape(pshape)
+
+@torch.library.custom_op("vfm::mae_gather_bwd", mutates_args=())
+def _gather_bwd(dvis: torch.Tensor, rank: torch.Tensor, tokens_dtype: torch.dtype,
+                need_dpos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dtokens [B, N, C], dpos [N, C] fp32; empty when not needed)."""
+    B, K, C = dvis.shape
+    N = rank.shape[1]
+    dvis = dvis.contiguous()
+    dtok = torch.empty(B, N, C, device=dvis.device, dtype=tokens_dtype)
+    bn, bc = 16, min(triton.next_power_of_2(C), 256)
+    tiles = triton.cdiv(N, bn) * triton.cdiv(C, bc)
+    bchunk = _b_chunks(B, tiles)
+    nchunks = triton.cdiv(B, bchunk) if B else 0
+    part = torch.empty(nchunks, N, C, device=dvis.device, dtype=torch.float32) if need_dpos else dtok
+    if B and N:
+        _gather_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), nchunks)](
+            dvis, rank, dtok, part, B, N, K, C, bchunk, HAS_DPOS=need_dpos, BLOCK_N=bn, BLOCK_C=bc, num_warps=4)
+    if not need_dpos:
+        return dtok, dvis.new_empty((0,), dtype=torch.float32)
+    return dtok, part.sum(0) if nchunks else dvis.new_zeros((N, C), dtype=torch.float32)
+
+
+@_gather_bwd.register_fake
+def _(dvis, rank, tokens_dtype, need_dpos):
+    B, K, C = dvis.shape
+    N = rank.shape[1]
+    dpos = dvis.new_empty((N, C) if need_dpos else (0,), dtype=torch.float32)
+    return dvis.new_empty((B, N, C), dtype=tokens_dtype), dpos
+
+
+@torch.library.custom_op("vfm::mae_gather", mutates_args=())
+def _gather_ranked(tokens: torch.Tensor, pos: torch.Tensor, ids_keep: torch.Tensor,
+                   rank: torch.Tensor) -> torch.Tensor:
+    """visible[b, r] = tokens[b, ids_keep[b, r]] + pos[ids_keep[b, r]]; `rank` is kept for the backward."""
+    return _gather_impl(tokens, pos, ids_keep)
+
+
+@_gather_ranked.register_fake
+def _(tokens, pos, ids_keep, rank):
+    B, N, C = tokens.shape
+    return tokens.new_empty((B, ids_keep.shape[1], C), dtype=torch.result_type(tokens, pos))
+
+
+def _ranked_setup(ctx, inputs, output):
+    tokens, pos, ids_keep, rank = inputs
+    ctx.save_for_backward(rank)
+    ctx.tokens_dtype, ctx.pos_dtype = tokens.dtype, pos.dtype
+
+
+def _ranked_backward(ctx, dvis):
+    (rank,) = ctx.saved_tensors
+    need_dpos = bool(ctx.needs_input_grad[1])
+    dtok, dpos = _gather_bwd(dvis, rank, ctx.tokens_dtype, need_dpos)
+    return dtok, (dpos.to(ctx.pos_dtype) if need_dpos else None), None, None
+
+
+_gather_ranked.register_autograd(_ranked_backward, setup_context=_ranked_setup)
+
+
+@torch.library.custom_op("vfm::mae_unmask", mutates_args=())
+def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Tensor,
+            pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full [B, N, C], inv [B, N] int32: each position's row in `visible`, -1 where masked)."""
+    B, K, C = visible.shape
+    N = pos.shape[0]
+    pos = pos if pos.stride(-1) == 1 else pos.contiguous()
+    visible = visible.contiguous()
+    inv = torch.full((B, N), -1, device=visible.device, dtype=torch.int32)
+    inv.scatter_(1, ids_keep, torch.arange(K, device=visible.device, dtype=torch.int32).expand(B, K))
+    mt = mask_token.contiguous()
+    out = torch.empty(B, N, C, device=visible.device, dtype=torch.result_type(visible, pos))
+    br, bc = _row_block(C)
+    if B * N:
+        _unmask_kernel[(triton.cdiv(B * N, br), triton.cdiv(C, bc))](
+            visible, inv, mt, pos, out, B * N, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+    return out, inv
+
+
+@_unmask.register_fake
+def _(visible, ids_keep, mask_token, pos):
+    B, K, C = visible.shape
+    N = pos.shape[0]
+    return (visible.new_empty((B, N, C), dtype=torch.result_type(visible, pos)),
+            visible.new_empty((B, N), dtype=torch.int32))
+
+
+@torch.library.custom_op("vfm::mae_unmask_bwd", mutates_args=())
+def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int,
+                visible_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dvisible [B, K, C], dmask_token [C] fp32, dpos [N, C] fp32)."""
+    B, N, C = dfull.shape
+    dfull = dfull.contiguous()
+    dvis = torch.empty(B, K, C, device=dfull.device, dtype=visible_dtype)
+    bn, bc = 16, min(triton.next_power_of_2(C), 256)
+    nb = triton.cdiv(N, bn)
+    tiles = nb * triton.cdiv(C, bc)
+    bchunk = _b_chunks(B, tiles)
+    nchunks = triton.cdiv(B, bchunk) if B else 0
+    dpos = torch.zeros(max(nchunks, 1), N, C, device=dfull.device, dtype=torch.float32)
+    dmt = torch.zeros(max(nchunks, 1), nb, C, device=dfull.device, dtype=torch.float32)
+    if B and N:
+        _unmask_bwd_kernel[(nb, triton.cdiv(C, bc), nchunks)](
+            dfull, inv, dvis, dpos, dmt, B, N, K, C, bchunk, BLOCK_N=bn, BLOCK_C=bc, num_warps=4)
+    return dvis, dmt.sum((0, 1)), dpos.sum(0)
+
+
+@_unmask_bwd.register_fake
+def _(dfull, inv, K, visible_dtype):
+    B, N, C = dfull.shape
+    return (dfull.new_empty((B, K, C), dtype=visible_dtype), dfull.new_empty((C,), dtype=torch.float32),
+            dfull.new_empty((N, C), dtype=torch.float32))
+
+
+def _unmask_setup(ctx, inputs, output):
+    visible, ids_keep, mask_token, pos = inputs
+    ctx.save_for_backward(output[1])
+    ctx.K, ctx.dtypes = visible.shape[1], (visible.dtype, mask_token.dtype, pos.dtype)
+
+
+def _unmask_backward(ctx, dfull, dinv):
+    (inv,) = ctx.saved_tensors
+    vdt, mdt, pdt = ctx.dtypes
+    dvis, dmt, dpos = _unmask_bwd(dfull, inv, ctx.K, vdt)
+    return dvis, None, dmt.to(mdt), dpos.to(pdt)
+
+
+_unmask.register_autograd(_unmask_backward, setup_context=_unmask_setup)
 
 
 def _resolve(impl: str, x: torch.Tensor) -> str:
@@ -300,7 +375,7 @@ def mae_mask(tokens, pos_embed, mask_ratio, *, noise: Optional[torch.Tensor] = N
         return mae_mask_reference(tokens, pos_embed, mask_ratio, noise=noise)
     K = keep_count(N, mask_ratio)
     ids_keep, mask, rank = mae_rank(noise, K)
-    visible = _MaskGather.apply(tokens, pos_embed, ids_keep, rank)
+    visible = _gather_ranked(tokens, _pos2d(pos_embed), ids_keep, rank)
     return visible, ids_keep, mask
 
 
@@ -308,4 +383,5 @@ def mae_unmask(visible, ids_keep, mask_token, pos_embed, *, impl="auto"):
     """Decoder side: visible tokens back to their positions, mask_token elsewhere, + pos_embed."""
     if _resolve(impl, visible) == "torch":
         return mae_unmask_reference(visible, ids_keep, mask_token, pos_embed)
-    return _Unmask.apply(visible, ids_keep, mask_token, pos_embed)
+    C = visible.shape[-1]
+    return _unmask(visible, ids_keep, mask_token.reshape(C), _pos2d(pos_embed))[0]

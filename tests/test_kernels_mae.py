@@ -134,3 +134,51 @@ def test_mae_loss_float_mask_and_patchify_order():
     assert kernels.mae_loss(imgs, t, mask, p, impl="triton").item() < 1e-10
     with pytest.raises(ValueError):
         kernels.mae_loss(imgs, pred[:, :3], mask[:, :3], p, impl="triton")
+
+
+def test_custom_ops_pass_opcheck():
+    # schema, fake-tensor shapes/strides, autograd registration: what torch.compile relies on
+    masking = sys.modules["kernels.masking"]
+    loss = sys.modules["kernels.loss"]
+    B, N, C, K = 2, 12, 8, 5
+    noise = torch.rand(B, N)
+    ids, _, rank = masking.mae_rank(noise, K)
+    cases = [
+        (masking.mae_rank, (noise, K)),
+        (masking._gather_ranked, (torch.randn(B, N, C, requires_grad=True), torch.randn(N, C, requires_grad=True),
+                                  ids, rank)),
+        (masking._unmask, (torch.randn(B, K, C, requires_grad=True), ids, torch.randn(C, requires_grad=True),
+                           torch.randn(N, C, requires_grad=True))),
+        (loss._loss_op, (torch.randn(B, 3, 8, 12), torch.randn(B, 6, 48, requires_grad=True),
+                         (torch.rand(B * 6) < 0.5).float(), 4, True, 1e-6)),
+    ]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_torch_compile_sees_one_graph():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    B, N, C, p = 2, 6, 48, 4
+    tokens = torch.randn(B, N, C, requires_grad=True)
+    pos = torch.randn(1, N, C, requires_grad=True)
+    mt = torch.randn(C, requires_grad=True)
+    imgs = torch.randn(B, 3, 8, 12)
+    noise = torch.rand(B, N)
+
+    def step(tokens, pos, mt, impl):
+        vis, ids, mask = kernels.mae_mask(tokens, pos, 0.5, noise=noise, impl=impl)
+        full = kernels.mae_unmask(vis * 2, ids, mt, pos, impl=impl)
+        return kernels.mae_loss(imgs, full, mask, p, impl=impl)
+
+    got = torch.compile(step, backend="aot_eager")(tokens, pos, mt, "triton")
+    g = torch.autograd.grad(got, (tokens, pos, mt))
+    want = step(tokens, pos, mt, "torch")
+    gw = torch.autograd.grad(want, (tokens, pos, mt))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g, gw):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not torch._dynamo.utils.counters["graph_break"]
