@@ -270,18 +270,19 @@ def measure_throughput(loader, *, seconds: float, warmup: int, device: torch.dev
 
 
 # ----------------------------------------------------------------- MAE stall
-def build_train_step(model_name: str, crop: int, device: torch.device, compile_blocks: bool):
+def build_train_step(model_name: str, crop: int, device: torch.device, compile_blocks: bool, kernels: str = "auto"):
     """An MAE training step (the engine's MaskedAutoencoder if present, else a timm ViT
-    forward/backward), bf16 autocast, fused AdamW; no host sync inside."""
-    kind = "engine.objectives.mae.MaskedAutoencoder"
+    forward/backward), bf16 autocast, fused AdamW; no host sync inside. kernels: "auto"
+    (the engine's Triton kernels on CUDA) or "torch" (SDPA and torch masking)."""
+    kind = f"engine.objectives.mae.MaskedAutoencoder (kernels={kernels})"
     try:
-        from engine.models import attention_layer, create_encoder
+        from engine.models import attention_layer, create_encoder, use_triton
         from engine.objectives.mae import MaskedAutoencoder
 
-        attn = attention_layer("auto", device)
+        attn = attention_layer(kernels, device)
         patch = 16 if crop % 16 == 0 and crop >= 64 else 8
         encoder = create_encoder(model_name, img_size=crop, patch_size=patch, attn_layer=attn)
-        model = MaskedAutoencoder(encoder, impl="triton" if device.type == "cuda" else "torch", attn_layer=attn)
+        model = MaskedAutoencoder(encoder, impl="triton" if use_triton(kernels, device) else "torch", attn_layer=attn)
 
         def loss_of(x):
             return model(x)["loss"]
@@ -438,14 +439,27 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
     step_box: dict[str, Any] = {}
 
     def setup():
-        step, kind = build_train_step(a.model, a.crop, device, a.compile)
-        step_box["step"] = step
         from loaders.augment import AugmentSpec
 
         fixed = torch.randn(a.batch_size, 3, a.crop, a.crop, device=device).to(dtype)
+        failures = []
+        for kernels in ("auto", "torch") if device.type == "cuda" else ("torch",):
+            try:  # the engine's Triton kernels first; SDPA if they fail here
+                step, kind = build_train_step(a.model, a.crop, device, a.compile, kernels)
+                step(fixed)
+                break
+            except Exception as e:
+                failures.append(f"kernels={kernels}: {type(e).__name__}: {e}"[:500])
+                step = None
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if step is None:
+            raise RuntimeError("no MAE step could run: " + " | ".join(failures))
+        step_box["step"] = step
         rate = timed_steps(step, itertools.repeat(fixed), a.stall_steps, max(1, a.warmup // 2), device)
         return {"model": a.model, "step": kind, "synthetic_img_s": rate, "compile": a.compile,
-                "spec": str(AugmentSpec(size=a.crop))}
+                "spec": str(AugmentSpec(size=a.crop)), "fallbacks": failures}
 
     base = guarded("stall setup", setup)
     payload["stall_model"] = base
