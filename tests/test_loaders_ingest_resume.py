@@ -119,3 +119,12 @@ def test_rerun_with_other_options_refuses_then_overwrites(clean, tmp_path):
     run_inproc(src, other, quality=80)
     assert [u for u, _, _ in contents(other)] == [u for u, _, _ in ref]
     assert contents(other) != ref  # different JPEG bytes
+
+
+def test_a_worker_dying_on_one_file_skips_only_that_file(clean, tmp_path, monkeypatch):
+    src, _, ref = clean
+    monkeypatch.setenv("LOADERS_INGEST_CRASH_ON", "png/003.png")  # the worker SIGKILLs itself there
+    manifest = run_inproc(src, str(tmp_path / "out"))
+    reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"png/bad.png", "png/003.png"} and "worker process died" in reasons["png/003.png"]
+    assert contents(str(tmp_path / "out")) == [r for r in ref if r[0] != "small/png/003.png"]

@@ -23,7 +23,7 @@ import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -37,6 +37,7 @@ MANIFEST = "manifest.json"
 STATE = "ingest_state.json"
 DONE_DIR = "done"  # done/part-NNNNN.json: a part's tallies, written after its shards
 KILL_HOOK_ENV = "LOADERS_INGEST_KILL_AFTER"  # tests: SIGKILL ourselves after N samples written
+CRASH_HOOK_ENV = "LOADERS_INGEST_CRASH_ON"  # tests: a worker SIGKILLs itself on files whose path has this
 
 
 @dataclass
@@ -185,7 +186,74 @@ def process_file(task: Task, spec: SourceSpec, opts: IngestOptions) -> dict[str,
 
 def _work(task: Task) -> dict[str, Any]:
     assert _OPTS is not None
+    crash_on = os.environ.get(CRASH_HOOK_ENV)
+    if crash_on and crash_on in task.relpath:
+        os.kill(os.getpid(), signal.SIGKILL)  # tests: a decoder crash or the OOM killer
     return process_file(task, _SOURCES[task.source], _OPTS)
+
+
+class _OrderedPool:
+    """Worker processes returning results in input order, surviving a worker that dies
+    (a segfault in a decoder, the OOM killer on a huge file): the files that were in
+    flight are retried one at a time, and the one that kills its worker again is skipped."""
+
+    def __init__(self, workers: int, specs: list[SourceSpec], opts: IngestOptions) -> None:
+        self.workers, self.specs, self.opts = workers, specs, opts
+        self.ahead = 4 * workers  # tasks in flight: enough to keep workers busy, bounded memory
+        self._start()
+
+    def _start(self) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.ex = ProcessPoolExecutor(self.workers, mp_context=mp.get_context(), initializer=_init_worker,
+                                      initargs=(self.specs, self.opts))
+
+    def _restart(self) -> None:
+        self.ex.shutdown(wait=True, cancel_futures=True)
+        self._start()
+
+    def _alone(self, task: Task) -> dict[str, Any]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self.ex.submit(_work, task).result()
+        except BrokenProcessPool:
+            self._restart()
+            return {"samples": [], "stats": [], "skip": "worker process died reading this file "
+                                                         "(decoder crash or out of memory)"}
+
+    def results(self, tasks: list[Task]) -> Iterator[dict[str, Any]]:
+        from collections import deque
+        from concurrent.futures.process import BrokenProcessPool
+
+        queue = iter(tasks)
+        window: deque = deque()
+
+        def fill() -> None:
+            while len(window) < self.ahead:
+                task = next(queue, None)
+                if task is None:
+                    return
+                window.append((task, self.ex.submit(_work, task)))
+
+        fill()
+        while window:
+            task, fut = window.popleft()
+            try:
+                res = fut.result()
+            except BrokenProcessPool:
+                in_flight = [task] + [t for t, _ in window]
+                window.clear()
+                self._restart()
+                for t in in_flight:  # one at a time: only the culprit is lost
+                    yield self._alone(t)
+                fill()
+                continue
+            yield res
+            fill()
+
+    def close(self, wait: bool) -> None:
+        self.ex.shutdown(wait=wait, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- planning
@@ -367,8 +435,8 @@ def ingest(sources: Iterable[Any], out: str, **options: Any) -> dict[str, Any]:
         _preload({t.kind for t in todo})
         pool = None
         if workers > 1:
-            pool = mp.get_context().Pool(workers, initializer=_init_worker, initargs=(specs, opts))
-            results = pool.imap(_work, todo, chunksize=1)
+            pool = _OrderedPool(workers, specs, opts)
+            results = pool.results(todo)
         else:
             results = (process_file(t, specs[t.source], opts) for t in todo)
         try:
@@ -390,11 +458,14 @@ def ingest(sources: Iterable[Any], out: str, **options: Any) -> dict[str, Any]:
                         n_skipped += res["skip"] is not None
                         bar.set_postfix(samples=written, skipped=n_skipped, refresh=False)
                 _write_json(_done_path(out, ci), {"files": len(chunks[ci]), **totals.to_json()})
+        except BaseException:
+            if pool is not None:
+                pool.close(wait=False)
+            raise
         finally:
             bar.close()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+        if pool is not None:
+            pool.close(wait=True)  # reap the workers (their CPU time then counts in getrusage)
 
     return _finish(out, specs, chunks, source_info, selection, opts, resumed, time.perf_counter() - t_start)
 
