@@ -716,7 +716,7 @@ def attention_qkv(qkv, *, scale=None, impl="auto", fwd_config=None, bwd_config=N
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [B, N, 3, H, D]; got {tuple(qkv.shape)}")
     if impl == "auto":
-        impl = "triton" if _triton_fits(qkv) else "sdpa"
+        impl = "triton" if _triton_fits(qkv, qkv.shape[1]) else "sdpa"
     if impl != "triton":
         q, k, v = _qkv_views(qkv)
         return attention(q, k, v, scale=scale, impl=impl)
@@ -738,9 +738,16 @@ def attention_triton(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, f
     return _TritonAttention.apply(q, k, v, scale, cu_seqlens, max_seqlen, fwd_config, bwd_config)
 
 
-def _triton_fits(x: torch.Tensor) -> bool:
-    """What "auto" sends to our kernel: CUDA, half/bfloat16/float32, head dim <= 128."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.shape[-1] <= 128
+# "auto" uses our kernel only where it measured faster than the best SDPA backend (H200,
+# bench/results/kernels-*.json: 1.66x at N=50, 0.89x at N=197 against cuDNN); longer
+# sequences go to SDPA, whose cuDNN backward is faster there (see kernels/README.md).
+AUTO_TRITON_MAX_SEQLEN = 128
+
+
+def _triton_fits(x: torch.Tensor, seqlen: int | None = None) -> bool:
+    """What "auto" sends to our kernel: CUDA, half/bfloat16/float32, head dim <= 128, short sequences."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.shape[-1] <= 128
+            and (seqlen is None or seqlen <= AUTO_TRITON_MAX_SEQLEN))
 
 
 def _xformers_available() -> bool:
@@ -755,7 +762,8 @@ def attention(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, impl="au
     """Scaled-dot-product attention over [B, H, N, D] or packed [total, H, D] + cu_seqlens.
 
     impl: "triton" (our kernels), "sdpa" (torch's fused SDPA), "torch" (fp32 reference),
-    "xformers" (memory_efficient_attention), "auto" = triton on CUDA (head dim <= 128), SDPA elsewhere.
+    "xformers" (memory_efficient_attention), "auto" = triton on CUDA for head dim <= 128 and
+    N <= AUTO_TRITON_MAX_SEQLEN (where it measured faster), SDPA otherwise.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -764,7 +772,8 @@ def attention(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, impl="au
     if cu_seqlens is not None and q.dim() != 3:
         raise ValueError(f"packed q must be [T, H, D]; got {tuple(q.shape)}")
     if impl == "auto":
-        impl = "triton" if _triton_fits(q) else "sdpa"
+        n = q.shape[2] if cu_seqlens is None else (max_seqlen or AUTO_TRITON_MAX_SEQLEN)
+        impl = "triton" if _triton_fits(q, n) else "sdpa"
     if impl == "triton":
         return attention_triton(q, k, v, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if impl == "sdpa":
