@@ -292,3 +292,17 @@ def test_ffcv_refuses_stream_mixing(shards):
     with pytest.raises(ValueError, match="proportion"):
         build_loader([{"path": shards[0], "proportion": 0.5}], backend="ffcv", batch_size=4, device="cpu",
                      cache_dir=shards[2])
+
+
+def test_fast_shard_reader_matches_streaming(shards):
+    from streaming import StreamingDataset
+
+    from loaders.backends.encoded import make_encoded_dataset
+
+    ds = make_encoded_dataset(as_stream_specs(shards[0]), batch_size=4, shuffle=False, seed=0, cache_dir=None,
+                              num_canonical_nodes=None, augment=SPEC, decode_png=False)
+    for i in range(ds.num_samples):
+        fast, ref = ds.row(i), StreamingDataset.get_item(ds, i)
+        assert {k: fast[k] for k in ("image", "uid", "modality", "source")} == \
+            {k: ref[k] for k in ("image", "uid", "modality", "source")}
+    assert len(ds._fast_readers) > 1  # several shards, each through the memory-mapped path
