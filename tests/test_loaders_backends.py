@@ -5,7 +5,6 @@ shares the cpu backend's RNG, in distribution for ffcv), and exact mid-epoch res
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import sys
 
