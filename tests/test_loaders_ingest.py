@@ -12,9 +12,11 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from ingest_fixtures import CT_SHAPE, FRAMES, NIFTI_EMPTY, NIFTI_SHAPE, build_corpus, ct_stored, read_shards  # noqa: E402
+from ingest_fixtures import (CT_SHAPE, FRAMES, NIFTI_EMPTY, NIFTI_SHAPE, build_corpus, ct_stored,  # noqa: E402
+                             read_shards)
 
-from loaders.ingest import IngestOptions, SourceSpec, ingest, load_sources_yaml, parse_source, plan, process_file  # noqa: E402
+from loaders.ingest import (IngestOptions, SourceSpec, ingest, load_sources_yaml, parse_source, plan,  # noqa: E402
+                            process_file)
 from loaders.ingest.__main__ import main as cli_main  # noqa: E402
 from loaders.ingest.core import Task  # noqa: E402
 from loaders.ingest.scaling import WINDOW_PRESETS, target_size  # noqa: E402

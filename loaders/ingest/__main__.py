@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quality", type=int, default=d.quality, help="JPEG quality (default 95)")
     g.add_argument("--shard-size", default=d.shard_size, help="MDS shard size limit (default 64mb)")
     g = p.add_argument_group("selection (data-size ladder)")
-    g.add_argument("--subset", type=int, help="keep N files (not samples) chosen at random; nested across N for one seed")
+    g.add_argument("--subset", type=int,
+                   help="keep N files (not samples) chosen at random; nested across N for one seed")
     g.add_argument("--fraction", type=float, help="keep this fraction of the files")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for --subset/--fraction (default 0)")
     g = p.add_argument_group("execution")

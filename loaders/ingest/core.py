@@ -133,7 +133,8 @@ def _die_with_parent() -> None:
 
 
 def _frames(task: Task, spec: SourceSpec, opts: IngestOptions):
-    ro = ReadOptions(percentiles=opts.percentiles, min_std=opts.min_std, min_foreground=opts.min_foreground, max_size=opts.max_size,
+    ro = ReadOptions(percentiles=opts.percentiles, min_std=opts.min_std, min_foreground=opts.min_foreground,
+                     max_size=opts.max_size,
                      resize_side=opts.resize_side)
     if task.kind == "dicom":
         from .dicom import read_dicom
@@ -173,8 +174,10 @@ def process_file(task: Task, spec: SourceSpec, opts: IngestOptions) -> dict[str,
                 label=task.label, meta=meta, encoding=opts.encoding, quality=opts.quality,
             )
             samples.append(sample)
-            hist = np.bincount(pixels.reshape(-1), minlength=256)  # cheaper than sum + sum of squares
-            stats.append((modality, pixels.size, float(hist @ _LEVELS), float(hist @ _LEVELS_SQ)))
+            flat = pixels.reshape(-1)
+            flat = flat[:: max(1, flat.size // 65536)]  # an estimate from <= ~65k pixels per sample is plenty
+            hist = np.bincount(flat, minlength=256)
+            stats.append((modality, flat.size, float(hist @ _LEVELS), float(hist @ _LEVELS_SQ)))
         return {"samples": samples, "stats": stats, "skip": None}
     except SkipFile as e:
         return {"samples": [], "stats": [], "skip": str(e)}
@@ -544,7 +547,8 @@ def _finish(out: str, specs: list[SourceSpec], chunks: list[list[Task]], source_
             "per_source_ingested": dict(sorted(files_ok.items())),
         },
         "pixel_stats": {
-            "note": "mean/std of the written 8-bit pixels scaled to [0, 1], all channels together",
+            "note": "mean/std of the written 8-bit pixels scaled to [0, 1], all channels together, "
+                    "estimated from up to ~65k evenly spaced pixels per sample",
             "by_modality": {m: stat(*v) for m, v in sorted(mod_pix.items())},
             "by_source": {src: {m: stat(*v) for m, v in sorted(by.items())} for src, by in sorted(pixels.items())},
         },

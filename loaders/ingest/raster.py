@@ -48,7 +48,10 @@ def read_raster(path: str, opts: ReadOptions) -> Iterator[Frame]:
                 arr = arr.astype(np.int32)
             meta["original_dtype"] = str(arr.dtype)
             iv = integer_view(arr)
-            bounds = table_percentiles(iv, *opts.percentiles) if iv is not None else robust_bounds(arr, *opts.percentiles)
+            if iv is not None:
+                bounds = table_percentiles(iv, *opts.percentiles)
+            else:
+                bounds = robust_bounds(arr, *opts.percentiles)
             if bounds is None:
                 raise SkipFile("no finite pixel values")
             pixels = table_to_uint8(iv, *bounds) if iv is not None else to_uint8(arr, *bounds)

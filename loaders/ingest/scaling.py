@@ -45,7 +45,8 @@ def window_bounds(center: float, width: float) -> tuple[float, float]:
     return center - width / 2.0, center + width / 2.0
 
 
-def robust_bounds(values: np.ndarray, lo_pct: float, hi_pct: float, max_samples: int = 1_000_000) -> tuple[float, float] | None:
+def robust_bounds(values: np.ndarray, lo_pct: float, hi_pct: float,
+                  max_samples: int = 1_000_000) -> tuple[float, float] | None:
     """Percentiles of the finite values (subsampled for big volumes); None when there are none."""
     flat = values.reshape(-1)
     if flat.size > max_samples:
