@@ -348,7 +348,10 @@ class DINOv2(nn.Module):
         masks = sample_masks(n, grid, grid, self.mask_probability, self.mask_ratio)
         masked_at = masks.flatten().nonzero().squeeze(1)
         crop_of_token = masked_at // (grid * grid)
-        return tuple(t.to(device, non_blocking=True) for t in (masks.view(n, grid, grid), masked_at, crop_of_token))
+        out = tuple(t.to(device, non_blocking=True) for t in (masks.view(n, grid, grid), masked_at, crop_of_token))
+        for t in out[1:]:  # the count changes every step: compile for any count at once
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return out
 
     def synthetic_batch(self, batch_size: int, device, dtype=torch.float32) -> list[torch.Tensor]:
         return self.augment.synthetic(batch_size, device, dtype)
