@@ -139,8 +139,9 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def block_mask(h: int, w: int, ratio: float, rng: random.Random, min_block: int = 4,
                aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
     """bool [h, w]: rectangles of random area and aspect added until about `ratio` of the
-    patches are masked (a block is redrawn if it would overshoot; gives up after 20 misses)."""
-    mask = torch.zeros(h, w, dtype=torch.bool, device="cpu")
+    patches are masked (a block is redrawn if it would overshoot; gives up after 20 misses).
+    Plain Python on a flat list: it runs on the host every step."""
+    mask = [False] * (h * w)
     target = int(round(ratio * h * w))
     count, misses = 0, 0
     while count < target and misses < 20:
@@ -150,13 +151,15 @@ def block_mask(h: int, w: int, ratio: float, rng: random.Random, min_block: int 
         bh = min(h, max(1, int(round(math.sqrt(area * a)))))
         bw = min(w, max(1, int(round(math.sqrt(area / a)))))
         top, left = rng.randint(0, h - bh), rng.randint(0, w - bw)
-        new = int((~mask[top:top + bh, left:left + bw]).sum())
+        cells = [r * w + c for r in range(top, top + bh) for c in range(left, left + bw)]
+        new = sum(not mask[i] for i in cells)
         if new == 0 or new > left_over:
             misses += 1
             continue
-        mask[top:top + bh, left:left + bw] = True
+        for i in cells:
+            mask[i] = True
         count += new
-    return mask
+    return torch.tensor(mask, dtype=torch.bool, device="cpu").view(h, w)
 
 
 def sample_masks(num: int, h: int, w: int, probability: float, ratio: tuple[float, float]) -> torch.Tensor:
@@ -348,7 +351,11 @@ class DINOv2(nn.Module):
         masks = sample_masks(n, grid, grid, self.mask_probability, self.mask_ratio)
         masked_at = masks.flatten().nonzero().squeeze(1)
         crop_of_token = masked_at // (grid * grid)
-        out = tuple(t.to(device, non_blocking=True) for t in (masks.view(n, grid, grid), masked_at, crop_of_token))
+        out = (masks.view(n, grid, grid), masked_at, crop_of_token)
+        if torch.device(device).type == "cuda":  # pinned: the copies queue behind the GPU's work, no sync
+            out = tuple(t.pin_memory().to(device, non_blocking=True) for t in out)
+        else:
+            out = tuple(t.to(device) for t in out)
         for t in out[1:]:  # the count changes every step: compile for any count at once
             torch._dynamo.maybe_mark_dynamic(t, 0)
         return out
