@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
 import numpy as np
 from PIL import Image
@@ -102,5 +103,12 @@ def small_corpus(root: str, n_png: int = 10) -> None:
 def read_shards(path: str) -> list[dict]:
     from streaming import StreamingDataset
 
-    ds = StreamingDataset(local=path, remote=None, batch_size=1, shuffle=False)
+    for attempt in range(5):
+        try:
+            ds = StreamingDataset(local=path, remote=None, batch_size=1, shuffle=False)
+            break
+        except FileExistsError:  # streaming's shared-memory names can race with other processes
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     return [ds[i] for i in range(len(ds))]

@@ -237,12 +237,19 @@ class _OrderedPool:
                 task = next(queue, None)
                 if task is None:
                     return
-                window.append((task, self.ex.submit(_work, task)))
+                try:
+                    fut = self.ex.submit(_work, task)
+                except BrokenProcessPool:  # a worker died since the last result we looked at
+                    window.append((task, None))
+                    return
+                window.append((task, fut))
 
         fill()
         while window:
             task, fut = window.popleft()
             try:
+                if fut is None:
+                    raise BrokenProcessPool("pool broken before submit")
                 res = fut.result()
             except BrokenProcessPool:
                 in_flight = [task] + [t for t, _ in window]
