@@ -78,8 +78,9 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def write_result(suite: str, payload: dict[str, Any], argv: list[str] | None = None) -> Path:
-    """Write bench/results/<suite>-<card>-<date>.json with card, versions and command."""
+def write_result(suite: str, payload: dict[str, Any], argv: list[str] | None = None, tag: str | None = None) -> Path:
+    """Write bench/results/<suite>-<card>-<date>[-<tag>].json with card, versions and command.
+    `tag` tells runs of one suite apart on the same day (e.g. the models measured)."""
     card = card_name()
     cmd = "python -m bench " + " ".join(shlex.quote(a) for a in [suite, *(argv or [])])
     record = {
@@ -91,7 +92,7 @@ def write_result(suite: str, payload: dict[str, Any], argv: list[str] | None = N
         **payload,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{suite}-{slug(card)}-{_dt.date.today().isoformat()}.json"
+    path = RESULTS_DIR / f"{suite}-{slug(card)}-{_dt.date.today().isoformat()}{'-' + slug(tag) if tag else ''}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
     return path

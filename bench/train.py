@@ -116,8 +116,13 @@ def run_naive(cfg, batch: int, steps: int, warmup: int, device: torch.device, co
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     sec = _time_steps(step, steps, warmup, device)
-    return {"img_per_s": batch / sec, "step_ms": sec * 1e3}
+    out = {"img_per_s": batch / sec, "step_ms": sec * 1e3}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def run_engine(cfg, batch: int, steps: int, warmup: int) -> dict[str, Any]:
@@ -136,6 +141,8 @@ def run_engine(cfg, batch: int, steps: int, warmup: int) -> dict[str, Any]:
     trainer = Trainer(cfg, "/tmp/bench-train-unused")
     data = trainer.batches()
     batch0 = next(data)
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
 
     def step():
         trainer.set_lr()
@@ -192,7 +199,8 @@ def run_scaling(args) -> int:
                 print_table([row], [k for k in row if k != "error"])
                 if "error" in row:
                     print(row["error"])
-    write_result("train-scaling", {"rows": rows, "compile": not args.no_compile}, sys.argv[2:])
+    tag = "+".join(r.split("/")[-1].replace(".yaml", "") for r in args.recipes) + f"-{args.variants[0]}"
+    write_result("train-scaling", {"rows": rows, "compile": not args.no_compile}, sys.argv[2:], tag=tag)
     return 0
 
 
@@ -244,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench._dinov2 import bench_dinov2
 
             row.update(bench_dinov2(base, batch=batch, steps=args.steps, warmup=args.warmup, device=device,
-                                    compile_=not args.no_compile))
+                                    compile_=not args.no_compile, variants=args.variants))
         else:
             for variant in args.variants:
                 cfg = load_config(recipe, args.override)
@@ -259,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                         r = run_engine(cfg, batch, args.steps, args.warmup)
                     row[f"{variant}_img_s"] = r["img_per_s"]
                     row[f"{variant}_step_ms"] = r["step_ms"]
+                    if "peak_mem_gib" in r:
+                        row[f"{variant}_peak_mem_gib"] = r["peak_mem_gib"]
                     if peak:
                         row[f"{variant}_mfu"] = r["img_per_s"] * flops / peak
                 except Exception as e:  # one failing variant must not hide the others
@@ -275,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["model", "batch"] + [f"{v}_img_s" for v in args.variants] + ["best_engine_vs_naive"]
     print()
     print_table(rows, cols)
+    tag = "+".join(r["model"].replace("vit_", "").split("_patch")[0] + ("-dinov2" if r["objective"] == "dinov2" else "")
+                   for r in rows)
     path = write_result("train", {"device": str(device), "peak_bf16_flops": peak, "compile": not args.no_compile,
-                                  "steps": args.steps, "rows": rows}, argv if argv is not None else [])
+                                  "steps": args.steps, "rows": rows}, argv if argv is not None else [], tag=tag)
     bar_plot(path.with_suffix(".png"), [r["model"] for r in rows],
              {v: [r.get(f"{v}_img_s", 0.0) for r in rows] for v in args.variants}, "images / s",
              f"MAE training throughput on {card_name()}")
