@@ -133,6 +133,7 @@ class Trainer:
         self.nonfinite_run_max = torch.zeros((), device=self.device)  # longest run since last log
         self.resumed_from: Path | None = None
         self.resumed_world = self.dist.world
+        self.terms: dict[str, torch.Tensor] = {}  # extra loss terms summed since the last log line
 
     # ------------------------------------------------------------------ setup helpers
     def _blocks(self) -> list[nn.Module]:
@@ -240,6 +241,10 @@ class Trainer:
                 loss = out["loss"].float()
             (loss / accum).backward()
             loss_sum = loss_sum + loss.detach()
+            for key, value in out.items():  # other scalar terms (e.g. DINOv2's dino/ibot/koleo), logged
+                if key != "loss" and torch.is_tensor(value) and value.numel() == 1:
+                    acc = self.terms.get(key)
+                    self.terms[key] = value.detach().float() / accum + (acc if acc is not None else 0.0)
         loss = loss_sum / accum
         hooks = getattr(self.model, "on_after_backward", None)
         if hooks:
@@ -307,7 +312,7 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        if self.maybe_resume() and main:
+        if self.maybe_resume() and main and self.step < self.total_steps:
             print(f"resuming from {self.resumed_from} (step {self.step:,} of {self.total_steps:,})"
                   + (f", saved by {self.resumed_world} ranks, now {self.dist.world}"
                      if self.resumed_world != self.dist.world else ""), file=self.out)
@@ -333,6 +338,7 @@ class Trainer:
         loss_acc = torch.zeros((), device=self.device)
         good_acc = torch.zeros((), device=self.device)
         images_since, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
+        last_log_step = self.step
         try:
             self.model.train()
             while self.step < stop_at:
@@ -361,6 +367,10 @@ class Trainer:
                     }
                     if self.loader is not None:
                         row["skipped_samples"] = self.loader.skipped
+                    for key, total in self.terms.items():  # mean over the steps since the last line
+                        row[key] = float(total) / max(1, self.step - last_log_step)
+                    self.terms.clear()
+                    last_log_step = self.step
                     run = int(self.nonfinite_run_max)
                     loss_acc.zero_()
                     good_acc.zero_()
@@ -371,8 +381,9 @@ class Trainer:
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
                         if writer:
-                            for k in ("loss", "lr", "grad_norm", "img_per_s", "nonfinite_total"):
-                                writer.add_scalar(f"train/{k}", row[k], self.step)
+                            for k, v in row.items():
+                                if k not in ("step", "epoch", "time") and isinstance(v, (int, float)):
+                                    writer.add_scalar(f"train/{k}", v, self.step)
                         if bar:
                             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
                                             img_s=f"{row['img_per_s']:,.0f}")
@@ -393,6 +404,8 @@ class Trainer:
             self.save()
             raise
         finally:
+            if self.loader is not None:
+                self.loader.close()  # persistent decode workers (nvjpeg, dali) end with the run
             if bar:
                 bar.close()
             if metrics:
