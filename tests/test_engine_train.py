@@ -63,9 +63,12 @@ def test_resume_is_exact(tmp_path, shards):
 def test_rerun_of_finished_run_does_nothing(tmp_path, shards):
     make(tmp_path, shards).fit()
     again = make(tmp_path, shards)
+    again.maybe_resume()
     before = params(again)
     assert again.fit()["complete"]
     assert again.step == 6
+    after = params(again)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing trained again
 
 
 def test_nonfinite_loss_skips_update_and_stops(tmp_path, shards):

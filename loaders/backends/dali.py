@@ -17,8 +17,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from loaders.loader import Batch, Loader, register_backend
-from loaders.backends.encoded import encoded_dataloader, make_encoded_dataset, prefetch, select, shutdown_workers
+from loaders.loader import Batch, register_backend
+from loaders.backends.encoded import EncodedLoader, select
 
 try:
     from nvidia.dali import fn, types
@@ -106,7 +106,7 @@ class _Feed:
         self.carry: list[tuple[str, str]] = []  # failures of batches with no decodable sample left
 
 
-class DaliLoader(Loader):
+class DaliLoader(EncodedLoader):
     backend = "dali"
 
     def __init__(self, *, streams, batch_size, augment, device, dtype, shuffle, seed, num_workers, cache_dir,
@@ -114,16 +114,13 @@ class DaliLoader(Loader):
                  prefetch_queue_depth: int = 2, prefetch_batches: int = 2, prefetch_factor: int = 4):
         if Pipeline is None:
             raise RuntimeError("the dali backend needs nvidia-dali (pip install nvidia-dali-cuda130)")
-        dataset = make_encoded_dataset(streams, batch_size=batch_size, shuffle=shuffle, seed=seed, cache_dir=cache_dir,
-                                       num_canonical_nodes=num_canonical_nodes, augment=augment, decode_png=False)
-        super().__init__(dataset=dataset, batch_size=batch_size, augment=augment, device=device, dtype=dtype)
-        self.num_workers = num_workers
+        super().__init__(streams=streams, batch_size=batch_size, augment=augment, device=device, dtype=dtype,
+                         shuffle=shuffle, seed=seed, num_workers=num_workers, cache_dir=cache_dir,
+                         num_canonical_nodes=num_canonical_nodes, prefetch_batches=prefetch_batches,
+                         prefetch_factor=prefetch_factor)
         self.dali_threads = dali_threads or max(1, min(4, os.cpu_count() or 1))
         self.hw_decoder_load = hw_decoder_load
         self.prefetch_queue_depth = prefetch_queue_depth
-        self.prefetch_batches = prefetch_batches
-        self.prefetch_factor = prefetch_factor
-        self._dataloader: torch.utils.data.DataLoader | None = None  # persistent workers
         self._single: Pipeline | None = None  # batch-of-one pipeline that finds undecodable samples
         self._pipe: Pipeline | None = None
         self._feed: _Feed | None = None
@@ -216,29 +213,9 @@ class DaliLoader(Loader):
                 self._pipe = None
 
     def close(self) -> None:
-        """Stop the persistent workers (before the dataset's shared memory goes away)."""
-        dataloader, self._dataloader = self._dataloader, None
-        shutdown_workers(dataloader)
+        super().close()
         self._pipe = self._single = None
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
-
-    def _batches(self) -> Iterator[Batch]:
-        self.dataset.aug_epoch = self.epoch
-        # Workers are forked here, in the caller's thread, not in the prefetch thread.
-        if self._dataloader is None:
-            self._dataloader = encoded_dataloader(self.dataset, batch_size=self.batch_size,
-                                                  num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
-        batches = iter(self._dataloader)
-        for batch, failed in prefetch(lambda: self._produce(batches), self.device, self.prefetch_batches):
-            if failed:
-                self._note_skipped(*zip(*failed))
-            if batch is not None:
-                yield batch
 
 
 def _available(device: torch.device) -> bool:

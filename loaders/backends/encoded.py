@@ -22,6 +22,7 @@ import torch
 
 from loaders.augment import AugmentSpec, sample_crop
 from loaders.backends.cpu import decode, sample_generator
+from loaders.loader import Batch, Loader
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # SOF markers carrying the frame size (all but DHT=C4, JPG=C8, DAC=CC).
@@ -371,3 +372,50 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+class EncodedLoader(Loader):
+    """Base of the backends that decode on the device: persistent workers deliver encoded
+    batches, a prefetch thread runs the subclass's `_produce` (decode, crop, normalize) one or
+    more batches ahead on a side stream."""
+
+    decode_png = False  # whether workers decode PNG rows themselves (the device decoder can't)
+
+    def __init__(self, *, streams, batch_size, augment, device, dtype, shuffle, seed, num_workers, cache_dir,
+                 num_canonical_nodes, prefetch_batches: int = 2, prefetch_factor: int = 4):
+        dataset = make_encoded_dataset(streams, batch_size=batch_size, shuffle=shuffle, seed=seed, cache_dir=cache_dir,
+                                       num_canonical_nodes=num_canonical_nodes, augment=augment,
+                                       decode_png=self.decode_png)
+        super().__init__(dataset=dataset, batch_size=batch_size, augment=augment, device=device, dtype=dtype)
+        self.num_workers = num_workers
+        self.prefetch_batches = prefetch_batches
+        self.prefetch_factor = prefetch_factor
+        self._dataloader: torch.utils.data.DataLoader | None = None  # persistent workers
+
+    def _produce(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, list[torch.Tensor]]]:
+        """Yield ((Batch or None, failed [(uid, reason)]), tensors to keep alive on the side stream)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the persistent workers (before the dataset's shared memory goes away)."""
+        dataloader, self._dataloader = self._dataloader, None
+        shutdown_workers(dataloader)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def _batches(self) -> Iterator[Batch]:
+        self.dataset.aug_epoch = self.epoch
+        # Workers are forked here, in the caller's thread, not in the prefetch thread.
+        if self._dataloader is None:
+            self._dataloader = encoded_dataloader(self.dataset, batch_size=self.batch_size,
+                                                  num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
+        batches = iter(self._dataloader)
+        for batch, failed in prefetch(lambda: self._produce(batches), self.device, self.prefetch_batches):
+            if failed:
+                self._note_skipped(*zip(*failed))
+            if batch is not None:
+                yield batch

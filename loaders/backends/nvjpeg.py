@@ -18,9 +18,8 @@ from typing import Any, Iterator
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from loaders.loader import Batch, Loader, register_backend
-from loaders.backends.encoded import (encoded_dataloader, encoded_positions, make_encoded_dataset, prefetch, select,
-                                     shutdown_workers, split_encoded)
+from loaders.loader import Batch, register_backend
+from loaders.backends.encoded import EncodedLoader, encoded_positions, select, split_encoded
 
 
 def crop_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
@@ -79,18 +78,9 @@ def resized_crop_list(images: list[torch.Tensor], crops: torch.Tensor, size: int
     return out
 
 
-class NvjpegLoader(Loader):
+class NvjpegLoader(EncodedLoader):
     backend = "nvjpeg"
-
-    def __init__(self, *, streams, batch_size, augment, device, dtype, shuffle, seed, num_workers, cache_dir,
-                 num_canonical_nodes, prefetch_batches: int = 2, prefetch_factor: int = 4):
-        dataset = make_encoded_dataset(streams, batch_size=batch_size, shuffle=shuffle, seed=seed, cache_dir=cache_dir,
-                                       num_canonical_nodes=num_canonical_nodes, augment=augment, decode_png=True)
-        super().__init__(dataset=dataset, batch_size=batch_size, augment=augment, device=device, dtype=dtype)
-        self.num_workers = num_workers
-        self.prefetch_batches = prefetch_batches
-        self.prefetch_factor = prefetch_factor
-        self._dataloader: torch.utils.data.DataLoader | None = None  # persistent workers
+    decode_png = True  # nvjpeg decodes JPEG only: workers decode the (rare) PNG rows
 
     def decode(self, raw: dict[str, Any]) -> tuple[list[torch.Tensor], dict[str, Any], list[tuple[str, str]]]:
         """Batched decode on the device; a batch that fails is decoded image by image to
@@ -132,29 +122,6 @@ class NvjpegLoader(Loader):
             out = self.augment.finish([out], self.dtype)
             yield (Batch(out, raw["modality"], raw["source"], raw["uid"]), failed), [out]
 
-    def close(self) -> None:
-        """Stop the persistent workers (before the dataset's shared memory goes away)."""
-        dataloader, self._dataloader = self._dataloader, None
-        shutdown_workers(dataloader)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
-
-    def _batches(self) -> Iterator[Batch]:
-        self.dataset.aug_epoch = self.epoch
-        # Workers are forked here, in the caller's thread, not in the prefetch thread.
-        if self._dataloader is None:
-            self._dataloader = encoded_dataloader(self.dataset, batch_size=self.batch_size,
-                                                  num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
-        batches = iter(self._dataloader)
-        for batch, failed in prefetch(lambda: self._produce(batches), self.device, self.prefetch_batches):
-            if failed:
-                self._note_skipped(*zip(*failed))
-            if batch is not None:
-                yield batch
 
 
 register_backend("nvjpeg", available=lambda d: d.type == "cuda" and torch.cuda.is_available())(NvjpegLoader)
