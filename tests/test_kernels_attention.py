@@ -1,26 +1,11 @@
 """kernels.attention: the Triton forward/backward under TRITON_INTERPRET=1 against the fp32 reference."""
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU tensors
-
-import importlib
-import sys
-
 import pytest
 import torch
+import sys
 
+from tests.kernel_helpers import interpreted_kernels
 
-def _interpreted_kernels():
-    """The kernels package with interpreted kernels, even if another test imported it compiled."""
-    mod = importlib.import_module("kernels.attn")
-    if type(mod._attn_fwd).__name__ != "InterpretedFunction":
-        for name in ("kernels.attn", "kernels.masking", "kernels.loss", "kernels"):
-            if name in sys.modules:
-                importlib.reload(sys.modules[name])
-    return importlib.import_module("kernels")
-
-
-kernels = _interpreted_kernels()
+kernels = interpreted_kernels()
 attn = sys.modules["kernels.attn"]
 
 SMALL_FWD = dict(BLOCK_M=32, BLOCK_N=32, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=1)

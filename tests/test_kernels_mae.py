@@ -1,25 +1,11 @@
 """kernels.mae_mask / mae_unmask / mae_loss: Triton (TRITON_INTERPRET=1) against the torch references."""
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU tensors
-
-import importlib
-import sys
-
 import pytest
 import torch
+import sys
 
+from tests.kernel_helpers import interpreted_kernels
 
-def _interpreted_kernels():
-    mod = importlib.import_module("kernels.attn")
-    if type(mod._attn_fwd).__name__ != "InterpretedFunction":
-        for name in ("kernels.attn", "kernels.masking", "kernels.loss", "kernels"):
-            if name in sys.modules:
-                importlib.reload(sys.modules[name])
-    return importlib.import_module("kernels")
-
-
-kernels = _interpreted_kernels()
+kernels = interpreted_kernels()
 
 
 @pytest.mark.parametrize("B,N,C,ratio", [(3, 50, 40, 0.75), (2, 197, 24, 0.75), (2, 261, 8, 0.5), (2, 7, 8, 0.0),

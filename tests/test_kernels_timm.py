@@ -1,25 +1,10 @@
 """engine.attention.KernelAttention as timm's attn_layer: same function and state dict as timm's Attention."""
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU tensors
-
-import importlib
-import sys
-
 import pytest
 import torch
 
+from tests.kernel_helpers import interpreted_kernels
 
-def _interpreted_kernels():
-    mod = importlib.import_module("kernels.attn")
-    if type(mod._attn_fwd).__name__ != "InterpretedFunction":
-        for name in ("kernels.attn", "kernels.masking", "kernels.loss", "kernels"):
-            if name in sys.modules:
-                importlib.reload(sys.modules[name])
-    return importlib.import_module("kernels")
-
-
-kernels = _interpreted_kernels()
+kernels = interpreted_kernels()
 timm = pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
