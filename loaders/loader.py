@@ -122,11 +122,17 @@ def register_backend(name: str, available: Callable[[torch.device], bool] = lamb
     return wrap
 
 
-def _load_backends() -> None:
-    # Importing a backend module registers it; optional ones may fail to import.
+KNOWN_BACKENDS = ("cpu", "nvjpeg", "dali", "ffcv")
+
+
+def _load_backends(names=KNOWN_BACKENDS) -> None:
+    """Import backend modules (importing one registers it); an optional one may fail to import.
+    Only the ones asked for: some (ffcv, dali) take seconds to import."""
     import importlib
 
-    for mod in ("cpu", "nvjpeg", "dali", "ffcv"):
+    for mod in names:
+        if mod in BACKENDS:
+            continue
         try:
             importlib.import_module(f"loaders.backends.{mod}")
         except ImportError as e:  # an optional dependency is missing
@@ -140,14 +146,15 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    _load_backends()
     if backend == "auto":
         for name in AUTO_ORDER:
+            _load_backends([name])
             if name in BACKENDS and BACKENDS[name].available(device):  # type: ignore[attr-defined]
                 return name
         return "cpu"
+    _load_backends([backend] if backend in KNOWN_BACKENDS else KNOWN_BACKENDS)
     if backend not in BACKENDS:
-        known = sorted(set(BACKENDS) | {"auto", "cpu", "nvjpeg", "dali", "ffcv"})
+        known = sorted(set(BACKENDS) | {"auto", *KNOWN_BACKENDS})
         raise ValueError(f"unknown loader backend {backend!r}; valid: {', '.join(known)}")
     if not BACKENDS[backend].available(device):  # type: ignore[attr-defined]
         raise RuntimeError(
