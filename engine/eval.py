@@ -364,14 +364,14 @@ def evaluate_encoder(
 # ----------------------------------------------------------------------------- output
 
 
-def _clean(x):
-    """NaN → null so the JSON stays standard."""
+def json_safe(x):
+    """NaN/inf -> null, recursively, so the JSON stays standard."""
     if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
         return None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
@@ -512,7 +512,7 @@ def run(args: argparse.Namespace) -> int:
             "mean_auc": _nanmean([m["auc"] for m in per_task.values()]),
             "mean_acc": _nanmean([m["acc"] for m in per_task.values()]),
         }
-        (out / f"{method}{suffix}.json").write_text(json.dumps(_clean(record), indent=2) + "\n")
+        (out / f"{method}{suffix}.json").write_text(json.dumps(json_safe(record), indent=2) + "\n")
         table = markdown_table(record)
         (out / f"{method}{suffix}.md").write_text(table)
         print("\n" + table)

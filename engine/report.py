@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.eval import json_safe
+
 
 @dataclass
 class Run:
@@ -271,15 +273,6 @@ def report_markdown(runs: list[Run], result: dict, curves: dict[str, str | None]
     return "\n".join(lines)
 
 
-def _clean(x):
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -307,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         curves[r.name] = str(c) if c else None
     record = {**result, "runs": [{"run": str(r.path), "model": r.model, "objective": r.objective, "params": r.params,
                                    "evaluated": args.method in r.evals, "curves": curves[r.name]} for r in runs]}
-    (out / "scaling.json").write_text(json.dumps(_clean(record), indent=2) + "\n")
+    (out / "scaling.json").write_text(json.dumps(json_safe(record), indent=2) + "\n")
     (out / "scaling.md").write_text(slopes_markdown(result))
     (out / "report.md").write_text(report_markdown(runs, result, curves))
     print(slopes_markdown(result))

@@ -70,7 +70,10 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def make_dataset(streams, *, batch_size, shuffle, seed, cache_dir, num_canonical_nodes, augment, dataset_cls=None):
+def make_dataset(streams, *, batch_size, shuffle, seed, cache_dir, num_canonical_nodes, augment, dataset_cls=None,
+                 **extra):
+    """The streaming dataset of a backend (`dataset_cls`, default the decoding one); `extra`
+    goes to the class (e.g. the encoded backends' `decode_png`)."""
     cls = dataset_cls or _make_dataset_class()
     return cls(
         streams=make_streams(streams, cache_dir),
@@ -80,6 +83,7 @@ def make_dataset(streams, *, batch_size, shuffle, seed, cache_dir, num_canonical
         num_canonical_nodes=num_canonical_nodes,
         augment=augment,
         aug_seed=seed,
+        **extra,
     )
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from loaders.augment import AugmentSpec, sample_crop
-from loaders.backends.cpu import decode, sample_generator
+from loaders.backends.cpu import decode, make_dataset, sample_generator
 from loaders.loader import Batch, Loader
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -254,18 +254,9 @@ def select(raw: dict[str, Any], keep: list[int]) -> dict[str, Any]:
 
 
 def make_encoded_dataset(streams, *, batch_size, shuffle, seed, cache_dir, num_canonical_nodes, augment, decode_png):
-    from loaders.loader import make_streams
-
-    return _make_dataset_class()(
-        streams=make_streams(streams, cache_dir),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        shuffle_seed=seed,
-        num_canonical_nodes=num_canonical_nodes,
-        augment=augment,
-        aug_seed=seed,
-        decode_png=decode_png,
-    )
+    return make_dataset(streams, batch_size=batch_size, shuffle=shuffle, seed=seed, cache_dir=cache_dir,
+                        num_canonical_nodes=num_canonical_nodes, augment=augment,
+                        dataset_cls=_make_dataset_class(), decode_png=decode_png)
 
 
 def encoded_dataloader(dataset, *, batch_size: int, num_workers: int, prefetch_factor: int = 4):
