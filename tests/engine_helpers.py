@@ -29,3 +29,13 @@ def phantom_shards(root: Path, per_modality: int = 6) -> str:
     if not (out / "index.json").is_file():
         write_phantom_shards(out, per_modality=per_modality, size=48)
     return str(out)
+
+
+# A DINOv2 small enough for CPU tests (overrides on recipes/quickstart_dinov2.yaml).
+DINOV2_TINY = [
+    "objective.dinov2.dino_prototypes=32", "objective.dinov2.ibot_prototypes=16",
+    "objective.dinov2.head_hidden_dim=32", "objective.dinov2.head_bottleneck_dim=16",
+    "objective.dinov2.encoder_kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
+    "data.multicrop.local_crops=2", "data.multicrop.global_size=16", "data.multicrop.local_size=8",
+    "model.img_size=16", "model.patch_size=4",
+]

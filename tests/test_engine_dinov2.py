@@ -16,15 +16,10 @@ import torch
 from engine.config import load_config
 from engine.objectives import build_objective
 from engine.objectives import dinov2 as D
+from tests.engine_helpers import DINOV2_TINY
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-TINY = [
-    "objective.dinov2.dino_prototypes=32", "objective.dinov2.ibot_prototypes=16",
-    "objective.dinov2.head_hidden_dim=32", "objective.dinov2.head_bottleneck_dim=16",
-    "objective.dinov2.encoder_kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
-    "data.multicrop.local_crops=2", "data.multicrop.global_size=16", "data.multicrop.local_size=8",
-    "model.img_size=16", "model.patch_size=4",
-]
+TINY = DINOV2_TINY
 
 
 def tiny_model(*extra: str):
