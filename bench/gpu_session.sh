@@ -1,37 +1,66 @@
 #!/usr/bin/env bash
-# The measurements we take on a lent GPU machine, in two parts of < 10 minutes each, on a
-# 2-GPU host (part A uses GPU 0 only). Run from the repo root there:
-#   bash bench/gpu_session.sh A     # MAE B/L vs naive, DINOv2 L vs naive, MedMNIST eval
-#   bash bench/gpu_session.sh B     # loaders, FSDP2 1 -> 2 GPU scaling (MAE L), ViT-g with AC at batch 64
-# Wheels that the GPU image lacks (mosaicml-streaming and its codecs) travel in .whl/.
+# The measurements we take on a lent 2-GPU machine (nvidia-h200-x2), in parts of < 10 minutes:
+#   bash bench/gpu_session.sh S   # GPU 0: loaders (+ MAE stall), MedMNIST eval (12 tasks);
+#                                 # GPU 1 at the same time: DINOv2 ViT-L vs naive, ViT-g with AC at batch 64
+#   bash bench/gpu_session.sh F   # NCCL bandwidth, FSDP2 1 -> 2 GPU scaling of MAE ViT-L (profiled)
+# Wheels the GPU image lacks (DALI, mosaicml-streaming and their dependencies) are unpacked from
+# /tmp/wheels (see ../shared/GPU.md: ../shared/tools/device-wheels ...) into /tmp/site once.
 set -u
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+if [ ! -d /tmp/site ] && ls /tmp/wheels/part.* >/dev/null 2>&1; then
+  cat /tmp/wheels/part.* | tar x -C /tmp/wheels && \
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl
 fi
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not stop the others
   local t=$1; shift
-  echo "=== $* (limit ${t}s)"
-  timeout "$t" "$@" > "$OUT/log.tmp" 2>&1
-  echo "--- exit $?"
-  grep -vE "Warning|warn\(|^\s*$" "$OUT/log.tmp" | tail -30
-  cat "$OUT/log.tmp" >> "$OUT/session-$PART.log"
+  local log; log=$(mktemp)
+  echo "=== $* (limit ${t}s)" >> "$OUT/session-$PART.log"
+  timeout "$t" "$@" > "$log" 2>&1
+  local rc=$?
+  grep -vE "Warning|warn\(|^\s*$" "$log" | tail -40 > "$log.tail"
+  { echo "=== $* -> exit $rc"; cat "$log.tail"; } | tee -a "$OUT/summary-$PART.log"
+  cat "$log" >> "$OUT/session-$PART.log"
 }
 PART=$1
 case $PART in
-A)
-  export CUDA_VISIBLE_DEVICES=0
-  step 290 python3 -m bench train --recipes recipes/vit_b_mae.yaml recipes/vit_l_mae.yaml --batch 512 256 --steps 15 --warmup 5
-  step 150 python3 -m bench train --recipes recipes/vit_l_dinov2.yaml --batch 32 --steps 10 --warmup 3
-  step 110 python3 -m bench eval --tasks pathmnist bloodmnist breastmnist --max-per-split 20000
+S)
+  ( export CUDA_VISIBLE_DEVICES=0 PART=S-gpu0
+    step 330 python3 -m bench loaders --backends dali,nvjpeg,cpu,pil --workers 4 --seconds 6 --stall
+    step 200 python3 -m bench eval ) &
+  ( export CUDA_VISIBLE_DEVICES=1 PART=S-gpu1
+    step 330 python3 -m bench train --recipes recipes/vit_l_dinov2.yaml --batch 32 --steps 10 --warmup 3
+    step 200 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton --steps 5 --warmup 2 ) &
+  wait
+  ;;
+F)
+  step 60 python3 -m bench comm --gpus 2
+  step 200 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 128 --variants engine-triton --gpus 1 2 --steps 10 --warmup 3 --no-compile --profile --tag eager
+  step 150 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 128 --variants engine-triton --gpus 2 --steps 10 --warmup 3 --no-compile --profile --tag eager-bf16reduce --override train.fsdp_reduce_dtype=bf16
+  step 170 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton --gpus 1 2 --steps 10 --warmup 3 --no-compile --tag eager-b256
+  ;;
+F2)
+  T="python3 -m bench train --recipes recipes/vit_l_mae.yaml --variants engine-triton --steps 8 --warmup 3"
+  step 100 $T --batch 128 --gpus 2 --no-compile --profile --tag eager-g4-noreshard --override train.fsdp_blocks_per_group=4 train.fsdp_reshard_after_forward=false
+  step 200 $T --batch 256 --gpus 1 2 --tag compiled-b256
+  step 130 $T --batch 256 --gpus 2 --tag compiled-b256-noreshard --override train.fsdp_reshard_after_forward=false
+  step 130 $T --batch 256 --gpus 2 --tag compiled-b256-g4-noreshard --override train.fsdp_blocks_per_group=4 train.fsdp_reshard_after_forward=false
+  ;;
+F3)
+  T="python3 -m bench train --recipes recipes/vit_l_mae.yaml --variants engine-triton --steps 8 --warmup 3"
+  step 240 $T --batch 512 --gpus 1 2 --tag compiled-b512-g4-noreshard --override train.fsdp_blocks_per_group=4 train.fsdp_reshard_after_forward=false
+  step 150 $T --batch 256 --gpus 2 --profile --tag compiled-b256-g8-noreshard --override train.fsdp_blocks_per_group=8 train.fsdp_reshard_after_forward=false
+  ;;
+L)
+  step 330 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,cpu,pil --workers 4 --seconds 6 --stall --compile
+  [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && step 200 python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m engine.run recipes/vit_l_mae.yaml \
+    data.shards=synthetic train.steps=60 train.batch_size=1024 log.every_steps=20 log.tensorboard=false run.dir=/tmp/run-l
+  cp /tmp/run-l/metrics.jsonl bench/results/engine-run-vit_l_mae-2gpu-metrics.jsonl 2>/dev/null
   ;;
 B)
-  step 150 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends nvjpeg,cpu,pil --workers 4 --seconds 8 --stall
-  step 230 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 128 --variants engine-triton --gpus 1 2 --steps 10 --warmup 3
-  step 150 env CUDA_VISIBLE_DEVICES=0 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton --steps 5 --warmup 2
+  step 300 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg --workers 4 --seconds 4 --breakdown
   ;;
 esac
 tar czf "$OUT/results-$PART.tgz" bench/results

@@ -346,6 +346,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--data-dir", default=None, help="where to build the shards (default: a temp dir, removed)")
     p.add_argument("--stall", action="store_true", help="also measure the MAE training data stall per backend")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also measure the workers alone and each GPU backend's device half alone (what bounds it)")
     p.add_argument("--stall-backends", default="dali,nvjpeg,cpu,pil")
     p.add_argument("--stall-steps", type=int, default=40)
     p.add_argument("--stall-size", type=int, default=256, help="JPEG size of the stall runs")
@@ -380,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {"dali": {"dali_threads": a.dali_threads, "hw_decoder_load": a.hw_decoder_load}}
     payload: dict[str, Any] = {
         "config": {k: v for k, v in vars(a).items()} | {"device": str(device), "host_cores": cores},
-        "shards": {}, "throughput": [], "stall": [], "ratios": {}, "notes": [],
+        "shards": {}, "throughput": [], "breakdown": [], "stall": [], "ratios": {}, "notes": [],
     }
     out_path: list[Path] = []
 
@@ -424,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{backend:>6} {size}px workers={w}: " + (f"{row['img_s']:,.0f} img/s, {row['cpu_cores']:.1f} cores"
                                                            if "img_s" in row else row["error"]), flush=True)
             save()
+        if a.breakdown:
+            breakdown(a, payload, device, dtype, cache_dir, guarded, save, options)
         if a.stall:
             stall(a, payload, device, dtype, cache_dir, guarded, save, options)
     finally:
@@ -485,6 +489,79 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
         print(f"stall {backend:>6}: " + (f"{row['real_img_s']:,.0f} img/s real vs {base['synthetic_img_s']:,.0f} "
                                          f"synthetic, stall {row['stall']:.1%}" if "stall" in row else row["error"]),
               flush=True)
+        save()
+
+
+def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
+    """What bounds the GPU-decoding backends, measured apart: (1) the DataLoader workers alone
+    (read the MDS rows, parse headers, draw crops, hand encoded batches to the main process),
+    (2) each backend's device half alone (decode + crop/resize + normalize) on one encoded batch
+    fed again and again from memory in the main thread, no workers running."""
+    from loaders import AugmentSpec
+    from loaders.backends.encoded import encoded_dataloader, make_encoded_dataset, shutdown_workers
+    from loaders.loader import as_stream_specs
+
+    w = int(a.workers.split(",")[0])
+    for size in [int(s) for s in a.sizes.split(",")]:
+        path = payload["shards"][str(size)]["path"]
+        box: dict[str, Any] = {}
+
+        def workers_only():
+            ds = make_encoded_dataset(as_stream_specs(path), batch_size=a.batch_size, shuffle=True, seed=0,
+                                      cache_dir=cache_dir, num_canonical_nodes=None,
+                                      augment=AugmentSpec(size=a.crop), decode_png=False)
+            dl = encoded_dataloader(ds, batch_size=a.batch_size, num_workers=w)
+            try:
+                it = iter(dl)
+                for _ in range(a.warmup):
+                    box["raw"] = next(it)
+                n, cpu0, t0 = 0, cpu_seconds(), time.perf_counter()
+                while time.perf_counter() - t0 < a.seconds:
+                    try:
+                        n += len(next(it)["uid"])
+                    except StopIteration:
+                        it = iter(dl)
+                wall = time.perf_counter() - t0
+                return {"img_s": n / wall, "cpu_cores": (cpu_seconds() - cpu0) / wall}
+            finally:
+                shutdown_workers(dl)
+                del dl, ds
+
+        row = {"part": "workers (read + parse + crop draw, encoded batches)", "size": size, "workers": w}
+        row |= guarded(f"breakdown workers {size}px", workers_only)
+        payload["breakdown"].append(row)
+        print(f"breakdown {size}px workers only ({w}): " + (f"{row['img_s']:,.0f} img/s, {row['cpu_cores']:.1f} cores"
+                                                          if "img_s" in row else row["error"]), flush=True)
+        for backend in ("dali", "nvjpeg"):
+            if "raw" not in box or backend not in a.backends:
+                continue
+
+            def device_only(backend=backend):
+                loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=0, device=device,
+                                     dtype=dtype, cache_dir=cache_dir, options=options)
+                gen = loader._produce(itertools.repeat(box["raw"]))
+                try:
+                    for _ in range(a.warmup):
+                        next(gen)
+                    sync(device)
+                    n, cpu0, t0 = 0, cpu_seconds(), time.perf_counter()
+                    with GPUBusy(device) as busy:
+                        while time.perf_counter() - t0 < a.seconds:
+                            (batch, _), _ = next(gen)
+                            n += len(batch)
+                        sync(device)
+                        wall = time.perf_counter() - t0
+                    return {"img_s": n / wall, "cpu_cores": (cpu_seconds() - cpu0) / wall, "gpu_busy": busy.mean}
+                finally:
+                    gen.close()
+                    close(loader)
+
+            row = {"part": f"{backend} device half (decode + crop/resize + normalize), from memory", "size": size}
+            row |= guarded(f"breakdown {backend} {size}px", device_only)
+            payload["breakdown"].append(row)
+            print(f"breakdown {size}px {backend} device half: " + (
+                f"{row['img_s']:,.0f} img/s, {row['cpu_cores']:.1f} cores" if "img_s" in row else row["error"]),
+                flush=True)
         save()
 
 

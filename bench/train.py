@@ -8,13 +8,17 @@ the same synthetic batch.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from bench.common import bar_plot, card_name, print_table, write_result
+
+RESULTS_PROFILE_DIR = Path(__file__).parent / "results" / "profiles"
 
 # Dense bf16 tensor-core peak by card (FLOP/s), for MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "GH200": 989e12}
@@ -125,9 +129,11 @@ def run_naive(cfg, batch: int, steps: int, warmup: int, device: torch.device, co
     return out
 
 
-def run_engine(cfg, batch: int, steps: int, warmup: int) -> dict[str, Any]:
+def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = None) -> dict[str, Any]:
     """The engine's own training step (Trainer.train_step) on a synthetic batch of `batch`
-    per GPU; under torchrun every rank runs it (FSDP2) and images/s counts all ranks."""
+    per GPU; under torchrun every rank runs it (FSDP2) and images/s counts all ranks.
+    profile: a text file for rank 0's torch.profiler tables over 3 more steps (phases of
+    the step, top kernels by device time, top ops by host time)."""
     from engine.train import Trainer
 
     world = int(__import__("os").environ.get("WORLD_SIZE", 1))
@@ -152,7 +158,44 @@ def run_engine(cfg, batch: int, steps: int, warmup: int) -> dict[str, Any]:
     out = {"img_per_s": batch * world / sec, "step_ms": sec * 1e3, "device": str(trainer.device), "world": world}
     if trainer.device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        out["profile"] = profile_steps(step, trainer.device, profile, f"{world} rank(s), batch {batch} per rank")
     return out
+
+
+def profile_steps(step, device: torch.device, path: str, title: str, n: int = 3) -> dict[str, float]:
+    """Profile n steps; write the tables to `path` (rank 0) and return per-step milliseconds of
+    wall time, device busy time, and each train_step phase's host time."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n
+    events = prof.key_averages()
+    summary = {"wall_ms": wall * 1e3}
+    dev_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    if cuda:
+        busy = sum(getattr(e, dev_attr) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        summary["device_busy_ms"] = busy / 1e3 / n
+        summary["nccl_ms"] = sum(getattr(e, dev_attr) for e in events if "nccl" in e.key.lower()) / 1e3 / n
+    for e in events:
+        if e.key.startswith("train_step/"):
+            summary[e.key.split("/")[1] + "_host_ms"] = e.cpu_time_total / 1e3 / n
+    if int(os.environ.get("RANK", 0)) == 0:
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        with open(path, "w") as f:
+            f.write(f"# {title}; per-step summary (ms): {summary}\n\n")
+            f.write(events.table(sort_by=sort, row_limit=30) + "\n\n")
+            f.write(events.table(sort_by="cpu_time_total", row_limit=30) + "\n")
+    return summary
 
 
 def run_scaling(args) -> int:
@@ -180,12 +223,22 @@ def run_scaling(args) -> int:
                        "-m", "bench", "train", "--worker-json", out, "--recipes", recipe, "--batch", str(batch),
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", args.variants[0],
                        "--override", *args.override] + (["--no-compile"] if args.no_compile else [])
+                if args.profile:
+                    cmd += ["--profile", "1"]
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 row = {"recipe": recipe, "model": cfg.model.name, "gpus": n, "batch_per_gpu": batch,
                        "variant": args.variants[0]}
                 if r.returncode == 0 and os.path.exists(out):
                     res = json.load(open(out))
                     row.update(img_s=res["img_per_s"], step_ms=res["step_ms"], peak_mem_gib=res.get("peak_mem_gib"))
+                    if res.get("profile"):
+                        row["profile_ms"] = res["profile"]
+                        text = out + ".prof.txt"
+                        if os.path.exists(text):
+                            dest = RESULTS_PROFILE_DIR / f"{Path(recipe).stem}-{n}gpu-{args.tag or 'default'}.txt"
+                            dest.parent.mkdir(parents=True, exist_ok=True)
+                            shutil.copy(text, dest)
+                            row["profile_tables"] = str(dest)
                     peak = peak_flops()
                     if peak:
                         row["mfu"] = res["img_per_s"] * flops / (peak * n)
@@ -200,7 +253,9 @@ def run_scaling(args) -> int:
                 if "error" in row:
                     print(row["error"])
     tag = "+".join(r.split("/")[-1].replace(".yaml", "") for r in args.recipes) + f"-{args.variants[0]}"
-    write_result("train-scaling", {"rows": rows, "compile": not args.no_compile}, sys.argv[2:], tag=tag)
+    tag += f"-{args.tag}" if args.tag else ""
+    write_result("train-scaling", {"rows": rows, "compile": not args.no_compile, "overrides": args.override},
+                 sys.argv[2:], tag=tag)
     return 0
 
 
@@ -218,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--override", nargs="*", default=[], help="recipe overrides for every recipe (key=value)")
     ap.add_argument("--gpus", type=int, nargs="+", default=None,
                     help="scaling mode: run the first variant (engine-*) under torchrun on each GPU count")
+    ap.add_argument("--profile", default=None, const="1", nargs="?",
+                    help="also profile 3 steps per run (scaling mode): phase times and top kernels/ops, "
+                         "tables under bench/results/profiles/")
+    ap.add_argument("--tag", default=None, help="name this run's result file apart (e.g. the overrides tried)")
     ap.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)  # internal: one torchrun worker
     args = ap.parse_args(argv)
     if args.gpus:
@@ -231,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.recipes[0], args.override)
         cfg.model.compile = not args.no_compile
         cfg.model.kernels = "triton" if args.variants[0] == "engine-triton" else "torch"
-        res = run_engine(cfg, args.batch[0], args.steps, args.warmup)
+        res = run_engine(cfg, args.batch[0], args.steps, args.warmup,
+                         profile=args.worker_json + ".prof.txt" if args.profile else None)
         if int(os.environ.get("RANK", 0)) == 0:
             json.dump(res, open(args.worker_json, "w"))
         return 0

@@ -189,10 +189,14 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
             lines.append(f"  {n} GPUs: {e}")
             continue
         acts = plan.act_bytes_per_image * micro * 0.5
-        total = mem["states"] + acts
+        # FSDP with train.fsdp_reshard_after_forward false keeps every group's gathered bf16
+        # parameters from forward to backward: a full bf16 copy of the model per GPU.
+        gathered = plan.total_params * 2 if n > 1 and not cfg.train.fsdp_reshard_after_forward else 0
+        total = mem["states"] + acts + gathered
         fits = "fits" if total < 80 * 1e9 * 0.92 else "does NOT fit"
         lines.append(f"  {n} GPU{'s' if n > 1 else ' '}{' (FSDP)' if n > 1 else '       '}  states "
-                     f"{mem['states'] / gib:6.1f} GiB + activations {acts / gib:7.1f} GiB (micro {micro}) = "
+                     f"{mem['states'] / gib:6.1f} GiB + activations {acts / gib:7.1f} GiB (micro {micro})"
+                     + (f" + gathered bf16 params {gathered / gib:.1f} GiB" if gathered else "") + " = "
                      f"{total / gib:7.1f} GiB -> {fits} on an 80 GB H100")
     return "\n".join(lines)
 

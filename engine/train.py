@@ -110,7 +110,10 @@ class Trainer:
         if cfg.model.activation_checkpointing:
             checkpoint_blocks(self.model.encoder.blocks)
         if cfg.model.compile:
-            if self.dist.world == 1:
+            regions = getattr(self.model, "compile_regions", None)
+            if regions is not None:  # the objective says what to compile (e.g. DINOv2: per block)
+                regions()
+            elif self.dist.world == 1:
                 self.model.compile()  # one graph: fuses masking, embeddings and loss too
             else:
                 for block in self._blocks():  # per block, so FSDP2 can hook between blocks
@@ -136,22 +139,30 @@ class Trainer:
         self.terms: dict[str, torch.Tensor] = {}  # extra loss terms summed since the last log line
 
     # ------------------------------------------------------------------ setup helpers
+    def _block_stacks(self) -> list[list[nn.Module]]:
+        stacks = [list(self.model.encoder.blocks), list(getattr(self.model, "decoder_blocks", []))]
+        return [s for s in stacks if s]
+
     def _blocks(self) -> list[nn.Module]:
-        blocks = list(self.model.encoder.blocks)
-        blocks += list(getattr(self.model, "decoder_blocks", []))
-        return blocks
+        return [b for stack in self._block_stacks() for b in stack]
 
     def _wrap_distributed(self) -> nn.Module:
         """FSDP2 across ranks: each transformer block is its own shard group, then the root.
-        Parameters gather in bf16 on CUDA; gradients reduce in fp32."""
+        Parameters gather in bf16 on CUDA; gradients reduce in fp32 (train.fsdp_reduce_dtype)."""
         if self.dist.world == 1:
             return self.model
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        t = self.cfg.train
         bf16 = self.autocast_dtype is not None
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-        for block in self._blocks():
-            fully_shard(block, mp_policy=mp)
+        reduce = torch.bfloat16 if t.fsdp_reduce_dtype == "bf16" else torch.float32
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=reduce)
+        k = max(1, t.fsdp_blocks_per_group)
+        for stack in self._block_stacks():  # groups never straddle two stacks (encoder, decoder)
+            for i in range(0, len(stack), k):
+                group = stack[i:i + k]
+                fully_shard(group if len(group) > 1 else group[0], mp_policy=mp,
+                            reshard_after_forward=t.fsdp_reshard_after_forward)
         fully_shard(self.model, mp_policy=mp)
         return self.model
 
@@ -232,14 +243,16 @@ class Trainer:
         hooks = getattr(self.model, "on_step_start", None)
         if hooks:
             hooks(self.step, self.total_steps, self.optimizer)
+        phase = torch.profiler.record_function  # labels for `python -m bench train --profile`
         for i, batch in enumerate(micro_batches):
             if self.dist.world > 1:  # reduce-scatter gradients once, on the last micro-batch
                 self.model.set_requires_gradient_sync(i == accum - 1)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                      enabled=self.autocast_dtype is not None):
+            with phase("train_step/forward"), torch.autocast(self.device.type, dtype=self.autocast_dtype or
+                                                             torch.float32, enabled=self.autocast_dtype is not None):
                 out = self.model(batch.images)
                 loss = out["loss"].float()
-            (loss / accum).backward()
+            with phase("train_step/backward"):
+                (loss / accum).backward()
             loss_sum = loss_sum + loss.detach()
             for key, value in out.items():  # other scalar terms (e.g. DINOv2's dino/ibot/koleo), logged
                 if key != "loss" and torch.is_tensor(value) and value.numel() == 1:
@@ -250,14 +263,16 @@ class Trainer:
         if hooks:
             hooks(self.step, self.total_steps)
         clip = self.cfg.optim.clip_grad
-        grad_norm = nn.utils.clip_grad_norm_(self.params, clip if clip else float("inf"), foreach=True)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a DTensor
-            grad_norm = grad_norm.full_tensor()
+        with phase("train_step/grad_norm"):
+            grad_norm = nn.utils.clip_grad_norm_(self.params, clip if clip else float("inf"), foreach=True)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a DTensor
+                grad_norm = grad_norm.full_tensor()
         bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
         self.optimizer.grad_scale = None
         self.optimizer.found_inf = bad  # fused AdamW skips the update where this is 1
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("train_step/optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_total += bad
         self.nonfinite_run = (self.nonfinite_run + 1) * bad
         torch.maximum(self.nonfinite_run_max, self.nonfinite_run, out=self.nonfinite_run_max)

@@ -6,6 +6,7 @@ and applies the same random-resized-crop, flip and normalization.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +47,7 @@ class AugmentSpec:
 
     # The two halves every augmentation spec provides, so that a backend that decodes on
     # the CPU can serve any spec (MultiCropSpec for DINOv2 follows the same interface).
-    def views(self, img: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+    def views(self, img: torch.Tensor, gen: SampleRNG | torch.Generator) -> list[torch.Tensor]:
         """Geometric part on one decoded uint8 [C, H, W] image -> list of uint8 [3, s, s] views."""
         from torchvision.transforms.v2 import functional as TF
 
@@ -60,15 +61,39 @@ class AugmentSpec:
         return normalize(views[0], self, dtype)
 
 
-def sample_crop(height: int, width: int, spec: AugmentSpec, gen: torch.Generator) -> tuple[int, int, int, int, bool]:
+class SampleRNG(random.Random):
+    """One sample's random stream: Python's Mersenne Twister seeded with the sample's key
+    (a few microseconds to create; a torch.Generator plus torch.rand cost ~100 us per sample,
+    the largest share of a loader worker's time at tens of thousands of images/s). `torch`
+    is a torch.Generator with the same key, made on first use, for tensor-valued draws."""
+
+    def __init__(self, key: int):
+        super().__init__(key)
+        self.key = key
+        self._torch: torch.Generator | None = None
+
+    @property
+    def torch(self) -> torch.Generator:
+        if self._torch is None:
+            self._torch = torch.Generator().manual_seed(self.key)
+        return self._torch
+
+
+def sample_crop(height: int, width: int, spec: AugmentSpec, gen: SampleRNG | torch.Generator,
+                ) -> tuple[int, int, int, int, bool]:
     """Draw (top, left, h, w, flip) for one image, the way torchvision's RandomResizedCrop does:
     up to 10 tries of area scale x log-uniform aspect ratio, else a center crop clamped to the
     ratio range. Shared by all backends so their crop statistics match."""
     area = height * width
     log_lo, log_hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
-    draws = torch.rand(11, 4, generator=gen).tolist()
-    flip = bool(draws[10][0] < spec.hflip)
-    for a, r, p, q in draws[:10]:
+    if isinstance(gen, random.Random):  # flip first, then 4 numbers per try, drawn as needed
+        u = gen.random
+        flip = u() < spec.hflip
+        draws = ((u(), u(), u(), u()) for _ in range(10))
+    else:
+        table = torch.rand(11, 4, generator=gen).tolist()
+        flip, draws = bool(table[10][0] < spec.hflip), table[:10]
+    for a, r, p, q in draws:
         target = area * (spec.scale[0] + a * (spec.scale[1] - spec.scale[0]))
         aspect = math.exp(log_lo + r * (log_hi - log_lo))
         w = int(round(math.sqrt(target * aspect)))

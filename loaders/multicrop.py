@@ -94,6 +94,7 @@ class MultiCropSpec:
     # ------------------------------------------------------------------ CPU part
     def draw_params(self, gen: torch.Generator) -> torch.Tensor:
         """[crops, NUM_PARAMS] photometric parameters (see PARAMS), drawn from `gen`."""
+        gen = getattr(gen, "torch", gen)  # a SampleRNG's torch.Generator
         u = torch.rand(self.num_crops, 8, generator=gen, dtype=torch.float64)
         order = torch.rand(self.num_crops, 4, generator=gen).argsort(dim=1).double()  # a random permutation
         out = torch.empty(self.num_crops, NUM_PARAMS, dtype=torch.float64)

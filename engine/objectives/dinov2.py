@@ -226,6 +226,17 @@ class DINOv2(nn.Module):
         self.register_buffer("teacher_temp_now", torch.tensor(teacher_temp_start), persistent=False)
         self.weight_decay_start: float | None = None  # set by param_groups
 
+        self._packed_block = packed_block  # torch.compile'd by compile_regions
+
+    def compile_regions(self) -> None:
+        """torch.compile per transformer block (student and teacher) and the packed block:
+        the blocks hold nearly all the FLOPs, the identical blocks share one compiled graph, so
+        compiling takes seconds rather than the minutes a whole-model graph (two encoders, two
+        crop sizes, data-dependent iBOT masks) would."""
+        for block in list(self.encoder.blocks) + list(self.teacher["encoder"].blocks):
+            block.compile()
+        self._packed_block = torch.compile(packed_block)
+
     @property
     def export_encoder(self) -> nn.Module:
         return self.teacher["encoder"]
@@ -265,7 +276,7 @@ class DINOv2(nn.Module):
         for block in enc.blocks:
             keep = [self._keep(block.drop_path1, len(lengths), x), self._keep(block.drop_path2, len(lengths), x)]
             keep = [k if k is None else k.repeat_interleave(seq_len, output_size=total).unsqueeze(1) for k in keep]
-            args = (block, x, cu, longest, *keep)
+            args = (block, x, cu, longest, *keep, self.attn_impl)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(self._packed_block, *args, use_reentrant=False)
             else:
@@ -284,20 +295,6 @@ class DINOv2(nn.Module):
         if not self.training or p == 0.0:
             return None
         return torch.rand(n, device=like.device).ge(p).to(like.dtype) / (1 - p)
-
-    def _packed_block(self, block, x, cu, longest, keep1, keep2):
-        attn = block.attn
-        h = block.norm1(x)
-        T = h.shape[0]
-        q, k, v = attn.qkv(h).view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
-        o = kernels.attention(attn.q_norm(q), attn.k_norm(k), v, scale=attn.scale, cu_seqlens=cu,
-                              max_seqlen=longest, impl=self.attn_impl)
-        o = attn.norm(o.reshape(T, -1))
-        gate = getattr(attn, "gate", None)
-        o = block.ls1(attn.proj_drop(attn.proj(o if gate is None else o * gate(h).sigmoid())))
-        x = x + (o if keep1 is None else o * keep1)
-        m = block.ls2(block.mlp(block.norm2(x)))
-        return x + (m if keep2 is None else m * keep2)
 
     # ------------------------------------------------------------------ the step
     def forward(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -431,6 +428,23 @@ class DINOv2(nn.Module):
 def cosine(start: float, end: float, progress: float) -> float:
     """start at progress 0 -> end at progress 1, along a half cosine."""
     return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def packed_block(block, x, cu, longest, keep1, keep2, attn_impl):
+    """A timm block on packed tokens [T, C]: attention block-diagonal per crop (varlen kernel),
+    everything else per token; keep1/keep2 are per-token drop-path multipliers or None."""
+    attn = block.attn
+    h = block.norm1(x)
+    T = h.shape[0]
+    q, k, v = attn.qkv(h).view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
+    o = kernels.attention(attn.q_norm(q), attn.k_norm(k), v, scale=attn.scale, cu_seqlens=cu,
+                          max_seqlen=longest, impl=attn_impl)
+    o = attn.norm(o.reshape(T, -1))
+    gate = getattr(attn, "gate", None)
+    o = block.ls1(attn.proj_drop(attn.proj(o if gate is None else o * gate(h).sigmoid())))
+    x = x + (o if keep1 is None else o * keep1)
+    m = block.ls2(block.mlp(block.norm2(x)))
+    return x + (m if keep2 is None else m * keep2)
 
 
 @register_objective("dinov2")

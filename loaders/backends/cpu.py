@@ -10,16 +10,16 @@ from typing import Any, Iterator
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from loaders.augment import AugmentSpec
+from loaders.augment import AugmentSpec, SampleRNG
 from loaders.loader import Batch, Loader, make_streams, register_backend
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+def sample_generator(seed: int, epoch: int, index: int) -> SampleRNG:
     """The RNG of one sample's augmentation: a function of (seed, epoch, sample index) only,
     so crops do not depend on worker count or order, and resume is exact."""
     seed, epoch, index = int(seed), int(epoch), int(index)  # numpy ints would overflow
     key = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (2**63 - 1)
-    return torch.Generator().manual_seed(key)
+    return SampleRNG(key)
 
 
 def decode(data: bytes) -> torch.Tensor:
