@@ -182,11 +182,13 @@ def profile_steps(step, device: torch.device, path: str, title: str, n: int = 3)
     events = prof.key_averages()
     summary = {"wall_ms": wall * 1e3}
     dev_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    if cuda:
-        busy = sum(getattr(e, dev_attr) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-        summary["device_busy_ms"] = busy / 1e3 / n
-        summary["nccl_ms"] = sum(getattr(e, dev_attr) for e in events if "nccl" in e.key.lower()) / 1e3 / n
-    for e in events:
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    if cuda:  # kernels count once, through the host op that launched them (user ranges repeat them)
+        summary["device_busy_ms"] = sum(getattr(e, dev_attr) for e in host) / 1e3 / n
+        summary["nccl_ms"] = sum(getattr(e, dev_attr) for e in events
+                                 if e.device_type == torch.autograd.DeviceType.CUDA
+                                 and e.key.lower().startswith("nccldevkernel")) / 1e3 / n
+    for e in host:
         if e.key.startswith("train_step/"):
             summary[e.key.split("/")[1] + "_host_ms"] = e.cpu_time_total / 1e3 / n
     if int(os.environ.get("RANK", 0)) == 0:

@@ -34,8 +34,45 @@ def create_encoder(name: str, *, img_size: int = 224, patch_size: int | None = N
         extra["patch_size"] = patch_size
     if attn_layer is not None:
         extra["attn_layer"] = attn_layer
-    return timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, drop_path_rate=drop_path,
-                             **extra)
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, drop_path_rate=drop_path,
+                              **extra)
+    tensor_drop_paths(model)
+    return model
+
+
+class DropPath(nn.Module):
+    """Stochastic depth like timm's DropPath (drop a sample's residual branch with probability
+    p, scale kept ones by 1 / (1 - p)), with p held in a tensor: timm's float p differs per
+    block (the linear schedule), and torch.compile specializes on module floats, so the
+    identical blocks would each compile again (past the recompile limit: the rest ran eager)."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = float(drop_prob)  # for code outside compiled regions (e.g. DINOv2 packing)
+        self.register_buffer("keep_prob", torch.tensor(1.0 - self.drop_prob), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        keep = self.keep_prob
+        mask = (torch.rand(shape, device=x.device, dtype=torch.float32) < keep).float() / keep
+        return x * mask.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+def tensor_drop_paths(model: nn.Module) -> int:
+    """Replace timm DropPath modules (p > 0) by `DropPath` above; returns how many. State
+    dicts are unchanged (the tensor is a non-persistent buffer)."""
+    from timm.layers import DropPath as TimmDropPath
+
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, TimmDropPath) and child.drop_prob > 0]
+    for parent, name, child in swaps:
+        setattr(parent, name, DropPath(child.drop_prob))
+    return len(swaps)
 
 
 def sincos_pos_embed(dim: int, grid: int, prefix_tokens: int = 1) -> torch.Tensor:

@@ -228,14 +228,14 @@ class DINOv2(nn.Module):
 
         self._packed_block = packed_block  # torch.compile'd by compile_regions
 
-    def compile_regions(self) -> None:
+    def compile_regions(self, **compile_kwargs) -> None:
         """torch.compile per transformer block (student and teacher) and the packed block:
         the blocks hold nearly all the FLOPs, the identical blocks share one compiled graph, so
         compiling takes seconds rather than the minutes a whole-model graph (two encoders, two
         crop sizes, data-dependent iBOT masks) would."""
         for block in list(self.encoder.blocks) + list(self.teacher["encoder"].blocks):
-            block.compile()
-        self._packed_block = torch.compile(packed_block)
+            block.compile(**compile_kwargs)
+        self._packed_block = torch.compile(packed_block, **compile_kwargs)
 
     @property
     def export_encoder(self) -> nn.Module:
