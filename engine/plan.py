@@ -127,10 +127,18 @@ def measure_model(cfg: Config) -> dict[str, float]:
             saved += base.numel() * base.element_size()
         return t
 
-    with FlopCounterMode(display=False) as counter:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(x)
-        out["loss"].backward()
+    import random
+
+    state = random.getstate()  # data-dependent parts (DINOv2's iBOT masks) drawn the same every time
+    random.seed(0)
+    try:
+        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+            torch.manual_seed(0)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = model(x)
+            out["loss"].backward()
+    finally:
+        random.setstate(state)
     return {
         "encoder_params": count_params(model.encoder),
         "total_params": count_params(model),
@@ -211,6 +219,12 @@ def _measured_throughput(results_glob: str) -> tuple[dict[str, float], str | Non
     card, mfus = None, []
     for path in sorted(glob.glob(results_glob)):
         data = json.loads(open(path).read())
+        if data.get("suite") == "train-scaling":  # its 1-GPU rows are single-GPU throughput too
+            for row in data.get("rows", []):
+                if row.get("gpus") == 1 and row.get("img_s"):
+                    best[row["model"]] = max(row["img_s"], best.get(row["model"], 0.0))
+                    mfus += [row["mfu"]] if row.get("mfu") else []
+            continue
         if data.get("suite") != "train":
             continue
         card = data.get("card", card)
