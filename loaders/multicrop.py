@@ -82,6 +82,10 @@ class MultiCropSpec:
         self._global = AugmentSpec(self.global_size, self.global_scale, self.ratio, self.hflip, self.mean, self.std)
         self._local = AugmentSpec(self.local_size, self.local_scale, self.ratio, self.hflip, self.mean, self.std)
 
+    def crop_specs(self) -> list[AugmentSpec]:
+        """The single-view spec of each crop, in order (globals, then locals)."""
+        return [self._global] * self.global_crops + [self._local] * self.local_crops
+
     @property
     def num_crops(self) -> int:
         return self.global_crops + self.local_crops
@@ -116,8 +120,7 @@ class MultiCropSpec:
         from torchvision.transforms.v2 import functional as TF
 
         out = []
-        for i in range(self.num_crops):
-            spec = self._global if i < self.global_crops else self._local
+        for spec in self.crop_specs():
             top, left, h, w, flip = sample_crop(img.shape[1], img.shape[2], spec, gen)
             crop = TF.resized_crop(img, top, left, h, w, [spec.size, spec.size], antialias=True)
             crop = crop.flip(-1) if flip else crop

@@ -5,7 +5,9 @@ interest, and normalizes into CHW fp16/fp32, which lands in a torch tensor on th
 
 Crops are the `cpu` backend's (same per-sample RNG, `sample_crop`), so the backends differ
 only in the decoder. With `device="cpu"` the pipeline runs CPU-only (`device_id=None`), which
-is how CI tests it. A batch DALI cannot decode is replayed sample by sample to find the
+is how CI tests it. With a `MultiCropSpec` (DINOv2) the pipeline decodes each image once and
+resizes one region per crop into uint8 outputs; the spec's `finish` then applies the photometric
+ops and normalization batched in torch. A batch DALI cannot decode is replayed sample by sample to find the
 culprits, which are skipped and counted; the rest of the batch is kept.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from loaders.loader import Batch, register_backend
 from loaders.backends.encoded import EncodedLoader, select
+from loaders.multicrop import MultiCropSpec
 
 try:
     from nvidia.dali import fn, types
@@ -39,9 +42,17 @@ def roi(crops: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def build_pipeline(*, batch_size: int, size: int, mean, std, device: torch.device, out_dtype: torch.dtype,
-                   num_threads: int, hw_decoder_load: float, prefetch_queue_depth: int, source=None) -> "Pipeline":
+                   num_threads: int, hw_decoder_load: float, prefetch_queue_depth: int, source=None,
+                   crop_sizes: list[int] | None = None) -> "Pipeline":
     """The decode -> crop/resize/flip -> normalize graph. Inputs come from `source`
-    (a batch callback) or, with source=None, from `pipe.run(jpegs=..., roi_start=..., roi_end=...)`."""
+    (a batch callback returning jpegs, then roi_start and roi_end per crop) or, with
+    source=None, from `pipe.run(jpegs=..., roi_start_0=..., roi_end_0=..., ...)`.
+
+    crop_sizes (multi-crop): one resized crop per entry from the one decoded image, each
+    output uint8 CHW (the photometric ops and normalization run batched in torch);
+    otherwise one crop of `size`, normalized here into `out_dtype`."""
+    multi = crop_sizes is not None
+    sizes = crop_sizes if multi else [size]
     gpu = device.type == "cuda"
     pipe = Pipeline(
         batch_size=batch_size,
@@ -52,25 +63,33 @@ def build_pipeline(*, batch_size: int, size: int, mean, std, device: torch.devic
         exec_async=source is not None,
     )
     with pipe:
-        kw = dict(dtype=[types.UINT8, types.FLOAT, types.FLOAT], ndim=[1, 1, 1])
+        names = ["jpegs"] + [f"roi_{end}_{k}" for k in range(len(sizes)) for end in ("start", "end")]
+        dtypes = [types.UINT8] + [types.FLOAT] * (2 * len(sizes))
         if source is not None:
-            jpegs, start, end = fn.external_source(source=source, num_outputs=3, batch=True, **kw)
+            inputs = fn.external_source(source=source, num_outputs=len(names), batch=True, dtype=dtypes,
+                                        ndim=[1] * len(names))
         else:
-            jpegs, start, end = (fn.external_source(name=n, dtype=d, ndim=1)
-                                 for n, d in zip(("jpegs", "roi_start", "roi_end"), kw["dtype"]))
+            inputs = [fn.external_source(name=n, dtype=d, ndim=1) for n, d in zip(names, dtypes)]
+        jpegs = inputs[0]
         if gpu:
             images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
         else:
             images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-        images = fn.resize(images, roi_start=start, roi_end=end, size=[size, size], antialias=True)
-        images = fn.crop_mirror_normalize(
-            images,
-            dtype=types.FLOAT16 if out_dtype == torch.float16 else types.FLOAT,
-            output_layout="CHW",
-            mean=[m * 255 for m in mean],
-            std=[s * 255 for s in std],
-        )
-        pipe.set_outputs(images)
+        outputs = []
+        for k, side in enumerate(sizes):
+            crop = fn.resize(images, roi_start=inputs[1 + 2 * k], roi_end=inputs[2 + 2 * k], size=[side, side],
+                             antialias=True)
+            if multi:
+                outputs.append(fn.transpose(crop, perm=[2, 0, 1]))
+            else:
+                outputs.append(fn.crop_mirror_normalize(
+                    crop,
+                    dtype=types.FLOAT16 if out_dtype == torch.float16 else types.FLOAT,
+                    output_layout="CHW",
+                    mean=[m * 255 for m in mean],
+                    std=[s * 255 for s in std],
+                ))
+        pipe.set_outputs(*outputs)
     pipe.build()
     return pipe
 
@@ -128,30 +147,49 @@ class DaliLoader(EncodedLoader):
         self._out_dtype = torch.float16 if half else torch.float32  # what the pipeline emits
 
     def _pipeline(self, source=None, batch_size: int | None = None) -> "Pipeline":
+        multi = isinstance(self.augment, MultiCropSpec)
         return build_pipeline(
-            batch_size=batch_size or self.batch_size, size=self.augment.size, mean=self.augment.mean,
+            batch_size=batch_size or self.batch_size, size=getattr(self.augment, "size", 0), mean=self.augment.mean,
             std=self.augment.std, device=self.device, num_threads=self.dali_threads,
             hw_decoder_load=self.hw_decoder_load,
             prefetch_queue_depth=self.prefetch_queue_depth if source is not None else 1, source=source,
-            out_dtype=self._out_dtype)
+            out_dtype=self._out_dtype,
+            crop_sizes=[spec.size for spec in self.augment.crop_specs()] if multi else None)
 
     @staticmethod
-    def _inputs(raw: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    def _inputs(raw: dict[str, Any]) -> list[list[np.ndarray]]:
+        """[jpegs, roi_start_0, roi_end_0, roi_start_1, ...]: the pipeline's inputs for one batch."""
         flat, ends = raw["bytes"].numpy(), np.cumsum(raw["lengths"]).tolist()
         jpegs = [flat[b:e] for b, e in zip([0] + ends[:-1], ends)]  # views, no copies
-        start, end = roi(raw["crops"].numpy())
-        return jpegs, start, end
+        crops = raw["crops"].numpy()
+        out = [jpegs]
+        for k in range(crops.shape[1] if crops.ndim == 3 else 1):
+            out.extend(roi(crops[:, k] if crops.ndim == 3 else crops))
+        return out
+
+    @staticmethod
+    def _named(inputs: list[list[np.ndarray]], pick=slice(None)) -> dict[str, list[np.ndarray]]:
+        """Inputs by external-source name, for a pipeline built without a source callback."""
+        names = ["jpegs"] + [f"roi_{end}_{k}" for k in range((len(inputs) - 1) // 2) for end in ("start", "end")]
+        return {n: (v[pick] if isinstance(pick, slice) else [v[pick]]) for n, v in zip(names, inputs)}
+
+    def _images(self, outputs, raw: dict[str, Any]):
+        """Pipeline outputs -> the batch's images (a tensor, or the multi-crop list)."""
+        if "params" not in raw:
+            return to_torch(outputs[0], self.device, self._out_dtype).to(self.dtype)
+        views = [to_torch(o, self.device, torch.uint8) for o in outputs]
+        return self.augment.finish(views + [raw["params"].to(self.device)], self.dtype)
 
     def _salvage(self, raw: dict[str, Any], error: Exception) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         """Decode a failed batch one sample at a time; keep the samples that decode.
         (A DALI pipeline is unusable after an error, so each failure costs a rebuild.)"""
-        jpegs, start, end = self._inputs(raw)
+        inputs = self._inputs(raw)
         keep, failed = [], []
-        for i in range(len(jpegs)):
+        for i in range(len(inputs[0])):
             if self._single is None:
                 self._single = self._pipeline(batch_size=1)
             try:
-                self._single.run(jpegs=[jpegs[i]], roi_start=[start[i]], roi_end=[end[i]])
+                self._single.run(**self._named(inputs, i))
                 keep.append(i)
             except Exception as e:
                 self._single = None
@@ -182,7 +220,7 @@ class DaliLoader(EncodedLoader):
         try:
             while True:
                 try:
-                    (output,) = self._pipe.run()
+                    outputs = self._pipe.run()
                     raw, carried = feed.inflight.popleft()
                     failed = carried + list(raw["failed"])
                 except StopIteration:
@@ -202,10 +240,11 @@ class DaliLoader(EncodedLoader):
                     if not raw["uid"]:
                         yield (None, failed), []
                         continue
-                    jpegs, start, end = self._inputs(raw)
-                    (output,) = self._pipeline(batch_size=len(jpegs)).run(jpegs=jpegs, roi_start=start, roi_end=end)
-                images = to_torch(output, self.device, self._out_dtype).to(self.dtype)
-                yield (Batch(images, raw["modality"], raw["source"], raw["uid"]), failed), [images]
+                    inputs = self._inputs(raw)
+                    outputs = self._pipeline(batch_size=len(inputs[0])).run(**self._named(inputs))
+                images = self._images(outputs, raw)
+                keep = list(images) if isinstance(images, list) else [images]
+                yield (Batch(images, raw["modality"], raw["source"], raw["uid"]), failed), keep
             if feed.carry:
                 yield (None, feed.carry[:]), []
         finally:

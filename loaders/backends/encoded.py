@@ -127,11 +127,10 @@ def _make_dataset_class():
 
         def __init__(self, *, augment: AugmentSpec, aug_seed: int, decode_png: bool, **kwargs: Any):
             super().__init__(**kwargs)
-            if not isinstance(augment, AugmentSpec):
-                raise TypeError(
-                    f"this backend implements AugmentSpec only, got {type(augment).__name__}; "
-                    "use backend='cpu' for multi-crop specs"
-                )
+            from loaders.multicrop import MultiCropSpec
+
+            if not isinstance(augment, (AugmentSpec, MultiCropSpec)):
+                raise TypeError(f"this backend implements AugmentSpec and MultiCropSpec, got {type(augment).__name__}")
             self.augment = augment
             self.aug_seed = aug_seed
             # The epoch of the crop RNG lives in shared memory, so persistent workers see the
@@ -169,7 +168,11 @@ def _make_dataset_class():
                 data = row["image"]
                 kind, h, w, _ = probe_image(data)
                 gen = sample_generator(self.aug_seed, self.aug_epoch, idx)
-                out["crop"] = sample_crop(h, w, self.augment, gen)
+                if isinstance(self.augment, AugmentSpec):
+                    out["crop"] = sample_crop(h, w, self.augment, gen)
+                else:  # multi-crop: every crop's box, then the photometric parameters (the cpu backend's order)
+                    out["crop"] = [sample_crop(h, w, spec, gen) for spec in self.augment.crop_specs()]
+                    out["params"] = self.augment.draw_params(gen)
                 if kind == "png" and self.decode_png:
                     out["pixels"] = decode(data)
                 else:
@@ -209,12 +212,15 @@ def collate_encoded(rows: list[dict[str, Any]]) -> dict[str, Any]:
     positions listed in `decoded_at`. Sample order is the dataset's."""
     good = [r for r in rows if "error" not in r]
     parts = [r["data"] for r in good if "data" in r]
-    return {
+    multi = [r["params"] for r in good if "params" in r]
+    out = {"params": torch.stack(multi)} if multi else {}  # multi-crop: crops [B, K, 5], params [B, K, P]
+    crop_shape = (-1, len(good[0]["crop"]), 5) if multi else (-1, 5)
+    return out | {
         "bytes": _byte_buffer(parts),
         "lengths": [len(p) for p in parts],
         "pixels": [r["pixels"] for r in good if "data" not in r],
         "decoded_at": [i for i, r in enumerate(good) if "data" not in r],
-        "crops": torch.tensor([list(r["crop"]) for r in good], dtype=torch.int64).reshape(-1, 5),
+        "crops": torch.tensor([r["crop"] for r in good], dtype=torch.int64).reshape(crop_shape),
         "shapes": torch.tensor([list(r["shape"]) for r in good], dtype=torch.int64).reshape(-1, 2),
         "modality": [r["modality"] for r in good],
         "source": [r["source"] for r in good],
@@ -240,12 +246,13 @@ def select(raw: dict[str, Any], keep: list[int]) -> dict[str, Any]:
     pixels = dict(zip(raw["decoded_at"], raw["pixels"]))
     enc = [parts[i] for i in keep if i in parts]
     idx = torch.tensor(keep, dtype=torch.int64)
-    return raw | {
+    extra = {"params": raw["params"][idx]} if "params" in raw else {}
+    return raw | extra | {
         "bytes": torch.cat(enc) if enc else torch.empty(0, dtype=torch.uint8),
         "lengths": [len(t) for t in enc],
         "pixels": [pixels[i] for i in keep if i in pixels],
         "decoded_at": [k for k, i in enumerate(keep) if i in pixels],
-        "crops": raw["crops"][idx].reshape(-1, 5),
+        "crops": raw["crops"][idx],
         "shapes": raw["shapes"][idx].reshape(-1, 2),
         "modality": [raw["modality"][i] for i in keep],
         "source": [raw["source"][i] for i in keep],

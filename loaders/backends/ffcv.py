@@ -185,7 +185,7 @@ class FFCVBackendLoader(Loader):
             raise RuntimeError("the ffcv backend needs ffcv (pip install ffcv; see README for its system packages)")
         if not isinstance(augment, AugmentSpec):
             raise TypeError(f"the ffcv backend implements AugmentSpec only, got {type(augment).__name__}; "
-                            "use backend='cpu' for multi-crop specs")
+                            "use backend='dali', 'nvjpeg' or 'cpu' for multi-crop specs")
         super().__init__(dataset=None, batch_size=batch_size, augment=augment, device=device, dtype=dtype)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
             else int(os.environ.get("RANK", 0))

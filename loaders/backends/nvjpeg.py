@@ -8,7 +8,8 @@ taps over the crop window, the same filter torchvision's `resized_crop(antialias
 and PIL use. `out = Wy @ img @ Wx^T` then does crop, resize and flip (rows of Wx reversed)
 for every image of a size group in one call, with no per-image Python on the hot path.
 Crops come from the same per-sample RNG as the `cpu` backend, so for the same seed both
-backends cut the same windows.
+backends cut the same windows. With a `MultiCropSpec` (DINOv2) every crop is cut from the one
+decoded image the same way, and the spec's `finish` applies the photometric ops batched.
 """
 from __future__ import annotations
 
@@ -118,9 +119,15 @@ class NvjpegLoader(EncodedLoader):
             if not images:
                 yield (None, failed), []
                 continue
-            out = resized_crop_list(images, raw["crops"], self.augment.size)
-            out = self.augment.finish([out], self.dtype)
-            yield (Batch(out, raw["modality"], raw["source"], raw["uid"]), failed), [out]
+            if "params" in raw:  # multi-crop: every crop from the one decoded image, photometric ops batched
+                views = [resized_crop_list(images, raw["crops"][:, k], spec.size)
+                         for k, spec in enumerate(self.augment.crop_specs())]
+                out = self.augment.finish(views + [raw["params"].to(self.device)], self.dtype)
+                keep = list(out)
+            else:
+                out = self.augment.finish([resized_crop_list(images, raw["crops"], self.augment.size)], self.dtype)
+                keep = [out]
+            yield (Batch(out, raw["modality"], raw["source"], raw["uid"]), failed), keep
 
 
 
