@@ -62,5 +62,8 @@ L)
 B)
   step 300 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg --workers 4 --seconds 4 --breakdown
   ;;
+M)
+  step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
+  ;;
 esac
 tar czf "$OUT/results-$PART.tgz" bench/results

@@ -91,28 +91,62 @@ def build_shards(root: Path, size: int, rows: int, distinct: int, workers: int) 
 
 
 # ----------------------------------------------------------------- the baseline
-def pil_loader(path: str, *, batch_size: int, crop: int, workers: int, device: torch.device, dtype: torch.dtype):
+def multicrop_spec(crop: int):
+    """DINOv2's crops as the /14 recipes cut them: 2 x `crop` global + 8 x 98 px local."""
+    from loaders.multicrop import MultiCropSpec
+
+    return MultiCropSpec(global_size=crop, local_size=98)
+
+
+def pil_multicrop_transform(spec):
+    """DINOv2's multi-crop as commonly written with torchvision v2 on PIL images, per crop:
+    RandomResizedCrop, flip, colour jitter (p 0.8), grayscale (p 0.2), blur, solarize."""
+    from torchvision.transforms import v2
+
+    def one(size, scale, blur, solarize):
+        return v2.Compose([
+            v2.RandomResizedCrop(size, scale=scale, ratio=spec.ratio, antialias=True),
+            v2.RandomHorizontalFlip(spec.hflip),
+            v2.RandomApply([v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)],
+                           p=spec.color_jitter),
+            v2.RandomGrayscale(spec.grayscale),
+            v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=blur),
+            v2.RandomSolarize(128, p=solarize),
+            v2.PILToTensor(),
+        ])
+
+    crops = [one(spec.global_size, spec.global_scale, spec.blur[min(i, 1)], spec.solarize[min(i, 1)])
+             for i in range(spec.global_crops)]
+    crops += [one(spec.local_size, spec.local_scale, spec.blur[2], spec.solarize[2])] * spec.local_crops
+    return lambda img: tuple(t(img) for t in crops)
+
+
+def pil_loader(path: str, *, batch_size: int, crop: int, workers: int, device: torch.device, dtype: torch.dtype,
+               multicrop: bool = False):
     """What a user would write: StreamingDataset rows -> PIL decode -> torchvision v2
-    RandomResizedCrop + flip in DataLoader workers -> pinned uint8 -> device -> normalize."""
+    RandomResizedCrop + flip (multicrop: DINOv2's 10 crops with their colour ops) in DataLoader
+    workers -> pinned uint8 -> device -> normalize."""
     from streaming import StreamingDataset
     from torchvision.transforms import v2
 
     from loaders.augment import AugmentSpec, normalize
 
     spec = AugmentSpec(size=crop)
-
-    class PILDataset(StreamingDataset):
+    if multicrop:
+        transform = pil_multicrop_transform(multicrop_spec(crop))
+    else:
         transform = v2.Compose([
             v2.PILToTensor(),
             v2.RandomResizedCrop(crop, scale=spec.scale, ratio=spec.ratio, antialias=True),
             v2.RandomHorizontalFlip(spec.hflip),
         ])
 
+    class PILDataset(StreamingDataset):
         def get_item(self, idx: int, retry: int = 7):
             from PIL import Image
 
             row = super().get_item(idx, retry)
-            return self.transform(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+            return transform(Image.open(io.BytesIO(row["image"])).convert("RGB"))
 
     dataset = PILDataset(local=path, shuffle=True, batch_size=batch_size)
     dl = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=True,
@@ -122,7 +156,10 @@ def pil_loader(path: str, *, batch_size: int, crop: int, workers: int, device: t
     class Wrapped:
         def __iter__(self):
             for x in dl:
-                yield normalize(x.to(device, non_blocking=True), spec, dtype)
+                if isinstance(x, (list, tuple)):  # multi-crop: one [B, 3, s, s] per crop
+                    yield [normalize(v.to(device, non_blocking=True), spec, dtype) for v in x]
+                else:
+                    yield normalize(x.to(device, non_blocking=True), spec, dtype)
 
         def close(self):
             from loaders.backends.encoded import shutdown_workers
@@ -133,12 +170,14 @@ def pil_loader(path: str, *, batch_size: int, crop: int, workers: int, device: t
 
 
 def make_loader(backend: str, path: str, *, batch_size: int, crop: int, workers: int, device: torch.device,
-                dtype: torch.dtype, cache_dir: str, options: dict[str, dict] | None = None):
+                dtype: torch.dtype, cache_dir: str, options: dict[str, dict] | None = None, multicrop: bool = False):
     if backend == BASELINE:
-        return pil_loader(path, batch_size=batch_size, crop=crop, workers=workers, device=device, dtype=dtype)
+        return pil_loader(path, batch_size=batch_size, crop=crop, workers=workers, device=device, dtype=dtype,
+                          multicrop=multicrop)
     from loaders import AugmentSpec, build_loader
 
-    return build_loader(path, backend=backend, batch_size=batch_size, augment=AugmentSpec(size=crop), device=device,
+    augment = multicrop_spec(crop) if multicrop else AugmentSpec(size=crop)
+    return build_loader(path, backend=backend, batch_size=batch_size, augment=augment, device=device,
                         dtype=dtype, num_workers=workers, cache_dir=cache_dir, seed=0,
                         **(options or {}).get(backend, {}))
 
@@ -150,15 +189,27 @@ def close(loader) -> None:
 
 
 def images_of(batch) -> torch.Tensor:
-    return batch if isinstance(batch, torch.Tensor) else batch.images
+    """A batch's images as one tensor (the first tensor of a multi-crop batch: global crops)."""
+    x = batch if isinstance(batch, (torch.Tensor, list)) else batch.images
+    return x[0] if isinstance(x, list) else x
 
 
-def forever(loader) -> Iterator[torch.Tensor]:
+def source_images(batch) -> int:
+    """How many source images a batch holds (a multi-crop batch has several crops of each)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, list):  # the PIL baseline's multi-crop: one tensor per crop
+        return batch[0].shape[0]
+    return len(batch)
+
+
+def forever(loader) -> Iterator[tuple[torch.Tensor, int]]:
+    """(images, source image count) of each batch, epoch after epoch."""
     while True:
         n = 0
         for batch in loader:
             n += 1
-            yield images_of(batch)
+            yield images_of(batch), source_images(batch)
         if n == 0:
             raise RuntimeError("the loader yielded no batch in an epoch (too few samples for the batch size?)")
 
@@ -258,8 +309,8 @@ def measure_throughput(loader, *, seconds: float, warmup: int, device: torch.dev
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     with GPUBusy(device) as busy:
         while time.perf_counter() - t0 < seconds:
-            x = next(batches)
-            n += x.shape[0]
+            x, k = next(batches)
+            n += k
             count += 1
         sync(device)
         wall = time.perf_counter() - t0
@@ -314,15 +365,15 @@ def build_train_step(model_name: str, crop: int, device: torch.device, compile_b
     return step, kind
 
 
-def timed_steps(step: Callable, batches: Iterator[torch.Tensor], steps: int, warmup: int, device) -> float:
+def timed_steps(step: Callable, batches: Iterator[tuple[torch.Tensor, int]], steps: int, warmup: int, device) -> float:
     for _ in range(warmup):
-        step(next(batches))
+        step(next(batches)[0])
     sync(device)
     n, t0 = 0, time.perf_counter()
     for _ in range(steps):
-        x = next(batches)
+        x, k = next(batches)
         step(x)
-        n += x.shape[0]
+        n += k
     sync(device)
     return n / (time.perf_counter() - t0)
 
@@ -346,6 +397,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--data-dir", default=None, help="where to build the shards (default: a temp dir, removed)")
     p.add_argument("--stall", action="store_true", help="also measure the MAE training data stall per backend")
+    p.add_argument("--multicrop", action="store_true",
+                   help="DINOv2 multi-crop (2 x crop + 8 x 98 px, colour ops) instead of one crop; the PIL "
+                        "baseline cuts them with torchvision v2 per crop. img/s counts source images")
     p.add_argument("--breakdown", action="store_true",
                    help="also measure the workers alone and each GPU backend's device half alone (what bounds it)")
     p.add_argument("--stall-backends", default="dali,nvjpeg,cpu,pil")
@@ -388,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         payload["ratios"] = ratios(payload["throughput"])
-        out_path[:] = [write_result("loaders", payload, argv)]
+        tag = "-".join(t for t, on in (("multicrop", a.multicrop), ("breakdown", a.breakdown)) if on) or None
+        out_path[:] = [write_result("loaders", payload, argv, tag=tag)]
 
     def guarded(what: str, fn: Callable[[], dict]) -> dict:
         faulthandler.dump_traceback_later(a.limit, exit=True)  # a hung backend must not eat the GPU lease
@@ -413,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def run(backend=backend, w=w, path=path):
                 loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=w, device=device,
-                                     dtype=dtype, cache_dir=cache_dir, options=options)
+                                     dtype=dtype, cache_dir=cache_dir, options=options, multicrop=a.multicrop)
                 try:
                     return measure_throughput(loader, seconds=a.seconds, warmup=a.warmup, device=device)
                 finally:
@@ -461,7 +516,7 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
         if step is None:
             raise RuntimeError("no MAE step could run: " + " | ".join(failures))
         step_box["step"] = step
-        rate = timed_steps(step, itertools.repeat(fixed), a.stall_steps, max(1, a.warmup // 2), device)
+        rate = timed_steps(step, itertools.repeat((fixed, fixed.shape[0])), a.stall_steps, max(1, a.warmup // 2), device)
         return {"model": a.model, "step": kind, "synthetic_img_s": rate, "compile": a.compile,
                 "spec": str(AugmentSpec(size=a.crop)), "fallbacks": failures}
 
