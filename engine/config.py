@@ -29,6 +29,11 @@ class ModelConfig:
     kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: triton on CUDA, torch elsewhere
     compile: bool = False  # torch.compile: the whole model (MAE, 1 GPU) or per block (FSDP, DINOv2)
     activation_checkpointing: bool = False
+    # Which blocks and what they keep: every k-th encoder block is checkpointed (1: all), and
+    # "full" recomputes the whole block in backward while "save_matmuls" (selective) keeps the
+    # outputs of matmuls and attention and recomputes only norms, activations and adds.
+    ac_every: int = 1
+    ac_policy: Literal["full", "save_matmuls"] = "full"
 
 
 @dataclass

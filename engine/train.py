@@ -81,14 +81,56 @@ def synthetic_batches(model: nn.Module, batch_size: int, device: torch.device, d
         yield Batch(images, tags, tags, tags)
 
 
-def checkpoint_blocks(blocks) -> None:
-    """Activation checkpointing per transformer block: each block's activations are recomputed
-    in backward instead of kept. Patches `forward` so parameter names stay timm's."""
+def _matmul_ops() -> set:
+    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.linear.default}
+    for name in ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu",
+                 "_scaled_dot_product_cudnn_attention"):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            ops.add(op.default)
+    for name in ("attn_fwd", "attn_qkv_fwd"):  # our Triton attention (kernels.attn custom ops)
+        try:
+            ops.add(getattr(torch.ops.vfm, name).default)
+        except (AttributeError, RuntimeError):
+            pass
+    return ops
+
+
+def checkpoint_context(policy: str):
+    """The `context_fn` of torch.utils.checkpoint for `model.ac_policy` (None for "full")."""
+    if policy == "full":
+        return None
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = _matmul_ops()
+
+    def decide(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return lambda: create_selective_checkpoint_contexts(decide)
+
+
+def checkpoint_blocks(blocks, every: int = 1, policy: str = "full") -> int:
+    """Activation checkpointing per transformer block: the activations of every `every`-th block
+    are recomputed in backward instead of kept (all of them, or all but the matmul and attention
+    outputs with policy "save_matmuls"). Patches `forward` so parameter names stay timm's.
+    Returns how many blocks were wrapped."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in blocks:
+    if every < 1:
+        raise ValueError(f"model.ac_every must be >= 1 (checkpoint every k-th block), got {every}")
+    context = checkpoint_context(policy)
+    kw = {"context_fn": context} if context is not None else {}
+    n = 0
+    for i, block in enumerate(blocks):
+        if i % max(1, every):
+            continue
         inner = block.forward
-        block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+        block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **kw, **k)
+        n += 1
+    return n
 
 
 class Trainer:
@@ -108,7 +150,7 @@ class Trainer:
 
         self.model = build_objective(cfg, self.device).to(self.device)
         if cfg.model.activation_checkpointing:
-            checkpoint_blocks(self.model.encoder.blocks)
+            checkpoint_blocks(self.model.encoder.blocks, cfg.model.ac_every, cfg.model.ac_policy)
         if cfg.model.compile:
             regions = getattr(self.model, "compile_regions", None)
             if regions is not None:  # the objective says what to compile (e.g. DINOv2: per block)

@@ -185,7 +185,7 @@ class DINOv2(nn.Module):
                  mask_probability: float = 0.5, mask_ratio: tuple[float, float] = (0.1, 0.5),
                  weight_decay_end: float = 0.2, freeze_last_layer: float = 0.01, layer_decay: float = 0.9,
                  patch_embed_lr_scale: float = 0.2, attn_impl: str = "sdpa", pack_crops: bool = True,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, ac_every: int = 1, ac_policy: str = "full"):
         super().__init__()
         self.encoder = encoder  # the student backbone
         dim = encoder.embed_dim
@@ -221,7 +221,7 @@ class DINOv2(nn.Module):
         self.weight_decay_end, self.freeze_last_layer = weight_decay_end, freeze_last_layer
         self.layer_decay, self.patch_embed_lr_scale = layer_decay, patch_embed_lr_scale
         self.attn_impl, self.pack_crops = attn_impl, pack_crops
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing, self.ac_every, self.ac_policy = activation_checkpointing, ac_every, ac_policy
         # Set per step by on_step_start; a tensor, so a compiled forward does not recompile for it.
         self.register_buffer("teacher_temp_now", torch.tensor(teacher_temp_start), persistent=False)
         self.weight_decay_start: float | None = None  # set by param_groups
@@ -273,12 +273,16 @@ class DINOv2(nn.Module):
         seq_len = torch.tensor(lengths).to(groups[0].device)
         total, longest = sum(lengths), max(lengths)
         x = torch.cat([g.reshape(-1, C) for g in groups])
-        for block in enc.blocks:
+        from engine.train import checkpoint_context
+
+        context = checkpoint_context(self.ac_policy)
+        ac = {"context_fn": context} if context is not None else {}
+        for i, block in enumerate(enc.blocks):
             keep = [self._keep(block.drop_path1, len(lengths), x), self._keep(block.drop_path2, len(lengths), x)]
             keep = [k if k is None else k.repeat_interleave(seq_len, output_size=total).unsqueeze(1) for k in keep]
             args = (block, x, cu, longest, *keep, self.attn_impl)
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(self._packed_block, *args, use_reentrant=False)
+            if self.activation_checkpointing and torch.is_grad_enabled() and i % max(1, self.ac_every) == 0:
+                x = checkpoint(self._packed_block, *args, use_reentrant=False, **ac)
             else:
                 x = self._packed_block(*args)
         x = enc.norm(x)
@@ -472,5 +476,6 @@ def build_dinov2(cfg, device) -> DINOv2:
         koleo_weight=o.koleo_weight, mask_probability=o.mask_probability, mask_ratio=tuple(o.mask_ratio),
         weight_decay_end=o.weight_decay_end, freeze_last_layer=o.freeze_last_layer, layer_decay=o.layer_decay,
         patch_embed_lr_scale=o.patch_embed_lr_scale, attn_impl="triton" if triton else "sdpa",
-        pack_crops=o.pack_crops, activation_checkpointing=m.activation_checkpointing,
+        pack_crops=o.pack_crops, activation_checkpointing=m.activation_checkpointing, ac_every=m.ac_every,
+        ac_policy=m.ac_policy,
         )
