@@ -3,6 +3,10 @@
 #   bash bench/gpu_session.sh S   # GPU 0: loaders (+ MAE stall), MedMNIST eval (12 tasks);
 #                                 # GPU 1 at the same time: DINOv2 ViT-L vs naive, ViT-g with AC at batch 64
 #   bash bench/gpu_session.sh F   # NCCL bandwidth, FSDP2 1 -> 2 GPU scaling of MAE ViT-L (profiled)
+#   bash bench/gpu_session.sh F2  # FSDP2 variants: block groups, no reshard, compiled (and F3: batch 512)
+#   bash bench/gpu_session.sh L   # loaders + MAE stall alone on the machine (+ torchrun engine.run on 2 GPUs)
+#   bash bench/gpu_session.sh B   # loaders --breakdown: workers alone, each GPU backend's device half alone
+#   bash bench/gpu_session.sh M   # DINOv2 multi-crop from each backend vs PIL + torchvision v2
 # Wheels the GPU image lacks (DALI, mosaicml-streaming and their dependencies) are unpacked from
 # /tmp/wheels (see ../shared/GPU.md: ../shared/tools/device-wheels ...) into /tmp/site once.
 set -u
