@@ -83,3 +83,17 @@ def test_fsdp_block_groups_train_like_per_block(tmp_path):
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
     assert b["checksum"] == pytest.approx(a["checksum"], rel=1e-5, abs=1e-6)
     assert b["norm"] == pytest.approx(a["norm"], rel=1e-6)
+
+
+def test_dinov2_packed_student_pass_under_fsdp(tmp_path):
+    """Packing calls each (FSDP2-sharded) block as a module, so the one-pass student works on
+    several ranks and matches one pass per crop size."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT),
+           "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "fsdp_dinov2_worker.py"), str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["packed"]["packed_calls"] == 2 and res["per_size"]["packed_calls"] == 0
+    assert res["packed"]["losses"] == pytest.approx(res["per_size"]["losses"], rel=1e-4)

@@ -25,7 +25,6 @@ import random
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import kernels
 from engine.models import attention_layer, create_encoder, use_triton
@@ -184,8 +183,7 @@ class DINOv2(nn.Module):
                  dino_weight: float = 1.0, ibot_weight: float = 1.0, koleo_weight: float = 0.1,
                  mask_probability: float = 0.5, mask_ratio: tuple[float, float] = (0.1, 0.5),
                  weight_decay_end: float = 0.2, freeze_last_layer: float = 0.01, layer_decay: float = 0.9,
-                 patch_embed_lr_scale: float = 0.2, attn_impl: str = "sdpa", pack_crops: bool = True,
-                 activation_checkpointing: bool = False, ac_every: int = 1, ac_policy: str = "full"):
+                 patch_embed_lr_scale: float = 0.2, attn_impl: str = "sdpa", pack_crops: bool = True):
         super().__init__()
         self.encoder = encoder  # the student backbone
         dim = encoder.embed_dim
@@ -221,21 +219,20 @@ class DINOv2(nn.Module):
         self.weight_decay_end, self.freeze_last_layer = weight_decay_end, freeze_last_layer
         self.layer_decay, self.patch_embed_lr_scale = layer_decay, patch_embed_lr_scale
         self.attn_impl, self.pack_crops = attn_impl, pack_crops
-        self.activation_checkpointing, self.ac_every, self.ac_policy = activation_checkpointing, ac_every, ac_policy
         # Set per step by on_step_start; a tensor, so a compiled forward does not recompile for it.
         self.register_buffer("teacher_temp_now", torch.tensor(teacher_temp_start), persistent=False)
         self.weight_decay_start: float | None = None  # set by param_groups
 
-        self._packed_block = packed_block  # torch.compile'd by compile_regions
+        for block in list(encoder.blocks) + list(teacher_encoder.blocks):
+            make_packable(block)  # block(x, cu_seqlens=...) runs packed crops through the block's own call
 
     def compile_regions(self, **compile_kwargs) -> None:
-        """torch.compile per transformer block (student and teacher) and the packed block:
-        the blocks hold nearly all the FLOPs, the identical blocks share one compiled graph, so
-        compiling takes seconds rather than the minutes a whole-model graph (two encoders, two
-        crop sizes, data-dependent iBOT masks) would."""
+        """torch.compile per transformer block (student and teacher), packed and dense calls
+        alike: the blocks hold nearly all the FLOPs, the identical blocks share one compiled
+        graph, so compiling takes seconds rather than the minutes a whole-model graph (two
+        encoders, two crop sizes, data-dependent iBOT masks) would."""
         for block in list(self.encoder.blocks) + list(self.teacher["encoder"].blocks):
             block.compile(**compile_kwargs)
-        self._packed_block = torch.compile(packed_block, **compile_kwargs)
 
     @property
     def export_encoder(self) -> nn.Module:
@@ -266,25 +263,19 @@ class DINOv2(nn.Module):
     def forward_packed(self, enc: nn.Module, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         """Several crop sizes in one pass: groups of embedded tokens [n_i, L_i, C] are packed
         into one [sum n_i L_i, C] sequence; attention is block-diagonal per crop (varlen kernel),
-        everything else is per token. Drop path stays per crop."""
+        everything else is per token. Drop path stays per crop. Each block is called as a
+        module (`block(x, cu_seqlens=...)`), so whatever wraps it applies to the packed pass
+        too: FSDP2's gather and gradient reduction, torch.compile, activation checkpointing."""
         C = groups[0].shape[-1]
         lengths = [L for g in groups for L in [g.shape[1]] * g.shape[0]]
         cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(groups[0].device)
         seq_len = torch.tensor(lengths).to(groups[0].device)
         total, longest = sum(lengths), max(lengths)
         x = torch.cat([g.reshape(-1, C) for g in groups])
-        from engine.train import checkpoint_context
-
-        context = checkpoint_context(self.ac_policy)
-        ac = {"context_fn": context} if context is not None else {}
-        for i, block in enumerate(enc.blocks):
+        for block in enc.blocks:
             keep = [self._keep(block.drop_path1, len(lengths), x), self._keep(block.drop_path2, len(lengths), x)]
             keep = [k if k is None else k.repeat_interleave(seq_len, output_size=total).unsqueeze(1) for k in keep]
-            args = (block, x, cu, longest, *keep, self.attn_impl)
-            if self.activation_checkpointing and torch.is_grad_enabled() and i % max(1, self.ac_every) == 0:
-                x = checkpoint(self._packed_block, *args, use_reentrant=False, **ac)
-            else:
-                x = self._packed_block(*args)
+            x = block(x, cu_seqlens=cu, max_seqlen=longest, keep1=keep[0], keep2=keep[1], attn_impl=self.attn_impl)
         x = enc.norm(x)
         out, start = [], 0
         for g in groups:
@@ -325,11 +316,7 @@ class DINOv2(nn.Module):
 
         # Student: every crop, the global ones masked.
         enc = self.encoder
-        # Packing calls the blocks' layers directly, past the per-block hooks FSDP2 relies on:
-        # one process only; under torchrun the student takes one pass per crop size.
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        packed = (self.pack_crops and self.attn_impl == "triton" and loc.shape[0] > 0 and not distributed
-                  and glob.device.type != "meta")
+        packed = self.pack_crops and self.attn_impl == "triton" and loc.shape[0] > 0 and glob.device.type != "meta"
         if packed:
             s_glob, s_loc = self.forward_packed(enc, [self.embed(enc, glob, masks), self.embed(enc, loc)])
         else:
@@ -434,6 +421,28 @@ def cosine(start: float, end: float, progress: float) -> float:
     return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+_PACKABLE: dict[type, type] = {}
+
+
+def make_packable(block: nn.Module) -> None:
+    """Give a timm block a packed mode: `block(x, cu_seqlens=cu, max_seqlen=n, keep1=..., keep2=...,
+    attn_impl=...)` runs `packed_block`, `block(x)` the block's own forward. A subclass swap, not
+    a patched attribute, so state dicts, deepcopy and FSDP2's own class swap keep working."""
+    cls = type(block)
+    if getattr(cls, "_packable", False):
+        return
+    sub = _PACKABLE.get(cls)
+    if sub is None:
+        def forward(self, x, *args, cu_seqlens=None, max_seqlen=None, keep1=None, keep2=None, attn_impl="triton",
+                    **kwargs):
+            if cu_seqlens is None:
+                return cls.forward(self, x, *args, **kwargs)
+            return packed_block(self, x, cu_seqlens, max_seqlen, keep1, keep2, attn_impl)
+
+        sub = _PACKABLE[cls] = type(f"Packable{cls.__name__}", (cls,), {"forward": forward, "_packable": True})
+    block.__class__ = sub
+
+
 def packed_block(block, x, cu, longest, keep1, keep2, attn_impl):
     """A timm block on packed tokens [T, C]: attention block-diagonal per crop (varlen kernel),
     everything else per token; keep1/keep2 are per-token drop-path multipliers or None."""
@@ -476,6 +485,5 @@ def build_dinov2(cfg, device) -> DINOv2:
         koleo_weight=o.koleo_weight, mask_probability=o.mask_probability, mask_ratio=tuple(o.mask_ratio),
         weight_decay_end=o.weight_decay_end, freeze_last_layer=o.freeze_last_layer, layer_decay=o.layer_decay,
         patch_embed_lr_scale=o.patch_embed_lr_scale, attn_impl="triton" if triton else "sdpa",
-        pack_crops=o.pack_crops, activation_checkpointing=m.activation_checkpointing, ac_every=m.ac_every,
-        ac_policy=m.ac_policy,
+        pack_crops=o.pack_crops,
         )
