@@ -56,6 +56,10 @@ class AugmentSpec:
         out = out.flip(-1) if flip else out
         return [out.expand(3, -1, -1) if out.shape[0] == 1 else out]
 
+    def crop_specs(self) -> list[AugmentSpec]:
+        """The single-view spec of each crop, in order: one crop, this spec (as MultiCropSpec's)."""
+        return [self]
+
     def finish(self, views: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Batched part on the device: uint8 [B, 3, s, s] per view -> the batch's images."""
         return normalize(views[0], self, dtype)

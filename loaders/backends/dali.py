@@ -41,18 +41,16 @@ def roi(crops: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return list(start), list(end)
 
 
-def build_pipeline(*, batch_size: int, size: int, mean, std, device: torch.device, out_dtype: torch.dtype,
-                   num_threads: int, hw_decoder_load: float, prefetch_queue_depth: int, source=None,
-                   crop_sizes: list[int] | None = None) -> "Pipeline":
+def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, std, device: torch.device,
+                   out_dtype: torch.dtype, num_threads: int, hw_decoder_load: float, prefetch_queue_depth: int,
+                   source=None) -> "Pipeline":
     """The decode -> crop/resize/flip -> normalize graph. Inputs come from `source`
     (a batch callback returning jpegs, then roi_start and roi_end per crop) or, with
     source=None, from `pipe.run(jpegs=..., roi_start_0=..., roi_end_0=..., ...)`.
 
-    crop_sizes (multi-crop): one resized crop per entry from the one decoded image, each
-    output uint8 CHW (the photometric ops and normalization run batched in torch);
-    otherwise one crop of `size`, normalized here into `out_dtype`."""
-    multi = crop_sizes is not None
-    sizes = crop_sizes if multi else [size]
+    One resized crop per entry of `sizes` from the one decoded image, normalized here into
+    `out_dtype` CHW (`normalize`, the single-view spec) or output as uint8 CHW (multi-crop: the
+    photometric ops and normalization run batched in torch)."""
     gpu = device.type == "cuda"
     pipe = Pipeline(
         batch_size=batch_size,
@@ -79,7 +77,7 @@ def build_pipeline(*, batch_size: int, size: int, mean, std, device: torch.devic
         for k, side in enumerate(sizes):
             crop = fn.resize(images, roi_start=inputs[1 + 2 * k], roi_end=inputs[2 + 2 * k], size=[side, side],
                              antialias=True)
-            if multi:
+            if not normalize:
                 outputs.append(fn.transpose(crop, perm=[2, 0, 1]))
             else:
                 outputs.append(fn.crop_mirror_normalize(
@@ -147,24 +145,23 @@ class DaliLoader(EncodedLoader):
         self._out_dtype = torch.float16 if half else torch.float32  # what the pipeline emits
 
     def _pipeline(self, source=None, batch_size: int | None = None) -> "Pipeline":
-        multi = isinstance(self.augment, MultiCropSpec)
         return build_pipeline(
-            batch_size=batch_size or self.batch_size, size=getattr(self.augment, "size", 0), mean=self.augment.mean,
+            batch_size=batch_size or self.batch_size, sizes=[spec.size for spec in self.augment.crop_specs()],
+            normalize=not isinstance(self.augment, MultiCropSpec), mean=self.augment.mean,
             std=self.augment.std, device=self.device, num_threads=self.dali_threads,
             hw_decoder_load=self.hw_decoder_load,
             prefetch_queue_depth=self.prefetch_queue_depth if source is not None else 1, source=source,
-            out_dtype=self._out_dtype,
-            crop_sizes=[spec.size for spec in self.augment.crop_specs()] if multi else None)
+            out_dtype=self._out_dtype)
 
     @staticmethod
     def _inputs(raw: dict[str, Any]) -> list[list[np.ndarray]]:
         """[jpegs, roi_start_0, roi_end_0, roi_start_1, ...]: the pipeline's inputs for one batch."""
         flat, ends = raw["bytes"].numpy(), np.cumsum(raw["lengths"]).tolist()
         jpegs = [flat[b:e] for b, e in zip([0] + ends[:-1], ends)]  # views, no copies
-        crops = raw["crops"].numpy()
+        crops = raw["crops"].numpy()  # [B, crops, 5]
         out = [jpegs]
-        for k in range(crops.shape[1] if crops.ndim == 3 else 1):
-            out.extend(roi(crops[:, k] if crops.ndim == 3 else crops))
+        for k in range(crops.shape[1]):
+            out.extend(roi(crops[:, k]))
         return out
 
     @staticmethod
@@ -243,8 +240,8 @@ class DaliLoader(EncodedLoader):
                     inputs = self._inputs(raw)
                     outputs = self._pipeline(batch_size=len(inputs[0])).run(**self._named(inputs))
                 images = self._images(outputs, raw)
-                keep = list(images) if isinstance(images, list) else [images]
-                yield (Batch(images, raw["modality"], raw["source"], raw["uid"]), failed), keep
+                yield ((Batch(images, raw["modality"], raw["source"], raw["uid"]), failed),
+                       images if isinstance(images, list) else [images])
             if feed.carry:
                 yield (None, feed.carry[:]), []
         finally:

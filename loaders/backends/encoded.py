@@ -168,10 +168,9 @@ def _make_dataset_class():
                 data = row["image"]
                 kind, h, w, _ = probe_image(data)
                 gen = sample_generator(self.aug_seed, self.aug_epoch, idx)
-                if isinstance(self.augment, AugmentSpec):
-                    out["crop"] = sample_crop(h, w, self.augment, gen)
-                else:  # multi-crop: every crop's box, then the photometric parameters (the cpu backend's order)
-                    out["crop"] = [sample_crop(h, w, spec, gen) for spec in self.augment.crop_specs()]
+                # every crop's box, then (multi-crop) the photometric parameters: the cpu backend's order
+                out["crop"] = [sample_crop(h, w, spec, gen) for spec in self.augment.crop_specs()]
+                if not isinstance(self.augment, AugmentSpec):
                     out["params"] = self.augment.draw_params(gen)
                 if kind == "png" and self.decode_png:
                     out["pixels"] = decode(data)
@@ -213,14 +212,14 @@ def collate_encoded(rows: list[dict[str, Any]]) -> dict[str, Any]:
     good = [r for r in rows if "error" not in r]
     parts = [r["data"] for r in good if "data" in r]
     multi = [r["params"] for r in good if "params" in r]
-    out = {"params": torch.stack(multi)} if multi else {}  # multi-crop: crops [B, K, 5], params [B, K, P]
-    crop_shape = (-1, len(good[0]["crop"]), 5) if multi else (-1, 5)
+    out = {"params": torch.stack(multi)} if multi else {}  # multi-crop: params [B, K, P]
+    crops_per_image = len(good[0]["crop"]) if good else 1
     return out | {
         "bytes": _byte_buffer(parts),
         "lengths": [len(p) for p in parts],
         "pixels": [r["pixels"] for r in good if "data" not in r],
         "decoded_at": [i for i, r in enumerate(good) if "data" not in r],
-        "crops": torch.tensor([r["crop"] for r in good], dtype=torch.int64).reshape(crop_shape),
+        "crops": torch.tensor([r["crop"] for r in good], dtype=torch.int64).reshape(-1, crops_per_image, 5),
         "shapes": torch.tensor([list(r["shape"]) for r in good], dtype=torch.int64).reshape(-1, 2),
         "modality": [r["modality"] for r in good],
         "source": [r["source"] for r in good],

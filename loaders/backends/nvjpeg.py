@@ -119,14 +119,12 @@ class NvjpegLoader(EncodedLoader):
             if not images:
                 yield (None, failed), []
                 continue
-            if "params" in raw:  # multi-crop: every crop from the one decoded image, photometric ops batched
-                views = [resized_crop_list(images, raw["crops"][:, k], spec.size)
-                         for k, spec in enumerate(self.augment.crop_specs())]
-                out = self.augment.finish(views + [raw["params"].to(self.device)], self.dtype)
-                keep = list(out)
-            else:
-                out = self.augment.finish([resized_crop_list(images, raw["crops"], self.augment.size)], self.dtype)
-                keep = [out]
+            # every crop from the one decoded image; multi-crop's photometric ops run batched in finish
+            views = [resized_crop_list(images, raw["crops"][:, k], spec.size)
+                     for k, spec in enumerate(self.augment.crop_specs())]
+            params = [raw["params"].to(self.device)] if "params" in raw else []
+            out = self.augment.finish(views + params, self.dtype)
+            keep = out if isinstance(out, list) else [out]
             yield (Batch(out, raw["modality"], raw["source"], raw["uid"]), failed), keep
 
 
