@@ -7,8 +7,8 @@ from typing import Iterator
 import numpy as np
 
 from .common import Frame, ReadOptions, SkipFile, jsonable
-from .scaling import (WINDOW_PRESETS, integer_view, parse_window, robust_bounds, table_percentiles, table_to_uint8,
-                      to_uint8, window_bounds)
+from .scaling import (WINDOW_PRESETS, integer_view, parse_window, percentile_bounds, scale_to_uint8, to_uint8,
+                      window_bounds)
 
 # DICOM Modality tag -> shard contract code.
 DICOM_MODALITY = {
@@ -110,11 +110,11 @@ def read_dicom(path: str, window: str, opts: ReadOptions, modality: str | None =
             frames8 = arr
             meta["scaling"] = "none"
         else:
-            bounds = robust_bounds(arr, *opts.percentiles)
-            if bounds is None:
+            scaled = percentile_bounds(arr, None, opts.percentiles)
+            if scaled is None:
                 raise SkipFile("no finite pixel values")
+            bounds, meta["scaling"] = scaled
             frames8 = to_uint8(arr, *bounds)
-            meta["scaling"] = {"percentile": list(opts.percentiles), "bounds": [round(b, 4) for b in bounds]}
     else:
         # RescaleSlope/Intercept (-> HU for CT) folded into a lookup table for 8/16-bit data;
         # pydicom's apply_modality_lut for Modality LUT sequences and other bit depths.
@@ -123,6 +123,7 @@ def read_dicom(path: str, window: str, opts: ReadOptions, modality: str | None =
             slope = float(ds.get("RescaleSlope", 1) or 1)
             intercept = float(ds.get("RescaleIntercept", 0) or 0)
             iv = iv.rescaled(slope, intercept)
+            values = None  # the view's lookup table stands for the values
         else:
             values = apply_modality_lut(arr, ds)
         mode = parse_window(window)
@@ -142,14 +143,11 @@ def read_dicom(path: str, window: str, opts: ReadOptions, modality: str | None =
             elif mode == "file":
                 meta["window_missing"] = True
         if bounds is None:
-            if iv is not None:
-                bounds = table_percentiles(iv, *opts.percentiles)
-            else:
-                bounds = robust_bounds(values, *opts.percentiles)
-            if bounds is None:
+            scaled = percentile_bounds(values, iv, opts.percentiles)
+            if scaled is None:
                 raise SkipFile("no finite pixel values")
-            meta["scaling"] = {"percentile": list(opts.percentiles), "bounds": [round(b, 4) for b in bounds]}
-        frames8 = table_to_uint8(iv, *bounds) if iv is not None else to_uint8(values, *bounds)
+            bounds, meta["scaling"] = scaled
+        frames8 = scale_to_uint8(values, iv, *bounds)
         if photometric == "MONOCHROME1":  # low values are bright: invert so bright means dense
             frames8 = 255 - frames8
             meta["inverted"] = True

@@ -6,8 +6,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .common import Frame, ReadOptions, SkipFile, jsonable
-from .scaling import WINDOW_PRESETS, parse_window, robust_bounds, to_uint8, window_bounds
+from .common import Frame, ReadOptions, SkipFile
+from .scaling import WINDOW_PRESETS, parse_window, percentile_bounds, to_uint8, window_bounds
 
 AXIS_NAMES = {"sagittal": 0, "coronal": 1, "axial": 2}  # in RAS+ voxel order
 
@@ -88,10 +88,10 @@ def read_nifti(path: str, window: str, axis: str, stride: int, volumes: str, opt
             c, w = WINDOW_PRESETS[mode]
             bounds, how = window_bounds(c, w), {"window": {"center": c, "width": w, "from": mode}}
         else:  # auto / file / percentile: NIfTI has no window tags
-            bounds = robust_bounds(vol, *opts.percentiles)
-            if bounds is None:
+            scaled = percentile_bounds(vol, None, opts.percentiles)
+            if scaled is None:
                 raise SkipFile("volume has no finite voxels (all NaN/inf)")
-            how = {"scaling": {"percentile": list(opts.percentiles), "bounds": [round(b, 4) for b in bounds]}}
+            bounds, how = scaled[0], {"scaling": scaled[1]}
         for s in range(0, n_slices, stride):
             plane = vol[(slice(None),) * ax + (s,)]  # a view: (first in-plane axis, second)
             pixels = to_uint8(np.flipud(plane.T), *bounds)

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .common import Frame, ReadOptions, SkipFile
-from .scaling import integer_view, robust_bounds, table_percentiles, table_to_uint8, target_size, to_uint8
+from .scaling import integer_view, percentile_bounds, scale_to_uint8, target_size
 
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -48,14 +48,11 @@ def read_raster(path: str, opts: ReadOptions) -> Iterator[Frame]:
                 arr = arr.astype(np.int32)
             meta["original_dtype"] = str(arr.dtype)
             iv = integer_view(arr)
-            if iv is not None:
-                bounds = table_percentiles(iv, *opts.percentiles)
-            else:
-                bounds = robust_bounds(arr, *opts.percentiles)
-            if bounds is None:
+            scaled = percentile_bounds(arr, iv, opts.percentiles)
+            if scaled is None:
                 raise SkipFile("no finite pixel values")
-            pixels = table_to_uint8(iv, *bounds) if iv is not None else to_uint8(arr, *bounds)
-            meta["scaling"] = {"percentile": list(opts.percentiles), "bounds": [round(b, 4) for b in bounds]}
+            bounds, meta["scaling"] = scaled
+            pixels = scale_to_uint8(arr, iv, *bounds)
         else:
             meta["original_dtype"] = "uint8"
             if mode in ("1", "L"):

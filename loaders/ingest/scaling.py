@@ -152,6 +152,22 @@ def table_to_uint8(view: IntegerView, lo: float, hi: float) -> np.ndarray:
     return to_uint8(view.table.astype(np.float32), lo, hi, finite=True)[view.indices]
 
 
+def percentile_bounds(values: np.ndarray | None, view: IntegerView | None,
+                      percentiles) -> tuple[tuple[float, float], dict] | None:
+    """Bounds at the (lo, hi) percentiles of the finite values (from the integer view's histogram
+    when there is one) and the manifest record of that scaling; None when no value is finite."""
+    lo_pct, hi_pct = percentiles
+    bounds = table_percentiles(view, lo_pct, hi_pct) if view is not None else robust_bounds(values, lo_pct, hi_pct)
+    if bounds is None:
+        return None
+    return bounds, {"percentile": [lo_pct, hi_pct], "bounds": [round(b, 4) for b in bounds]}
+
+
+def scale_to_uint8(values: np.ndarray | None, view: IntegerView | None, lo: float, hi: float) -> np.ndarray:
+    """to_uint8(values, lo, hi), as one table lookup when the values have an integer view."""
+    return table_to_uint8(view, lo, hi) if view is not None else to_uint8(values, lo, hi)
+
+
 def target_size(h: int, w: int, max_size: int, side: str = "short", aspect: float = 1.0) -> tuple[int, int]:
     """(height, width) after making pixels square (aspect = row spacing / column spacing)
     and shrinking so the short (or long) side is at most max_size. Never upsamples for size."""
