@@ -82,8 +82,7 @@ def synthetic_batches(model: nn.Module, batch_size: int, device: torch.device, d
 
 
 def _matmul_ops() -> set:
-    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-           torch.ops.aten.linear.default}
+    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
     for name in ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_flash_attention_for_cpu",
                  "_scaled_dot_product_cudnn_attention"):
@@ -125,7 +124,7 @@ def checkpoint_blocks(blocks, every: int = 1, policy: str = "full") -> int:
     kw = {"context_fn": context} if context is not None else {}
     n = 0
     for i, block in enumerate(blocks):
-        if i % max(1, every):
+        if i % every:
             continue
         inner = block.forward
         block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **kw, **k)
