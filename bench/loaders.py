@@ -553,7 +553,7 @@ def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> N
     (2) each backend's device half alone (decode + crop/resize + normalize) on one encoded batch
     fed again and again from memory in the main thread, no workers running."""
     from loaders import AugmentSpec
-    from loaders.backends.encoded import encoded_dataloader, make_encoded_dataset, shutdown_workers
+    from loaders.backends.encoded import as_torch, encoded_dataloader, make_encoded_dataset, shutdown_workers
     from loaders.loader import as_stream_specs
 
     w = int(a.workers.split(",")[0])
@@ -569,7 +569,7 @@ def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> N
             try:
                 it = iter(dl)
                 for _ in range(a.warmup):
-                    box["raw"] = next(it)
+                    box["raw"] = as_torch(next(it))
                 n, cpu0, t0 = 0, cpu_seconds(), time.perf_counter()
                 while time.perf_counter() - t0 < a.seconds:
                     try:

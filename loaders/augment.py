@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import _random
 from dataclasses import dataclass, field
 
 import torch
@@ -72,7 +73,8 @@ class SampleRNG(random.Random):
     is a torch.Generator with the same key, made on first use, for tensor-valued draws."""
 
     def __init__(self, key: int):
-        super().__init__(key)
+        _random.Random.seed(self, key)  # random.Random(key)'s state, without its Python-level seed()
+        self.gauss_next = None
         self.key = key
         self._torch: torch.Generator | None = None
 

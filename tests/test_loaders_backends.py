@@ -296,12 +296,43 @@ def test_ffcv_refuses_stream_mixing(shards):
 def test_fast_shard_reader_matches_streaming(shards):
     from streaming import StreamingDataset
 
-    from loaders.backends.encoded import make_encoded_dataset
+    from loaders.backends.encoded import ShardMaps, as_torch, collate_encoded, encoded_views, make_encoded_dataset, select
 
     ds = make_encoded_dataset(as_stream_specs(shards[0]), batch_size=4, shuffle=False, seed=0, cache_dir=None,
                               num_canonical_nodes=None, augment=SPEC, decode_png=False)
-    for i in range(ds.num_samples):
-        fast, ref = ds.row(i), StreamingDataset.get_item(ds, i)
+    refs = [StreamingDataset.get_item(ds, i) for i in range(ds.num_samples)]
+    for i, ref in enumerate(refs):
+        shard_id, rel = ds.spanner[i]
+        fast = ds.reader(shard_id).get(rel)
         assert {k: fast[k] for k in ("image", "uid", "modality", "source")} == \
             {k: ref[k] for k in ("image", "uid", "modality", "source")}
+    # local shards: workers send (shard, offset, size), the main process reads the bytes in place
+    rows = [ds.get_item(i) for i in range(ds.num_samples)]
+    jpeg = [i for i, r in enumerate(rows) if "data" in r]
+    assert jpeg and all("loc" in rows[i] for i in jpeg)
+    raw = as_torch(collate_encoded(rows))
+    assert raw["locs"].shape == (len(jpeg), 3) and "bytes" not in raw
+    views = encoded_views(raw, ShardMaps(ds))
+    assert [v.tobytes() for v in views] == [refs[i]["image"] for i in jpeg]
+    kept = select(raw, [0, 2])
+    assert "locs" not in kept and [v.tobytes() for v in encoded_views(kept, None)] == [refs[jpeg[0]]["image"],
+                                                                                          refs[jpeg[2]]["image"]]
+    # without offsets (e.g. a remote stream that may evict), the bytes travel in one buffer
+    for r in rows:
+        r.pop("loc", None)
+    flat = as_torch(collate_encoded(rows))
+    assert "locs" not in flat and [v.tobytes() for v in encoded_views(flat, None)] == [refs[i]["image"] for i in jpeg]
     assert len(ds._fast_readers) > 1  # several shards, each through the memory-mapped path
+
+
+def test_sample_rng_is_python_random_with_the_sample_key():
+    """SampleRNG seeds in C directly (a worker's hot path); the stream must stay exactly
+    random.Random(key)'s, or crops would change between releases."""
+    import random
+
+    from loaders.augment import SampleRNG
+
+    for key in (0, 1, 2**62 + 12345, 987654321):
+        ours, ref = SampleRNG(key), random.Random(key)
+        assert [ours.random() for _ in range(40)] == [ref.random() for _ in range(40)]
+        assert ours.gauss(0, 1) == ref.gauss(0, 1) and ours.randint(0, 10**9) == ref.randint(0, 10**9)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from loaders.loader import Batch, register_backend
-from loaders.backends.encoded import EncodedLoader, select
+from loaders.backends.encoded import EncodedLoader, encoded_views, select
 from loaders.multicrop import MultiCropSpec
 
 try:
@@ -30,15 +30,16 @@ except ImportError:  # optional dependency: the backend is simply unavailable
     fn = types = Pipeline = None
 
 
-def roi(crops: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(top, left, h, w, flip) rows -> fn.resize's roi_start / roi_end in (y, x) order;
-    a flipped crop has its x ends swapped, which makes fn.resize mirror it."""
+def roi(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(top, left, h, w, flip) rows -> fn.resize's roi_start / roi_end, [B, 2] in (y, x) order
+    (one dense array per batch: cheaper to feed than B small ones); a flipped crop has its x
+    ends swapped, which makes fn.resize mirror it."""
     top, left, h, w, flip = (crops[:, i].astype(np.float32) for i in range(5))
     x0 = np.where(flip > 0, left + w, left)
     x1 = np.where(flip > 0, left, left + w)
     start = np.stack([top, x0], 1)
     end = np.stack([top + h, x1], 1)
-    return list(start), list(end)
+    return start, end
 
 
 def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, std, device: torch.device,
@@ -153,11 +154,10 @@ class DaliLoader(EncodedLoader):
             prefetch_queue_depth=self.prefetch_queue_depth if source is not None else 1, source=source,
             out_dtype=self._out_dtype)
 
-    @staticmethod
-    def _inputs(raw: dict[str, Any]) -> list[list[np.ndarray]]:
-        """[jpegs, roi_start_0, roi_end_0, roi_start_1, ...]: the pipeline's inputs for one batch."""
-        flat, ends = raw["bytes"].numpy(), np.cumsum(raw["lengths"]).tolist()
-        jpegs = [flat[b:e] for b, e in zip([0] + ends[:-1], ends)]  # views, no copies
+    def _inputs(self, raw: dict[str, Any]) -> list:
+        """[jpegs, roi_start_0, roi_end_0, roi_start_1, ...]: the pipeline's inputs for one batch
+        (the images as views into the shard maps or the batch's buffer, the crops as [B, 2] arrays)."""
+        jpegs = encoded_views(raw, self.maps)
         crops = raw["crops"].numpy()  # [B, crops, 5]
         out = [jpegs]
         for k in range(crops.shape[1]):
@@ -193,7 +193,7 @@ class DaliLoader(EncodedLoader):
                 failed.append((raw["uid"][i], _reason(e)))
         if not failed:  # not the data's fault (e.g. out of memory): do not hide it
             raise error
-        return select(raw, keep), failed
+        return select(raw, keep, self.maps), failed
 
     def _source(self):
         """DALI's batch callback: the next batch of the epoch (replayed ones first)."""

@@ -26,41 +26,46 @@ from loaders.loader import Batch, Loader
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # SOF markers carrying the frame size (all but DHT=C4, JPG=C8, DAC=CC).
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_SOF_FIELDS = struct.Struct(">BHHB")  # precision, height, width, components
+_PNG_FIELDS = struct.Struct(">IIBB")  # IHDR: width, height, bit depth, colour type
 
 
 class ImageHeaderError(ValueError):
     """The bytes are not a complete JPEG or PNG."""
 
 
-def probe_image(data: bytes) -> tuple[str, int, int, int]:
-    """(kind, height, width, channels) of JPEG/PNG bytes from the header alone.
+def probe_image(data, begin: int = 0, end: int | None = None) -> tuple[str, int, int, int]:
+    """(kind, height, width, channels) of the JPEG/PNG in data[begin:end], from the header alone.
 
-    Raises ImageHeaderError for anything else, and for a JPEG without an end-of-image
-    marker after its scan (truncated files: GPU decoders may not notice those).
+    `data` is bytes or a memory-mapped shard (read in place: only the header's bytes are
+    touched). Raises ImageHeaderError for anything else, and for a JPEG without an
+    end-of-image marker after its scan (truncated files: GPU decoders may not notice those).
     """
-    if data[:2] == b"\xff\xd8":
-        pos, n, size = 2, len(data), None
+    n = len(data) if end is None else end
+    if n - begin >= 4 and data[begin] == 0xFF and data[begin + 1] == 0xD8:
+        pos, size = begin + 2, None
         while pos + 4 <= n:
             if data[pos] != 0xFF:
-                raise ImageHeaderError(f"bad JPEG marker at byte {pos}")
+                raise ImageHeaderError(f"bad JPEG marker at byte {pos - begin}")
             marker = data[pos + 1]
             if marker == 0xFF:  # fill byte
                 pos += 1
                 continue
-            if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
                 pos += 2
                 continue
-            (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+            length = (data[pos + 2] << 8) | data[pos + 3]
             if marker in _SOF:
                 if pos + 10 > n:
                     break
-                _, h, w, c = struct.unpack(">BHHB", data[pos + 4 : pos + 10])
+                _, h, w, c = _SOF_FIELDS.unpack_from(data, pos + 4)
                 size = (h, w, c)
             elif marker == 0xDA:  # start of scan: the entropy-coded data follows
                 if size is None:
                     raise ImageHeaderError("JPEG scan before frame header")
-                if data.rfind(b"\xff\xd9", pos) < 0:
+                # the end-of-image marker closes the file (it may be followed by padding)
+                if not (data[n - 2] == 0xFF and data[n - 1] == 0xD9) and data.rfind(b"\xff\xd9", pos, n) < 0:
                     raise ImageHeaderError("JPEG is truncated (no end-of-image marker)")
                 h, w, c = size
                 if h == 0 or w == 0 or c not in (1, 3, 4):
@@ -68,12 +73,12 @@ def probe_image(data: bytes) -> tuple[str, int, int, int]:
                 return "jpeg", h, w, (1 if c == 1 else 3)
             pos += 2 + length
         raise ImageHeaderError("JPEG header is incomplete")
-    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 26:
-        w, h, depth, ctype = struct.unpack(">IIBB", data[16:26])
+    if n - begin >= 26 and data[begin:begin + 8] == PNG_SIGNATURE and data[begin + 12:begin + 16] == b"IHDR":
+        w, h, depth, ctype = _PNG_FIELDS.unpack_from(data, begin + 16)
         if h == 0 or w == 0:
             raise ImageHeaderError("empty PNG")
         return "png", h, w, (1 if ctype in (0, 4) else 3)
-    raise ImageHeaderError(f"not a JPEG or PNG (starts with {bytes(data[:8])!r})")
+    raise ImageHeaderError(f"not a JPEG or PNG (starts with {bytes(data[begin:min(n, begin + 8)])!r})")
 
 
 class FastMDSReader:
@@ -86,8 +91,7 @@ class FastMDSReader:
     def __init__(self, shard):
         if type(shard).__name__ != "MDSReader" or getattr(shard, "compression", None):
             raise NotImplementedError("fast path: uncompressed MDS only")
-        path = os.path.join(shard.dirname, shard.split or "", shard.raw_data.basename)
-        with open(path, "rb") as f:
+        with open(shard_path(shard), "rb") as f:
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.names = list(shard.column_names)
         self.sizes = list(shard.column_sizes)  # None for variable size
@@ -97,7 +101,9 @@ class FastMDSReader:
                 raise NotImplementedError(f"fast path: unexpected encoding for {name}")
         self.n_var = sum(1 for s in self.sizes if not s)
 
-    def get(self, rel: int) -> dict[str, Any]:
+    def get(self, rel: int, image_bytes: bool = True) -> dict[str, Any]:
+        """The wanted columns of row `rel`; with image_bytes=False the image stays in the map
+        and `image_at` gives its (offset, size) in the shard file instead."""
         mm = self.mm
         begin, end = struct.unpack_from("<II", mm, (1 + rel) * 4)
         var = struct.unpack_from(f"<{self.n_var}I", mm, begin)
@@ -106,13 +112,42 @@ class FastMDSReader:
             if not size:
                 size = var[k]
                 k += 1
-            if name in self.WANTED:
-                value = mm[pos : pos + size]
-                out[name] = value if name == "image" else value.decode("utf-8")
+            if name == "image":
+                if image_bytes:
+                    out[name] = mm[pos : pos + size]
+                else:
+                    out["image_at"] = (pos, size)
+            elif name in self.WANTED:
+                out[name] = mm[pos : pos + size].decode("utf-8")
             pos += size
         if pos != end:
             raise ValueError(f"MDS sample {rel} has {end - begin} bytes, columns account for {pos - begin}")
         return out
+
+
+def shard_path(shard) -> str:
+    """The local file of an MDS shard reader."""
+    return os.path.join(shard.dirname, shard.split or "", shard.raw_data.basename)
+
+
+class ShardMaps:
+    """The main process's memory maps of local shard files: a worker sends (shard, offset,
+    size) for each image instead of its bytes, and the decoder reads the image where the
+    page cache already holds it (no copy into a per-batch shared-memory buffer, whose fresh
+    pages cost more than the copy itself). Maps are private copy-on-write, so the numpy views
+    are writable (torch takes them without a warning) and never written."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.maps: dict[int, np.ndarray] = {}
+
+    def view(self, shard_id: int) -> np.ndarray:
+        arr = self.maps.get(shard_id)
+        if arr is None:
+            with open(shard_path(self.dataset.shards[shard_id]), "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            arr = self.maps[shard_id] = np.frombuffer(mm, dtype=np.uint8)
+        return arr
 
 
 def _make_dataset_class():
@@ -138,6 +173,7 @@ def _make_dataset_class():
             self._aug_epoch = multiprocessing.Value("q", 0, lock=False)
             self.decode_png = decode_png
             self._fast_readers: dict[int, FastMDSReader] = {}
+            self._zero_copy: dict[int, bool] = {}
 
         @property
         def aug_epoch(self) -> int:
@@ -147,35 +183,84 @@ def _make_dataset_class():
         def aug_epoch(self, epoch: int) -> None:
             self._aug_epoch.value = int(epoch)
 
-        def row(self, idx: int, retry: int = 7) -> dict[str, Any]:
-            """The columns this loader needs. Local uncompressed MDS shards are read through a
-            memory map, decoding only those columns (streaming's get_item opens the shard
-            file and decodes every column per sample: the workers' main cost at 30k img/s)."""
-            shard_id, rel = self.spanner[idx]
+        def all_local(self) -> bool:
+            """Every shard is on local disk and none can be evicted (nothing to download)."""
+            from streaming.base.dataset import _ShardState
+
+            return not self.cache_limit and bool((self._shard_states.numpy() == _ShardState.LOCAL).all())
+
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            """This worker's samples of the epoch. With every shard local, the sample ids come
+            straight from streaming's partition (the same `_resume_incr_epoch` / `_get_work` calls
+            and order as streaming's own __iter__), without its download and ready threads: those
+            walk every sample id again in Python beside this loop (three per-sample loops under one
+            GIL) and sleep in 7 ms ticks when the yield loop catches up; at tens of thousands of
+            images/s they cost about half of a worker's time. Anything to download: streaming's."""
+            if not self.all_local():
+                yield from super().__iter__()
+                return
+            if hasattr(self, "_iterator"):
+                self._iterator.exit()  # a previous epoch's threads, if any
+            self._unique_worker_world = self._unique_rank_world.detect_workers()
+            self._parallel_worker_world = self._parallel_rank_world.detect_workers()
+            epoch, sample_in_epoch = self._resume_incr_epoch()
+            for idx in self._get_work(epoch, sample_in_epoch).tolist():
+                if idx != -1:  # padding of uneven partitions
+                    yield self.get_item(idx)
+
+        def reader(self, shard_id: int) -> FastMDSReader | None:
+            """The memory-mapped reader of a local uncompressed MDS shard (None otherwise:
+            not downloaded yet, or another format; streaming's own get_item reads those)."""
             reader = self._fast_readers.get(shard_id)
             if reader is None:
                 try:
                     reader = self._fast_readers[shard_id] = FastMDSReader(self.shards[shard_id])
-                except (FileNotFoundError, NotImplementedError):  # not local yet / other format
-                    return super().get_item(idx, retry)
-            self._shard_access_times[shard_id] = time.time_ns()
-            return reader.get(rel)
+                except (FileNotFoundError, NotImplementedError):
+                    return None
+            return reader
+
+        def zero_copy(self, shard_id: int) -> bool:
+            """Whether the main process may read this shard's images from the file itself: a
+            local stream, or a remote one whose cache never evicts (no cache_limit)."""
+            ok = self._zero_copy.get(shard_id)
+            if ok is None:
+                stream = self.streams[int(self.stream_per_shard[shard_id])]
+                ok = self._zero_copy[shard_id] = stream.remote is None or not self.cache_limit
+            return ok
 
         def get_item(self, idx: int, retry: int = 7) -> dict[str, Any]:
-            row = self.row(idx, retry)
+            """The encoded image (or its place in a local shard, see ShardMaps) with the tags,
+            its size from the header and its crops. Local uncompressed MDS shards are read
+            through a memory map, decoding only the columns needed (streaming's get_item opens
+            the shard file and decodes every column per sample: the workers' main cost at 30k
+            img/s)."""
+            shard_id, rel = self.spanner[idx]
+            reader = self.reader(shard_id)
+            if reader is None:
+                row = super().get_item(idx, retry)
+                data, begin, end = row["image"], 0, None
+            else:
+                if self.cache_limit:  # what streaming's eviction reads
+                    self._shard_access_times[shard_id] = time.time_ns()
+                row = reader.get(rel, image_bytes=False)
+                begin, size = row["image_at"]
+                data, end = reader.mm, begin + size
             out = {"modality": row["modality"], "source": row["source"], "uid": row["uid"]}
             try:
-                data = row["image"]
-                kind, h, w, _ = probe_image(data)
+                kind, h, w, _ = probe_image(data, begin, end)
                 gen = sample_generator(self.aug_seed, self.aug_epoch, idx)
                 # every crop's box, then (multi-crop) the photometric parameters: the cpu backend's order
                 out["crop"] = [sample_crop(h, w, spec, gen) for spec in self.augment.crop_specs()]
                 if not isinstance(self.augment, AugmentSpec):
                     out["params"] = self.augment.draw_params(gen)
                 if kind == "png" and self.decode_png:
-                    out["pixels"] = decode(data)
-                else:
+                    out["pixels"] = decode(data[begin:end])
+                elif reader is None:
                     out["data"] = data
+                else:
+                    out["data"] = memoryview(data)[begin:end]  # copied only if the batch is
+                    if self.zero_copy(shard_id):
+                        out["loc"] = (shard_id, begin, size)
                 out["shape"] = (h, w)
             except Exception as e:  # skipped and counted by the loader, never substituted
                 out["error"] = f"{type(e).__name__}: {e}"
@@ -206,21 +291,29 @@ def _byte_buffer(parts: list[bytes]) -> torch.Tensor:
 
 
 def collate_encoded(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One flat uint8 tensor of all encoded images (one shared-memory buffer per batch,
-    not one per image) with their lengths; decoded PNGs ride along as tensors, at the
-    positions listed in `decoded_at`. Sample order is the dataset's."""
+    """A batch of encoded images: their places in the shard files (`locs` [n, 3] = shard,
+    offset, size) when every one has one, else one flat uint8 tensor of all their bytes (one
+    shared-memory buffer per batch, not one per image) with their lengths; decoded PNGs ride
+    along as tensors, at the positions listed in `decoded_at`. Sample order is the dataset's.
+
+    The small arrays (crops, shapes, locs, params) are numpy: they are pickled inline to the
+    main process, where a tensor would cost a shared-memory segment and a file-descriptor
+    round trip to the worker each; `as_torch` turns them into tensors there."""
     good = [r for r in rows if "error" not in r]
-    parts = [r["data"] for r in good if "data" in r]
+    encoded = [r for r in good if "data" in r]
     multi = [r["params"] for r in good if "params" in r]
-    out = {"params": torch.stack(multi)} if multi else {}  # multi-crop: params [B, K, P]
+    out = {"params": torch.stack(multi).numpy()} if multi else {}  # multi-crop: params [B, K, P]
+    if encoded and all("loc" in r for r in encoded):
+        out["locs"] = np.array([r["loc"] for r in encoded], dtype=np.int64)
+    else:
+        out["bytes"] = _byte_buffer([r["data"] for r in encoded])
     crops_per_image = len(good[0]["crop"]) if good else 1
     return out | {
-        "bytes": _byte_buffer(parts),
-        "lengths": [len(p) for p in parts],
+        "lengths": [len(r["data"]) for r in encoded],
         "pixels": [r["pixels"] for r in good if "data" not in r],
         "decoded_at": [i for i, r in enumerate(good) if "data" not in r],
-        "crops": torch.tensor([r["crop"] for r in good], dtype=torch.int64).reshape(-1, crops_per_image, 5),
-        "shapes": torch.tensor([list(r["shape"]) for r in good], dtype=torch.int64).reshape(-1, 2),
+        "crops": np.array([r["crop"] for r in good], dtype=np.int64).reshape(-1, crops_per_image, 5),
+        "shapes": np.array([r["shape"] for r in good], dtype=np.int64).reshape(-1, 2),
         "modality": [r["modality"] for r in good],
         "source": [r["source"] for r in good],
         "uid": [r["uid"] for r in good],
@@ -228,10 +321,33 @@ def collate_encoded(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def split_encoded(raw: dict[str, Any]) -> list[torch.Tensor]:
-    """The batch's encoded images as 1-D uint8 tensors (views into one buffer), in sample
-    order, skipping the positions in `decoded_at`."""
-    return list(torch.split(raw["bytes"], raw["lengths"])) if raw["lengths"] else []
+def as_torch(raw: dict[str, Any]) -> dict[str, Any]:
+    """A collated batch with its numpy arrays as tensors (in place; returns it)."""
+    for key in ("crops", "shapes", "locs", "params"):
+        if isinstance(raw.get(key), np.ndarray):
+            raw[key] = torch.from_numpy(raw[key])
+    return raw
+
+
+def encoded_views(raw: dict[str, Any], maps: ShardMaps | None) -> list[np.ndarray]:
+    """The batch's encoded images as uint8 numpy views (into the shard maps or the batch's
+    byte buffer), in sample order, skipping the positions in `decoded_at`. Cached in the batch."""
+    views = raw.get("encoded")
+    if views is None:
+        if "locs" in raw:
+            if maps is None:
+                raise ValueError("this batch holds shard offsets: pass the loader's ShardMaps")
+            views = [maps.view(s)[o : o + n] for s, o, n in raw["locs"].tolist()]
+        else:
+            flat, ends = raw["bytes"].numpy(), np.cumsum(raw["lengths"]).tolist()
+            views = [flat[b:e] for b, e in zip([0] + ends[:-1], ends)]
+        raw["encoded"] = views
+    return views
+
+
+def split_encoded(raw: dict[str, Any], maps: ShardMaps | None = None) -> list[torch.Tensor]:
+    """encoded_views as 1-D uint8 tensors (no copies)."""
+    return [torch.from_numpy(v) for v in encoded_views(raw, maps)]
 
 
 def encoded_positions(raw: dict[str, Any]) -> list[int]:
@@ -239,16 +355,16 @@ def encoded_positions(raw: dict[str, Any]) -> list[int]:
     return [i for i in range(len(raw["uid"])) if i not in decoded]
 
 
-def select(raw: dict[str, Any], keep: list[int]) -> dict[str, Any]:
+def select(raw: dict[str, Any], keep: list[int], maps: ShardMaps | None = None) -> dict[str, Any]:
     """The batch restricted to the samples at positions `keep` (ascending)."""
-    parts = dict(zip(encoded_positions(raw), split_encoded(raw)))
+    parts = dict(zip(encoded_positions(raw), encoded_views(raw, maps)))
     pixels = dict(zip(raw["decoded_at"], raw["pixels"]))
     enc = [parts[i] for i in keep if i in parts]
     idx = torch.tensor(keep, dtype=torch.int64)
     extra = {"params": raw["params"][idx]} if "params" in raw else {}
-    return raw | extra | {
-        "bytes": torch.cat(enc) if enc else torch.empty(0, dtype=torch.uint8),
-        "lengths": [len(t) for t in enc],
+    out = raw | extra | {
+        "encoded": enc,
+        "lengths": [len(v) for v in enc],
         "pixels": [pixels[i] for i in keep if i in pixels],
         "decoded_at": [k for k, i in enumerate(keep) if i in pixels],
         "crops": raw["crops"][idx],
@@ -257,6 +373,8 @@ def select(raw: dict[str, Any], keep: list[int]) -> dict[str, Any]:
         "source": [raw["source"][i] for i in keep],
         "uid": [raw["uid"][i] for i in keep],
     }
+    out.pop("locs", None)
+    return out
 
 
 def make_encoded_dataset(streams, *, batch_size, shuffle, seed, cache_dir, num_canonical_nodes, augment, decode_png):
@@ -388,6 +506,7 @@ class EncodedLoader(Loader):
         self.prefetch_batches = prefetch_batches
         self.prefetch_factor = prefetch_factor
         self._dataloader: torch.utils.data.DataLoader | None = None  # persistent workers
+        self.maps = ShardMaps(self.dataset)  # where workers' shard offsets are read
 
     def _produce(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, list[torch.Tensor]]]:
         """Yield ((Batch or None, failed [(uid, reason)]), tensors to keep alive on the side stream)."""
@@ -410,7 +529,7 @@ class EncodedLoader(Loader):
         if self._dataloader is None:
             self._dataloader = encoded_dataloader(self.dataset, batch_size=self.batch_size,
                                                   num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
-        batches = iter(self._dataloader)
+        batches = map(as_torch, iter(self._dataloader))  # workers fork here, in the caller's thread
         for batch, failed in prefetch(lambda: self._produce(batches), self.device, self.prefetch_batches):
             if failed:
                 self._note_skipped(*zip(*failed))

@@ -86,7 +86,7 @@ class NvjpegLoader(EncodedLoader):
     def decode(self, raw: dict[str, Any]) -> tuple[list[torch.Tensor], dict[str, Any], list[tuple[str, str]]]:
         """Batched decode on the device; a batch that fails is decoded image by image to
         find (and drop) the samples at fault. Returns images in sample order."""
-        parts = split_encoded(raw)
+        parts = split_encoded(raw, self.maps)
         positions = encoded_positions(raw)
         failed: list[tuple[str, str]] = []
         try:
@@ -103,7 +103,7 @@ class NvjpegLoader(EncodedLoader):
             keep = sorted(set(range(len(raw["uid"]))) - bad)
             remap = {old: new for new, old in enumerate(keep)}
             positions = [remap[i] for i in positions]
-            raw = select(raw, keep)
+            raw = select(raw, keep, self.maps)
         images: list[torch.Tensor | None] = [None] * len(raw["uid"])
         for i, img in zip(positions, decoded):
             images[i] = img
