@@ -9,7 +9,7 @@ Forward: one program per (query block, batch x head); each streams the keys/valu
 BLOCK_N tiles with an online softmax (exp2, scale folded in) and stores the output and the
 row log-sum-exp. For short sequences the whole K/V is one tile.
 
-Backward, two layouts chosen per shape (see `_bwd_config`):
+Backward, three layouts chosen per shape (see `_bwd_config`; config key SPLIT = False, True, "kv+q"):
 - "fused": one program per (batch x head) walks its key blocks and, inside, all query blocks,
   so dK/dV stay in registers and dQ accumulates in a private fp32 scratch (read-modify-write,
   no atomics). When the whole sequence is one key block there is no scratch at all and
@@ -17,6 +17,10 @@ Backward, two layouts chosen per shape (see `_bwd_config`):
 - "split": one program per (key block, batch x head) with dQ accumulated by fp32 atomics;
   delta comes from a small preprocessing kernel. Made for longer sequences, where the
   per-head program above would leave SMs idle.
+- "kv+q" (FlashAttention-2 style): two passes of one kernel source, each program owning one
+  output tile: a dQ pass (query tile per program, walks the key tiles, also stores delta) and then
+  a dK/dV pass (key tile per program, walks the query tiles). Recomputes P twice but holds two
+  accumulators at most (the fused layouts hold three) and needs no atomics or scratch.
 Head dims that are not a power of two (88) are padded in-kernel to the next power of two.
 """
 from __future__ import annotations
@@ -413,6 +417,166 @@ def _attn_bwd(
                 tl.debug_barrier()
 
 
+# FlashAttention-2 style backward ("kv+q"): two passes over the same inputs, each with one
+# output per program, so no atomics, no scratch and at most two accumulators in registers.
+# The dQ pass runs first and also stores delta = rowsum(dO * O), which the dK/dV pass reads.
+
+
+@triton.jit
+def _row_base(b64, h64, tok, s_b, s_h, s_n, ALIGN: tl.constexpr):
+    """int64 offset of token `tok` of head (b, h) and the row stride; strides arrive divided by
+    ALIGN (see _attn_fwd)."""
+    s_n = s_n * ALIGN
+    return b64 * (s_b * ALIGN) + h64 * (s_h * ALIGN) + tok * s_n, s_n
+
+
+@triton.jit
+def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen, qk_scale,
+                   offs_d, mask_d, BM: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr):
+    # key-major products; padded keys need no mask here: their dK/dV rows are never stored
+    rows = start_m + tl.arange(0, BM)
+    rows_ok = rows < seqlen
+    q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+    do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+    if MASK_M:
+        lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))  # padded queries: p = 0
+        delta = tl.load(DELTA + lo + rows, mask=rows_ok, other=0.0)
+    else:
+        lse = tl.load(LSE + lo + rows)
+        delta = tl.load(DELTA + lo + rows)
+    pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+    dv += tl.dot(pt.to(do.dtype), do)
+    dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
+                    sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, mask_d,
+                    BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """dK, dV of one key tile: K and V stay resident, every query tile streams past."""
+    cols = start_n + tl.arange(0, BN)
+    cols_ok = cols < seqlen
+    k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    dk = tl.zeros([BN, BLOCK_D], tl.float32)
+    dv = tl.zeros([BN, BLOCK_D], tl.float32)
+    m_full = (seqlen // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
+                                qk_scale, offs_d, mask_d, BLOCK_M, False, EVEN_D)
+    for start_m in range(m_full, seqlen, TAIL_M):
+        dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
+                                qk_scale, offs_d, mask_d, TAIL_M, True, EVEN_D)
+    _store_tile(DK + dko + cols[:, None] * sdk_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                cols_ok, mask_d, MASK_N, not EVEN_D)
+    _store_tile(DV + dvo + cols[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                cols_ok, mask_d, MASK_N, not EVEN_D)
+
+
+@triton.jit
+def _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale, offs_d, mask_d,
+                 BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
+    cols = start_n + tl.arange(0, BN)
+    cols_ok = cols < seqlen
+    k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+    if MASK_N:  # padded keys (k = 0) get p = exp2(-lse): inf when every real score is below -128
+        p = tl.where(cols_ok[None, :], p, 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit
+def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
+                  sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale, offs_d, mask_d,
+                  BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """dQ of one query tile (and its delta = rowsum(dO * O), stored for the dK/dV pass)."""
+    rows = row0 + tl.arange(0, BM)
+    rows_ok = rows < seqlen
+    q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+    do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+    o = _load_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if MASK_M:
+        lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))
+        tl.store(DELTA + lo + rows, delta, mask=rows_ok)
+    else:
+        lse = tl.load(LSE + lo + rows)
+        tl.store(DELTA + lo + rows, delta)
+    dq = tl.zeros([BM, BLOCK_D], tl.float32)
+    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
+                          offs_d, mask_d, BLOCK_N, False, EVEN_D)
+    for start_n in range(n_full, seqlen, TAIL_N):
+        dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
+                          offs_d, mask_d, TAIL_N, True, EVEN_D)
+    _store_tile(DQ + dqo + rows[:, None] * sdq_n + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                rows_ok, mask_d, MASK_M, not EVEN_D)
+
+
+@triton.jit
+def _attn_bwd_kv_q(
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sdo_b, sdo_h, sdo_n,
+    sdq_b, sdq_h, sdq_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h,
+    H, N, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr,
+):
+    # two kernels in one source: DQ_PASS: program (query tile, b*h) walking key tiles;
+    # else program (key tile, b*h) walking query tiles. M = queries, N = keys in both.
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start, seqlen = _seq_bounds(CU, b, N, VARLEN)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    tok = start.to(tl.int64)
+    qo, sq_n = _row_base(b64, h64, tok, sq_b, sq_h, sq_n, ALIGN)
+    ko, sk_n = _row_base(b64, h64, tok, sk_b, sk_h, sk_n, ALIGN)
+    vo, sv_n = _row_base(b64, h64, tok, sv_b, sv_h, sv_n, ALIGN)
+    doo, sdo_n = _row_base(b64, h64, tok, sdo_b, sdo_h, sdo_n, ALIGN)
+    lo = b64 * sl_b + h64 * sl_h + tok
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    if DQ_PASS:
+        oo, so_n = _row_base(b64, h64, tok, so_b, so_h, so_n, ALIGN)
+        dqo, sdq_n = _row_base(b64, h64, tok, sdq_b, sdq_h, sdq_n, ALIGN)
+        m_full = seqlen // BLOCK_M
+        if pid < m_full:
+            _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
+                          sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
+                          offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D)
+        else:
+            row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
+            if row0 < seqlen:
+                _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
+                              sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
+                              offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D)
+    else:
+        dko, sdk_n = _row_base(b64, h64, tok, sdk_b, sdk_h, sdk_n, ALIGN)
+        dvo, sdv_n = _row_base(b64, h64, tok, sdv_b, sdv_h, sdv_n, ALIGN)
+        n_full = seqlen // BLOCK_N
+        if pid < n_full:
+            _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
+                            sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
+                            offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D)
+        else:
+            start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
+            if start_n < seqlen:
+                _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
+                                sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
+                                offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D)
+
+
 # ----------------------------------------------------------------------------- launch
 
 
@@ -423,11 +587,30 @@ def _pow2(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False):
+KV_Q = "kv+q"  # backward SPLIT value of the two-pass layout (_attn_bwd_kv_q)
+
+
+def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None):
+    """Block config; backward ones carry SPLIT (False, True or KV_Q). For KV_Q the top-level
+    blocks drive the dK/dV pass (BLOCK_N key tile per program, BLOCK_M query sub-tiles) and
+    `dq` = (bm, bn, tm, tn, warps, stages) the dQ pass (BLOCK_M query tile per program, BLOCK_N
+    key sub-tiles); without it the dQ pass mirrors the dK/dV blocks."""
     c = dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=warps, num_stages=stages)
-    if split is not None:
+    if split == KV_Q:
+        c["SPLIT"] = split
+        if dq is not None:
+            c["DQ"] = _cfg(*dq)
+    elif split is not None:
         c.update(SPLIT=split, TRANS=trans)
     return c
+
+
+def _kv_q_dq_config(cfg: dict) -> dict:
+    """The dQ pass's blocks of a KV_Q config: its "DQ" entry, else the dK/dV blocks mirrored."""
+    if cfg.get("DQ"):
+        return dict(cfg["DQ"])
+    return dict(BLOCK_M=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_M"], TAIL_M=cfg["TAIL_N"], TAIL_N=cfg["TAIL_M"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # (N, D) -> (forward config, backward config): the winners of `python -m bench kernels --tune`
@@ -550,11 +733,26 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         return dq.zero_(), dk.zero_(), dv.zero_()
     cfg = dict(config or _bwd_config(maxn, D))
     split = cfg.pop("SPLIT")
-    cfg.setdefault("TRANS", False)
-    bn = cfg["BLOCK_N"]
     sl = _lse_strides(H, N, packed)
     cu = cu_seqlens.to(torch.int32) if packed else q
     bd = _pow2(D)
+    if split == KV_Q:  # dQ pass (stores delta), then the dK/dV pass that reads it: stream order
+        dq_cfg = _kv_q_dq_config(cfg)
+        cfg.pop("DQ", None)
+        cfg.pop("TRANS", None)
+        delta = torch.empty_like(lse)
+        align, strides = _align(sq, sk, sv, so, sdo, sdq, sdk, sdv)
+        args = (q, k, v, o, do, dq, dk, dv, lse, delta, cu, *strides, *sl, H, N, scale * LOG2E, scale)
+        meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, BLOCK_D=bd, EVEN_D=bd == D)
+        _attn_bwd_kv_q[(_n_tiles(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed), B * H)](
+            *args, DQ_PASS=True, **meta, **dq_cfg)
+        _attn_bwd_kv_q[(_n_tiles(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed), B * H)](
+            *args, DQ_PASS=False, **meta, **cfg)
+        return dq, dk, dv
+    if split not in (True, False):
+        raise ValueError(f"backward SPLIT must be True, False or {KV_Q!r}; got {split!r}")
+    cfg.setdefault("TRANS", False)
+    bn = cfg["BLOCK_N"]
     if split:
         mode = 1
     elif maxn <= bn:

@@ -11,6 +11,10 @@ attn = sys.modules["kernels.attn"]
 SMALL_FWD = dict(BLOCK_M=32, BLOCK_N=32, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=1)
 FUSED_MULTI = dict(SPLIT=False, BLOCK_M=32, BLOCK_N=32, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=1)
 SPLIT = dict(SPLIT=True, BLOCK_M=32, BLOCK_N=32, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=1)
+# two-pass backward: dK/dV pass blocks at the top level, dQ pass blocks under "DQ" (or mirrored)
+KV_Q = dict(SPLIT="kv+q", BLOCK_M=32, BLOCK_N=32, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=1,
+            DQ=dict(BLOCK_M=32, BLOCK_N=64, TAIL_M=16, TAIL_N=32, num_warps=4, num_stages=1))
+KV_Q_MIRRORED = dict(SPLIT="kv+q", BLOCK_M=16, BLOCK_N=32, TAIL_M=16, TAIL_N=16, num_warps=4, num_stages=1)
 
 
 def rel(a, b):
@@ -53,6 +57,41 @@ def test_dense_backward_layouts(bwd, n, d):
     assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=bwd))
 
 
+@pytest.mark.parametrize("n", [1, 50, 197, 257])
+@pytest.mark.parametrize("d", [32, 64, 88])
+def test_dense_kv_q_backward(n, d):
+    # d = 32 rows live in a wider tensor: odd strides, so ALIGN = 1 (the others take ALIGN = 8)
+    width = d + 3 if d == 32 else d
+    q, k, v = (torch.randn(1, 2 if n <= 64 else 1, n, width, requires_grad=True)[..., :d] for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf/NaN in padded-key rows that are never stored
+def test_kv_q_backward_very_negative_scores():
+    # every score far below 0 (log2 units < -128): a padded key's p = exp2(0 - lse) overflows; dQ must mask it
+    q, k, v = (torch.randn(1, 1, 50, 32) for _ in range(3))
+    q, k = (q * 0.1 + 4.5).requires_grad_(), (k * 0.1 - 4.5).requires_grad_()  # scores ~ -165
+    v.requires_grad_()
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q), tol=1e-3)  # fp32 rounding
+
+
+def test_qkv_kv_q_backward(monkeypatch):
+    # timm's packed qkv: one [B, N, 3, H, D] gradient written by both passes, through the explicit-config
+    # autograd.Function and through the default-config custom op (vfm::attn_qkv_bwd)
+    B, N, H, D = 1, 70, 2, 88
+    qkv = torch.randn(B, N, 3, H, D, requires_grad=True)
+    ref = kernels.attention_reference(*qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    do = torch.randn_like(ref)
+    (gr,) = torch.autograd.grad(ref, qkv, do)
+    out = kernels.attention_qkv(qkv, impl="triton", fwd_config=SMALL_FWD, bwd_config=KV_Q)
+    (g,) = torch.autograd.grad(out, qkv, do)
+    assert rel(out, ref) < 1e-5 and rel(g, gr) < 1e-5
+    monkeypatch.setattr(attn, "_bwd_config", lambda n, d: KV_Q_MIRRORED)
+    out = kernels.attention_qkv(qkv, impl="triton")
+    (g,) = torch.autograd.grad(out, qkv, do)
+    assert rel(out, ref) < 1e-5 and rel(g, gr) < 1e-5
+
+
 def test_timm_layout_and_scale():
     # timm hands q, k, v as strided views of one qkv tensor [B, N, 3, H, D]
     B, N, H, D = 2, 37, 3, 32
@@ -68,7 +107,8 @@ def test_timm_layout_and_scale():
     assert out.transpose(1, 2).is_contiguous()
 
 
-@pytest.mark.parametrize("bwd", [None, FUSED_MULTI, SPLIT], ids=["default", "fused-multiblock", "split-atomic"])
+@pytest.mark.parametrize("bwd", [None, FUSED_MULTI, SPLIT, KV_Q, KV_Q_MIRRORED],
+                         ids=["default", "fused-multiblock", "split-atomic", "kv+q", "kv+q-mirrored"])
 @pytest.mark.parametrize("d", [64, 88])
 def test_packed_mixed_lengths(bwd, d):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
