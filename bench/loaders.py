@@ -391,8 +391,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="batches before the clock starts")
     p.add_argument("--images", type=int, default=None, help="rows per shard set (default: 20000 at <=256 px, else 8000)")
     p.add_argument("--distinct", type=int, default=128, help="distinct images among the rows")
-    p.add_argument("--dali-threads", type=int, default=4, help="DALI's CPU threads (besides the workers)")
-    p.add_argument("--hw-decoder-load", type=float, default=0.9, help="share of JPEGs for the hardware decoder")
+    p.add_argument("--dali-threads", default="4",
+                   help="DALI's CPU threads (besides the workers); a comma list sweeps them in --breakdown")
+    p.add_argument("--hw-decoder-load", default="0.9",
+                   help="share of JPEGs for the hardware decoder; a comma list sweeps them in --breakdown")
+    p.add_argument("--dali-no-copy", default="0",
+                   help="1: DALI reads the fed images in place (no copy); '0,1' sweeps both in --breakdown")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--data-dir", default=None, help="where to build the shards (default: a temp dir, removed)")
@@ -433,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     data_root.mkdir(parents=True, exist_ok=True)
     cache_dir = str(data_root / "cache")
     cores = os.cpu_count() or 1
-    options = {"dali": {"dali_threads": a.dali_threads, "hw_decoder_load": a.hw_decoder_load}}
+    options = {"dali": dali_options(a)[0]}
     payload: dict[str, Any] = {
         "config": {k: v for k, v in vars(a).items()} | {"device": str(device), "host_cores": cores},
         "shards": {}, "throughput": [], "breakdown": [], "stall": [], "ratios": {}, "notes": [],
@@ -547,6 +551,13 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
         save()
 
 
+def dali_options(a) -> list[dict[str, Any]]:
+    """The dali backend's settings: every combination of the comma lists (the first is the default)."""
+    return [{"dali_threads": int(t), "hw_decoder_load": float(h), "no_copy": bool(int(c))}
+            for t, h, c in itertools.product(a.dali_threads.split(","), a.hw_decoder_load.split(","),
+                                             a.dali_no_copy.split(","))]
+
+
 def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
     """What bounds the GPU-decoding backends, measured apart: (1) the DataLoader workers alone
     (read the MDS rows, parse headers, draw crops, hand encoded batches to the main process),
@@ -587,13 +598,14 @@ def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> N
         payload["breakdown"].append(row)
         print(f"breakdown {size}px workers only ({w}): " + (f"{row['img_s']:,.0f} img/s, {row['cpu_cores']:.1f} cores"
                                                           if "img_s" in row else row["error"]), flush=True)
-        for backend in ("dali", "nvjpeg"):
+        variants = [("dali", {"dali": o}) for o in dali_options(a)] + [("nvjpeg", options)]
+        for backend, opts in variants:
             if "raw" not in box or backend not in a.backends:
                 continue
 
-            def device_only(backend=backend):
+            def device_only(backend=backend, opts=opts):
                 loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=0, device=device,
-                                     dtype=dtype, cache_dir=cache_dir, options=options)
+                                     dtype=dtype, cache_dir=cache_dir, options=opts)
                 gen = loader._produce(itertools.repeat(box["raw"]))
                 try:
                     for _ in range(a.warmup):
@@ -611,10 +623,11 @@ def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> N
                     gen.close()
                     close(loader)
 
-            row = {"part": f"{backend} device half (decode + crop/resize + normalize), from memory", "size": size}
+            row = {"part": f"{backend} device half (decode + crop/resize + normalize), from memory", "size": size,
+                   "options": opts.get(backend, {})}
             row |= guarded(f"breakdown {backend} {size}px", device_only)
             payload["breakdown"].append(row)
-            print(f"breakdown {size}px {backend} device half: " + (
+            print(f"breakdown {size}px {backend} {row['options']} device half: " + (
                 f"{row['img_s']:,.0f} img/s, {row['cpu_cores']:.1f} cores" if "img_s" in row else row["error"]),
                 flush=True)
         save()

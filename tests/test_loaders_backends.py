@@ -336,3 +336,24 @@ def test_sample_rng_is_python_random_with_the_sample_key():
         ours, ref = SampleRNG(key), random.Random(key)
         assert [ours.random() for _ in range(40)] == [ref.random() for _ in range(40)]
         assert ours.gauss(0, 1) == ref.gauss(0, 1) and ours.randint(0, 10**9) == ref.randint(0, 10**9)
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
+def test_dali_no_copy_feed_gives_the_same_batches(run, shards):
+    """no_copy=True: DALI reads the fed image views in place (shard maps / batch buffers kept
+    alive until their batch comes back); same samples, crops and skips as the copying feed."""
+    _, _, epochs, _ = run
+    loader = make_loader("dali", shards[0], shards[2], no_copy=True)
+    try:
+        batches = list(loader)
+    finally:
+        loader.close()
+    ref = epochs[0]
+    assert [b.uid for b in batches] == [b.uid for b in ref]
+    for ours, theirs in zip(batches, ref):
+        torch.testing.assert_close(ours.images, theirs.images, rtol=0, atol=0)
+    assert loader.skipped == len(BAD)
+
+
+test_dali_no_copy_feed_gives_the_same_batches = pytest.mark.parametrize(
+    "run", [pytest.param("dali")], indirect=True)(test_dali_no_copy_feed_gives_the_same_batches)

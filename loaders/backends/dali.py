@@ -44,7 +44,7 @@ def roi(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, std, device: torch.device,
                    out_dtype: torch.dtype, num_threads: int, hw_decoder_load: float, prefetch_queue_depth: int,
-                   source=None) -> "Pipeline":
+                   source=None, no_copy: bool = False) -> "Pipeline":
     """The decode -> crop/resize/flip -> normalize graph. Inputs come from `source`
     (a batch callback returning jpegs, then roi_start and roi_end per crop) or, with
     source=None, from `pipe.run(jpegs=..., roi_start_0=..., roi_end_0=..., ...)`.
@@ -66,7 +66,7 @@ def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, 
         dtypes = [types.UINT8] + [types.FLOAT] * (2 * len(sizes))
         if source is not None:
             inputs = fn.external_source(source=source, num_outputs=len(names), batch=True, dtype=dtypes,
-                                        ndim=[1] * len(names))
+                                        ndim=[1] * len(names), no_copy=no_copy)
         else:
             inputs = [fn.external_source(name=n, dtype=d, ndim=1) for n, d in zip(names, dtypes)]
         jpegs = inputs[0]
@@ -129,7 +129,8 @@ class DaliLoader(EncodedLoader):
 
     def __init__(self, *, streams, batch_size, augment, device, dtype, shuffle, seed, num_workers, cache_dir,
                  num_canonical_nodes, dali_threads: int | None = None, hw_decoder_load: float = 0.9,
-                 prefetch_queue_depth: int = 2, prefetch_batches: int = 2, prefetch_factor: int = 4):
+                 prefetch_queue_depth: int = 2, prefetch_batches: int = 2, prefetch_factor: int = 4,
+                 no_copy: bool = False):
         if Pipeline is None:
             raise RuntimeError("the dali backend needs nvidia-dali (pip install nvidia-dali-cuda130)")
         super().__init__(streams=streams, batch_size=batch_size, augment=augment, device=device, dtype=dtype,
@@ -139,6 +140,9 @@ class DaliLoader(EncodedLoader):
         self.dali_threads = dali_threads or max(1, min(4, os.cpu_count() or 1))
         self.hw_decoder_load = hw_decoder_load
         self.prefetch_queue_depth = prefetch_queue_depth
+        # DALI reads the fed arrays in place instead of copying them (they stay alive in
+        # `_Feed.inflight` until the pipeline returns their batch)
+        self.no_copy = no_copy
         self._single: Pipeline | None = None  # batch-of-one pipeline that finds undecodable samples
         self._pipe: Pipeline | None = None
         self._feed: _Feed | None = None
@@ -152,7 +156,7 @@ class DaliLoader(EncodedLoader):
             std=self.augment.std, device=self.device, num_threads=self.dali_threads,
             hw_decoder_load=self.hw_decoder_load,
             prefetch_queue_depth=self.prefetch_queue_depth if source is not None else 1, source=source,
-            out_dtype=self._out_dtype)
+            out_dtype=self._out_dtype, no_copy=self.no_copy and source is not None)
 
     def _inputs(self, raw: dict[str, Any]) -> list:
         """[jpegs, roi_start_0, roi_end_0, roi_start_1, ...]: the pipeline's inputs for one batch
