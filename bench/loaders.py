@@ -408,6 +408,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="also measure the workers alone and each GPU backend's device half alone (what bounds it)")
     p.add_argument("--stall-backends", default="dali,nvjpeg,cpu,pil")
     p.add_argument("--stall-steps", type=int, default=40)
+    p.add_argument("--max-ahead", default="2",
+                   help="GPU backends: batches of queued GPU work the training loop may run ahead (0: no limit); "
+                        "a comma list repeats the stall runs for each")
     p.add_argument("--stall-size", type=int, default=256, help="JPEG size of the stall runs")
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder blocks of the stall model")
@@ -531,24 +534,31 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
         return
     path = payload["shards"][str(a.stall_size)]["path"]
     w = int(a.workers.split(",")[0])
+    gpu_backends = ("dali", "nvjpeg")
     for backend in [b.strip() for b in a.stall_backends.split(",") if b.strip()]:
-        def run(backend=backend):
-            loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=w, device=device,
-                                 dtype=dtype, cache_dir=cache_dir, options=options)
-            batches = forever(loader)
-            cpu0, t0 = cpu_seconds(), time.perf_counter()
-            rate = timed_steps(step_box["step"], batches, a.stall_steps, max(1, a.warmup // 2), device)
-            cores = (cpu_seconds() - cpu0) / (time.perf_counter() - t0)
-            batches.close()
-            close(loader)
-            return {"real_img_s": rate, "stall": 1 - rate / base["synthetic_img_s"], "cpu_cores": cores}
+        for ahead in [int(x) for x in a.max_ahead.split(",")] if backend in gpu_backends else [None]:
+            def run(backend=backend, ahead=ahead):
+                opts = {k: dict(v) for k, v in options.items()}
+                if ahead is not None:
+                    opts.setdefault(backend, {})["max_ahead"] = ahead
+                loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=w, device=device,
+                                     dtype=dtype, cache_dir=cache_dir, options=opts)
+                batches = forever(loader)
+                cpu0, t0 = cpu_seconds(), time.perf_counter()
+                rate = timed_steps(step_box["step"], batches, a.stall_steps, max(1, a.warmup // 2), device)
+                cores = (cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+                batches.close()
+                close(loader)
+                return {"real_img_s": rate, "stall": 1 - rate / base["synthetic_img_s"], "cpu_cores": cores}
 
-        row = {"backend": backend, "size": a.stall_size, "workers": w} | guarded(f"stall {backend}", run)
-        payload["stall"].append(row)
-        print(f"stall {backend:>6}: " + (f"{row['real_img_s']:,.0f} img/s real vs {base['synthetic_img_s']:,.0f} "
-                                         f"synthetic, stall {row['stall']:.1%}" if "stall" in row else row["error"]),
-              flush=True)
-        save()
+            row = {"backend": backend, "size": a.stall_size, "workers": w, "max_ahead": ahead}
+            row |= guarded(f"stall {backend}", run)
+            payload["stall"].append(row)
+            label = backend if ahead is None else f"{backend} max_ahead={ahead}"
+            print(f"stall {label:>6}: " + (f"{row['real_img_s']:,.0f} img/s real vs {base['synthetic_img_s']:,.0f} "
+                                           f"synthetic, stall {row['stall']:.1%}" if "stall" in row else row["error"]),
+                  flush=True)
+            save()
 
 
 def dali_options(a) -> list[dict[str, Any]]:
@@ -654,10 +664,11 @@ def report(payload: dict) -> None:
         print(f"  {k}: {v:.2f}x")
     if payload["stall"]:
         print(f"\nMAE stall ({payload.get('stall_model', {}).get('step')}):")
-        print_table([{"backend": r["backend"], "real img/s": r.get("real_img_s", float("nan")),
+        print_table([{"backend": r["backend"], "max ahead": "-" if r.get("max_ahead") is None else r["max_ahead"],
+                      "real img/s": r.get("real_img_s", float("nan")),
                       "stall": r.get("stall", float("nan")), "cores": r.get("cpu_cores", float("nan")),
                       "error": (r.get("error") or "")[:60]} for r in payload["stall"]],
-                    ["backend", "real img/s", "stall", "cores", "error"])
+                    ["backend", "max ahead", "real img/s", "stall", "cores", "error"])
 
 
 def plot(json_path: Path, payload: dict) -> None:

@@ -130,13 +130,13 @@ class DaliLoader(EncodedLoader):
     def __init__(self, *, streams, batch_size, augment, device, dtype, shuffle, seed, num_workers, cache_dir,
                  num_canonical_nodes, dali_threads: int | None = None, hw_decoder_load: float = 0.9,
                  prefetch_queue_depth: int = 2, prefetch_batches: int = 2, prefetch_factor: int = 4,
-                 no_copy: bool = False):
+                 no_copy: bool = False, max_ahead: int | None = 2):
         if Pipeline is None:
             raise RuntimeError("the dali backend needs nvidia-dali (pip install nvidia-dali-cuda130)")
         super().__init__(streams=streams, batch_size=batch_size, augment=augment, device=device, dtype=dtype,
                          shuffle=shuffle, seed=seed, num_workers=num_workers, cache_dir=cache_dir,
                          num_canonical_nodes=num_canonical_nodes, prefetch_batches=prefetch_batches,
-                         prefetch_factor=prefetch_factor)
+                         prefetch_factor=prefetch_factor, max_ahead=max_ahead)
         self.dali_threads = dali_threads or max(1, min(4, os.cpu_count() or 1))
         self.hw_decoder_load = hw_decoder_load
         self.prefetch_queue_depth = prefetch_queue_depth

@@ -8,6 +8,7 @@ be drawn and garbage rejected early; the decode happens in one batched call on t
 """
 from __future__ import annotations
 
+import collections
 import mmap
 import multiprocessing
 import os
@@ -416,18 +417,28 @@ class _Failure:
         self.error = error
 
 
-def prefetch(produce: Callable[[], Iterator[Any]], device: torch.device, depth: int = 2) -> Iterator[Any]:
+def prefetch(produce: Callable[[], Iterator[Any]], device: torch.device, depth: int = 2,
+             max_ahead: int | None = None) -> Iterator[Any]:
     """Run `produce()` in a background thread, `depth` items ahead of the consumer.
 
     On CUDA the producer runs on a side stream; each item's tensors are handed to the
     consumer's stream through an event, so decoding overlaps the training step. Items
     are (payload, tensors) pairs; the consumer gets payload. Stops the producer when the
     consumer stops early (break, exception, garbage collection).
+
+    max_ahead (CUDA): before handing out the next item, wait (asleep, GIL released) until the
+    GPU has finished all but the last `max_ahead` items' worth of the consumer's queued work. A
+    training loop with no host sync otherwise runs ahead until CUDA's launch queue is full and
+    then blocks inside a kernel launch *holding the GIL*, which starves this producer thread
+    (and any Python feeding the decoder) while the GPU still has work: a data stall.
+    None or 0: no limit.
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     cuda = device.type == "cuda"
     side = torch.cuda.Stream(device) if cuda else None
+    throttle = cuda and bool(max_ahead)
+    queued: collections.deque = collections.deque()  # events marking the consumer's work per item
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -459,6 +470,12 @@ def prefetch(produce: Callable[[], Iterator[Any]], device: torch.device, depth: 
     thread.start()
     try:
         while True:
+            if throttle:
+                mark = torch.cuda.Event(blocking=True)  # sleeps in synchronize instead of spinning a core
+                mark.record(torch.cuda.current_stream(device))  # the work queued for the items so far
+                queued.append(mark)
+                while len(queued) > max_ahead:
+                    queued.popleft().synchronize()  # releases the GIL while it waits
             item = q.get()
             if item is _DONE:
                 return
@@ -497,13 +514,14 @@ class EncodedLoader(Loader):
     decode_png = False  # whether workers decode PNG rows themselves (the device decoder can't)
 
     def __init__(self, *, streams, batch_size, augment, device, dtype, shuffle, seed, num_workers, cache_dir,
-                 num_canonical_nodes, prefetch_batches: int = 2, prefetch_factor: int = 4):
+                 num_canonical_nodes, prefetch_batches: int = 2, prefetch_factor: int = 4, max_ahead: int | None = 2):
         dataset = make_encoded_dataset(streams, batch_size=batch_size, shuffle=shuffle, seed=seed, cache_dir=cache_dir,
                                        num_canonical_nodes=num_canonical_nodes, augment=augment,
                                        decode_png=self.decode_png)
         super().__init__(dataset=dataset, batch_size=batch_size, augment=augment, device=device, dtype=dtype)
         self.num_workers = num_workers
         self.prefetch_batches = prefetch_batches
+        self.max_ahead = max_ahead  # see prefetch(): batches of GPU work the consumer may queue ahead
         self.prefetch_factor = prefetch_factor
         self._dataloader: torch.utils.data.DataLoader | None = None  # persistent workers
         self.maps = ShardMaps(self.dataset)  # where workers' shard offsets are read
@@ -530,7 +548,8 @@ class EncodedLoader(Loader):
             self._dataloader = encoded_dataloader(self.dataset, batch_size=self.batch_size,
                                                   num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
         batches = map(as_torch, iter(self._dataloader))  # workers fork here, in the caller's thread
-        for batch, failed in prefetch(lambda: self._produce(batches), self.device, self.prefetch_batches):
+        for batch, failed in prefetch(lambda: self._produce(batches), self.device, self.prefetch_batches,
+                                      self.max_ahead):
             if failed:
                 self._note_skipped(*zip(*failed))
             if batch is not None:
