@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh F2  # FSDP2 variants: block groups, no reshard, compiled (and F3: batch 512)
 #   bash bench/gpu_session.sh L   # loaders + MAE stall alone on the machine (+ torchrun engine.run on 2 GPUs)
 #   bash bench/gpu_session.sh B   # loaders --breakdown: workers alone, each GPU backend's device half alone
+#   bash bench/gpu_session.sh L2  # loaders after the worker rewrite: DALI settings swept, stall with/without max_ahead
 #   bash bench/gpu_session.sh M   # DINOv2 multi-crop from each backend vs PIL + torchvision v2
 # Wheels the GPU image lacks (DALI, mosaicml-streaming and their dependencies) are unpacked from
 # /tmp/wheels (see ../shared/GPU.md: ../shared/tools/device-wheels ...) into /tmp/site once.
@@ -65,6 +66,13 @@ L)
   ;;
 B)
   step 300 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg --workers 4 --seconds 4 --breakdown
+  ;;
+L2)  # after the worker rewrite: worker counts, DALI settings swept in the breakdown, stall with/without max_ahead
+  export CUDA_VISIBLE_DEVICES=0
+  step 330 python3 -m bench loaders --backends dali,nvjpeg,cpu,pil --workers 2,4 --seconds 4 --warmup 5 --breakdown \
+    --dali-threads 2,4 --hw-decoder-load 0.9,1.0 --dali-no-copy 1
+  step 240 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 3 --warmup 5 --stall --compile \
+    --stall-backends dali,nvjpeg --max-ahead 2,0
   ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
