@@ -74,6 +74,16 @@ L2)  # after the worker rewrite: worker counts, DALI settings swept in the break
   step 240 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 3 --warmup 5 --stall --compile \
     --stall-backends dali,nvjpeg --max-ahead 2,0
   ;;
+L3)  # defaults after L2 (hw_decoder_load 1.0, no_copy, 2 workers): throughput + DALI threads/queue, stall
+  export CUDA_VISIBLE_DEVICES=0
+  step 300 python3 -m bench loaders --backends dali,nvjpeg,pil --workers 2,3 --seconds 5 --warmup 5 \
+    --dali-threads 4,2 --dali-queue 2,3
+  step 200 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 3 --warmup 5 --stall --compile \
+    --stall-backends dali --max-ahead 2,1 --stall-steps 60
+  ;;
+K)  # attention block-config sweep incl. the two-pass backward, then the kernel table
+  step 400 python3 -m bench kernels --tune --skip-mae
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;

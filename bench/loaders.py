@@ -384,7 +384,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma list of " + ", ".join(ALL_BACKENDS))
     p.add_argument("--sizes", default="256,512", help="JPEG edge lengths of the shards")
-    p.add_argument("--workers", default="4", help="DataLoader workers (comma list: each backend runs at each)")
+    p.add_argument("--workers", default="2", help="DataLoader workers (comma list: each backend runs at each)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--crop", type=int, default=224, help="output size of the random resized crop")
     p.add_argument("--seconds", type=float, default=6.0, help="measured time per backend and size")
@@ -392,11 +392,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=None, help="rows per shard set (default: 20000 at <=256 px, else 8000)")
     p.add_argument("--distinct", type=int, default=128, help="distinct images among the rows")
     p.add_argument("--dali-threads", default="4",
-                   help="DALI's CPU threads (besides the workers); a comma list sweeps them in --breakdown")
-    p.add_argument("--hw-decoder-load", default="0.9",
-                   help="share of JPEGs for the hardware decoder; a comma list sweeps them in --breakdown")
-    p.add_argument("--dali-no-copy", default="0",
-                   help="1: DALI reads the fed images in place (no copy); '0,1' sweeps both in --breakdown")
+                   help="DALI's CPU threads (besides the workers); a comma list sweeps them (every combination "
+                        "of the dali lists runs as its own variant, in the throughput runs and --breakdown)")
+    p.add_argument("--hw-decoder-load", default="1.0",
+                   help="share of JPEGs for the hardware decoder; a comma list sweeps it")
+    p.add_argument("--dali-no-copy", default="1",
+                   help="1: DALI reads the fed images in place (no copy); a comma list ('0,1') sweeps both")
+    p.add_argument("--dali-queue", default="2", help="DALI's prefetch_queue_depth; a comma list sweeps it")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--data-dir", default=None, help="where to build the shards (default: a temp dir, removed)")
@@ -470,22 +472,23 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             payload["shards"][str(size)] = build_shards(data_root, size, rows, a.distinct, min(cores, 16))
             payload["shards"][str(size)]["build_s"] = time.perf_counter() - t
-        for size, w, backend in itertools.product(sizes, workers, backends):
+        for size, w, (backend, label, opts) in itertools.product(sizes, workers, variants(a, backends)):
             path = payload["shards"][str(size)]["path"]
 
-            def run(backend=backend, w=w, path=path):
+            def run(backend=backend, w=w, path=path, opts=opts):
                 loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=w, device=device,
-                                     dtype=dtype, cache_dir=cache_dir, options=options, multicrop=a.multicrop)
+                                     dtype=dtype, cache_dir=cache_dir, options=opts, multicrop=a.multicrop)
                 try:
                     return measure_throughput(loader, seconds=a.seconds, warmup=a.warmup, device=device)
                 finally:
                     close(loader)
 
             t = time.perf_counter()
-            row = {"backend": backend, "size": size, "workers": w} | guarded(f"{backend} {size}px", run)
+            row = {"backend": backend, "variant": label, "options": opts.get(backend, {}), "size": size, "workers": w}
+            row |= guarded(f"{label} {size}px", run)
             row["total_s"] = time.perf_counter() - t
             payload["throughput"].append(row)
-            print(f"{backend:>6} {size}px workers={w}: " + (f"{row['img_s']:,.0f} img/s, {row['cpu_cores']:.1f} cores"
+            print(f"{label:>6} {size}px workers={w}: " + (f"{row['img_s']:,.0f} img/s, {row['cpu_cores']:.1f} cores"
                                                            if "img_s" in row else row["error"]), flush=True)
             save()
         if a.breakdown:
@@ -563,9 +566,26 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
 
 def dali_options(a) -> list[dict[str, Any]]:
     """The dali backend's settings: every combination of the comma lists (the first is the default)."""
-    return [{"dali_threads": int(t), "hw_decoder_load": float(h), "no_copy": bool(int(c))}
-            for t, h, c in itertools.product(a.dali_threads.split(","), a.hw_decoder_load.split(","),
-                                             a.dali_no_copy.split(","))]
+    return [{"dali_threads": int(t), "hw_decoder_load": float(h), "no_copy": bool(int(c)), "prefetch_queue_depth": int(q)}
+            for t, h, c, q in itertools.product(a.dali_threads.split(","), a.hw_decoder_load.split(","),
+                                                a.dali_no_copy.split(","), a.dali_queue.split(","))]
+
+
+def variants(a, backends: list[str]) -> list[tuple[str, str, dict[str, dict]]]:
+    """(backend, label, options) per run: one per backend, the dali one per settings combination
+    (labelled with its settings when there are several)."""
+    out = []
+    for backend in backends:
+        if backend != "dali":
+            out.append((backend, backend, {}))
+            continue
+        combos = dali_options(a)
+        for o in combos:
+            label = "dali" if len(combos) == 1 else (
+                f"dali t{o['dali_threads']} hw{o['hw_decoder_load']:g} {'nocopy' if o['no_copy'] else 'copy'} "
+                f"q{o['prefetch_queue_depth']}")
+            out.append((backend, label, {"dali": o}))
+    return out
 
 
 def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
@@ -649,13 +669,13 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     out = {}
     for r in rows:
         if r["backend"] != BASELINE and "img_s" in r and base.get((r["size"], r["workers"])):
-            out[f"{r['backend']}/{BASELINE} {r['size']}px w{r['workers']}"] = r["img_s"] / base[(r["size"], r["workers"])]
+            out[f"{r.get('variant', r['backend'])}/{BASELINE} {r['size']}px w{r['workers']}"] = r["img_s"] / base[(r["size"], r["workers"])]
     return out
 
 
 def report(payload: dict) -> None:
     print(f"\nloaders on {card_name()} (batch {payload['config']['batch_size']}, crop {payload['config']['crop']})")
-    rows = [{"backend": r["backend"], "size": r["size"], "workers": r["workers"],
+    rows = [{"backend": r.get("variant", r["backend"]), "size": r["size"], "workers": r["workers"],
              "img/s": r.get("img_s", float("nan")), "cores": r.get("cpu_cores", float("nan")),
              "gpu busy": r.get("gpu_busy") if r.get("gpu_busy") is not None else "-",
              "error": (r.get("error") or "")[:60]} for r in payload["throughput"]]
@@ -676,7 +696,7 @@ def plot(json_path: Path, payload: dict) -> None:
     labels = sorted({f"{r['size']}px w{r['workers']}" for r in rows})
     series: dict[str, list[float]] = {}
     for r in rows:
-        series.setdefault(r["backend"], [0.0] * len(labels))[labels.index(f"{r['size']}px w{r['workers']}")] = r["img_s"]
+        series.setdefault(r.get("variant", r["backend"]), [0.0] * len(labels))[labels.index(f"{r['size']}px w{r['workers']}")] = r["img_s"]
     if series:
         bar_plot(json_path.with_suffix(".png"), labels, series, "images/s to the device",
                  f"loader throughput on {card_name()}")

@@ -128,9 +128,9 @@ class DaliLoader(EncodedLoader):
     backend = "dali"
 
     def __init__(self, *, streams, batch_size, augment, device, dtype, shuffle, seed, num_workers, cache_dir,
-                 num_canonical_nodes, dali_threads: int | None = None, hw_decoder_load: float = 0.9,
+                 num_canonical_nodes, dali_threads: int | None = None, hw_decoder_load: float = 1.0,
                  prefetch_queue_depth: int = 2, prefetch_batches: int = 2, prefetch_factor: int = 4,
-                 no_copy: bool = False, max_ahead: int | None = 2):
+                 no_copy: bool = True, max_ahead: int | None = 2):
         if Pipeline is None:
             raise RuntimeError("the dali backend needs nvidia-dali (pip install nvidia-dali-cuda130)")
         super().__init__(streams=streams, batch_size=batch_size, augment=augment, device=device, dtype=dtype,
@@ -138,6 +138,9 @@ class DaliLoader(EncodedLoader):
                          num_canonical_nodes=num_canonical_nodes, prefetch_batches=prefetch_batches,
                          prefetch_factor=prefetch_factor, max_ahead=max_ahead)
         self.dali_threads = dali_threads or max(1, min(4, os.cpu_count() or 1))
+        # all JPEGs to the hardware decoder (H100/H200): measured on an H200, 1.0 gives 32k img/s with
+        # 2.2 cores where 0.9 gives 31k with 3.9 (the rest go to the hybrid decoder, whose Huffman
+        # stage runs on DALI's CPU threads); GPUs without the engine decode on CUDA regardless
         self.hw_decoder_load = hw_decoder_load
         self.prefetch_queue_depth = prefetch_queue_depth
         # DALI reads the fed arrays in place instead of copying them (they stay alive in
