@@ -10,7 +10,7 @@ MAE masking and loss (GB/s of the bytes each op must move, fwd+bwd) vs the torch
 device-to-device copy bandwidth measured in the same run.
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best),
---shapes a,b (attention shape names).
+--shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention).
 """
 from __future__ import annotations
 
@@ -254,6 +254,17 @@ BWD_CFGS = [dict(SPLIT=sp, BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_war
                 (True, 64, 64, 16, 16, 4, 2, False), (True, 128, 128, 16, 16, 8, 1, False),
                 (True, 64, 128, 16, 16, 8, 2, False), (True, 32, 128, 16, 16, 8, 2, True),
                 (True, 64, 64, 16, 16, 4, 2, True), (True, 32, 64, 16, 16, 4, 2, True)]]
+# the two-pass backward (SPLIT "kv+q"): dK/dV pass blocks (BLOCK_N keys per program, BLOCK_M query
+# sub-tiles), then the dQ pass's (BLOCK_M queries per program, BLOCK_N key sub-tiles) under "DQ"
+BWD_CFGS += [dict(SPLIT="kv+q", BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=w, num_stages=s,
+                  DQ=dict(BLOCK_M=qm, BLOCK_N=qn, TAIL_M=qtm, TAIL_N=qtn, num_warps=qw, num_stages=qs))
+             for (bm, bn, tm, tn, w, s), (qm, qn, qtm, qtn, qw, qs) in [
+                 ((64, 64, 16, 16, 4, 2), (64, 64, 16, 16, 4, 2)), ((32, 64, 16, 16, 4, 2), (64, 32, 16, 16, 4, 2)),
+                 ((64, 64, 16, 16, 8, 2), (64, 64, 16, 16, 8, 2)), ((32, 64, 16, 16, 4, 3), (64, 32, 16, 16, 4, 3)),
+                 ((64, 128, 16, 16, 8, 2), (128, 64, 16, 16, 8, 2)), ((32, 128, 16, 16, 8, 2), (128, 32, 16, 16, 8, 2)),
+                 ((64, 128, 16, 16, 8, 1), (64, 64, 16, 16, 4, 2)), ((32, 128, 16, 16, 4, 2), (128, 64, 16, 16, 8, 2)),
+                 ((16, 64, 16, 16, 4, 2), (64, 16, 16, 16, 4, 2)), ((64, 32, 16, 16, 4, 2), (32, 64, 16, 16, 4, 2)),
+                 ((64, 64, 32, 32, 4, 2), (64, 64, 32, 32, 4, 2))]]
 TUNE_MAX_N = 2048  # the 4k reference point keeps its default config
 
 
@@ -349,6 +360,12 @@ def tune_attention(names):
                 best[part] = {kk: vv for kk, vv in good[0].items() if kk not in ("ms", "tflops", "ok")}
             for r in good[:3]:
                 print(f"  tune {name} {part}: {r}", file=sys.stderr)
+            if part == "bwd":  # the best of each backward layout, to compare the layouts
+                for sp in (False, True, "kv+q"):
+                    r = next((r for r in good if r["SPLIT"] == sp), None)
+                    if r is not None:
+                        print(f"  tune {name} bwd best SPLIT={sp!r}: {r['ms']:.4f} ms {r['tflops']:.0f} TFLOP/s {r}",
+                              file=sys.stderr)
             bad = [r for r in res[part] if "ok" in r and not r["ok"]]
             if bad:
                 print(f"  tune {name} {part}: WRONG RESULTS {bad}", file=sys.stderr)
@@ -368,7 +385,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="", help="comma-separated attention shape names: " + ",".join(ATTN_SHAPES))
     ap.add_argument("--tune", action="store_true", help="sweep block configs (slow) and add them to the JSON")
     ap.add_argument("--skip-mae", action="store_true")
+    ap.add_argument("--only", choices=("mae", "attention"), default=None,
+                    help="run one part: the MAE masking/loss ops or the attention shapes")
     args = ap.parse_args(argv or [])
+    run_attn = args.only != "mae"
+    run_mae = args.only != "attention" and not args.skip_mae
     if not torch.cuda.is_available():
         print("bench kernels needs a CUDA GPU (the Triton kernels are GPU kernels)", file=sys.stderr)
         return 2
@@ -379,7 +400,7 @@ def main(argv=None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     payload = {"card": card_name()}
-    if args.tune:
+    if args.tune and run_attn:
         import time
 
         t0 = time.time()
@@ -387,15 +408,16 @@ def main(argv=None) -> int:
         print(f"  precompile {time.time() - t0:.0f}s", file=sys.stderr)
         payload["tune"] = tune_attention(names)
         print(f"  tune done {time.time() - t0:.0f}s", file=sys.stderr)
-    else:
+    elif run_attn:
         precompile(names, sweep=False)
     attn_rows, errors = [], {}
-    bench_attention(names, attn_rows, errors)
+    if run_attn:
+        bench_attention(names, attn_rows, errors)
     payload["attention"] = attn_rows
     copy = copy_bandwidth()
     payload["copy_GBps"] = copy
     mae_rows = []
-    if not args.skip_mae:
+    if run_mae:
         bench_mae(mae_rows, errors)
         for r in mae_rows:
             r["of_copy_bw"] = r["GB/s"] / copy
@@ -407,20 +429,22 @@ def main(argv=None) -> int:
 
     cols = ["shape", "triton_fwdbwd_tflops", "best_sdpa_fwdbwd_tflops", "best_sdpa_backend", "ratio_fwdbwd",
             "ratio_eager_fwdbwd", "triton_fwd_tflops", "ratio_fwd", "max_rel_err"]
-    print(f"\nattention, bf16, {card_name()} (TFLOP/s from CUDA-graph replays; ratio vs best SDPA backend;"
-          " ratio_eager: both timed eagerly, Python launch overhead included)")
-    print_table(attn_rows, cols)
     others = sorted({k[:-14] for r in attn_rows for k in r if k.endswith("_fwdbwd_tflops")
                      and not k.startswith("best") and "_eager" not in k})
-    print_table([{"shape": r["shape"], **{o: r.get(f"{o}_fwdbwd_tflops", "") for o in others}} for r in attn_rows],
-                ["shape", *others])
+    if attn_rows:
+        print(f"\nattention, bf16, {card_name()} (TFLOP/s from CUDA-graph replays; ratio vs best SDPA backend;"
+              " ratio_eager: both timed eagerly, Python launch overhead included)")
+        print_table(attn_rows, cols)
+        print_table([{"shape": r["shape"], **{o: r.get(f"{o}_fwdbwd_tflops", "") for o in others}} for r in attn_rows],
+                    ["shape", *others])
     if mae_rows:
         print(f"\nMAE masking / loss fwd+bwd (copy bandwidth {copy:,.0f} GB/s)")
         print_table(mae_rows, ["op", "impl", "shape", "ms", "eager_ms", "GB/s", "of_copy_bw", "speedup_vs_torch"])
     path = write_result("kernels", payload, argv)
-    labels = [r["shape"] for r in attn_rows]
-    series = {o: [r.get(f"{o}_fwdbwd_tflops", 0.0) for r in attn_rows] for o in others}
-    bar_plot(path.with_suffix(".png"), labels, series, "TFLOP/s (fwd+bwd)", f"attention bf16, {card_name()}")
+    if attn_rows:
+        labels = [r["shape"] for r in attn_rows]
+        series = {o: [r.get(f"{o}_fwdbwd_tflops", 0.0) for r in attn_rows] for o in others}
+        bar_plot(path.with_suffix(".png"), labels, series, "TFLOP/s (fwd+bwd)", f"attention bf16, {card_name()}")
     if mae_rows:
         ops = sorted({r["op"] for r in mae_rows})
         bar_plot(path.with_name(path.stem + "-mae.png"), ops,

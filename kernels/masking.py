@@ -6,13 +6,16 @@
 MAE keeps, per sample, the K = int(N * (1 - mask_ratio)) tokens with the smallest noise, in
 order of increasing noise (argsort semantics; ties broken by index, i.e. a stable sort).
 The reference does argsort + gather + add (encoder) and cat + gather + add (decoder). Here:
-- `_rank_kernel`: one program per sample ranks its N noise values by counting (N <= ~1.4k, so
-  an N x N comparison in tiles is cheaper than a sort launch) and writes ids_keep, the mask
-  and each position's rank.
-- `_gather_kernel`: visible[b, r] = tokens[b, ids_keep[b, r]] + pos[ids_keep[b, r]].
-- backward of the gather writes every token gradient once (zero where masked) and reduces the
-  pos_embed gradient over the batch in the same pass.
-- `_unmask_kernel` / its backward do the same for the decoder side.
+- `_rank_kernel`: programs per (sample, block of positions) rank the noise by counting (N <= ~1.4k,
+  so an N x N comparison in tiles is cheaper than a sort launch) and write ids_keep, the bool
+  mask and each position's rank.
+- `_gather_kernel`: visible[b, r] = tokens[b, ids_keep[b, r]] + pos[ids_keep[b, r]], whole rows
+  of 16-byte vectors.
+- backward of the gather: programs walk the batch for a tile of positions, several samples a
+  step, writing every token gradient once (zero where masked) and summing the pos_embed gradient
+  in registers; a few batch chunks leave partial sums that one small kernel adds up.
+- `_unmask_kernel` finds each position's row in `visible` by comparing with ids_keep (no
+  scatter kernels) and writes that inverse for the backward; its backward walks like the gather's.
 """
 from __future__ import annotations
 
@@ -73,118 +76,211 @@ def _complete_shuffle(ids_keep, N):
 
 @triton.jit
 def _rank_kernel(NOISE, IDS_KEEP, MASK, RANK, N, K, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    # program (b, i-block): the ranks of BLOCK_I positions against all N (many short programs
+    # instead of one serial walk per sample); the bool mask is written directly
     b = tl.program_id(0).to(tl.int64)
     offs_j = tl.arange(0, BLOCK_J)
     nj = tl.load(NOISE + b * N + offs_j, mask=offs_j < N, other=float("inf"))
-    for i0 in range(0, N, BLOCK_I):
-        offs_i = i0 + tl.arange(0, BLOCK_I)
-        ok_i = offs_i < N
-        ni = tl.load(NOISE + b * N + offs_i, mask=ok_i, other=float("inf"))
-        before = (nj[None, :] < ni[:, None]) | ((nj[None, :] == ni[:, None]) & (offs_j[None, :] < offs_i[:, None]))
-        before = before & (offs_j < N)[None, :]
-        rank = tl.sum(before.to(tl.int32), 1)
-        keep = rank < K
-        tl.store(RANK + b * N + offs_i, rank, mask=ok_i)
-        tl.store(MASK + b * N + offs_i, (rank >= K).to(tl.int8), mask=ok_i)
-        tl.store(IDS_KEEP + b * K + rank, offs_i.to(tl.int64), mask=ok_i & keep)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok_i = offs_i < N
+    ni = tl.load(NOISE + b * N + offs_i, mask=ok_i, other=float("inf"))
+    before = (nj[None, :] < ni[:, None]) | ((nj[None, :] == ni[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+    before = before & (offs_j < N)[None, :]
+    rank = tl.sum(before.to(tl.int32), 1)
+    keep = rank < K
+    tl.store(RANK + b * N + offs_i, rank, mask=ok_i)
+    tl.store(MASK + b * N + offs_i, rank >= K, mask=ok_i)
+    tl.store(IDS_KEEP + b * K + rank, offs_i.to(tl.int64), mask=ok_i & keep)
 
 
 @triton.jit
 def _gather_kernel(TOK, POS, IDS, OUT, R, K, C, st_b, st_n, sp_n,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # BLOCK_R output rows x BLOCK_C columns (whole rows up to 1024): 16-byte vectors when C is a
+    # multiple of 8 (the launcher's integer specialization tells the compiler)
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (offs_r < R)[:, None] & (offs_c < C)[None, :]
     src = tl.load(IDS + offs_r, mask=offs_r < R, other=0)
     b = (offs_r // K).to(tl.int64)
-    t = tl.load(TOK + b[:, None] * st_b + src[:, None] * st_n + offs_c[None, :], mask=ok, other=0.0)
-    p = tl.load(POS + src[:, None] * sp_n + offs_c[None, :], mask=ok, other=0.0)
+    t = tl.load(TOK + (b * st_b + src * st_n)[:, None] + offs_c[None, :], mask=ok, other=0.0)
+    p = tl.load(POS + (src * sp_n)[:, None] + offs_c[None, :], mask=ok, other=0.0)
     y = t.to(tl.float32) + p.to(tl.float32)
-    tl.store(OUT + offs_r.to(tl.int64)[:, None] * C + offs_c[None, :], y.to(OUT.dtype.element_ty), mask=ok)
+    tl.store(OUT + (offs_r.to(tl.int64) * C)[:, None] + offs_c[None, :], y.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _gather_bwd_kernel(DVIS, RANK, DTOK, DPOS, B, N, K, C, B_CHUNK,
-                       HAS_DPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gather_bwd_kernel(DVIS, RANK, DTOK, PART, B, N, K, C, B_CHUNK, PLANE,
+                       HAS_DPOS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    # Program (position tile, column tile, batch chunk). Each step moves BLOCK_B samples x BLOCK_N
+    # positions at once (rows u-major: row = u * BLOCK_N + j), so a step has BLOCK_B times the
+    # bytes in flight of a one-sample step; the ranks of the next step are loaded one step ahead.
+    # dpos: each step's rows are summed over u (within a thread for the default layout) into a
+    # [BLOCK_N, BLOCK_C] accumulator.
+    row = tl.arange(0, BLOCK_B * BLOCK_N)
+    u = row // BLOCK_N
+    n = tl.program_id(0) * BLOCK_N + row % BLOCK_N
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     chunk = tl.program_id(2)
-    ok_n = offs_n < N
-    ok = ok_n[:, None] & (offs_c < C)[None, :]
-    dpos = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    ok_n = n < N
+    ok_c = offs_c < C
     b_lo = chunk * B_CHUNK
     b_hi = tl.minimum(b_lo + B_CHUNK, B)
-    offs_n64 = offs_n.to(tl.int64)
-    for b in range(b_lo, b_hi):
-        r = tl.load(RANK + b * N + offs_n64, mask=ok_n, other=K)
-        kept = r < K
-        g = tl.load(DVIS + (r.to(tl.int64) + b * K)[:, None] * C + offs_c[None, :], mask=ok & kept[:, None], other=0.0)
-        g = g.to(tl.float32)
-        tl.store(DTOK + (offs_n64 + b * N)[:, None] * C + offs_c[None, :], g.to(DTOK.dtype.element_ty), mask=ok)
-        dpos += g
+    acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    b = b_lo + u
+    r = tl.load(RANK + b.to(tl.int64) * N + n, mask=ok_n & (b < b_hi), other=K)
+    for b0 in range(b_lo, b_hi, BLOCK_B):
+        b = b0 + u
+        ok_r = ok_n & (b < b_hi)
+        nxt = b + BLOCK_B
+        r_next = tl.load(RANK + nxt.to(tl.int64) * N + n, mask=ok_n & (nxt < b_hi), other=K)
+        b64 = b.to(tl.int64)
+        g = tl.load(DVIS + ((b64 * K + r) * C)[:, None] + offs_c[None, :], mask=(r < K)[:, None] & ok_c[None, :],
+                    other=0.0)
+        tl.store(DTOK + ((b64 * N + n) * C)[:, None] + offs_c[None, :], g.to(DTOK.dtype.element_ty),
+                 mask=ok_r[:, None] & ok_c[None, :])
+        if HAS_DPOS:
+            acc += tl.sum(tl.reshape(g.to(tl.float32), [BLOCK_B, BLOCK_N, BLOCK_C]), 0)
+        r = r_next
     if HAS_DPOS:
-        tl.store(DPOS + (chunk.to(tl.int64) * N + offs_n)[:, None] * C + offs_c[None, :], dpos, mask=ok)
+        n1 = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(PART + chunk.to(tl.int64) * PLANE + (n1 * C)[:, None] + offs_c[None, :], acc,
+                 mask=(n1 < N)[:, None] & ok_c[None, :])
 
 
 @triton.jit
-def _unmask_kernel(VIS, INV, MT, POS, OUT, R, N, K, C, sp_n,
-                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # row = b * N + n
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok_r = offs_r < R
-    ok_c = offs_c < C
-    ok = ok_r[:, None] & ok_c[None, :]
-    r = tl.load(INV + offs_r, mask=ok_r, other=-1)
-    kept = r >= 0
-    b = (offs_r // N).to(tl.int64)
-    n = offs_r % N
-    x = tl.load(VIS + (b * K + r)[:, None] * C + offs_c[None, :], mask=ok & kept[:, None], other=0.0).to(tl.float32)
-    mt = tl.load(MT + offs_c, mask=ok_c, other=0.0).to(tl.float32)
-    x = tl.where(kept[:, None], x, mt[None, :])
-    p = tl.load(POS + n[:, None] * sp_n + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
-    tl.store(OUT + offs_r.to(tl.int64)[:, None] * C + offs_c[None, :], (x + p).to(OUT.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _unmask_bwd_kernel(DFULL, INV, DVIS, DPOS, DMT, B, N, K, C, B_CHUNK,
-                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    chunk = tl.program_id(2)
+def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, N, K, C, sp_n,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program (b, row block, column block). Each row's source in `visible` comes from comparing
+    # its position with ids_keep[b] (K <= N int64s, from L1/L2): no separate inverse-permutation
+    # kernels. The column-block-0 programs also write inv (what the backward needs).
+    b = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok_n = offs_n < N
     ok_c = offs_c < C
+    r = tl.full([BLOCK_R], -1, tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        ids = tl.load(IDS + b * K + offs_k, mask=offs_k < K, other=-1).to(tl.int32)
+        hit = ids[None, :] == offs_n[:, None]
+        r = tl.maximum(r, tl.max(tl.where(hit, offs_k[None, :], -1), 1))
+    kept = r >= 0
+    tl.store(INV + b * N + offs_n, r, mask=ok_n & (tl.program_id(2) == 0))
     ok = ok_n[:, None] & ok_c[None, :]
-    dpos = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    dmt = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    x = tl.load(VIS + ((b * K + r) * C)[:, None] + offs_c[None, :], mask=ok & kept[:, None], other=0.0)
+    mt = tl.load(MT + offs_c, mask=ok_c, other=0.0).to(tl.float32)
+    x = tl.where(kept[:, None], x.to(tl.float32), mt[None, :])
+    p = tl.load(POS + (offs_n * sp_n)[:, None] + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + ((b * N + offs_n) * C)[:, None] + offs_c[None, :], (x + p).to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _unmask_bwd_kernel(DFULL, INV, DVIS, PART, B, N, K, C, B_CHUNK, PLANE,
+                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    # same walk as _gather_bwd_kernel: every dfull row is read once (contiguous), kept rows are
+    # written to dvisible, and the pos_embed / mask_token partial sums stay in registers
+    row = tl.arange(0, BLOCK_B * BLOCK_N)
+    u = row // BLOCK_N
+    n = tl.program_id(0) * BLOCK_N + row % BLOCK_N
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunk = tl.program_id(2)
+    ok_n = n < N
+    ok_c = offs_c < C
     b_lo = chunk * B_CHUNK
     b_hi = tl.minimum(b_lo + B_CHUNK, B)
-    offs_n64 = offs_n.to(tl.int64)
-    for b in range(b_lo, b_hi):
-        r = tl.load(INV + b * N + offs_n64, mask=ok_n, other=-1)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    acc_mt = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    b = b_lo + u
+    r = tl.load(INV + b.to(tl.int64) * N + n, mask=ok_n & (b < b_hi), other=-1)
+    for b0 in range(b_lo, b_hi, BLOCK_B):
+        b = b0 + u
+        ok_r = ok_n & (b < b_hi)
+        nxt = b + BLOCK_B
+        r_next = tl.load(INV + nxt.to(tl.int64) * N + n, mask=ok_n & (nxt < b_hi), other=-1)
+        b64 = b.to(tl.int64)
+        ok = ok_r[:, None] & ok_c[None, :]
+        g = tl.load(DFULL + ((b64 * N + n) * C)[:, None] + offs_c[None, :], mask=ok, other=0.0)
         kept = r >= 0
-        g = tl.load(DFULL + (offs_n64 + b * N)[:, None] * C + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
-        dpos += g
-        dmt += tl.where(kept[:, None], 0.0, g)
-        tl.store(DVIS + (r.to(tl.int64) + b * K)[:, None] * C + offs_c[None, :], g.to(DVIS.dtype.element_ty),
+        tl.store(DVIS + ((b64 * K + r) * C)[:, None] + offs_c[None, :], g.to(DVIS.dtype.element_ty),
                  mask=ok & kept[:, None])
-    part = chunk.to(tl.int64) * N + offs_n
-    tl.store(DPOS + part[:, None] * C + offs_c[None, :], dpos, mask=ok)
-    nblocks = tl.num_programs(0)
-    tl.store(DMT + (chunk.to(tl.int64) * nblocks + tl.program_id(0)) * C + offs_c, tl.sum(dmt, 0), mask=ok_c)
+        g = g.to(tl.float32)
+        acc += tl.sum(tl.reshape(g, [BLOCK_B, BLOCK_N, BLOCK_C]), 0)
+        acc_mt += tl.sum(tl.reshape(tl.where(kept[:, None], 0.0, g), [BLOCK_B, BLOCK_N, BLOCK_C]), 0)
+        r = r_next
+    n1 = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    base = PART + chunk.to(tl.int64) * PLANE
+    tl.store(base + (n1 * C)[:, None] + offs_c[None, :], acc, mask=(n1 < N)[:, None] & ok_c[None, :])
+    # mask-token partial: row N + (position tile) of this chunk's plane
+    tl.store(base + (N + tl.program_id(0)) * C + offs_c, tl.sum(acc_mt, 0), mask=ok_c)
+
+
+@triton.jit
+def _sum_parts(PART, DPOS, DMT, NCHUNK, M, PLANE, EXTRA, C, NPB,
+               BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # partial planes [NCHUNK, PLANE]: dpos = sum over chunks of the first M = N * C entries; the
+    # programs past NPB sum the EXTRA mask-token rows of every chunk into dmask_token
+    pid = tl.program_id(0)
+    if pid < NPB:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < M
+        acc = tl.zeros([BLOCK], tl.float32)
+        for i in range(NCHUNK):
+            acc += tl.load(PART + i * PLANE + offs, mask=ok, other=0.0)
+        tl.store(DPOS + offs, acc, mask=ok)
+    else:
+        offs_c = (pid - NPB) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok_c = offs_c < C
+        acc_mt = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+        for t0 in range(0, NCHUNK * EXTRA, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            row = (t // EXTRA).to(tl.int64) * PLANE + M + (t % EXTRA) * C
+            acc_mt += tl.load(PART + row[:, None] + offs_c[None, :],
+                              mask=(t < NCHUNK * EXTRA)[:, None] & ok_c[None, :], other=0.0)
+        tl.store(DMT + offs_c, tl.sum(acc_mt, 0), mask=ok_c)
 
 
 # ----------------------------------------------------------------------------- launch
 
 
-def _row_block(C: int):
-    bc = min(triton.next_power_of_2(C), 512)
-    return max(1, 4096 // bc), bc
+def _col_block(C: int, cap: int) -> int:
+    """Column tile: the largest power of two <= cap dividing C (no ragged tile; 1408 -> 128),
+    else C rounded up to a power of two (capped)."""
+    bc = cap
+    while bc >= 64:
+        if C % bc == 0:
+            return bc
+        bc //= 2
+    return min(triton.next_power_of_2(max(C, 1)), cap)
 
 
-def _b_chunks(B: int, n_tiles: int, target: int = 1024) -> int:
-    """Batch chunk length so that (tiles x chunks) programs fill the GPU."""
-    chunks = max(1, min(B, triton.cdiv(target, max(n_tiles, 1))))
-    return triton.cdiv(B, chunks)
+WALK_PROGRAMS = 512  # programs the backward walks aim for (tests lower it to get long walks)
+
+
+def _walk_config(B: int, N: int, C: int, bb: int, target: Optional[int] = None):
+    """(BLOCK_B, BLOCK_N, BLOCK_C, batch chunk, chunks) for the backward walks: about `target`
+    programs (all resident at once on an H200 at <= 96 registers) with few partial planes (each
+    costs a write and a read of N * C fp32). B = 256, N = 196: 3 chunks for C = 1024, 6 for 512."""
+    bn, bc = 4, _col_block(C, 256)
+    target = WALK_PROGRAMS if target is None else target
+    tiles = triton.cdiv(N, bn) * triton.cdiv(C, bc)
+    chunks = max(1, min(triton.cdiv(B, bb), triton.cdiv(target, tiles)))
+    bchunk = triton.cdiv(triton.cdiv(B, chunks), bb) * bb  # a multiple of BLOCK_B
+    return bb, bn, bc, bchunk, triton.cdiv(B, bchunk)
+
+
+def _finish_parts(part, nchunks, N, C, extra, dmt):
+    """Reduce the partial planes with one launch: (dpos [N, C] fp32, dmt [C] fp32 filled in place)."""
+    dpos = part.new_empty((N, C))
+    M = N * C
+    block = 1024
+    npb = triton.cdiv(M, block)
+    bcm = min(triton.next_power_of_2(max(C, 1)), 256)
+    grid = npb + (triton.cdiv(C, bcm) if dmt is not None else 0)
+    _sum_parts[(grid,)](part, dpos, dmt if dmt is not None else dpos, nchunks, M, M + extra * C, extra, C, npb,
+                        BLOCK=block, BLOCK_T=8, BLOCK_C=bcm, num_warps=4)
+    return dpos
 
 
 # The ops are torch.library custom ops: torch.compile (the engine compiles the whole objective)
@@ -197,13 +293,13 @@ def mae_rank(noise: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, t
     B, N = noise.shape
     noise = noise.float().contiguous()
     ids_keep = torch.empty(B, K, device=noise.device, dtype=torch.int64)
-    mask = torch.empty(B, N, device=noise.device, dtype=torch.int8)
+    mask = torch.empty(B, N, device=noise.device, dtype=torch.bool)
     rank = torch.empty(B, N, device=noise.device, dtype=torch.int32)
     bj = triton.next_power_of_2(max(N, 1))
-    bi = max(1, min(64, 8192 // bj))
+    bi = max(1, min(32, 4096 // bj))
     if B and N:
-        _rank_kernel[(B,)](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj, num_warps=4)
-    return ids_keep, mask.to(torch.bool), rank
+        _rank_kernel[(B, triton.cdiv(N, bi))](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj, num_warps=4)
+    return ids_keep, mask, rank
 
 
 @mae_rank.register_fake
@@ -220,7 +316,8 @@ def _gather_impl(tokens, pos, ids_keep):
     pos = pos if pos.stride(-1) == 1 else pos.contiguous()
     ids_keep = ids_keep.contiguous()
     out = torch.empty(B, K, C, device=tokens.device, dtype=torch.result_type(tokens, pos))
-    br, bc = _row_block(C)
+    bc = min(triton.next_power_of_2(max(C, 1)), 1024)
+    br = max(1, 4096 // bc)
     if B * K:
         _gather_kernel[(triton.cdiv(B * K, br), triton.cdiv(C, bc))](
             tokens, pos, ids_keep, out, B * K, K, C, tokens.stride(0), tokens.stride(1), pos.stride(0),
@@ -236,17 +333,17 @@ def _gather_bwd(dvis: torch.Tensor, rank: torch.Tensor, tokens_dtype: torch.dtyp
     N = rank.shape[1]
     dvis = dvis.contiguous()
     dtok = torch.empty(B, N, C, device=dvis.device, dtype=tokens_dtype)
-    bn, bc = 16, min(triton.next_power_of_2(C), 256)
-    tiles = triton.cdiv(N, bn) * triton.cdiv(C, bc)
-    bchunk = _b_chunks(B, tiles)
-    nchunks = triton.cdiv(B, bchunk) if B else 0
-    part = torch.empty(nchunks, N, C, device=dvis.device, dtype=torch.float32) if need_dpos else dtok
-    if B and N:
-        _gather_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), nchunks)](
-            dvis, rank, dtok, part, B, N, K, C, bchunk, HAS_DPOS=need_dpos, BLOCK_N=bn, BLOCK_C=bc, num_warps=4)
+    if not B or not N:
+        return dtok, dvis.new_zeros((N, C) if need_dpos else (0,), dtype=torch.float32)
+    bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 8)  # 8 samples a step: 16 KB of stores in flight
+    # one chunk: the kernel writes dpos itself; else partial planes and one reduction launch
+    part = dvis.new_empty((nchunks, N, C) if nchunks > 1 else (N, C), dtype=torch.float32) if need_dpos else dtok
+    _gather_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), nchunks)](
+        dvis, rank, dtok, part, B, N, K, C, bchunk, N * C, HAS_DPOS=need_dpos, BLOCK_B=bb, BLOCK_N=bn, BLOCK_C=bc,
+        num_warps=4)
     if not need_dpos:
         return dtok, dvis.new_empty((0,), dtype=torch.float32)
-    return dtok, part.sum(0) if nchunks else dvis.new_zeros((N, C), dtype=torch.float32)
+    return dtok, (_finish_parts(part, nchunks, N, C, 0, None) if nchunks > 1 else part)
 
 
 @_gather_bwd.register_fake
@@ -294,14 +391,17 @@ def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Ten
     N = pos.shape[0]
     pos = pos if pos.stride(-1) == 1 else pos.contiguous()
     visible = visible.contiguous()
-    inv = torch.full((B, N), -1, device=visible.device, dtype=torch.int32)
-    inv.scatter_(1, ids_keep, torch.arange(K, device=visible.device, dtype=torch.int32).expand(B, K))
+    ids_keep = ids_keep.contiguous()
+    inv = torch.empty((B, N), device=visible.device, dtype=torch.int32)
     mt = mask_token.contiguous()
     out = torch.empty(B, N, C, device=visible.device, dtype=torch.result_type(visible, pos))
-    br, bc = _row_block(C)
+    bc = min(triton.next_power_of_2(max(C, 1)), 1024)
+    br = max(1, min(16, 4096 // bc))
+    bk = min(triton.next_power_of_2(max(K, 1)), max(16, 1024 // br))
     if B * N:
-        _unmask_kernel[(triton.cdiv(B * N, br), triton.cdiv(C, bc))](
-            visible, inv, mt, pos, out, B * N, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+        _unmask_kernel[(B, triton.cdiv(N, br), triton.cdiv(C, bc))](
+            visible, ids_keep, mt, pos, out, inv, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, BLOCK_K=bk,
+            num_warps=4)
     return out, inv
 
 
@@ -320,17 +420,17 @@ def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int,
     B, N, C = dfull.shape
     dfull = dfull.contiguous()
     dvis = torch.empty(B, K, C, device=dfull.device, dtype=visible_dtype)
-    bn, bc = 16, min(triton.next_power_of_2(C), 256)
+    if not B or not N:
+        return dvis, dfull.new_zeros((C,), dtype=torch.float32), dfull.new_zeros((N, C), dtype=torch.float32)
+    bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 4)  # two accumulators: 4 samples a step
     nb = triton.cdiv(N, bn)
-    tiles = nb * triton.cdiv(C, bc)
-    bchunk = _b_chunks(B, tiles)
-    nchunks = triton.cdiv(B, bchunk) if B else 0
-    dpos = torch.zeros(max(nchunks, 1), N, C, device=dfull.device, dtype=torch.float32)
-    dmt = torch.zeros(max(nchunks, 1), nb, C, device=dfull.device, dtype=torch.float32)
-    if B and N:
-        _unmask_bwd_kernel[(nb, triton.cdiv(C, bc), nchunks)](
-            dfull, inv, dvis, dpos, dmt, B, N, K, C, bchunk, BLOCK_N=bn, BLOCK_C=bc, num_warps=4)
-    return dvis, dmt.sum((0, 1)), dpos.sum(0)
+    # per chunk one plane: N rows of dpos partials, then nb rows of mask-token partials
+    part = dfull.new_empty((nchunks, N + nb, C), dtype=torch.float32)
+    _unmask_bwd_kernel[(nb, triton.cdiv(C, bc), nchunks)](
+        dfull, inv, dvis, part, B, N, K, C, bchunk, (N + nb) * C, BLOCK_B=bb, BLOCK_N=bn, BLOCK_C=bc, num_warps=4)
+    dmt = dfull.new_empty((C,), dtype=torch.float32)
+    dpos = _finish_parts(part, nchunks, N, C, nb, dmt)
+    return dvis, dmt, dpos
 
 
 @_unmask_bwd.register_fake

@@ -168,3 +168,127 @@ def test_torch_compile_sees_one_graph():
     for a, b in zip(g, gw):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+# --- paths of the bandwidth-tuned kernels: batch chunks with a partial last step, column tiles
+# of a non-power-of-two width (ViT-g's 1408 -> 128-wide tiles), K past one id block, K = 0
+
+
+@pytest.mark.parametrize("B,N,C,ratio", [(11, 5, 48, 0.6), (2, 10, 1408, 0.75), (3, 150, 8, 1 / 3), (2, 7, 8, 0.9)])
+def test_mae_mask_unmask_walks(B, N, C, ratio):
+    masking = sys.modules["kernels.masking"]
+    K = int(N * (1 - ratio))
+    tokens = torch.randn(B, N, C, requires_grad=True)
+    pos = torch.randn(1, N, C, requires_grad=True)
+    noise = torch.rand(B, N)
+    vis, ids, mask = kernels.mae_mask(tokens, pos, ratio, noise=noise, impl="triton")
+    rvis, rids, rmask = kernels.mae_mask_reference(tokens, pos, ratio, noise=noise)
+    assert torch.equal(ids, rids) and torch.equal(mask, rmask) and vis.shape == (B, K, C)
+    torch.testing.assert_close(vis, rvis)
+    g = torch.randn_like(vis)
+    for a, b in zip(torch.autograd.grad(vis, (tokens, pos), g), torch.autograd.grad(rvis, (tokens, pos), g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    v = torch.randn(B, K, C, requires_grad=True)
+    mt = torch.randn(C, requires_grad=True)
+    full = kernels.mae_unmask(v, ids, mt, pos, impl="triton")
+    ref = kernels.mae_unmask_reference(v, ids, mt, pos)
+    torch.testing.assert_close(full, ref)
+    inv = masking._unmask(v.detach(), ids, mt.detach(), pos.detach()[0])[1]
+    want_inv = torch.full((B, N), -1, dtype=torch.int32)
+    want_inv.scatter_(1, ids, torch.arange(K, dtype=torch.int32).expand(B, K))
+    assert torch.equal(inv, want_inv)
+    g = torch.randn_like(full)
+    for a, b in zip(torch.autograd.grad(full, (v, mt, pos), g), torch.autograd.grad(ref, (v, mt, pos), g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+def test_mae_backward_long_walks(monkeypatch, programs):
+    # few programs: each walks many steps (ranks / inv loaded a step ahead), last step partial
+    masking = sys.modules["kernels.masking"]
+    monkeypatch.setattr(masking, "WALK_PROGRAMS", programs)
+    B, N, C = 19, 6, 24
+    for ratio in (0.5, 0.0):
+        K = int(N * (1 - ratio))
+        tokens = torch.randn(B, N, C, requires_grad=True)
+        pos = torch.randn(N, C, requires_grad=True)
+        noise = torch.rand(B, N)
+        vis, ids, _ = kernels.mae_mask(tokens, pos, ratio, noise=noise, impl="triton")
+        rvis = kernels.mae_mask_reference(tokens, pos, ratio, noise=noise)[0]
+        g = torch.randn_like(vis)
+        for a, b in zip(torch.autograd.grad(vis, (tokens, pos), g), torch.autograd.grad(rvis, (tokens, pos), g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        v = torch.randn(B, K, C, requires_grad=True)
+        mt = torch.randn(C, requires_grad=True)
+        full = kernels.mae_unmask(v, ids, mt, pos, impl="triton")
+        ref = kernels.mae_unmask_reference(v, ids, mt, pos)
+        g = torch.randn_like(full)
+        for a, b in zip(torch.autograd.grad(full, (v, mt, pos), g), torch.autograd.grad(ref, (v, mt, pos), g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_walk_configs_cover_the_batch():
+    masking = sys.modules["kernels.masking"]
+    for B, N, C, bb in [(256, 196, 1024, 8), (256, 196, 512, 4), (11, 5, 48, 8), (1, 1370, 1408, 4), (3, 7, 8, 4)]:
+        bb_, bn, bc, bchunk, nchunks = masking._walk_config(B, N, C, bb)
+        assert bchunk % bb == 0 and (nchunks - 1) * bchunk < B <= nchunks * bchunk
+    assert masking._walk_config(256, 196, 1024, 8)[4] == 3 and masking._col_block(1408, 256) == 128
+
+
+@pytest.mark.parametrize("C,p,H,W", [(3, 8, 16, 24), (2, 16, 16, 32), (4, 4, 8, 8), (1, 32, 32, 64), (5, 4, 8, 8)])
+def test_mae_loss_channels_and_patch_sizes(C, p, H, W):
+    # G = B * N not a multiple of the patches per program; C = 5 falls back to the reference
+    B = 1
+    N = (H // p) * (W // p)
+    imgs = torch.randn(B, C, H, W) * 3 - 1
+    pred = torch.randn(B, N, p * p * C, requires_grad=True)
+    mask = torch.rand(B, N) < 0.7
+    mask[0, 0] = True
+    loss = kernels.mae_loss(imgs, pred, mask, p, impl="triton")
+    ref = kernels.mae_loss_reference(imgs, pred, mask, p)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(loss, pred)
+    (gr,) = torch.autograd.grad(ref, pred)
+    torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-7)
+
+
+def test_mae_loss_strided_bf16_and_bool_mask():
+    B, C, p, H, W = 2, 3, 16, 32, 48
+    N = (H // p) * (W // p)
+    imgs = (torch.randn(B, C, H, W) * 2).to(memory_format=torch.channels_last)  # image strides (H*W*C, 1, W*C, C)
+    pred = torch.randn(B, N, p * p * C, requires_grad=True)
+    mask = torch.rand(B, N) < 0.75
+    mask[1, 2] = True
+    loss = kernels.mae_loss(imgs, pred, mask, p, impl="triton")
+    ref = kernels.mae_loss_reference(imgs, pred, mask, p)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(loss * 0.5, pred)
+    (gr,) = torch.autograd.grad(ref * 0.5, pred)
+    torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-7)
+    # bf16 in, fp32 statistics: against the fp32 reference on the same rounded inputs
+    i16, p16 = imgs.bfloat16(), pred.detach().bfloat16().requires_grad_()
+    l16 = kernels.mae_loss(i16, p16, mask, p, impl="triton")
+    r16 = kernels.mae_loss_reference(i16.float(), p16.float(), mask, p)
+    torch.testing.assert_close(l16, r16, rtol=1e-4, atol=1e-5)
+    (g16,) = torch.autograd.grad(l16, p16)
+    (gr16,) = torch.autograd.grad(r16, p16)
+    assert g16.dtype == torch.bfloat16
+    torch.testing.assert_close(g16.float(), gr16.float(), rtol=1e-2, atol=1e-5)
+
+
+def test_mask_and_gather_bwd_ops_pass_opcheck():
+    masking = sys.modules["kernels.masking"]
+    loss = sys.modules["kernels.loss"]
+    B, N, C, K = 11, 5, 16, 2
+    ids, _, rank = masking.mae_rank(torch.rand(B, N), K)
+    inv = masking._unmask(torch.randn(B, K, C), ids, torch.randn(C), torch.randn(N, C))[1]
+    cases = [
+        (masking._gather_bwd, (torch.randn(B, K, C), rank, torch.float32, True)),
+        (masking._gather_bwd, (torch.randn(B, K, C), rank, torch.float32, False)),
+        (masking._unmask_bwd, (torch.randn(B, N, C), inv, K, torch.float32)),
+        (loss._loss_op, (torch.randn(2, 3, 8, 12), torch.randn(2, 6, 48, requires_grad=True),
+                         torch.rand(12) < 0.5, 4, True, 1e-6)),
+    ]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
