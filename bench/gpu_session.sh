@@ -84,6 +84,10 @@ L3)  # defaults after L2 (hw_decoder_load 1.0, no_copy, 2 workers): throughput +
 K)  # attention block-config sweep incl. the two-pass backward, then the kernel table
   step 400 python3 -m bench kernels --tune --skip-mae
   ;;
+K2)  # wider two-pass sweep, then the MAE ViT-L step with Triton kernels vs SDPA/torch in the same run
+  step 300 python3 -m bench kernels --tune
+  step 300 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch --steps 8 --warmup 3
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;
