@@ -617,10 +617,10 @@ def _kv_q_dq_config(cfg: dict) -> dict:
 # on an H200 (bench/results/kernels-nvidia-h200-2026-11-28-tune.log), bf16, ViT batch sizes.
 TUNED: dict = {
     (50, 64): (_cfg(64, 64, 64, 64, 4, 2), _cfg(64, 64, 64, 64, 4, 1, split=False)),
-    (197, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3))),
-    (261, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3))),
+    (197, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(32, 64, 16, 16, 4, 4, split=KV_Q, dq=(64, 32, 16, 16, 4, 4))),
+    (261, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(32, 64, 16, 16, 4, 4, split=KV_Q, dq=(64, 32, 16, 16, 4, 4))),
     (257, 88): (_cfg(64, 32, 16, 16, 4, 2), _cfg(64, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 64, 16, 16, 4, 2))),
-    (1374, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3))),
+    (1374, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 64, 16, 16, 4, 3))),
 }
 
 
@@ -640,10 +640,10 @@ def _bwd_config(n: int, d: int) -> dict:
         return TUNED[(n, d)][1]
     if n <= 64:  # one program per (batch, head), whole sequence resident, delta inline
         return _cfg(64, 64, 64, 64, 4, 1, split=False)
-    # the two-pass layout won every tuned shape above 64 tokens on the H200 (N = 197: 0.34 ms vs 0.47
-    # for the best single-pass one; N = 1374: 0.81 vs 1.02)
+    # the two-pass layout won every tuned shape above 64 tokens on the H200 (N = 197: 0.32 ms vs 0.47
+    # for the best single-pass one; N = 1374: 0.71 vs 1.01; d = 88: 0.70 vs 1.02)
     if _pow2(d) <= 64:
-        return _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3))
+        return _cfg(32, 64, 16, 16, 4, 4, split=KV_Q, dq=(64, 32, 16, 16, 4, 4))
     if n <= 2048:
         return _cfg(64, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 64, 16, 16, 4, 2))
     return _cfg(128, 128, 16, 16, 8, 1, split=True)
