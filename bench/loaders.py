@@ -410,6 +410,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="also measure the workers alone and each GPU backend's device half alone (what bounds it)")
     p.add_argument("--stall-backends", default="dali,nvjpeg,cpu,pil")
     p.add_argument("--stall-steps", type=int, default=40)
+    p.add_argument("--stall-replay", action="store_true",
+                   help="also the stall of each GPU backend's device half alone (one batch decoded again and "
+                        "again, no workers): tells decoding's cost to training from the workers' and the feed's")
     p.add_argument("--max-ahead", default="2",
                    help="GPU backends: batches of queued GPU work the training loop may run ahead (0: no limit); "
                         "a comma list repeats the stall runs for each")
@@ -417,6 +420,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder blocks of the stall model")
     p.add_argument("--limit", type=float, default=240.0, help="seconds before a hung measurement aborts the run")
+    p.add_argument("--tag", default=None, help="suffix of the result file names (runs of one day keep apart)")
     p.add_argument("--tiny", action="store_true", help="CPU-sized settings to check the script end to end")
     a = p.parse_args(argv)
     if a.tiny:
@@ -451,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         payload["ratios"] = ratios(payload["throughput"])
-        tag = "-".join(t for t, on in (("multicrop", a.multicrop), ("breakdown", a.breakdown)) if on) or None
+        tag = "-".join(t for t, on in (("multicrop", a.multicrop), ("breakdown", a.breakdown), (a.tag, a.tag)) if on) or None
         out_path[:] = [write_result("loaders", payload, argv, tag=tag)]
 
     def guarded(what: str, fn: Callable[[], dict]) -> dict:
@@ -538,30 +542,58 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
     path = payload["shards"][str(a.stall_size)]["path"]
     w = int(a.workers.split(",")[0])
     gpu_backends = ("dali", "nvjpeg")
-    for backend in [b.strip() for b in a.stall_backends.split(",") if b.strip()]:
-        for ahead in [int(x) for x in a.max_ahead.split(",")] if backend in gpu_backends else [None]:
-            def run(backend=backend, ahead=ahead):
-                opts = {k: dict(v) for k, v in options.items()}
-                if ahead is not None:
-                    opts.setdefault(backend, {})["max_ahead"] = ahead
-                loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=w, device=device,
-                                     dtype=dtype, cache_dir=cache_dir, options=opts)
-                batches = forever(loader)
-                cpu0, t0 = cpu_seconds(), time.perf_counter()
-                rate = timed_steps(step_box["step"], batches, a.stall_steps, max(1, a.warmup // 2), device)
-                cores = (cpu_seconds() - cpu0) / (time.perf_counter() - t0)
-                batches.close()
-                close(loader)
-                return {"real_img_s": rate, "stall": 1 - rate / base["synthetic_img_s"], "cpu_cores": cores}
+    fixed = torch.randn(a.batch_size, 3, a.crop, a.crop, device=device).to(dtype)
+    runs = [(b.strip(), ahead, False) for b in a.stall_backends.split(",") if b.strip()
+            for ahead in ([int(x) for x in a.max_ahead.split(",")] if b.strip() in gpu_backends else [None])]
+    if a.stall_replay:  # the device half alone: one encoded batch decoded again and again, no workers
+        runs += [(b, int(a.max_ahead.split(",")[0]), True) for b in gpu_backends if b in {r[0] for r in runs}]
+    for backend, ahead, replay in runs:
+        def run(backend=backend, ahead=ahead, replay=replay):
+            opts = {k: dict(v) for k, v in options.items()}
+            if ahead is not None:
+                opts.setdefault(backend, {})["max_ahead"] = ahead
+            # the synthetic rate right before each real run: the stall is a ratio of two runs minutes
+            # apart otherwise, and the card's clocks drift by a few percent
+            synthetic = timed_steps(step_box["step"], itertools.repeat((fixed, fixed.shape[0])), a.stall_steps,
+                                    max(1, a.warmup // 2), device)
+            loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=0 if replay else w,
+                                 device=device, dtype=dtype, cache_dir=cache_dir, options=opts)
+            batches = replayed(loader, path, a, cache_dir, device) if replay else forever(loader)
+            cpu0, t0 = cpu_seconds(), time.perf_counter()
+            rate = timed_steps(step_box["step"], batches, a.stall_steps, max(1, a.warmup // 2), device)
+            cores = (cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+            batches.close()
+            close(loader)
+            return {"real_img_s": rate, "synthetic_img_s": synthetic, "stall": 1 - rate / synthetic, "cpu_cores": cores}
 
-            row = {"backend": backend, "size": a.stall_size, "workers": w, "max_ahead": ahead}
-            row |= guarded(f"stall {backend}", run)
-            payload["stall"].append(row)
-            label = backend if ahead is None else f"{backend} max_ahead={ahead}"
-            print(f"stall {label:>6}: " + (f"{row['real_img_s']:,.0f} img/s real vs {base['synthetic_img_s']:,.0f} "
-                                           f"synthetic, stall {row['stall']:.1%}" if "stall" in row else row["error"]),
-                  flush=True)
-            save()
+        row = {"backend": backend + (" replay" if replay else ""), "size": a.stall_size, "workers": 0 if replay else w,
+               "max_ahead": ahead}
+        row |= guarded(f"stall {row['backend']}", run)
+        payload["stall"].append(row)
+        label = row["backend"] if ahead is None else f"{row['backend']} max_ahead={ahead}"
+        print(f"stall {label:>6}: " + (f"{row['real_img_s']:,.0f} img/s real vs {row['synthetic_img_s']:,.0f} "
+                                       f"synthetic, stall {row['stall']:.1%}" if "stall" in row else row["error"]),
+              flush=True)
+        save()
+
+
+def replayed(loader, path: str, a, cache_dir: str, device) -> Iterator[tuple[torch.Tensor, int]]:
+    """The loader's device half fed one encoded batch (read once by a worker-less dataloader) again
+    and again through the loader's own prefetch thread: the stall of decoding alone."""
+    from loaders import AugmentSpec
+    from loaders.backends.encoded import (as_torch, encoded_dataloader, make_encoded_dataset, prefetch,
+                                          shutdown_workers)
+    from loaders.loader import as_stream_specs
+
+    ds = make_encoded_dataset(as_stream_specs(path), batch_size=a.batch_size, shuffle=True, seed=0,
+                              cache_dir=cache_dir, num_canonical_nodes=None, augment=AugmentSpec(size=a.crop),
+                              decode_png=False)
+    dl = encoded_dataloader(ds, batch_size=a.batch_size, num_workers=0)
+    raw = as_torch(next(iter(dl)))
+    shutdown_workers(dl)
+    for batch, _ in prefetch(lambda: loader._produce(itertools.repeat(raw)), device, loader.prefetch_batches,
+                             loader.max_ahead):
+        yield images_of(batch), source_images(batch)
 
 
 def dali_options(a) -> list[dict[str, Any]]:
@@ -686,9 +718,10 @@ def report(payload: dict) -> None:
         print(f"\nMAE stall ({payload.get('stall_model', {}).get('step')}):")
         print_table([{"backend": r["backend"], "max ahead": "-" if r.get("max_ahead") is None else r["max_ahead"],
                       "real img/s": r.get("real_img_s", float("nan")),
+                      "synthetic img/s": r.get("synthetic_img_s", float("nan")),
                       "stall": r.get("stall", float("nan")), "cores": r.get("cpu_cores", float("nan")),
                       "error": (r.get("error") or "")[:60]} for r in payload["stall"]],
-                    ["backend", "max ahead", "real img/s", "stall", "cores", "error"])
+                    ["backend", "max ahead", "real img/s", "synthetic img/s", "stall", "cores", "error"])
 
 
 def plot(json_path: Path, payload: dict) -> None:
