@@ -591,7 +591,7 @@ def replayed(loader, path: str, a, cache_dir: str, device) -> Iterator[tuple[tor
     dl = encoded_dataloader(ds, batch_size=a.batch_size, num_workers=0)
     raw = as_torch(next(iter(dl)))
     shutdown_workers(dl)
-    for batch, _ in prefetch(lambda: loader._produce(itertools.repeat(raw)), device, loader.prefetch_batches,
+    for batch, _ in prefetch(lambda: loader._produce(itertools.repeat(raw)), loader.device, loader.prefetch_batches,
                              loader.max_ahead):
         yield images_of(batch), source_images(batch)
 
