@@ -1,10 +1,14 @@
 """What the GPU-decoding backends (`nvjpeg`, `dali`) share: DataLoader workers that read
-*encoded* bytes from the MDS shards without decoding them, plus the per-sample crop drawn
+*encoded* images from the MDS shards without decoding them, plus the per-sample crop drawn
 from the same RNG as the `cpu` backend, and a prefetch thread that prepares the next
 batch on a side CUDA stream while the training step runs.
 
 Workers only parse the image header (dimensions, channels, not truncated) so a crop can
 be drawn and garbage rejected early; the decode happens in one batched call on the device.
+From local shards a worker sends each image's place in its shard file, not its bytes, and the
+main process reads the image in place through its own memory map (`ShardMaps`); with every
+shard local, the sample ids come straight from streaming's partition (`EncodedDataset.__iter__`).
+At ~35 us of worker time per image (H200 host), two workers feed 50k images/s.
 """
 from __future__ import annotations
 
