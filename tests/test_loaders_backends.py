@@ -357,3 +357,26 @@ def test_dali_no_copy_feed_gives_the_same_batches(run, shards):
 
 test_dali_no_copy_feed_gives_the_same_batches = pytest.mark.parametrize(
     "run", [pytest.param("dali")], indirect=True)(test_dali_no_copy_feed_gives_the_same_batches)
+
+
+def test_throttle_waits_on_the_oldest_marks_beyond_max_ahead():
+    """The loader's max_ahead logic (on CUDA the marks are events on the consumer's stream): after
+    each item handed out at most `max_ahead` marks stay pending, the oldest are waited on first."""
+    from loaders.backends.encoded import Throttle
+
+    waited, made = [], []
+
+    class Mark:
+        def __init__(self):
+            self.i = len(made)
+            made.append(self)
+
+        def synchronize(self):
+            waited.append(self.i)
+
+    throttle = Throttle(2, Mark)
+    for _ in range(5):
+        throttle.step()
+    assert waited == [0, 1, 2] and [m.i for m in throttle.pending] == [3, 4]
+    with pytest.raises(ValueError):
+        Throttle(0, Mark)

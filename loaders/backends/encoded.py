@@ -441,8 +441,7 @@ def prefetch(produce: Callable[[], Iterator[Any]], device: torch.device, depth: 
     stop = threading.Event()
     cuda = device.type == "cuda"
     side = torch.cuda.Stream(device) if cuda else None
-    throttle = cuda and bool(max_ahead)
-    queued: collections.deque = collections.deque()  # events marking the consumer's work per item
+    throttle = Throttle(max_ahead, lambda: _cuda_mark(device)) if cuda and max_ahead else None
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -474,12 +473,8 @@ def prefetch(produce: Callable[[], Iterator[Any]], device: torch.device, depth: 
     thread.start()
     try:
         while True:
-            if throttle:
-                mark = torch.cuda.Event(blocking=True)  # sleeps in synchronize instead of spinning a core
-                mark.record(torch.cuda.current_stream(device))  # the work queued for the items so far
-                queued.append(mark)
-                while len(queued) > max_ahead:
-                    queued.popleft().synchronize()  # releases the GIL while it waits
+            if throttle is not None:
+                throttle.step()
             item = q.get()
             if item is _DONE:
                 return
@@ -500,6 +495,31 @@ def prefetch(produce: Callable[[], Iterator[Any]], device: torch.device, depth: 
             except queue.Empty:
                 pass
         thread.join()
+
+
+class Throttle:
+    """Bounds how far a consumer's queued device work runs ahead: `step()` (once per item handed
+    out) sets a mark after the work queued so far, then waits on the oldest marks until at most
+    `max_ahead` are pending. `make_mark()` returns an object with `synchronize()`; on CUDA an
+    event recorded on the consumer's stream."""
+
+    def __init__(self, max_ahead: int, make_mark: Callable[[], Any]):
+        if max_ahead < 1:
+            raise ValueError(f"max_ahead must be >= 1, got {max_ahead}")
+        self.max_ahead = max_ahead
+        self.make_mark = make_mark
+        self.pending: collections.deque = collections.deque()
+
+    def step(self) -> None:
+        self.pending.append(self.make_mark())
+        while len(self.pending) > self.max_ahead:
+            self.pending.popleft().synchronize()
+
+
+def _cuda_mark(device: torch.device) -> torch.cuda.Event:
+    mark = torch.cuda.Event(blocking=True)  # sleeps in synchronize (GIL released) instead of spinning a core
+    mark.record(torch.cuda.current_stream(device))  # after everything the consumer has queued so far
+    return mark
 
 
 class _nullcontext:
