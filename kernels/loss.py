@@ -11,7 +11,8 @@ The kernel reads each patch straight from the image (no patchify copy), and skip
 of unmasked patches entirely (their gradient is zero): with MAE's 75 % masking it touches
 3/4 of the pixels. The backward recomputes the target from the image instead of saving it.
 The forward's per-program partial sums are reduced by a second one-program kernel into the
-loss (no per-patch vector, no torch reductions); the backward divides by sum(mask) in-kernel.
+loss and sum(mask) (no per-patch vector, no torch reductions); sum(mask) is an output of the
+forward op, saved for the backward, which divides by it in-kernel.
 """
 from __future__ import annotations
 
@@ -39,181 +40,184 @@ def mae_loss_reference(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6)
     return (loss * m).sum() / m.sum()
 
 
-@triton.jit
-def _load_f32(ptr, ok, MASKED: tl.constexpr):
-    if MASKED:
-        return tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
-    else:
-        return tl.load(ptr).to(tl.float32)
+# Budget (H200, B = 256, 224 px, p = 16, 75 % masked, bf16): the bytes fwd+bwd must move are
+# 2 x 0.75 x (image 77 MB + pred 77 MB) read + dpred 77 MB written = 308 MB: 73 us at copy
+# bandwidth, 104 us at the 70 % target; this kernel takes 135 us (54 % of copy).
+#
+# `_loss_rows` (recompute in the backward): a program takes BP consecutive patches at once as
+# [BP, P*P] tiles, one per channel chunk, in pred's natural order: chunk ch holds the pred
+# elements e = ch*P*P + r of each patch, contiguous, so pred loads/stores are 16-byte vectors;
+# the image is gathered with offsets computed once per program from e (c = e % C,
+# pixel = e // C, constexpr strides). Patch statistics are row reductions (one warp per patch
+# row for BP = warps). All loads of all BP patches are issued before the first reduction (one
+# memory round trip per program, BP x 3 KB in flight), and unmasked patches are masked loads
+# (no bytes moved; the backward stores their zeros). Launches: forward main + finish (the
+# finish also writes sum(mask), an output of the op saved for the backward: no torch reduction
+# in the backward), backward main: 3 + the autograd ones for grad=None.
+# Measured slower on the H200 and dropped: one warp walking 4 patches one after the other
+# (0.281 ms: two dependent memory round trips per patch, latency-bound), and a fused version
+# whose forward also writes the unit gradient for a one-kernel scaling backward (0.144 ms: 12 %
+# more bytes), vs 0.135 ms for this one.
 
 
 @triton.jit
-def _patch_loss(IMG, PRED, MASK, PART, DPRED, GOUT, MSUM, N, W_PATCHES, G, eps,
-                si_b: tl.constexpr, si_c: tl.constexpr, si_h: tl.constexpr, si_w: tl.constexpr,
-                sp_b: tl.constexpr, sp_n: tl.constexpr,
-                C: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, LANES: tl.constexpr,
-                NORM: tl.constexpr, BACKWARD: tl.constexpr, PATCHES: tl.constexpr):
-    # One warp walks PATCHES patches. A patch is C tiles [R, LANES] (one per channel) over its
-    # PP * PP pixels (P padded), lanes on consecutive pixels: a warp-wide access is 2 image rows
-    # (2 x 32 bytes) or 32 pixels of pred (192 contiguous bytes, stride C), so every access
-    # touches 2 cache lines and no register permutation is needed between the image order and
-    # pred's (pixel, channel) order. The strides are constexprs: the per-element offsets are
-    # immediates of the load/store instructions. The ~10 instructions per element this leaves
-    # (the version with run-time strides and masked loads needed ~30) keep the kernel memory-bound.
-    # A masked patch is a scalar branch: unmasked patches load nothing (zero gradient, zero loss).
-    L: tl.constexpr = C * P * P
-    R: tl.constexpr = PP * PP // LANES
-    MASKED: tl.constexpr = P != PP
-    pid = tl.program_id(0)
-    q = tl.arange(0, R)[:, None] * LANES + tl.arange(0, LANES)[None, :]
-    qi = q // PP
-    qj = q % PP
-    ok_q = (qi < P) & (qj < P)
-    # contiguity 1: the compiler must not vectorize the image (or, for C = 1, pred) accesses into
-    # a layout of its own, which would cost a shared-memory conversion per tile
-    img_q = tl.max_contiguous(qi * si_h + qj * si_w, [1, 1])
-    pred_q = tl.max_contiguous((qi * P + qj) * C, [1, 1])
-    if BACKWARD:
-        w0 = tl.load(GOUT).to(tl.float32) / tl.load(MSUM).to(tl.float32) * (2.0 / L)
-    acc_l = 0.0
-    acc_m = 0.0
-    for k in range(PATCHES):
-        g = pid * PATCHES + k  # patch = b * N + n
-        if g < G:
-            m = tl.load(MASK + g).to(tl.float32)
-            b = (g // N).to(tl.int64)
-            n = g % N
-            pimg = IMG + b * si_b + ((n // W_PATCHES) * (P * si_h) + (n % W_PATCHES) * (P * si_w)) + img_q
-            off = b * sp_b + n * sp_n + pred_q
-            if m != 0.0:
-                t0 = _load_f32(pimg, ok_q, MASKED)
-                x0 = _load_f32(PRED + off, ok_q, MASKED)
-                if C > 1:
-                    t1 = _load_f32(pimg + si_c, ok_q, MASKED)
-                    x1 = _load_f32(PRED + off + 1, ok_q, MASKED)
-                if C > 2:
-                    t2 = _load_f32(pimg + 2 * si_c, ok_q, MASKED)
-                    x2 = _load_f32(PRED + off + 2, ok_q, MASKED)
-                if C > 3:
-                    t3 = _load_f32(pimg + 3 * si_c, ok_q, MASKED)
-                    x3 = _load_f32(PRED + off + 3, ok_q, MASKED)
-                if NORM:
-                    s = t0
-                    if C > 1:
-                        s += t1
-                    if C > 2:
-                        s += t2
-                    if C > 3:
-                        s += t3
-                    mean = _sum_tile(s) / L
-                    t0 = _centered(t0, mean, ok_q, MASKED)
-                    v = t0 * t0
-                    if C > 1:
-                        t1 = _centered(t1, mean, ok_q, MASKED)
-                        v += t1 * t1
-                    if C > 2:
-                        t2 = _centered(t2, mean, ok_q, MASKED)
-                        v += t2 * t2
-                    if C > 3:
-                        t3 = _centered(t3, mean, ok_q, MASKED)
-                        v += t3 * t3
-                    rstd = tl.rsqrt(_sum_tile(v) / (L - 1) + eps)
-                else:
-                    rstd = 1.0
-                d0 = x0 - t0 * rstd
-                if C > 1:
-                    d1 = x1 - t1 * rstd
-                if C > 2:
-                    d2 = x2 - t2 * rstd
-                if C > 3:
-                    d3 = x3 - t3 * rstd
-                if BACKWARD:
-                    w = w0 * m
-                    out = DPRED + off
-                    ty = DPRED.dtype.element_ty
-                    tl.store(out, (d0 * w).to(ty), mask=ok_q)
-                    if C > 1:
-                        tl.store(out + 1, (d1 * w).to(ty), mask=ok_q)
-                    if C > 2:
-                        tl.store(out + 2, (d2 * w).to(ty), mask=ok_q)
-                    if C > 3:
-                        tl.store(out + 3, (d3 * w).to(ty), mask=ok_q)
-                else:
-                    e = d0 * d0
-                    if C > 1:
-                        e += d1 * d1
-                    if C > 2:
-                        e += d2 * d2
-                    if C > 3:
-                        e += d3 * d3
-                    acc_l += _sum_tile(e) * m
-            elif BACKWARD:
-                zero = tl.zeros([R, LANES], DPRED.dtype.element_ty)
-                for c in tl.static_range(C):
-                    tl.store(DPRED + off + c, zero, mask=ok_q)
-            acc_m += m
-    if not BACKWARD:
-        # per-program partial sums; _loss_finish reduces them (no per-patch vector, no torch sums)
-        tl.store(PART + pid, acc_l / L)
-        tl.store(PART + tl.num_programs(0) + pid, acc_m)
+def _rows_load(IMG, PRED, ibase, pbase, r, ld, CH: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
+               si_c: tl.constexpr, si_h: tl.constexpr, si_w: tl.constexpr):
+    e = CH * P * P + r  # element of the patch in pred's order (pixel-major, channel fastest)
+    pix = e // C
+    ioff = (e % C) * si_c + (pix // P) * si_h + (pix % P) * si_w
+    t = tl.load(IMG + ibase[:, None] + ioff[None, :], mask=ld, other=0.0).to(tl.float32)
+    x = tl.load(PRED + pbase[:, None] + e[None, :], mask=ld, other=0.0).to(tl.float32)
+    return t, x
 
 
 @triton.jit
-def _sum_tile(x):
-    return tl.sum(tl.sum(x, 0), 0)  # within threads first, then one shuffle tree
-
-
-@triton.jit
-def _centered(t, mean, ok, MASKED: tl.constexpr):
-    t = t - mean
-    if MASKED:  # padded pixels (P not a power of two) must not enter the variance
-        t = tl.where(ok, t, 0.0)
+def _rows_center(t, mean, ld, FULL: tl.constexpr):
+    t = t - mean[:, None]
+    if not FULL:  # padded elements (P*P not a power of two) must not enter the variance
+        t = tl.where(ld, t, 0.0)
     return t
 
 
 @triton.jit
-def _loss_finish(PART, OUT, NPROG, BLOCK: tl.constexpr):
+def _loss_rows(IMG, PRED, MASK, PART, DPRED, GOUT, MSUM, N, W_PATCHES, G, eps,
+               si_b: tl.constexpr, si_c: tl.constexpr, si_h: tl.constexpr, si_w: tl.constexpr,
+               sp_b: tl.constexpr, sp_n: tl.constexpr,
+               C: tl.constexpr, P: tl.constexpr, PAP: tl.constexpr, BP: tl.constexpr,
+               NORM: tl.constexpr, BACKWARD: tl.constexpr):
+    # forward: per-program partial sums (loss, sum(mask)); backward: dpred (scaled by gout / sum(mask))
+    L: tl.constexpr = C * P * P
+    PA: tl.constexpr = P * P
+    FULL: tl.constexpr = PA == PAP
+    pid = tl.program_id(0)
+    g = pid * BP + tl.arange(0, BP)
+    ok_g = g < G
+    m = tl.load(MASK + g, mask=ok_g, other=0).to(tl.float32)
+    b = (g // N).to(tl.int64)
+    n = g % N
+    ibase = b * si_b + (n // W_PATCHES) * (P * si_h) + (n % W_PATCHES) * (P * si_w)
+    pbase = b * sp_b + n * sp_n
+    r = tl.arange(0, PAP)
+    ok_r = r < PA
+    ld = (m != 0.0)[:, None] & ok_r[None, :]  # unmasked patches: no bytes loaded
+    t0, x0 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 0, C, P, si_c, si_h, si_w)
+    if C > 1:
+        t1, x1 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 1, C, P, si_c, si_h, si_w)
+    if C > 2:
+        t2, x2 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 2, C, P, si_c, si_h, si_w)
+    if C > 3:
+        t3, x3 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 3, C, P, si_c, si_h, si_w)
+    if NORM:
+        s = t0
+        if C > 1:
+            s += t1
+        if C > 2:
+            s += t2
+        if C > 3:
+            s += t3
+        mean = tl.sum(s, 1) / L
+        t0 = _rows_center(t0, mean, ld, FULL)
+        v = t0 * t0
+        if C > 1:
+            t1 = _rows_center(t1, mean, ld, FULL)
+            v += t1 * t1
+        if C > 2:
+            t2 = _rows_center(t2, mean, ld, FULL)
+            v += t2 * t2
+        if C > 3:
+            t3 = _rows_center(t3, mean, ld, FULL)
+            v += t3 * t3
+        rstd = tl.rsqrt(tl.sum(v, 1) / (L - 1) + eps)[:, None]
+    else:
+        rstd = 1.0
+    d0 = x0 - t0 * rstd
+    if C > 1:
+        d1 = x1 - t1 * rstd
+    if C > 2:
+        d2 = x2 - t2 * rstd
+    if C > 3:
+        d3 = x3 - t3 * rstd
+    if not BACKWARD:
+        e2 = d0 * d0
+        if C > 1:
+            e2 += d1 * d1
+        if C > 2:
+            e2 += d2 * d2
+        if C > 3:
+            e2 += d3 * d3
+        tl.store(PART + pid, tl.sum(tl.sum(e2, 1) * m, 0) / L)
+        tl.store(PART + tl.num_programs(0) + pid, tl.sum(m, 0))
+    if BACKWARD:
+        w = (tl.load(GOUT).to(tl.float32) / tl.load(MSUM).to(tl.float32) * (2.0 / L)) * m
+        w = w[:, None]
+        st = ok_g[:, None] & ok_r[None, :]  # every patch's row is written (zeros when unmasked)
+        out = DPRED + (g.to(tl.int64) * L)[:, None] + r[None, :]  # dpred is contiguous
+        ty = DPRED.dtype.element_ty
+        tl.store(out, (d0 * w).to(ty), mask=st)
+        if C > 1:
+            tl.store(out + PA, (d1 * w).to(ty), mask=st)
+        if C > 2:
+            tl.store(out + 2 * PA, (d2 * w).to(ty), mask=st)
+        if C > 3:
+            tl.store(out + 3 * PA, (d3 * w).to(ty), mask=st)
+
+
+@triton.jit
+def _loss_finish(PART, OUT, MSUM, NPROG, BLOCK: tl.constexpr):
+    # reduces the forward's partial sums: the loss, and sum(mask) for the backward
     acc_l = tl.zeros([BLOCK], tl.float32)
     acc_m = tl.zeros([BLOCK], tl.float32)
     for i in range(0, NPROG, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         acc_l += tl.load(PART + offs, mask=offs < NPROG, other=0.0)
         acc_m += tl.load(PART + NPROG + offs, mask=offs < NPROG, other=0.0)
-    tl.store(OUT, tl.sum(acc_l) / tl.sum(acc_m))
+    msum = tl.sum(acc_m)
+    tl.store(OUT, tl.sum(acc_l) / msum)
+    tl.store(MSUM, msum)
 
 
-MAX_CHANNELS = 4  # channel tiles are unrolled in _patch_loss
-PATCHES_PER_PROGRAM = 4
+MAX_CHANNELS = 4  # channel chunks are unrolled in _loss_rows
+PATCHES_PER_PROGRAM = 4  # BP; one warp per patch row
+NUM_WARPS = 4
 
 
 def _launch(imgs, pred, m, p, eps, norm_pix, backward, gout=None, msum=None):
-    """Forward: the scalar loss. Backward: dpred = d loss / d pred * gout (gout, msum: 1-element tensors)."""
+    """Forward: (loss, sum(mask)) fp32 scalars. Backward: dpred = d loss / d pred * gout (contiguous)."""
     B, C, H, W = imgs.shape
     if C > MAX_CHANNELS:
         raise ValueError(f"the mae_loss kernel takes at most {MAX_CHANNELS} channels, got {C}")
     N = pred.shape[1]
     G = B * N
-    pp = triton.next_power_of_2(p)
     grid = triton.cdiv(G, PATCHES_PER_PROGRAM)
-    if backward:
-        out = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype)
-        part, dpred = m, out
+    dev = pred.device
+    dpred = torch.empty(pred.shape, device=dev, dtype=pred.dtype) if backward else pred
+    if not backward:
+        loss = torch.empty((), device=dev, dtype=torch.float32)
+        msum = torch.empty((), device=dev, dtype=torch.float32)
+        part = torch.empty(2 * grid, device=dev, dtype=torch.float32)
+        gout = msum
     else:
-        out = torch.empty((), device=pred.device, dtype=torch.float32)
-        part, dpred, gout, msum = torch.empty(2 * grid, device=pred.device, dtype=torch.float32), pred, m, m
+        part = dpred
     if G:
         si = imgs.stride()
-        _patch_loss[(grid,)](
+        _loss_rows[(grid,)](
             imgs, pred, m, part, dpred, gout, msum, N, W // p, G, eps,
             si_b=si[0], si_c=si[1], si_h=si[2], si_w=si[3], sp_b=pred.stride(0), sp_n=pred.stride(1),
-            C=C, P=p, PP=pp, LANES=min(32, pp * pp), NORM=norm_pix, BACKWARD=backward,
-            PATCHES=PATCHES_PER_PROGRAM, num_warps=1)
+            C=C, P=p, PAP=triton.next_power_of_2(p * p), BP=PATCHES_PER_PROGRAM, NORM=norm_pix,
+            BACKWARD=backward, num_warps=NUM_WARPS)
         if not backward:
             bl = min(triton.next_power_of_2(grid), 16384)
-            _loss_finish[(1,)](part, out, grid, BLOCK=bl, num_warps=16 if bl >= 8192 else 4)
+            _loss_finish[(1,)](part, loss, msum, grid, BLOCK=bl, num_warps=16 if bl >= 8192 else 4)
     elif not backward:
-        out.fill_(float("nan"))  # 0 / 0, as the reference
-    return out
+        loss.fill_(float("nan"))  # 0 / 0, as the reference
+        msum.zero_()
+    return dpred if backward else (loss, msum)
+
+
+def _pred_rows(pred):
+    # the kernel reads pred with its batch / patch strides and unit element stride, and writes dpred
+    # contiguous (indexed by patch * L, not by pred's strides): a sliced pred is safe
+    return pred if pred.stride(-1) == 1 else pred.contiguous()
 
 
 # torch.library custom ops: opaque to torch.compile (the engine compiles the whole objective).
@@ -221,40 +225,37 @@ def _launch(imgs, pred, m, p, eps, norm_pix, backward, gout=None, msum=None):
 
 @torch.library.custom_op("vfm::mae_loss", mutates_args=())
 def _loss_op(imgs: torch.Tensor, pred: torch.Tensor, m: torch.Tensor, p: int, norm_pix: bool,
-             eps: float) -> torch.Tensor:
-    pred = pred if pred.stride(-1) == 1 else pred.contiguous()
-    return _launch(imgs, pred, m.contiguous(), p, eps, norm_pix, backward=False)
+             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, sum(mask) fp32): the sum is saved for the backward."""
+    return _launch(imgs, _pred_rows(pred), m.contiguous(), p, eps, norm_pix, backward=False)
 
 
 @_loss_op.register_fake
 def _(imgs, pred, m, p, norm_pix, eps):
-    return pred.new_empty((), dtype=torch.float32)
+    return pred.new_empty((), dtype=torch.float32), pred.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("vfm::mae_loss_bwd", mutates_args=())
-def _loss_bwd_op(gout: torch.Tensor, imgs: torch.Tensor, pred: torch.Tensor, m: torch.Tensor, p: int,
-                 norm_pix: bool, eps: float) -> torch.Tensor:
-    # recomputes the target from the image instead of saving it
-    pred = pred if pred.stride(-1) == 1 else pred.contiguous()
-    # the kernel divides gout by sum(mask) itself: one small reduction here, no scalar arithmetic kernels
-    msum = m.sum(dtype=torch.float32)
-    return _launch(imgs, pred, m.contiguous(), p, eps, norm_pix, backward=True, gout=gout, msum=msum)
+def _loss_bwd_op(gout: torch.Tensor, msum: torch.Tensor, imgs: torch.Tensor, pred: torch.Tensor,
+                 m: torch.Tensor, p: int, norm_pix: bool, eps: float) -> torch.Tensor:
+    # recomputes the target from the image instead of saving it; divides gout by sum(mask) in-kernel
+    return _launch(imgs, _pred_rows(pred), m.contiguous(), p, eps, norm_pix, backward=True, gout=gout, msum=msum)
 
 
 @_loss_bwd_op.register_fake
-def _(gout, imgs, pred, m, p, norm_pix, eps):
+def _(gout, msum, imgs, pred, m, p, norm_pix, eps):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
 def _loss_setup(ctx, inputs, output):
     imgs, pred, m, p, norm_pix, eps = inputs
-    ctx.save_for_backward(imgs, pred, m)
+    ctx.save_for_backward(imgs, pred, m, output[1])
     ctx.cfg = (p, norm_pix, eps)
 
 
-def _loss_backward(ctx, gout):
-    imgs, pred, m = ctx.saved_tensors
-    return None, _loss_bwd_op(gout, imgs, pred, m, *ctx.cfg), None, None, None, None
+def _loss_backward(ctx, gout, dmsum):
+    imgs, pred, m, msum = ctx.saved_tensors
+    return None, _loss_bwd_op(gout, msum, imgs, pred, m, *ctx.cfg), None, None, None, None
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -276,4 +277,4 @@ def mae_loss(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6, impl="aut
     m = mask.reshape(-1)
     if m.dtype != torch.bool:  # a bool mask goes to the kernel as is (no conversion kernel)
         m = m.to(torch.float32)
-    return _loss_op(imgs.detach(), pred, m, p, bool(norm_pix), float(eps))
+    return _loss_op(imgs.detach(), pred, m, p, bool(norm_pix), float(eps))[0]
