@@ -81,11 +81,11 @@ L3)  # defaults after L2 (hw_decoder_load 1.0, no_copy, 2 workers): throughput +
   step 200 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 3 --warmup 5 --stall --compile \
     --stall-backends dali --max-ahead 2,1 --stall-steps 60
   ;;
-L4)  # final loaders figures at the chosen defaults (8 s per run), then the stall: max_ahead 2/3/4, replayed batch
+L4)  # final loaders figures at the chosen defaults (6 s per run), then the stall: max_ahead 2/3, replayed batch
   export CUDA_VISIBLE_DEVICES=0
-  step 220 python3 -m bench loaders --backends dali,nvjpeg,pil --workers 2 --seconds 8 --warmup 5 --dali-queue 2,3
+  step 220 python3 -m bench loaders --backends dali,nvjpeg,pil --workers 2 --seconds 6 --warmup 5 --dali-queue 2,3
   step 330 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 3 --warmup 5 --stall --compile \
-    --stall-backends dali,nvjpeg --stall-replay --max-ahead 2,3,4 --stall-steps 80 --tag stall
+    --stall-backends dali,nvjpeg --stall-replay --max-ahead 2,3 --stall-steps 80 --tag stall
   ;;
 K)  # attention block-config sweep incl. the two-pass backward, then the kernel table
   step 400 python3 -m bench kernels --tune --skip-mae
