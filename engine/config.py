@@ -126,6 +126,9 @@ class DataConfig:
     num_samples: int | None = None  # corpus size, for --dry-run when shards are not reachable
     cache_dir: str | None = None
     num_canonical_nodes: int | None = None
+    # per-backend loader settings, passed to the backend in use, e.g. {dali: {hw_decoder_load: 0.65,
+    # max_ahead: 3}, nvjpeg: {max_ahead: 2}}; see each backend's constructor
+    options: Any = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
 
@@ -311,6 +314,15 @@ def _check(cfg: Config) -> None:
         bad("optim.betas", "needs two values")
     if cfg.model.img_size <= 0:
         bad("model.img_size", "must be positive")
+    opts = cfg.data.options
+    if opts is not None:
+        from loaders.loader import KNOWN_BACKENDS
+
+        if not isinstance(opts, dict) or not all(isinstance(v, dict) for v in opts.values()):
+            bad("data.options", f"must map a backend to its settings, e.g. {{dali: {{max_ahead: 3}}}}; got {opts!r}")
+        unknown = sorted(set(opts) - set(KNOWN_BACKENDS))
+        if unknown:
+            bad("data.options", f"unknown backend {unknown[0]!r}; valid: {', '.join(KNOWN_BACKENDS)}")
     if cfg.checkpoint.every_steps <= 0 or cfg.log.every_steps <= 0:
         bad("checkpoint.every_steps", "checkpoint and log intervals must be positive")
 

@@ -212,7 +212,10 @@ class Trainer:
         if data.shards == "synthetic":
             return None
         from loaders import build_loader
+        from loaders.loader import resolve_backend
 
+        backend = resolve_backend(data.backend, self.device)
+        options = dict((data.options or {}).get(backend) or {})
         shards = data.shards
         if shards == "builtin:quickstart":
             from loaders.synthetic import quickstart_streams
@@ -222,10 +225,15 @@ class Trainer:
                 box = [shards]
                 torch.distributed.broadcast_object_list(box, src=0)
                 shards = box[0]
-        return build_loader(shards, backend=data.backend, batch_size=self.micro_batch, augment=self.model.augment,
-                            device=self.device, dtype=torch.float32, seed=self.cfg.train.seed,
-                            num_workers=data.workers, cache_dir=data.cache_dir,
-                            num_canonical_nodes=data.num_canonical_nodes)
+        try:
+            return build_loader(shards, backend=backend, batch_size=self.micro_batch, augment=self.model.augment,
+                                device=self.device, dtype=torch.float32, seed=self.cfg.train.seed,
+                                num_workers=data.workers, cache_dir=data.cache_dir,
+                                num_canonical_nodes=data.num_canonical_nodes, **options)
+        except TypeError as e:
+            if options and "unexpected keyword" in str(e):
+                raise ValueError(f"data.options.{backend}: {e}") from None
+            raise
 
     def batches(self) -> Iterator:
         """Micro-batches forever, epoch after epoch (the loader keeps its own position)."""

@@ -169,3 +169,16 @@ def test_periodic_eval_logs_auc(tmp_path, shards):
     evals = [r for r in rows if "eval/pathmnist/auc" in r]
     assert [r["step"] for r in evals] == [3, 6]
     assert all(0.0 <= r["eval/pathmnist/auc"] <= 1.0 for r in evals)
+
+
+def test_data_options_reach_the_backend_in_use(tmp_path, shards):
+    from engine.config import ConfigError
+
+    trainer = make(tmp_path, shards, "data.options={cpu: {prefetch_factor: 3}, dali: {hw_decoder_load: 0.5}}")
+    assert trainer.loader.backend == "cpu" and trainer.loader.prefetch_factor == 3  # dali's entry is not passed
+    with pytest.raises(ValueError, match="data.options.cpu"):
+        make(tmp_path / "b", shards, "data.options={cpu: {no_such_setting: 1}}")
+    with pytest.raises(ConfigError, match="unknown backend 'dalli'"):
+        load_config(None, TINY + [f"data.shards={shards}", "data.options={dalli: {max_ahead: 3}}"])
+    with pytest.raises(ConfigError, match="must map a backend"):
+        load_config(None, TINY + [f"data.shards={shards}", "data.options={cpu: 3}"])
