@@ -88,19 +88,26 @@ def test_mask_unmask_roundtrip():
 @pytest.mark.parametrize("norm_pix", [True, False])
 @pytest.mark.parametrize("C,p,H,W", [(3, 16, 32, 48), (1, 14, 28, 14), (3, 4, 12, 8)])
 def test_mae_loss_matches_reference(norm_pix, C, p, H, W):
-    B = 2
+    g, mask = _loss_vs_reference(norm_pix, 2, C, p, H, W, strided=False)
+    assert (g[~mask] == 0).all()
+
+
+def _loss_vs_reference(norm_pix, B, C, p, H, W, strided):
+    """Loss and d(pred) of the Triton kernel vs the torch reference on fresh inputs; pred is a
+    slice of wider rows when `strided`. Returns the kernel's gradient and the mask."""
     N = (H // p) * (W // p)
     imgs = torch.randn(B, C, H, W) * 2 + 0.5
-    pred = torch.randn(B, N, p * p * C, requires_grad=True)
+    leaf = torch.randn(B, N, p * p * C + (8 if strided else 0), requires_grad=True)
+    pred = leaf[:, :, 4:4 + p * p * C] if strided else leaf
     mask = torch.rand(B, N) < 0.6
     mask[0, 0] = True
     loss = kernels.mae_loss(imgs, pred, mask, p, norm_pix=norm_pix, impl="triton")
     ref = kernels.mae_loss_reference(imgs, pred, mask, p, norm_pix=norm_pix)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    (g,) = torch.autograd.grad(loss * 2.5, pred)
-    (gr,) = torch.autograd.grad(ref * 2.5, pred)
+    (g,) = torch.autograd.grad(loss * 2.5, leaf)
+    (gr,) = torch.autograd.grad(ref * 2.5, leaf)
     torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-7)
-    assert (g[~mask] == 0).all()
+    return g, mask
 
 
 def test_mae_loss_float_mask_and_patchify_order():
@@ -303,18 +310,7 @@ def test_mask_and_gather_bwd_ops_pass_opcheck():
                                                 (True, 3, 1, 14, 28, 14), (True, 1, 2, 6, 12, 18),
                                                 (True, 1, 4, 4, 8, 12), (False, 2, 3, 4, 12, 8)])
 def test_mae_loss_strided_pred(norm_pix, B, C, p, H, W):
-    N = (H // p) * (W // p)
-    imgs = torch.randn(B, C, H, W) * 2 + 0.5
-    big = torch.randn(B, N, p * p * C + 8, requires_grad=True)
-    pred = big[:, :, 4:4 + p * p * C]  # strided pred rows
-    mask = torch.rand(B, N) < 0.6
-    mask[0, 0] = True
-    loss = kernels.mae_loss(imgs, pred, mask, p, norm_pix=norm_pix, impl="triton")
-    ref = kernels.mae_loss_reference(imgs, pred, mask, p, norm_pix=norm_pix)
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    (g,) = torch.autograd.grad(loss * 2.5, big)
-    (gr,) = torch.autograd.grad(ref * 2.5, big)
-    torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-7)
+    _loss_vs_reference(norm_pix, B, C, p, H, W, strided=True)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the 0 / 0, interpreted
