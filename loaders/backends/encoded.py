@@ -135,6 +135,43 @@ def shard_path(shard) -> str:
     return os.path.join(shard.dirname, shard.split or "", shard.raw_data.basename)
 
 
+def default_map_limit() -> int:
+    """Open shard maps per process: a quarter of the open-file limit (256 under the usual 1,024),
+    at most 1,024. streaming's shuffle draws a block's samples from ~100+ shards at once, so a
+    much smaller set would reopen maps all the time."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            soft = 4096
+    except (ImportError, OSError, ValueError):  # no resource module (Windows)
+        soft = 1024
+    return max(16, min(1024, soft // 4))
+
+
+class OpenMaps(collections.OrderedDict):
+    """The most recently used memory maps of shard files, at most `limit` of them. A map holds a
+    file descriptor, and a corpus has thousands of shards: unbounded, a long run would reach the
+    usual 1,024 open-file limit. A map dropped here stays valid while a view of it is alive."""
+
+    def __init__(self, limit: int | None = None):
+        super().__init__()
+        self.limit = limit or default_map_limit()
+
+    def lookup(self, key: int):
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def keep(self, key: int, value):
+        self[key] = value
+        while len(self) > self.limit:
+            self.popitem(last=False)
+        return value
+
+
 class ShardMaps:
     """The main process's memory maps of local shard files: a worker sends (shard, offset,
     size) for each image instead of its bytes, and the decoder reads the image where the
@@ -142,16 +179,16 @@ class ShardMaps:
     pages cost more than the copy itself). Maps are private copy-on-write, so the numpy views
     are writable (torch takes them without a warning) and never written."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, limit: int | None = None):
         self.dataset = dataset
-        self.maps: dict[int, np.ndarray] = {}
+        self.maps = OpenMaps(limit)
 
     def view(self, shard_id: int) -> np.ndarray:
-        arr = self.maps.get(shard_id)
+        arr = self.maps.lookup(shard_id)
         if arr is None:
             with open(shard_path(self.dataset.shards[shard_id]), "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            arr = self.maps[shard_id] = np.frombuffer(mm, dtype=np.uint8)
+            arr = self.maps.keep(shard_id, np.frombuffer(mm, dtype=np.uint8))
         return arr
 
 
@@ -177,7 +214,7 @@ def _make_dataset_class():
             # loader's new epoch without being forked again.
             self._aug_epoch = multiprocessing.Value("q", 0, lock=False)
             self.decode_png = decode_png
-            self._fast_readers: dict[int, FastMDSReader] = {}
+            self._fast_readers = OpenMaps()  # shard id -> FastMDSReader, most recently used
             self._zero_copy: dict[int, bool] = {}
 
         @property
@@ -216,10 +253,10 @@ def _make_dataset_class():
         def reader(self, shard_id: int) -> FastMDSReader | None:
             """The memory-mapped reader of a local uncompressed MDS shard (None otherwise:
             not downloaded yet, or another format; streaming's own get_item reads those)."""
-            reader = self._fast_readers.get(shard_id)
+            reader = self._fast_readers.lookup(shard_id)
             if reader is None:
                 try:
-                    reader = self._fast_readers[shard_id] = FastMDSReader(self.shards[shard_id])
+                    reader = self._fast_readers.keep(shard_id, FastMDSReader(self.shards[shard_id]))
                 except (FileNotFoundError, NotImplementedError):
                     return None
             return reader
