@@ -577,18 +577,25 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
         save()
 
 
-def replayed(loader, path: str, a, cache_dir: str, device) -> Iterator[tuple[torch.Tensor, int]]:
-    """The loader's device half fed one encoded batch (read once by a worker-less dataloader) again
-    and again through the loader's own prefetch thread: the stall of decoding alone."""
+def encoded_batches(a, path: str, cache_dir: str, workers: int):
+    """The GPU backends' worker half alone: a DataLoader of encoded batches (bytes or shard
+    offsets, crops) over the shards at `path`, without a decoder behind it."""
     from loaders import AugmentSpec
-    from loaders.backends.encoded import (as_torch, encoded_dataloader, make_encoded_dataset, prefetch,
-                                          shutdown_workers)
+    from loaders.backends.encoded import encoded_dataloader, make_encoded_dataset
     from loaders.loader import as_stream_specs
 
     ds = make_encoded_dataset(as_stream_specs(path), batch_size=a.batch_size, shuffle=True, seed=0,
                               cache_dir=cache_dir, num_canonical_nodes=None, augment=AugmentSpec(size=a.crop),
                               decode_png=False)
-    dl = encoded_dataloader(ds, batch_size=a.batch_size, num_workers=0)
+    return encoded_dataloader(ds, batch_size=a.batch_size, num_workers=workers)
+
+
+def replayed(loader, path: str, a, cache_dir: str, device) -> Iterator[tuple[torch.Tensor, int]]:
+    """The loader's device half fed one encoded batch (read once by a worker-less dataloader) again
+    and again through the loader's own prefetch thread: the stall of decoding alone."""
+    from loaders.backends.encoded import as_torch, prefetch, shutdown_workers
+
+    dl = encoded_batches(a, path, cache_dir, workers=0)
     raw = as_torch(next(iter(dl)))
     shutdown_workers(dl)
     for batch, _ in prefetch(lambda: loader._produce(itertools.repeat(raw)), loader.device, loader.prefetch_batches,
@@ -625,9 +632,7 @@ def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> N
     (read the MDS rows, parse headers, draw crops, hand encoded batches to the main process),
     (2) each backend's device half alone (decode + crop/resize + normalize) on one encoded batch
     fed again and again from memory in the main thread, no workers running."""
-    from loaders import AugmentSpec
-    from loaders.backends.encoded import as_torch, encoded_dataloader, make_encoded_dataset, shutdown_workers
-    from loaders.loader import as_stream_specs
+    from loaders.backends.encoded import as_torch, shutdown_workers
 
     w = int(a.workers.split(",")[0])
     for size in [int(s) for s in a.sizes.split(",")]:
@@ -635,10 +640,7 @@ def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> N
         box: dict[str, Any] = {}
 
         def workers_only():
-            ds = make_encoded_dataset(as_stream_specs(path), batch_size=a.batch_size, shuffle=True, seed=0,
-                                      cache_dir=cache_dir, num_canonical_nodes=None,
-                                      augment=AugmentSpec(size=a.crop), decode_png=False)
-            dl = encoded_dataloader(ds, batch_size=a.batch_size, num_workers=w)
+            dl = encoded_batches(a, path, cache_dir, workers=w)
             try:
                 it = iter(dl)
                 for _ in range(a.warmup):
@@ -653,7 +655,7 @@ def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> N
                 return {"img_s": n / wall, "cpu_cores": (cpu_seconds() - cpu0) / wall}
             finally:
                 shutdown_workers(dl)
-                del dl, ds
+                del dl
 
         row = {"part": "workers (read + parse + crop draw, encoded batches)", "size": size, "workers": w}
         row |= guarded(f"breakdown workers {size}px", workers_only)

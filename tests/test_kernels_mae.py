@@ -177,6 +177,13 @@ def test_torch_compile_sees_one_graph():
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+def _assert_same_grads(out, ref, inputs):
+    """One random upstream gradient through the kernel's output and the reference's: equal input grads."""
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 # --- paths of the bandwidth-tuned kernels: batch chunks with a partial last step, column tiles
 # of a non-power-of-two width (ViT-g's 1408 -> 128-wide tiles), K past one id block, K = 0
 
@@ -192,9 +199,7 @@ def test_mae_mask_unmask_walks(B, N, C, ratio):
     rvis, rids, rmask = kernels.mae_mask_reference(tokens, pos, ratio, noise=noise)
     assert torch.equal(ids, rids) and torch.equal(mask, rmask) and vis.shape == (B, K, C)
     torch.testing.assert_close(vis, rvis)
-    g = torch.randn_like(vis)
-    for a, b in zip(torch.autograd.grad(vis, (tokens, pos), g), torch.autograd.grad(rvis, (tokens, pos), g)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same_grads(vis, rvis, (tokens, pos))
     v = torch.randn(B, K, C, requires_grad=True)
     mt = torch.randn(C, requires_grad=True)
     full = kernels.mae_unmask(v, ids, mt, pos, impl="triton")
@@ -204,9 +209,7 @@ def test_mae_mask_unmask_walks(B, N, C, ratio):
     want_inv = torch.full((B, N), -1, dtype=torch.int32)
     want_inv.scatter_(1, ids, torch.arange(K, dtype=torch.int32).expand(B, K))
     assert torch.equal(inv, want_inv)
-    g = torch.randn_like(full)
-    for a, b in zip(torch.autograd.grad(full, (v, mt, pos), g), torch.autograd.grad(ref, (v, mt, pos), g)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same_grads(full, ref, (v, mt, pos))
 
 
 @pytest.mark.parametrize("programs", [1, 3])
@@ -222,16 +225,12 @@ def test_mae_backward_long_walks(monkeypatch, programs):
         noise = torch.rand(B, N)
         vis, ids, _ = kernels.mae_mask(tokens, pos, ratio, noise=noise, impl="triton")
         rvis = kernels.mae_mask_reference(tokens, pos, ratio, noise=noise)[0]
-        g = torch.randn_like(vis)
-        for a, b in zip(torch.autograd.grad(vis, (tokens, pos), g), torch.autograd.grad(rvis, (tokens, pos), g)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        _assert_same_grads(vis, rvis, (tokens, pos))
         v = torch.randn(B, K, C, requires_grad=True)
         mt = torch.randn(C, requires_grad=True)
         full = kernels.mae_unmask(v, ids, mt, pos, impl="triton")
         ref = kernels.mae_unmask_reference(v, ids, mt, pos)
-        g = torch.randn_like(full)
-        for a, b in zip(torch.autograd.grad(full, (v, mt, pos), g), torch.autograd.grad(ref, (v, mt, pos), g)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        _assert_same_grads(full, ref, (v, mt, pos))
 
 
 def test_walk_configs_cover_the_batch():
