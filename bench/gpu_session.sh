@@ -7,6 +7,7 @@
 #   bash bench/gpu_session.sh L   # loaders + MAE stall alone on the machine (+ torchrun engine.run on 2 GPUs)
 #   bash bench/gpu_session.sh B   # loaders --breakdown: workers alone, each GPU backend's device half alone
 #   bash bench/gpu_session.sh L2  # loaders after the worker rewrite: DALI settings swept, stall with/without max_ahead
+#   bash bench/gpu_session.sh K3  # MAE kernels with variants; L5: stall at normal vs high stream priority
 #   bash bench/gpu_session.sh M   # DINOv2 multi-crop from each backend vs PIL + torchvision v2
 # Wheels the GPU image lacks (DALI, mosaicml-streaming and their dependencies) are unpacked from
 # /tmp/wheels (see ../shared/GPU.md: ../shared/tools/device-wheels ...) into /tmp/site once.
@@ -93,6 +94,14 @@ K)  # attention block-config sweep incl. the two-pass backward, then the kernel 
 K2)  # wider two-pass sweep, then the MAE ViT-L step with Triton kernels vs SDPA/torch in the same run
   step 300 python3 -m bench kernels --tune
   step 300 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch --steps 8 --warmup 3
+  ;;
+K3)  # MAE kernels: learnable vs fixed pos_embed, fwd/bwd split, the loss kernel's IMAGE_TILE read
+  step 300 python3 -m bench kernels --only mae --mae-variants --tag mae
+  ;;
+L5)  # stall with the training step on a normal vs a high-priority CUDA stream (train.stream_priority)
+  export CUDA_VISIBLE_DEVICES=0
+  step 420 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 3 --warmup 5 --stall --compile \
+    --stall-backends dali,nvjpeg --stall-replay --max-ahead 2 --stall-priority normal,high --stall-steps 80 --tag stall-prio
   ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop

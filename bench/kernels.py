@@ -9,8 +9,12 @@ MAE masking and loss (GB/s of the bytes each op must move, fwd+bwd) vs the torch
 (argsort + gather + add; cat + gather + add; patchify + mean/var + MSE), and the card's
 device-to-device copy bandwidth measured in the same run.
 
+MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms); the masking ops
+both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
+
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best),
---shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention).
+--shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention),
+--mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
 from __future__ import annotations
 
@@ -174,8 +178,20 @@ def _fwdbwd(fn, inputs, grad):
     return run
 
 
-def bench_mae(rows, errors, B=256):
+def _mae_row(rows, op, impl, shape, bytes_, fwdbwd, fwd):
+    """Times one op fwd+bwd (eager and graphed) and its forward alone (graphed)."""
+    e, t = time_ms(fwdbwd)
+    f = time_ms(fwd)[1]
+    rows.append({"op": op, "impl": impl, "shape": shape, "ms": t, "eager_ms": e, "fwd_ms": f, "bwd_ms": t - f,
+                 "GB/s": bytes_ / t / 1e6})
+
+
+def bench_mae(rows, errors, B=256, variants=False):
+    """MAE ViT-L shapes. The masking ops twice: with a learnable pos_embed (its gradient is a sum
+    over the batch) and with MAE's fixed sin-cos one (no pos gradient: what the engine runs).
+    variants: also the loss kernel's IMAGE_TILE read (as impl "triton:tile")."""
     import kernels
+    import kernels.loss as loss_mod
 
     dt = torch.bfloat16
     N, C, Cd, p = 196, 1024, 512, 16
@@ -195,12 +211,15 @@ def bench_mae(rows, errors, B=256):
                           "dtokens": _rel(ga[0], gr[0]), "dpos": _rel(ga[1], gr[1])}
     ids, mask = a[1].clone(), a[2].clone()
     del a, r, ga, gr  # no live autograd graph on the leaves while timing (CUDA-graph capture)
-    bytes_ = 2 * B * K * C * 2 + B * N * 4 + B * N * C * 2 + B * K * C * 2 + N * C * 2 * 2
-    for impl in ("triton", "torch"):
-        e, t = time_ms(_fwdbwd(lambda: kernels.mae_mask(tokens, pos, ratio, noise=noise, impl=impl)[0],
-                               (tokens, pos), gvis))
-        rows.append({"op": "mae_mask", "impl": impl, "shape": f"B{B} N{N} C{C} keep{K}", "ms": t, "eager_ms": e,
-                     "GB/s": bytes_ / t / 1e6})
+    fixed_pos = pos.detach()
+    moved = 2 * B * K * C * 2 + B * N * 4 + B * N * C * 2 + B * K * C * 2  # read + write, fwd and bwd
+    shape = f"B{B} N{N} C{C} keep{K}"
+    for op, pe, inputs, extra in (("mae_mask", pos, (tokens, pos), N * C * 2 * 2),
+                                  ("mae_mask fixed-pos", fixed_pos, (tokens,), 0)):
+        for impl in ("triton", "torch"):
+            def fwd(impl=impl, pe=pe):
+                return kernels.mae_mask(tokens, pe, ratio, noise=noise, impl=impl)[0]
+            _mae_row(rows, op, impl, shape, moved + extra, _fwdbwd(fwd, inputs, gvis), fwd)
     # --- decoder side: unmask
     vis = torch.randn(B, K, Cd, device=dev, dtype=dt, requires_grad=True)
     mt = torch.randn(Cd, device=dev, dtype=dt, requires_grad=True)
@@ -213,11 +232,13 @@ def bench_mae(rows, errors, B=256):
     errors["mae_unmask"] = {"full": _rel(fa, fr), "dvis": _rel(ga[0], gr[0]), "dmask_token": _rel(ga[1], gr[1]),
                             "dpos": _rel(ga[2], gr[2])}
     del fa, fr, ga, gr
-    bytes_ = (B * K * Cd * 2 + B * N * Cd * 2) * 2
-    for impl in ("triton", "torch"):
-        e, t = time_ms(_fwdbwd(lambda: kernels.mae_unmask(vis, ids, mt, dpos, impl=impl), (vis, mt, dpos), gfull))
-        rows.append({"op": "mae_unmask", "impl": impl, "shape": f"B{B} N{N} C{Cd} keep{K}", "ms": t, "eager_ms": e,
-                     "GB/s": bytes_ / t / 1e6})
+    moved = (B * K * Cd * 2 + B * N * Cd * 2) * 2
+    shape = f"B{B} N{N} C{Cd} keep{K}"
+    for op, pe, inputs in (("mae_unmask", dpos, (vis, mt, dpos)), ("mae_unmask fixed-pos", dpos.detach(), (vis, mt))):
+        for impl in ("triton", "torch"):
+            def fwd(impl=impl, pe=pe):
+                return kernels.mae_unmask(vis, ids, mt, pe, impl=impl)
+            _mae_row(rows, op, impl, shape, moved, _fwdbwd(fwd, inputs, gfull), fwd)
     # --- loss
     imgs = torch.randn(B, 3, 224, 224, device=dev, dtype=dt)
     pred = torch.randn(B, N, p * p * 3, device=dev, dtype=dt, requires_grad=True)
@@ -229,11 +250,26 @@ def bench_mae(rows, errors, B=256):
     del la, lr, ga, gr
     frac = mask.float().mean().item()
     px = imgs.numel() * 2
-    bytes_ = 2 * frac * (px + pred.numel() * 2) + pred.numel() * 2  # fwd+bwd read masked patches, write dpred
-    for impl in ("triton", "torch"):
-        e, t = time_ms(_fwdbwd(lambda: kernels.mae_loss(imgs, pred, mask, p, impl=impl), (pred,), None))
-        rows.append({"op": "mae_loss", "impl": impl, "shape": f"B{B} 224px p{p} masked{frac:.2f}", "ms": t, "eager_ms": e,
-                     "GB/s": bytes_ / t / 1e6})
+    moved = 2 * frac * (px + pred.numel() * 2) + pred.numel() * 2  # fwd+bwd read masked patches, write dpred
+    shape = f"B{B} 224px p{p} masked{frac:.2f}"
+    default_tile = loss_mod.IMAGE_TILE
+    alt = "triton:gather" if default_tile else "triton:tile"  # the kernel's other image read
+    for impl in ["triton", "torch"] + ([alt] if variants else []):
+        loss_mod.IMAGE_TILE = (not default_tile) if impl == alt else default_tile
+        try:
+            if impl == alt:
+                lt = kernels.mae_loss(imgs, pred, mask, p, impl="triton")
+                (gt,) = torch.autograd.grad(lt, pred)
+                lr = kernels.mae_loss(imgs, pred, mask, p, impl="torch")
+                (gr,) = torch.autograd.grad(lr, pred)
+                errors["mae_loss " + alt] = {"loss": abs(lt.item() - lr.item()) / abs(lr.item()), "dpred": _rel(gt, gr)}
+                del lt, gt, lr, gr
+
+            def fwd(impl=impl):
+                return kernels.mae_loss(imgs, pred, mask, p, impl="torch" if impl == "torch" else "triton")
+            _mae_row(rows, "mae_loss", impl, shape, moved, _fwdbwd(fwd, (pred,), None), fwd)
+        finally:
+            loss_mod.IMAGE_TILE = default_tile
 
 
 FWD_CFGS = [dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=w, num_stages=s)
@@ -392,6 +428,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="", help="comma-separated attention shape names: " + ",".join(ATTN_SHAPES))
     ap.add_argument("--tune", action="store_true", help="sweep block configs (slow) and add them to the JSON")
     ap.add_argument("--skip-mae", action="store_true")
+    ap.add_argument("--mae-variants", action="store_true",
+                    help="also time the kernels' alternative code paths (the loss kernel's IMAGE_TILE read)")
+    ap.add_argument("--tag", default=None, help="suffix of the result file names")
     ap.add_argument("--only", choices=("mae", "attention"), default=None,
                     help="run one part: the MAE masking/loss ops or the attention shapes")
     args = ap.parse_args(argv or [])
@@ -425,7 +464,7 @@ def main(argv=None) -> int:
     payload["copy_GBps"] = copy
     mae_rows = []
     if run_mae:
-        bench_mae(mae_rows, errors)
+        bench_mae(mae_rows, errors, variants=args.mae_variants)
         for r in mae_rows:
             r["of_copy_bw"] = r["GB/s"] / copy
         torch_ms = {r["op"]: r["ms"] for r in mae_rows if r["impl"] == "torch"}
@@ -446,8 +485,9 @@ def main(argv=None) -> int:
                     ["shape", *others])
     if mae_rows:
         print(f"\nMAE masking / loss fwd+bwd (copy bandwidth {copy:,.0f} GB/s)")
-        print_table(mae_rows, ["op", "impl", "shape", "ms", "eager_ms", "GB/s", "of_copy_bw", "speedup_vs_torch"])
-    path = write_result("kernels", payload, argv)
+        print_table(mae_rows, ["op", "impl", "shape", "ms", "fwd_ms", "bwd_ms", "eager_ms", "GB/s", "of_copy_bw",
+                               "speedup_vs_torch"])
+    path = write_result("kernels", payload, argv, tag=args.tag)
     if attn_rows:
         labels = [r["shape"] for r in attn_rows]
         series = {o: [r.get(f"{o}_fwdbwd_tflops", 0.0) for r in attn_rows] for o in others}

@@ -365,16 +365,23 @@ def build_train_step(model_name: str, crop: int, device: torch.device, compile_b
     return step, kind
 
 
-def timed_steps(step: Callable, batches: Iterator[tuple[torch.Tensor, int]], steps: int, warmup: int, device) -> float:
-    for _ in range(warmup):
-        step(next(batches)[0])
-    sync(device)
-    n, t0 = 0, time.perf_counter()
-    for _ in range(steps):
-        x, k = next(batches)
-        step(x)
-        n += k
-    sync(device)
+def timed_steps(step: Callable, batches: Iterator[tuple[torch.Tensor, int]], steps: int, warmup: int, device,
+                priority: str = "normal") -> float:
+    """img/s of `steps` training steps after `warmup`; the steps (and the batches' hand-over, which
+    happens in next()) run on a CUDA stream of the given priority ("high": the engine's
+    train.stream_priority, so the loader's decode work yields SMs to the step)."""
+    from loaders import step_stream
+
+    with step_stream(device, priority):
+        for _ in range(warmup):
+            step(next(batches)[0])
+        sync(device)
+        n, t0 = 0, time.perf_counter()
+        for _ in range(steps):
+            x, k = next(batches)
+            step(x)
+            n += k
+        sync(device)
     return n / (time.perf_counter() - t0)
 
 
@@ -417,6 +424,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="GPU backends: batches of queued GPU work the training loop may run ahead (0: no limit); "
                         "a comma list repeats the stall runs for each")
     p.add_argument("--stall-size", type=int, default=256, help="JPEG size of the stall runs")
+    p.add_argument("--stall-priority", default="normal",
+                   help="CUDA stream priority of the stall runs' training steps: normal, high (a comma list "
+                        "repeats each stall run, its synthetic baseline included, for each)")
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder blocks of the stall model")
     p.add_argument("--limit", type=float, default=240.0, help="seconds before a hung measurement aborts the run")
@@ -543,34 +553,36 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
     w = int(a.workers.split(",")[0])
     gpu_backends = ("dali", "nvjpeg")
     fixed = torch.randn(a.batch_size, 3, a.crop, a.crop, device=device).to(dtype)
+    priorities = [p.strip() for p in a.stall_priority.split(",") if p.strip()]
     runs = [(b.strip(), ahead, False) for b in a.stall_backends.split(",") if b.strip()
             for ahead in ([int(x) for x in a.max_ahead.split(",")] if b.strip() in gpu_backends else [None])]
     if a.stall_replay:  # the device half alone: one encoded batch decoded again and again, no workers
         runs += [(b, int(a.max_ahead.split(",")[0]), True) for b in gpu_backends if b in {r[0] for r in runs}]
-    for backend, ahead, replay in runs:
-        def run(backend=backend, ahead=ahead, replay=replay):
+    runs = [r + (prio,) for r in runs for prio in priorities]
+    for backend, ahead, replay, prio in runs:
+        def run(backend=backend, ahead=ahead, replay=replay, prio=prio):
             opts = {k: dict(v) for k, v in options.items()}
             if ahead is not None:
                 opts.setdefault(backend, {})["max_ahead"] = ahead
             # the synthetic rate right before each real run: the stall is a ratio of two runs minutes
             # apart otherwise, and the card's clocks drift by a few percent
             synthetic = timed_steps(step_box["step"], itertools.repeat((fixed, fixed.shape[0])), a.stall_steps,
-                                    max(1, a.warmup // 2), device)
+                                    max(1, a.warmup // 2), device, prio)
             loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=0 if replay else w,
                                  device=device, dtype=dtype, cache_dir=cache_dir, options=opts)
             batches = replayed(loader, path, a, cache_dir, device) if replay else forever(loader)
             cpu0, t0 = cpu_seconds(), time.perf_counter()
-            rate = timed_steps(step_box["step"], batches, a.stall_steps, max(1, a.warmup // 2), device)
+            rate = timed_steps(step_box["step"], batches, a.stall_steps, max(1, a.warmup // 2), device, prio)
             cores = (cpu_seconds() - cpu0) / (time.perf_counter() - t0)
             batches.close()
             close(loader)
             return {"real_img_s": rate, "synthetic_img_s": synthetic, "stall": 1 - rate / synthetic, "cpu_cores": cores}
 
         row = {"backend": backend + (" replay" if replay else ""), "size": a.stall_size, "workers": 0 if replay else w,
-               "max_ahead": ahead}
+               "max_ahead": ahead, "priority": prio}
         row |= guarded(f"stall {row['backend']}", run)
         payload["stall"].append(row)
-        label = row["backend"] if ahead is None else f"{row['backend']} max_ahead={ahead}"
+        label = (row["backend"] if ahead is None else f"{row['backend']} max_ahead={ahead}") + f" {prio}"
         print(f"stall {label:>6}: " + (f"{row['real_img_s']:,.0f} img/s real vs {row['synthetic_img_s']:,.0f} "
                                        f"synthetic, stall {row['stall']:.1%}" if "stall" in row else row["error"]),
               flush=True)
@@ -719,11 +731,11 @@ def report(payload: dict) -> None:
     if payload["stall"]:
         print(f"\nMAE stall ({payload.get('stall_model', {}).get('step')}):")
         print_table([{"backend": r["backend"], "max ahead": "-" if r.get("max_ahead") is None else r["max_ahead"],
-                      "real img/s": r.get("real_img_s", float("nan")),
+                      "priority": r.get("priority", "normal"), "real img/s": r.get("real_img_s", float("nan")),
                       "synthetic img/s": r.get("synthetic_img_s", float("nan")),
                       "stall": r.get("stall", float("nan")), "cores": r.get("cpu_cores", float("nan")),
                       "error": (r.get("error") or "")[:60]} for r in payload["stall"]],
-                    ["backend", "max ahead", "real img/s", "synthetic img/s", "stall", "cores", "error"])
+                    ["backend", "max ahead", "priority", "real img/s", "synthetic img/s", "stall", "cores", "error"])
 
 
 def plot(json_path: Path, payload: dict) -> None:
