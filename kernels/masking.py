@@ -177,10 +177,13 @@ def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, N, K, C, sp_n,
 
 
 @triton.jit
-def _unmask_bwd_kernel(DFULL, INV, DVIS, PART, B, N, K, C, B_CHUNK, PLANE,
-                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _unmask_bwd_kernel(DFULL, INV, DVIS, PART, B, N, K, C, B_CHUNK, PLANE, MT_ROW,
+                       HAS_DPOS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
     # same walk as _gather_bwd_kernel: every dfull row is read once (contiguous), kept rows are
-    # written to dvisible, and the pos_embed / mask_token partial sums stay in registers
+    # written to dvisible, and the pos_embed (HAS_DPOS) / mask_token partial sums stay in registers.
+    # A chunk's plane: N rows of dpos partials (HAS_DPOS), then from row MT_ROW one mask-token
+    # partial per position tile
     row = tl.arange(0, BLOCK_B * BLOCK_N)
     u = row // BLOCK_N
     n = tl.program_id(0) * BLOCK_N + row % BLOCK_N
@@ -206,14 +209,15 @@ def _unmask_bwd_kernel(DFULL, INV, DVIS, PART, B, N, K, C, B_CHUNK, PLANE,
         tl.store(DVIS + ((b64 * K + r) * C)[:, None] + offs_c[None, :], g.to(DVIS.dtype.element_ty),
                  mask=ok & kept[:, None])
         g = g.to(tl.float32)
-        acc += tl.sum(tl.reshape(g, [BLOCK_B, BLOCK_N, BLOCK_C]), 0)
+        if HAS_DPOS:
+            acc += tl.sum(tl.reshape(g, [BLOCK_B, BLOCK_N, BLOCK_C]), 0)
         acc_mt += tl.sum(tl.reshape(tl.where(kept[:, None], 0.0, g), [BLOCK_B, BLOCK_N, BLOCK_C]), 0)
         r = r_next
     n1 = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     base = PART + chunk.to(tl.int64) * PLANE
-    tl.store(base + (n1 * C)[:, None] + offs_c[None, :], acc, mask=(n1 < N)[:, None] & ok_c[None, :])
-    # mask-token partial: row N + (position tile) of this chunk's plane
-    tl.store(base + (N + tl.program_id(0)) * C + offs_c, tl.sum(acc_mt, 0), mask=ok_c)
+    if HAS_DPOS:
+        tl.store(base + (n1 * C)[:, None] + offs_c[None, :], acc, mask=(n1 < N)[:, None] & ok_c[None, :])
+    tl.store(base + (MT_ROW + tl.program_id(0)) * C + offs_c, tl.sum(acc_mt, 0), mask=ok_c)
 
 
 @triton.jit
@@ -271,7 +275,8 @@ def _walk_config(B: int, N: int, C: int, bb: int, target: Optional[int] = None):
 
 
 def _finish_parts(part, nchunks, N, C, extra, dmt):
-    """Reduce the partial planes with one launch: (dpos [N, C] fp32, dmt [C] fp32 filled in place)."""
+    """Reduce the partial planes with one launch: (dpos [N, C] fp32, dmt [C] fp32 filled in place).
+    N = 0: the planes hold only the `extra` mask-token rows (no dpos; an empty one is returned)."""
     dpos = part.new_empty((N, C))
     M = N * C
     block = 1024
@@ -414,30 +419,34 @@ def _(visible, ids_keep, mask_token, pos):
 
 
 @torch.library.custom_op("vfm::mae_unmask_bwd", mutates_args=())
-def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int,
-                visible_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dvisible [B, K, C], dmask_token [C] fp32, dpos [N, C] fp32)."""
+def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: torch.dtype,
+                need_dpos: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dvisible [B, K, C], dmask_token [C] fp32, dpos [N, C] fp32; empty when not needed: MAE's
+    fixed sin-cos decoder pos_embed)."""
     B, N, C = dfull.shape
     dfull = dfull.contiguous()
     dvis = torch.empty(B, K, C, device=dfull.device, dtype=visible_dtype)
+    n_pos = N if need_dpos else 0
     if not B or not N:
-        return dvis, dfull.new_zeros((C,), dtype=torch.float32), dfull.new_zeros((N, C), dtype=torch.float32)
-    bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 4)  # two accumulators: 4 samples a step
+        return dvis, dfull.new_zeros((C,), dtype=torch.float32), dfull.new_zeros((n_pos, C), dtype=torch.float32)
+    # two accumulators: 4 samples a step; the mask token's alone: 8
+    bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 4 if need_dpos else 8)
     nb = triton.cdiv(N, bn)
-    # per chunk one plane: N rows of dpos partials, then nb rows of mask-token partials
-    part = dfull.new_empty((nchunks, N + nb, C), dtype=torch.float32)
+    # per chunk one plane: N rows of dpos partials (if needed), then nb rows of mask-token partials
+    part = dfull.new_empty((nchunks, n_pos + nb, C), dtype=torch.float32)
     _unmask_bwd_kernel[(nb, triton.cdiv(C, bc), nchunks)](
-        dfull, inv, dvis, part, B, N, K, C, bchunk, (N + nb) * C, BLOCK_B=bb, BLOCK_N=bn, BLOCK_C=bc, num_warps=4)
+        dfull, inv, dvis, part, B, N, K, C, bchunk, (n_pos + nb) * C, n_pos, HAS_DPOS=need_dpos, BLOCK_B=bb,
+        BLOCK_N=bn, BLOCK_C=bc, num_warps=4)
     dmt = dfull.new_empty((C,), dtype=torch.float32)
-    dpos = _finish_parts(part, nchunks, N, C, nb, dmt)
+    dpos = _finish_parts(part, nchunks, n_pos, C, nb, dmt)
     return dvis, dmt, dpos
 
 
 @_unmask_bwd.register_fake
-def _(dfull, inv, K, visible_dtype):
+def _(dfull, inv, K, visible_dtype, need_dpos=True):
     B, N, C = dfull.shape
     return (dfull.new_empty((B, K, C), dtype=visible_dtype), dfull.new_empty((C,), dtype=torch.float32),
-            dfull.new_empty((N, C), dtype=torch.float32))
+            dfull.new_empty((N if need_dpos else 0, C), dtype=torch.float32))
 
 
 def _unmask_setup(ctx, inputs, output):
@@ -449,8 +458,9 @@ def _unmask_setup(ctx, inputs, output):
 def _unmask_backward(ctx, dfull, dinv):
     (inv,) = ctx.saved_tensors
     vdt, mdt, pdt = ctx.dtypes
-    dvis, dmt, dpos = _unmask_bwd(dfull, inv, ctx.K, vdt)
-    return dvis, None, dmt.to(mdt), dpos.to(pdt)
+    need_dpos = bool(ctx.needs_input_grad[3])
+    dvis, dmt, dpos = _unmask_bwd(dfull, inv, ctx.K, vdt, need_dpos)
+    return dvis, None, dmt.to(mdt), (dpos.to(pdt) if need_dpos else None)
 
 
 _unmask.register_autograd(_unmask_backward, setup_context=_unmask_setup)

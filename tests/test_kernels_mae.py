@@ -77,6 +77,25 @@ def test_mae_unmask_matches_reference(B, N, C, ratio, mt_shape):
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("B,N,C,ratio", [(3, 50, 40, 0.75), (9, 197, 24, 0.75), (2, 5, 300, 0.4)])
+def test_mae_unmask_fixed_pos_embed(B, N, C, ratio):
+    """MAE's decoder pos_embed is a fixed sin-cos buffer: the backward then skips its sum over the
+    batch (HAS_DPOS off, wider walk steps) and still gives the reference's dvisible and dmask_token."""
+    K = int(N * (1 - ratio))
+    ids = torch.argsort(torch.rand(B, N), 1)[:, :K]
+    vis = torch.randn(B, K, C, requires_grad=True)
+    mt = torch.randn(C, requires_grad=True)
+    pos = torch.randn(1, N, C)
+    full = kernels.mae_unmask(vis, ids, mt, pos, impl="triton")
+    ref = kernels.mae_unmask_reference(vis, ids, mt, pos)
+    torch.testing.assert_close(full, ref)
+    g = torch.randn_like(full)
+    got = torch.autograd.grad(full, (vis, mt), g)
+    want = torch.autograd.grad(ref, (vis, mt), g)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+
+
 def test_mask_unmask_roundtrip():
     tokens, pos = torch.randn(2, 30, 6), torch.zeros(1, 30, 6)
     vis, ids, mask = kernels.mae_mask(tokens, pos, 0.6, impl="triton")
@@ -292,6 +311,7 @@ def test_mask_and_gather_bwd_ops_pass_opcheck():
         (masking._gather_bwd, (torch.randn(B, K, C), rank, torch.float32, True)),
         (masking._gather_bwd, (torch.randn(B, K, C), rank, torch.float32, False)),
         (masking._unmask_bwd, (torch.randn(B, N, C), inv, K, torch.float32)),
+        (masking._unmask_bwd, (torch.randn(B, N, C), inv, K, torch.float32, False)),
         (loss._loss_op, (torch.randn(2, 3, 8, 12), torch.randn(2, 6, 48, requires_grad=True),
                          torch.rand(12) < 0.5, 4, True, 1e-6)),
     ]
@@ -335,3 +355,14 @@ def test_loss_bwd_op_passes_opcheck():
         args = (torch.ones(()), m.float().sum(), torch.randn(B, 3, 8, 12), torch.randn(B, 6, 48), m, 4, True, 1e-6)
         result = torch.library.opcheck(loss._loss_bwd_op, args)
         assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("norm_pix,B,C,p,H,W,strided", [(True, 2, 3, 16, 32, 48, False), (False, 2, 3, 16, 32, 48, True),
+                                                        (True, 3, 1, 14, 28, 14, True), (True, 1, 2, 6, 12, 18, False),
+                                                        (True, 1, 4, 4, 8, 12, True)])
+def test_mae_loss_image_tile_path(monkeypatch, norm_pix, B, C, p, H, W, strided):
+    """The loss kernel's other image read (IMAGE_TILE: each patch loaded in the image's own order,
+    reordered in registers with tl.gather) gives the reference's loss and gradient."""
+    monkeypatch.setattr(sys.modules["kernels.loss"], "IMAGE_TILE", True)
+    g, mask = _loss_vs_reference(norm_pix, B, C, p, H, W, strided=strided)
+    assert (g[..., 4:4 + p * p * C][~mask] == 0).all() if strided else (g[~mask] == 0).all()
