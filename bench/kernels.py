@@ -186,12 +186,34 @@ def _mae_row(rows, op, impl, shape, bytes_, fwdbwd, fwd):
                  "GB/s": bytes_ / t / 1e6})
 
 
+GATHER_VARIANTS = [(2, 4), (8, 4), (8, 8), (16, 8)]
+UNMASK_VARIANTS = [(4, 4), (16, 4), (16, 8), (32, 8)]
+SUM_MT_VARIANTS = [(8, 256), (64, 64)]  # (8, 256): the launch before this session's change
+
+
+class _launch:
+    """Temporarily another launch shape for one of kernels.masking's kernels (bench variants)."""
+
+    def __init__(self, key, value):
+        import kernels.masking as masking
+
+        self.table, self.key, self.value = masking.LAUNCH, key, value
+
+    def __enter__(self):
+        self.old = self.table[self.key]
+        self.table[self.key] = self.value
+
+    def __exit__(self, *exc):
+        self.table[self.key] = self.old
+        return False
+
+
 def bench_mae(rows, errors, B=256, variants=False):
     """MAE ViT-L shapes. The masking ops twice: with a learnable pos_embed (its gradient is a sum
     over the batch) and with MAE's fixed sin-cos one (no pos gradient: what the engine runs).
-    variants: also the loss kernel's IMAGE_TILE read (as impl "triton:tile")."""
+    variants: also other launch shapes of the masking kernels ("triton:r<rows>w<warps>",
+    "triton:mt<rows>x<cols>"), with the fixed pos_embed."""
     import kernels
-    import kernels.loss as loss_mod
 
     dt = torch.bfloat16
     N, C, Cd, p = 196, 1024, 512, 16
@@ -220,6 +242,13 @@ def bench_mae(rows, errors, B=256, variants=False):
             def fwd(impl=impl, pe=pe):
                 return kernels.mae_mask(tokens, pe, ratio, noise=noise, impl=impl)[0]
             _mae_row(rows, op, impl, shape, moved + extra, _fwdbwd(fwd, inputs, gvis), fwd)
+    if variants:  # the gather's launch shape: rows per program (at 1,024 columns), warps
+        def fwd():
+            return kernels.mae_mask(tokens, fixed_pos, ratio, noise=noise, impl="triton")[0]
+        for shape_ in GATHER_VARIANTS:
+            with _launch("gather", shape_):
+                _mae_row(rows, "mae_mask fixed-pos", f"triton:r{shape_[0]}w{shape_[1]}", shape, moved,
+                         _fwdbwd(fwd, (tokens,), gvis), fwd)
     # --- decoder side: unmask
     vis = torch.randn(B, K, Cd, device=dev, dtype=dt, requires_grad=True)
     mt = torch.randn(Cd, device=dev, dtype=dt, requires_grad=True)
@@ -239,6 +268,13 @@ def bench_mae(rows, errors, B=256, variants=False):
             def fwd(impl=impl, pe=pe):
                 return kernels.mae_unmask(vis, ids, mt, pe, impl=impl)
             _mae_row(rows, op, impl, shape, moved, _fwdbwd(fwd, inputs, gfull), fwd)
+    if variants:  # the unmask forward's launch shape (rows at 512 columns, warps); the mask-token sum's
+        def fwd():
+            return kernels.mae_unmask(vis, ids, mt, dpos.detach(), impl="triton")
+        for key, shape_ in [("unmask", v) for v in UNMASK_VARIANTS] + [("sum_mt", v) for v in SUM_MT_VARIANTS]:
+            with _launch(key, shape_):
+                name = f"triton:r{shape_[0]}w{shape_[1]}" if key == "unmask" else f"triton:mt{shape_[0]}x{shape_[1]}"
+                _mae_row(rows, "mae_unmask fixed-pos", name, shape, moved, _fwdbwd(fwd, (vis, mt), gfull), fwd)
     # --- loss
     imgs = torch.randn(B, 3, 224, 224, device=dev, dtype=dt)
     pred = torch.randn(B, N, p * p * 3, device=dev, dtype=dt, requires_grad=True)
@@ -252,24 +288,10 @@ def bench_mae(rows, errors, B=256, variants=False):
     px = imgs.numel() * 2
     moved = 2 * frac * (px + pred.numel() * 2) + pred.numel() * 2  # fwd+bwd read masked patches, write dpred
     shape = f"B{B} 224px p{p} masked{frac:.2f}"
-    default_tile = loss_mod.IMAGE_TILE
-    alt = "triton:gather" if default_tile else "triton:tile"  # the kernel's other image read
-    for impl in ["triton", "torch"] + ([alt] if variants else []):
-        loss_mod.IMAGE_TILE = (not default_tile) if impl == alt else default_tile
-        try:
-            if impl == alt:
-                lt = kernels.mae_loss(imgs, pred, mask, p, impl="triton")
-                (gt,) = torch.autograd.grad(lt, pred)
-                lr = kernels.mae_loss(imgs, pred, mask, p, impl="torch")
-                (gr,) = torch.autograd.grad(lr, pred)
-                errors["mae_loss " + alt] = {"loss": abs(lt.item() - lr.item()) / abs(lr.item()), "dpred": _rel(gt, gr)}
-                del lt, gt, lr, gr
-
-            def fwd(impl=impl):
-                return kernels.mae_loss(imgs, pred, mask, p, impl="torch" if impl == "torch" else "triton")
-            _mae_row(rows, "mae_loss", impl, shape, moved, _fwdbwd(fwd, (pred,), None), fwd)
-        finally:
-            loss_mod.IMAGE_TILE = default_tile
+    for impl in ("triton", "torch"):
+        def fwd(impl=impl):
+            return kernels.mae_loss(imgs, pred, mask, p, impl=impl)
+        _mae_row(rows, "mae_loss", impl, shape, moved, _fwdbwd(fwd, (pred,), None), fwd)
 
 
 FWD_CFGS = [dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=w, num_stages=s)
@@ -429,7 +451,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", action="store_true", help="sweep block configs (slow) and add them to the JSON")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", action="store_true",
-                    help="also time the kernels' alternative code paths (the loss kernel's IMAGE_TILE read)")
+                    help="also time other launch shapes of the masking kernels")
     ap.add_argument("--tag", default=None, help="suffix of the result file names")
     ap.add_argument("--only", choices=("mae", "attention"), default=None,
                     help="run one part: the MAE masking/loss ops or the attention shapes")

@@ -55,9 +55,12 @@ def mae_loss_reference(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6)
 # finish also writes sum(mask), an output of the op saved for the backward: no torch reduction
 # in the backward), backward main: 3 + the autograd ones for grad=None.
 # Measured slower on the H200 and dropped: one warp walking 4 patches one after the other
-# (0.281 ms: two dependent memory round trips per patch, latency-bound), and a fused version
+# (0.281 ms: two dependent memory round trips per patch, latency-bound), a fused version
 # whose forward also writes the unit gradient for a one-kernel scaling backward (0.144 ms: 12 %
-# more bytes), vs 0.135 ms for this one.
+# more bytes), and each patch loaded in the image's own order (16-byte vectors) then reordered
+# in registers with tl.gather (8.0 ms: the gather lowers to a slow path), vs 0.135 ms for this one.
+# Split (same run): forward 0.070 ms (its main kernel reads 115 MB at ~1.8 TB/s: the pixel
+# gather, 2-byte loads across three planes, bounds it), backward 0.064 ms (also writes 77 MB).
 
 
 @triton.jit
@@ -67,32 +70,6 @@ def _rows_load(IMG, PRED, ibase, pbase, r, ld, CH: tl.constexpr, C: tl.constexpr
     pix = e // C
     ioff = (e % C) * si_c + (pix // P) * si_h + (pix % P) * si_w
     t = tl.load(IMG + ibase[:, None] + ioff[None, :], mask=ld, other=0.0).to(tl.float32)
-    x = tl.load(PRED + pbase[:, None] + e[None, :], mask=ld, other=0.0).to(tl.float32)
-    return t, x
-
-
-@triton.jit
-def _image_tile(IMG, ibase, row_ok, C: tl.constexpr, P: tl.constexpr, PAP: tl.constexpr, CP: tl.constexpr,
-                si_c: tl.constexpr, si_h: tl.constexpr, si_w: tl.constexpr):
-    # [BP, CP * PAP]: each patch in the image's own order (channel, row, column): runs of P
-    # contiguous pixels, loaded as 16-byte vectors when P and the strides allow
-    f = tl.arange(0, CP * PAP)
-    c = f // PAP
-    pix = f % PAP
-    ok = (c < C) & (pix < P * P)
-    off = c * si_c + (pix // P) * si_h + (pix % P) * si_w
-    return tl.load(IMG + ibase[:, None] + off[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
-
-
-@triton.jit
-def _rows_from_tile(tile, PRED, pbase, r, ld, CH: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
-                    PAP: tl.constexpr, BP: tl.constexpr):
-    # chunk CH of the patch in pred's order, taken from the image-order tile in registers
-    e = CH * P * P + r
-    idx = tl.where(r < P * P, (e % C) * PAP + e // C, 0)
-    t = tl.gather(tile, tl.broadcast_to(idx[None, :], [BP, PAP]), 1).to(tl.float32)
-    if P * P != PAP:  # padded lanes read element 0: zero them as the masked loads of the other path do
-        t = tl.where(ld, t, 0.0)
     x = tl.load(PRED + pbase[:, None] + e[None, :], mask=ld, other=0.0).to(tl.float32)
     return t, x
 
@@ -110,7 +87,7 @@ def _loss_rows(IMG, PRED, MASK, PART, DPRED, GOUT, MSUM, N, W_PATCHES, G, eps,
                si_b: tl.constexpr, si_c: tl.constexpr, si_h: tl.constexpr, si_w: tl.constexpr,
                sp_b: tl.constexpr, sp_n: tl.constexpr,
                C: tl.constexpr, P: tl.constexpr, PAP: tl.constexpr, BP: tl.constexpr,
-               NORM: tl.constexpr, BACKWARD: tl.constexpr, TILE: tl.constexpr, CP: tl.constexpr):
+               NORM: tl.constexpr, BACKWARD: tl.constexpr):
     # forward: per-program partial sums (loss, sum(mask)); backward: dpred (scaled by gout / sum(mask))
     L: tl.constexpr = C * P * P
     PA: tl.constexpr = P * P
@@ -126,23 +103,13 @@ def _loss_rows(IMG, PRED, MASK, PART, DPRED, GOUT, MSUM, N, W_PATCHES, G, eps,
     r = tl.arange(0, PAP)
     ok_r = r < PA
     ld = (m != 0.0)[:, None] & ok_r[None, :]  # unmasked patches: no bytes loaded
-    if TILE:
-        tile = _image_tile(IMG, ibase, m != 0.0, C, P, PAP, CP, si_c, si_h, si_w)
-        t0, x0 = _rows_from_tile(tile, PRED, pbase, r, ld, 0, C, P, PAP, BP)
-        if C > 1:
-            t1, x1 = _rows_from_tile(tile, PRED, pbase, r, ld, 1, C, P, PAP, BP)
-        if C > 2:
-            t2, x2 = _rows_from_tile(tile, PRED, pbase, r, ld, 2, C, P, PAP, BP)
-        if C > 3:
-            t3, x3 = _rows_from_tile(tile, PRED, pbase, r, ld, 3, C, P, PAP, BP)
-    else:
-        t0, x0 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 0, C, P, si_c, si_h, si_w)
-        if C > 1:
-            t1, x1 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 1, C, P, si_c, si_h, si_w)
-        if C > 2:
-            t2, x2 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 2, C, P, si_c, si_h, si_w)
-        if C > 3:
-            t3, x3 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 3, C, P, si_c, si_h, si_w)
+    t0, x0 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 0, C, P, si_c, si_h, si_w)
+    if C > 1:
+        t1, x1 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 1, C, P, si_c, si_h, si_w)
+    if C > 2:
+        t2, x2 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 2, C, P, si_c, si_h, si_w)
+    if C > 3:
+        t3, x3 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 3, C, P, si_c, si_h, si_w)
     if NORM:
         s = t0
         if C > 1:
@@ -215,9 +182,6 @@ def _loss_finish(PART, OUT, MSUM, NPROG, BLOCK: tl.constexpr):
 MAX_CHANNELS = 4  # channel chunks are unrolled in _loss_rows
 PATCHES_PER_PROGRAM = 4  # BP; one warp per patch row
 NUM_WARPS = 4
-# TILE: read each patch from the image in its own order (16-byte vectors along the rows) and
-# reorder it in registers (tl.gather) instead of gathering single pixels in pred's order
-IMAGE_TILE = False
 
 
 def _launch(imgs, pred, m, p, eps, norm_pix, backward, gout=None, msum=None):
@@ -243,7 +207,7 @@ def _launch(imgs, pred, m, p, eps, norm_pix, backward, gout=None, msum=None):
             imgs, pred, m, part, dpred, gout, msum, N, W // p, G, eps,
             si_b=si[0], si_c=si[1], si_h=si[2], si_w=si[3], sp_b=pred.stride(0), sp_n=pred.stride(1),
             C=C, P=p, PAP=triton.next_power_of_2(p * p), BP=PATCHES_PER_PROGRAM, NORM=norm_pix,
-            BACKWARD=backward, TILE=IMAGE_TILE, CP=triton.next_power_of_2(C), num_warps=NUM_WARPS)
+            BACKWARD=backward, num_warps=NUM_WARPS)
         if not backward:
             bl = min(triton.next_power_of_2(grid), 16384)
             _loss_finish[(1,)](part, loss, msum, grid, BLOCK=bl, num_warps=16 if bl >= 8192 else 4)

@@ -259,6 +259,9 @@ def _col_block(C: int, cap: int) -> int:
     return min(triton.next_power_of_2(max(C, 1)), cap)
 
 
+# Launch shapes of the gather / unmask forwards (rows per program, warps; columns: whole rows up to
+# 1,024) and of the mask-token reduction (partial rows per step, columns per program).
+LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (128, 32)}
 WALK_PROGRAMS = 512  # programs the backward walks aim for (tests lower it to get long walks)
 
 
@@ -281,10 +284,13 @@ def _finish_parts(part, nchunks, N, C, extra, dmt):
     M = N * C
     block = 1024
     npb = triton.cdiv(M, block)
-    bcm = min(triton.next_power_of_2(max(C, 1)), 256)
+    # the mask-token rows (chunks x position tiles, ~300 at MAE-L) are summed by C / BLOCK_C programs,
+    # BLOCK_T rows a step: few dependent steps (it was 2 programs x 37 steps of 8 rows, ~30 us)
+    bt, bcm = LAUNCH["sum_mt"]
+    bcm = min(triton.next_power_of_2(max(C, 1)), bcm)
     grid = npb + (triton.cdiv(C, bcm) if dmt is not None else 0)
     _sum_parts[(grid,)](part, dpos, dmt if dmt is not None else dpos, nchunks, M, M + extra * C, extra, C, npb,
-                        BLOCK=block, BLOCK_T=8, BLOCK_C=bcm, num_warps=4)
+                        BLOCK=block, BLOCK_T=bt, BLOCK_C=bcm, num_warps=4)
     return dpos
 
 
@@ -322,11 +328,12 @@ def _gather_impl(tokens, pos, ids_keep):
     ids_keep = ids_keep.contiguous()
     out = torch.empty(B, K, C, device=tokens.device, dtype=torch.result_type(tokens, pos))
     bc = min(triton.next_power_of_2(max(C, 1)), 1024)
-    br = max(1, 4096 // bc)
+    rows, warps = LAUNCH["gather"]
+    br = max(1, rows * 1024 // bc)
     if B * K:
         _gather_kernel[(triton.cdiv(B * K, br), triton.cdiv(C, bc))](
             tokens, pos, ids_keep, out, B * K, K, C, tokens.stride(0), tokens.stride(1), pos.stride(0),
-            BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+            BLOCK_R=br, BLOCK_C=bc, num_warps=warps)
     return out
 
 
@@ -401,12 +408,13 @@ def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Ten
     mt = mask_token.contiguous()
     out = torch.empty(B, N, C, device=visible.device, dtype=torch.result_type(visible, pos))
     bc = min(triton.next_power_of_2(max(C, 1)), 1024)
-    br = max(1, min(16, 4096 // bc))
+    rows, warps = LAUNCH["unmask"]
+    br = max(1, min(2 * rows, rows * 512 // bc))
     bk = min(triton.next_power_of_2(max(K, 1)), max(16, 1024 // br))
     if B * N:
         _unmask_kernel[(B, triton.cdiv(N, br), triton.cdiv(C, bc))](
             visible, ids_keep, mt, pos, out, inv, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, BLOCK_K=bk,
-            num_warps=4)
+            num_warps=warps)
     return out, inv
 
 

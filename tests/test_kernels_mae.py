@@ -357,12 +357,29 @@ def test_loss_bwd_op_passes_opcheck():
         assert all(v == "SUCCESS" for v in result.values()), result
 
 
-@pytest.mark.parametrize("norm_pix,B,C,p,H,W,strided", [(True, 2, 3, 16, 32, 48, False), (False, 2, 3, 16, 32, 48, True),
-                                                        (True, 3, 1, 14, 28, 14, True), (True, 1, 2, 6, 12, 18, False),
-                                                        (True, 1, 4, 4, 8, 12, True)])
-def test_mae_loss_image_tile_path(monkeypatch, norm_pix, B, C, p, H, W, strided):
-    """The loss kernel's other image read (IMAGE_TILE: each patch loaded in the image's own order,
-    reordered in registers with tl.gather) gives the reference's loss and gradient."""
-    monkeypatch.setattr(sys.modules["kernels.loss"], "IMAGE_TILE", True)
-    g, mask = _loss_vs_reference(norm_pix, B, C, p, H, W, strided=strided)
-    assert (g[..., 4:4 + p * p * C][~mask] == 0).all() if strided else (g[~mask] == 0).all()
+@pytest.mark.parametrize("gather,unmask,sum_mt", [((16, 8), (32, 8), (8, 256)), ((2, 4), (4, 4), (64, 64))])
+def test_masking_launch_shapes(monkeypatch, gather, unmask, sum_mt):
+    """Other launch shapes of the gather / unmask forwards and the mask-token sum (the ones the
+    bench's --mae-variants times) give the reference's outputs and gradients."""
+    masking = sys.modules["kernels.masking"]
+    monkeypatch.setitem(masking.LAUNCH, "gather", gather)
+    monkeypatch.setitem(masking.LAUNCH, "unmask", unmask)
+    monkeypatch.setitem(masking.LAUNCH, "sum_mt", sum_mt)
+    B, N, C = 5, 197, 72
+    tokens = torch.randn(B, N, C, requires_grad=True)
+    pos = torch.randn(1, N, C)
+    noise = torch.rand(B, N)
+    vis, ids, _ = kernels.mae_mask(tokens, pos, 0.75, noise=noise, impl="triton")
+    rvis, rids, _ = kernels.mae_mask(tokens, pos, 0.75, noise=noise, impl="torch")
+    assert torch.equal(ids, rids)
+    torch.testing.assert_close(vis, rvis)
+    g = torch.randn_like(vis)
+    torch.testing.assert_close(torch.autograd.grad(vis, tokens, g)[0], torch.autograd.grad(rvis, tokens, g)[0])
+    v = torch.randn(B, ids.shape[1], C, requires_grad=True)
+    mt = torch.randn(C, requires_grad=True)
+    full = kernels.mae_unmask(v, ids, mt, pos, impl="triton")
+    ref = kernels.mae_unmask_reference(v, ids, mt, pos)
+    torch.testing.assert_close(full, ref)
+    gf = torch.randn_like(full)
+    for a, w in zip(torch.autograd.grad(full, (v, mt), gf), torch.autograd.grad(ref, (v, mt), gf)):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
