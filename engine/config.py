@@ -157,9 +157,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     max_nonfinite: int = 20  # consecutive non-finite losses that stop training
-    # CUDA stream priority of the training loop (loaders.step_stream): "high" lets the GPU
-    # loaders' decode kernels (their own streams) fill the SMs the step leaves idle
-    stream_priority: Literal["normal", "high"] = "normal"
     # FSDP2 (torchrun, > 1 GPU): gradient reduce-scatter precision, and whether each block
     # frees its gathered parameters after forward (False: more memory, one all-gather less).
     # fsdp_blocks_per_group > 1 shards consecutive blocks as one group: fewer, larger

@@ -371,15 +371,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
-        """Train until the run's last step (or `stop_after` more steps); resumes from the newest
-        checkpoint in the run directory. The loop, loader hand-over included, runs on a stream of
-        train.stream_priority (CUDA)."""
-        from loaders import step_stream
-
-        with step_stream(self.device, self.cfg.train.stream_priority):
-            return self._fit(stop_after)
-
-    def _fit(self, stop_after: int | None) -> dict[str, Any]:
         cfg = self.cfg
         main = self.dist.main
         if main:

@@ -6,7 +6,6 @@ embed it (see README, "Using the loader in your own training loop").
 from loaders.augment import AugmentSpec
 from loaders.loader import Batch, Loader, StreamSpec, available_backends, build_loader, count_samples
 from loaders.shards import COLUMNS, MODALITIES, ShardWriter, make_sample, make_uid
-from loaders.streams import step_stream
 
 __all__ = [
     "AugmentSpec",
@@ -21,5 +20,4 @@ __all__ = [
     "ShardWriter",
     "make_sample",
     "make_uid",
-    "step_stream",
 ]

@@ -28,7 +28,6 @@ def test_defaults_and_overrides():
         ("optim.lr=abc", "optim.lr: expected"),
         ("optim.nope=1", "valid keys: base_lr"),
         ("model.kernels=cuda", "valid: 'auto', 'triton', 'torch'"),
-        ("train.stream_priority=max", "valid: 'normal', 'high'"),
         ("train.batch_size=1.5", "train.batch_size: expected an integer"),
         ("objective.mae.mask_ratio=1.5", "mask_ratio"),
         ("model=3", "expected a section"),

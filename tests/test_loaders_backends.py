@@ -390,16 +390,3 @@ def test_throttle_waits_on_the_oldest_marks_beyond_max_ahead():
     assert waited == [0, 1, 2] and [m.i for m in throttle.pending] == [3, 4]
     with pytest.raises(ValueError):
         Throttle(0, Mark)
-
-
-def test_step_stream_is_a_no_op_off_cuda_and_checks_its_priority():
-    """loaders.step_stream (the engine's train.stream_priority): nothing to do on CPU or at
-    "normal" priority, where the current stream stays the one in use; a typo fails loudly."""
-    from loaders import step_stream
-
-    for prio in ("normal", "high"):
-        with step_stream("cpu", prio) as stream:
-            assert stream is None
-    with pytest.raises(ValueError, match="stream priority"):
-        with step_stream("cpu", "highest"):
-            pass
