@@ -16,6 +16,7 @@ fails records its error and the others still run; results are written after each
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import gc
 import io
@@ -365,13 +366,31 @@ def build_train_step(model_name: str, crop: int, device: torch.device, compile_b
     return step, kind
 
 
+@contextlib.contextmanager
+def step_stream(device: torch.device, priority: str):
+    """"high": a fresh CUDA stream of the device's highest priority is current for the block (so
+    the GPU loaders' decode kernels, on their own streams, would only fill SMs the step leaves
+    idle). Measured on an H200 (loaders-nvidia-h200-2026-11-28-stall-prio.json): no gain (dali 7.5 %
+    vs 7.4 % at normal, the replayed device half 7.7 % vs 3.5 %), so the engine does not use it."""
+    if priority not in ("normal", "high"):
+        raise ValueError(f"stream priority must be normal or high; got {priority!r}")
+    if device.type != "cuda" or priority == "normal":
+        yield None
+        return
+    outer = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device, priority=torch.cuda.Stream.priority_range()[1])
+    stream.wait_stream(outer)
+    try:
+        with torch.cuda.stream(stream):
+            yield stream
+    finally:
+        outer.wait_stream(stream)
+
+
 def timed_steps(step: Callable, batches: Iterator[tuple[torch.Tensor, int]], steps: int, warmup: int, device,
                 priority: str = "normal") -> float:
     """img/s of `steps` training steps after `warmup`; the steps (and the batches' hand-over, which
-    happens in next()) run on a CUDA stream of the given priority ("high": the engine's
-    train.stream_priority, so the loader's decode work yields SMs to the step)."""
-    from loaders import step_stream
-
+    happens in next()) run on a CUDA stream of the given priority."""
     with step_stream(device, priority):
         for _ in range(warmup):
             step(next(batches)[0])
