@@ -186,33 +186,57 @@ def _mae_row(rows, op, impl, shape, bytes_, fwdbwd, fwd):
                  "GB/s": bytes_ / t / 1e6})
 
 
-GATHER_VARIANTS = [(2, 4), (8, 4), (8, 8), (16, 8)]
-UNMASK_VARIANTS = [(4, 4), (16, 4), (16, 8), (32, 8)]
-SUM_MT_VARIANTS = [(8, 256), (64, 64)]  # (8, 256): the launch before this session's change
+# --mae-variants: (module, LAUNCH key or module attribute, value) set for one timing each
+MASK_VARIANTS = [("masking", "mask_fused", v) for v in [(4, 4), (8, 4), (8, 8), (16, 8), (32, 8)]] + \
+    [("masking", "WALK_PROGRAMS", v) for v in (1024, 2048)]
+UNMASK_VARIANTS = [("masking", "WALK_PROGRAMS", v) for v in (1024, 2048)] + [("masking", "sum_mt", (64, 64))]
+LOSS_VARIANTS = [("loss", "PATCHES_PER_PROGRAM", 2), ("loss", "NUM_WARPS", 8)]
 
 
-class _launch:
-    """Temporarily another launch shape for one of kernels.masking's kernels (bench variants)."""
+class _setting:
+    """Temporarily another value of a kernels.masking LAUNCH entry or a module constant (bench variants)."""
 
-    def __init__(self, key, value):
-        import kernels.masking as masking
+    def __init__(self, module, key, value):
+        import importlib
 
-        self.table, self.key, self.value = masking.LAUNCH, key, value
+        self.mod = importlib.import_module(f"kernels.{module}")
+        self.key, self.value = key, value
+        self.table = self.mod.LAUNCH if key in getattr(self.mod, "LAUNCH", {}) else None
 
     def __enter__(self):
-        self.old = self.table[self.key]
-        self.table[self.key] = self.value
+        if self.table is not None:
+            self.old = self.table[self.key]
+            self.table[self.key] = self.value
+        else:
+            self.old = getattr(self.mod, self.key)
+            setattr(self.mod, self.key, self.value)
 
     def __exit__(self, *exc):
-        self.table[self.key] = self.old
+        if self.table is not None:
+            self.table[self.key] = self.old
+        else:
+            setattr(self.mod, self.key, self.old)
         return False
+
+
+def _variant_name(key, value):
+    v = "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return f"triton:{key}={v}"
+
+
+def _variant_rows(rows, op, shape, moved, variants, make):
+    """One row per variant setting; make() -> (fwd+bwd fn, fwd fn) built inside the setting."""
+    for module, key, value in variants:
+        with _setting(module, key, value):
+            fwdbwd, fwd = make()
+            _mae_row(rows, op, _variant_name(key, value), shape, moved, fwdbwd, fwd)
 
 
 def bench_mae(rows, errors, B=256, variants=False):
     """MAE ViT-L shapes. The masking ops twice: with a learnable pos_embed (its gradient is a sum
     over the batch) and with MAE's fixed sin-cos one (no pos gradient: what the engine runs).
-    variants: also other launch shapes of the masking kernels ("triton:r<rows>w<warps>",
-    "triton:mt<rows>x<cols>"), with the fixed pos_embed."""
+    variants: also the kernels under the settings in MASK_VARIANTS, UNMASK_VARIANTS and
+    LOSS_VARIANTS (impl "triton:<setting>=<value>")."""
     import kernels
 
     dt = torch.bfloat16
@@ -242,13 +266,14 @@ def bench_mae(rows, errors, B=256, variants=False):
             def fwd(impl=impl, pe=pe):
                 return kernels.mae_mask(tokens, pe, ratio, noise=noise, impl=impl)[0]
             _mae_row(rows, op, impl, shape, moved + extra, _fwdbwd(fwd, inputs, gvis), fwd)
-    if variants:  # the gather's launch shape: rows per program (at 1,024 columns), warps
-        def fwd():
-            return kernels.mae_mask(tokens, fixed_pos, ratio, noise=noise, impl="triton")[0]
-        for shape_ in GATHER_VARIANTS:
-            with _launch("gather", shape_):
-                _mae_row(rows, "mae_mask fixed-pos", f"triton:r{shape_[0]}w{shape_[1]}", shape, moved,
-                         _fwdbwd(fwd, (tokens,), gvis), fwd)
+    if variants:
+        for op, pe, inputs, extra in (("mae_mask", pos, (tokens, pos), N * C * 2 * 2),
+                                      ("mae_mask fixed-pos", fixed_pos, (tokens,), 0)):
+            def make(pe=pe, inputs=inputs):
+                def fwd():
+                    return kernels.mae_mask(tokens, pe, ratio, noise=noise, impl="triton")[0]
+                return _fwdbwd(fwd, inputs, gvis), fwd
+            _variant_rows(rows, op, shape, moved + extra, MASK_VARIANTS, make)
     # --- decoder side: unmask
     vis = torch.randn(B, K, Cd, device=dev, dtype=dt, requires_grad=True)
     mt = torch.randn(Cd, device=dev, dtype=dt, requires_grad=True)
@@ -268,13 +293,12 @@ def bench_mae(rows, errors, B=256, variants=False):
             def fwd(impl=impl, pe=pe):
                 return kernels.mae_unmask(vis, ids, mt, pe, impl=impl)
             _mae_row(rows, op, impl, shape, moved, _fwdbwd(fwd, inputs, gfull), fwd)
-    if variants:  # the unmask forward's launch shape (rows at 512 columns, warps); the mask-token sum's
-        def fwd():
-            return kernels.mae_unmask(vis, ids, mt, dpos.detach(), impl="triton")
-        for key, shape_ in [("unmask", v) for v in UNMASK_VARIANTS] + [("sum_mt", v) for v in SUM_MT_VARIANTS]:
-            with _launch(key, shape_):
-                name = f"triton:r{shape_[0]}w{shape_[1]}" if key == "unmask" else f"triton:mt{shape_[0]}x{shape_[1]}"
-                _mae_row(rows, "mae_unmask fixed-pos", name, shape, moved, _fwdbwd(fwd, (vis, mt), gfull), fwd)
+    if variants:
+        def make():
+            def fwd():
+                return kernels.mae_unmask(vis, ids, mt, dpos.detach(), impl="triton")
+            return _fwdbwd(fwd, (vis, mt), gfull), fwd
+        _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_VARIANTS, make)
     # --- loss
     imgs = torch.randn(B, 3, 224, 224, device=dev, dtype=dt)
     pred = torch.randn(B, N, p * p * 3, device=dev, dtype=dt, requires_grad=True)
@@ -292,6 +316,12 @@ def bench_mae(rows, errors, B=256, variants=False):
         def fwd(impl=impl):
             return kernels.mae_loss(imgs, pred, mask, p, impl=impl)
         _mae_row(rows, "mae_loss", impl, shape, moved, _fwdbwd(fwd, (pred,), None), fwd)
+    if variants:
+        def make():
+            def fwd():
+                return kernels.mae_loss(imgs, pred, mask, p, impl="triton")
+            return _fwdbwd(fwd, (pred,), None), fwd
+        _variant_rows(rows, "mae_loss", shape, moved, LOSS_VARIANTS, make)
 
 
 FWD_CFGS = [dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=w, num_stages=s)
@@ -451,7 +481,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", action="store_true", help="sweep block configs (slow) and add them to the JSON")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", action="store_true",
-                    help="also time other launch shapes of the masking kernels")
+                    help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...)")
     ap.add_argument("--tag", default=None, help="suffix of the result file names")
     ap.add_argument("--only", choices=("mae", "attention"), default=None,
                     help="run one part: the MAE masking/loss ops or the attention shapes")

@@ -312,6 +312,7 @@ def test_mask_and_gather_bwd_ops_pass_opcheck():
         (masking._gather_bwd, (torch.randn(B, K, C), rank, torch.float32, False)),
         (masking._unmask_bwd, (torch.randn(B, N, C), inv, K, torch.float32)),
         (masking._unmask_bwd, (torch.randn(B, N, C), inv, K, torch.float32, False)),
+        (masking._mask_fused, (torch.randn(B, N, C, requires_grad=True), torch.randn(N, C), torch.rand(B, N), K)),
         (loss._loss_op, (torch.randn(2, 3, 8, 12), torch.randn(2, 6, 48, requires_grad=True),
                          torch.rand(12) < 0.5, 4, True, 1e-6)),
     ]
@@ -357,24 +358,30 @@ def test_loss_bwd_op_passes_opcheck():
         assert all(v == "SUCCESS" for v in result.values()), result
 
 
-@pytest.mark.parametrize("gather,unmask,sum_mt", [((16, 8), (32, 8), (8, 256)), ((2, 4), (4, 4), (64, 64))])
-def test_masking_launch_shapes(monkeypatch, gather, unmask, sum_mt):
-    """Other launch shapes of the gather / unmask forwards and the mask-token sum (the ones the
-    bench's --mae-variants times) give the reference's outputs and gradients."""
+@pytest.mark.parametrize("gather,unmask,sum_mt,fused,C", [((16, 8), (32, 8), (8, 256), None, 72),
+                                                      ((2, 4), (4, 4), (64, 64), (8, 4), 72),
+                                                      ((4, 4), (8, 4), (128, 32), (32, 8), 1100)])
+@pytest.mark.parametrize("pos_grad", [False, True])
+def test_masking_launch_shapes(monkeypatch, gather, unmask, sum_mt, fused, C, pos_grad):
+    """Other launch shapes of the gather / unmask forwards and the mask-token sum, and the
+    one-launch rank + gather (the ones the bench's --mae-variants times; C = 1100 takes two column
+    blocks), give the reference's outputs and gradients."""
     masking = sys.modules["kernels.masking"]
-    monkeypatch.setitem(masking.LAUNCH, "gather", gather)
-    monkeypatch.setitem(masking.LAUNCH, "unmask", unmask)
-    monkeypatch.setitem(masking.LAUNCH, "sum_mt", sum_mt)
-    B, N, C = 5, 197, 72
+    for key, value in (("gather", gather), ("unmask", unmask), ("sum_mt", sum_mt), ("mask_fused", fused)):
+        monkeypatch.setitem(masking.LAUNCH, key, value)
+    B, N = 5, 197
     tokens = torch.randn(B, N, C, requires_grad=True)
-    pos = torch.randn(1, N, C)
+    pos = torch.randn(1, N, C, requires_grad=pos_grad)
     noise = torch.rand(B, N)
-    vis, ids, _ = kernels.mae_mask(tokens, pos, 0.75, noise=noise, impl="triton")
-    rvis, rids, _ = kernels.mae_mask(tokens, pos, 0.75, noise=noise, impl="torch")
-    assert torch.equal(ids, rids)
+    noise[1, 3:9] = noise[1, 2]  # ties: broken by position, as the stable argsort
+    vis, ids, mask = kernels.mae_mask(tokens, pos, 0.75, noise=noise, impl="triton")
+    rvis, rids, rmask = kernels.mae_mask(tokens, pos, 0.75, noise=noise, impl="torch")
+    assert torch.equal(ids, rids) and torch.equal(mask, rmask)
     torch.testing.assert_close(vis, rvis)
     g = torch.randn_like(vis)
-    torch.testing.assert_close(torch.autograd.grad(vis, tokens, g)[0], torch.autograd.grad(rvis, tokens, g)[0])
+    leaves = (tokens, pos) if pos_grad else (tokens,)
+    for a, w in zip(torch.autograd.grad(vis, leaves, g), torch.autograd.grad(rvis, leaves, g)):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
     v = torch.randn(B, ids.shape[1], C, requires_grad=True)
     mt = torch.randn(C, requires_grad=True)
     full = kernels.mae_unmask(v, ids, mt, pos, impl="triton")
