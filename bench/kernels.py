@@ -9,7 +9,8 @@ MAE masking and loss (GB/s of the bytes each op must move, fwd+bwd) vs the torch
 (argsort + gather + add; cat + gather + add; patchify + mean/var + MSE), and the card's
 device-to-device copy bandwidth measured in the same run.
 
-MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms); the masking ops
+MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms); of_copy_bw vs the
+1 GiB copy, of_same_size_copy vs one copy moving the op's own byte count; the masking ops
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best),
@@ -164,11 +165,13 @@ def bench_attention(names, rows, errors):
         torch.cuda.empty_cache()
 
 
-def copy_bandwidth():
-    x = torch.empty(1 << 28, device=DEV, dtype=torch.float32)  # 1 GiB
+def copy_bandwidth(nbytes: int = 1 << 30):
+    """GB/s (read + write) of a device-to-device copy of `nbytes` (default 1 GiB: the card's figure;
+    at an op's own byte count: what a plain copy of that size reaches, ramp-up and tail included)."""
+    x = torch.empty(max(1, int(nbytes)), device=DEV, dtype=torch.uint8)
     y = torch.empty_like(x)
-    t = cuda_time_ms(lambda: y.copy_(x))
-    return 2 * x.numel() * 4 / t / 1e6  # GB/s, read + write
+    t = graph_ms(lambda: y.copy_(x))
+    return 2 * x.numel() / t / 1e6
 
 
 def _fwdbwd(fn, inputs, grad):
@@ -187,8 +190,8 @@ def _mae_row(rows, op, impl, shape, bytes_, fwdbwd, fwd):
 
 
 # --mae-variants: (module, LAUNCH key or module attribute, value) set for one timing each
-MASK_VARIANTS = [("masking", "mask_fused", v) for v in [(4, 4), (8, 4), (8, 8), (16, 8), (32, 8)]] + \
-    [("masking", "WALK_PROGRAMS", v) for v in (1024, 2048)]
+MASK_VARIANTS = [("masking", "gather", v) for v in [(2, 4), (8, 8)]] + \
+    [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)]
 UNMASK_VARIANTS = [("masking", "WALK_PROGRAMS", v) for v in (1024, 2048)] + [("masking", "sum_mt", (64, 64))]
 LOSS_VARIANTS = [("loss", "PATCHES_PER_PROGRAM", 2), ("loss", "NUM_WARPS", 8)]
 
@@ -517,8 +520,13 @@ def main(argv=None) -> int:
     mae_rows = []
     if run_mae:
         bench_mae(mae_rows, errors, variants=args.mae_variants)
+        same_size = {}  # the op's bytes moved as one copy (half read, half written), graphed like the ops
         for r in mae_rows:
             r["of_copy_bw"] = r["GB/s"] / copy
+            if r["op"] not in same_size:
+                same_size[r["op"]] = copy_bandwidth(r["GB/s"] * r["ms"] * 1e6 / 2)
+            r["of_same_size_copy"] = r["GB/s"] / same_size[r["op"]]
+        payload["same_size_copy_GBps"] = same_size
         torch_ms = {r["op"]: r["ms"] for r in mae_rows if r["impl"] == "torch"}
         for r in mae_rows:
             r["speedup_vs_torch"] = torch_ms[r["op"]] / r["ms"]
@@ -538,7 +546,8 @@ def main(argv=None) -> int:
     if mae_rows:
         print(f"\nMAE masking / loss fwd+bwd (copy bandwidth {copy:,.0f} GB/s)")
         print_table(mae_rows, ["op", "impl", "shape", "ms", "fwd_ms", "bwd_ms", "eager_ms", "GB/s", "of_copy_bw",
-                               "speedup_vs_torch"])
+                               "of_same_size_copy", "speedup_vs_torch"])
+        print("same-size copies (GB/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in same_size.items()))
     path = write_result("kernels", payload, argv, tag=args.tag)
     if attn_rows:
         labels = [r["shape"] for r in attn_rows]

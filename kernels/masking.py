@@ -94,34 +94,6 @@ def _rank_kernel(NOISE, IDS_KEEP, MASK, RANK, N, K, BLOCK_I: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _mask_fwd_kernel(NOISE, TOK, POS, OUT, IDS_KEEP, MASK, RANK, N, K, C, st_b, st_n, sp_n,
-                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
-    # rank + gather in one program (b, position block, column block): the ranks of BLOCK_I
-    # positions as in _rank_kernel, then each kept one's token row (+ pos) goes straight to
-    # visible[b, rank]; masked positions load nothing. Column block 0 writes ids/mask/rank.
-    b = tl.program_id(0).to(tl.int64)
-    offs_j = tl.arange(0, BLOCK_J)
-    nj = tl.load(NOISE + b * N + offs_j, mask=offs_j < N, other=float("inf"))
-    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    ok_i = offs_i < N
-    ni = tl.load(NOISE + b * N + offs_i, mask=ok_i, other=float("inf"))
-    before = (nj[None, :] < ni[:, None]) | ((nj[None, :] == ni[:, None]) & (offs_j[None, :] < offs_i[:, None]))
-    before = before & (offs_j < N)[None, :]
-    rank = tl.sum(before.to(tl.int32), 1)
-    keep = ok_i & (rank < K)
-    if tl.program_id(2) == 0:
-        tl.store(RANK + b * N + offs_i, rank, mask=ok_i)
-        tl.store(MASK + b * N + offs_i, rank >= K, mask=ok_i)
-        tl.store(IDS_KEEP + b * K + rank, offs_i.to(tl.int64), mask=keep)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = keep[:, None] & (offs_c < C)[None, :]
-    t = tl.load(TOK + (b * st_b + offs_i.to(tl.int64) * st_n)[:, None] + offs_c[None, :], mask=ok, other=0.0)
-    p = tl.load(POS + (offs_i * sp_n)[:, None] + offs_c[None, :], mask=ok, other=0.0)
-    y = t.to(tl.float32) + p.to(tl.float32)
-    tl.store(OUT + ((b * K + rank) * C)[:, None] + offs_c[None, :], y.to(OUT.dtype.element_ty), mask=ok)
-
-
-@triton.jit
 def _gather_kernel(TOK, POS, IDS, OUT, R, K, C, st_b, st_n, sp_n,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # BLOCK_R output rows x BLOCK_C columns (whole rows up to 1024): 16-byte vectors when C is a
@@ -289,9 +261,10 @@ def _col_block(C: int, cap: int) -> int:
 
 # Launch shapes of the gather / unmask forwards (rows per program, warps; columns: whole rows up to
 # 1,024) and of the mask-token reduction (partial rows per step, columns per program).
-# "mask_fused": (positions per program, warps) of the one-launch rank + gather, or None for the
-# two launches (_rank_kernel, then _gather_kernel).
-LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (128, 32), "mask_fused": None}
+# Measured on the H200 (bench/results/kernels-nvidia-h200-2026-11-28-mae-fused.json) and dropped:
+# rank + gather in one launch (a program ranks its positions, then copies the kept rows): forward
+# 0.032 ms at best vs 0.0265 for the two launches; 2-16 rows or 8 warps for either forward: same.
+LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (128, 32)}
 WALK_PROGRAMS = 512  # programs the backward walks aim for (tests lower it to get long walks)
 
 
@@ -377,7 +350,9 @@ def _gather_bwd(dvis: torch.Tensor, rank: torch.Tensor, tokens_dtype: torch.dtyp
     dtok = torch.empty(B, N, C, device=dvis.device, dtype=tokens_dtype)
     if not B or not N:
         return dtok, dvis.new_zeros((N, C) if need_dpos else (0,), dtype=torch.float32)
-    bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 8)  # 8 samples a step: 16 KB of stores in flight
+    # 8 samples a step: 16 KB of stores in flight. Without dpos no partial planes: 4x the programs
+    # (measured at MAE-L: 0.035 ms vs 0.037; with dpos more programs mean more planes, and 512 wins)
+    bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 8, None if need_dpos else 4 * WALK_PROGRAMS)
     # one chunk: the kernel writes dpos itself; else partial planes and one reduction launch
     part = dvis.new_empty((nchunks, N, C) if nchunks > 1 else (N, C), dtype=torch.float32) if need_dpos else dtok
     _gather_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), nchunks)](
@@ -512,54 +487,6 @@ def _resolve(impl: str, x: torch.Tensor) -> str:
     return impl
 
 
-@torch.library.custom_op("vfm::mae_mask_fused", mutates_args=())
-def _mask_fused(tokens: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor,
-                K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(visible [B, K, C], ids_keep [B, K] int64, mask [B, N] bool, rank [B, N] int32) in one launch."""
-    B, N, C = tokens.shape
-    tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
-    pos = pos if pos.stride(-1) == 1 else pos.contiguous()
-    noise = noise.float().contiguous()
-    dev = tokens.device
-    out = torch.empty(B, K, C, device=dev, dtype=torch.result_type(tokens, pos))
-    ids_keep = torch.empty(B, K, device=dev, dtype=torch.int64)
-    mask = torch.empty(B, N, device=dev, dtype=torch.bool)
-    rank = torch.empty(B, N, device=dev, dtype=torch.int32)
-    if B and N:
-        bj = triton.next_power_of_2(N)
-        bc = min(triton.next_power_of_2(max(C, 1)), 1024)
-        rows, warps = LAUNCH["mask_fused"] or (8, 8)  # shape when called while the switch is off
-        bi = max(1, min(rows, 8192 // bj))  # the rank tile [BLOCK_I, BLOCK_J] stays <= 8K elements
-        _mask_fwd_kernel[(B, triton.cdiv(N, bi), triton.cdiv(C, bc))](
-            noise, tokens, pos, out, ids_keep, mask, rank, N, K, C, tokens.stride(0), tokens.stride(1),
-            pos.stride(0), BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, num_warps=warps)
-    return out, ids_keep, mask, rank
-
-
-@_mask_fused.register_fake
-def _(tokens, pos, noise, K):
-    B, N, C = tokens.shape
-    return (tokens.new_empty((B, K, C), dtype=torch.result_type(tokens, pos)),
-            tokens.new_empty((B, K), dtype=torch.int64), tokens.new_empty((B, N), dtype=torch.bool),
-            tokens.new_empty((B, N), dtype=torch.int32))
-
-
-def _fused_setup(ctx, inputs, output):
-    tokens, pos, noise, K = inputs
-    ctx.save_for_backward(output[3])
-    ctx.tokens_dtype, ctx.pos_dtype = tokens.dtype, pos.dtype
-
-
-def _fused_backward(ctx, dvis, dids, dmask, drank):
-    (rank,) = ctx.saved_tensors
-    need_dpos = bool(ctx.needs_input_grad[1])
-    dtok, dpos = _gather_bwd(dvis, rank, ctx.tokens_dtype, need_dpos)
-    return dtok, (dpos.to(ctx.pos_dtype) if need_dpos else None), None, None
-
-
-_mask_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
-
-
 def mae_mask(tokens, pos_embed, mask_ratio, *, noise: Optional[torch.Tensor] = None, impl="auto"):
     """Random MAE masking: (visible [B, K, C] with pos_embed added, ids_keep [B, K], mask [B, N] True=masked)."""
     B, N, C = tokens.shape
@@ -570,9 +497,6 @@ def mae_mask(tokens, pos_embed, mask_ratio, *, noise: Optional[torch.Tensor] = N
     if _resolve(impl, tokens) == "torch":
         return mae_mask_reference(tokens, pos_embed, mask_ratio, noise=noise)
     K = keep_count(N, mask_ratio)
-    if LAUNCH["mask_fused"]:
-        visible, ids_keep, mask, _ = _mask_fused(tokens, _pos2d(pos_embed), noise, K)
-        return visible, ids_keep, mask
     ids_keep, mask, rank = mae_rank(noise, K)
     visible = _gather_ranked(tokens, _pos2d(pos_embed), ids_keep, rank)
     return visible, ids_keep, mask

@@ -312,7 +312,6 @@ def test_mask_and_gather_bwd_ops_pass_opcheck():
         (masking._gather_bwd, (torch.randn(B, K, C), rank, torch.float32, False)),
         (masking._unmask_bwd, (torch.randn(B, N, C), inv, K, torch.float32)),
         (masking._unmask_bwd, (torch.randn(B, N, C), inv, K, torch.float32, False)),
-        (masking._mask_fused, (torch.randn(B, N, C, requires_grad=True), torch.randn(N, C), torch.rand(B, N), K)),
         (loss._loss_op, (torch.randn(2, 3, 8, 12), torch.randn(2, 6, 48, requires_grad=True),
                          torch.rand(12) < 0.5, 4, True, 1e-6)),
     ]
@@ -358,16 +357,15 @@ def test_loss_bwd_op_passes_opcheck():
         assert all(v == "SUCCESS" for v in result.values()), result
 
 
-@pytest.mark.parametrize("gather,unmask,sum_mt,fused,C", [((16, 8), (32, 8), (8, 256), None, 72),
-                                                      ((2, 4), (4, 4), (64, 64), (8, 4), 72),
-                                                      ((4, 4), (8, 4), (128, 32), (32, 8), 1100)])
+@pytest.mark.parametrize("gather,unmask,sum_mt,C", [((16, 8), (32, 8), (8, 256), 72), ((2, 4), (4, 4), (64, 64), 72),
+                                                ((4, 4), (8, 4), (128, 32), 1100)])
 @pytest.mark.parametrize("pos_grad", [False, True])
-def test_masking_launch_shapes(monkeypatch, gather, unmask, sum_mt, fused, C, pos_grad):
-    """Other launch shapes of the gather / unmask forwards and the mask-token sum, and the
-    one-launch rank + gather (the ones the bench's --mae-variants times; C = 1100 takes two column
-    blocks), give the reference's outputs and gradients."""
+def test_masking_launch_shapes(monkeypatch, gather, unmask, sum_mt, C, pos_grad):
+    """Other launch shapes of the gather / unmask forwards and the mask-token sum (the ones the
+    bench's --mae-variants times; C = 1100 takes two column blocks) give the reference's outputs
+    and gradients."""
     masking = sys.modules["kernels.masking"]
-    for key, value in (("gather", gather), ("unmask", unmask), ("sum_mt", sum_mt), ("mask_fused", fused)):
+    for key, value in (("gather", gather), ("unmask", unmask), ("sum_mt", sum_mt)):
         monkeypatch.setitem(masking.LAUNCH, key, value)
     B, N = 5, 197
     tokens = torch.randn(B, N, C, requires_grad=True)
@@ -388,5 +386,7 @@ def test_masking_launch_shapes(monkeypatch, gather, unmask, sum_mt, fused, C, po
     ref = kernels.mae_unmask_reference(v, ids, mt, pos)
     torch.testing.assert_close(full, ref)
     gf = torch.randn_like(full)
+    # dmask_token sums ~740 rows of N(0, 1) in another order than torch: entries that cancel to
+    # ~0.1 carry fp32 rounding of ~3e-5 (seen at one seed in 25), hence atol 1e-4
     for a, w in zip(torch.autograd.grad(full, (v, mt), gf), torch.autograd.grad(ref, (v, mt), gf)):
-        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-4)
