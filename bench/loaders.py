@@ -16,6 +16,7 @@ fails records its error and the others still run; results are written after each
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import faulthandler
 import gc
@@ -366,6 +367,58 @@ def build_train_step(model_name: str, crop: int, device: torch.device, compile_b
     return step, kind
 
 
+def profile_steps(step: Callable, batches: Iterator[tuple[torch.Tensor, int]], steps: int, device) -> dict:
+    """GPU time per training step by CUDA stream over `steps` more steps (torch.profiler / CUPTI sees
+    every kernel of the process, DALI's and nvJPEG's included): wall ms per step, and per stream the
+    kernel ms per step (busy: the union of its kernels' intervals), kernel count and top kernels.
+    The training step's stream is the one with the most kernel time."""
+    if device.type != "cuda" or steps <= 0:
+        return {}
+    import json as _json
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(next(batches)[0])
+            sync(device)
+            wall = time.perf_counter() - t0
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            prof.export_chrome_trace(f.name)
+            events = _json.load(open(f.name))["traceEvents"]
+    except Exception as e:  # the profiler is a diagnostic: never fail the measurement for it
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+    return stream_summary(events, steps, wall)
+
+
+def stream_summary(events: list[dict], steps: int, wall: float) -> dict:
+    """profile_steps' digest of Chrome-trace events (kernels, memcpys and memsets by stream)."""
+    streams: dict[Any, dict] = {}
+    for ev in events:
+        if ev.get("ph") != "X" or ev.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        sid = (ev.get("args") or {}).get("stream", ev.get("tid"))
+        st = streams.setdefault(sid, {"spans": [], "names": collections.Counter(), "count": 0})
+        st["spans"].append((float(ev["ts"]), float(ev["ts"]) + float(ev.get("dur", 0))))
+        st["names"][ev.get("name", "?")[:90]] += float(ev.get("dur", 0))
+        st["count"] += 1
+    out = {"steps": steps, "wall_ms_per_step": wall * 1e3 / steps, "streams": {}}
+    for sid, st in streams.items():
+        busy, end = 0.0, -1.0
+        for a_, b_ in sorted(st["spans"]):
+            if b_ > end:
+                busy += b_ - max(a_, end)
+                end = b_
+        out["streams"][str(sid)] = {"busy_ms_per_step": busy / 1e3 / steps, "kernels_per_step": st["count"] / steps,
+                                    "top": [[n, round(t / 1e3 / steps, 4)] for n, t in st["names"].most_common(6)]}
+    ranked = sorted(out["streams"].items(), key=lambda kv: -kv[1]["busy_ms_per_step"])
+    out["summary"] = f"{out['wall_ms_per_step']:.2f} ms/step wall; " + "; ".join(
+        f"stream {k}: {v['busy_ms_per_step']:.2f} ms busy, {v['kernels_per_step']:.0f} ops" for k, v in ranked[:4])
+    return out
+
+
 @contextlib.contextmanager
 def step_stream(device: torch.device, priority: str):
     """"high": a fresh CUDA stream of the device's highest priority is current for the block (so
@@ -446,6 +499,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stall-priority", default="normal",
                    help="CUDA stream priority of the stall runs' training steps: normal, high (a comma list "
                         "repeats each stall run, its synthetic baseline included, for each)")
+    p.add_argument("--stall-gil", default="",
+                   help="Python's GIL switch interval (s) during the stall runs, e.g. 0.0005 (default: Python's "
+                        "0.005); a comma list repeats each stall run for each")
+    p.add_argument("--stall-profile", type=int, default=0,
+                   help="after each stall run (and its synthetic baseline), profile this many more steps and "
+                        "report GPU kernel time per step by CUDA stream (training vs loader)")
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder blocks of the stall model")
     p.add_argument("--limit", type=float, default=240.0, help="seconds before a hung measurement aborts the run")
@@ -573,35 +632,52 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
     gpu_backends = ("dali", "nvjpeg")
     fixed = torch.randn(a.batch_size, 3, a.crop, a.crop, device=device).to(dtype)
     priorities = [p.strip() for p in a.stall_priority.split(",") if p.strip()]
+    gils = [float(x) for x in a.stall_gil.split(",") if x.strip()] or [None]
     runs = [(b.strip(), ahead, False) for b in a.stall_backends.split(",") if b.strip()
             for ahead in ([int(x) for x in a.max_ahead.split(",")] if b.strip() in gpu_backends else [None])]
     if a.stall_replay:  # the device half alone: one encoded batch decoded again and again, no workers
         runs += [(b, int(a.max_ahead.split(",")[0]), True) for b in gpu_backends if b in {r[0] for r in runs}]
-    runs = [r + (prio,) for r in runs for prio in priorities]
-    for backend, ahead, replay, prio in runs:
-        def run(backend=backend, ahead=ahead, replay=replay, prio=prio):
+    runs = [r + (prio, gil) for r in runs for prio in priorities for gil in gils]
+    for backend, ahead, replay, prio, gil in runs:
+        def run(backend=backend, ahead=ahead, replay=replay, prio=prio, gil=gil):
             opts = {k: dict(v) for k, v in options.items()}
             if ahead is not None:
                 opts.setdefault(backend, {})["max_ahead"] = ahead
-            # the synthetic rate right before each real run: the stall is a ratio of two runs minutes
-            # apart otherwise, and the card's clocks drift by a few percent
-            synthetic = timed_steps(step_box["step"], itertools.repeat((fixed, fixed.shape[0])), a.stall_steps,
-                                    max(1, a.warmup // 2), device, prio)
-            loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop, workers=0 if replay else w,
-                                 device=device, dtype=dtype, cache_dir=cache_dir, options=opts)
-            batches = replayed(loader, path, a, cache_dir, device) if replay else forever(loader)
-            cpu0, t0 = cpu_seconds(), time.perf_counter()
-            rate = timed_steps(step_box["step"], batches, a.stall_steps, max(1, a.warmup // 2), device, prio)
-            cores = (cpu_seconds() - cpu0) / (time.perf_counter() - t0)
-            batches.close()
-            close(loader)
-            return {"real_img_s": rate, "synthetic_img_s": synthetic, "stall": 1 - rate / synthetic, "cpu_cores": cores}
+            default_gil = sys.getswitchinterval()
+            sys.setswitchinterval(gil or default_gil)
+            try:
+                # the synthetic rate right before each real run: the stall is a ratio of two runs minutes
+                # apart otherwise, and the card's clocks drift by a few percent
+                fixed_batches = itertools.repeat((fixed, fixed.shape[0]))
+                synthetic = timed_steps(step_box["step"], fixed_batches, a.stall_steps, max(1, a.warmup // 2),
+                                        device, prio)
+                prof = {"synthetic": profile_steps(step_box["step"], fixed_batches, a.stall_profile, device)} \
+                    if a.stall_profile else {}
+                loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop,
+                                     workers=0 if replay else w, device=device, dtype=dtype, cache_dir=cache_dir,
+                                     options=opts)
+                batches = replayed(loader, path, a, cache_dir, device) if replay else forever(loader)
+                cpu0, t0 = cpu_seconds(), time.perf_counter()
+                rate = timed_steps(step_box["step"], batches, a.stall_steps, max(1, a.warmup // 2), device, prio)
+                cores = (cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+                if a.stall_profile:
+                    prof["real"] = profile_steps(step_box["step"], batches, a.stall_profile, device)
+                batches.close()
+                close(loader)
+            finally:
+                sys.setswitchinterval(default_gil)
+            out = {"real_img_s": rate, "synthetic_img_s": synthetic, "stall": 1 - rate / synthetic, "cpu_cores": cores}
+            return out | ({"profile": prof} if prof else {})
 
         row = {"backend": backend + (" replay" if replay else ""), "size": a.stall_size, "workers": 0 if replay else w,
-               "max_ahead": ahead, "priority": prio}
+               "max_ahead": ahead, "priority": prio, "gil_interval_s": gil}
         row |= guarded(f"stall {row['backend']}", run)
         payload["stall"].append(row)
-        label = (row["backend"] if ahead is None else f"{row['backend']} max_ahead={ahead}") + f" {prio}"
+        label = (row["backend"] if ahead is None else f"{row['backend']} max_ahead={ahead}") + f" {prio}" + \
+            (f" gil={gil}" if gil else "")
+        if "profile" in row:
+            for kind, pr in row["profile"].items():
+                print(f"  profile {kind}: " + pr.get("summary", pr.get("error", "")), flush=True)
         print(f"stall {label:>6}: " + (f"{row['real_img_s']:,.0f} img/s real vs {row['synthetic_img_s']:,.0f} "
                                        f"synthetic, stall {row['stall']:.1%}" if "stall" in row else row["error"]),
               flush=True)
@@ -750,11 +826,13 @@ def report(payload: dict) -> None:
     if payload["stall"]:
         print(f"\nMAE stall ({payload.get('stall_model', {}).get('step')}):")
         print_table([{"backend": r["backend"], "max ahead": "-" if r.get("max_ahead") is None else r["max_ahead"],
-                      "priority": r.get("priority", "normal"), "real img/s": r.get("real_img_s", float("nan")),
+                      "priority": r.get("priority", "normal"), "gil": r.get("gil_interval_s") or "-",
+                      "real img/s": r.get("real_img_s", float("nan")),
                       "synthetic img/s": r.get("synthetic_img_s", float("nan")),
                       "stall": r.get("stall", float("nan")), "cores": r.get("cpu_cores", float("nan")),
                       "error": (r.get("error") or "")[:60]} for r in payload["stall"]],
-                    ["backend", "max ahead", "priority", "real img/s", "synthetic img/s", "stall", "cores", "error"])
+                    ["backend", "max ahead", "priority", "gil", "real img/s", "synthetic img/s", "stall", "cores",
+                     "error"])
 
 
 def plot(json_path: Path, payload: dict) -> None:

@@ -38,3 +38,24 @@ def test_bench_loaders_tiny_end_to_end(tmp_path, monkeypatch):
     assert stall["backend"] == "pil" and stall["real_img_s"] > 0 and stall["stall"] < 1
     assert out["stall_model"]["synthetic_img_s"] > 0
     assert list(tmp_path.glob("loaders-*.png"))
+
+
+def test_stall_profile_digest_by_stream():
+    """bench loaders --stall-profile: kernel time per step by CUDA stream, busy time as the union of
+    a stream's intervals (overlaps counted once), the busiest stream first in the summary."""
+    from bench.loaders import stream_summary
+
+    ev = [
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 0, "dur": 10, "args": {"stream": 7}},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 20, "dur": 10, "args": {"stream": 7}},
+        {"ph": "X", "cat": "kernel", "name": "dali::resize", "ts": 5, "dur": 4, "args": {"stream": 21}},
+        {"ph": "X", "cat": "kernel", "name": "dali::cmn", "ts": 7, "dur": 4, "args": {"stream": 21}},  # overlaps
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 12, "dur": 2, "args": {"stream": 21}},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50},
+    ]
+    out = stream_summary(ev, steps=2, wall=0.001)
+    assert out["wall_ms_per_step"] == 0.5
+    assert out["streams"]["7"]["busy_ms_per_step"] == 0.01  # 20 us over 2 steps
+    assert out["streams"]["21"]["busy_ms_per_step"] == 0.004  # 6 us of kernels (5..11) + 2 us copy
+    assert out["streams"]["21"]["kernels_per_step"] == 1.5
+    assert out["summary"].index("stream 7") < out["summary"].index("stream 21")
