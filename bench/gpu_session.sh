@@ -97,7 +97,7 @@ K2)  # wider two-pass sweep, then the MAE ViT-L step with Triton kernels vs SDPA
   step 300 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch --steps 8 --warmup 3
   ;;
 K3)  # MAE kernels: learnable vs fixed pos_embed, fwd/bwd split, launch-shape variants of the masking kernels
-  step 300 python3 -m bench kernels --only mae --mae-variants --tag mae-launch
+  step 300 python3 -m bench kernels --only mae --mae-variants --tag mae-final
   ;;
 L5)  # stall with the training step on a normal vs a high-priority CUDA stream (train.stream_priority)
   export CUDA_VISIBLE_DEVICES=0
