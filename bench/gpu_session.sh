@@ -9,6 +9,7 @@
 #   bash bench/gpu_session.sh L2  # loaders after the worker rewrite: DALI settings swept, stall with/without max_ahead
 #   bash bench/gpu_session.sh K3  # MAE kernels with variants; L5: stall at normal vs high stream priority
 #   bash bench/gpu_session.sh L6  # the stall profiled by CUDA stream, at two GIL switch intervals
+#   bash bench/gpu_session.sh L7  # the stall with the whole MAE model compiled (the engine's setting)
 #   bash bench/gpu_session.sh M   # DINOv2 multi-crop from each backend vs PIL + torchvision v2
 # Wheels the GPU image lacks (DALI, mosaicml-streaming and their dependencies) are unpacked from
 # /tmp/wheels (see ../shared/GPU.md: ../shared/tools/device-wheels ...) into /tmp/site once.
@@ -109,6 +110,11 @@ L6)  # the stall taken apart: GPU time per step by stream (torch.profiler), GIL 
   step 480 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 3 --warmup 5 --stall --compile \
     --stall-backends dali --stall-replay --max-ahead 2 --stall-gil 0.005,0.0005 --stall-profile 12 --stall-steps 60 \
     --tag stall-profile
+  ;;
+L7)  # the stall with the MAE model compiled whole, as engine.run does on one GPU (L6: blocks only, CPU-bound)
+  export CUDA_VISIBLE_DEVICES=0
+  step 540 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 3 --warmup 5 --stall --compile model \
+    --stall-backends dali,nvjpeg --stall-replay --max-ahead 2 --stall-profile 8 --stall-steps 80 --tag stall-model
   ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop

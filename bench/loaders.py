@@ -323,7 +323,7 @@ def measure_throughput(loader, *, seconds: float, warmup: int, device: torch.dev
 
 
 # ----------------------------------------------------------------- MAE stall
-def build_train_step(model_name: str, crop: int, device: torch.device, compile_blocks: bool, kernels: str = "auto"):
+def build_train_step(model_name: str, crop: int, device: torch.device, compile: str | bool, kernels: str = "auto"):
     """An MAE training step (the engine's MaskedAutoencoder if present, else a timm ViT
     forward/backward), bf16 autocast, fused AdamW; no host sync inside. kernels: "auto"
     (the engine's Triton kernels on CUDA) or "torch" (SDPA and torch masking)."""
@@ -349,7 +349,9 @@ def build_train_step(model_name: str, crop: int, device: torch.device, compile_b
             return model(x).float().pow(2).mean()
 
     model.to(device).train()
-    if compile_blocks:
+    if compile == "model":  # what the engine does for MAE on one GPU (model.compile: true)
+        model.compile()
+    elif compile:  # "blocks" (or True): the encoder blocks only
         for block in getattr(getattr(model, "encoder", model), "blocks", []):
             block.compile()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -506,7 +508,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="after each stall run (and its synthetic baseline), profile this many more steps and "
                         "report GPU kernel time per step by CUDA stream (training vs loader)")
     p.add_argument("--model", default="vit_base_patch16_224")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder blocks of the stall model")
+    p.add_argument("--compile", nargs="?", const="model", default=None, choices=["model", "blocks"],
+                   help="torch.compile the stall model: the whole MAE model, as engine.run does on one GPU "
+                        "(the default with a bare --compile), or only its encoder blocks")
     p.add_argument("--limit", type=float, default=240.0, help="seconds before a hung measurement aborts the run")
     p.add_argument("--tag", default=None, help="suffix of the result file names (runs of one day keep apart)")
     p.add_argument("--tiny", action="store_true", help="CPU-sized settings to check the script end to end")
