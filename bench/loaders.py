@@ -427,13 +427,14 @@ def step_stream(device: torch.device, priority: str):
     the GPU loaders' decode kernels, on their own streams, would only fill SMs the step leaves
     idle). Measured on an H200 (loaders-nvidia-h200-2026-11-28-stall-prio.json): no gain (dali 7.5 %
     vs 7.4 % at normal, the replayed device half 7.7 % vs 3.5 %), so the engine does not use it."""
-    if priority not in ("normal", "high"):
-        raise ValueError(f"stream priority must be normal or high; got {priority!r}")
-    if device.type != "cuda" or priority == "normal":
+    if priority not in ("normal", "side", "high"):
+        raise ValueError(f"stream priority must be normal, side or high; got {priority!r}")
+    if device.type != "cuda" or priority == "normal":  # torch's default stream: CUDA's legacy NULL stream
         yield None
         return
     outer = torch.cuda.current_stream(device)
-    stream = torch.cuda.Stream(device, priority=torch.cuda.Stream.priority_range()[1])
+    # "side": a non-blocking stream of default priority (no implicit sync with other blocking streams)
+    stream = torch.cuda.Stream(device, priority=torch.cuda.Stream.priority_range()[1] if priority == "high" else 0)
     stream.wait_stream(outer)
     try:
         with torch.cuda.stream(stream):
@@ -499,7 +500,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "a comma list repeats the stall runs for each")
     p.add_argument("--stall-size", type=int, default=256, help="JPEG size of the stall runs")
     p.add_argument("--stall-priority", default="normal",
-                   help="CUDA stream priority of the stall runs' training steps: normal, high (a comma list "
+                   help="stream of the stall runs' training steps: normal (torch's default stream), side (a new "
+                        "non-blocking stream, default priority), high (the same at the highest priority) (a comma list "
                         "repeats each stall run, its synthetic baseline included, for each)")
     p.add_argument("--stall-gil", default="",
                    help="Python's GIL switch interval (s) during the stall runs, e.g. 0.0005 (default: Python's "
