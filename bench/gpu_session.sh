@@ -121,6 +121,11 @@ L8)  # the stall with the training step on torch's default (legacy NULL) stream 
   step 540 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall --compile model \
     --stall-backends dali,nvjpeg --max-ahead 2 --stall-priority normal,side --stall-steps 80 --tag stall-side
   ;;
+L9)  # where the stall's idle time goes: training-stream gaps ended by a loader op (data) or not (host)
+  export CUDA_VISIBLE_DEVICES=0
+  step 540 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall --compile model \
+    --stall-backends dali,nvjpeg --stall-replay --max-ahead 2 --stall-profile 16 --stall-steps 80 --tag stall-gaps
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;

@@ -59,3 +59,22 @@ def test_stall_profile_digest_by_stream():
     assert out["streams"]["21"]["busy_ms_per_step"] == 0.004  # 6 us of kernels (5..11) + 2 us copy
     assert out["streams"]["21"]["kernels_per_step"] == 1.5
     assert out["summary"].index("stream 7") < out["summary"].index("stream 21")
+
+
+def test_stall_profile_gaps_split_by_what_ended_them():
+    """The training stream's idle gaps: one closed right after a loader-stream op ended (data
+    wait), one with nothing ending on other streams (host wait), launch spacing ignored."""
+    from bench.loaders import stream_summary
+
+    def k(ts, dur, stream, name="k"):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    ev = [k(0, 100, 7), k(105, 100, 7),  # 5 us launch spacing: not a gap
+          k(400, 100, 7),                # 195 us gap, closed 10 us after the loader's copy ended at 390
+          k(700, 100, 7),                # 200 us gap, nothing ends on another stream near 700
+          k(300, 90, 21, "copy")]
+    g = stream_summary(ev, steps=1, wall=0.001)["gaps"]
+    assert g["gaps_per_step"] == 2
+    assert abs(g["idle_ms_per_step"] - 0.395) < 1e-9
+    assert abs(g["data_wait_ms_per_step"] - 0.195) < 1e-9
+    assert abs(g["host_wait_ms_per_step"] - 0.2) < 1e-9
