@@ -126,6 +126,11 @@ L9)  # where the stall's idle time goes: training-stream gaps ended by a loader 
   step 540 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall --compile model \
     --stall-backends dali,nvjpeg --stall-replay --max-ahead 2 --stall-profile 16 --stall-steps 80 --tag stall-gaps
   ;;
+L10)  # the stall with the compiled step replayed as CUDA graphs (no per-kernel launches from the host)
+  export CUDA_VISIBLE_DEVICES=0
+  step 270 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall --compile model \
+    --compile-mode reduce-overhead --stall-backends dali,nvjpeg --max-ahead 2 --stall-steps 80 --tag stall-graphs
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;

@@ -323,7 +323,8 @@ def measure_throughput(loader, *, seconds: float, warmup: int, device: torch.dev
 
 
 # ----------------------------------------------------------------- MAE stall
-def build_train_step(model_name: str, crop: int, device: torch.device, compile: str | bool, kernels: str = "auto"):
+def build_train_step(model_name: str, crop: int, device: torch.device, compile: str | bool, kernels: str = "auto",
+                     compile_mode: str | None = None):
     """An MAE training step (the engine's MaskedAutoencoder if present, else a timm ViT
     forward/backward), bf16 autocast, fused AdamW; no host sync inside. kernels: "auto"
     (the engine's Triton kernels on CUDA) or "torch" (SDPA and torch masking)."""
@@ -349,8 +350,9 @@ def build_train_step(model_name: str, crop: int, device: torch.device, compile: 
             return model(x).float().pow(2).mean()
 
     model.to(device).train()
+    graphs = compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graphs (cudagraph trees)
     if compile == "model":  # what the engine does for MAE on one GPU (model.compile: true)
-        model.compile()
+        model.compile(mode=compile_mode)
     elif compile:  # "blocks" (or True): the encoder blocks only
         for block in getattr(getattr(model, "encoder", model), "blocks", []):
             block.compile()
@@ -359,6 +361,8 @@ def build_train_step(model_name: str, crop: int, device: torch.device, compile: 
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step(x: torch.Tensor) -> torch.Tensor:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
         with amp:
             loss = loss_of(x)
         loss.backward()
@@ -538,6 +542,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="stream of the stall runs' training steps: normal (torch's default stream), side (a new "
                         "non-blocking stream, default priority), high (the same at the highest priority) (a comma list "
                         "repeats each stall run, its synthetic baseline included, for each)")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode of the stall model (reduce-overhead: CUDA graphs, no per-kernel launches)")
     p.add_argument("--stall-gil", default="",
                    help="Python's GIL switch interval (s) during the stall runs, e.g. 0.0005 (default: Python's "
                         "0.005); a comma list repeats each stall run for each")
@@ -647,7 +653,7 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
         failures = []
         for kernels in ("auto", "torch") if device.type == "cuda" else ("torch",):
             try:  # the engine's Triton kernels first; SDPA if they fail here
-                step, kind = build_train_step(a.model, a.crop, device, a.compile, kernels)
+                step, kind = build_train_step(a.model, a.crop, device, a.compile, kernels, a.compile_mode)
                 step(fixed)
                 break
             except Exception as e:
@@ -661,6 +667,7 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
         step_box["step"] = step
         rate = timed_steps(step, itertools.repeat((fixed, fixed.shape[0])), a.stall_steps, max(1, a.warmup // 2), device)
         return {"model": a.model, "step": kind, "synthetic_img_s": rate, "compile": a.compile,
+                "compile_mode": a.compile_mode,
                 "spec": str(AugmentSpec(size=a.crop)), "fallbacks": failures}
 
     base = guarded("stall setup", setup)
