@@ -15,7 +15,9 @@ The reference does argsort + gather + add (encoder) and cat + gather + add (deco
   step, writing every token gradient once (zero where masked) and summing the pos_embed gradient
   in registers; a few batch chunks leave partial sums that one small kernel adds up.
 - `_unmask_kernel` finds each position's row in `visible` by comparing with ids_keep (no
-  scatter kernels) and writes that inverse for the backward; its backward walks like the gather's.
+  scatter kernels) and writes that inverse for the backward; its backward walks like the gather's,
+  summing the mask-token gradient (and the pos_embed one, only when pos_embed needs a gradient:
+  MAE's fixed sin-cos embedding, what the engine uses, does not).
 """
 from __future__ import annotations
 
