@@ -16,12 +16,14 @@ fails records its error and the others still run; results are written after each
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import contextlib
 import faulthandler
 import gc
 import io
 import itertools
+import json
 import multiprocessing
 import os
 import shutil
@@ -380,7 +382,6 @@ def profile_steps(step: Callable, batches: Iterator[tuple[torch.Tensor, int]], s
     The training step's stream is the one with the most kernel time."""
     if device.type != "cuda" or steps <= 0:
         return {}
-    import json as _json
     from torch.profiler import ProfilerActivity, profile
 
     try:
@@ -393,7 +394,8 @@ def profile_steps(step: Callable, batches: Iterator[tuple[torch.Tensor, int]], s
             wall = time.perf_counter() - t0
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             prof.export_chrome_trace(f.name)
-            events = _json.load(open(f.name))["traceEvents"]
+            with open(f.name) as trace:
+                events = json.load(trace)["traceEvents"]
     except Exception as e:  # the profiler is a diagnostic: never fail the measurement for it
         return {"error": f"{type(e).__name__}: {e}"[:300]}
     return stream_summary(events, steps, wall)
@@ -443,8 +445,6 @@ def training_gaps(streams: dict, train: str, steps: int, min_gap_us: float = 20.
         else:
             merged.append([a_, b_])
     other_ends = sorted(b_ for sid, st in streams.items() if str(sid) != train for _, b_ in st["spans"])
-    import bisect
-
     idle = data = 0.0
     count = 0
     for (_, end), (start, _) in zip(merged, merged[1:]):

@@ -111,6 +111,19 @@ def test_mae_loss_matches_reference(norm_pix, C, p, H, W):
     assert (g[~mask] == 0).all()
 
 
+def _assert_loss_matches(imgs, pred, mask, p, scale=1.0, leaf=None, **kw):
+    """The Triton loss and its gradient (of scale * loss, w.r.t. `leaf`, default pred) match the
+    torch reference's; returns the kernel's gradient."""
+    leaf = pred if leaf is None else leaf
+    loss = kernels.mae_loss(imgs, pred, mask, p, impl="triton", **kw)
+    ref = kernels.mae_loss_reference(imgs, pred, mask, p, **kw)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(loss * scale, leaf)
+    (gr,) = torch.autograd.grad(ref * scale, leaf)
+    torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-7)
+    return g
+
+
 def _loss_vs_reference(norm_pix, B, C, p, H, W, strided):
     """Loss and d(pred) of the Triton kernel vs the torch reference on fresh inputs; pred is a
     slice of wider rows when `strided`. Returns the kernel's gradient and the mask."""
@@ -120,13 +133,7 @@ def _loss_vs_reference(norm_pix, B, C, p, H, W, strided):
     pred = leaf[:, :, 4:4 + p * p * C] if strided else leaf
     mask = torch.rand(B, N) < 0.6
     mask[0, 0] = True
-    loss = kernels.mae_loss(imgs, pred, mask, p, norm_pix=norm_pix, impl="triton")
-    ref = kernels.mae_loss_reference(imgs, pred, mask, p, norm_pix=norm_pix)
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    (g,) = torch.autograd.grad(loss * 2.5, leaf)
-    (gr,) = torch.autograd.grad(ref * 2.5, leaf)
-    torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-7)
-    return g, mask
+    return _assert_loss_matches(imgs, pred, mask, p, 2.5, leaf, norm_pix=norm_pix), mask
 
 
 def test_mae_loss_float_mask_and_patchify_order():
@@ -269,12 +276,7 @@ def test_mae_loss_channels_and_patch_sizes(C, p, H, W):
     pred = torch.randn(B, N, p * p * C, requires_grad=True)
     mask = torch.rand(B, N) < 0.7
     mask[0, 0] = True
-    loss = kernels.mae_loss(imgs, pred, mask, p, impl="triton")
-    ref = kernels.mae_loss_reference(imgs, pred, mask, p)
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    (g,) = torch.autograd.grad(loss, pred)
-    (gr,) = torch.autograd.grad(ref, pred)
-    torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-7)
+    _assert_loss_matches(imgs, pred, mask, p)
 
 
 def test_mae_loss_strided_bf16_and_bool_mask():
@@ -284,12 +286,7 @@ def test_mae_loss_strided_bf16_and_bool_mask():
     pred = torch.randn(B, N, p * p * C, requires_grad=True)
     mask = torch.rand(B, N) < 0.75
     mask[1, 2] = True
-    loss = kernels.mae_loss(imgs, pred, mask, p, impl="triton")
-    ref = kernels.mae_loss_reference(imgs, pred, mask, p)
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    (g,) = torch.autograd.grad(loss * 0.5, pred)
-    (gr,) = torch.autograd.grad(ref * 0.5, pred)
-    torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-7)
+    _assert_loss_matches(imgs, pred, mask, p, 0.5)
     # bf16 in, fp32 statistics: against the fp32 reference on the same rounded inputs
     i16, p16 = imgs.bfloat16(), pred.detach().bfloat16().requires_grad_()
     l16 = kernels.mae_loss(i16, p16, mask, p, impl="triton")
