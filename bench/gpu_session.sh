@@ -131,6 +131,14 @@ L10)  # the stall with the compiled step replayed as CUDA graphs (no per-kernel 
   step 270 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall --compile model \
     --compile-mode reduce-overhead --stall-backends dali,nvjpeg --max-ahead 2 --stall-steps 80 --tag stall-graphs
   ;;
+L11)  # loader streams at high CUDA priority vs normal; where the consumer's and producer's time goes (PrefetchMeter)
+  export CUDA_VISIBLE_DEVICES=0
+  step 330 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall --compile model \
+    --stall-backends dali,nvjpeg --max-ahead 2 --loader-priority normal,high --stall-repeats 3 --stall-steps 60 --tag stall-lprio
+  step 240 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 1 --warmup 3 --stall --compile model \
+    --compile-mode reduce-overhead --stall-backends dali,nvjpeg --max-ahead 2 --loader-priority normal,high --stall-repeats 2 \
+    --stall-steps 60 --tag stall-lprio-graphs
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;

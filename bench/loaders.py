@@ -483,13 +483,15 @@ def step_stream(device: torch.device, priority: str):
 
 
 def timed_steps(step: Callable, batches: Iterator[tuple[torch.Tensor, int]], steps: int, warmup: int, device,
-                priority: str = "normal") -> float:
+                priority: str = "normal", on_start: Callable[[], Any] | None = None) -> float:
     """img/s of `steps` training steps after `warmup`; the steps (and the batches' hand-over, which
-    happens in next()) run on a CUDA stream of the given priority."""
+    happens in next()) run on a CUDA stream of the given priority. on_start: called as the clock starts."""
     with step_stream(device, priority):
         for _ in range(warmup):
             step(next(batches)[0])
         sync(device)
+        if on_start is not None:
+            on_start()
         n, t0 = 0, time.perf_counter()
         for _ in range(steps):
             x, k = next(batches)
@@ -542,6 +544,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="stream of the stall runs' training steps: normal (torch's default stream), side (a new "
                         "non-blocking stream, default priority), high (the same at the highest priority) (a comma list "
                         "repeats each stall run, its synthetic baseline included, for each)")
+    p.add_argument("--loader-priority", default="normal",
+                   help="GPU backends: CUDA priority of the loader's streams in the stall runs, normal or high "
+                        "(decode and copy kernels scheduled ahead of the step's); a comma list repeats each run")
+    p.add_argument("--stall-repeats", type=int, default=1,
+                   help="alternate synthetic and real runs this many times per stall row; the row reports the "
+                        "median stall and every pair (the card's rate drifts between runs)")
     p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode of the stall model (reduce-overhead: CUDA graphs, no per-kernel launches)")
     p.add_argument("--stall-gil", default="",
@@ -685,49 +693,74 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
             for ahead in ([int(x) for x in a.max_ahead.split(",")] if b.strip() in gpu_backends else [None])]
     if a.stall_replay:  # the device half alone: one encoded batch decoded again and again, no workers
         runs += [(b, int(a.max_ahead.split(",")[0]), True) for b in gpu_backends if b in {r[0] for r in runs}]
-    runs = [r + (prio, gil) for r in runs for prio in priorities for gil in gils]
-    for backend, ahead, replay, prio, gil in runs:
-        def run(backend=backend, ahead=ahead, replay=replay, prio=prio, gil=gil):
+    lprios = [p.strip() for p in a.loader_priority.split(",") if p.strip()]
+    runs = [r + (prio, gil, lp) for r in runs for prio in priorities for gil in gils
+            for lp in (lprios if r[0] in gpu_backends else [None])]
+    for backend, ahead, replay, prio, gil, lprio in runs:
+        def run(backend=backend, ahead=ahead, replay=replay, prio=prio, gil=gil, lprio=lprio):
             opts = {k: dict(v) for k, v in options.items()}
             if ahead is not None:
                 opts.setdefault(backend, {})["max_ahead"] = ahead
+            if lprio is not None:
+                opts.setdefault(backend, {})["stream_priority"] = lprio
             default_gil = sys.getswitchinterval()
             sys.setswitchinterval(gil or default_gil)
+            pairs, prof = [], {}
+            loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop,
+                                 workers=0 if replay else w, device=device, dtype=dtype, cache_dir=cache_dir,
+                                 options=opts)
+            batches = replayed(loader, path, a, cache_dir, device) if replay else forever(loader)
             try:
-                # the synthetic rate right before each real run: the stall is a ratio of two runs minutes
-                # apart otherwise, and the card's clocks drift by a few percent
-                fixed_batches = itertools.repeat((fixed, fixed.shape[0]))
-                synthetic = timed_steps(step_box["step"], fixed_batches, a.stall_steps, max(1, a.warmup // 2),
-                                        device, prio)
-                prof = {"synthetic": profile_steps(step_box["step"], fixed_batches, a.stall_profile, device)} \
-                    if a.stall_profile else {}
-                loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop,
-                                     workers=0 if replay else w, device=device, dtype=dtype, cache_dir=cache_dir,
-                                     options=opts)
-                batches = replayed(loader, path, a, cache_dir, device) if replay else forever(loader)
-                cpu0, t0 = cpu_seconds(), time.perf_counter()
-                rate = timed_steps(step_box["step"], batches, a.stall_steps, max(1, a.warmup // 2), device, prio)
-                cores = (cpu_seconds() - cpu0) / (time.perf_counter() - t0)
-                if a.stall_profile:
-                    prof["real"] = profile_steps(step_box["step"], batches, a.stall_profile, device)
+                for _ in range(max(1, a.stall_repeats)):
+                    # the synthetic rate right before each real run: the stall is a ratio of two runs minutes
+                    # apart otherwise, and the card's clocks drift by a few percent
+                    fixed_batches = itertools.repeat((fixed, fixed.shape[0]))
+                    synthetic = timed_steps(step_box["step"], fixed_batches, a.stall_steps, max(1, a.warmup // 2),
+                                            device, prio)
+                    if a.stall_profile and not prof:
+                        prof["synthetic"] = profile_steps(step_box["step"], fixed_batches, a.stall_profile, device)
+                    meter = getattr(loader, "meter", None)  # the GPU backends' prefetch waits
+                    box = {}
+                    cpu0, t0 = cpu_seconds(), time.perf_counter()
+                    rate = timed_steps(step_box["step"], batches, a.stall_steps, max(1, a.warmup // 2), device, prio,
+                                       on_start=lambda: box.update(m0=meter.snapshot()) if meter else None)
+                    cores = (cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+                    pairs.append({"real_img_s": rate, "synthetic_img_s": synthetic, "stall": 1 - rate / synthetic,
+                                  "cpu_cores": cores})
+                    if meter is not None:
+                        pairs[-1]["prefetch"] = type(meter).per_item(box["m0"], meter.snapshot())
+                    if a.stall_profile and "real" not in prof:
+                        prof["real"] = profile_steps(step_box["step"], batches, a.stall_profile, device)
+            finally:
                 batches.close()
                 close(loader)
-            finally:
                 sys.setswitchinterval(default_gil)
-            out = {"real_img_s": rate, "synthetic_img_s": synthetic, "stall": 1 - rate / synthetic, "cpu_cores": cores}
+            mid = sorted(pairs, key=lambda r: r["stall"])[(len(pairs) - 1) // 2]  # the median pair (lower middle)
+            out = dict(mid)
+            if len(pairs) > 1:
+                out["pairs"] = pairs
+                out["stall_range"] = [min(r["stall"] for r in pairs), max(r["stall"] for r in pairs)]
             return out | ({"profile": prof} if prof else {})
 
         row = {"backend": backend + (" replay" if replay else ""), "size": a.stall_size, "workers": 0 if replay else w,
-               "max_ahead": ahead, "priority": prio, "gil_interval_s": gil}
+               "max_ahead": ahead, "priority": prio, "gil_interval_s": gil, "loader_priority": lprio}
         row |= guarded(f"stall {row['backend']}", run)
         payload["stall"].append(row)
         label = (row["backend"] if ahead is None else f"{row['backend']} max_ahead={ahead}") + f" {prio}" + \
-            (f" gil={gil}" if gil else "")
+            (f" gil={gil}" if gil else "") + (f" loader={lprio}" if lprio else "")
+        for pair in row.get("pairs", [row]):
+            if "prefetch" in pair:
+                m = pair["prefetch"]
+                print(f"  prefetch per batch: waited {m['wait_ms']:.2f} ms for data, {m['throttle_ms']:.2f} ms in "
+                      f"max_ahead, {m['pending_share']:.0%} handed over still decoding; producer {m['produce_ms']:.2f} "
+                      f"ms making, {m['full_ms']:.2f} ms ahead (stall {pair['stall']:.1%})", flush=True)
         if "profile" in row:
             for kind, pr in row["profile"].items():
                 print(f"  profile {kind}: " + pr.get("summary", pr.get("error", "")), flush=True)
         print(f"stall {label:>6}: " + (f"{row['real_img_s']:,.0f} img/s real vs {row['synthetic_img_s']:,.0f} "
-                                       f"synthetic, stall {row['stall']:.1%}" if "stall" in row else row["error"]),
+                                       f"synthetic, stall {row['stall']:.1%}" + (
+                                           " (median; range {:.1%} to {:.1%})".format(*row["stall_range"])
+                                           if "stall_range" in row else "") if "stall" in row else row["error"]),
               flush=True)
         save()
 
@@ -754,7 +787,7 @@ def replayed(loader, path: str, a, cache_dir: str, device) -> Iterator[tuple[tor
     raw = as_torch(next(iter(dl)))
     shutdown_workers(dl)
     for batch, _ in prefetch(lambda: loader._produce(itertools.repeat(raw)), loader.device, loader.prefetch_batches,
-                             loader.max_ahead):
+                             loader.max_ahead, loader.stream_priority, loader.meter):
         yield images_of(batch), source_images(batch)
 
 

@@ -238,6 +238,22 @@ def test_gpu_backends_reject_specs_they_do_not_implement(backend, shards):
         make_loader(backend, shards[0], shards[2], augment=OtherSpec())
 
 
+@pytest.mark.parametrize("backend", ["nvjpeg", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="no dali"))])
+def test_stream_priority_is_checked_before_any_work(backend, shards):
+    """The GPU backends' `stream_priority`: normal and high build (high maps to the device's highest
+    CUDA priority, 0 without CUDA); any other name fails with the valid ones listed."""
+    from loaders.backends.encoded import cuda_priority
+
+    assert cuda_priority("normal") == 0
+    assert cuda_priority("high") == (torch.cuda.Stream.priority_range()[1] if torch.cuda.is_available() else 0)
+    loader = make_loader(backend, shards[0], shards[2], stream_priority="high")
+    batch = next(iter(loader))  # (the shards hold one undecodable sample: a batch may be one short)
+    assert loader.stream_priority == "high" and batch.images.shape[0] == len(batch) >= BATCH - 1
+    loader.close()
+    with pytest.raises(ValueError, match="normal, high"):
+        make_loader(backend, shards[0], shards[2], stream_priority="urgent")
+
+
 @pytest.mark.skipif(not HAVE_FFCV, reason="ffcv not installed")
 def test_ffcv_conversion_is_cached_and_lists_failures(run, shards):
     import json
@@ -256,6 +272,32 @@ def test_ffcv_conversion_is_cached_and_lists_failures(run, shards):
 
 test_ffcv_conversion_is_cached_and_lists_failures = pytest.mark.parametrize(
     "run", [pytest.param("ffcv")], indirect=True)(test_ffcv_conversion_is_cached_and_lists_failures)
+
+
+def test_prefetch_meter_tells_a_slow_producer_from_a_slow_consumer():
+    """PrefetchMeter: with a producer slower than the consumer the consumer's time goes to waiting
+    for data; with a slower consumer the producer's goes to waiting on a full queue."""
+    import time as _time
+
+    from loaders.backends.encoded import PrefetchMeter, prefetch
+
+    def produce(pause):
+        for i in range(8):
+            _time.sleep(pause)
+            yield i, []
+
+    slow_producer = PrefetchMeter()
+    before = slow_producer.snapshot()
+    assert list(prefetch(lambda: produce(0.03), torch.device("cpu"), depth=2, meter=slow_producer)) == list(range(8))
+    m = PrefetchMeter.per_item(before, slow_producer.snapshot())
+    assert m["items"] == 8 and m["wait_ms"] > 15 and m["produce_ms"] > 25 and m["full_ms"] < 10
+    assert m["throttle_ms"] < 1 and m["pending_share"] == 0  # no max_ahead and no events on CPU
+
+    slow_consumer = PrefetchMeter()
+    for _ in prefetch(lambda: produce(0.0), torch.device("cpu"), depth=2, meter=slow_consumer):
+        _time.sleep(0.03)
+    m = PrefetchMeter.per_item(PrefetchMeter().snapshot(), slow_consumer.snapshot())
+    assert m["items"] == 8 and m["wait_ms"] < 10 and m["full_ms"] > 15 and m["produce_ms"] < 10
 
 
 def test_prefetch_passes_errors_on_and_stops_early():

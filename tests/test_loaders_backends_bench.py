@@ -19,8 +19,10 @@ def test_bench_loaders_tiny_end_to_end(tmp_path, monkeypatch):
         import nvidia.dali  # noqa: F401
     except ImportError:
         backends.remove("dali")
+    stall_backends = ["pil"] + (["dali"] if "dali" in backends else [])
     rc = bench.loaders.main(["--tiny", "--workers", "1", "--backends", ",".join(backends), "--images", "48",
-                             "--stall", "--stall-backends", "pil", "--data-dir", str(tmp_path / "data")])
+                             "--stall", "--stall-backends", ",".join(stall_backends), "--stall-repeats", "2",
+                             "--data-dir", str(tmp_path / "data")])
     assert rc == 0
     (result,) = tmp_path.glob("loaders-*.json")
     out = json.loads(result.read_text())
@@ -34,9 +36,15 @@ def test_bench_loaders_tiny_end_to_end(tmp_path, monkeypatch):
     assert out["shards"]["64"]["rows"] == 48
     if "dali" in rows:
         assert "dali/pil 64px w1" in out["ratios"]
-    (stall,) = out["stall"]
+    stall, *gpu_stall = out["stall"]
     assert stall["backend"] == "pil" and stall["real_img_s"] > 0 and stall["stall"] < 1
+    assert len(stall["pairs"]) == 2  # --stall-repeats: synthetic and real alternate, the median pair is the row's
+    assert stall["stall"] in [p["stall"] for p in stall["pairs"]]
+    assert stall["stall_range"] == [min(p["stall"] for p in stall["pairs"]), max(p["stall"] for p in stall["pairs"])]
     assert out["stall_model"]["synthetic_img_s"] > 0
+    for row in gpu_stall:  # dali (CPU-only here): its prefetch waits come per pair, at the loader priority asked
+        assert row["backend"] == "dali" and row["loader_priority"] == "normal" and "error" not in row
+        assert [p["prefetch"]["items"] for p in row["pairs"]] == [1, 1]  # --tiny: one timed step per run
     assert list(tmp_path.glob("loaders-*.png"))
 
 

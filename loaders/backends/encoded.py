@@ -13,6 +13,7 @@ At ~35 us of worker time per image (H200 host), two workers feed 50k images/s.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import mmap
 import multiprocessing
 import os
@@ -458,8 +459,39 @@ class _Failure:
         self.error = error
 
 
+@dataclasses.dataclass
+class PrefetchMeter:
+    """Where a prefetching loader's time goes, summed over its lifetime (read it before and after a
+    stretch of training and take the difference). Consumer side: `throttle_s` asleep in max_ahead
+    (the GPU still had the queued steps: no stall), `wait_s` waiting for the producer (the batch
+    was not ready: a data stall), `pending` items whose device work was still running when handed
+    over (the step queues behind it on the GPU). Producer side: `produce_s` making items (reading
+    encoded batches from the workers, feeding and running the decoder), `full_s` blocked ahead of
+    the consumer on a full queue."""
+
+    items: int = 0
+    throttle_s: float = 0.0
+    wait_s: float = 0.0
+    pending: int = 0
+    produce_s: float = 0.0
+    full_s: float = 0.0
+
+    def snapshot(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def per_item(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        """ms per item (and the pending share) between two snapshots."""
+        n = max(1, after["items"] - before["items"])
+        out = {"items": after["items"] - before["items"], "pending_share": (after["pending"] - before["pending"]) / n}
+        for k in ("throttle_s", "wait_s", "produce_s", "full_s"):
+            out[k.replace("_s", "_ms")] = (after[k] - before[k]) * 1e3 / n
+        return out
+
+
 def prefetch(produce: Callable[[], Iterator[Any]], device: torch.device, depth: int = 2,
-             max_ahead: int | None = None) -> Iterator[Any]:
+             max_ahead: int | None = None, priority: str = "normal",
+             meter: PrefetchMeter | None = None) -> Iterator[Any]:
     """Run `produce()` in a background thread, `depth` items ahead of the consumer.
 
     On CUDA the producer runs on a side stream; each item's tensors are handed to the
@@ -473,34 +505,48 @@ def prefetch(produce: Callable[[], Iterator[Any]], device: torch.device, depth: 
     then blocks inside a kernel launch *holding the GIL*, which starves this producer thread
     (and any Python feeding the decoder) while the GPU still has work: a data stall.
     None or 0: no limit.
+
+    priority (CUDA): "normal", or "high" for a side stream of the device's highest priority, so
+    the producer's kernels are scheduled ahead of the consumer's queued ones.
+
+    meter: a PrefetchMeter to add this run's waits to.
     """
+    meter = meter if meter is not None else PrefetchMeter()
+    clock = time.perf_counter
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     cuda = device.type == "cuda"
-    side = torch.cuda.Stream(device) if cuda else None
+    side = torch.cuda.Stream(device, priority=cuda_priority(priority)) if cuda else None
     throttle = Throttle(max_ahead, lambda: _cuda_mark(device)) if cuda and max_ahead else None
 
     def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
+        t = clock()
+        try:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+        finally:
+            meter.full_s += clock() - t
 
     def run() -> None:
         try:
             if cuda:
                 torch.cuda.set_device(device)
             with torch.cuda.stream(side) if cuda else _nullcontext():
+                t = clock()
                 for payload, tensors in produce():
                     event = None
                     if cuda:
                         event = torch.cuda.Event()
                         event.record(side)
+                    meter.produce_s += clock() - t
                     if not put((payload, tensors, event)):
                         return
+                    t = clock()
         except BaseException as e:  # re-raised in the consumer
             put(_Failure(e))
             return
@@ -510,15 +556,21 @@ def prefetch(produce: Callable[[], Iterator[Any]], device: torch.device, depth: 
     thread.start()
     try:
         while True:
+            t0 = clock()
             if throttle is not None:
                 throttle.step()
+            t1 = clock()
             item = q.get()
+            meter.throttle_s += t1 - t0
+            meter.wait_s += clock() - t1
             if item is _DONE:
                 return
             if isinstance(item, _Failure):
                 raise item.error
             payload, tensors, event = item
+            meter.items += 1
             if event is not None:
+                meter.pending += not event.query()
                 current = torch.cuda.current_stream(device)
                 current.wait_event(event)
                 for t in tensors:
@@ -532,6 +584,18 @@ def prefetch(produce: Callable[[], Iterator[Any]], device: torch.device, depth: 
             except queue.Empty:
                 pass
         thread.join()
+
+
+STREAM_PRIORITIES = ("normal", "high")
+
+
+def cuda_priority(name: str) -> int:
+    """CUDA stream priority for "normal" (0) or "high" (the device's highest; lower is higher)."""
+    if name not in STREAM_PRIORITIES:
+        raise ValueError(f"stream_priority must be one of {', '.join(STREAM_PRIORITIES)}; got {name!r}")
+    if name == "normal" or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.Stream.priority_range()[1]
 
 
 class Throttle:
@@ -575,7 +639,9 @@ class EncodedLoader(Loader):
     decode_png = False  # whether workers decode PNG rows themselves (the device decoder can't)
 
     def __init__(self, *, streams, batch_size, augment, device, dtype, shuffle, seed, num_workers, cache_dir,
-                 num_canonical_nodes, prefetch_batches: int = 2, prefetch_factor: int = 4, max_ahead: int | None = 2):
+                 num_canonical_nodes, prefetch_batches: int = 2, prefetch_factor: int = 4, max_ahead: int | None = 2,
+                 stream_priority: str = "normal"):
+        priority = cuda_priority(stream_priority)  # a bad name fails before any work
         dataset = make_encoded_dataset(streams, batch_size=batch_size, shuffle=shuffle, seed=seed, cache_dir=cache_dir,
                                        num_canonical_nodes=num_canonical_nodes, augment=augment,
                                        decode_png=self.decode_png)
@@ -583,6 +649,9 @@ class EncodedLoader(Loader):
         self.num_workers = num_workers
         self.prefetch_batches = prefetch_batches
         self.max_ahead = max_ahead  # see prefetch(): batches of GPU work the consumer may queue ahead
+        self.stream_priority = stream_priority  # of the side stream(s) the device half runs on
+        self.meter = PrefetchMeter()  # the consumer's and the prefetch thread's waits, over the loader's life
+        self._priority_value = priority
         self.prefetch_factor = prefetch_factor
         self._dataloader: torch.utils.data.DataLoader | None = None  # persistent workers
         self.maps = ShardMaps(self.dataset)  # where workers' shard offsets are read
@@ -610,7 +679,7 @@ class EncodedLoader(Loader):
                                                   num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
         batches = map(as_torch, iter(self._dataloader))  # workers fork here, in the caller's thread
         for batch, failed in prefetch(lambda: self._produce(batches), self.device, self.prefetch_batches,
-                                      self.max_ahead):
+                                      self.max_ahead, self.stream_priority, self.meter):
             if failed:
                 self._note_skipped(*zip(*failed))
             if batch is not None:
