@@ -78,6 +78,9 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
+ENV_RECORDED = ("CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_VISIBLE_DEVICES")
+
+
 def write_result(suite: str, payload: dict[str, Any], argv: list[str] | None = None, tag: str | None = None) -> Path:
     """Write bench/results/<suite>-<card>-<date>[-<tag>].json with card, versions and command.
     `tag` tells runs of one suite apart on the same day (e.g. the models measured)."""
@@ -89,6 +92,8 @@ def write_result(suite: str, payload: dict[str, Any], argv: list[str] | None = N
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": cmd,
         "versions": versions(),
+        # CUDA settings that change what is measured (read when the CUDA context starts)
+        "env": {k: os.environ[k] for k in ENV_RECORDED if k in os.environ},
         **payload,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

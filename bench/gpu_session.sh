@@ -139,6 +139,41 @@ L11)  # loader streams at high CUDA priority vs normal; where the consumer's and
     --compile-mode reduce-overhead --stall-backends dali,nvjpeg --max-ahead 2 --loader-priority normal,high --stall-repeats 2 \
     --stall-steps 60 --tag stall-lprio-graphs
   ;;
+L12)  # L11 showed the producer held to one batch per step under CUDA graphs: the step on torch's legacy
+      # default stream (which blocking streams synchronize with) vs a non-blocking side stream
+  export CUDA_VISIBLE_DEVICES=0
+  step 300 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 1 --warmup 3 --stall --compile model \
+    --compile-mode reduce-overhead --stall-backends dali,nvjpeg --max-ahead 2 --stall-priority side,normal --stall-repeats 2 \
+    --stall-steps 60 --tag stall-graphs-side
+  step 250 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 1 --warmup 3 --stall --compile model \
+    --stall-backends dali,nvjpeg --max-ahead 2 --stall-priority side --stall-repeats 2 --stall-steps 60 --tag stall-side-meter
+  ;;
+L13)  # L11/L12: under CUDA graphs the producer makes one batch per step whatever the streams. Which CUDA
+      # runtime calls block (frees synchronize the device), and DALI's legacy executor (buffers allocated once)
+  export CUDA_VISIBLE_DEVICES=0
+  step 330 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 1 --warmup 3 --stall --compile model \
+    --compile-mode reduce-overhead --stall-backends dali,nvjpeg --max-ahead 2 --dali-dynamic 1,0 --stall-repeats 2 \
+    --stall-profile 8 --stall-steps 60 --tag stall-graphs-api
+  step 200 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 1 --warmup 3 --stall --compile model \
+    --stall-backends dali --max-ahead 2 --dali-dynamic 1,0 --stall-repeats 2 --stall-steps 60 --tag stall-legacy
+  ;;
+L14)  # L13: ~300 cudaEventSynchronize per step in the decoders, the longest 31 ms (a wait on queued training
+      # work, not on SMs): streams aliased onto CUDA's 8 hardware queues? 32 connections instead
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=32
+  step 300 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 1 --warmup 3 --stall --compile model \
+    --compile-mode reduce-overhead --stall-backends dali,nvjpeg --max-ahead 2 --stall-repeats 2 \
+    --stall-profile 8 --stall-steps 60 --tag stall-graphs-conn32
+  step 200 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 1 --warmup 3 --stall --compile model \
+    --stall-backends dali,nvjpeg --max-ahead 2 --stall-repeats 2 --stall-steps 60 --tag stall-conn32
+  ;;
+L15)  # the code's default now (bench loaders / engine.run call loaders.prepare_cuda: 32 queues) vs 8 in the same call
+  export CUDA_VISIBLE_DEVICES=0
+  step 200 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 1 --warmup 3 --stall --compile model \
+    --compile-mode reduce-overhead --stall-backends dali --max-ahead 2 --stall-repeats 3 --stall-steps 60 --tag stall-graphs-q32
+  step 130 env CUDA_DEVICE_MAX_CONNECTIONS=8 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 1 \
+    --warmup 3 --stall --compile model --compile-mode reduce-overhead --stall-backends dali --max-ahead 2 --stall-steps 60 \
+    --tag stall-graphs-q8
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;

@@ -385,7 +385,9 @@ def profile_steps(step: Callable, batches: Iterator[tuple[torch.Tensor, int]], s
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # device activity only: little host overhead
+        # device activity, plus the CUDA runtime calls of every thread (which of them block: frees,
+        # host allocations, synchronizations); aten ops are not recorded, so the host overhead stays small
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             sync(device)
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -421,6 +423,7 @@ def stream_summary(events: list[dict], steps: int, wall: float) -> dict:
                 end = b_
         out["streams"][str(sid)] = {"busy_ms_per_step": busy / 1e3 / steps, "kernels_per_step": st["count"] / steps,
                                     "top": [[n, round(t / 1e3 / steps, 4)] for n, t in st["names"].most_common(6)]}
+    out["runtime_api"] = runtime_calls(events, steps)
     ranked = sorted(out["streams"].items(), key=lambda kv: -kv[1]["busy_ms_per_step"])
     out["summary"] = f"{out['wall_ms_per_step']:.2f} ms/step wall; " + "; ".join(
         f"stream {k}: {v['busy_ms_per_step']:.2f} ms busy, {v['kernels_per_step']:.0f} ops" for k, v in ranked[:4])
@@ -429,7 +432,26 @@ def stream_summary(events: list[dict], steps: int, wall: float) -> dict:
         g = out["gaps"]
         out["summary"] += (f"; training stream idle {g['idle_ms_per_step']:.2f} ms/step, of which "
                            f"{g['data_wait_ms_per_step']:.2f} ended by another stream's op")
+    if out["runtime_api"]:
+        out["summary"] += "; runtime calls (per step: n, ms, longest ms): " + ", ".join(
+            f"{n} {c:g} {t:.2f} {m:.2f}" for n, c, t, m in out["runtime_api"][:6])
     return out
+
+
+def runtime_calls(events: list[dict], steps: int, top: int = 10) -> list[list]:
+    """CUDA runtime/driver calls of all threads by name: [name, calls per step, ms per step, longest
+    ms], the costliest first (a cudaFree or cudaFreeHost waits for the whole device)."""
+    calls: dict[str, list[float]] = {}
+    for ev in events:
+        if ev.get("ph") != "X" or ev.get("cat") not in ("cuda_runtime", "cuda_driver"):
+            continue
+        c = calls.setdefault(ev.get("name", "?"), [0, 0.0, 0.0])
+        dur = float(ev.get("dur", 0)) / 1e3
+        c[0] += 1
+        c[1] += dur
+        c[2] = max(c[2], dur)
+    ranked = sorted(calls.items(), key=lambda kv: -kv[1][1])[:top]
+    return [[n, round(c / steps, 2), round(t / steps, 3), round(m, 3)] for n, (c, t, m) in ranked]
 
 
 def training_gaps(streams: dict, train: str, steps: int, min_gap_us: float = 20.0, slack_us: float = 30.0) -> dict:
@@ -522,6 +544,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dali-no-copy", default="1",
                    help="1: DALI reads the fed images in place (no copy); a comma list ('0,1') sweeps both")
     p.add_argument("--dali-queue", default="2", help="DALI's prefetch_queue_depth; a comma list sweeps it")
+    p.add_argument("--dali-dynamic", default="",
+                   help="DALI's execution model: 1 dynamic, 0 legacy (buffers allocated once); empty: DALI's default; "
+                        "a comma list sweeps it")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--data-dir", default=None, help="where to build the shards (default: a temp dir, removed)")
@@ -576,6 +601,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse(argv)
+    from loaders import prepare_cuda
+
+    prepare_cuda()  # what engine.run does: 32 CUDA hardware queues unless the environment chose (e.g. 8 for an A/B)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, a.dtype)
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
@@ -694,11 +722,13 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
     if a.stall_replay:  # the device half alone: one encoded batch decoded again and again, no workers
         runs += [(b, int(a.max_ahead.split(",")[0]), True) for b in gpu_backends if b in {r[0] for r in runs}]
     lprios = [p.strip() for p in a.loader_priority.split(",") if p.strip()]
-    runs = [r + (prio, gil, lp) for r in runs for prio in priorities for gil in gils
-            for lp in (lprios if r[0] in gpu_backends else [None])]
-    for backend, ahead, replay, prio, gil, lprio in runs:
-        def run(backend=backend, ahead=ahead, replay=replay, prio=prio, gil=gil, lprio=lprio):
-            opts = {k: dict(v) for k, v in options.items()}
+    combos = dali_options(a)  # each DALI settings combination gets its own stall rows
+    runs = [r + (prio, gil, lp, ci) for r in runs for prio in priorities for gil in gils
+            for lp in (lprios if r[0] in gpu_backends else [None])
+            for ci in (range(len(combos)) if r[0] == "dali" else [0])]
+    for backend, ahead, replay, prio, gil, lprio, ci in runs:
+        def run(backend=backend, ahead=ahead, replay=replay, prio=prio, gil=gil, lprio=lprio, ci=ci):
+            opts = {k: dict(v) for k, v in options.items()} | {"dali": dict(combos[ci])}
             if ahead is not None:
                 opts.setdefault(backend, {})["max_ahead"] = ahead
             if lprio is not None:
@@ -744,10 +774,13 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
 
         row = {"backend": backend + (" replay" if replay else ""), "size": a.stall_size, "workers": 0 if replay else w,
                "max_ahead": ahead, "priority": prio, "gil_interval_s": gil, "loader_priority": lprio}
+        if backend == "dali":
+            row["options"] = combos[ci]
         row |= guarded(f"stall {row['backend']}", run)
         payload["stall"].append(row)
         label = (row["backend"] if ahead is None else f"{row['backend']} max_ahead={ahead}") + f" {prio}" + \
-            (f" gil={gil}" if gil else "") + (f" loader={lprio}" if lprio else "")
+            (f" gil={gil}" if gil else "") + (f" loader={lprio}" if lprio else "") + \
+            (f" exec_dynamic={combos[ci]['exec_dynamic']}" if backend == "dali" and "exec_dynamic" in combos[ci] else "")
         for pair in row.get("pairs", [row]):
             if "prefetch" in pair:
                 m = pair["prefetch"]
@@ -793,9 +826,11 @@ def replayed(loader, path: str, a, cache_dir: str, device) -> Iterator[tuple[tor
 
 def dali_options(a) -> list[dict[str, Any]]:
     """The dali backend's settings: every combination of the comma lists (the first is the default)."""
+    dynamic = [bool(int(x)) for x in a.dali_dynamic.split(",") if x.strip()] or [None]
     return [{"dali_threads": int(t), "hw_decoder_load": float(h), "no_copy": bool(int(c)), "prefetch_queue_depth": int(q)}
-            for t, h, c, q in itertools.product(a.dali_threads.split(","), a.hw_decoder_load.split(","),
-                                                a.dali_no_copy.split(","), a.dali_queue.split(","))]
+            | ({} if d is None else {"exec_dynamic": d})
+            for t, h, c, q, d in itertools.product(a.dali_threads.split(","), a.hw_decoder_load.split(","),
+                                                   a.dali_no_copy.split(","), a.dali_queue.split(","), dynamic)]
 
 
 def variants(a, backends: list[str]) -> list[tuple[str, str, dict[str, dict]]]:
@@ -810,7 +845,8 @@ def variants(a, backends: list[str]) -> list[tuple[str, str, dict[str, dict]]]:
         for o in combos:
             label = "dali" if len(combos) == 1 else (
                 f"dali t{o['dali_threads']} hw{o['hw_decoder_load']:g} {'nocopy' if o['no_copy'] else 'copy'} "
-                f"q{o['prefetch_queue_depth']}")
+                f"q{o['prefetch_queue_depth']}" + ("" if "exec_dynamic" not in o else
+                                                   " dynamic" if o["exec_dynamic"] else " legacy"))
             out.append((backend, label, {"dali": o}))
     return out
 

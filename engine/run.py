@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_plan(cfg, plan, tuple(args.gpus)))
         return 0
 
+    from loaders import prepare_cuda
+
+    prepare_cuda()  # 32 CUDA hardware queues (unless set): the GPU decoders' syncs stop queueing behind the step
     from engine.train import Trainer, TrainingStopped
 
     run_dir = Path(cfg.run.dir or Path("runs") / (cfg.run.name or "run"))

@@ -155,11 +155,18 @@ class Trainer:
             if regions is not None:  # the objective says what to compile (e.g. DINOv2: per block)
                 regions()
             elif self.dist.world == 1:
-                self.model.compile()  # one graph: fuses masking, embeddings and loss too
+                self.model.compile(mode=cfg.model.compile_mode)  # one graph: fuses masking, embeddings and loss too
             else:
                 for block in self._blocks():  # per block, so FSDP2 can hook between blocks
                     block.compile()
         self.micro_batch, self.accum_steps = batch_geometry(cfg, self.dist.world)
+        from engine.config import CUDA_GRAPH_MODES
+
+        self.graphs = cfg.model.compile and cfg.model.compile_mode in CUDA_GRAPH_MODES
+        if self.graphs and (self.dist.world > 1 or self.accum_steps > 1):
+            raise ValueError(f"model.compile_mode={cfg.model.compile_mode} (CUDA graphs) runs the whole-model step on "
+                             f"one GPU without accumulation; this run has {self.dist.world} ranks and "
+                             f"{self.accum_steps} micro-batches per step")
         self._wrap_distributed()
         self.loader = self._build_loader()
         num_samples = estimate_samples(cfg)
@@ -288,6 +295,8 @@ class Trainer:
     def train_step(self, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (loss or 0 if skipped, 1 or 0 for taken/skipped, grad norm) on the device."""
         accum = len(micro_batches)
+        if self.graphs:  # a new step: the last step's graph outputs may be overwritten (all were read)
+            torch.compiler.cudagraph_mark_step_begin()
         loss_sum = torch.zeros((), device=self.device)
         hooks = getattr(self.model, "on_step_start", None)
         if hooks:

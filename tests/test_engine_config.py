@@ -32,6 +32,8 @@ def test_defaults_and_overrides():
         ("objective.mae.mask_ratio=1.5", "mask_ratio"),
         ("model=3", "expected a section"),
         ("novalue", "key.sub=value"),
+        ("model.compile_mode=fast", "expected 'default' | 'reduce-overhead'"),
+        ("model.compile_mode=reduce-overhead", "needs model.compile: true"),
     ],
 )
 def test_bad_overrides_name_the_key(override, needle):
@@ -78,3 +80,15 @@ def test_vit_g_dry_run_cli():
     assert r.returncode == 0, r.stderr
     assert "encoder 1,011.2 M (1.011 B)" in r.stdout
     assert "FLOP" in r.stdout and "80 GB H100" in r.stdout
+
+
+def test_cuda_graph_compile_mode_is_for_the_whole_model_mae_step():
+    """model.compile_mode=reduce-overhead replays the whole MAE step as CUDA graphs: refused with
+    gradient accumulation and for DINOv2 (compiled per block), accepted for MAE."""
+    base = ["model.compile=true", "model.compile_mode=reduce-overhead"]
+    cfg = load_config(ROOT / "recipes" / "quickstart.yaml", base)
+    assert cfg.model.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match="without gradient accumulation"):
+        load_config(ROOT / "recipes" / "quickstart.yaml", base + ["train.accum_steps=2"])
+    with pytest.raises(ConfigError, match="whole-model MAE step"):
+        load_config(ROOT / "recipes" / "quickstart_dinov2.yaml", base)

@@ -182,3 +182,18 @@ def test_data_options_reach_the_backend_in_use(tmp_path, shards):
         load_config(None, TINY + [f"data.shards={shards}", "data.options={dalli: {max_ahead: 3}}"])
     with pytest.raises(ConfigError, match="must map a backend"):
         load_config(None, TINY + [f"data.shards={shards}", "data.options={cpu: 3}"])
+
+
+def test_cuda_graph_mode_compiles_the_whole_model_and_marks_each_step(tmp_path, shards, monkeypatch):
+    """model.compile_mode=reduce-overhead: the whole MAE model is compiled in that mode and every
+    optimizer step starts a new CUDA-graph step (so the last step's graph outputs may be reused).
+    The compile itself is recorded, not run: CUDA graphs need a GPU (measured with bench loaders)."""
+    modes, marks = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append((type(self).__name__, kw)))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    t = make(tmp_path, shards, "model.compile=true", "model.compile_mode=reduce-overhead", "train.steps=3",
+             "checkpoint.every_steps=10")
+    assert modes == [("MaskedAutoencoder", {"mode": "reduce-overhead"})]
+    assert t.fit()["complete"] and len(marks) == 3
+    t2 = make(tmp_path / "b", shards, "model.compile=true", "train.steps=2", "checkpoint.every_steps=10")
+    assert modes[-1] == ("MaskedAutoencoder", {"mode": None}) and not t2.graphs

@@ -391,11 +391,13 @@ def test_sample_rng_is_python_random_with_the_sample_key():
 
 
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
-def test_dali_no_copy_feed_gives_the_same_batches(run, shards):
+@pytest.mark.parametrize("settings", [{"no_copy": True}, {"exec_dynamic": False}], ids=["no_copy", "legacy_executor"])
+def test_dali_no_copy_feed_gives_the_same_batches(run, shards, settings):
     """no_copy=True: DALI reads the fed image views in place (shard maps / batch buffers kept
-    alive until their batch comes back); same samples, crops and skips as the copying feed."""
+    alive until their batch comes back); same samples, crops and skips as the copying feed. The
+    same with DALI's legacy executor (exec_dynamic=False)."""
     _, _, epochs, _ = run
-    loader = make_loader("dali", shards[0], shards[2], no_copy=True)
+    loader = make_loader("dali", shards[0], shards[2], **settings)
     try:
         batches = list(loader)
     finally:
@@ -432,3 +434,28 @@ def test_throttle_waits_on_the_oldest_marks_beyond_max_ahead():
     assert waited == [0, 1, 2] and [m.i for m in throttle.pending] == [3, 4]
     with pytest.raises(ValueError):
         Throttle(0, Mark)
+
+
+def test_prepare_cuda_sets_the_hardware_queues_only_when_it_can(monkeypatch, caplog):
+    """loaders.prepare_cuda: 32 CUDA hardware queues unless the environment chose; "late" (and
+    build_loader's one warning for a GPU decoder) once CUDA has started, when it cannot apply."""
+    import loaders.loader as L
+    from loaders import prepare_cuda
+
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert prepare_cuda() == "set" and os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+    assert prepare_cuda() == "kept" and os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert prepare_cuda() == "late" and "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+    monkeypatch.setattr(L, "_warned_connections", False)
+    with caplog.at_level("WARNING", logger="loaders"):
+        L._check_cuda_queues(torch.device("cpu"), "dali")  # CPU: nothing to say
+        assert not caplog.records
+        L._check_cuda_queues(torch.device("cuda", 0), "cpu")  # the CPU decoder has no device streams
+        assert not caplog.records
+        L._check_cuda_queues(torch.device("cuda", 0), "dali")
+        L._check_cuda_queues(torch.device("cuda", 0), "nvjpeg")  # once per process
+    assert len(caplog.records) == 1 and "CUDA_DEVICE_MAX_CONNECTIONS=32" in caplog.text

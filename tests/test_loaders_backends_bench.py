@@ -60,8 +60,14 @@ def test_stall_profile_digest_by_stream():
         {"ph": "X", "cat": "kernel", "name": "dali::cmn", "ts": 7, "dur": 4, "args": {"stream": 21}},  # overlaps
         {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 12, "dur": 2, "args": {"stream": 21}},
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0, "dur": 3},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 4, "dur": 5},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaFree", "ts": 9, "dur": 4000},
     ]
     out = stream_summary(ev, steps=2, wall=0.001)
+    # runtime calls of all threads, costliest first: [name, calls/step, ms/step, longest ms]
+    assert out["runtime_api"] == [["cudaFree", 0.5, 2.0, 4.0], ["cudaLaunchKernel", 1.0, 0.004, 0.005]]
+    assert "cudaFree 0.5 2.00 4.00" in out["summary"]
     assert out["wall_ms_per_step"] == 0.5
     assert out["streams"]["7"]["busy_ms_per_step"] == 0.01  # 20 us over 2 steps
     assert out["streams"]["21"]["busy_ms_per_step"] == 0.004  # 6 us of kernels (5..11) + 2 us copy

@@ -44,15 +44,16 @@ def roi(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, std, device: torch.device,
                    out_dtype: torch.dtype, num_threads: int, hw_decoder_load: float, prefetch_queue_depth: int,
-                   source=None, no_copy: bool = False, stream_priority: int = 0) -> "Pipeline":
+                   source=None, no_copy: bool = False, exec_dynamic: bool | None = None) -> "Pipeline":
     """The decode -> crop/resize/flip -> normalize graph. Inputs come from `source`
     (a batch callback returning jpegs, then roi_start and roi_end per crop) or, with
     source=None, from `pipe.run(jpegs=..., roi_start_0=..., roi_end_0=..., ...)`.
 
     One resized crop per entry of `sizes` from the one decoded image, normalized here into
     `out_dtype` CHW (`normalize`, the single-view spec) or output as uint8 CHW (multi-crop: the
-    photometric ops and normalization run batched in torch). stream_priority: CUDA priority of
-    DALI's streams (0 default, negative higher)."""
+    photometric ops and normalization run batched in torch). exec_dynamic: DALI's execution
+    model (None: DALI's default, the dynamic one for an asynchronous pipeline; False: the legacy
+    executor, whose buffers are allocated once)."""
     gpu = device.type == "cuda"
     pipe = Pipeline(
         batch_size=batch_size,
@@ -61,7 +62,7 @@ def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, 
         prefetch_queue_depth=prefetch_queue_depth,
         exec_pipelined=source is not None,
         exec_async=source is not None,
-        default_cuda_stream_priority=stream_priority if gpu else 0,
+        **({} if exec_dynamic is None or source is None else {"exec_dynamic": exec_dynamic}),
     )
     with pipe:
         names = ["jpegs"] + [f"roi_{end}_{k}" for k in range(len(sizes)) for end in ("start", "end")]
@@ -132,7 +133,10 @@ class DaliLoader(EncodedLoader):
     def __init__(self, *, streams, batch_size, augment, device, dtype, shuffle, seed, num_workers, cache_dir,
                  num_canonical_nodes, dali_threads: int | None = None, hw_decoder_load: float = 1.0,
                  prefetch_queue_depth: int = 2, prefetch_batches: int = 2, prefetch_factor: int = 4,
-                 no_copy: bool = True, max_ahead: int | None = 2, stream_priority: str = "normal"):
+                 no_copy: bool = True, max_ahead: int | None = 2, stream_priority: str = "normal",
+                 exec_dynamic: bool | None = None):
+        # stream_priority: of the side stream the outputs are copied on (DALI 2.4 ignores its own
+        # `default_cuda_stream_priority`, deprecated), so it reaches only that copy
         if Pipeline is None:
             raise RuntimeError("the dali backend needs nvidia-dali (pip install nvidia-dali-cuda130)")
         super().__init__(streams=streams, batch_size=batch_size, augment=augment, device=device, dtype=dtype,
@@ -148,6 +152,7 @@ class DaliLoader(EncodedLoader):
         # DALI reads the fed arrays in place instead of copying them (they stay alive in
         # `_Feed.inflight` until the pipeline returns their batch)
         self.no_copy = no_copy
+        self.exec_dynamic = exec_dynamic  # DALI's execution model (see build_pipeline)
         self._single: Pipeline | None = None  # batch-of-one pipeline that finds undecodable samples
         self._pipe: Pipeline | None = None
         self._feed: _Feed | None = None
@@ -161,8 +166,7 @@ class DaliLoader(EncodedLoader):
             std=self.augment.std, device=self.device, num_threads=self.dali_threads,
             hw_decoder_load=self.hw_decoder_load,
             prefetch_queue_depth=self.prefetch_queue_depth if source is not None else 1, source=source,
-            out_dtype=self._out_dtype, no_copy=self.no_copy and source is not None,
-            stream_priority=self._priority_value)
+            out_dtype=self._out_dtype, no_copy=self.no_copy and source is not None, exec_dynamic=self.exec_dynamic)
 
     def _inputs(self, raw: dict[str, Any]) -> list:
         """[jpegs, roi_start_0, roi_end_0, roi_start_1, ...]: the pipeline's inputs for one batch

@@ -641,7 +641,7 @@ class EncodedLoader(Loader):
     def __init__(self, *, streams, batch_size, augment, device, dtype, shuffle, seed, num_workers, cache_dir,
                  num_canonical_nodes, prefetch_batches: int = 2, prefetch_factor: int = 4, max_ahead: int | None = 2,
                  stream_priority: str = "normal"):
-        priority = cuda_priority(stream_priority)  # a bad name fails before any work
+        cuda_priority(stream_priority)  # a bad name fails before any work
         dataset = make_encoded_dataset(streams, batch_size=batch_size, shuffle=shuffle, seed=seed, cache_dir=cache_dir,
                                        num_canonical_nodes=num_canonical_nodes, augment=augment,
                                        decode_png=self.decode_png)
@@ -651,7 +651,6 @@ class EncodedLoader(Loader):
         self.max_ahead = max_ahead  # see prefetch(): batches of GPU work the consumer may queue ahead
         self.stream_priority = stream_priority  # of the side stream(s) the device half runs on
         self.meter = PrefetchMeter()  # the consumer's and the prefetch thread's waits, over the loader's life
-        self._priority_value = priority
         self.prefetch_factor = prefetch_factor
         self._dataloader: torch.utils.data.DataLoader | None = None  # persistent workers
         self.maps = ShardMaps(self.dataset)  # where workers' shard offsets are read
