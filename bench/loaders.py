@@ -9,9 +9,13 @@ device and the device has synchronized), CPU cores busy (process + worker CPU ti
 time) and the GPU's busy share while loading. Each backend runs on its own: one that
 fails records its error and the others still run; results are written after each one.
 
-    python -m bench loaders                          # all backends, 256 and 512 px, 4 workers
+    python -m bench loaders                          # all backends, 256 and 512 px, 2 workers
     python -m bench loaders --workers 4,15 --stall   # + the PIL baseline with more cores, + MAE stall
+    python -m bench loaders --sizes 256 --stall --stall-backends dali,nvjpeg --compile model \
+        --compile-mode reduce-overhead --stall-repeats 3   # the stall with the step as CUDA graphs
     python -m bench loaders --tiny                   # seconds on a CPU: checks the script end to end
+
+CUDA gets 32 hardware queues (loaders.prepare_cuda) unless CUDA_DEVICE_MAX_CONNECTIONS is set.
 """
 from __future__ import annotations
 

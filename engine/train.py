@@ -412,11 +412,18 @@ class Trainer:
         good_acc = torch.zeros((), device=self.device)
         images_since, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
         last_log_step = self.step
+        # host time in next(batch) per step, less the GPU loaders' max_ahead sleeps (the GPU still had
+        # queued steps then): the time the loop waited for data
+        meter = getattr(self.loader, "meter", None)
+        throttle_seen = meter.throttle_s if meter is not None else 0.0
+        data_wait = 0.0
         try:
             self.model.train()
             while self.step < stop_at:
                 lr = self.set_lr()
+                t_data = time.perf_counter()
                 micro = [next(data) for _ in range(self.accum_steps)]
+                data_wait += time.perf_counter() - t_data
                 loss, good, grad_norm = self.train_step(micro)
                 loss_acc += loss
                 good_acc += good
@@ -438,6 +445,11 @@ class Trainer:
                         "nonfinite_total": int(self.nonfinite_total),
                         "time": now - t_start,
                     }
+                    if meter is not None:
+                        data_wait -= meter.throttle_s - throttle_seen
+                        throttle_seen = meter.throttle_s
+                    row["data_wait_ms"] = max(0.0, data_wait) * 1e3 / max(1, self.step - last_log_step)
+                    data_wait = 0.0
                     if self.loader is not None:
                         row["skipped_samples"] = self.loader.skipped
                     for key, total in self.terms.items():  # mean over the steps since the last line
