@@ -574,8 +574,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "non-blocking stream, default priority), high (the same at the highest priority) (a comma list "
                         "repeats each stall run, its synthetic baseline included, for each)")
     p.add_argument("--loader-priority", default="normal",
-                   help="GPU backends: CUDA priority of the loader's streams in the stall runs, normal or high "
-                        "(decode and copy kernels scheduled ahead of the step's); a comma list repeats each run")
+                   help="GPU backends: CUDA priority of the loader's prefetch stream in the stall runs, normal or "
+                        "high (nvjpeg's crops and DALI's output copy; DALI 2.4 has no priority for its own streams); "
+                        "a comma list repeats each run")
     p.add_argument("--stall-repeats", type=int, default=1,
                    help="alternate synthetic and real runs this many times per stall row; the row reports the "
                         "median stall and every pair (the card's rate drifts between runs)")
@@ -586,7 +587,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "0.005); a comma list repeats each stall run for each")
     p.add_argument("--stall-profile", type=int, default=0,
                    help="after each stall run (and its synthetic baseline), profile this many more steps and "
-                        "report GPU kernel time per step by CUDA stream (training vs loader)")
+                        "report GPU kernel time per step by CUDA stream (training vs loader) and the CUDA runtime "
+                        "calls of all threads (count, ms, longest: which of them block)")
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--compile", nargs="?", const="model", default=None, choices=["model", "blocks"],
                    help="torch.compile the stall model: the whole MAE model, as engine.run does on one GPU "
