@@ -216,6 +216,12 @@ def plot_curves(run: Run, path: Path) -> Path | None:
     axes[0].set_xlabel("step")
     if ips:
         axes[1].plot(*zip(*ips), lw=1, color="C1")
+    waits = [(r["step"], r["data_wait_ms"]) for r in rows if r.get("data_wait_ms") is not None]
+    if waits:  # host time per step waiting for a batch: where a data stall shows
+        twin = axes[1].twinx()
+        twin.plot(*zip(*waits), lw=1, ls="--", color="C3")
+        twin.set_ylabel("data wait (ms/step, dashed)", color="C3", fontsize=8)
+        twin.set_ylim(bottom=0)
     axes[1].set_title("throughput (images/s)")
     axes[1].set_xlabel("step")
     if eval_rows:

@@ -16,7 +16,7 @@ def fake_run(root: Path, name: str, model: str, objective: str, params: int, ste
     run = root / name
     (run / "eval").mkdir(parents=True)
     (run / "config.yaml").write_text(f"model:\n  name: {model}\n  img_size: 224\nobjective:\n  name: {objective}\n")
-    rows = [{"step": s, "epoch": s // 10, "loss": 2.0 / (1 + s), "lr": 1e-3, "img_per_s": 900.0 + s, "time": float(s)} for s in range(1, 31)]
+    rows = [{"step": s, "epoch": s // 10, "loss": 2.0 / (1 + s), "lr": 1e-3, "img_per_s": 900.0 + s, "data_wait_ms": 0.1 * (s % 5), "time": float(s)} for s in range(1, 31)]
     rows.append({"step": 30, "epoch": 3, "eval/pathmnist/auc": 0.7, "eval/chestmnist/auc": 0.6})
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"step\": 31, \"lo")  # torn last line
     if with_eval:
