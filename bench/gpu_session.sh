@@ -174,6 +174,13 @@ L15)  # the code's default now (bench loaders / engine.run call loaders.prepare_
     --warmup 3 --stall --compile model --compile-mode reduce-overhead --stall-backends dali --max-ahead 2 --stall-steps 60 \
     --tag stall-graphs-q8
   ;;
+L16)  # next: the stall in engine.run's own loop (CUDA graphs), and loader throughput at 8 vs 32 CUDA queues (6 s windows)
+  export CUDA_VISIBLE_DEVICES=0
+  step 300 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall-engine \
+    --stall-backends dali,nvjpeg --compile model --compile-mode reduce-overhead --stall-steps 80 --tag engine-stall
+  step 130 env CUDA_DEVICE_MAX_CONNECTIONS=8 python3 -m bench loaders --backends dali,nvjpeg --workers 2 --seconds 6 --tag q8
+  step 130 python3 -m bench loaders --backends dali,nvjpeg --workers 2 --seconds 6 --tag q32
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;

@@ -560,6 +560,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "baseline cuts them with torchvision v2 per crop. img/s counts source images")
     p.add_argument("--breakdown", action="store_true",
                    help="also measure the workers alone and each GPU backend's device half alone (what bounds it)")
+    p.add_argument("--stall-engine", action="store_true",
+                   help="also the stall of engine.run's own training loop (engine.train.Trainer: the MAE recipe of "
+                        "--model, batch --batch-size, no accumulation, --compile/--compile-mode) with each of "
+                        "--stall-backends that the engine has (not pil) against data.shards=synthetic")
     p.add_argument("--stall-backends", default="dali,nvjpeg,cpu,pil")
     p.add_argument("--stall-steps", type=int, default=40)
     p.add_argument("--stall-replay", action="store_true",
@@ -626,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {"dali": dali_options(a)[0]}
     payload: dict[str, Any] = {
         "config": {k: v for k, v in vars(a).items()} | {"device": str(device), "host_cores": cores},
-        "shards": {}, "throughput": [], "breakdown": [], "stall": [], "ratios": {}, "notes": [],
+        "shards": {}, "throughput": [], "breakdown": [], "stall": [], "engine_stall": [], "ratios": {}, "notes": [],
     }
     out_path: list[Path] = []
 
@@ -647,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
 
     try:
-        for size in sorted(set(sizes) | ({a.stall_size} if a.stall else set())):
+        for size in sorted(set(sizes) | ({a.stall_size} if a.stall or a.stall_engine else set())):
             # Enough rows that epoch boundaries are rare even at 30k img/s (~0.5-0.9 GB per set).
             rows = a.images or (20000 if size <= 256 else 8000)
             t = time.perf_counter()
@@ -676,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
             breakdown(a, payload, device, dtype, cache_dir, guarded, save, options)
         if a.stall:
             stall(a, payload, device, dtype, cache_dir, guarded, save, options)
+        if a.stall_engine:
+            engine_stall(a, payload, device, data_root, guarded, save)
     finally:
         if not a.data_dir:
             shutil.rmtree(data_root, ignore_errors=True)
@@ -801,6 +807,77 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
                                            " (median; range {:.1%} to {:.1%})".format(*row["stall_range"])
                                            if "stall_range" in row else "") if "stall" in row else row["error"]),
               flush=True)
+        save()
+
+
+def engine_options(a, device: torch.device, run_dir: Path, shards: str, backend: str | None) -> list[str]:
+    """engine.run overrides for the engine stall runs: the MAE recipe of --model at --crop, one
+    micro-batch of --batch-size per step, logged every quarter of --stall-steps after a warm-up."""
+    every = max(1, a.stall_steps // 4)
+    warm = -(-max(1, a.warmup) // every)  # logging intervals dropped as warm-up
+    patch = 16 if a.crop % 16 == 0 and a.crop >= 64 else 8
+    out = [f"model.name={a.model}", f"model.img_size={a.crop}", f"model.patch_size={patch}",
+           f"train.batch_size={a.batch_size}", f"train.micro_batch={a.batch_size}", f"train.device={device.type}",
+           f"train.steps={every * (warm + 4)}", f"log.every_steps={every}", "log.progress=false",
+           "log.tensorboard=false", f"checkpoint.every_steps={every * (warm + 4) + 1}", "optim.warmup_steps=1",
+           f"run.dir={run_dir}", f"model.compile={'true' if a.compile else 'false'}",
+           "train.precision=auto", "model.kernels=auto", "eval.data=null"]
+    if a.compile and a.compile_mode:
+        out.append(f"model.compile_mode={a.compile_mode}")
+    if backend is None:
+        out.append("data.shards=synthetic")
+    else:
+        out += [f"data.shards={shards}", f"data.backend={backend}", f"data.workers={int(a.workers.split(',')[0])}",
+                f"data.cache_dir={run_dir.parent / 'engine-cache'}"]
+    return out
+
+
+def engine_rate(rows: list[dict], every: int, batch: int, skip: int) -> tuple[float, float]:
+    """(img/s, data wait ms per step) over the logged intervals after the first `skip` (each interval
+    holds the same images, so img/s is their harmonic mean)."""
+    kept = [r for r in rows if "img_per_s" in r][skip:]
+    if not kept:
+        raise RuntimeError("the engine run logged no interval after its warm-up")
+    seconds = sum(every * batch / r["img_per_s"] for r in kept)
+    return len(kept) * every * batch / seconds, sum(r.get("data_wait_ms", 0.0) for r in kept) / len(kept)
+
+
+def engine_stall(a, payload, device, data_root: Path, guarded, save) -> None:
+    """The data stall of engine.run's training loop itself: a synthetic run, then one per backend."""
+    from engine.config import load_config
+    from engine.train import Trainer
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / (
+        "vit_b_mae.yaml" if a.model == "vit_base_patch16_224" else "quickstart.yaml")
+    path = payload["shards"][str(a.stall_size)]["path"]
+    every = max(1, a.stall_steps // 4)
+    skip = -(-max(1, a.warmup) // every)
+    backends = [b.strip() for b in a.stall_backends.split(",") if b.strip() and b.strip() != "pil"]
+    synthetic: dict[str, float] = {}
+    for backend in [None] + backends:
+        def run(backend=backend):
+            run_dir = data_root / f"engine-{backend or 'synthetic'}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            cfg = load_config(recipe, engine_options(a, device, run_dir, path, backend))
+            with open(os.devnull, "w") as quiet:
+                Trainer(cfg, run_dir, out=quiet).fit()
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            rate, wait = engine_rate(rows, every, a.batch_size, skip)
+            out = {"img_s": rate, "data_wait_ms": wait}
+            if backend is not None and "img_s" in synthetic:
+                out["stall"] = 1 - rate / synthetic["img_s"]
+            return out
+
+        row = {"backend": backend or "synthetic", "size": a.stall_size, "recipe": recipe.name,
+               "compile": a.compile, "compile_mode": a.compile_mode} | guarded(f"engine stall {backend}", run)
+        if backend is None:
+            synthetic.update(row)
+        payload["engine_stall"].append(row)
+        print(f"engine stall {row['backend']:>9}: " + (
+            f"{row['img_s']:,.0f} img/s, data wait {row['data_wait_ms']:.2f} ms/step"
+            + (f", stall {row['stall']:.1%}" if "stall" in row else "") if "img_s" in row else row["error"]),
+            flush=True)
         save()
 
 
@@ -956,6 +1033,12 @@ def report(payload: dict) -> None:
                       "error": (r.get("error") or "")[:60]} for r in payload["stall"]],
                     ["backend", "max ahead", "priority", "gil", "real img/s", "synthetic img/s", "stall", "cores",
                      "error"])
+    if payload.get("engine_stall"):
+        print("\nengine.run's own loop (engine.train.Trainer):")
+        print_table([{"data": r["backend"], "img/s": r.get("img_s", float("nan")),
+                      "data wait ms/step": r.get("data_wait_ms", float("nan")),
+                      "stall": r.get("stall", "-"), "error": (r.get("error") or "")[:60]}
+                     for r in payload["engine_stall"]], ["data", "img/s", "data wait ms/step", "stall", "error"])
 
 
 def plot(json_path: Path, payload: dict) -> None:

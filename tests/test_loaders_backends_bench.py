@@ -19,9 +19,10 @@ def test_bench_loaders_tiny_end_to_end(tmp_path, monkeypatch):
         import nvidia.dali  # noqa: F401
     except ImportError:
         backends.remove("dali")
-    stall_backends = ["pil"] + (["dali"] if "dali" in backends else [])
+    stall_backends = ["pil"] + (["dali"] if "dali" in backends else ["cpu"])
     rc = bench.loaders.main(["--tiny", "--workers", "1", "--backends", ",".join(backends), "--images", "48",
                              "--stall", "--stall-backends", ",".join(stall_backends), "--stall-repeats", "2",
+                             "--stall-engine",
                              "--data-dir", str(tmp_path / "data")])
     assert rc == 0
     (result,) = tmp_path.glob("loaders-*.json")
@@ -42,8 +43,14 @@ def test_bench_loaders_tiny_end_to_end(tmp_path, monkeypatch):
     assert stall["stall"] in [p["stall"] for p in stall["pairs"]]
     assert stall["stall_range"] == [min(p["stall"] for p in stall["pairs"]), max(p["stall"] for p in stall["pairs"])]
     assert out["stall_model"]["synthetic_img_s"] > 0
-    for row in gpu_stall:  # dali (CPU-only here): its prefetch waits come per pair, at the loader priority asked
-        assert row["backend"] == "dali" and row["loader_priority"] == "normal" and "error" not in row
+    # --stall-engine: engine.run's Trainer with synthetic data, then with each engine backend asked (not pil)
+    engine_rows = {r["backend"]: r for r in out["engine_stall"]}
+    assert set(engine_rows) == {"synthetic", *stall_backends} - {"pil"}
+    assert all(r["img_s"] > 0 and r["data_wait_ms"] >= 0 for r in engine_rows.values())
+    assert all("stall" in r for b, r in engine_rows.items() if b != "synthetic")
+    assert [r["backend"] for r in gpu_stall] == stall_backends[1:]
+    for row in (r for r in gpu_stall if r["backend"] == "dali"):  # CPU-only here: prefetch waits per pair
+        assert row["loader_priority"] == "normal" and "error" not in row
         assert [p["prefetch"]["items"] for p in row["pairs"]] == [1, 1]  # --tiny: one timed step per run
     assert list(tmp_path.glob("loaders-*.png"))
 
