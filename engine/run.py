@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from loaders import prepare_cuda
 
     prepare_cuda()  # 32 CUDA hardware queues (unless set): the GPU decoders' syncs stop queueing behind the step
-    from engine.train import Trainer, TrainingStopped
+    from engine.train import Trainer, TrainingStopped, teardown_distributed
 
     run_dir = Path(cfg.run.dir or Path("runs") / (cfg.run.name or "run"))
     try:
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    teardown_distributed()
     return 0
 
 

@@ -51,6 +51,17 @@ def setup_distributed(device_kind: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def teardown_distributed() -> None:
+    """End the process group (after a barrier), so no rank exits while another still talks to it:
+    a gloo process group left to interpreter exit can abort its process ("terminate called
+    without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def pick_device(cfg: Config, d: Dist) -> torch.device:
     want = cfg.train.device
     if want == "auto":

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from engine.config import load_config
-from engine.train import Trainer
+from engine.train import Trainer, teardown_distributed
 from tests.engine_helpers import DINOV2_TINY
 
 
@@ -35,3 +35,4 @@ if __name__ == "__main__":
     res = {"packed": run(True, out + "/a"), "per_size": run(False, out + "/b")}
     if torch.distributed.get_rank() == 0:
         json.dump(res, open(out + "/result.json", "w"))
+    teardown_distributed()

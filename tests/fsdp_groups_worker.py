@@ -8,7 +8,7 @@ import sys
 import torch
 
 from engine.config import load_config
-from engine.train import Trainer
+from engine.train import Trainer, teardown_distributed
 from tests.engine_helpers import TINY
 
 
@@ -39,3 +39,4 @@ if __name__ == "__main__":
     }
     if torch.distributed.get_rank() == 0:
         json.dump(res, open(out + "/result.json", "w"))
+    teardown_distributed()
