@@ -116,9 +116,9 @@ def prepare_cuda(connections: str = CUDA_CONNECTIONS) -> str:
     unless the environment already chose a value. Call it before anything starts CUDA: the
     setting is read when the CUDA context is created.
 
-    Why: with 8 queues the decoder's streams (DALI's, nvJPEG's, the prefetch stream) share hardware
-    queues with the training stream, so a decoder step that a few hundred per-image syncs wait on
-    queues behind the step's already-queued kernels. Measured on an H200 (MAE ViT-B, whole model
+    Why: with 8 queues the decoders' streams (DALI's, nvJPEG's, the prefetch stream) share hardware
+    queues with the training stream, so the few hundred per-image syncs of each decoded batch wait
+    behind the step's already-queued kernels. Measured on an H200 (MAE ViT-B, whole model
     compiled and replayed as CUDA graphs, bench/results/loaders-nvidia-h200-2026-11-28-stall-graphs-conn32.json):
     the dali stall fell from 11-13 % to 1.4-2.0 %, nvjpeg from 19-20 % to 4.2-5.6 %.
 
