@@ -329,6 +329,11 @@ def measure_throughput(loader, *, seconds: float, warmup: int, device: torch.dev
 
 
 # ----------------------------------------------------------------- MAE stall
+def stall_patch(crop: int) -> int:
+    """Patch size of the stall model: 16 px, or 8 for small (--tiny) crops."""
+    return 16 if crop % 16 == 0 and crop >= 64 else 8
+
+
 def build_train_step(model_name: str, crop: int, device: torch.device, compile: str | bool, kernels: str = "auto",
                      compile_mode: str | None = None):
     """An MAE training step (the engine's MaskedAutoencoder if present, else a timm ViT
@@ -340,8 +345,7 @@ def build_train_step(model_name: str, crop: int, device: torch.device, compile: 
         from engine.objectives.mae import MaskedAutoencoder
 
         attn = attention_layer(kernels, device)
-        patch = 16 if crop % 16 == 0 and crop >= 64 else 8
-        encoder = create_encoder(model_name, img_size=crop, patch_size=patch, attn_layer=attn)
+        encoder = create_encoder(model_name, img_size=crop, patch_size=stall_patch(crop), attn_layer=attn)
         model = MaskedAutoencoder(encoder, impl="triton" if use_triton(kernels, device) else "torch", attn_layer=attn)
 
         def loss_of(x):
@@ -356,7 +360,9 @@ def build_train_step(model_name: str, crop: int, device: torch.device, compile: 
             return model(x).float().pow(2).mean()
 
     model.to(device).train()
-    graphs = compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graphs (cudagraph trees)
+    from engine.config import CUDA_GRAPH_MODES
+
+    graphs = compile_mode in CUDA_GRAPH_MODES  # CUDA graphs (cudagraph trees)
     if compile == "model":  # what the engine does for MAE on one GPU (model.compile: true)
         model.compile(mode=compile_mode)
     elif compile:  # "blocks" (or True): the encoder blocks only
@@ -499,7 +505,9 @@ def step_stream(device: torch.device, priority: str):
         return
     outer = torch.cuda.current_stream(device)
     # "side": a non-blocking stream of default priority (no implicit sync with other blocking streams)
-    stream = torch.cuda.Stream(device, priority=torch.cuda.Stream.priority_range()[1] if priority == "high" else 0)
+    from loaders.backends.encoded import cuda_priority
+
+    stream = torch.cuda.Stream(device, priority=cuda_priority("high" if priority == "high" else "normal"))
     stream.wait_stream(outer)
     try:
         with torch.cuda.stream(stream):
@@ -810,13 +818,18 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
         save()
 
 
+def engine_intervals(a) -> tuple[int, int]:
+    """(steps per logged interval, intervals dropped as warm-up) of the engine stall runs: a
+    quarter of --stall-steps per interval, four of them measured after --warmup steps."""
+    every = max(1, a.stall_steps // 4)
+    return every, -(-max(1, a.warmup) // every)
+
+
 def engine_options(a, device: torch.device, run_dir: Path, shards: str, backend: str | None) -> list[str]:
     """engine.run overrides for the engine stall runs: the MAE recipe of --model at --crop, one
-    micro-batch of --batch-size per step, logged every quarter of --stall-steps after a warm-up."""
-    every = max(1, a.stall_steps // 4)
-    warm = -(-max(1, a.warmup) // every)  # logging intervals dropped as warm-up
-    patch = 16 if a.crop % 16 == 0 and a.crop >= 64 else 8
-    out = [f"model.name={a.model}", f"model.img_size={a.crop}", f"model.patch_size={patch}",
+    micro-batch of --batch-size per step, logged per engine_intervals()."""
+    every, warm = engine_intervals(a)
+    out = [f"model.name={a.model}", f"model.img_size={a.crop}", f"model.patch_size={stall_patch(a.crop)}",
            f"train.batch_size={a.batch_size}", f"train.micro_batch={a.batch_size}", f"train.device={device.type}",
            f"train.steps={every * (warm + 4)}", f"log.every_steps={every}", "log.progress=false",
            "log.tensorboard=false", f"checkpoint.every_steps={every * (warm + 4) + 1}", "optim.warmup_steps=1",
@@ -850,8 +863,7 @@ def engine_stall(a, payload, device, data_root: Path, guarded, save) -> None:
     recipe = Path(__file__).resolve().parents[1] / "recipes" / (
         "vit_b_mae.yaml" if a.model == "vit_base_patch16_224" else "quickstart.yaml")
     path = payload["shards"][str(a.stall_size)]["path"]
-    every = max(1, a.stall_steps // 4)
-    skip = -(-max(1, a.warmup) // every)
+    every, skip = engine_intervals(a)
     backends = [b.strip() for b in a.stall_backends.split(",") if b.strip() and b.strip() != "pil"]
     synthetic: dict[str, float] = {}
     for backend in [None] + backends:
