@@ -413,6 +413,52 @@ test_dali_no_copy_feed_gives_the_same_batches = pytest.mark.parametrize(
     "run", [pytest.param("dali")], indirect=True)(test_dali_no_copy_feed_gives_the_same_batches)
 
 
+def test_nvjpeg_decode_ahead_gives_the_same_batches_and_resumes(run, shards, monkeypatch):
+    """decode_ahead=True decodes the next batch in a thread of its own while this one is cropped:
+    the same samples, crops and skips as decoding in line; a mid-epoch state resumes exactly; a
+    consumer that stops early stops the decode thread."""
+    import threading
+
+    import loaders.backends.nvjpeg as nv
+
+    _, _, epochs, state = run
+    threads: dict[str, set] = {"decode": set(), "crop": set()}
+    crop = nv.resized_crop_list
+
+    def crop_seen(*a, **k):
+        threads["crop"].add(threading.get_ident())
+        return crop(*a, **k)
+
+    monkeypatch.setattr(nv, "resized_crop_list", crop_seen)
+    loader = make_loader("nvjpeg", shards[0], shards[2], decode_ahead=True)
+    decode = loader.decode
+    loader.decode = lambda raw: threads["decode"].add(threading.get_ident()) or decode(raw)
+    try:
+        batches = list(loader)
+        assert threads["decode"] and threads["crop"] and not threads["decode"] & threads["crop"]
+        assert [b.uid for b in batches] == [b.uid for b in epochs[0]]
+        for ours, theirs in zip(batches, epochs[0]):
+            torch.testing.assert_close(ours.images, theirs.images, rtol=0, atol=0)
+        assert loader.skipped == len(BAD)
+    finally:
+        loader.close()
+    loader = make_loader("nvjpeg", shards[0], shards[2], decode_ahead=True)
+    try:
+        loader.load_state_dict(state)  # SNAPSHOT batches into epoch 0 of the in-line run
+        rest = [u for b in loader for u in b.uid]
+        assert rest == [u for b in epochs[0][SNAPSHOT:] for u in b.uid]
+        it = iter(loader)
+        next(it)
+        it.close()
+        assert not [t for t in threading.enumerate() if t.name == "loader-prefetch" and t.is_alive()]
+    finally:
+        loader.close()
+
+
+test_nvjpeg_decode_ahead_gives_the_same_batches_and_resumes = pytest.mark.parametrize(
+    "run", [pytest.param("nvjpeg")], indirect=True)(test_nvjpeg_decode_ahead_gives_the_same_batches_and_resumes)
+
+
 def test_throttle_waits_on_the_oldest_marks_beyond_max_ahead():
     """The loader's max_ahead logic (on CUDA the marks are events on the consumer's stream): after
     each item handed out at most `max_ahead` marks stay pending, the oldest are waited on first."""

@@ -20,7 +20,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from loaders.loader import Batch, register_backend
-from loaders.backends.encoded import EncodedLoader, encoded_positions, select, split_encoded
+from loaders.backends.encoded import EncodedLoader, encoded_positions, prefetch, select, split_encoded
 
 
 def crop_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
@@ -80,8 +80,17 @@ def resized_crop_list(images: list[torch.Tensor], crops: torch.Tensor, size: int
 
 
 class NvjpegLoader(EncodedLoader):
+    """decode_ahead: decode the next batch in a thread of its own (on a stream of its own) while
+    this batch is cropped and normalized. torchvision decodes under one global lock with one
+    nvJPEG state, and its host work (header parsing, one output allocation per image) is most of
+    the device half's time, so the crops' launches can overlap it but a second decoder cannot."""
+
     backend = "nvjpeg"
     decode_png = True  # nvjpeg decodes JPEG only: workers decode the (rare) PNG rows
+
+    def __init__(self, *, decode_ahead: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.decode_ahead = bool(decode_ahead)
 
     def decode(self, raw: dict[str, Any]) -> tuple[list[torch.Tensor], dict[str, Any], list[tuple[str, str]]]:
         """Batched decode on the device; a batch that fails is decoded image by image to
@@ -111,22 +120,32 @@ class NvjpegLoader(EncodedLoader):
             images[i] = pix.to(self.device, non_blocking=True)
         return images, raw, failed  # type: ignore[return-value]
 
-    def _produce(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, list[torch.Tensor]]]:
+    def _decoded(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, list[torch.Tensor]]]:
+        """((raw, images, failed), images) per encoded batch: the decode half."""
         for raw in batches:
             failed = list(raw["failed"])
             images, raw, more = self.decode(raw) if raw["uid"] else ([], raw, [])
-            failed += more
-            if not images:
-                yield (None, failed), []
-                continue
-            # every crop from the one decoded image; multi-crop's photometric ops run batched in finish
-            views = [resized_crop_list(images, raw["crops"][:, k], spec.size)
-                     for k, spec in enumerate(self.augment.crop_specs())]
-            params = [raw["params"].to(self.device)] if "params" in raw else []
-            out = self.augment.finish(views + params, self.dtype)
-            keep = out if isinstance(out, list) else [out]
-            yield (Batch(out, raw["modality"], raw["source"], raw["uid"]), failed), keep
+            yield (raw, images, failed + more), [img for img in images if img is not None]
 
+    def _produce(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, list[torch.Tensor]]]:
+        if self.decode_ahead:  # one batch decoded ahead, in its own thread and stream
+            decoded = prefetch(lambda: self._decoded(batches), self.device, depth=1, priority=self.stream_priority)
+        else:
+            decoded = (payload for payload, _ in self._decoded(batches))
+        try:
+            for raw, images, failed in decoded:
+                if not images:
+                    yield (None, failed), []
+                    continue
+                # every crop from the one decoded image; multi-crop's photometric ops run batched in finish
+                views = [resized_crop_list(images, raw["crops"][:, k], spec.size)
+                         for k, spec in enumerate(self.augment.crop_specs())]
+                params = [raw["params"].to(self.device)] if "params" in raw else []
+                out = self.augment.finish(views + params, self.dtype)
+                keep = out if isinstance(out, list) else [out]
+                yield (Batch(out, raw["modality"], raw["source"], raw["uid"]), failed), keep
+        finally:
+            decoded.close()  # stops the decode thread when the consumer stops early
 
 
 register_backend("nvjpeg", available=lambda d: d.type == "cuda" and torch.cuda.is_available())(NvjpegLoader)
