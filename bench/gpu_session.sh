@@ -174,12 +174,20 @@ L15)  # the code's default now (bench loaders / engine.run call loaders.prepare_
     --warmup 3 --stall --compile model --compile-mode reduce-overhead --stall-backends dali --max-ahead 2 --stall-steps 60 \
     --tag stall-graphs-q8
   ;;
-L16)  # next: the stall in engine.run's own loop (CUDA graphs), and loader throughput at 8 vs 32 CUDA queues (6 s windows)
+L16)  # the stall in engine.run's own loop (CUDA graphs, dali); the bench stall with nvjpeg decoding one batch ahead
   export CUDA_VISIBLE_DEVICES=0
-  step 300 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall-engine \
-    --stall-backends dali,nvjpeg --compile model --compile-mode reduce-overhead --stall-steps 80 --tag engine-stall
-  step 130 env CUDA_DEVICE_MAX_CONNECTIONS=8 python3 -m bench loaders --backends dali,nvjpeg --workers 2 --seconds 6 --tag q8
-  step 130 python3 -m bench loaders --backends dali,nvjpeg --workers 2 --seconds 6 --tag q32
+  step 260 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall-engine \
+    --stall-backends dali --compile model --compile-mode reduce-overhead --stall-steps 80 --tag engine-stall
+  step 200 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 1 --warmup 3 --stall --compile model \
+    --compile-mode reduce-overhead --stall-backends nvjpeg --nvjpeg-ahead 1 --max-ahead 2 --stall-repeats 2 \
+    --stall-steps 60 --tag stall-graphs-nvahead
+  ;;
+L17)  # loader throughput, 3 interleaved rounds of 4 s per variant: 32 CUDA queues (the default now) vs 8;
+      # nvjpeg decoding one batch ahead vs in line
+  export CUDA_VISIBLE_DEVICES=0
+  T="python3 -m bench loaders --backends dali,nvjpeg --nvjpeg-ahead 1,0 --workers 2 --seconds 4 --warmup 10 --repeats 3"
+  step 235 $T --tag q32
+  step 235 env CUDA_DEVICE_MAX_CONNECTIONS=8 $T --tag q8
   ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop

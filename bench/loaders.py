@@ -559,6 +559,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dali-dynamic", default="",
                    help="DALI's execution model: 1 dynamic, 0 legacy (buffers allocated once); empty: DALI's default; "
                         "a comma list sweeps it")
+    p.add_argument("--nvjpeg-ahead", default="0",
+                   help="nvjpeg's decode_ahead (decode the next batch in its own thread while this one is cropped): "
+                        "1 or 0; a comma list runs each as its own variant (the first is the stall runs' setting)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="throughput rounds: every variant runs once per round, rounds one after another; "
+                        "tables, ratios and the plot use each variant's median run (all runs stay in the JSON)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--data-dir", default=None, help="where to build the shards (default: a temp dir, removed)")
@@ -635,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     data_root.mkdir(parents=True, exist_ok=True)
     cache_dir = str(data_root / "cache")
     cores = os.cpu_count() or 1
-    options = {"dali": dali_options(a)[0]}
+    options = {"dali": dali_options(a)[0], "nvjpeg": nvjpeg_options(a)[0]}
     payload: dict[str, Any] = {
         "config": {k: v for k, v in vars(a).items()} | {"device": str(device), "host_cores": cores},
         "shards": {}, "throughput": [], "breakdown": [], "stall": [], "engine_stall": [], "ratios": {}, "notes": [],
@@ -665,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             payload["shards"][str(size)] = build_shards(data_root, size, rows, a.distinct, min(cores, 16))
             payload["shards"][str(size)]["build_s"] = time.perf_counter() - t
-        for size, w, (backend, label, opts) in itertools.product(sizes, workers, variants(a, backends)):
+        for rep, size, w, (backend, label, opts) in itertools.product(range(a.repeats), sizes, workers,
+                                                                       variants(a, backends)):
             path = payload["shards"][str(size)]["path"]
 
             def run(backend=backend, w=w, path=path, opts=opts):
@@ -677,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
                     close(loader)
 
             t = time.perf_counter()
-            row = {"backend": backend, "variant": label, "options": opts.get(backend, {}), "size": size, "workers": w}
+            row = {"backend": backend, "variant": label, "options": opts.get(backend, {}), "size": size, "workers": w,
+                   "repeat": rep}
             row |= guarded(f"{label} {size}px", run)
             row["total_s"] = time.perf_counter() - t
             payload["throughput"].append(row)
@@ -842,6 +850,8 @@ def engine_options(a, device: torch.device, run_dir: Path, shards: str, backend:
     else:
         out += [f"data.shards={shards}", f"data.backend={backend}", f"data.workers={int(a.workers.split(',')[0])}",
                 f"data.cache_dir={run_dir.parent / 'engine-cache'}"]
+        if backend == "nvjpeg" and nvjpeg_options(a)[0]["decode_ahead"]:
+            out.append("data.options={nvjpeg: {decode_ahead: true}}")
     return out
 
 
@@ -928,11 +938,21 @@ def dali_options(a) -> list[dict[str, Any]]:
                                                    a.dali_no_copy.split(","), a.dali_queue.split(","), dynamic)]
 
 
+def nvjpeg_options(a) -> list[dict[str, Any]]:
+    """The nvjpeg backend's settings, one per value of --nvjpeg-ahead (the first is the default)."""
+    return [{"decode_ahead": bool(int(x))} for x in a.nvjpeg_ahead.split(",") if x.strip()] or [{"decode_ahead": False}]
+
+
 def variants(a, backends: list[str]) -> list[tuple[str, str, dict[str, dict]]]:
     """(backend, label, options) per run: one per backend, the dali one per settings combination
     (labelled with its settings when there are several)."""
     out = []
     for backend in backends:
+        if backend == "nvjpeg":
+            combos = nvjpeg_options(a)
+            out += [(backend, "nvjpeg" if len(combos) == 1 else "nvjpeg ahead" if o["decode_ahead"] else "nvjpeg inline",
+                     {"nvjpeg": o}) for o in combos]
+            continue
         if backend != "dali":
             out.append((backend, backend, {}))
             continue
@@ -981,7 +1001,7 @@ def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> N
         payload["breakdown"].append(row)
         print(f"breakdown {size}px workers only ({w}): " + (f"{row['img_s']:,.0f} img/s, {row['cpu_cores']:.1f} cores"
                                                           if "img_s" in row else row["error"]), flush=True)
-        variants = [("dali", {"dali": o}) for o in dali_options(a)] + [("nvjpeg", options)]
+        variants = [("dali", {"dali": o}) for o in dali_options(a)] + [("nvjpeg", {"nvjpeg": o}) for o in nvjpeg_options(a)]
         for backend, opts in variants:
             if "raw" not in box or backend not in a.backends:
                 continue
@@ -1016,8 +1036,27 @@ def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> N
         save()
 
 
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per (variant, size, workers): the run with the median img/s over the repeats (the
+    lower middle one of an even count), with every run's img/s under `runs`. Failed runs count
+    only when no run of that variant succeeded."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("variant", r["backend"]), r["size"], r["workers"]), []).append(r)
+    out = []
+    for group in groups.values():
+        ok = sorted((r for r in group if "img_s" in r), key=lambda r: r["img_s"])
+        if not ok:
+            out.append(group[0])
+            continue
+        out.append(ok[(len(ok) - 1) // 2] | {"runs": [r["img_s"] for r in group if "img_s" in r]})
+    return out
+
+
 def ratios(rows: list[dict]) -> dict[str, float]:
-    """Each backend's img/s over the PIL baseline's at the same size and worker count."""
+    """Each backend's img/s over the PIL baseline's at the same size and worker count (medians over
+    the repeats)."""
+    rows = medians(rows)
     base = {(r["size"], r["workers"]): r["img_s"] for r in rows if r["backend"] == BASELINE and "img_s" in r}
     out = {}
     for r in rows:
@@ -1029,10 +1068,12 @@ def ratios(rows: list[dict]) -> dict[str, float]:
 def report(payload: dict) -> None:
     print(f"\nloaders on {card_name()} (batch {payload['config']['batch_size']}, crop {payload['config']['crop']})")
     rows = [{"backend": r.get("variant", r["backend"]), "size": r["size"], "workers": r["workers"],
-             "img/s": r.get("img_s", float("nan")), "cores": r.get("cpu_cores", float("nan")),
+             "img/s": r.get("img_s", float("nan")),
+             "runs": " ".join(f"{x / 1e3:.1f}k" for x in r.get("runs", [])) if len(r.get("runs", [])) > 1 else "-",
+             "cores": r.get("cpu_cores", float("nan")),
              "gpu busy": r.get("gpu_busy") if r.get("gpu_busy") is not None else "-",
-             "error": (r.get("error") or "")[:60]} for r in payload["throughput"]]
-    print_table(rows, ["backend", "size", "workers", "img/s", "cores", "gpu busy", "error"])
+             "error": (r.get("error") or "")[:60]} for r in medians(payload["throughput"])]
+    print_table(rows, ["backend", "size", "workers", "img/s", "runs", "cores", "gpu busy", "error"])
     for k, v in payload["ratios"].items():
         print(f"  {k}: {v:.2f}x")
     if payload["stall"]:
@@ -1054,7 +1095,7 @@ def report(payload: dict) -> None:
 
 
 def plot(json_path: Path, payload: dict) -> None:
-    rows = [r for r in payload["throughput"] if "img_s" in r]
+    rows = [r for r in medians(payload["throughput"]) if "img_s" in r]
     labels = sorted({f"{r['size']}px w{r['workers']}" for r in rows})
     series: dict[str, list[float]] = {}
     for r in rows:

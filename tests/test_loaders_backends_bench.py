@@ -99,3 +99,25 @@ def test_stall_profile_gaps_split_by_what_ended_them():
     assert abs(g["idle_ms_per_step"] - 0.395) < 1e-9
     assert abs(g["data_wait_ms_per_step"] - 0.195) < 1e-9
     assert abs(g["host_wait_ms_per_step"] - 0.2) < 1e-9
+
+
+def test_repeats_report_the_median_run_and_nvjpeg_variants():
+    """--repeats: every variant runs once per round; tables, ratios and the plot use the median run of
+    each (variant, size, workers), all runs kept. --nvjpeg-ahead 1,0 runs nvjpeg twice, labelled."""
+    rows = [{"backend": "dali", "variant": "dali", "size": 256, "workers": 2, "repeat": i, "img_s": x}
+            for i, x in enumerate([31e3, 18e3, 27e3])]
+    rows += [{"backend": "pil", "variant": "pil", "size": 256, "workers": 2, "repeat": i, "img_s": x}
+             for i, x in enumerate([900.0, 1000.0])]
+    rows += [{"backend": "nvjpeg", "variant": "nvjpeg", "size": 256, "workers": 2, "repeat": 0, "error": "boom"}]
+    med = {r["variant"]: r for r in bench.loaders.medians(rows)}
+    assert med["dali"]["img_s"] == 27e3 and med["dali"]["runs"] == [31e3, 18e3, 27e3]
+    assert med["pil"]["img_s"] == 900.0  # the lower middle of an even count
+    assert med["nvjpeg"]["error"] == "boom"  # no run succeeded: the failure stays visible
+    assert bench.loaders.ratios(rows) == {"dali/pil 256px w2": 30.0}
+    a = bench.loaders.parse(["--nvjpeg-ahead", "1,0", "--repeats", "3"])
+    assert a.repeats == 3
+    got = [(b, label, o) for b, label, o in bench.loaders.variants(a, ["nvjpeg", "pil"])]
+    assert got == [("nvjpeg", "nvjpeg ahead", {"nvjpeg": {"decode_ahead": True}}),
+                   ("nvjpeg", "nvjpeg inline", {"nvjpeg": {"decode_ahead": False}}), ("pil", "pil", {})]
+    one = bench.loaders.parse([])
+    assert bench.loaders.variants(one, ["nvjpeg"]) == [("nvjpeg", "nvjpeg", {"nvjpeg": {"decode_ahead": False}})]
