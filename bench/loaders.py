@@ -559,12 +559,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dali-dynamic", default="",
                    help="DALI's execution model: 1 dynamic, 0 legacy (buffers allocated once); empty: DALI's default; "
                         "a comma list sweeps it")
-    p.add_argument("--nvjpeg-ahead", default="0",
+    p.add_argument("--nvjpeg-ahead", default="1",
                    help="nvjpeg's decode_ahead (decode the next batch in its own thread while this one is cropped): "
-                        "1 or 0; a comma list runs each as its own variant (the first is the stall runs' setting)")
+                        "1 or 0; a comma list runs each as its own variant, in the throughput, breakdown and stall "
+                        "runs (the engine stall uses the first)")
     p.add_argument("--repeats", type=int, default=1,
                    help="throughput rounds: every variant runs once per round, rounds one after another; "
                         "tables, ratios and the plot use each variant's median run (all runs stay in the JSON)")
+    p.add_argument("--dali-streams", default="",
+                   help="DALI's stream_policy (single, backend, operator); a comma list sweeps it (default: DALI's)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--data-dir", default=None, help="where to build the shards (default: a temp dir, removed)")
@@ -750,13 +753,16 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
     if a.stall_replay:  # the device half alone: one encoded batch decoded again and again, no workers
         runs += [(b, int(a.max_ahead.split(",")[0]), True) for b in gpu_backends if b in {r[0] for r in runs}]
     lprios = [p.strip() for p in a.loader_priority.split(",") if p.strip()]
-    combos = dali_options(a)  # each DALI settings combination gets its own stall rows
+    # each DALI settings combination and each nvjpeg setting gets its own stall rows
+    settings = {"dali": dali_options(a), "nvjpeg": nvjpeg_options(a)}
     runs = [r + (prio, gil, lp, ci) for r in runs for prio in priorities for gil in gils
             for lp in (lprios if r[0] in gpu_backends else [None])
-            for ci in (range(len(combos)) if r[0] == "dali" else [0])]
+            for ci in range(len(settings.get(r[0], [None])))]
     for backend, ahead, replay, prio, gil, lprio, ci in runs:
         def run(backend=backend, ahead=ahead, replay=replay, prio=prio, gil=gil, lprio=lprio, ci=ci):
-            opts = {k: dict(v) for k, v in options.items()} | {"dali": dict(combos[ci])}
+            opts = {k: dict(v) for k, v in options.items()}
+            if backend in settings:
+                opts[backend] = dict(settings[backend][ci])
             if ahead is not None:
                 opts.setdefault(backend, {})["max_ahead"] = ahead
             if lprio is not None:
@@ -802,13 +808,14 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
 
         row = {"backend": backend + (" replay" if replay else ""), "size": a.stall_size, "workers": 0 if replay else w,
                "max_ahead": ahead, "priority": prio, "gil_interval_s": gil, "loader_priority": lprio}
-        if backend == "dali":
-            row["options"] = combos[ci]
+        if backend in settings:
+            row["options"] = settings[backend][ci]
         row |= guarded(f"stall {row['backend']}", run)
         payload["stall"].append(row)
         label = (row["backend"] if ahead is None else f"{row['backend']} max_ahead={ahead}") + f" {prio}" + \
             (f" gil={gil}" if gil else "") + (f" loader={lprio}" if lprio else "") + \
-            (f" exec_dynamic={combos[ci]['exec_dynamic']}" if backend == "dali" and "exec_dynamic" in combos[ci] else "")
+            (f" exec_dynamic={row['options']['exec_dynamic']}" if "exec_dynamic" in row.get("options", {}) else "") + \
+            (f" decode_ahead={row['options']['decode_ahead']}" if len(settings["nvjpeg"]) > 1 and backend == "nvjpeg" else "")
         for pair in row.get("pairs", [row]):
             if "prefetch" in pair:
                 m = pair["prefetch"]
@@ -850,8 +857,8 @@ def engine_options(a, device: torch.device, run_dir: Path, shards: str, backend:
     else:
         out += [f"data.shards={shards}", f"data.backend={backend}", f"data.workers={int(a.workers.split(',')[0])}",
                 f"data.cache_dir={run_dir.parent / 'engine-cache'}"]
-        if backend == "nvjpeg" and nvjpeg_options(a)[0]["decode_ahead"]:
-            out.append("data.options={nvjpeg: {decode_ahead: true}}")
+        if backend == "nvjpeg":
+            out.append(f"data.options={{nvjpeg: {{decode_ahead: {str(nvjpeg_options(a)[0]['decode_ahead']).lower()}}}}}")
     return out
 
 
@@ -932,15 +939,17 @@ def replayed(loader, path: str, a, cache_dir: str, device) -> Iterator[tuple[tor
 def dali_options(a) -> list[dict[str, Any]]:
     """The dali backend's settings: every combination of the comma lists (the first is the default)."""
     dynamic = [bool(int(x)) for x in a.dali_dynamic.split(",") if x.strip()] or [None]
+    streams = [x.strip() for x in a.dali_streams.split(",") if x.strip()] or [None]
     return [{"dali_threads": int(t), "hw_decoder_load": float(h), "no_copy": bool(int(c)), "prefetch_queue_depth": int(q)}
-            | ({} if d is None else {"exec_dynamic": d})
-            for t, h, c, q, d in itertools.product(a.dali_threads.split(","), a.hw_decoder_load.split(","),
-                                                   a.dali_no_copy.split(","), a.dali_queue.split(","), dynamic)]
+            | ({} if d is None else {"exec_dynamic": d}) | ({} if sp is None else {"stream_policy": sp})
+            for t, h, c, q, d, sp in itertools.product(a.dali_threads.split(","), a.hw_decoder_load.split(","),
+                                                       a.dali_no_copy.split(","), a.dali_queue.split(","), dynamic,
+                                                       streams)]
 
 
 def nvjpeg_options(a) -> list[dict[str, Any]]:
     """The nvjpeg backend's settings, one per value of --nvjpeg-ahead (the first is the default)."""
-    return [{"decode_ahead": bool(int(x))} for x in a.nvjpeg_ahead.split(",") if x.strip()] or [{"decode_ahead": False}]
+    return [{"decode_ahead": bool(int(x))} for x in a.nvjpeg_ahead.split(",") if x.strip()] or [{"decode_ahead": True}]
 
 
 def variants(a, backends: list[str]) -> list[tuple[str, str, dict[str, dict]]]:
@@ -961,7 +970,8 @@ def variants(a, backends: list[str]) -> list[tuple[str, str, dict[str, dict]]]:
             label = "dali" if len(combos) == 1 else (
                 f"dali t{o['dali_threads']} hw{o['hw_decoder_load']:g} {'nocopy' if o['no_copy'] else 'copy'} "
                 f"q{o['prefetch_queue_depth']}" + ("" if "exec_dynamic" not in o else
-                                                   " dynamic" if o["exec_dynamic"] else " legacy"))
+                                                   " dynamic" if o["exec_dynamic"] else " legacy")
+                + (f" streams={o['stream_policy']}" if "stream_policy" in o else ""))
             out.append((backend, label, {"dali": o}))
     return out
 

@@ -391,11 +391,13 @@ def test_sample_rng_is_python_random_with_the_sample_key():
 
 
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
-@pytest.mark.parametrize("settings", [{"no_copy": True}, {"exec_dynamic": False}], ids=["no_copy", "legacy_executor"])
+@pytest.mark.parametrize("settings", [{"no_copy": True}, {"exec_dynamic": False}, {"stream_policy": "single"}],
+                         ids=["no_copy", "legacy_executor", "single_stream"])
 def test_dali_no_copy_feed_gives_the_same_batches(run, shards, settings):
     """no_copy=True: DALI reads the fed image views in place (shard maps / batch buffers kept
     alive until their batch comes back); same samples, crops and skips as the copying feed. The
-    same with DALI's legacy executor (exec_dynamic=False)."""
+    same with DALI's legacy executor (exec_dynamic=False) and with one CUDA stream for all of DALI's
+    operators (stream_policy="single"); a policy DALI does not have fails before any work."""
     _, _, epochs, _ = run
     loader = make_loader("dali", shards[0], shards[2], **settings)
     try:
@@ -407,6 +409,8 @@ def test_dali_no_copy_feed_gives_the_same_batches(run, shards, settings):
     for ours, theirs in zip(batches, ref):
         torch.testing.assert_close(ours.images, theirs.images, rtol=0, atol=0)
     assert loader.skipped == len(BAD)
+    with pytest.raises(ValueError, match="single, backend, operator"):
+        make_loader("dali", shards[0], shards[2], stream_policy="many")
 
 
 test_dali_no_copy_feed_gives_the_same_batches = pytest.mark.parametrize(
@@ -414,14 +418,24 @@ test_dali_no_copy_feed_gives_the_same_batches = pytest.mark.parametrize(
 
 
 def test_nvjpeg_decode_ahead_gives_the_same_batches_and_resumes(run, shards, monkeypatch):
-    """decode_ahead=True decodes the next batch in a thread of its own while this one is cropped:
-    the same samples, crops and skips as decoding in line; a mid-epoch state resumes exactly; a
-    consumer that stops early stops the decode thread."""
+    """decode_ahead (the default) decodes the next batch in a thread of its own while this one is
+    cropped: the same samples, crops and skips as decoding in line (decode_ahead=False); a mid-epoch
+    state resumes exactly; a consumer that stops early stops the decode thread."""
     import threading
 
     import loaders.backends.nvjpeg as nv
 
-    _, _, epochs, state = run
+    _, ahead, epochs, state = run  # the fixture's loader: default settings
+    assert ahead.decode_ahead is True
+    loader = make_loader("nvjpeg", shards[0], shards[2], decode_ahead=False)
+    try:
+        batches = list(loader)
+        assert [b.uid for b in batches] == [b.uid for b in epochs[0]]
+        for ours, theirs in zip(batches, epochs[0]):
+            torch.testing.assert_close(ours.images, theirs.images, rtol=0, atol=0)
+        assert loader.skipped == len(BAD)
+    finally:
+        loader.close()
     threads: dict[str, set] = {"decode": set(), "crop": set()}
     crop = nv.resized_crop_list
 
@@ -430,23 +444,14 @@ def test_nvjpeg_decode_ahead_gives_the_same_batches_and_resumes(run, shards, mon
         return crop(*a, **k)
 
     monkeypatch.setattr(nv, "resized_crop_list", crop_seen)
-    loader = make_loader("nvjpeg", shards[0], shards[2], decode_ahead=True)
+    loader = make_loader("nvjpeg", shards[0], shards[2])
     decode = loader.decode
     loader.decode = lambda raw: threads["decode"].add(threading.get_ident()) or decode(raw)
     try:
-        batches = list(loader)
-        assert threads["decode"] and threads["crop"] and not threads["decode"] & threads["crop"]
-        assert [b.uid for b in batches] == [b.uid for b in epochs[0]]
-        for ours, theirs in zip(batches, epochs[0]):
-            torch.testing.assert_close(ours.images, theirs.images, rtol=0, atol=0)
-        assert loader.skipped == len(BAD)
-    finally:
-        loader.close()
-    loader = make_loader("nvjpeg", shards[0], shards[2], decode_ahead=True)
-    try:
-        loader.load_state_dict(state)  # SNAPSHOT batches into epoch 0 of the in-line run
+        loader.load_state_dict(state)  # SNAPSHOT batches into epoch 0
         rest = [u for b in loader for u in b.uid]
         assert rest == [u for b in epochs[0][SNAPSHOT:] for u in b.uid]
+        assert threads["decode"] and threads["crop"] and not threads["decode"] & threads["crop"]
         it = iter(loader)
         next(it)
         it.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import bench.common
 import bench.loaders
@@ -101,7 +102,7 @@ def test_stall_profile_gaps_split_by_what_ended_them():
     assert abs(g["host_wait_ms_per_step"] - 0.2) < 1e-9
 
 
-def test_repeats_report_the_median_run_and_nvjpeg_variants():
+def test_repeats_report_the_median_run_and_nvjpeg_variants(tmp_path):
     """--repeats: every variant runs once per round; tables, ratios and the plot use the median run of
     each (variant, size, workers), all runs kept. --nvjpeg-ahead 1,0 runs nvjpeg twice, labelled."""
     rows = [{"backend": "dali", "variant": "dali", "size": 256, "workers": 2, "repeat": i, "img_s": x}
@@ -119,5 +120,11 @@ def test_repeats_report_the_median_run_and_nvjpeg_variants():
     got = [(b, label, o) for b, label, o in bench.loaders.variants(a, ["nvjpeg", "pil"])]
     assert got == [("nvjpeg", "nvjpeg ahead", {"nvjpeg": {"decode_ahead": True}}),
                    ("nvjpeg", "nvjpeg inline", {"nvjpeg": {"decode_ahead": False}}), ("pil", "pil", {})]
+    d = bench.loaders.parse(["--dali-streams", "single,backend"])
+    assert [o.get("stream_policy") for o in bench.loaders.dali_options(d)] == ["single", "backend"]
+    assert [label for _, label, _ in bench.loaders.variants(d, ["dali"])] == [
+        "dali t4 hw1 nocopy q2 streams=single", "dali t4 hw1 nocopy q2 streams=backend"]
     one = bench.loaders.parse([])
-    assert bench.loaders.variants(one, ["nvjpeg"]) == [("nvjpeg", "nvjpeg", {"nvjpeg": {"decode_ahead": False}})]
+    assert bench.loaders.variants(one, ["nvjpeg"]) == [("nvjpeg", "nvjpeg", {"nvjpeg": {"decode_ahead": True}})]
+    engine = bench.loaders.engine_options(a, torch.device("cpu"), tmp_path / "run", "/shards", "nvjpeg")
+    assert "data.options={nvjpeg: {decode_ahead: true}}" in engine  # the first value of --nvjpeg-ahead

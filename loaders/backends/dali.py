@@ -25,9 +25,11 @@ from loaders.multicrop import MultiCropSpec
 
 try:
     from nvidia.dali import fn, types
-    from nvidia.dali.pipeline import Pipeline
+    from nvidia.dali.pipeline import Pipeline, StreamPolicy
 except ImportError:  # optional dependency: the backend is simply unavailable
-    fn = types = Pipeline = None
+    fn = types = Pipeline = StreamPolicy = None
+
+DALI_STREAM_POLICIES = {"single": "SINGLE", "backend": "PER_BACKEND", "operator": "PER_OPERATOR"}
 
 
 def roi(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +46,8 @@ def roi(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, std, device: torch.device,
                    out_dtype: torch.dtype, num_threads: int, hw_decoder_load: float, prefetch_queue_depth: int,
-                   source=None, no_copy: bool = False, exec_dynamic: bool | None = None) -> "Pipeline":
+                   source=None, no_copy: bool = False, exec_dynamic: bool | None = None,
+                   stream_policy: str | None = None) -> "Pipeline":
     """The decode -> crop/resize/flip -> normalize graph. Inputs come from `source`
     (a batch callback returning jpegs, then roi_start and roi_end per crop) or, with
     source=None, from `pipe.run(jpegs=..., roi_start_0=..., roi_end_0=..., ...)`.
@@ -53,8 +56,13 @@ def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, 
     `out_dtype` CHW (`normalize`, the single-view spec) or output as uint8 CHW (multi-crop: the
     photometric ops and normalization run batched in torch). exec_dynamic: DALI's execution
     model (None: DALI's default, the dynamic one for an asynchronous pipeline; False: the legacy
-    executor, whose buffers are allocated once)."""
+    executor, whose buffers are allocated once). stream_policy (dynamic executor): "single" (every
+    operator on one CUDA stream), "backend" (DALI's default: one per backend, mixed and gpu) or
+    "operator" (one per operator that can run in parallel); None leaves DALI's default."""
     gpu = device.type == "cuda"
+    policy = {}
+    if stream_policy is not None and source is not None and exec_dynamic is not False:
+        policy["stream_policy"] = getattr(StreamPolicy, DALI_STREAM_POLICIES[stream_policy])
     pipe = Pipeline(
         batch_size=batch_size,
         num_threads=num_threads,
@@ -63,6 +71,7 @@ def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, 
         exec_pipelined=source is not None,
         exec_async=source is not None,
         **({} if exec_dynamic is None or source is None else {"exec_dynamic": exec_dynamic}),
+        **policy,
     )
     with pipe:
         names = ["jpegs"] + [f"roi_{end}_{k}" for k in range(len(sizes)) for end in ("start", "end")]
@@ -134,11 +143,13 @@ class DaliLoader(EncodedLoader):
                  num_canonical_nodes, dali_threads: int | None = None, hw_decoder_load: float = 1.0,
                  prefetch_queue_depth: int = 2, prefetch_batches: int = 2, prefetch_factor: int = 4,
                  no_copy: bool = True, max_ahead: int | None = 2, stream_priority: str = "normal",
-                 exec_dynamic: bool | None = None):
+                 exec_dynamic: bool | None = None, stream_policy: str | None = None):
         # stream_priority: of the side stream the outputs are copied on (DALI 2.4 ignores its own
         # `default_cuda_stream_priority`, deprecated), so it reaches only that copy
         if Pipeline is None:
             raise RuntimeError("the dali backend needs nvidia-dali (pip install nvidia-dali-cuda130)")
+        if stream_policy is not None and stream_policy not in DALI_STREAM_POLICIES:
+            raise ValueError(f"stream_policy must be one of {', '.join(DALI_STREAM_POLICIES)}; got {stream_policy!r}")
         super().__init__(streams=streams, batch_size=batch_size, augment=augment, device=device, dtype=dtype,
                          shuffle=shuffle, seed=seed, num_workers=num_workers, cache_dir=cache_dir,
                          num_canonical_nodes=num_canonical_nodes, prefetch_batches=prefetch_batches,
@@ -153,6 +164,7 @@ class DaliLoader(EncodedLoader):
         # `_Feed.inflight` until the pipeline returns their batch)
         self.no_copy = no_copy
         self.exec_dynamic = exec_dynamic  # DALI's execution model (see build_pipeline)
+        self.dali_stream_policy = stream_policy  # DALI's CUDA streams (see build_pipeline)
         self._single: Pipeline | None = None  # batch-of-one pipeline that finds undecodable samples
         self._pipe: Pipeline | None = None
         self._feed: _Feed | None = None
@@ -166,7 +178,8 @@ class DaliLoader(EncodedLoader):
             std=self.augment.std, device=self.device, num_threads=self.dali_threads,
             hw_decoder_load=self.hw_decoder_load,
             prefetch_queue_depth=self.prefetch_queue_depth if source is not None else 1, source=source,
-            out_dtype=self._out_dtype, no_copy=self.no_copy and source is not None, exec_dynamic=self.exec_dynamic)
+            out_dtype=self._out_dtype, no_copy=self.no_copy and source is not None, exec_dynamic=self.exec_dynamic,
+            stream_policy=self.dali_stream_policy)
 
     def _inputs(self, raw: dict[str, Any]) -> list:
         """[jpegs, roi_start_0, roi_end_0, roi_start_1, ...]: the pipeline's inputs for one batch
