@@ -189,6 +189,19 @@ L17)  # loader throughput, 3 interleaved rounds of 4 s per variant: 32 CUDA queu
   step 235 $T --tag q32
   step 235 env CUDA_DEVICE_MAX_CONNECTIONS=8 $T --tag q8
   ;;
+K4)  # MAE kernels launched with programmatic dependent launch (Hopper) vs without (variant ENABLED=False);
+     # then the MAE ViT-L step, Triton kernels vs SDPA/torch, in the same run
+  step 300 python3 -m bench kernels --only mae --mae-variants --tag mae-pdl
+  step 270 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \
+    --steps 8 --warmup 3 --tag pdl
+  ;;
+L18)  # engine.run's stall without CUDA graphs (its default compile mode); DALI's stream policies (throughput)
+  export CUDA_VISIBLE_DEVICES=0
+  step 250 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall-engine \
+    --stall-backends dali,nvjpeg --compile model --stall-steps 80 --tag engine-stall-nographs
+  step 150 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 4 --warmup 10 --repeats 2 \
+    --dali-streams backend,single,operator --tag dali-streams
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;

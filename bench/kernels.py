@@ -190,10 +190,12 @@ def _mae_row(rows, op, impl, shape, bytes_, fwdbwd, fwd):
 
 
 # --mae-variants: (module, LAUNCH key or module attribute, value) set for one timing each
-MASK_VARIANTS = [("masking", "gather", v) for v in [(2, 4), (8, 8)]] + \
+# ("pdl", "ENABLED", False): the same kernels launched without programmatic dependent launch
+NO_PDL = ("pdl", "ENABLED", False)
+MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] + \
     [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)]
-UNMASK_VARIANTS = [("masking", "WALK_PROGRAMS", v) for v in (1024, 2048)] + [("masking", "sum_mt", (64, 64))]
-LOSS_VARIANTS = [("loss", "PATCHES_PER_PROGRAM", 2), ("loss", "NUM_WARPS", 8)]
+UNMASK_VARIANTS = [NO_PDL] + [("masking", "WALK_PROGRAMS", v) for v in (1024, 2048)] + [("masking", "sum_mt", (64, 64))]
+LOSS_VARIANTS = [NO_PDL, ("loss", "PATCHES_PER_PROGRAM", 2), ("loss", "NUM_WARPS", 8)]
 
 
 class _setting:

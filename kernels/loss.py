@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, pdl_enter, use_pdl
+
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     B, C, H, W = imgs.shape
@@ -87,7 +89,8 @@ def _loss_rows(IMG, PRED, MASK, PART, DPRED, GOUT, MSUM, N, W_PATCHES, G, eps,
                si_b: tl.constexpr, si_c: tl.constexpr, si_h: tl.constexpr, si_w: tl.constexpr,
                sp_b: tl.constexpr, sp_n: tl.constexpr,
                C: tl.constexpr, P: tl.constexpr, PAP: tl.constexpr, BP: tl.constexpr,
-               NORM: tl.constexpr, BACKWARD: tl.constexpr):
+               NORM: tl.constexpr, BACKWARD: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     # forward: per-program partial sums (loss, sum(mask)); backward: dpred (scaled by gout / sum(mask))
     L: tl.constexpr = C * P * P
     PA: tl.constexpr = P * P
@@ -166,7 +169,8 @@ def _loss_rows(IMG, PRED, MASK, PART, DPRED, GOUT, MSUM, N, W_PATCHES, G, eps,
 
 
 @triton.jit
-def _loss_finish(PART, OUT, MSUM, NPROG, BLOCK: tl.constexpr):
+def _loss_finish(PART, OUT, MSUM, NPROG, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     # reduces the forward's partial sums: the loss, and sum(mask) for the backward
     acc_l = tl.zeros([BLOCK], tl.float32)
     acc_m = tl.zeros([BLOCK], tl.float32)
@@ -207,10 +211,11 @@ def _launch(imgs, pred, m, p, eps, norm_pix, backward, gout=None, msum=None):
             imgs, pred, m, part, dpred, gout, msum, N, W // p, G, eps,
             si_b=si[0], si_c=si[1], si_h=si[2], si_w=si[3], sp_b=pred.stride(0), sp_n=pred.stride(1),
             C=C, P=p, PAP=triton.next_power_of_2(p * p), BP=PATCHES_PER_PROGRAM, NORM=norm_pix,
-            BACKWARD=backward, num_warps=NUM_WARPS)
+            BACKWARD=backward, num_warps=NUM_WARPS, **launch_options(use_pdl(pred)))
         if not backward:
             bl = min(triton.next_power_of_2(grid), 16384)
-            _loss_finish[(1,)](part, loss, msum, grid, BLOCK=bl, num_warps=16 if bl >= 8192 else 4)
+            _loss_finish[(1,)](part, loss, msum, grid, BLOCK=bl, num_warps=16 if bl >= 8192 else 4,
+                               **launch_options(use_pdl(pred)))
     elif not backward:
         loss.fill_(float("nan"))  # 0 / 0, as the reference
         msum.zero_()

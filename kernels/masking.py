@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, pdl_enter, use_pdl
+
 # ----------------------------------------------------------------------------- references
 
 
@@ -77,7 +79,8 @@ def _complete_shuffle(ids_keep, N):
 
 
 @triton.jit
-def _rank_kernel(NOISE, IDS_KEEP, MASK, RANK, N, K, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+def _rank_kernel(NOISE, IDS_KEEP, MASK, RANK, N, K, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     # program (b, i-block): the ranks of BLOCK_I positions against all N (many short programs
     # instead of one serial walk per sample); the bool mask is written directly
     b = tl.program_id(0).to(tl.int64)
@@ -97,7 +100,8 @@ def _rank_kernel(NOISE, IDS_KEEP, MASK, RANK, N, K, BLOCK_I: tl.constexpr, BLOCK
 
 @triton.jit
 def _gather_kernel(TOK, POS, IDS, OUT, R, K, C, st_b, st_n, sp_n,
-                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     # BLOCK_R output rows x BLOCK_C columns (whole rows up to 1024): 16-byte vectors when C is a
     # multiple of 8 (the launcher's integer specialization tells the compiler)
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -114,7 +118,8 @@ def _gather_kernel(TOK, POS, IDS, OUT, R, K, C, st_b, st_n, sp_n,
 @triton.jit
 def _gather_bwd_kernel(DVIS, RANK, DTOK, PART, B, N, K, C, B_CHUNK, PLANE,
                        HAS_DPOS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+                       BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     # Program (position tile, column tile, batch chunk). Each step moves BLOCK_B samples x BLOCK_N
     # positions at once (rows u-major: row = u * BLOCK_N + j), so a step has BLOCK_B times the
     # bytes in flight of a one-sample step; the ranks of the next step are loaded one step ahead.
@@ -153,7 +158,8 @@ def _gather_bwd_kernel(DVIS, RANK, DTOK, PART, B, N, K, C, B_CHUNK, PLANE,
 
 @triton.jit
 def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, N, K, C, sp_n,
-                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     # program (b, row block, column block). Each row's source in `visible` comes from comparing
     # its position with ids_keep[b] (K <= N int64s, from L1/L2): no separate inverse-permutation
     # kernels. The column-block-0 programs also write inv (what the backward needs).
@@ -181,7 +187,8 @@ def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, N, K, C, sp_n,
 @triton.jit
 def _unmask_bwd_kernel(DFULL, INV, DVIS, PART, B, N, K, C, B_CHUNK, PLANE, MT_ROW,
                        HAS_DPOS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+                       BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     # same walk as _gather_bwd_kernel: every dfull row is read once (contiguous), kept rows are
     # written to dvisible, and the pos_embed (HAS_DPOS) / mask_token partial sums stay in registers.
     # A chunk's plane: N rows of dpos partials (HAS_DPOS), then from row MT_ROW one mask-token
@@ -224,7 +231,8 @@ def _unmask_bwd_kernel(DFULL, INV, DVIS, PART, B, N, K, C, B_CHUNK, PLANE, MT_RO
 
 @triton.jit
 def _sum_parts(PART, DPOS, DMT, NCHUNK, M, PLANE, EXTRA, C, NPB,
-               BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+               BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     # partial planes [NCHUNK, PLANE]: dpos = sum over chunks of the first M = N * C entries; the
     # programs past NPB sum the EXTRA mask-token rows of every chunk into dmask_token
     pid = tl.program_id(0)
@@ -295,7 +303,7 @@ def _finish_parts(part, nchunks, N, C, extra, dmt):
     bcm = min(triton.next_power_of_2(max(C, 1)), bcm)
     grid = npb + (triton.cdiv(C, bcm) if dmt is not None else 0)
     _sum_parts[(grid,)](part, dpos, dmt if dmt is not None else dpos, nchunks, M, M + extra * C, extra, C, npb,
-                        BLOCK=block, BLOCK_T=bt, BLOCK_C=bcm, num_warps=4)
+                        BLOCK=block, BLOCK_T=bt, BLOCK_C=bcm, num_warps=4, **launch_options(use_pdl(part)))
     return dpos
 
 
@@ -314,7 +322,8 @@ def mae_rank(noise: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, t
     bj = triton.next_power_of_2(max(N, 1))
     bi = max(1, min(32, 4096 // bj))
     if B and N:
-        _rank_kernel[(B, triton.cdiv(N, bi))](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj, num_warps=4)
+        _rank_kernel[(B, triton.cdiv(N, bi))](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj, num_warps=4,
+                                              **launch_options(use_pdl(noise)))
     return ids_keep, mask, rank
 
 
@@ -338,7 +347,7 @@ def _gather_impl(tokens, pos, ids_keep):
     if B * K:
         _gather_kernel[(triton.cdiv(B * K, br), triton.cdiv(C, bc))](
             tokens, pos, ids_keep, out, B * K, K, C, tokens.stride(0), tokens.stride(1), pos.stride(0),
-            BLOCK_R=br, BLOCK_C=bc, num_warps=warps)
+            BLOCK_R=br, BLOCK_C=bc, num_warps=warps, **launch_options(use_pdl(out)))
     return out
 
 
@@ -359,7 +368,7 @@ def _gather_bwd(dvis: torch.Tensor, rank: torch.Tensor, tokens_dtype: torch.dtyp
     part = dvis.new_empty((nchunks, N, C) if nchunks > 1 else (N, C), dtype=torch.float32) if need_dpos else dtok
     _gather_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), nchunks)](
         dvis, rank, dtok, part, B, N, K, C, bchunk, N * C, HAS_DPOS=need_dpos, BLOCK_B=bb, BLOCK_N=bn, BLOCK_C=bc,
-        num_warps=4)
+        num_warps=4, **launch_options(use_pdl(dvis)))
     if not need_dpos:
         return dtok, dvis.new_empty((0,), dtype=torch.float32)
     return dtok, (_finish_parts(part, nchunks, N, C, 0, None) if nchunks > 1 else part)
@@ -421,7 +430,7 @@ def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Ten
     if B * N:
         _unmask_kernel[(B, triton.cdiv(N, br), triton.cdiv(C, bc))](
             visible, ids_keep, mt, pos, out, inv, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, BLOCK_K=bk,
-            num_warps=warps)
+            num_warps=warps, **launch_options(use_pdl(out)))
     return out, inv
 
 
@@ -451,7 +460,7 @@ def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: t
     part = dfull.new_empty((nchunks, n_pos + nb, C), dtype=torch.float32)
     _unmask_bwd_kernel[(nb, triton.cdiv(C, bc), nchunks)](
         dfull, inv, dvis, part, B, N, K, C, bchunk, (n_pos + nb) * C, n_pos, HAS_DPOS=need_dpos, BLOCK_B=bb,
-        BLOCK_N=bn, BLOCK_C=bc, num_warps=4)
+        BLOCK_N=bn, BLOCK_C=bc, num_warps=4, **launch_options(use_pdl(dfull)))
     dmt = dfull.new_empty((C,), dtype=torch.float32)
     dpos = _finish_parts(part, nchunks, n_pos, C, nb, dmt)
     return dvis, dmt, dpos

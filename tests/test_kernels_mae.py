@@ -387,3 +387,28 @@ def test_masking_launch_shapes(monkeypatch, gather, unmask, sum_mt, C, pos_grad)
     # ~0.1 carry fp32 rounding of ~3e-5 (seen at one seed in 25), hence atol 1e-4
     for a, w in zip(torch.autograd.grad(full, (v, mt), gf), torch.autograd.grad(ref, (v, mt), gf)):
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-4)
+
+
+def test_pdl_only_on_hopper_cuda_tensors_outside_the_interpreter(monkeypatch):
+    """Programmatic dependent launch: the MAE kernels ask for it on CUDA tensors of compute
+    capability >= 9 only, never under the Triton interpreter or with kernels.pdl.ENABLED off; the
+    launch keywords then carry the kernel's PDL constexpr and Triton's launch_pdl."""
+    import types
+
+    pdl = sys.modules.get("kernels.pdl") or __import__("kernels.pdl", fromlist=["pdl"])
+    cuda_t = types.SimpleNamespace(is_cuda=True, device="cuda:0")
+    cap = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert pdl.use_pdl(cuda_t) is (pdl.gdc_wait is not None)
+    assert pdl.use_pdl(torch.zeros(1)) is False  # CPU tensor
+    cap["value"] = (8, 0)
+    assert pdl.use_pdl(cuda_t) is False  # Ampere: no PDL
+    cap["value"] = (9, 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pdl.use_pdl(cuda_t) is False
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert pdl.use_pdl(cuda_t) is False
+    assert pdl.launch_options(True) == {"PDL": True, "launch_pdl": True}
+    assert pdl.launch_options(False) == {"PDL": False}
