@@ -202,6 +202,13 @@ L18)  # engine.run's stall without CUDA graphs (its default compile mode); DALI'
   step 150 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 4 --warmup 10 --repeats 2 \
     --dali-streams backend,single,operator --tag dali-streams
   ;;
+K5)  # the engine's default compile mode now (auto: CUDA graphs for the one-GPU MAE step) vs torch's default, same
+     # run; the MAE kernels with and without programmatic dependent launch again (a second sample)
+  T="python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --steps 8 --warmup 3"
+  step 200 $T --variants engine-triton engine-torch --tag auto
+  step 120 $T --variants engine-triton --compile-mode default --tag default
+  step 150 python3 -m bench kernels --only mae --mae-variants --tag mae-pdl-2
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;

@@ -559,7 +559,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dali-dynamic", default="",
                    help="DALI's execution model: 1 dynamic, 0 legacy (buffers allocated once); empty: DALI's default; "
                         "a comma list sweeps it")
-    p.add_argument("--nvjpeg-ahead", default="1",
+    p.add_argument("--nvjpeg-ahead", default="0",
                    help="nvjpeg's decode_ahead (decode the next batch in its own thread while this one is cropped): "
                         "1 or 0; a comma list runs each as its own variant, in the throughput, breakdown and stall "
                         "runs (the engine stall uses the first)")
@@ -949,7 +949,7 @@ def dali_options(a) -> list[dict[str, Any]]:
 
 def nvjpeg_options(a) -> list[dict[str, Any]]:
     """The nvjpeg backend's settings, one per value of --nvjpeg-ahead (the first is the default)."""
-    return [{"decode_ahead": bool(int(x))} for x in a.nvjpeg_ahead.split(",") if x.strip()] or [{"decode_ahead": True}]
+    return [{"decode_ahead": bool(int(x))} for x in a.nvjpeg_ahead.split(",") if x.strip()] or [{"decode_ahead": False}]
 
 
 def variants(a, backends: list[str]) -> list[tuple[str, str, dict[str, dict]]]:

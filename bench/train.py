@@ -155,7 +155,8 @@ def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = N
         trainer.train_step([batch0])
 
     sec = _time_steps(step, steps, warmup, trainer.device)
-    out = {"img_per_s": batch * world / sec, "step_ms": sec * 1e3, "device": str(trainer.device), "world": world}
+    out = {"img_per_s": batch * world / sec, "step_ms": sec * 1e3, "device": str(trainer.device), "world": world,
+           "compile_mode": trainer.compile_mode if cfg.model.compile else "eager"}
     if trainer.device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if profile:
@@ -224,7 +225,8 @@ def run_scaling(args) -> int:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                        "-m", "bench", "train", "--worker-json", out, "--recipes", recipe, "--batch", str(batch),
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", args.variants[0],
-                       "--override", *args.override] + (["--no-compile"] if args.no_compile else [])
+                       "--override", *args.override, "--compile-mode", args.compile_mode] + (
+                           ["--no-compile"] if args.no_compile else [])
                 if args.profile:
                     cmd += ["--profile", "1"]
                 r = subprocess.run(cmd, capture_output=True, text=True)
@@ -272,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=["engine-triton", "engine-torch", "naive"],
                     help="engine-triton (our kernels), engine-torch (SDPA + torch masking/loss), naive")
     ap.add_argument("--no-compile", action="store_true", help="measure eager mode (all variants)")
+    ap.add_argument("--compile-mode", default="auto",
+                    choices=["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="the engine variants' model.compile_mode (auto, engine.run's default: CUDA graphs for the "
+                         "whole-model MAE step on one GPU, torch's default mode under FSDP2)")
     ap.add_argument("--override", nargs="*", default=[], help="recipe overrides for every recipe (key=value)")
     ap.add_argument("--gpus", type=int, nargs="+", default=None,
                     help="scaling mode: run the first variant (engine-*) under torchrun on each GPU count")
@@ -291,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.recipes[0], args.override)
         cfg.model.compile = not args.no_compile
+        cfg.model.compile_mode = args.compile_mode
         cfg.model.kernels = "triton" if args.variants[0] == "engine-triton" else "torch"
         res = run_engine(cfg, args.batch[0], args.steps, args.warmup,
                          profile=args.worker_json + ".prof.txt" if args.profile else None)
@@ -324,11 +331,14 @@ def main(argv: list[str] | None = None) -> int:
                         r = run_naive(cfg, batch, args.steps, args.warmup, device, not args.no_compile)
                     else:
                         cfg.model.kernels = "triton" if variant == "engine-triton" else "torch"
+                        cfg.model.compile_mode = args.compile_mode
                         if cfg.model.kernels == "triton" and device.type != "cuda":
                             raise RuntimeError("Triton kernels need CUDA (the interpreter is for tests)")
                         r = run_engine(cfg, batch, args.steps, args.warmup)
                     row[f"{variant}_img_s"] = r["img_per_s"]
                     row[f"{variant}_step_ms"] = r["step_ms"]
+                    if "compile_mode" in r:
+                        row[f"{variant}_compile_mode"] = r["compile_mode"]
                     if "peak_mem_gib" in r:
                         row[f"{variant}_peak_mem_gib"] = r["peak_mem_gib"]
                     if peak:
@@ -348,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(rows, cols)
     tag = "+".join(r["model"].replace("vit_", "").split("_patch")[0] + ("-dinov2" if r["objective"] == "dinov2" else "")
-                   for r in rows)
+                   for r in rows) + (f"-{args.tag}" if args.tag else "")
     path = write_result("train", {"device": str(device), "peak_bf16_flops": peak, "compile": not args.no_compile,
                                   "steps": args.steps, "rows": rows}, argv if argv is not None else [], tag=tag)
     bar_plot(path.with_suffix(".png"), [r["model"] for r in rows],

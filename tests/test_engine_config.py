@@ -82,6 +82,22 @@ def test_vit_g_dry_run_cli():
     assert "FLOP" in r.stdout and "80 GB H100" in r.stdout
 
 
+def test_auto_compile_mode_picks_cuda_graphs_only_where_they_apply():
+    """model.compile_mode: auto (the default) is reduce-overhead for a compiled whole-model step on one
+    CUDA device without accumulation, torch's default mode anywhere else; explicit modes stay."""
+    from engine.config import resolve_compile_mode
+
+    assert load_config(ROOT / "recipes" / "vit_b_mae.yaml", []).model.compile_mode == "auto"
+    assert load_config(ROOT / "recipes" / "quickstart_dinov2.yaml", []).model.compile_mode == "auto"  # accepted
+    ok = dict(compiled=True, whole_model=True, world=1, accum_steps=1, device_type="cuda")
+    assert resolve_compile_mode("auto", **ok) == "reduce-overhead"
+    for change in ({"compiled": False}, {"whole_model": False}, {"world": 2}, {"accum_steps": 4},
+                   {"device_type": "cpu"}):
+        assert resolve_compile_mode("auto", **(ok | change)) is None, change
+    assert resolve_compile_mode("default", **ok) == "default" and resolve_compile_mode(None, **ok) is None
+    assert resolve_compile_mode("max-autotune-no-cudagraphs", **(ok | {"world": 2})) == "max-autotune-no-cudagraphs"
+
+
 def test_cuda_graph_compile_mode_is_for_the_whole_model_mae_step():
     """model.compile_mode=reduce-overhead replays the whole MAE step as CUDA graphs: refused with
     gradient accumulation and for DINOv2 (compiled per block), accepted for MAE."""

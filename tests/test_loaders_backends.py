@@ -418,24 +418,15 @@ test_dali_no_copy_feed_gives_the_same_batches = pytest.mark.parametrize(
 
 
 def test_nvjpeg_decode_ahead_gives_the_same_batches_and_resumes(run, shards, monkeypatch):
-    """decode_ahead (the default) decodes the next batch in a thread of its own while this one is
-    cropped: the same samples, crops and skips as decoding in line (decode_ahead=False); a mid-epoch
-    state resumes exactly; a consumer that stops early stops the decode thread."""
+    """decode_ahead=True decodes the next batch in a thread of its own while this one is cropped: the
+    same samples, crops and skips as decoding in line (the default); a mid-epoch state resumes
+    exactly; a consumer that stops early stops the decode thread."""
     import threading
 
     import loaders.backends.nvjpeg as nv
 
-    _, ahead, epochs, state = run  # the fixture's loader: default settings
-    assert ahead.decode_ahead is True
-    loader = make_loader("nvjpeg", shards[0], shards[2], decode_ahead=False)
-    try:
-        batches = list(loader)
-        assert [b.uid for b in batches] == [b.uid for b in epochs[0]]
-        for ours, theirs in zip(batches, epochs[0]):
-            torch.testing.assert_close(ours.images, theirs.images, rtol=0, atol=0)
-        assert loader.skipped == len(BAD)
-    finally:
-        loader.close()
+    _, inline, epochs, state = run  # the fixture's loader: default settings
+    assert inline.decode_ahead is False
     threads: dict[str, set] = {"decode": set(), "crop": set()}
     crop = nv.resized_crop_list
 
@@ -444,14 +435,28 @@ def test_nvjpeg_decode_ahead_gives_the_same_batches_and_resumes(run, shards, mon
         return crop(*a, **k)
 
     monkeypatch.setattr(nv, "resized_crop_list", crop_seen)
-    loader = make_loader("nvjpeg", shards[0], shards[2])
-    decode = loader.decode
-    loader.decode = lambda raw: threads["decode"].add(threading.get_ident()) or decode(raw)
+
+    def ahead_loader():
+        loader = make_loader("nvjpeg", shards[0], shards[2], decode_ahead=True)
+        decode = loader.decode
+        loader.decode = lambda raw: threads["decode"].add(threading.get_ident()) or decode(raw)
+        return loader
+
+    loader = ahead_loader()
+    try:
+        batches = list(loader)
+        assert [b.uid for b in batches] == [b.uid for b in epochs[0]]
+        for ours, theirs in zip(batches, epochs[0]):
+            torch.testing.assert_close(ours.images, theirs.images, rtol=0, atol=0)
+        assert loader.skipped == len(BAD)
+        assert threads["decode"] and threads["crop"] and not threads["decode"] & threads["crop"]
+    finally:
+        loader.close()
+    loader = ahead_loader()
     try:
         loader.load_state_dict(state)  # SNAPSHOT batches into epoch 0
         rest = [u for b in loader for u in b.uid]
         assert rest == [u for b in epochs[0][SNAPSHOT:] for u in b.uid]
-        assert threads["decode"] and threads["crop"] and not threads["decode"] & threads["crop"]
         it = iter(loader)
         next(it)
         it.close()

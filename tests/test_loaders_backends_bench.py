@@ -125,6 +125,6 @@ def test_repeats_report_the_median_run_and_nvjpeg_variants(tmp_path):
     assert [label for _, label, _ in bench.loaders.variants(d, ["dali"])] == [
         "dali t4 hw1 nocopy q2 streams=single", "dali t4 hw1 nocopy q2 streams=backend"]
     one = bench.loaders.parse([])
-    assert bench.loaders.variants(one, ["nvjpeg"]) == [("nvjpeg", "nvjpeg", {"nvjpeg": {"decode_ahead": True}})]
+    assert bench.loaders.variants(one, ["nvjpeg"]) == [("nvjpeg", "nvjpeg", {"nvjpeg": {"decode_ahead": False}})]
     engine = bench.loaders.engine_options(a, torch.device("cpu"), tmp_path / "run", "/shards", "nvjpeg")
     assert "data.options={nvjpeg: {decode_ahead: true}}" in engine  # the first value of --nvjpeg-ahead

@@ -80,17 +80,20 @@ def resized_crop_list(images: list[torch.Tensor], crops: torch.Tensor, size: int
 
 
 class NvjpegLoader(EncodedLoader):
-    """decode_ahead (default on): decode the next batch in a thread of its own (on a stream of its
-    own) while this batch is cropped and normalized. torchvision decodes under one global lock with
-    one nvJPEG state, so a second decoder would wait; but the decode's host work (header parsing,
-    one output allocation per image) and the crops' launches can overlap. H200, 256 px, 2 workers,
-    3 rounds: 18.0k / 19.2k img/s (median, 32 / 8 CUDA queues) vs 18.2k / 15.6k in line, whose runs
-    spread far wider (12.9k-19.8k vs 16.7k-19.9k); `bench/results/loaders-*-q32.json`, `-q8.json`."""
+    """decode_ahead: decode the next batch in a thread of its own (on a stream of its own) while this
+    one is cropped and normalized. torchvision decodes under one global lock with one nvJPEG state,
+    so a second decoder would wait; but the decode's host work (header parsing, one output
+    allocation per image) and the crops' launches can overlap. Off by default: it raises the
+    loader's own rate (H200, 256 px, 2 workers, 3 rounds: 18.0k / 19.2k img/s median at 32 / 8 CUDA
+    queues vs 18.2k / 15.6k in line, whose runs spread wider, 12.9k-19.8k vs 16.7k-19.9k), but its
+    second Python thread takes host time from a training loop that launches its kernels one by one:
+    MAE ViT-B in engine.run without CUDA graphs lost 27.9 % to it vs 22.0 % in line (with graphs:
+    4.1 % vs 4.2 %). Turn it on where the loader, not the step, is the bound (small models)."""
 
     backend = "nvjpeg"
     decode_png = True  # nvjpeg decodes JPEG only: workers decode the (rare) PNG rows
 
-    def __init__(self, *, decode_ahead: bool = True, **kwargs: Any):
+    def __init__(self, *, decode_ahead: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
         self.decode_ahead = bool(decode_ahead)
 
