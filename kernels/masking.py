@@ -361,9 +361,11 @@ def _gather_bwd(dvis: torch.Tensor, rank: torch.Tensor, tokens_dtype: torch.dtyp
     dtok = torch.empty(B, N, C, device=dvis.device, dtype=tokens_dtype)
     if not B or not N:
         return dtok, dvis.new_zeros((N, C) if need_dpos else (0,), dtype=torch.float32)
-    # 8 samples a step: 16 KB of stores in flight. Without dpos no partial planes: 4x the programs
-    # (measured at MAE-L: 0.035 ms vs 0.037; with dpos more programs mean more planes, and 512 wins)
-    bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 8, None if need_dpos else 4 * WALK_PROGRAMS)
+    # 8 samples a step: 16 KB of stores in flight. Without dpos no partial planes: 8x the programs
+    # (measured at MAE-L, H200: 4x gave 0.035 ms vs 0.037 for 1x; 8x then fwd+bwd 0.0603 / 0.0607 ms vs
+    # 0.0610 / 0.0610 for 4x in two calls, as the variant WALK_PROGRAMS=1024 of `bench kernels
+    # --mae-variants`; with dpos more programs mean more planes, and 512 wins)
+    bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 8, None if need_dpos else 8 * WALK_PROGRAMS)
     # one chunk: the kernel writes dpos itself; else partial planes and one reduction launch
     part = dvis.new_empty((nchunks, N, C) if nchunks > 1 else (N, C), dtype=torch.float32) if need_dpos else dtok
     _gather_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), nchunks)](
