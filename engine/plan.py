@@ -170,12 +170,28 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.0f} {unit}"
 
 
+def _compile_note(cfg: Config, plan: Plan) -> str:
+    """The compile mode a GPU run of this plan gets (model.compile_mode auto resolved), and whether
+    its step replays CUDA graphs (which is what keeps the data stall near zero)."""
+    from engine.config import CUDA_GRAPH_MODES, resolve_compile_mode
+
+    if not cfg.model.compile:
+        return ""
+    mode = resolve_compile_mode(cfg.model.compile_mode, compiled=True, whole_model=cfg.objective.name == "mae",
+                                world=plan.world, accum_steps=plan.accum_steps, device_type="cuda")
+    auto = "auto -> " if cfg.model.compile_mode == "auto" else ""
+    if mode in CUDA_GRAPH_MODES:
+        return f" ({auto}{mode}: CUDA graphs)"
+    why = "; CUDA graphs need MAE on one GPU without accumulation" if auto else ""
+    return f" ({auto}{mode or 'default'}{why})"
+
+
 def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -> str:
     gib = 1024**3
     lines = [
         f"recipe          {cfg.run.name}   objective {cfg.objective.name}",
         f"model           {plan.model}  img {cfg.model.img_size}  patch {cfg.model.patch_size or 'timm default'}"
-        f"  kernels {cfg.model.kernels}  compile {cfg.model.compile}",
+        f"  kernels {cfg.model.kernels}  compile {cfg.model.compile}" + _compile_note(cfg, plan),
         f"parameters      encoder {plan.encoder_params / 1e6:,.1f} M ({plan.encoder_params / 1e9:.3f} B)"
         f"   total {plan.total_params / 1e6:,.1f} M   trainable {plan.trainable_params / 1e6:,.1f} M",
         f"FLOPs / image   {_human(plan.flops_per_image, 'FLOP')} (forward + backward, training step)",

@@ -96,6 +96,14 @@ def test_auto_compile_mode_picks_cuda_graphs_only_where_they_apply():
         assert resolve_compile_mode("auto", **(ok | change)) is None, change
     assert resolve_compile_mode("default", **ok) == "default" and resolve_compile_mode(None, **ok) is None
     assert resolve_compile_mode("max-autotune-no-cudagraphs", **(ok | {"world": 2})) == "max-autotune-no-cudagraphs"
+    # --dry-run says which the GPU run gets: the recipe's 16 micro-batches per step rule graphs out
+    from engine.plan import format_plan, make_plan
+
+    for overrides, want in (([], "(auto -> default; CUDA graphs need MAE on one GPU without accumulation)"),
+                            (["train.batch_size=256"], "(auto -> reduce-overhead: CUDA graphs)"),
+                            (["model.compile_mode=default"], "compile True (default)")):
+        cfg = load_config(ROOT / "recipes" / "vit_b_mae.yaml", overrides)
+        assert want in format_plan(cfg, make_plan(cfg)), overrides
 
 
 def test_cuda_graph_compile_mode_is_for_the_whole_model_mae_step():
