@@ -209,6 +209,10 @@ K5)  # the engine's default compile mode now (auto: CUDA graphs for the one-GPU 
   step 120 $T --variants engine-triton --compile-mode default --tag default
   step 150 python3 -m bench kernels --only mae --mae-variants --tag mae-pdl-2
   ;;
+K6)  # next: the fixed-pos mask backward at its new default (8 x WALK_PROGRAMS programs; measured so far only as
+     # the WALK_PROGRAMS=1024 variant), three times for the spread; then the kernel table at the default configs
+  for i in 1 2 3; do step 150 python3 -m bench kernels --only mae --tag mae-walk8-$i; done
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;
