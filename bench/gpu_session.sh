@@ -210,7 +210,7 @@ K5)  # the engine's default compile mode now (auto: CUDA graphs for the one-GPU 
   step 150 python3 -m bench kernels --only mae --mae-variants --tag mae-pdl-2
   ;;
 K6)  # next: the fixed-pos mask backward at its new default (8 x WALK_PROGRAMS programs; measured so far only as
-     # the WALK_PROGRAMS=1024 variant), three times for the spread; then the kernel table at the default configs
+     # the WALK_PROGRAMS=1024 variant), three times for the spread
   for i in 1 2 3; do step 150 python3 -m bench kernels --only mae --tag mae-walk8-$i; done
   ;;
 M)
