@@ -768,13 +768,13 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
                 opts.setdefault(backend, {})["max_ahead"] = ahead
             if lprio is not None:
                 opts.setdefault(backend, {})["stream_priority"] = lprio
-            default_gil = sys.getswitchinterval()
-            sys.setswitchinterval(gil or default_gil)
             pairs, prof = [], {}
             loader = make_loader(backend, path, batch_size=a.batch_size, crop=a.crop,
                                  workers=0 if replay else w, device=device, dtype=dtype, cache_dir=cache_dir,
                                  options=opts)
             batches = replayed(loader, path, a, cache_dir, device) if replay else forever(loader)
+            default_gil = sys.getswitchinterval()
+            sys.setswitchinterval(gil or default_gil)  # restored below, whatever happens
             try:
                 for _ in range(max(1, a.stall_repeats)):
                     # the synthetic rate right before each real run: the stall is a ratio of two runs minutes
