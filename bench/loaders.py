@@ -800,8 +800,7 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
                 batches.close()
                 close(loader)
                 sys.setswitchinterval(default_gil)
-            mid = sorted(pairs, key=lambda r: r["stall"])[(len(pairs) - 1) // 2]  # the median pair (lower middle)
-            out = dict(mid)
+            out = dict(lower_median(pairs, "stall"))  # the median pair
             if len(pairs) > 1:
                 out["pairs"] = pairs
                 out["stall_range"] = [min(r["stall"] for r in pairs), max(r["stall"] for r in pairs)]
@@ -1047,6 +1046,12 @@ def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> N
         save()
 
 
+def lower_median(rows: list[dict], key: str) -> dict:
+    """The row with the median `key` (the lower middle one of an even count): a run that happened,
+    not an average of two."""
+    return sorted(rows, key=lambda r: r[key])[(len(rows) - 1) // 2]
+
+
 def medians(rows: list[dict]) -> list[dict]:
     """One row per (variant, size, workers): the run with the median img/s over the repeats (the
     lower middle one of an even count), with every run's img/s under `runs`. Failed runs count
@@ -1056,11 +1061,8 @@ def medians(rows: list[dict]) -> list[dict]:
         groups.setdefault((r.get("variant", r["backend"]), r["size"], r["workers"]), []).append(r)
     out = []
     for group in groups.values():
-        ok = sorted((r for r in group if "img_s" in r), key=lambda r: r["img_s"])
-        if not ok:
-            out.append(group[0])
-            continue
-        out.append(ok[(len(ok) - 1) // 2] | {"runs": [r["img_s"] for r in group if "img_s" in r]})
+        ok = [r for r in group if "img_s" in r]
+        out.append(lower_median(ok, "img_s") | {"runs": [r["img_s"] for r in ok]} if ok else group[0])
     return out
 
 
