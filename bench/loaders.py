@@ -889,11 +889,12 @@ def engine_stall(a, payload, device, data_root: Path, guarded, save) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
             cfg = load_config(recipe, engine_options(a, device, run_dir, path, backend))
             with open(os.devnull, "w") as quiet:
-                Trainer(cfg, run_dir, out=quiet).fit()
+                trainer = Trainer(cfg, run_dir, out=quiet)
+                trainer.fit()
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             rate, wait = engine_rate(rows, every, a.batch_size, skip)
-            out = {"img_s": rate, "data_wait_ms": wait}
+            out = {"img_s": rate, "data_wait_ms": wait, "compile_mode": trainer.compile_mode}  # as resolved
             if backend is not None and "img_s" in synthetic:
                 out["stall"] = 1 - rate / synthetic["img_s"]
             return out
