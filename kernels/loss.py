@@ -206,16 +206,16 @@ def _launch(imgs, pred, m, p, eps, norm_pix, backward, gout=None, msum=None):
     else:
         part = dpred
     if G:
+        pdl = launch_options(use_pdl(pred))
         si = imgs.stride()
         _loss_rows[(grid,)](
             imgs, pred, m, part, dpred, gout, msum, N, W // p, G, eps,
             si_b=si[0], si_c=si[1], si_h=si[2], si_w=si[3], sp_b=pred.stride(0), sp_n=pred.stride(1),
             C=C, P=p, PAP=triton.next_power_of_2(p * p), BP=PATCHES_PER_PROGRAM, NORM=norm_pix,
-            BACKWARD=backward, num_warps=NUM_WARPS, **launch_options(use_pdl(pred)))
+            BACKWARD=backward, num_warps=NUM_WARPS, **pdl)
         if not backward:
             bl = min(triton.next_power_of_2(grid), 16384)
-            _loss_finish[(1,)](part, loss, msum, grid, BLOCK=bl, num_warps=16 if bl >= 8192 else 4,
-                               **launch_options(use_pdl(pred)))
+            _loss_finish[(1,)](part, loss, msum, grid, BLOCK=bl, num_warps=16 if bl >= 8192 else 4, **pdl)
     elif not backward:
         loss.fill_(float("nan"))  # 0 / 0, as the reference
         msum.zero_()
