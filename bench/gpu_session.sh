@@ -213,6 +213,18 @@ K6)  # next: the fixed-pos mask backward at its new default (8 x WALK_PROGRAMS p
      # the WALK_PROGRAMS=1024 variant), three times for the spread
   for i in 1 2 3; do step 150 python3 -m bench kernels --only mae --tag mae-walk8-$i; done
   ;;
+K7)  # attention at N = 1374 (0.93x cuDNN): the backward's neighbours of its winner swept (deeper pipelines, one
+     # tail tile, other dQ tiles), timed against every SDPA backend in the same run; then the mask at its new default
+  step 360 python3 -m bench kernels --only attention --tune --shapes dinov2-g518-n1374-d64 --tag tune-1374
+  for i in 1 2; do step 110 python3 -m bench kernels --only mae --tag mae-walk8-$i; done
+  ;;
+L19)  # dali throughput vs DALI's prefetch queue depth and thread count (3 interleaved rounds each): 8 CUDA queues
+      # (decode-only jobs), then the training default of 32
+  export CUDA_VISIBLE_DEVICES=0
+  T="python3 -m bench loaders --backends dali --workers 2 --seconds 4 --warmup 10 --repeats 3"
+  step 330 env CUDA_DEVICE_MAX_CONNECTIONS=8 $T --dali-queue 2,3,4 --dali-threads 4,6 --tag dali-q8-depth
+  step 200 $T --dali-queue 2,3 --dali-threads 4 --tag dali-q32-depth
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;

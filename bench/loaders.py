@@ -555,7 +555,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="share of JPEGs for the hardware decoder; a comma list sweeps it")
     p.add_argument("--dali-no-copy", default="1",
                    help="1: DALI reads the fed images in place (no copy); a comma list ('0,1') sweeps both")
-    p.add_argument("--dali-queue", default="2", help="DALI's prefetch_queue_depth; a comma list sweeps it")
+    p.add_argument("--dali-queue", default="3", help="DALI's prefetch_queue_depth (the loader's default: 3); a comma list sweeps it")
     p.add_argument("--dali-dynamic", default="",
                    help="DALI's execution model: 1 dynamic, 0 legacy (buffers allocated once); empty: DALI's default; "
                         "a comma list sweeps it")
