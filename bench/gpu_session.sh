@@ -225,6 +225,18 @@ L19)  # dali throughput vs DALI's prefetch queue depth and thread count (3 inter
   step 330 env CUDA_DEVICE_MAX_CONNECTIONS=8 $T --dali-queue 2,3,4 --dali-threads 4,6 --tag dali-q8-depth
   step 200 $T --dali-queue 2,3 --dali-threads 4 --tag dali-q32-depth
   ;;
+L20)  # attention N = 1374 again (0.96x cuDNN): 128-row dK/dV sub-tiles, 8-warp programs, register caps; then
+      # dali at 512 px (19-20k img/s vs 20k wanted): a share of the JPEGs on the CUDA decoder, more DALI threads
+  export CUDA_VISIBLE_DEVICES=0
+  step 200 python3 -m bench kernels --only attention --tune --shapes dinov2-g518-n1374-d64 --tag tune-1374-2
+  step 260 env CUDA_DEVICE_MAX_CONNECTIONS=8 python3 -m bench loaders --backends dali --sizes 512 --workers 2 --seconds 4 \
+    --warmup 10 --repeats 3 --hw-decoder-load 1.0,0.95,0.9 --dali-threads 4,6 --tag dali-512-hw
+  ;;
+K8)  # L20: a register cap of 168 per thread (3 programs per SM) sped the N = 1374 dK/dV pass up 3.8 %; each
+     # shape's current configs under caps of 128 / 168 on the forward and on each backward pass
+  step 300 python3 -m bench kernels --only attention --tune-regs \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64,vit-g-n257-d88,dinov2-g518-n1374-d64 --tag tune-regs
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;

@@ -373,6 +373,15 @@ BWD_CFGS += [dict(SPLIT="kv+q", BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, nu
                  ((64, 64, 32, 32, 4, 3), (64, 64, 32, 32, 4, 3)), ((64, 64, 16, 16, 4, 3), (64, 32, 16, 16, 4, 3)),
                  ((64, 64, 16, 16, 4, 3), (128, 64, 16, 16, 8, 3)), ((64, 64, 16, 16, 4, 3), (128, 32, 16, 16, 4, 3)),
                  ((64, 64, 16, 16, 4, 3), (64, 128, 16, 16, 4, 3))]]
+# the N = 1374 winner (32-row tails) with 128 query rows per dK/dV sub-tile, 128 keys per dK/dV program on 8
+# warps, 8-warp dQ programs, and a register cap per thread (Triton's maxnreg: 168 fits 3 programs of 4 warps
+# per SM, 128 fits 4) on either pass
+_W = dict(BLOCK_M=64, BLOCK_N=64, TAIL_M=32, TAIL_N=32, num_warps=4, num_stages=3)
+BWD_CFGS += [dict(SPLIT="kv+q", **(_W | kv), DQ=_W | dq) for kv, dq in [
+    (dict(BLOCK_M=128), {}), (dict(BLOCK_M=128, num_stages=2), {}), (dict(BLOCK_N=128, num_warps=8), {}),
+    ({}, dict(BLOCK_M=128, num_warps=8, num_stages=2)), ({}, dict(num_warps=8)),
+    (dict(maxnreg=168), {}), ({}, dict(maxnreg=168)), (dict(maxnreg=168), dict(maxnreg=168)),
+    (dict(maxnreg=128), {}), ({}, dict(maxnreg=128)), (dict(maxnreg=128), dict(maxnreg=128))]]
 TUNE_MAX_N = 2048  # the 4k reference point keeps its default config
 
 
@@ -395,9 +404,9 @@ def _compile_worker(job):
     return ""
 
 
-def precompile(names, sweep=True):
+def precompile(names, sweep=True, regs_only=False):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
-    configs (--tune) or just the ones each shape will use."""
+    configs (--tune; --tune-regs: the register-capped variants) or just the ones each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
@@ -413,6 +422,10 @@ def precompile(names, sweep=True):
             continue
         if N > TUNE_MAX_N:
             continue
+        if regs_only:
+            fwds, bwds = register_variants(N, D)
+            jobs += [(shape, c, None) for c in fwds] + [(shape, fwds[0], c) for c in bwds]
+            continue
         jobs += [(shape, c, None) for c in FWD_CFGS]
         jobs += [(shape, FWD_CFGS[0], c) for c in BWD_CFGS if c["SPLIT"] or N <= 1400]
     with cf.ProcessPoolExecutor(max_workers=max(1, min(16, len(jobs), (os.cpu_count() or 2) - 1)),
@@ -423,16 +436,37 @@ def precompile(names, sweep=True):
         print("   ", e, file=sys.stderr)
 
 
-def tune_attention(names):
-    """Time every block config of the forward and both backward layouts; print the best per shape."""
+REG_CAPS = (None, 128, 168)  # Triton's maxnreg per thread: 4-warp programs per SM by registers: 4 at 128, 3 at 168
+
+
+def register_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
+    """The shape's current configs (TUNED or the defaults) with each register cap on the forward and,
+    for the two-pass backward, on each pass: does fitting more programs per SM beat the spills?"""
     from kernels import attn
 
-    fwd_cfgs, bwd_cfgs = FWD_CFGS, BWD_CFGS
+    def capped(cfg, cap):
+        cfg = {k: v for k, v in cfg.items() if k != "maxnreg"}
+        return cfg if cap is None else cfg | {"maxnreg": cap}
+
+    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
+    fwds = [capped(fwd, c) for c in REG_CAPS]
+    if bwd.get("SPLIT") != attn.KV_Q:
+        return fwds, [capped(bwd, c) for c in REG_CAPS]
+    dq = attn._kv_q_dq_config(bwd)
+    return fwds, [capped(bwd, a) | {"DQ": capped(dq, b)} for a in REG_CAPS for b in REG_CAPS]
+
+
+def tune_attention(names, regs_only=False):
+    """Time every block config of the forward and both backward layouts (or, regs_only, the current
+    configs under register caps); print the best per shape."""
+    from kernels import attn
+
     out = {}
     for name in names:
         B, H, N, D = ATTN_SHAPES[name]
         if N > TUNE_MAX_N:
             continue
+        fwd_cfgs, bwd_cfgs = register_variants(N, D) if regs_only else (FWD_CFGS, BWD_CFGS)
         q, k, v, do = (torch.randn(B, H, N, D, device=DEV, dtype=torch.bfloat16) for _ in range(4))
         scale = D ** -0.5
         qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
@@ -492,6 +526,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"attention shapes {QUICK} only")
     ap.add_argument("--shapes", default="", help="comma-separated attention shape names: " + ",".join(ATTN_SHAPES))
     ap.add_argument("--tune", action="store_true", help="sweep block configs (slow) and add them to the JSON")
+    ap.add_argument("--tune-regs", action="store_true",
+                    help="instead of the block sweep, time each shape's current configs under register caps "
+                         f"(Triton's maxnreg: {', '.join(str(c) for c in REG_CAPS)}) on the forward and each backward pass")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", action="store_true",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...)")
@@ -511,13 +548,13 @@ def main(argv=None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     payload = {"card": card_name()}
-    if args.tune and run_attn:
+    if (args.tune or args.tune_regs) and run_attn:
         import time
 
         t0 = time.time()
-        precompile(names)
+        precompile(names, regs_only=args.tune_regs)
         print(f"  precompile {time.time() - t0:.0f}s", file=sys.stderr)
-        payload["tune"] = tune_attention(names)
+        payload["tune"] = tune_attention(names, regs_only=args.tune_regs)
         print(f"  tune done {time.time() - t0:.0f}s", file=sys.stderr)
     elif run_attn:
         precompile(names, sweep=False)

@@ -590,12 +590,15 @@ def _pow2(d: int) -> int:
 KV_Q = "kv+q"  # backward SPLIT value of the two-pass layout (_attn_bwd_kv_q)
 
 
-def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None):
+def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=None):
     """Block config; backward ones carry SPLIT (False, True or KV_Q). For KV_Q the top-level
     blocks drive the dK/dV pass (BLOCK_N key tile per program, BLOCK_M query sub-tiles) and
     `dq` = (bm, bn, tm, tn, warps, stages) the dQ pass (BLOCK_M query tile per program, BLOCK_N
-    key sub-tiles); without it the dQ pass mirrors the dK/dV blocks."""
+    key sub-tiles); without it the dQ pass mirrors the dK/dV blocks. `regs` caps the registers per
+    thread (Triton's maxnreg) of that kernel: more programs per SM, at the price of spills."""
     c = dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=warps, num_stages=stages)
+    if regs is not None:
+        c["maxnreg"] = regs
     if split == KV_Q:
         c["SPLIT"] = split
         if dq is not None:
@@ -621,8 +624,11 @@ TUNED: dict = {
     (261, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(32, 64, 16, 16, 4, 4, split=KV_Q, dq=(64, 32, 16, 16, 4, 4))),
     (257, 88): (_cfg(64, 32, 16, 16, 4, 2), _cfg(64, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 64, 16, 16, 4, 2))),
     # N = 1374: 1374 = 21 x 64 + 30, so one 32-row tail step instead of two 16-row ones (re-tuned with the
-    # neighbours of the first winner, ...-tune-1374.json: fwd 0.2434 vs 0.2464 ms, bwd 0.7050 vs 0.7065)
-    (1374, 64): (_cfg(64, 64, 32, 32, 4, 3), _cfg(64, 64, 32, 32, 4, 3, split=KV_Q, dq=(64, 64, 32, 32, 4, 3))),
+    # neighbours of the first winner, ...-tune-1374.json: fwd 0.2434 vs 0.2464 ms, bwd 0.7050 vs 0.7065); the
+    # dK/dV pass capped at 168 registers per thread (3 programs per SM): bwd 0.690 vs 0.717 ms and 0.7045 vs
+    # 0.7216 in two calls (...-tune-1374-2.json, ...-tune-regs.json); the cap gained nothing on the other shapes
+    (1374, 64): (_cfg(64, 64, 32, 32, 4, 3),
+                 _cfg(64, 64, 32, 32, 4, 3, split=KV_Q, dq=(64, 64, 32, 32, 4, 3), regs=168)),
 }
 
 

@@ -1,0 +1,31 @@
+"""bench kernels' register-cap sweep (--tune-regs): the variants it times are the shape's current
+configs with only the register cap changed."""
+import itertools
+
+from bench.kernels import REG_CAPS, register_variants
+from kernels import attn
+
+
+def _without_cap(cfg):
+    return {k: v for k, v in cfg.items() if k != "maxnreg"}
+
+
+def test_register_variants_of_the_two_pass_backward():
+    fwds, bwds = register_variants(1374, 64)
+    base_fwd, base_bwd = attn._fwd_config(1374, 64), attn._bwd_config(1374, 64)
+    assert [f.get("maxnreg") for f in fwds] == list(REG_CAPS)
+    assert all(_without_cap(f) == _without_cap(base_fwd) for f in fwds)
+    # every (dK/dV cap, dQ cap) pair once, blocks untouched on both passes
+    assert sorted(((b.get("maxnreg") or 0), (b["DQ"].get("maxnreg") or 0)) for b in bwds) == sorted(
+        ((a or 0), (c or 0)) for a, c in itertools.product(REG_CAPS, REG_CAPS))
+    for b in bwds:
+        assert _without_cap({k: v for k, v in b.items() if k != "DQ"}) == _without_cap(
+            {k: v for k, v in base_bwd.items() if k != "DQ"})
+        assert _without_cap(b["DQ"]) == _without_cap(attn._kv_q_dq_config(base_bwd))
+
+
+def test_register_variants_of_the_one_pass_backward():
+    fwds, bwds = register_variants(50, 64)  # one key tile: the fused single-pass backward
+    assert [b.get("maxnreg") for b in bwds] == list(REG_CAPS)
+    assert all(b["SPLIT"] is False and "DQ" not in b for b in bwds)
+    assert len(fwds) == len(REG_CAPS)
