@@ -404,9 +404,10 @@ def _compile_worker(job):
     return ""
 
 
-def precompile(names, sweep=True, regs_only=False):
+def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
-    configs (--tune; --tune-regs: the register-capped variants) or just the ones each shape will use."""
+    configs (--tune; --tune-regs / --tune-ws: the variants of the current configs) or just the ones
+    each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
@@ -422,8 +423,8 @@ def precompile(names, sweep=True, regs_only=False):
             continue
         if N > TUNE_MAX_N:
             continue
-        if regs_only:
-            fwds, bwds = register_variants(N, D)
+        if variants:
+            fwds, bwds = VARIANT_SWEEPS[variants](N, D)
             jobs += [(shape, c, None) for c in fwds] + [(shape, fwds[0], c) for c in bwds]
             continue
         jobs += [(shape, c, None) for c in FWD_CFGS]
@@ -456,9 +457,25 @@ def register_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return fwds, [capped(bwd, a) | {"DQ": capped(dq, b)} for a in REG_CAPS for b in REG_CAPS]
 
 
-def tune_attention(names, regs_only=False):
-    """Time every block config of the forward and both backward layouts (or, regs_only, the current
-    configs under register caps); print the best per shape."""
+def ws_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
+    """The shape's current configs with Triton's warp specialization (WS) on the full-tile loop of the
+    forward and, for the two-pass backward, of each pass (off, then on)."""
+    from kernels import attn
+
+    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
+    fwds = [fwd | {"WS": False}, fwd | {"WS": True}]
+    if bwd.get("SPLIT") != attn.KV_Q:  # the one-pass kernels have no WS knob
+        return fwds, [bwd]
+    dq = attn._kv_q_dq_config(bwd)
+    return fwds, [bwd | {"WS": a, "DQ": dq | {"WS": b}} for a in (False, True) for b in (False, True)]
+
+
+VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants}
+
+
+def tune_attention(names, variants=None):
+    """Time every block config of the forward and both backward layouts (or, with `variants` "regs" /
+    "ws", the current configs under register caps / with warp specialization); print the best per shape."""
     from kernels import attn
 
     out = {}
@@ -466,7 +483,7 @@ def tune_attention(names, regs_only=False):
         B, H, N, D = ATTN_SHAPES[name]
         if N > TUNE_MAX_N:
             continue
-        fwd_cfgs, bwd_cfgs = register_variants(N, D) if regs_only else (FWD_CFGS, BWD_CFGS)
+        fwd_cfgs, bwd_cfgs = VARIANT_SWEEPS[variants](N, D) if variants else (FWD_CFGS, BWD_CFGS)
         q, k, v, do = (torch.randn(B, H, N, D, device=DEV, dtype=torch.bfloat16) for _ in range(4))
         scale = D ** -0.5
         qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
@@ -529,6 +546,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-regs", action="store_true",
                     help="instead of the block sweep, time each shape's current configs under register caps "
                          f"(Triton's maxnreg: {', '.join(str(c) for c in REG_CAPS)}) on the forward and each backward pass")
+    ap.add_argument("--tune-ws", action="store_true",
+                    help="instead of the block sweep, time each shape's current configs with Triton's warp "
+                         "specialization on the full-tile loops (forward, each pass of the two-pass backward)")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", action="store_true",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...)")
@@ -548,13 +568,14 @@ def main(argv=None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     payload = {"card": card_name()}
-    if (args.tune or args.tune_regs) and run_attn:
+    variants = "regs" if args.tune_regs else "ws" if args.tune_ws else None
+    if (args.tune or variants) and run_attn:
         import time
 
         t0 = time.time()
-        precompile(names, regs_only=args.tune_regs)
+        precompile(names, variants=variants)
         print(f"  precompile {time.time() - t0:.0f}s", file=sys.stderr)
-        payload["tune"] = tune_attention(names, regs_only=args.tune_regs)
+        payload["tune"] = tune_attention(names, variants=variants)
         print(f"  tune done {time.time() - t0:.0f}s", file=sys.stderr)
     elif run_attn:
         precompile(names, sweep=False)

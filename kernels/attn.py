@@ -157,7 +157,7 @@ def _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk
 def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
                  offs_d, mask_d,
                  BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+                 BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr):
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
@@ -165,7 +165,7 @@ def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, 
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
     n_full = (seqlen // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
                                      offs_d, mask_d, BLOCK_N, False, EVEN_D)
     for start_n in range(n_full, seqlen, TAIL_N):
@@ -188,8 +188,9 @@ def _attn_fwd(
     H, N, qk_scale,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False,
 ):
+    # WS: Triton's warp specialization of the full-tile loop (tl.range(warp_specialize=...)), a tuning knob
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -214,12 +215,12 @@ def _attn_fwd(
     m_full = seqlen // BLOCK_M
     if pid_m < m_full:
         _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
-                     offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D)
+                     offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
     else:
         row0 = m_full * BLOCK_M + (pid_m - m_full) * TAIL_M
         if row0 < seqlen:
             _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
-                         offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D)
+                         offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
 
 
 @triton.jit
@@ -455,7 +456,7 @@ def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, st
 def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                     BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
-                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr):
     """dK, dV of one key tile: K and V stay resident, every query tile streams past."""
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
@@ -464,7 +465,7 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
     dk = tl.zeros([BN, BLOCK_D], tl.float32)
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
     m_full = (seqlen // BLOCK_M) * BLOCK_M
-    for start_m in range(0, m_full, BLOCK_M):
+    for start_m in tl.range(0, m_full, BLOCK_M, warp_specialize=WS):
         dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
                                 qk_scale, offs_d, mask_d, BLOCK_M, False, EVEN_D)
     for start_m in range(m_full, seqlen, TAIL_M):
@@ -494,7 +495,7 @@ def _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqle
 def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                   BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr):
     """dQ of one query tile (and its delta = rowsum(dO * O), stored for the dK/dV pass)."""
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
@@ -510,7 +511,7 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
         tl.store(DELTA + lo + rows, delta)
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
     n_full = (seqlen // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
                           offs_d, mask_d, BLOCK_N, False, EVEN_D)
     for start_n in range(n_full, seqlen, TAIL_N):
@@ -528,7 +529,7 @@ def _attn_bwd_kv_q(
     H, N, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
 ):
     # two kernels in one source: DQ_PASS: program (query tile, b*h) walking key tiles;
     # else program (key tile, b*h) walking query tiles. M = queries, N = keys in both.
@@ -554,13 +555,13 @@ def _attn_bwd_kv_q(
         if pid < m_full:
             _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                           sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
-                          offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D)
+                          offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
         else:
             row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
             if row0 < seqlen:
                 _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                               sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
-                              offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D)
+                              offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
     else:
         dko, sdk_n = _row_base(b64, h64, tok, sdk_b, sdk_h, sdk_n, ALIGN)
         dvo, sdv_n = _row_base(b64, h64, tok, sdv_b, sdv_h, sdv_n, ALIGN)
@@ -568,13 +569,13 @@ def _attn_bwd_kv_q(
         if pid < n_full:
             _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                             sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
-                            offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D)
+                            offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS)
         else:
             start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
             if start_n < seqlen:
                 _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
-                                offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D)
+                                offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS)
 
 
 # ----------------------------------------------------------------------------- launch

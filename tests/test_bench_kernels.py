@@ -1,8 +1,8 @@
-"""bench kernels' register-cap sweep (--tune-regs): the variants it times are the shape's current
-configs with only the register cap changed."""
+"""bench kernels' variant sweeps (--tune-regs, --tune-ws): the variants it times are the shape's current
+configs with only the register cap / warp specialization changed."""
 import itertools
 
-from bench.kernels import REG_CAPS, register_variants
+from bench.kernels import REG_CAPS, register_variants, ws_variants
 from kernels import attn
 
 
@@ -29,3 +29,12 @@ def test_register_variants_of_the_one_pass_backward():
     assert [b.get("maxnreg") for b in bwds] == list(REG_CAPS)
     assert all(b["SPLIT"] is False and "DQ" not in b for b in bwds)
     assert len(fwds) == len(REG_CAPS)
+
+
+def test_ws_variants():
+    fwds, bwds = ws_variants(197, 64)  # two-pass backward: WS off/on on each pass
+    assert [f["WS"] for f in fwds] == [False, True]
+    assert sorted((b["WS"], b["DQ"]["WS"]) for b in bwds) == [(False, False), (False, True), (True, False),
+                                                            (True, True)]
+    fwds, bwds = ws_variants(50, 64)  # the one-pass backward has no such knob: only its own config
+    assert bwds == [attn._bwd_config(50, 64)]

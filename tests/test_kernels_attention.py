@@ -76,6 +76,14 @@ def test_tuned_configs(shape):
     assert_close(*run_both(q, k, v, fwd_config=fwd, bwd_config=bwd))
 
 
+def test_warp_specialized_loops():
+    """WS (Triton's warp specialization of the full-tile loops, a tuning knob) on the forward and on
+    both passes of the two-pass backward gives the reference result."""
+    q, k, v = (torch.randn(1, 2, 197, 64, requires_grad=True) for _ in range(3))
+    bwd = KV_Q | {"WS": True, "DQ": KV_Q["DQ"] | {"WS": True}}
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"WS": True}, bwd_config=bwd))
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf/NaN in padded-key rows that are never stored
 def test_kv_q_backward_very_negative_scores():
     # every score far below 0 (log2 units < -128): a padded key's p = exp2(0 - lse) overflows; dQ must mask it
