@@ -11,6 +11,7 @@
 #   bash bench/gpu_session.sh L6  # the stall profiled by CUDA stream, at two GIL switch intervals
 #   bash bench/gpu_session.sh L7  # the stall with the whole MAE model compiled (the engine's setting)
 #   bash bench/gpu_session.sh M   # DINOv2 multi-crop from each backend vs PIL + torchvision v2
+#   (later parts, K* kernels / L* loaders / P1 a py-spy profile, say what each measures where they start)
 # Wheels the GPU image lacks (DALI, mosaicml-streaming and their dependencies) are unpacked from
 # /tmp/wheels (see ../shared/GPU.md: ../shared/tools/device-wheels ...) into /tmp/site once.
 set -u
@@ -236,6 +237,30 @@ K8)  # L20: a register cap of 168 per thread (3 programs per SM) sped the N = 13
      # shape's current configs under caps of 128 / 168 on the forward and on each backward pass
   step 300 python3 -m bench kernels --only attention --tune-regs \
     --shapes vit-l-n197-d64,dinov2-g-n261-d64,vit-g-n257-d88,dinov2-g518-n1374-d64 --tag tune-regs
+  ;;
+P1)  # dali at 512 px runs 84 % of its decode half alone (19.1k vs 22.7k img/s): where the loader's Python threads
+     # spend the time (py-spy, carried as a wheel: all threads with idle, then only the thread holding the GIL).
+     # First try (2026-11-28): sampled from 14 s on, both windows fell in the start-up (imports, shard writing,
+     # DALI's pipeline build: ~20 s on that machine), so it now samples from 32 s into a 44 s measurement
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy .whl/py_spy-*.whl
+  SPY=/tmp/pyspy/bin/py-spy
+  python3 -m bench loaders --backends dali --sizes 512 --workers 2 --seconds 44 --warmup 10 --tag pyspy-512 \
+    > "$OUT/bench-P1.log" 2>&1 &
+  PID=$!
+  sleep 32
+  $SPY dump --pid $PID > "$OUT/pyspy-dump-512.txt" 2>&1
+  $SPY record --pid $PID --duration 6 --rate 250 --threads --idle --nonblocking --format raw \
+    -o "$OUT/pyspy-512-all.txt" > "$OUT/pyspy-P1.log" 2>&1
+  $SPY record --pid $PID --duration 6 --rate 250 --threads --gil --nonblocking --format raw \
+    -o "$OUT/pyspy-512-gil.txt" >> "$OUT/pyspy-P1.log" 2>&1
+  wait $PID
+  tail -5 "$OUT/bench-P1.log"; tail -5 "$OUT/pyspy-P1.log"
+  ;;
+K9)  # Triton's warp specialization (tl.range(warp_specialize=True), config key WS) on the full-tile loops of the
+     # forward and of each backward pass, for each shape's current configs; the backward is the gap everywhere
+  step 300 python3 -m bench kernels --only attention --tune-ws \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64,vit-g-n257-d88,dinov2-g518-n1374-d64 --tag tune-ws
   ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
