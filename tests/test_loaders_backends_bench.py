@@ -123,7 +123,7 @@ def test_repeats_report_the_median_run_and_nvjpeg_variants(tmp_path):
     d = bench.loaders.parse(["--dali-streams", "single,backend"])
     assert [o.get("stream_policy") for o in bench.loaders.dali_options(d)] == ["single", "backend"]
     assert [label for _, label, _ in bench.loaders.variants(d, ["dali"])] == [
-        "dali t4 hw1 nocopy q2 streams=single", "dali t4 hw1 nocopy q2 streams=backend"]
+        "dali t4 hw1 nocopy q3 streams=single", "dali t4 hw1 nocopy q3 streams=backend"]
     one = bench.loaders.parse([])
     assert bench.loaders.variants(one, ["nvjpeg"]) == [("nvjpeg", "nvjpeg", {"nvjpeg": {"decode_ahead": False}})]
     engine = bench.loaders.engine_options(a, torch.device("cpu"), tmp_path / "run", "/shards", "nvjpeg")
