@@ -177,10 +177,10 @@ class Trainer:
                 for block in self._blocks():  # per block, so FSDP2 can hook between blocks
                     block.compile()
         self.graphs = cfg.model.compile and self.compile_mode in CUDA_GRAPH_MODES
-        if self.graphs and (self.dist.world > 1 or self.accum_steps > 1):
+        if self.graphs and self.dist.world > 1:
             raise ValueError(f"model.compile_mode={cfg.model.compile_mode} (CUDA graphs) runs the whole-model step on "
-                             f"one GPU without accumulation; this run has {self.dist.world} ranks and "
-                             f"{self.accum_steps} micro-batches per step")
+                             f"one GPU; this run has {self.dist.world} ranks")
+        self._grad_acc: list[torch.Tensor] | None = None  # CUDA graphs + accumulation: see _take_grads
         self._wrap_distributed()
         self.loader = self._build_loader()
         num_samples = estimate_samples(cfg)
@@ -306,10 +306,36 @@ class Trainer:
             g["lr"] = lr * g.get("lr_scale", 1.0)  # objectives may scale groups (layer-wise decay)
         return lr
 
+    def _take_grads(self, first: bool) -> None:
+        """CUDA graphs with gradient accumulation: move this micro-batch's gradients out of the graphs'
+        memory into our own buffers (copied on the first micro-batch, added after) and clear .grad.
+        A replayed backward writes the gradients into memory its graph owns; left in .grad, the next
+        micro-batch's replay would overwrite the sum in place of adding to it."""
+        if self._grad_acc is None:
+            self._grad_acc = [torch.zeros_like(p) for p in self.params]
+            self._grad_seen = [False] * len(self.params)  # a parameter no micro-batch reached keeps .grad None
+        grads = [p.grad for p in self.params]
+        if first:
+            self._grad_seen = [g is not None for g in grads]
+            unseen = [acc for acc, g in zip(self._grad_acc, grads) if g is None]
+            if unseen:
+                torch._foreach_zero_(unseen)
+        else:
+            self._grad_seen = [s or g is not None for s, g in zip(self._grad_seen, grads)]
+        accs = [acc for acc, g in zip(self._grad_acc, grads) if g is not None]
+        grads = [g for g in grads if g is not None]
+        if grads:  # one multi-tensor kernel per call, not one per parameter
+            (torch._foreach_copy_ if first else torch._foreach_add_)(accs, grads)
+        for p in self.params:
+            p.grad = None
+
     def train_step(self, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (loss or 0 if skipped, 1 or 0 for taken/skipped, grad norm) on the device."""
         accum = len(micro_batches)
-        if self.graphs:  # a new step: the last step's graph outputs may be overwritten (all were read)
+        # CUDA graphs: each replay may overwrite the last one's outputs, so every micro-batch starts a new
+        # graph step, after everything of the last one was read (the loss; the gradients, see _take_grads)
+        graph_accum = self.graphs and accum > 1
+        if self.graphs and not graph_accum:
             torch.compiler.cudagraph_mark_step_begin()
         loss_sum = torch.zeros((), device=self.device)
         hooks = getattr(self.model, "on_step_start", None)
@@ -319,6 +345,8 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             if self.dist.world > 1:  # reduce-scatter gradients once, on the last micro-batch
                 self.model.set_requires_gradient_sync(i == accum - 1)
+            if graph_accum:
+                torch.compiler.cudagraph_mark_step_begin()
             with phase("train_step/forward"), torch.autocast(self.device.type, dtype=self.autocast_dtype or
                                                              torch.float32, enabled=self.autocast_dtype is not None):
                 out = self.model(batch.images)
@@ -330,6 +358,11 @@ class Trainer:
                 if key != "loss" and torch.is_tensor(value) and value.numel() == 1:
                     acc = self.terms.get(key)
                     self.terms[key] = value.detach().float() / accum + (acc if acc is not None else 0.0)
+            if graph_accum:
+                self._take_grads(first=i == 0)
+        if graph_accum:  # the sums go back to .grad for clipping and the optimizer
+            for p, acc, seen in zip(self.params, self._grad_acc, self._grad_seen):
+                p.grad = acc if seen else None
         loss = loss_sum / accum
         hooks = getattr(self.model, "on_after_backward", None)
         if hooks:

@@ -119,6 +119,69 @@ def test_gradient_accumulation_matches_large_batch(tmp_path, shards):
         assert torch.allclose(p1, p2, atol=1e-6, rtol=1e-4), k
 
 
+def test_cuda_graph_accumulation_survives_overwritten_graph_memory(tmp_path, shards):
+    """Under CUDA graphs each replay writes its gradients into memory the graph owns. With accumulation the
+    step copies each micro-batch's gradients out before the next replay (Trainer._take_grads), so the
+    step's gradient is the sum even when the first micro-batch's gradient memory is overwritten. Simulated
+    on CPU: the second forward zeroes the tensors the first backward handed to .grad, as a replay would.
+    The plain accumulation path under the same overwrite loses the first micro-batch (the control)."""
+    from loaders import Batch
+
+    def b(x):
+        return Batch(x, [""] * len(x), [""] * len(x), [""] * len(x))
+
+    torch.manual_seed(0)
+    ref = make(tmp_path / "ref", shards, "train.steps=1", "train.micro_batch=4")
+    images = ref.model.synthetic_batch(8, "cpu")
+    state = {k: v.clone() for k, v in ref.model.state_dict().items()}
+
+    def run(graphs: bool, overwrite: bool):
+        t = make(tmp_path / f"g{graphs}{overwrite}", shards, "train.steps=1", "train.micro_batch=4")
+        t.model.load_state_dict(state)
+        t.graphs = graphs  # the copy-out path, as under model.compile_mode=reduce-overhead
+        handed, calls = [], [0]
+        hooks = [p.register_post_accumulate_grad_hook(lambda p: handed.append(p.grad)) for p in t.params]
+        forward = t.model.forward
+
+        def replay(x):
+            if calls[0] == 1 and overwrite:
+                for g in handed:
+                    g.zero_()
+            calls[0] += 1
+            return forward(x)
+
+        t.model.forward = replay
+        torch.manual_seed(5)  # the same masking noise in every run
+        t.set_lr()
+        t.train_step([b(images[:4]), b(images[4:])])
+        for h in hooks:
+            h.remove()
+        return {k: v.clone() for k, v in t.model.state_dict().items()}
+
+    plain = run(graphs=False, overwrite=False)
+    graphed = run(graphs=True, overwrite=True)
+    assert all(torch.equal(plain[k], graphed[k]) for k in plain)  # the same sums, bit for bit
+    broken = run(graphs=False, overwrite=True)
+    assert not all(torch.equal(plain[k], broken[k]) for k in plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: bench/gpu_session.sh T1 runs it")
+def test_cuda_graph_accumulation_on_gpu(tmp_path, shards):
+    """On a GPU: the whole-model MAE step replayed as CUDA graphs with 2 micro-batches per step trains to
+    the same parameters as torch's default compile mode (same compiled kernels, no graphs)."""
+    runs = {}
+    for mode in ("default", "reduce-overhead"):
+        torch.manual_seed(0)
+        t = make(tmp_path / mode, shards, "train.device=cuda", "model.compile=true", f"model.compile_mode={mode}",
+                 "train.micro_batch=4", "train.steps=4", "data.workers=0")
+        assert t.accum_steps == 2 and t.graphs == (mode == "reduce-overhead")
+        t.fit()
+        assert (t._grad_acc is not None) == t.graphs  # the copy-out path ran under graphs only
+        runs[mode] = params(t)
+    for k, v in runs["default"].items():
+        assert torch.allclose(v, runs["reduce-overhead"][k], rtol=1e-3, atol=1e-5), k
+
+
 def test_cosine_schedule():
     assert cosine_lr(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
     assert cosine_lr(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
