@@ -262,6 +262,14 @@ K9)  # Triton's warp specialization (tl.range(warp_specialize=True), config key 
   step 300 python3 -m bench kernels --only attention --tune-ws \
     --shapes vit-l-n197-d64,dinov2-g-n261-d64,vit-g-n257-d88,dinov2-g518-n1374-d64 --tag tune-ws
   ;;
+T1)  # CUDA graphs with gradient accumulation (model.compile_mode=reduce-overhead set explicitly; auto leaves it off
+     # until this is measured): the GPU test (same parameters as without graphs; the Triton kernels compiled, not
+     # interpreted as conftest.py sets for CPU runs), then ViT-B 2 x 256 per step
+  step 240 env TRITON_INTERPRET=0 python3 -m pytest -q -x tests/test_engine_train.py -k cuda_graph_accumulation
+  T="python3 -m bench train --recipes recipes/vit_b_mae.yaml --batch 256 --accum 2 --variants engine-triton --steps 8"
+  step 200 $T --compile-mode reduce-overhead --tag accum-graphs
+  step 150 $T --compile-mode default --tag accum-default
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;

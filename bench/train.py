@@ -134,18 +134,19 @@ def run_naive(cfg, batch: int, steps: int, warmup: int, device: torch.device, co
 GRAPH_WARMUP = 10
 
 
-def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = None) -> dict[str, Any]:
+def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = None, accum: int = 1) -> dict[str, Any]:
     """The engine's own training step (Trainer.train_step) on a synthetic batch of `batch`
     per GPU; under torchrun every rank runs it (FSDP2) and images/s counts all ranks.
     profile: a text file for rank 0's torch.profiler tables over 3 more steps (phases of
-    the step, top kernels by device time, top ops by host time)."""
+    the step, top kernels by device time, top ops by host time). accum: micro-batches of `batch` per
+    step (gradient accumulation), the same synthetic batch each time."""
     from engine.train import Trainer
 
     world = int(__import__("os").environ.get("WORLD_SIZE", 1))
     cfg.data.shards = "synthetic"
-    cfg.train.batch_size = batch * world
+    cfg.train.batch_size = batch * world * accum
     cfg.train.micro_batch = None
-    cfg.train.accum_steps = 1
+    cfg.train.accum_steps = accum
     cfg.train.steps = 10**9
     cfg.log.tensorboard = False
     torch.manual_seed(0)
@@ -157,13 +158,14 @@ def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = N
 
     def step():
         trainer.set_lr()
-        trainer.train_step([batch0])
+        trainer.train_step([batch0] * accum)
 
     if trainer.graphs:  # compile, cudagraph warm-up and recording must all fall before the clock starts
         warmup = max(warmup, GRAPH_WARMUP)
     sec = _time_steps(step, steps, warmup, trainer.device)
-    out = {"img_per_s": batch * world / sec, "step_ms": sec * 1e3, "device": str(trainer.device), "world": world,
-           "compile_mode": trainer.compile_mode if cfg.model.compile else "eager", "warmup": warmup}
+    out = {"img_per_s": batch * world * accum / sec, "step_ms": sec * 1e3, "device": str(trainer.device),
+           "world": world, "compile_mode": trainer.compile_mode if cfg.model.compile else "eager", "warmup": warmup,
+           "accum": accum}
     if trainer.device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if profile:
@@ -277,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=None,
                     help="per-GPU batch for each recipe (default: the recipe's micro_batch)")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--accum", type=int, default=1,
+                    help="engine variants, one GPU: micro-batches of --batch per step (gradient accumulation)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=["engine-triton", "engine-torch", "naive"],
                     help="engine-triton (our kernels), engine-torch (SDPA + torch masking/loss), naive")
@@ -323,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = args.batch[i] if args.batch else (base.train.micro_batch or base.train.batch_size)
         flops = measure_model(base)["flops"]
         row: dict[str, Any] = {"recipe": recipe, "model": base.model.name, "objective": base.objective.name,
-                               "batch": batch, "flops_per_image": flops}
+                               "batch": batch, "accum": args.accum, "flops_per_image": flops}
         if base.objective.name == "dinov2":
             from bench._dinov2 import bench_dinov2
 
@@ -341,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                         cfg.model.compile_mode = args.compile_mode
                         if cfg.model.kernels == "triton" and device.type != "cuda":
                             raise RuntimeError("Triton kernels need CUDA (the interpreter is for tests)")
-                        r = run_engine(cfg, batch, args.steps, args.warmup)
+                        r = run_engine(cfg, batch, args.steps, args.warmup, accum=args.accum)
                     row[f"{variant}_img_s"] = r["img_per_s"]
                     row[f"{variant}_step_ms"] = r["step_ms"]
                     if "compile_mode" in r:
