@@ -270,6 +270,14 @@ T1)  # CUDA graphs with gradient accumulation (model.compile_mode=reduce-overhea
   step 200 $T --compile-mode reduce-overhead --tag accum-graphs
   step 150 $T --compile-mode default --tag accum-default
   ;;
+T2)  # engine.run's data stall with accumulation (2 x 256 per step, the real recipes' case on one GPU): CUDA graphs
+     # (explicit reduce-overhead) vs torch's default mode, dali
+  export CUDA_VISIBLE_DEVICES=0
+  S="python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall-engine \
+    --stall-backends dali --compile model --stall-steps 80 --stall-accum 2"
+  step 260 $S --compile-mode reduce-overhead --tag engine-stall-accum-graphs
+  step 220 $S --tag engine-stall-accum-default
+  ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop
   ;;

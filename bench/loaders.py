@@ -584,6 +584,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "--stall-backends that the engine has (not pil) against data.shards=synthetic")
     p.add_argument("--stall-backends", default="dali,nvjpeg,cpu,pil")
     p.add_argument("--stall-steps", type=int, default=40)
+    p.add_argument("--stall-accum", type=int, default=1,
+                   help="--stall-engine: micro-batches of --batch-size per step (gradient accumulation, as the "
+                        "recipes' global batches need on one GPU)")
     p.add_argument("--stall-replay", action="store_true",
                    help="also the stall of each GPU backend's device half alone (one batch decoded again and "
                         "again, no workers): tells decoding's cost to training from the workers' and the feed's")
@@ -841,11 +844,12 @@ def engine_intervals(a) -> tuple[int, int]:
 
 
 def engine_options(a, device: torch.device, run_dir: Path, shards: str, backend: str | None) -> list[str]:
-    """engine.run overrides for the engine stall runs: the MAE recipe of --model at --crop, one
-    micro-batch of --batch-size per step, logged per engine_intervals()."""
+    """engine.run overrides for the engine stall runs: the MAE recipe of --model at --crop,
+    --stall-accum micro-batches of --batch-size per step, logged per engine_intervals()."""
     every, warm = engine_intervals(a)
     out = [f"model.name={a.model}", f"model.img_size={a.crop}", f"model.patch_size={stall_patch(a.crop)}",
-           f"train.batch_size={a.batch_size}", f"train.micro_batch={a.batch_size}", f"train.device={device.type}",
+           f"train.batch_size={a.batch_size * a.stall_accum}", f"train.micro_batch={a.batch_size}",
+           f"train.device={device.type}",
            f"train.steps={every * (warm + 4)}", f"log.every_steps={every}", "log.progress=false",
            "log.tensorboard=false", f"checkpoint.every_steps={every * (warm + 4) + 1}", "optim.warmup_steps=1",
            f"run.dir={run_dir}", f"model.compile={'true' if a.compile else 'false'}",
@@ -893,13 +897,13 @@ def engine_stall(a, payload, device, data_root: Path, guarded, save) -> None:
                 trainer.fit()
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            rate, wait = engine_rate(rows, every, a.batch_size, skip)
+            rate, wait = engine_rate(rows, every, a.batch_size * a.stall_accum, skip)
             out = {"img_s": rate, "data_wait_ms": wait, "compile_mode": trainer.compile_mode}  # as resolved
             if backend is not None and "img_s" in synthetic:
                 out["stall"] = 1 - rate / synthetic["img_s"]
             return out
 
-        row = {"backend": backend or "synthetic", "size": a.stall_size, "recipe": recipe.name,
+        row = {"backend": backend or "synthetic", "size": a.stall_size, "recipe": recipe.name, "accum": a.stall_accum,
                "compile": a.compile, "compile_mode": a.compile_mode} | guarded(f"engine stall {backend}", run)
         if backend is None:
             synthetic.update(row)

@@ -23,7 +23,7 @@ def test_bench_loaders_tiny_end_to_end(tmp_path, monkeypatch):
     stall_backends = ["pil"] + (["dali"] if "dali" in backends else ["cpu"])
     rc = bench.loaders.main(["--tiny", "--workers", "1", "--backends", ",".join(backends), "--images", "48",
                              "--stall", "--stall-backends", ",".join(stall_backends), "--stall-repeats", "2",
-                             "--stall-engine",
+                             "--stall-engine", "--stall-accum", "2",
                              "--data-dir", str(tmp_path / "data")])
     assert rc == 0
     (result,) = tmp_path.glob("loaders-*.json")
@@ -47,7 +47,7 @@ def test_bench_loaders_tiny_end_to_end(tmp_path, monkeypatch):
     # --stall-engine: engine.run's Trainer with synthetic data, then with each engine backend asked (not pil)
     engine_rows = {r["backend"]: r for r in out["engine_stall"]}
     assert set(engine_rows) == {"synthetic", *stall_backends} - {"pil"}
-    assert all(r["img_s"] > 0 and r["data_wait_ms"] >= 0 for r in engine_rows.values())
+    assert all(r["img_s"] > 0 and r["data_wait_ms"] >= 0 and r["accum"] == 2 for r in engine_rows.values())
     assert all("stall" in r for b, r in engine_rows.items() if b != "synthetic")
     assert [r["backend"] for r in gpu_stall] == stall_backends[1:]
     for row in (r for r in gpu_stall if r["backend"] == "dali"):  # CPU-only here: prefetch waits per pair
@@ -128,3 +128,6 @@ def test_repeats_report_the_median_run_and_nvjpeg_variants(tmp_path):
     assert bench.loaders.variants(one, ["nvjpeg"]) == [("nvjpeg", "nvjpeg", {"nvjpeg": {"decode_ahead": False}})]
     engine = bench.loaders.engine_options(a, torch.device("cpu"), tmp_path / "run", "/shards", "nvjpeg")
     assert "data.options={nvjpeg: {decode_ahead: true}}" in engine  # the first value of --nvjpeg-ahead
+    accum = bench.loaders.parse(["--stall-accum", "3", "--batch-size", "8"])
+    engine = bench.loaders.engine_options(accum, torch.device("cpu"), tmp_path / "run", "/shards", None)
+    assert "train.batch_size=24" in engine and "train.micro_batch=8" in engine  # 3 micro-batches per step
