@@ -182,7 +182,8 @@ def _compile_note(cfg: Config, plan: Plan) -> str:
     auto = "auto -> " if cfg.model.compile_mode == "auto" else ""
     if mode in CUDA_GRAPH_MODES:
         return f" ({auto}{mode}: CUDA graphs)"
-    why = "; CUDA graphs need MAE on one GPU without accumulation" if auto else ""
+    why = ("; auto uses CUDA graphs for MAE on one GPU without accumulation, "
+           "model.compile_mode=reduce-overhead with accumulation too") if auto else ""
     return f" ({auto}{mode or 'default'}{why})"
 
 

@@ -99,8 +99,10 @@ def test_auto_compile_mode_picks_cuda_graphs_only_where_they_apply():
     # --dry-run says which the GPU run gets: the recipe's 16 micro-batches per step rule graphs out
     from engine.plan import format_plan, make_plan
 
-    for overrides, want in (([], "(auto -> default; CUDA graphs need MAE on one GPU without accumulation)"),
+    for overrides, want in (([], "(auto -> default; auto uses CUDA graphs for MAE on one GPU without accumulation, "
+                                 "model.compile_mode=reduce-overhead with accumulation too)"),
                             (["train.batch_size=256"], "(auto -> reduce-overhead: CUDA graphs)"),
+                            (["model.compile_mode=reduce-overhead"], "compile True (reduce-overhead: CUDA graphs)"),
                             (["model.compile_mode=default"], "compile True (default)")):
         cfg = load_config(ROOT / "recipes" / "vit_b_mae.yaml", overrides)
         assert want in format_plan(cfg, make_plan(cfg)), overrides
