@@ -181,6 +181,7 @@ class Trainer:
             raise ValueError(f"model.compile_mode={cfg.model.compile_mode} (CUDA graphs) runs the whole-model step on "
                              f"one GPU; this run has {self.dist.world} ranks")
         self._grad_acc: list[torch.Tensor] | None = None  # CUDA graphs + accumulation: see _take_grads
+        self._grad_seen: list[bool] = []  # which parameters got a gradient this step (the others keep None)
         self._wrap_distributed()
         self.loader = self._build_loader()
         num_samples = estimate_samples(cfg)
@@ -313,7 +314,6 @@ class Trainer:
         micro-batch's replay would overwrite the sum in place of adding to it."""
         if self._grad_acc is None:
             self._grad_acc = [torch.zeros_like(p) for p in self.params]
-            self._grad_seen = [False] * len(self.params)  # a parameter no micro-batch reached keeps .grad None
         grads = [p.grad for p in self.params]
         if first:
             self._grad_seen = [g is not None for g in grads]
