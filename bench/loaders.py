@@ -579,7 +579,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="also measure the workers alone and each GPU backend's device half alone (what bounds it)")
     p.add_argument("--stall-engine", action="store_true",
                    help="also the stall of engine.run's own training loop (engine.train.Trainer: the MAE recipe of "
-                        "--model, batch --batch-size, no accumulation, --compile; --compile-mode if given, else "
+                        "--model, micro-batch --batch-size, --stall-accum per step, --compile; --compile-mode if given, else "
                         "the engine's default, auto: CUDA graphs on one GPU) with each of "
                         "--stall-backends that the engine has (not pil) against data.shards=synthetic")
     p.add_argument("--stall-backends", default="dali,nvjpeg,cpu,pil")

@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default=None, help="name this run's result file apart (e.g. the overrides tried)")
     ap.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)  # internal: one torchrun worker
     args = ap.parse_args(argv)
+    if args.accum < 1 or (args.accum > 1 and args.gpus):
+        ap.error("--accum takes a positive count and applies to the one-GPU engine variants (not --gpus)")
     if args.gpus:
         return run_scaling(args)
     if args.worker_json:
@@ -327,13 +329,14 @@ def main(argv: list[str] | None = None) -> int:
         batch = args.batch[i] if args.batch else (base.train.micro_batch or base.train.batch_size)
         flops = measure_model(base)["flops"]
         row: dict[str, Any] = {"recipe": recipe, "model": base.model.name, "objective": base.objective.name,
-                               "batch": batch, "accum": args.accum, "flops_per_image": flops}
+                               "batch": batch, "flops_per_image": flops}
         if base.objective.name == "dinov2":
             from bench._dinov2 import bench_dinov2
 
             row.update(bench_dinov2(base, batch=batch, steps=args.steps, warmup=args.warmup, device=device,
                                     compile_=not args.no_compile, variants=args.variants))
         else:
+            row["accum"] = args.accum  # the engine variants' micro-batches per step (DINOv2's bench has none)
             for variant in args.variants:
                 cfg = load_config(recipe, args.override)
                 cfg.model.compile = not args.no_compile
