@@ -257,6 +257,14 @@ P1)  # dali at 512 px runs 84 % of its decode half alone (19.1k vs 22.7k img/s):
   wait $PID
   tail -5 "$OUT/bench-P1.log"; tail -5 "$OUT/pyspy-P1.log"
   ;;
+L21)  # dali at 512 px: where the producer thread's time goes (DaliLoader.timing: waiting for the workers' next
+      # batch vs in DALI's run vs the copy to torch, ms per batch, printed under each run) and two feeds that
+      # touch the JPEG bytes before DALI does: DALI's own copy (no_copy 0) and a pinned staging copy (stage)
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  L="python3 -m bench loaders --backends dali --sizes 512 --seconds 4 --warmup 10"
+  step 300 $L --workers 2 --repeats 3 --dali-no-copy 1,0 --dali-stage 0,1 --tag dali-512-stage
+  step 100 $L --workers 3 --repeats 2 --tag dali-512-w3
+  ;;
 K9)  # Triton's warp specialization (tl.range(warp_specialize=True), config key WS) on the full-tile loops of the
      # forward and of each backward pass, for each shape's current configs; the backward is the gap everywhere
   step 300 python3 -m bench kernels --only attention --tune-ws \

@@ -314,6 +314,8 @@ def measure_throughput(loader, *, seconds: float, warmup: int, device: torch.dev
     sync(device)
     startup = time.perf_counter() - t_start
     n, count = 0, 0
+    meter, timing = getattr(loader, "meter", None), getattr(loader, "timing", None)
+    m0, d0 = meter.snapshot() if meter is not None else None, dict(timing) if timing is not None else None
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     with GPUBusy(device) as busy:
         while time.perf_counter() - t0 < seconds:
@@ -323,9 +325,16 @@ def measure_throughput(loader, *, seconds: float, warmup: int, device: torch.dev
         sync(device)
         wall = time.perf_counter() - t0
     cores = (cpu_seconds() - cpu0) / wall
+    out = {"img_s": n / wall, "images": n, "batches": count, "wall_s": wall, "cpu_cores": cores,
+           "gpu_busy": busy.mean, "startup_s": startup, "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
+    if meter is not None:  # the consumer's and the producer thread's waits, ms per batch
+        out["prefetch"] = type(meter).per_item(m0, meter.snapshot())
+    if timing is not None:  # the decoder's producer-side split (DaliLoader.timing), ms per batch
+        k = max(1, timing["batches"] - d0["batches"])
+        out["decoder_ms"] = {key.replace("_s", "_ms"): (timing[key] - d0[key]) * 1e3 / k
+                             for key in timing if key != "batches"}
     batches.close()
-    return {"img_s": n / wall, "images": n, "batches": count, "wall_s": wall, "cpu_cores": cores,
-            "gpu_busy": busy.mean, "startup_s": startup, "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
+    return out
 
 
 # ----------------------------------------------------------------- MAE stall
@@ -555,6 +564,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="share of JPEGs for the hardware decoder; a comma list sweeps it")
     p.add_argument("--dali-no-copy", default="1",
                    help="1: DALI reads the fed images in place (no copy); a comma list ('0,1') sweeps both")
+    p.add_argument("--dali-stage", default="0",
+                   help="1: copy each batch's JPEGs into one pinned buffer before DALI reads them (DaliLoader "
+                        "stage_inputs); a comma list ('0,1') sweeps both")
     p.add_argument("--dali-queue", default="3", help="DALI's prefetch_queue_depth (the loader's default: 3); a comma list sweeps it")
     p.add_argument("--dali-dynamic", default="",
                    help="DALI's execution model: 1 dynamic, 0 legacy (buffers allocated once); empty: DALI's default; "
@@ -698,6 +710,10 @@ def main(argv: list[str] | None = None) -> int:
             payload["throughput"].append(row)
             print(f"{label:>6} {size}px workers={w}: " + (f"{row['img_s']:,.0f} img/s, {row['cpu_cores']:.1f} cores"
                                                            if "img_s" in row else row["error"]), flush=True)
+            if "decoder_ms" in row or "prefetch" in row:  # where the producer thread's time went
+                split = {**row.get("decoder_ms", {}), **{k: v for k, v in row.get("prefetch", {}).items()
+                                                         if k in ("wait_ms", "produce_ms", "full_ms")}}
+                print("         ms/batch: " + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in split.items()), flush=True)
             save()
         if a.breakdown:
             breakdown(a, payload, device, dtype, cache_dir, guarded, save, options)
@@ -947,9 +963,10 @@ def dali_options(a) -> list[dict[str, Any]]:
     streams = [x.strip() for x in a.dali_streams.split(",") if x.strip()] or [None]
     return [{"dali_threads": int(t), "hw_decoder_load": float(h), "no_copy": bool(int(c)), "prefetch_queue_depth": int(q)}
             | ({} if d is None else {"exec_dynamic": d}) | ({} if sp is None else {"stream_policy": sp})
-            for t, h, c, q, d, sp in itertools.product(a.dali_threads.split(","), a.hw_decoder_load.split(","),
-                                                       a.dali_no_copy.split(","), a.dali_queue.split(","), dynamic,
-                                                       streams)]
+            | ({"stage_inputs": True} if int(st) else {})
+            for t, h, c, q, d, sp, st in itertools.product(a.dali_threads.split(","), a.hw_decoder_load.split(","),
+                                                           a.dali_no_copy.split(","), a.dali_queue.split(","), dynamic,
+                                                           streams, a.dali_stage.split(","))]
 
 
 def nvjpeg_options(a) -> list[dict[str, Any]]:
@@ -976,7 +993,8 @@ def variants(a, backends: list[str]) -> list[tuple[str, str, dict[str, dict]]]:
                 f"dali t{o['dali_threads']} hw{o['hw_decoder_load']:g} {'nocopy' if o['no_copy'] else 'copy'} "
                 f"q{o['prefetch_queue_depth']}" + ("" if "exec_dynamic" not in o else
                                                    " dynamic" if o["exec_dynamic"] else " legacy")
-                + (f" streams={o['stream_policy']}" if "stream_policy" in o else ""))
+                + (f" streams={o['stream_policy']}" if "stream_policy" in o else "")
+                + (" staged" if o.get("stage_inputs") else ""))
             out.append((backend, label, {"dali": o}))
     return out
 

@@ -391,19 +391,24 @@ def test_sample_rng_is_python_random_with_the_sample_key():
 
 
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
-@pytest.mark.parametrize("settings", [{"no_copy": True}, {"exec_dynamic": False}, {"stream_policy": "single"}],
-                         ids=["no_copy", "legacy_executor", "single_stream"])
+@pytest.mark.parametrize("settings", [{"no_copy": True}, {"exec_dynamic": False}, {"stream_policy": "single"},
+                                      {"stage_inputs": True}],
+                         ids=["no_copy", "legacy_executor", "single_stream", "staged"])
 def test_dali_no_copy_feed_gives_the_same_batches(run, shards, settings):
     """no_copy=True: DALI reads the fed image views in place (shard maps / batch buffers kept
     alive until their batch comes back); same samples, crops and skips as the copying feed. The
     same with DALI's legacy executor (exec_dynamic=False) and with one CUDA stream for all of DALI's
-    operators (stream_policy="single"); a policy DALI does not have fails before any work."""
+    operators (stream_policy="single"), and with each batch's JPEGs copied into one buffer first
+    (stage_inputs); a policy DALI does not have fails before any work. The producer's timing
+    counts every batch it decoded."""
     _, _, epochs, _ = run
     loader = make_loader("dali", shards[0], shards[2], **settings)
     try:
         batches = list(loader)
     finally:
         loader.close()
+    assert loader.timing["batches"] == len(batches)
+    assert loader.timing["run_s"] > 0 and 0 <= loader.timing["feed_wait_s"] <= loader.timing["run_s"]
     ref = epochs[0]
     assert [b.uid for b in batches] == [b.uid for b in ref]
     for ours, theirs in zip(batches, ref):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import gc
 import os
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -144,7 +145,7 @@ class DaliLoader(EncodedLoader):
                  num_canonical_nodes, dali_threads: int | None = None, hw_decoder_load: float = 1.0,
                  prefetch_queue_depth: int = 3, prefetch_batches: int = 2, prefetch_factor: int = 4,
                  no_copy: bool = True, max_ahead: int | None = 2, stream_priority: str = "normal",
-                 exec_dynamic: bool | None = None, stream_policy: str | None = None):
+                 exec_dynamic: bool | None = None, stream_policy: str | None = None, stage_inputs: bool = False):
         # stream_priority: of the side stream the outputs are copied on (DALI 2.4 ignores its own
         # `default_cuda_stream_priority`, deprecated), so it reaches only that copy
         if Pipeline is None:
@@ -167,8 +168,17 @@ class DaliLoader(EncodedLoader):
         # DALI reads the fed arrays in place instead of copying them (they stay alive in
         # `_Feed.inflight` until the pipeline returns their batch)
         self.no_copy = no_copy
+        # stage_inputs: the producer thread copies each batch's JPEGs into one contiguous buffer (pinned
+        # on CUDA) before DALI gets them, so the decoder's host stage reads warm, contiguous memory
+        # instead of the shard maps' pages (an experiment for 512 px; off by default)
+        self.stage_inputs = stage_inputs
         self.exec_dynamic = exec_dynamic  # DALI's execution model (see build_pipeline)
         self.dali_stream_policy = stream_policy  # DALI's CUDA streams (see build_pipeline)
+        # where the producer thread's time goes, summed over the loader's life (seconds; take differences):
+        # feed_wait_s: DALI's source callback waiting for the workers' next encoded batch; run_s: in
+        # pipe.run() (that wait included: it feeds the next batch, then waits for this one's outputs);
+        # out_s: outputs to torch tensors
+        self.timing = {"batches": 0, "feed_wait_s": 0.0, "run_s": 0.0, "out_s": 0.0}
         self._single: Pipeline | None = None  # batch-of-one pipeline that finds undecodable samples
         self._pipe: Pipeline | None = None
         self._feed: _Feed | None = None
@@ -229,14 +239,34 @@ class DaliLoader(EncodedLoader):
     def _source(self):
         """DALI's batch callback: the next batch of the epoch (replayed ones first)."""
         feed = self._feed
-        while True:
-            raw = feed.replay.popleft() if feed.replay else next(feed.batches)  # StopIteration ends the epoch
-            if raw["uid"]:
-                break
-            feed.carry.extend(raw["failed"])
+        t = time.perf_counter()
+        try:
+            while True:
+                raw = feed.replay.popleft() if feed.replay else next(feed.batches)  # StopIteration ends the epoch
+                if raw["uid"]:
+                    break
+                feed.carry.extend(raw["failed"])
+        finally:
+            self.timing["feed_wait_s"] += time.perf_counter() - t
         feed.inflight.append((raw, feed.carry[:]))
         feed.carry.clear()
-        return self._inputs(raw)
+        inputs = self._inputs(raw)
+        if self.stage_inputs:
+            inputs[0] = self._staged(raw, inputs[0])
+        return inputs
+
+    def _staged(self, raw: dict[str, Any], views: list[np.ndarray]) -> list[np.ndarray]:
+        """The views' bytes copied into one buffer (pinned on CUDA; torch's pinned-memory cache reuses it once
+        freed), kept alive in `raw` as long as DALI may read it (the batch stays in `_Feed.inflight`)."""
+        sizes = [v.size for v in views]
+        total = sum(sizes)
+        pinned = self.device.type == "cuda"
+        buf = torch.empty(max(1, total), dtype=torch.uint8, pin_memory=pinned)
+        flat = buf.numpy()
+        np.concatenate(views, out=flat[:total])
+        raw["staged"] = buf
+        ends = np.cumsum(sizes).tolist()
+        return [flat[b:e] for b, e in zip([0] + ends[:-1], ends)]
 
     def _produce(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, list[torch.Tensor]]]:
         # The pipeline outlives the epoch (building one costs the decoder's setup); it is
@@ -248,7 +278,11 @@ class DaliLoader(EncodedLoader):
         try:
             while True:
                 try:
-                    outputs = self._pipe.run()
+                    t = time.perf_counter()
+                    try:
+                        outputs = self._pipe.run()
+                    finally:
+                        self.timing["run_s"] += time.perf_counter() - t
                     raw, carried = feed.inflight.popleft()
                     failed = carried + list(raw["failed"])
                 except StopIteration:
@@ -270,7 +304,10 @@ class DaliLoader(EncodedLoader):
                         continue
                     inputs = self._inputs(raw)
                     outputs = self._pipeline(batch_size=len(inputs[0])).run(**self._named(inputs))
+                t = time.perf_counter()
                 images = self._images(outputs, raw)
+                self.timing["out_s"] += time.perf_counter() - t
+                self.timing["batches"] += 1
                 yield ((Batch(images, raw["modality"], raw["source"], raw["uid"]), failed),
                        images if isinstance(images, list) else [images])
             if feed.carry:
