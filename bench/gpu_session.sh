@@ -265,6 +265,15 @@ L21)  # dali at 512 px: where the producer thread's time goes (DaliLoader.timing
   step 300 $L --workers 2 --repeats 3 --dali-no-copy 1,0 --dali-stage 0,1 --tag dali-512-stage
   step 100 $L --workers 3 --repeats 2 --tag dali-512-w3
   ;;
+L22)  # L21 found DALI's source waiting ~3 ms per batch for the workers at 512 px: the shard sets were 8,000 rows
+      # (31 batches, an epoch every 0.4 s), so each run crossed ~10 epoch boundaries (workers restart, DALI drains).
+      # The loaders at the new default sets (100k rows at 256 px, 64k at 512: ~3 s epochs) with the PIL baseline at
+      # the same cores, then 512 px at the old 8,000 rows in the same call; rows carry epoch_boundary_ms
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  L="python3 -m bench loaders --workers 2 --seconds 4 --warmup 10 --repeats 3"
+  step 420 $L --backends dali,nvjpeg,pil --sizes 256,512 --tag steady
+  step 120 $L --backends dali --sizes 512 --images 8000 --tag rows8k
+  ;;
 K9)  # Triton's warp specialization (tl.range(warp_specialize=True), config key WS) on the full-tile loops of the
      # forward and of each backward pass, for each shape's current configs; the backward is the gap everywhere
   step 300 python3 -m bench kernels --only attention --tune-ws \

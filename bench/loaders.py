@@ -211,12 +211,17 @@ def source_images(batch) -> int:
     return len(batch)
 
 
-def forever(loader) -> Iterator[tuple[torch.Tensor, int]]:
-    """(images, source image count) of each batch, epoch after epoch."""
+def forever(loader, starts: list[int] | None = None) -> Iterator[tuple[torch.Tensor, int]]:
+    """(images, source image count) of each batch, epoch after epoch; `starts` gets the running
+    index of each epoch's first batch."""
+    total = 0
     while True:
         n = 0
         for batch in loader:
+            if n == 0 and starts is not None:
+                starts.append(total)
             n += 1
+            total += 1
             yield images_of(batch), source_images(batch)
         if n == 0:
             raise RuntimeError("the loader yielded no batch in an epoch (too few samples for the batch size?)")
@@ -307,26 +312,30 @@ def sync(device: torch.device) -> None:
 
 
 def measure_throughput(loader, *, seconds: float, warmup: int, device: torch.device) -> dict[str, Any]:
-    batches = forever(loader)
+    starts: list[int] = []
+    batches = forever(loader, starts)
     t_start = time.perf_counter()
     for _ in range(warmup):
         next(batches)
     sync(device)
     startup = time.perf_counter() - t_start
-    n, count = 0, 0
+    n, count, arrivals = 0, 0, []
     meter, timing = getattr(loader, "meter", None), getattr(loader, "timing", None)
     m0, d0 = meter.snapshot() if meter is not None else None, dict(timing) if timing is not None else None
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     with GPUBusy(device) as busy:
         while time.perf_counter() - t0 < seconds:
             x, k = next(batches)
+            arrivals.append(time.perf_counter())
             n += k
             count += 1
         sync(device)
         wall = time.perf_counter() - t0
     cores = (cpu_seconds() - cpu0) / wall
+    epoch = epoch_boundaries(arrivals, [i - warmup for i in starts if i > warmup])
     out = {"img_s": n / wall, "images": n, "batches": count, "wall_s": wall, "cpu_cores": cores,
            "gpu_busy": busy.mean, "startup_s": startup, "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
+    out |= epoch
     if meter is not None:  # the consumer's and the producer thread's waits, ms per batch
         out["prefetch"] = type(meter).per_item(m0, meter.snapshot())
     if timing is not None:  # the decoder's producer-side split (DaliLoader.timing), ms per batch
@@ -335,6 +344,18 @@ def measure_throughput(loader, *, seconds: float, warmup: int, device: torch.dev
                              for key in timing if key != "batches"}
     batches.close()
     return out
+
+
+def epoch_boundaries(arrivals: list[float], firsts: list[int]) -> dict[str, Any]:
+    """What an epoch boundary costs the consumer: the gap before each new epoch's first batch (indices
+    into `arrivals`, the measured batches' arrival times) beyond the median gap between batches."""
+    gaps = np.diff(arrivals)
+    at = [i - 1 for i in firsts if 1 <= i < len(arrivals)]
+    if len(gaps) < 2 or not at:
+        return {"epochs_started": len(at)}
+    usual = float(np.median(gaps))
+    return {"epochs_started": len(at), "batch_gap_ms": usual * 1e3,
+            "epoch_boundary_ms": float(np.mean([gaps[i] for i in at]) - usual) * 1e3}
 
 
 # ----------------------------------------------------------------- MAE stall
@@ -555,7 +576,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--crop", type=int, default=224, help="output size of the random resized crop")
     p.add_argument("--seconds", type=float, default=6.0, help="measured time per backend and size")
     p.add_argument("--warmup", type=int, default=10, help="batches before the clock starts")
-    p.add_argument("--images", type=int, default=None, help="rows per shard set (default: 20000 at <=256 px, else 8000)")
+    p.add_argument("--images", type=int, default=None, help="rows per shard set (default: 100000 at <=256 px, else 64000: epochs of ~3 s at the "
+                        "GPU backends' rates; each row's epoch_boundary_ms says what a boundary costs)")
     p.add_argument("--distinct", type=int, default=128, help="distinct images among the rows")
     p.add_argument("--dali-threads", default="4",
                    help="DALI's CPU threads (besides the workers); a comma list sweeps them (every combination "
@@ -685,8 +707,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for size in sorted(set(sizes) | ({a.stall_size} if a.stall or a.stall_engine else set())):
-            # Enough rows that epoch boundaries are rare even at 30k img/s (~0.5-0.9 GB per set).
-            rows = a.images or (20000 if size <= 256 else 8000)
+            # Enough rows that an epoch lasts ~3 s at 30k (256 px) / 20k (512 px) img/s (2.7 / 6.7 GB per set):
+            # each boundary restarts the workers and drains the GPU decoder (the rows' epoch_boundary_ms),
+            # which at the earlier 20k / 8k rows (an epoch every 0.4-0.7 s) held the rate well under the
+            # steady state that a corpus of millions of images sees.
+            rows = a.images or (100_000 if size <= 256 else 64_000)
             t = time.perf_counter()
             payload["shards"][str(size)] = build_shards(data_root, size, rows, a.distinct, min(cores, 16))
             payload["shards"][str(size)]["build_s"] = time.perf_counter() - t
@@ -713,7 +738,9 @@ def main(argv: list[str] | None = None) -> int:
             if "decoder_ms" in row or "prefetch" in row:  # where the producer thread's time went
                 split = {**row.get("decoder_ms", {}), **{k: v for k, v in row.get("prefetch", {}).items()
                                                          if k in ("wait_ms", "produce_ms", "full_ms")}}
-                print("         ms/batch: " + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in split.items()), flush=True)
+                print("         ms/batch: " + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in split.items())
+                      + (f"; epoch boundary +{row['epoch_boundary_ms']:.0f} ms ({row['epochs_started']} in the window)"
+                         if "epoch_boundary_ms" in row else ""), flush=True)
             save()
         if a.breakdown:
             breakdown(a, payload, device, dtype, cache_dir, guarded, save, options)

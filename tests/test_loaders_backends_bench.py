@@ -38,6 +38,9 @@ def test_bench_loaders_tiny_end_to_end(tmp_path, monkeypatch):
     assert out["shards"]["64"]["rows"] == 48
     if "dali" in rows:
         assert "dali/pil 64px w1" in out["ratios"]
+        # 48 rows = 6 batches per epoch: boundaries fall in the window; DALI's producer split is recorded
+        assert rows["dali"]["epochs_started"] >= 1 and "epoch_boundary_ms" in rows["dali"]
+        assert rows["dali"]["decoder_ms"]["run_ms"] > 0
     stall, *gpu_stall = out["stall"]
     assert stall["backend"] == "pil" and stall["real_img_s"] > 0 and stall["stall"] < 1
     assert len(stall["pairs"]) == 2  # --stall-repeats: synthetic and real alternate, the median pair is the row's
@@ -131,3 +134,19 @@ def test_repeats_report_the_median_run_and_nvjpeg_variants(tmp_path):
     accum = bench.loaders.parse(["--stall-accum", "3", "--batch-size", "8"])
     engine = bench.loaders.engine_options(accum, torch.device("cpu"), tmp_path / "run", "/shards", None)
     assert "train.batch_size=24" in engine and "train.micro_batch=8" in engine  # 3 micro-batches per step
+
+
+def test_epoch_boundaries_measure_the_extra_gap():
+    """Batches every 10 ms, the two epochs' first batches 60 ms and 40 ms late: a boundary costs 50 ms on
+    average; boundaries at the window's first batch (no gap before it) or outside it are not counted."""
+    gaps = [10.0] * 20
+    gaps[6] += 60  # before batch 7
+    gaps[13] += 40  # before batch 14
+    arrivals = [0.0]
+    for g in gaps:
+        arrivals.append(arrivals[-1] + g / 1e3)
+    out = bench.loaders.epoch_boundaries(arrivals, [0, 7, 14, 40])
+    assert out["epochs_started"] == 2
+    assert out["batch_gap_ms"] == pytest.approx(10.0)
+    assert out["epoch_boundary_ms"] == pytest.approx(50.0)
+    assert bench.loaders.epoch_boundaries(arrivals, [0]) == {"epochs_started": 0}
