@@ -274,15 +274,25 @@ L22)  # L21 found DALI's source waiting ~3 ms per batch for the workers at 512 p
   step 420 $L --backends dali,nvjpeg,pil --sizes 256,512 --tag steady
   step 120 $L --backends dali --sizes 512 --images 8000 --tag rows8k
   ;;
+L23)  # L22 ran dali slower at 256 px (23.5k, DALI's own run 9-10 ms per batch) than earlier calls with 20k rows and
+      # dali alone (29-35k): the set size or the nvjpeg / PIL runs interleaved? dali alone, paired in one call:
+      # 256 px at 20k and 100k rows, 512 px at 64k and 8k rows
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  L="python3 -m bench loaders --backends dali --workers 2 --seconds 4 --warmup 10 --repeats 3"
+  step 100 $L --sizes 256 --images 20000 --tag dali-256-rows20k
+  step 130 $L --sizes 256 --tag dali-256-rows100k
+  step 120 $L --sizes 512 --tag dali-512-rows64k
+  step 90 $L --sizes 512 --images 8000 --tag dali-512-rows8k
+  ;;
 K9)  # Triton's warp specialization (tl.range(warp_specialize=True), config key WS) on the full-tile loops of the
      # forward and of each backward pass, for each shape's current configs; the backward is the gap everywhere
   step 300 python3 -m bench kernels --only attention --tune-ws \
     --shapes vit-l-n197-d64,dinov2-g-n261-d64,vit-g-n257-d88,dinov2-g518-n1374-d64 --tag tune-ws
   ;;
-T1)  # CUDA graphs with gradient accumulation (model.compile_mode=reduce-overhead set explicitly; auto leaves it off
-     # until this is measured): the GPU test (same parameters as without graphs; the Triton kernels compiled, not
+T1)  # CUDA graphs with gradient accumulation (model.compile_mode=reduce-overhead set explicitly; measured 2026-11-28,
+     # after which auto picks it): the GPU test (same parameters as without graphs; the Triton kernels compiled, not
      # interpreted as conftest.py sets for CPU runs), then ViT-B 2 x 256 per step
-  step 240 env TRITON_INTERPRET=0 python3 -m pytest -q -x tests/test_engine_train.py -k cuda_graph_accumulation
+  step 240 env TRITON_INTERPRET=0 python3 -m pytest -q -x tests/test_engine_train.py -k cuda_graph_accumulation_on_gpu
   T="python3 -m bench train --recipes recipes/vit_b_mae.yaml --batch 256 --accum 2 --variants engine-triton --steps 8"
   step 200 $T --compile-mode reduce-overhead --tag accum-graphs
   step 150 $T --compile-mode default --tag accum-default

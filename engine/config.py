@@ -23,14 +23,14 @@ class ConfigError(ValueError):
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 
-def resolve_compile_mode(mode: str | None, *, compiled: bool, whole_model: bool, world: int, accum_steps: int,
+def resolve_compile_mode(mode: str | None, *, compiled: bool, whole_model: bool, world: int,
                          device_type: str) -> str | None:
     """model.compile_mode as torch.compile gets it: "auto" is "reduce-overhead" (CUDA graphs) for a
-    compiled whole-model step on one CUDA device without gradient accumulation, else None (torch's
-    default); any other value is kept."""
+    compiled whole-model step on one CUDA device (with or without gradient accumulation), else None
+    (torch's default); any other value is kept."""
     if mode != "auto":
         return mode
-    eligible = compiled and whole_model and world == 1 and accum_steps == 1 and device_type == "cuda"
+    eligible = compiled and whole_model and world == 1 and device_type == "cuda"
     return "reduce-overhead" if eligible else None
 
 
@@ -43,11 +43,11 @@ class ModelConfig:
     kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: triton on CUDA, torch elsewhere
     compile: bool = False  # torch.compile: the whole model (MAE, 1 GPU) or per block (FSDP, DINOv2)
     # torch.compile mode; "reduce-overhead" replays the whole-model MAE step as CUDA graphs (one GPU; with
-    # gradient accumulation each micro-batch's gradients are copied out of the graphs' memory, untimed on a
-    # GPU so far). "auto" (the default) picks it where it applies (MAE, compiled, one
-    # CUDA device, no accumulation) and torch's default mode elsewhere: in engine.run on an H200
-    # (ViT-B, batch 256, dali) it took the data stall from 18.8 % to -0.1 % and the synthetic-data
-    # rate from 5,020 to 5,208 img/s (README)
+    # gradient accumulation each micro-batch's gradients are copied out of the graphs' memory). "auto" (the
+    # default) picks it where it applies (MAE, compiled, one CUDA device) and torch's default mode elsewhere:
+    # in engine.run on an H200 (ViT-B, batch 256, dali) it took the data stall from 18.8 % to -0.1 % and
+    # the synthetic-data rate from 5,020 to 5,208 img/s; with 2 micro-batches per step, from 8.9 % to 1.5 %
+    # and from 5,132 to 5,273 img/s (README)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "auto"] | None = "auto"
     activation_checkpointing: bool = False
     # Which blocks and what they keep: every k-th encoder block is checkpointed (1: all), and

@@ -178,12 +178,11 @@ def _compile_note(cfg: Config, plan: Plan) -> str:
     if not cfg.model.compile:
         return ""
     mode = resolve_compile_mode(cfg.model.compile_mode, compiled=True, whole_model=cfg.objective.name == "mae",
-                                world=plan.world, accum_steps=plan.accum_steps, device_type="cuda")
+                                world=plan.world, device_type="cuda")
     auto = "auto -> " if cfg.model.compile_mode == "auto" else ""
     if mode in CUDA_GRAPH_MODES:
         return f" ({auto}{mode}: CUDA graphs)"
-    why = ("; auto uses CUDA graphs for MAE on one GPU without accumulation, "
-           "model.compile_mode=reduce-overhead with accumulation too") if auto else ""
+    why = "; auto uses CUDA graphs for a compiled MAE step on one GPU" if auto else ""
     return f" ({auto}{mode or 'default'}{why})"
 
 

@@ -167,7 +167,7 @@ class Trainer:
         regions = getattr(self.model, "compile_regions", None)
         self.compile_mode = resolve_compile_mode(
             cfg.model.compile_mode, compiled=cfg.model.compile, whole_model=regions is None and self.dist.world == 1,
-            world=self.dist.world, accum_steps=self.accum_steps, device_type=self.device.type)
+            world=self.dist.world, device_type=self.device.type)
         if cfg.model.compile:
             if regions is not None:  # the objective says what to compile (e.g. DINOv2: per block)
                 regions()

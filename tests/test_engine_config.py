@@ -84,28 +84,30 @@ def test_vit_g_dry_run_cli():
 
 def test_auto_compile_mode_picks_cuda_graphs_only_where_they_apply():
     """model.compile_mode: auto (the default) is reduce-overhead for a compiled whole-model step on one
-    CUDA device without accumulation, torch's default mode anywhere else; explicit modes stay."""
+    CUDA device (gradient accumulation included), torch's default mode anywhere else; explicit modes stay."""
     from engine.config import resolve_compile_mode
 
     assert load_config(ROOT / "recipes" / "vit_b_mae.yaml", []).model.compile_mode == "auto"
     assert load_config(ROOT / "recipes" / "quickstart_dinov2.yaml", []).model.compile_mode == "auto"  # accepted
-    ok = dict(compiled=True, whole_model=True, world=1, accum_steps=1, device_type="cuda")
+    ok = dict(compiled=True, whole_model=True, world=1, device_type="cuda")
     assert resolve_compile_mode("auto", **ok) == "reduce-overhead"
-    for change in ({"compiled": False}, {"whole_model": False}, {"world": 2}, {"accum_steps": 4},
-                   {"device_type": "cpu"}):
+    for change in ({"compiled": False}, {"whole_model": False}, {"world": 2}, {"device_type": "cpu"}):
         assert resolve_compile_mode("auto", **(ok | change)) is None, change
     assert resolve_compile_mode("default", **ok) == "default" and resolve_compile_mode(None, **ok) is None
     assert resolve_compile_mode("max-autotune-no-cudagraphs", **(ok | {"world": 2})) == "max-autotune-no-cudagraphs"
-    # --dry-run says which the GPU run gets: the recipe's 16 micro-batches per step rule graphs out
+    # --dry-run says which the GPU run gets: the recipe's 16 micro-batches per step replay graphs too
     from engine.plan import format_plan, make_plan
 
-    for overrides, want in (([], "(auto -> default; auto uses CUDA graphs for MAE on one GPU without accumulation, "
-                                 "model.compile_mode=reduce-overhead with accumulation too)"),
+    cfg = load_config(ROOT / "recipes" / "vit_b_mae.yaml", [])
+    assert make_plan(cfg).accum_steps > 1
+    for overrides, want in (([], "(auto -> reduce-overhead: CUDA graphs)"),
                             (["train.batch_size=256"], "(auto -> reduce-overhead: CUDA graphs)"),
                             (["model.compile_mode=reduce-overhead"], "compile True (reduce-overhead: CUDA graphs)"),
                             (["model.compile_mode=default"], "compile True (default)")):
         cfg = load_config(ROOT / "recipes" / "vit_b_mae.yaml", overrides)
         assert want in format_plan(cfg, make_plan(cfg)), overrides
+    cfg = load_config(ROOT / "recipes" / "vit_l_dinov2.yaml", ["model.compile=true"])
+    assert "auto uses CUDA graphs for a compiled MAE step on one GPU" in format_plan(cfg, make_plan(cfg))
 
 
 def test_cuda_graph_compile_mode_is_for_the_whole_model_mae_step():

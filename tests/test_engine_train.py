@@ -131,12 +131,13 @@ def test_cuda_graph_accumulation_survives_overwritten_graph_memory(tmp_path, sha
         return Batch(x, [""] * len(x), [""] * len(x), [""] * len(x))
 
     torch.manual_seed(0)
-    ref = make(tmp_path / "ref", shards, "train.steps=1", "train.micro_batch=4")
+    cpu = ("train.device=cpu", "train.steps=1", "train.micro_batch=4")  # a CPU simulation, on a GPU machine too
+    ref = make(tmp_path / "ref", shards, *cpu)
     images = ref.model.synthetic_batch(8, "cpu")
     state = {k: v.clone() for k, v in ref.model.state_dict().items()}
 
     def run(graphs: bool, overwrite: bool):
-        t = make(tmp_path / f"g{graphs}{overwrite}", shards, "train.steps=1", "train.micro_batch=4")
+        t = make(tmp_path / f"g{graphs}{overwrite}", shards, *cpu)
         t.model.load_state_dict(state)
         t.graphs = graphs  # the copy-out path, as under model.compile_mode=reduce-overhead
         handed, calls = [], [0]
