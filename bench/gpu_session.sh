@@ -284,6 +284,14 @@ L23)  # L22 ran dali slower at 256 px (23.5k, DALI's own run 9-10 ms per batch) 
   step 120 $L --sizes 512 --tag dali-512-rows64k
   step 90 $L --sizes 512 --images 8000 --tag dali-512-rows8k
   ;;
+L24)  # epoch starts with streaming's barrier polling every 1 ms (was: its file lock every 50 ms, its wait loop every
+      # 7 ms; ~200 ms per epoch start on a 2-core CPU, ~30 ms after): 512 px at the old 8,000 rows (boundaries every
+      # 0.4 s: 19.1k img/s, +68-94 ms each before), then the default sets with the PIL baseline
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  L="python3 -m bench loaders --workers 2 --seconds 4 --warmup 10 --repeats 3"
+  step 100 $L --backends dali --sizes 512 --images 8000 --tag dali-512-rows8k-fastbarrier
+  step 300 $L --backends dali,pil --sizes 256,512 --tag fastbarrier
+  ;;
 K9)  # Triton's warp specialization (tl.range(warp_specialize=True), config key WS) on the full-tile loops of the
      # forward and of each backward pass, for each shape's current configs; the backward is the gap everywhere
   step 300 python3 -m bench kernels --only attention --tune-ws \
