@@ -12,6 +12,8 @@
 #   bash bench/gpu_session.sh L7  # the stall with the whole MAE model compiled (the engine's setting)
 #   bash bench/gpu_session.sh M   # DINOv2 multi-crop from each backend vs PIL + torchvision v2
 #   (later parts, K* kernels / L* loaders / P1 a py-spy profile, say what each measures where they start)
+# Loader parts with several bench invocations: pass --data-dir /tmp/bench-data to each, so the shard sets are built once
+# per machine (100k rows at 256 px + 64k at 512 take ~45 s there) and reused by the later steps.
 # Wheels the GPU image lacks (DALI, mosaicml-streaming and their dependencies) are unpacked from
 # /tmp/wheels (see ../shared/GPU.md: ../shared/tools/device-wheels ...) into /tmp/site once.
 set -u

@@ -545,20 +545,21 @@ def test_prepare_cuda_sets_the_hardware_queues_only_when_it_can(monkeypatch, cap
     assert len(caplog.records) == 1 and "CUDA_DEVICE_MAX_CONNECTIONS=32" in caplog.text
 
 
-def test_epoch_start_barrier_polls_fast(shards, monkeypatch):
+@pytest.mark.parametrize("backend", ["nvjpeg", "cpu"])  # the encoded datasets' class and the cpu backend's
+def test_epoch_start_barrier_polls_fast(shards, monkeypatch, backend):
     """Each worker's epoch start passes streaming's shared barrier (a file lock plus a shared-memory
     count) three times; filelock polls a lost race every 50 ms and the barrier's wait loop every 7 ms,
-    which made an epoch boundary cost ~200 ms on a 2-core machine. The encoded datasets' epoch start
+    which made an epoch boundary cost ~200 ms on a 2-core machine. The loaders' datasets' epoch start
     swaps in a lock that polls every BARRIER_POLL_S (it pickles as a fresh lock on the same file) and
-    lowers the wait loop's tick; epochs still deliver every sample."""
+    lowers the wait loop's tick; epochs still deliver full, duplicate-free batches."""
     import pickle
 
     import streaming.base.shared.barrier as shared_barrier
 
-    from loaders.backends.encoded import BARRIER_POLL_S, FastPollLock, fast_epoch_barrier
+    from loaders.backends.barrier import BARRIER_POLL_S, FastPollLock, fast_epoch_barrier
 
     monkeypatch.setattr(shared_barrier, "TICK", 0.007)
-    loader = make_loader("nvjpeg", shards[0], shards[2], num_workers=0)  # the epoch start runs in this process
+    loader = make_loader(backend, shards[0], shards[2], num_workers=0)  # the epoch start runs in this process
     try:
         barrier = loader.dataset._shared_barrier
         assert not isinstance(getattr(barrier, "lock", None), FastPollLock)

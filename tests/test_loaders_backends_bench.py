@@ -150,3 +150,19 @@ def test_epoch_boundaries_measure_the_extra_gap():
     assert out["batch_gap_ms"] == pytest.approx(10.0)
     assert out["epoch_boundary_ms"] == pytest.approx(50.0)
     assert bench.loaders.epoch_boundaries(arrivals, [0]) == {"epochs_started": 0}
+
+
+def test_bench_shard_sets_are_reused_only_when_they_match(tmp_path):
+    """--data-dir keeps the shard sets; the next run reuses a set of the same size, rows and distinct images
+    (deterministic images) and rebuilds any other, or one whose build never finished."""
+    first = bench.loaders.build_shards(tmp_path, 32, 20, 4, 1)
+    index = tmp_path / "jpeg32" / "index.json"
+    stamp = index.stat().st_mtime_ns
+    again = bench.loaders.build_shards(tmp_path, 32, 20, 4, 1)
+    assert again["reused"] and again["mean_kb"] == first["mean_kb"] and index.stat().st_mtime_ns == stamp
+    more = bench.loaders.build_shards(tmp_path, 32, 24, 4, 1)
+    assert "reused" not in more and more["rows"] == 24
+    assert json.loads(index.read_text())["shards"] and sum(
+        s["samples"] for s in json.loads(index.read_text())["shards"]) == 24
+    (tmp_path / "jpeg32" / "bench-shards.json").unlink()  # as if the build was cut short
+    assert "reused" not in bench.loaders.build_shards(tmp_path, 32, 24, 4, 1)

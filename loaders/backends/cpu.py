@@ -35,6 +35,8 @@ def decode(data: bytes) -> torch.Tensor:
 def _make_dataset_class():
     from streaming import StreamingDataset
 
+    from loaders.backends.barrier import fast_epoch_barrier
+
     class DecodingDataset(StreamingDataset):
         """StreamingDataset whose items are decoded, augmented crops (or an error record)."""
 
@@ -43,6 +45,10 @@ def _make_dataset_class():
             self.augment = augment
             self.aug_seed = aug_seed
             self.aug_epoch = 0  # set by the loader before each epoch; workers inherit it
+
+        def __iter__(self):
+            fast_epoch_barrier(self)  # the epoch start's barrier polls every ms, not every 50 (loaders.backends.barrier)
+            yield from super().__iter__()
 
         def get_item(self, idx: int, retry: int = 7) -> dict[str, Any]:
             row = super().get_item(idx, retry)

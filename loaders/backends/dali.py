@@ -170,7 +170,8 @@ class DaliLoader(EncodedLoader):
         self.no_copy = no_copy
         # stage_inputs: the producer thread copies each batch's JPEGs into one contiguous buffer (pinned
         # on CUDA) before DALI gets them, so the decoder's host stage reads warm, contiguous memory
-        # instead of the shard maps' pages (an experiment for 512 px; off by default)
+        # instead of the shard maps' pages. Measured slower on an H200 at 512 px (16.6-17.5k vs 19.1k img/s,
+        # bench/results/loaders-*-dali-512-stage.json): off by default, kept so the comparison can be rerun
         self.stage_inputs = stage_inputs
         self.exec_dynamic = exec_dynamic  # DALI's execution model (see build_pipeline)
         self.dali_stream_policy = stream_policy  # DALI's CUDA streams (see build_pipeline)

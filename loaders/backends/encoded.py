@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from loaders.augment import AugmentSpec, sample_crop
+from loaders.backends.barrier import fast_epoch_barrier
 from loaders.backends.cpu import decode, make_dataset, sample_generator
 from loaders.loader import Batch, Loader
 
@@ -193,53 +194,6 @@ class ShardMaps:
         return arr
 
 
-BARRIER_POLL_S = 0.001  # how often a worker waiting at streaming's epoch-start barrier looks again
-
-
-class FastPollLock:
-    """streaming's barrier lock (a filelock.FileLock on the same file) polling every BARRIER_POLL_S
-    instead of filelock's 50 ms. At each epoch start every worker passes streaming's shared barrier
-    three times, each under this lock: with 2-3 workers arriving together, the ones that lose the race
-    slept 50 ms per try."""
-
-    def __init__(self, path: str):
-        from filelock import FileLock
-
-        self.path = path
-        self._lock = FileLock(path)
-
-    def __reduce__(self):  # picklable (streaming drops its own lock for that): a fresh lock on the same file
-        return FastPollLock, (self.path,)
-
-    def acquire(self, *args, **kwargs):
-        kwargs.setdefault("poll_interval", BARRIER_POLL_S)
-        return self._lock.acquire(*args, **kwargs)
-
-    def release(self, *args, **kwargs):
-        return self._lock.release(*args, **kwargs)
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def fast_epoch_barrier(dataset) -> None:
-    """Make the epoch start of a worker quick (streaming's own waits, at ~200 ms per epoch the main cost
-    of an epoch boundary on a 2-core machine, ~30 ms after this): the barrier lock polls every
-    BARRIER_POLL_S (see FastPollLock), and so does the barrier's wait loop (streaming's module constant
-    TICK, 7 ms, read at each sleep; set in this process only, where only epoch starts wait on it)."""
-    barrier = dataset._shared_barrier
-    if not isinstance(getattr(barrier, "lock", None), FastPollLock):
-        barrier.lock = FastPollLock(barrier.filelock_path)
-    import streaming.base.shared.barrier as shared_barrier
-
-    if getattr(shared_barrier, "TICK", 0) > BARRIER_POLL_S:
-        shared_barrier.TICK = BARRIER_POLL_S
-
-
 def _make_dataset_class():
     from streaming import StreamingDataset
 
@@ -286,12 +240,12 @@ def _make_dataset_class():
             walk every sample id again in Python beside this loop (three per-sample loops under one
             GIL) and sleep in 7 ms ticks when the yield loop catches up; at tens of thousands of
             images/s they cost about half of a worker's time. Anything to download: streaming's."""
+            fast_epoch_barrier(self)
             if not self.all_local():
                 yield from super().__iter__()
                 return
             if hasattr(self, "_iterator"):
                 self._iterator.exit()  # a previous epoch's threads, if any
-            fast_epoch_barrier(self)
             self._unique_worker_world = self._unique_rank_world.detect_workers()
             self._parallel_worker_world = self._parallel_rank_world.detect_workers()
             epoch, sample_in_epoch = self._resume_incr_epoch()
