@@ -294,6 +294,11 @@ L24)  # epoch starts with streaming's barrier polling every 1 ms (was: its file 
   step 100 $L --backends dali --sizes 512 --images 8000 --tag dali-512-rows8k-fastbarrier
   step 300 $L --backends dali,pil --sizes 256,512 --tag fastbarrier
   ;;
+K10)  # the MAE loss with pred channel-major (layout cpq: the image read in 32-byte row pieces, not gathered across
+      # its planes) beside MAE's order, twice; the engine keeps MAE's order until this says otherwise
+  step 200 python3 -m bench kernels --only mae --tag mae-cpq-1
+  step 200 python3 -m bench kernels --only mae --tag mae-cpq-2
+  ;;
 K9)  # Triton's warp specialization (tl.range(warp_specialize=True), config key WS) on the full-tile loops of the
      # forward and of each backward pass, for each shape's current configs; the backward is the gap everywhere
   step 300 python3 -m bench kernels --only attention --tune-ws \

@@ -321,6 +321,18 @@ def bench_mae(rows, errors, B=256, variants=False):
         def fwd(impl=impl):
             return kernels.mae_loss(imgs, pred, mask, p, impl=impl)
         _mae_row(rows, "mae_loss", impl, shape, moved, _fwdbwd(fwd, (pred,), None), fwd)
+    # pred channel-major (layout "cpq", what a model whose last layer emits that order gives): the image is read
+    # in contiguous row pieces instead of being gathered across its three planes in pred's order
+    la = kernels.mae_loss(imgs, pred, mask, p, impl="triton", layout="cpq")
+    lr = kernels.mae_loss(imgs, pred, mask, p, impl="torch", layout="cpq")
+    (ga,) = torch.autograd.grad(la, pred)
+    (gr,) = torch.autograd.grad(lr, pred)
+    errors["mae_loss cpq"] = {"loss": abs(la.item() - lr.item()) / abs(lr.item()), "dpred": _rel(ga, gr)}
+    del la, lr, ga, gr
+
+    def fwd_cpq():
+        return kernels.mae_loss(imgs, pred, mask, p, impl="triton", layout="cpq")
+    _mae_row(rows, "mae_loss", "triton:layout=cpq", shape, moved, _fwdbwd(fwd_cpq, (pred,), None), fwd_cpq)
     if variants:
         def make():
             def fwd():

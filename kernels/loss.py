@@ -2,8 +2,11 @@
 
     loss = mae_loss(imgs, pred, mask, patch_size, norm_pix=True, eps=1e-6)
 
-imgs [B, C, H, W]; pred [B, N, p*p*C] in MAE's patchify order
-(pred[b, i*w + j, (pi*p + pj)*C + c] is pixel (c, i*p + pi, j*p + pj)); mask [B, N], 1 = masked.
+imgs [B, C, H, W]; pred [B, N, p*p*C] in MAE's patchify order, layout "pqc"
+(pred[b, i*w + j, (pi*p + pj)*C + c] is pixel (c, i*p + pi, j*p + pj)), or channel-major, layout "cpq"
+(pred[b, i*w + j, (c*p + pi)*p + pj]: each channel's patch rows as in the image, so the kernel reads
+the image in contiguous row pieces instead of gathering it across the channel planes; a model whose
+last linear layer emits that order learns the same function); mask [B, N], 1 = masked.
 Target = the patch normalized by its own mean and unbiased variance (+ eps, sqrt) when
 norm_pix; loss = sum over masked patches of mean((pred - target)^2) / sum(mask).
 
@@ -23,16 +26,21 @@ import triton.language as tl
 from kernels.pdl import launch_options, pdl_enter, use_pdl
 
 
-def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+LAYOUTS = ("pqc", "cpq")  # pred's element order within a patch (see the module docstring)
+
+
+def patchify(imgs: torch.Tensor, p: int, layout: str = "pqc") -> torch.Tensor:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     B, C, H, W = imgs.shape
     h, w = H // p, W // p
     x = imgs.reshape(B, C, h, p, w, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
+    x = torch.einsum("nchpwq->nhwpqc" if layout == "pqc" else "nchpwq->nhwcpq", x)
     return x.reshape(B, h * w, p * p * C)
 
 
-def mae_loss_reference(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6):
-    target = patchify(imgs, patch_size).float()
+def mae_loss_reference(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6, layout="pqc"):
+    target = patchify(imgs, patch_size, layout).float()
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
@@ -67,10 +75,13 @@ def mae_loss_reference(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6)
 
 @triton.jit
 def _rows_load(IMG, PRED, ibase, pbase, r, ld, CH: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
-               si_c: tl.constexpr, si_h: tl.constexpr, si_w: tl.constexpr):
-    e = CH * P * P + r  # element of the patch in pred's order (pixel-major, channel fastest)
-    pix = e // C
-    ioff = (e % C) * si_c + (pix // P) * si_h + (pix % P) * si_w
+               si_c: tl.constexpr, si_h: tl.constexpr, si_w: tl.constexpr, CPQ: tl.constexpr):
+    e = CH * P * P + r  # element of the patch in pred's order
+    if CPQ:  # channel-major: chunk CH is channel CH, r its pixel in row order (contiguous row pieces)
+        ioff = CH * si_c + (r // P) * si_h + (r % P) * si_w
+    else:  # MAE's order (pixel-major, channel fastest): gathered across the channel planes
+        pix = e // C
+        ioff = (e % C) * si_c + (pix // P) * si_h + (pix % P) * si_w
     t = tl.load(IMG + ibase[:, None] + ioff[None, :], mask=ld, other=0.0).to(tl.float32)
     x = tl.load(PRED + pbase[:, None] + e[None, :], mask=ld, other=0.0).to(tl.float32)
     return t, x
@@ -89,7 +100,7 @@ def _loss_rows(IMG, PRED, MASK, PART, DPRED, GOUT, MSUM, N, W_PATCHES, G, eps,
                si_b: tl.constexpr, si_c: tl.constexpr, si_h: tl.constexpr, si_w: tl.constexpr,
                sp_b: tl.constexpr, sp_n: tl.constexpr,
                C: tl.constexpr, P: tl.constexpr, PAP: tl.constexpr, BP: tl.constexpr,
-               NORM: tl.constexpr, BACKWARD: tl.constexpr, PDL: tl.constexpr):
+               NORM: tl.constexpr, BACKWARD: tl.constexpr, PDL: tl.constexpr, CPQ: tl.constexpr = False):
     pdl_enter(PDL)
     # forward: per-program partial sums (loss, sum(mask)); backward: dpred (scaled by gout / sum(mask))
     L: tl.constexpr = C * P * P
@@ -106,13 +117,13 @@ def _loss_rows(IMG, PRED, MASK, PART, DPRED, GOUT, MSUM, N, W_PATCHES, G, eps,
     r = tl.arange(0, PAP)
     ok_r = r < PA
     ld = (m != 0.0)[:, None] & ok_r[None, :]  # unmasked patches: no bytes loaded
-    t0, x0 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 0, C, P, si_c, si_h, si_w)
+    t0, x0 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 0, C, P, si_c, si_h, si_w, CPQ)
     if C > 1:
-        t1, x1 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 1, C, P, si_c, si_h, si_w)
+        t1, x1 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 1, C, P, si_c, si_h, si_w, CPQ)
     if C > 2:
-        t2, x2 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 2, C, P, si_c, si_h, si_w)
+        t2, x2 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 2, C, P, si_c, si_h, si_w, CPQ)
     if C > 3:
-        t3, x3 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 3, C, P, si_c, si_h, si_w)
+        t3, x3 = _rows_load(IMG, PRED, ibase, pbase, r, ld, 3, C, P, si_c, si_h, si_w, CPQ)
     if NORM:
         s = t0
         if C > 1:
@@ -188,7 +199,7 @@ PATCHES_PER_PROGRAM = 4  # BP; one warp per patch row
 NUM_WARPS = 4
 
 
-def _launch(imgs, pred, m, p, eps, norm_pix, backward, gout=None, msum=None):
+def _launch(imgs, pred, m, p, eps, norm_pix, backward, gout=None, msum=None, cpq=False):
     """Forward: (loss, sum(mask)) fp32 scalars. Backward: dpred = d loss / d pred * gout (contiguous)."""
     B, C, H, W = imgs.shape
     if C > MAX_CHANNELS:
@@ -212,7 +223,7 @@ def _launch(imgs, pred, m, p, eps, norm_pix, backward, gout=None, msum=None):
             imgs, pred, m, part, dpred, gout, msum, N, W // p, G, eps,
             si_b=si[0], si_c=si[1], si_h=si[2], si_w=si[3], sp_b=pred.stride(0), sp_n=pred.stride(1),
             C=C, P=p, PAP=triton.next_power_of_2(p * p), BP=PATCHES_PER_PROGRAM, NORM=norm_pix,
-            BACKWARD=backward, num_warps=NUM_WARPS, **pdl)
+            BACKWARD=backward, CPQ=cpq, num_warps=NUM_WARPS, **pdl)
         if not backward:
             bl = min(triton.next_power_of_2(grid), 16384)
             _loss_finish[(1,)](part, loss, msum, grid, BLOCK=bl, num_warps=16 if bl >= 8192 else 4, **pdl)
@@ -233,46 +244,50 @@ def _pred_rows(pred):
 
 @torch.library.custom_op("vfm::mae_loss", mutates_args=())
 def _loss_op(imgs: torch.Tensor, pred: torch.Tensor, m: torch.Tensor, p: int, norm_pix: bool,
-             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+             eps: float, cpq: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, sum(mask) fp32): the sum is saved for the backward."""
-    return _launch(imgs, _pred_rows(pred), m.contiguous(), p, eps, norm_pix, backward=False)
+    return _launch(imgs, _pred_rows(pred), m.contiguous(), p, eps, norm_pix, backward=False, cpq=cpq)
 
 
 @_loss_op.register_fake
-def _(imgs, pred, m, p, norm_pix, eps):
+def _(imgs, pred, m, p, norm_pix, eps, cpq):
     return pred.new_empty((), dtype=torch.float32), pred.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("vfm::mae_loss_bwd", mutates_args=())
 def _loss_bwd_op(gout: torch.Tensor, msum: torch.Tensor, imgs: torch.Tensor, pred: torch.Tensor,
-                 m: torch.Tensor, p: int, norm_pix: bool, eps: float) -> torch.Tensor:
+                 m: torch.Tensor, p: int, norm_pix: bool, eps: float, cpq: bool) -> torch.Tensor:
     # recomputes the target from the image instead of saving it; divides gout by sum(mask) in-kernel
-    return _launch(imgs, _pred_rows(pred), m.contiguous(), p, eps, norm_pix, backward=True, gout=gout, msum=msum)
+    return _launch(imgs, _pred_rows(pred), m.contiguous(), p, eps, norm_pix, backward=True, gout=gout, msum=msum,
+                   cpq=cpq)
 
 
 @_loss_bwd_op.register_fake
-def _(gout, msum, imgs, pred, m, p, norm_pix, eps):
+def _(gout, msum, imgs, pred, m, p, norm_pix, eps, cpq):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
 def _loss_setup(ctx, inputs, output):
-    imgs, pred, m, p, norm_pix, eps = inputs
+    imgs, pred, m, p, norm_pix, eps, cpq = inputs
     ctx.save_for_backward(imgs, pred, m, output[1])
-    ctx.cfg = (p, norm_pix, eps)
+    ctx.cfg = (p, norm_pix, eps, cpq)
 
 
 def _loss_backward(ctx, gout, dmsum):
     imgs, pred, m, msum = ctx.saved_tensors
-    return None, _loss_bwd_op(gout, msum, imgs, pred, m, *ctx.cfg), None, None, None, None
+    return None, _loss_bwd_op(gout, msum, imgs, pred, m, *ctx.cfg), None, None, None, None, None
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
-def mae_loss(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6, impl="auto"):
-    """MAE norm-pix MSE over masked patches; differentiable w.r.t. pred."""
+def mae_loss(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6, impl="auto", layout="pqc"):
+    """MAE norm-pix MSE over masked patches; differentiable w.r.t. pred. layout: pred's order within a
+    patch, "pqc" (MAE's patchify) or "cpq" (channel-major: see the module docstring)."""
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     B, C, H, W = imgs.shape
     p = int(patch_size)
     if H % p or W % p or pred.shape != (B, (H // p) * (W // p), p * p * C) or mask.shape != pred.shape[:2]:
@@ -281,8 +296,8 @@ def mae_loss(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6, impl="aut
     if impl == "auto":
         impl = "triton" if pred.is_cuda else "torch"
     if impl == "torch" or C > MAX_CHANNELS:  # images have 1 or 3 channels; more fall back to torch
-        return mae_loss_reference(imgs, pred, mask, p, norm_pix=norm_pix, eps=eps)
+        return mae_loss_reference(imgs, pred, mask, p, norm_pix=norm_pix, eps=eps, layout=layout)
     m = mask.reshape(-1)
     if m.dtype != torch.bool:  # a bool mask goes to the kernel as is (no conversion kernel)
         m = m.to(torch.float32)
-    return _loss_op(imgs.detach(), pred, m, p, bool(norm_pix), float(eps))[0]
+    return _loss_op(imgs.detach(), pred, m, p, bool(norm_pix), float(eps), layout == "cpq")[0]

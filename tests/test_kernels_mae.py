@@ -111,6 +111,35 @@ def test_mae_loss_matches_reference(norm_pix, C, p, H, W):
     assert (g[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("C,p,H,W,strided", [(3, 16, 32, 48, False), (1, 14, 28, 14, True), (3, 4, 12, 8, True)])
+def test_mae_loss_channel_major_layout(C, p, H, W, strided):
+    """layout="cpq": pred holds each patch channel by channel, rows as in the image. The kernel matches the
+    reference in that layout (loss and gradient, strided pred too), and a pred permuted from MAE's order
+    into it gives the same loss, with the gradient permuted the same way."""
+    N = (H // p) * (W // p)
+    imgs = torch.randn(2, C, H, W) * 2 + 0.5
+    leaf = torch.randn(2, N, p * p * C + (8 if strided else 0), requires_grad=True)
+    pred = leaf[:, :, 4:4 + p * p * C] if strided else leaf
+    mask = torch.rand(2, N) < 0.6
+    mask[0, 0] = True
+    g = _assert_loss_matches(imgs, pred, mask, p, 1.5, leaf, layout="cpq")
+    # pixel (c, pi, pj) of patch (i, j) sits at (c*p + pi)*p + pj
+    t = kernels.patchify(imgs, p, "cpq")
+    assert t[0, 0, (min(C, 2) - 1) * p * p + 2 * p + 3] == imgs[0, min(C, 2) - 1, 2, 3]
+    mae = torch.randn(2, N, p * p * C, requires_grad=True)
+    perm = kernels.patchify(torch.arange(C * p * p, dtype=torch.float64).reshape(C, p, p)[None], p, "pqc")[0, 0]
+    cpq = torch.empty_like(mae).index_copy(2, perm.long(), mae.detach()).requires_grad_()
+    a = kernels.mae_loss(imgs, mae, mask, p, impl="triton")
+    b = kernels.mae_loss(imgs, cpq, mask, p, impl="triton", layout="cpq")
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    (ga,) = torch.autograd.grad(a, mae)
+    (gb,) = torch.autograd.grad(b, cpq)
+    torch.testing.assert_close(gb[..., perm.long()], ga, rtol=1e-6, atol=1e-8)
+    assert (g[..., 4:4 + p * p * C] if strided else g)[~mask].abs().sum() == 0
+    with pytest.raises(ValueError, match="pqc, cpq"):
+        kernels.mae_loss(imgs, pred, mask, p, impl="triton", layout="qpc")
+
+
 def _assert_loss_matches(imgs, pred, mask, p, scale=1.0, leaf=None, **kw):
     """The Triton loss and its gradient (of scale * loss, w.r.t. `leaf`, default pred) match the
     torch reference's; returns the kernel's gradient."""
@@ -169,7 +198,9 @@ def test_custom_ops_pass_opcheck():
         (masking._unmask, (torch.randn(B, K, C, requires_grad=True), ids, torch.randn(C, requires_grad=True),
                            torch.randn(N, C, requires_grad=True))),
         (loss._loss_op, (torch.randn(B, 3, 8, 12), torch.randn(B, 6, 48, requires_grad=True),
-                         (torch.rand(B * 6) < 0.5).float(), 4, True, 1e-6)),
+                         (torch.rand(B * 6) < 0.5).float(), 4, True, 1e-6, False)),
+        (loss._loss_op, (torch.randn(B, 3, 8, 12), torch.randn(B, 6, 48, requires_grad=True),
+                         (torch.rand(B * 6) < 0.5).float(), 4, True, 1e-6, True)),
     ]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
@@ -310,7 +341,7 @@ def test_mask_and_gather_bwd_ops_pass_opcheck():
         (masking._unmask_bwd, (torch.randn(B, N, C), inv, K, torch.float32)),
         (masking._unmask_bwd, (torch.randn(B, N, C), inv, K, torch.float32, False)),
         (loss._loss_op, (torch.randn(2, 3, 8, 12), torch.randn(2, 6, 48, requires_grad=True),
-                         torch.rand(12) < 0.5, 4, True, 1e-6)),
+                         torch.rand(12) < 0.5, 4, True, 1e-6, False)),
     ]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
@@ -349,9 +380,11 @@ def test_loss_bwd_op_passes_opcheck():
     loss = sys.modules["kernels.loss"]
     B = 3
     for m in (torch.rand(B * 6) < 0.5, (torch.rand(B * 6) < 0.5).float()):
-        args = (torch.ones(()), m.float().sum(), torch.randn(B, 3, 8, 12), torch.randn(B, 6, 48), m, 4, True, 1e-6)
-        result = torch.library.opcheck(loss._loss_bwd_op, args)
-        assert all(v == "SUCCESS" for v in result.values()), result
+        for cpq in (False, True):
+            args = (torch.ones(()), m.float().sum(), torch.randn(B, 3, 8, 12), torch.randn(B, 6, 48), m, 4, True, 1e-6,
+                    cpq)
+            result = torch.library.opcheck(loss._loss_bwd_op, args)
+            assert all(v == "SUCCESS" for v in result.values()), result
 
 
 @pytest.mark.parametrize("gather,unmask,sum_mt,C", [((16, 8), (32, 8), (8, 256), 72), ((2, 4), (4, 4), (64, 64), 72),
