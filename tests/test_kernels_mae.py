@@ -1,7 +1,9 @@
 """kernels.mae_mask / mae_unmask / mae_loss: Triton (TRITON_INTERPRET=1) against the torch references."""
+import collections
+import sys
+
 import pytest
 import torch
-import sys
 
 from tests.kernel_helpers import interpreted_kernels
 
@@ -445,3 +447,26 @@ def test_pdl_only_on_hopper_cuda_tensors_outside_the_interpreter(monkeypatch):
     assert pdl.use_pdl(cuda_t) is False
     assert pdl.launch_options(True) == {"PDL": True, "launch_pdl": True}
     assert pdl.launch_options(False) == {"PDL": False}
+
+
+def test_channel_major_loss_reads_the_image_in_vectors():
+    """Compiled offline for sm_90 (no GPU): in MAE's order the loss kernel gathers the image with one 2-byte
+    load per pixel (24 per thread for 4 patches of 3 x 256 bf16 pixels on 128 threads) beside 16-byte
+    vectors for pred; channel-major, the image is read in 16-byte vectors too, in both passes."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="0")  # compiled, not interpreted: in a process of its own
+    out = subprocess.run([sys.executable, "-m", "bench._ptx", "--json"], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True)
+    ops = json.loads(out.stdout.strip().splitlines()[-1])
+    for backward in (False, True):
+        pqc, cpq = (collections.Counter(ops[f"{'backward' if backward else 'forward'} {k}"]) for k in ("pqc", "cpq"))
+        assert pqc["ld.global.b16"] == 24 and pqc["ld.global.v4.b32"] == 3
+        assert cpq["ld.global.b16"] == 0 and cpq["ld.global.v4.b32"] == 6
+        assert sum(n for op, n in cpq.items() if op.startswith("ld.")) < sum(
+            n for op, n in pqc.items() if op.startswith("ld.")) / 3
+        if backward:  # dpred stores: 16-byte vectors either way
+            assert pqc["st.global.v4.b32"] == cpq["st.global.v4.b32"] == 3
