@@ -295,9 +295,13 @@ L24)  # epoch starts with streaming's barrier polling every 1 ms (was: its file 
   step 300 $L --backends dali,pil --sizes 256,512 --tag fastbarrier
   ;;
 K10)  # the MAE loss with pred channel-major (layout cpq: the image read in 32-byte row pieces, not gathered across
-      # its planes) beside MAE's order, twice; the engine keeps MAE's order until this says otherwise
+      # its planes) beside MAE's order, twice; then the MAE ViT-L step with objective.mae.pred_layout cpq vs pqc (the
+      # engine's default stays pqc until this says otherwise)
   step 200 python3 -m bench kernels --only mae --tag mae-cpq-1
   step 200 python3 -m bench kernels --only mae --tag mae-cpq-2
+  T="python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton --steps 8"
+  step 150 $T --override objective.mae.pred_layout=cpq --tag large-cpq
+  step 150 $T --tag large-pqc
   ;;
 K9)  # Triton's warp specialization (tl.range(warp_specialize=True), config key WS) on the full-tile loops of the
      # forward and of each backward pass, for each shape's current configs; the backward is the gap everywhere

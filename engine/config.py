@@ -64,6 +64,12 @@ class MAEConfig:
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True
+    # Order of the decoder's pixel predictions within a patch (its last layer's rows): "pqc", MAE's patchify
+    # (pixel-major, channel fastest), or "cpq" (channel-major, rows as in the image), which lets the Triton
+    # loss read the image in 16-byte vectors instead of 2-byte gathers (kernels/README.md). The model learns
+    # the same function either way; set it when a run starts (a checkpoint's decoder head is in its order).
+    # "pqc" until the channel-major loss is timed on a GPU (bench/gpu_session.sh K10).
+    pred_layout: Literal["pqc", "cpq"] = "pqc"
 
 
 @dataclass

@@ -48,6 +48,39 @@ def test_loss_matches_manual_computation():
     assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_channel_major_pred_layout_is_the_same_model(impl):
+    """objective.mae.pred_layout=cpq: the decoder's last layer emits each patch channel by channel. With its
+    rows permuted from MAE's order, the model gives the same loss on the same images and masking, and the
+    same gradients (the head's permuted the same way)."""
+    import kernels
+
+    torch.manual_seed(2)
+    a = tiny_mae()
+    b = tiny_mae(**{"objective.mae.pred_layout": "cpq"})
+    assert a.pred_layout == "pqc" and b.pred_layout == "cpq"
+    b.load_state_dict(a.state_dict())
+    p = a.patch_size
+    perm = kernels.patchify(torch.arange(3 * p * p, dtype=torch.float64).reshape(3, p, p)[None], p)[0, 0].long()
+    with torch.no_grad():  # row k of a's head (pixel order) becomes row perm[k] of b's
+        b.decoder_pred.weight[perm] = a.decoder_pred.weight
+        b.decoder_pred.bias[perm] = a.decoder_pred.bias
+    a.impl = b.impl = impl
+    imgs = a.synthetic_batch(2, "cpu")
+    torch.manual_seed(7)
+    la = a(imgs)["loss"]
+    torch.manual_seed(7)
+    lb = b(imgs)["loss"]
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(b.decoder_pred.weight.grad[perm], a.decoder_pred.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b.encoder.blocks[0].attn.qkv.weight.grad, a.encoder.blocks[0].attn.qkv.weight.grad,
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(Exception, match="pqc"):
+        tiny_mae(**{"objective.mae.pred_layout": "hwc"})
+
+
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_224"])
 def test_encoder_state_dict_loads_into_timm(tmp_path, name):
     from engine.checkpoint import save_encoder

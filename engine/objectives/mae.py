@@ -21,13 +21,14 @@ from loaders.augment import AugmentSpec
 class MaskedAutoencoder(nn.Module):
     def __init__(self, encoder: nn.Module, *, mask_ratio: float = 0.75, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True,
-                 impl: str = "torch", attn_layer=None, augment: AugmentSpec | None = None):
+                 impl: str = "torch", attn_layer=None, augment: AugmentSpec | None = None, pred_layout: str = "pqc"):
         super().__init__()
         if getattr(encoder, "num_reg_tokens", 0) or getattr(encoder, "no_embed_class", False):
             raise ValueError("MAE expects a plain ViT (class token with position embedding, no registers)")
         self.encoder = encoder
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
+        self.pred_layout = pred_layout  # pred's order within a patch: "pqc" (MAE's) or "cpq" (channel-major)
         self.impl = impl  # "triton" or "torch" for masking and loss
         self.patch_size = encoder.patch_embed.patch_size[0]
         grid = encoder.patch_embed.grid_size[0]
@@ -88,7 +89,7 @@ class MaskedAutoencoder(nn.Module):
         latent, ids_keep, mask = self.encode(imgs)
         pred = self.decode(latent, ids_keep)
         loss = kernels.mae_loss(imgs, pred.float(), mask, self.patch_size, norm_pix=self.norm_pix_loss,
-                                impl=self.impl)
+                                impl=self.impl, layout=self.pred_layout)
         return {"loss": loss}
 
     def synthetic_batch(self, batch_size: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -117,4 +118,4 @@ def build_mae(cfg, device) -> MaskedAutoencoder:
     return MaskedAutoencoder(encoder, mask_ratio=o.mask_ratio, decoder_dim=o.decoder_dim,
                              decoder_depth=o.decoder_depth, decoder_heads=o.decoder_heads,
                              norm_pix_loss=o.norm_pix_loss, impl="triton" if use_triton(m.kernels, device) else "torch",
-                             attn_layer=attn, augment=augment)
+                             attn_layer=attn, augment=augment, pred_layout=o.pred_layout)
