@@ -219,9 +219,9 @@ class DaliLoader(EncodedLoader):
         views = [to_torch(o, self.device, torch.uint8) for o in outputs]
         return self.augment.finish(views + [raw["params"].to(self.device)], self.dtype)
 
-    def _salvage(self, raw: dict[str, Any], error: Exception) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-        """Decode a failed batch one sample at a time; keep the samples that decode.
-        (A DALI pipeline is unusable after an error, so each failure costs a rebuild.)"""
+    def _salvage(self, raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """Decode a batch one sample at a time: (the batch of the samples that decode, [(uid, reason)] of
+        the others). (A DALI pipeline is unusable after an error, so each failure costs a rebuild.)"""
         inputs = self._inputs(raw)
         keep, failed = [], []
         for i in range(len(inputs[0])):
@@ -233,9 +233,7 @@ class DaliLoader(EncodedLoader):
             except Exception as e:
                 self._single = None
                 failed.append((raw["uid"][i], _reason(e)))
-        if not failed:  # not the data's fault (e.g. out of memory): do not hide it
-            raise error
-        return select(raw, keep, self.maps), failed
+        return (select(raw, keep, self.maps) if failed else raw), failed
 
     def _source(self):
         """DALI's batch callback: the next batch of the epoch (replayed ones first)."""
@@ -291,14 +289,22 @@ class DaliLoader(EncodedLoader):
                     finished = True
                     break
                 except Exception as e:
-                    # Rebuild, find the bad samples of the failed batch, requeue the others.
+                    # Rebuild, find the bad samples of the failed batch, requeue the others. DALI may
+                    # report a later in-flight batch's failure at this batch's outputs (seen with its
+                    # legacy executor): when every sample of this one decodes, the others are searched
+                    # the same way and replayed without their bad samples.
                     (raw, carried), rest = feed.inflight.popleft(), list(feed.inflight)
                     feed.inflight.clear()
+                    self._pipe = None
+                    raw, more = self._salvage(raw)
+                    if not more:
+                        cleaned = [(self._salvage(r), fs) for r, fs in rest]
+                        if not any(bad for (_, bad), _ in cleaned):  # not the data's fault (e.g. out of
+                            raise e  # memory): do not hide it
+                        rest = [(r, fs + bad) for (r, bad), fs in cleaned]
                     feed.replay.extendleft(r for r, _ in reversed(rest))
                     feed.carry[:0] = [f for _, fs in rest for f in fs]
-                    self._pipe = None
                     self._pipe = self._pipeline(self._source)
-                    raw, more = self._salvage(raw, e)
                     failed = carried + list(raw["failed"]) + more
                     if not raw["uid"]:
                         yield (None, failed), []
