@@ -294,6 +294,14 @@ L24)  # epoch starts with streaming's barrier polling every 1 ms (was: its file 
   step 100 $L --backends dali --sizes 512 --images 8000 --tag dali-512-rows8k-fastbarrier
   step 300 $L --backends dali,pil --sizes 256,512 --tag fastbarrier
   ;;
+L25)  # the #4 figures again at the new shard sets, built once (--data-dir): dali / nvjpeg / PIL, 3 rounds; then dali's
+      # CPU threads 2 vs 4 at both sizes (512 px used up to 4.1 cores in L24; 2 threads were as fast at 512 px on the
+      # old sets, L3 sweep), 3 rounds
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  L="python3 -m bench loaders --workers 2 --seconds 4 --warmup 10 --repeats 3 --data-dir /tmp/bench-data"
+  step 330 $L --backends dali,nvjpeg,pil --tag new-sets
+  step 200 $L --backends dali --dali-threads 4,2 --tag dali-threads
+  ;;
 K10)  # the MAE loss with pred channel-major (layout cpq: the image read in 32-byte row pieces, not gathered across
       # its planes) beside MAE's order, twice; then the MAE ViT-L step with objective.mae.pred_layout cpq vs pqc (the
       # engine's default stays pqc until this says otherwise)
