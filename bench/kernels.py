@@ -307,32 +307,24 @@ def bench_mae(rows, errors, B=256, variants=False):
     # --- loss
     imgs = torch.randn(B, 3, 224, 224, device=dev, dtype=dt)
     pred = torch.randn(B, N, p * p * 3, device=dev, dtype=dt, requires_grad=True)
-    la = kernels.mae_loss(imgs, pred, mask, p, impl="triton")
-    lr = kernels.mae_loss(imgs, pred, mask, p, impl="torch")
-    (ga,) = torch.autograd.grad(la, pred)
-    (gr,) = torch.autograd.grad(lr, pred)
-    errors["mae_loss"] = {"loss": abs(la.item() - lr.item()) / abs(lr.item()), "dpred": _rel(ga, gr)}
-    del la, lr, ga, gr
+    # pred in MAE's order, and channel-major (layout "cpq", what a model whose last layer emits that order gives:
+    # the image is read in contiguous row pieces instead of being gathered across its three planes)
+    for layout, key in (("pqc", "mae_loss"), ("cpq", "mae_loss cpq")):
+        la = kernels.mae_loss(imgs, pred, mask, p, impl="triton", layout=layout)
+        lr = kernels.mae_loss(imgs, pred, mask, p, impl="torch", layout=layout)
+        (ga,) = torch.autograd.grad(la, pred)
+        (gr,) = torch.autograd.grad(lr, pred)
+        errors[key] = {"loss": abs(la.item() - lr.item()) / abs(lr.item()), "dpred": _rel(ga, gr)}
+        del la, lr, ga, gr
     frac = mask.float().mean().item()
     px = imgs.numel() * 2
     moved = 2 * frac * (px + pred.numel() * 2) + pred.numel() * 2  # fwd+bwd read masked patches, write dpred
     shape = f"B{B} 224px p{p} masked{frac:.2f}"
-    for impl in ("triton", "torch"):
-        def fwd(impl=impl):
-            return kernels.mae_loss(imgs, pred, mask, p, impl=impl)
-        _mae_row(rows, "mae_loss", impl, shape, moved, _fwdbwd(fwd, (pred,), None), fwd)
-    # pred channel-major (layout "cpq", what a model whose last layer emits that order gives): the image is read
-    # in contiguous row pieces instead of being gathered across its three planes in pred's order
-    la = kernels.mae_loss(imgs, pred, mask, p, impl="triton", layout="cpq")
-    lr = kernels.mae_loss(imgs, pred, mask, p, impl="torch", layout="cpq")
-    (ga,) = torch.autograd.grad(la, pred)
-    (gr,) = torch.autograd.grad(lr, pred)
-    errors["mae_loss cpq"] = {"loss": abs(la.item() - lr.item()) / abs(lr.item()), "dpred": _rel(ga, gr)}
-    del la, lr, ga, gr
-
-    def fwd_cpq():
-        return kernels.mae_loss(imgs, pred, mask, p, impl="triton", layout="cpq")
-    _mae_row(rows, "mae_loss", "triton:layout=cpq", shape, moved, _fwdbwd(fwd_cpq, (pred,), None), fwd_cpq)
+    for impl, layout, label in (("triton", "pqc", "triton"), ("torch", "pqc", "torch"),
+                                ("triton", "cpq", "triton:layout=cpq")):
+        def fwd(impl=impl, layout=layout):
+            return kernels.mae_loss(imgs, pred, mask, p, impl=impl, layout=layout)
+        _mae_row(rows, "mae_loss", label, shape, moved, _fwdbwd(fwd, (pred,), None), fwd)
     if variants:
         def make():
             def fwd():
