@@ -46,10 +46,25 @@ def roi(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return start, end
 
 
+def crop_box(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top, left, h, w, flip) rows -> decoders.image_slice's start / end, [B, 2] int32 in (y, x) order,
+    and crop_mirror_normalize's mirror flag, [B] int32 (the `decode_crop` pipeline)."""
+    c = crops.astype(np.int32)
+    top, left, h, w, flip = (c[:, i] for i in range(5))
+    return np.stack([top, left], 1), np.stack([top + h, left + w], 1), np.ascontiguousarray(flip > 0, np.int32)
+
+
+def input_names(n_sizes: int, decode_crop: bool) -> list[str]:
+    """The pipeline's external-source names, in the order `DaliLoader._inputs` gives them."""
+    if decode_crop:
+        return ["jpegs", "crop_start", "crop_end", "mirror"]
+    return ["jpegs"] + [f"roi_{end}_{k}" for k in range(n_sizes) for end in ("start", "end")]
+
+
 def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, std, device: torch.device,
                    out_dtype: torch.dtype, num_threads: int, hw_decoder_load: float, prefetch_queue_depth: int,
                    source=None, no_copy: bool = False, exec_dynamic: bool | None = None,
-                   stream_policy: str | None = None) -> "Pipeline":
+                   stream_policy: str | None = None, decode_crop: bool = False) -> "Pipeline":
     """The decode -> crop/resize/flip -> normalize graph. Inputs come from `source`
     (a batch callback returning jpegs, then roi_start and roi_end per crop) or, with
     source=None, from `pipe.run(jpegs=..., roi_start_0=..., roi_end_0=..., ...)`.
@@ -60,7 +75,13 @@ def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, 
     model (None: DALI's default, the dynamic one for an asynchronous pipeline; False: the legacy
     executor, whose buffers are allocated once). stream_policy (dynamic executor): "single" (every
     operator on one CUDA stream), "backend" (DALI's default: one per backend, mixed and gpu) or
-    "operator" (one per operator that can run in parallel); None leaves DALI's default."""
+    "operator" (one per operator that can run in parallel); None leaves DALI's default.
+    decode_crop (one normalized size only): the decoder decodes only each sample's crop box
+    (`decoders.image_slice`; inputs jpegs, crop_start, crop_end, mirror, see `crop_box`), then the box is
+    resized whole and mirrored by crop_mirror_normalize. The pixels match the default path's except on the
+    crop's one-pixel border, where fn.resize's filter reads the neighbours outside the box."""
+    if decode_crop and (len(sizes) != 1 or not normalize):
+        raise ValueError("decode_crop decodes one crop per image: a single normalized size only (not multi-crop)")
     gpu = device.type == "cuda"
     policy = {}
     if stream_policy is not None and source is not None and exec_dynamic is not False:
@@ -76,32 +97,37 @@ def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, 
         **policy,
     )
     with pipe:
-        names = ["jpegs"] + [f"roi_{end}_{k}" for k in range(len(sizes)) for end in ("start", "end")]
-        dtypes = [types.UINT8] + [types.FLOAT] * (2 * len(sizes))
+        names = input_names(len(sizes), decode_crop)
+        if decode_crop:
+            dtypes, ndims = [types.UINT8, types.INT32, types.INT32, types.INT32], [1, 1, 1, 0]
+        else:
+            dtypes, ndims = [types.UINT8] + [types.FLOAT] * (2 * len(sizes)), [1] * len(names)
         if source is not None:
             inputs = fn.external_source(source=source, num_outputs=len(names), batch=True, dtype=dtypes,
-                                        ndim=[1] * len(names), no_copy=no_copy)
+                                        ndim=ndims, no_copy=no_copy)
         else:
-            inputs = [fn.external_source(name=n, dtype=d, ndim=1) for n, d in zip(names, dtypes)]
+            inputs = [fn.external_source(name=n, dtype=d, ndim=k) for n, d, k in zip(names, dtypes, ndims)]
         jpegs = inputs[0]
-        if gpu:
-            images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+        dali_dtype = types.FLOAT16 if out_dtype == torch.float16 else types.FLOAT
+        norm = dict(output_layout="CHW", mean=[m * 255 for m in mean], std=[s * 255 for s in std])
+        if decode_crop:
+            box = fn.decoders.image_slice(jpegs, start=inputs[1], end=inputs[2], axis_names="HW",
+                                          device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                          **({"hw_decoder_load": hw_decoder_load} if gpu else {}))
+            crop = fn.resize(box, size=[sizes[0], sizes[0]], antialias=True)
+            outputs = [fn.crop_mirror_normalize(crop, mirror=inputs[3], dtype=dali_dtype, **norm)]
         else:
-            images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-        outputs = []
-        for k, side in enumerate(sizes):
-            crop = fn.resize(images, roi_start=inputs[1 + 2 * k], roi_end=inputs[2 + 2 * k], size=[side, side],
-                             antialias=True)
-            if not normalize:
-                outputs.append(fn.transpose(crop, perm=[2, 0, 1]))
+            if gpu:
+                images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
+                                           hw_decoder_load=hw_decoder_load)
             else:
-                outputs.append(fn.crop_mirror_normalize(
-                    crop,
-                    dtype=types.FLOAT16 if out_dtype == torch.float16 else types.FLOAT,
-                    output_layout="CHW",
-                    mean=[m * 255 for m in mean],
-                    std=[s * 255 for s in std],
-                ))
+                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+            outputs = []
+            for k, side in enumerate(sizes):
+                crop = fn.resize(images, roi_start=inputs[1 + 2 * k], roi_end=inputs[2 + 2 * k],
+                                 size=[side, side], antialias=True)
+                outputs.append(fn.crop_mirror_normalize(crop, dtype=dali_dtype, **norm) if normalize
+                               else fn.transpose(crop, perm=[2, 0, 1]))
         pipe.set_outputs(*outputs)
     pipe.build()
     return pipe
@@ -145,13 +171,16 @@ class DaliLoader(EncodedLoader):
                  num_canonical_nodes, dali_threads: int | None = None, hw_decoder_load: float = 1.0,
                  prefetch_queue_depth: int = 3, prefetch_batches: int = 2, prefetch_factor: int = 4,
                  no_copy: bool = True, max_ahead: int | None = 2, stream_priority: str = "normal",
-                 exec_dynamic: bool | None = None, stream_policy: str | None = None, stage_inputs: bool = False):
+                 exec_dynamic: bool | None = None, stream_policy: str | None = None, stage_inputs: bool = False,
+                 decode_crop: bool = False):
         # stream_priority: of the side stream the outputs are copied on (DALI 2.4 ignores its own
         # `default_cuda_stream_priority`, deprecated), so it reaches only that copy
         if Pipeline is None:
             raise RuntimeError("the dali backend needs nvidia-dali (pip install nvidia-dali-cuda130)")
         if stream_policy is not None and stream_policy not in DALI_STREAM_POLICIES:
             raise ValueError(f"stream_policy must be one of {', '.join(DALI_STREAM_POLICIES)}; got {stream_policy!r}")
+        if decode_crop and isinstance(augment, MultiCropSpec):
+            raise ValueError("decode_crop decodes one crop per image; a MultiCropSpec takes several (leave it off)")
         super().__init__(streams=streams, batch_size=batch_size, augment=augment, device=device, dtype=dtype,
                          shuffle=shuffle, seed=seed, num_workers=num_workers, cache_dir=cache_dir,
                          num_canonical_nodes=num_canonical_nodes, prefetch_batches=prefetch_batches,
@@ -173,6 +202,10 @@ class DaliLoader(EncodedLoader):
         # instead of the shard maps' pages. Measured slower on an H200 at 512 px (16.6-17.5k vs 19.1k img/s,
         # bench/results/loaders-*-dali-512-stage.json): off by default, kept so the comparison can be rerun
         self.stage_inputs = stage_inputs
+        # decode_crop: the decoder decodes only each sample's crop box (decoders.image_slice) instead of the whole
+        # image, then the box is resized and mirrored; single-crop specs only. Off by default until measured
+        # on a GPU (the hardware decoder takes the box through nvImageCodec's ROI decoding)
+        self.decode_crop = decode_crop
         self.exec_dynamic = exec_dynamic  # DALI's execution model (see build_pipeline)
         self.dali_stream_policy = stream_policy  # DALI's CUDA streams (see build_pipeline)
         # where the producer thread's time goes, summed over the loader's life (seconds; take differences):
@@ -194,23 +227,25 @@ class DaliLoader(EncodedLoader):
             hw_decoder_load=self.hw_decoder_load,
             prefetch_queue_depth=self.prefetch_queue_depth if source is not None else 1, source=source,
             out_dtype=self._out_dtype, no_copy=self.no_copy and source is not None, exec_dynamic=self.exec_dynamic,
-            stream_policy=self.dali_stream_policy)
+            stream_policy=self.dali_stream_policy, decode_crop=self.decode_crop)
 
     def _inputs(self, raw: dict[str, Any]) -> list:
-        """[jpegs, roi_start_0, roi_end_0, roi_start_1, ...]: the pipeline's inputs for one batch
-        (the images as views into the shard maps or the batch's buffer, the crops as [B, 2] arrays)."""
+        """[jpegs, roi_start_0, roi_end_0, roi_start_1, ...] (with decode_crop: [jpegs, crop_start, crop_end,
+        mirror]): the pipeline's inputs for one batch (the images as views into the shard maps or the batch's
+        buffer, the crops as [B, 2] arrays)."""
         jpegs = encoded_views(raw, self.maps)
         crops = raw["crops"].numpy()  # [B, crops, 5]
+        if self.decode_crop:
+            return [jpegs, *crop_box(crops[:, 0])]
         out = [jpegs]
         for k in range(crops.shape[1]):
             out.extend(roi(crops[:, k]))
         return out
 
-    @staticmethod
-    def _named(inputs: list[list[np.ndarray]], pick=slice(None)) -> dict[str, list[np.ndarray]]:
+    def _named(self, inputs: list[list[np.ndarray]], pick=slice(None)) -> dict[str, list[np.ndarray]]:
         """Inputs by external-source name, for a pipeline built without a source callback."""
-        names = ["jpegs"] + [f"roi_{end}_{k}" for k in range((len(inputs) - 1) // 2) for end in ("start", "end")]
-        return {n: (v[pick] if isinstance(pick, slice) else [v[pick]]) for n, v in zip(names, inputs)}
+        names = input_names((len(inputs) - 1) // 2, self.decode_crop)
+        return {n: (v[pick] if isinstance(pick, slice) else v[pick:pick + 1]) for n, v in zip(names, inputs)}
 
     def _images(self, outputs, raw: dict[str, Any]):
         """Pipeline outputs -> the batch's images (a tensor, or the multi-crop list)."""
