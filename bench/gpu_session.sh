@@ -34,7 +34,10 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
   grep -vE "Warning|warn\(|^\s*$" "$log" | tail -40 > "$log.tail"
   { echo "=== $* -> exit $rc"; cat "$log.tail"; } | tee -a "$OUT/summary-$PART.log"
   cat "$log" >> "$OUT/session-$PART.log"
+  echo "    ($(( $(date +%s) - T0 )) s into the part)" | tee -a "$OUT/summary-$PART.log"
+  tar czf "$OUT/results-$PART.tgz" bench/results  # after every step: a call cut short still brings back what ran
 }
+T0=$(date +%s)
 PART=$1
 case $PART in
 S)
@@ -301,6 +304,30 @@ L25)  # the #4 figures again at the new shard sets, built once (--data-dir): dal
   L="python3 -m bench loaders --workers 2 --seconds 4 --warmup 10 --repeats 3 --data-dir /tmp/bench-data"
   step 330 $L --backends dali,nvjpeg,pil --tag new-sets
   step 200 $L --backends dali --dali-threads 4,2 --tag dali-threads
+  ;;
+K11)  # K10's kernel half once (the MAE loss with pred channel-major beside MAE's order), then the MAE ops under
+      # Nsight Compute (DRAM throughput, occupancy, warp stalls; bench/_probe_mae.py), then the MAE ViT-L step with
+      # objective.mae.pred_layout cpq vs pqc
+  step 130 python3 -m bench kernels --only mae --tag mae-cpq
+  NCU="ncu --clock-control none --nvtx --nvtx-include probe/ --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section Occupancy --section LaunchStats --section WarpStateStats"
+  step 100 sh -c "$NCU python3 -m bench._probe_mae > bench/results/kernels-nvidia-h200-ncu-mae.txt 2>&1; \
+    grep -E '^  [_a-z]|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy' bench/results/kernels-nvidia-h200-ncu-mae.txt"
+  T="python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton --steps 8"
+  step 165 $T --override objective.mae.pred_layout=cpq --tag large-cpq
+  step 165 $T --tag large-pqc
+  ;;
+L26)  # DALI decoding only each crop box (decode_crop) vs the whole image, DALI threads 4 vs 2, beside nvjpeg and PIL,
+      # both sizes, 3 rounds, at the new shard sets built once (--data-dir)
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  L="python3 -m bench loaders --workers 2 --seconds 4 --warmup 10 --repeats 3 --data-dir /tmp/bench-data"
+  step 560 $L --backends dali,nvjpeg,pil --dali-decode-crop 0,1 --dali-threads 4,2 --tag decode-crop
+  ;;
+L27)  # engine.run's data stall (T2's CUDA-graph setting) with DALI decoding only the crop boxes
+  export CUDA_VISIBLE_DEVICES=0
+  step 260 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall-engine \
+    --stall-backends dali --compile model --stall-steps 80 --stall-accum 2 --compile-mode reduce-overhead \
+    --dali-decode-crop 1 --tag engine-stall-decode-crop --data-dir /tmp/bench-data
   ;;
 K10)  # the MAE loss with pred channel-major (layout cpq: the image read in 32-byte row pieces, not gathered across
       # its planes) beside MAE's order, twice; then the MAE ViT-L step with objective.mae.pred_layout cpq vs pqc (the

@@ -923,6 +923,8 @@ def engine_options(a, device: torch.device, run_dir: Path, shards: str, backend:
                 f"data.cache_dir={run_dir.parent / 'engine-cache'}"]
         if backend == "nvjpeg":
             out.append(f"data.options={{nvjpeg: {{decode_ahead: {str(nvjpeg_options(a)[0]['decode_ahead']).lower()}}}}}")
+        if backend == "dali" and dali_options(a)[0].get("decode_crop"):
+            out.append("data.options={dali: {decode_crop: true}}")
     return out
 
 

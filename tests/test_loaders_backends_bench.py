@@ -131,6 +131,13 @@ def test_repeats_report_the_median_run_and_nvjpeg_variants(tmp_path):
     assert bench.loaders.variants(one, ["nvjpeg"]) == [("nvjpeg", "nvjpeg", {"nvjpeg": {"decode_ahead": False}})]
     engine = bench.loaders.engine_options(a, torch.device("cpu"), tmp_path / "run", "/shards", "nvjpeg")
     assert "data.options={nvjpeg: {decode_ahead: true}}" in engine  # the first value of --nvjpeg-ahead
+    crop = bench.loaders.parse(["--dali-decode-crop", "1,0", "--dali-threads", "2"])
+    assert [label for _, label, _ in bench.loaders.variants(crop, ["dali"])] == [
+        "dali t2 hw1 nocopy q3 decode-crop", "dali t2 hw1 nocopy q3"]
+    assert [o.get("decode_crop", False) for o in bench.loaders.dali_options(crop)] == [True, False]
+    engine = bench.loaders.engine_options(crop, torch.device("cpu"), tmp_path / "run", "/shards", "dali")
+    assert "data.options={dali: {decode_crop: true}}" in engine  # the first value of --dali-decode-crop
+    assert not any("decode_crop" in o for o in bench.loaders.engine_options(one, torch.device("cpu"), tmp_path, "/s", "dali"))
     accum = bench.loaders.parse(["--stall-accum", "3", "--batch-size", "8"])
     engine = bench.loaders.engine_options(accum, torch.device("cpu"), tmp_path / "run", "/shards", None)
     assert "train.batch_size=24" in engine and "train.micro_batch=8" in engine  # 3 micro-batches per step
