@@ -305,6 +305,11 @@ L25)  # the #4 figures again at the new shard sets, built once (--data-dir): dal
   step 330 $L --backends dali,nvjpeg,pil --tag new-sets
   step 200 $L --backends dali --dali-threads 4,2 --tag dali-threads
   ;;
+K12)  # the mask forward's rank kernel (9.4 of its 26.6 us under Nsight Compute in K11, compute-bound): counting (the
+      # default) vs counting with one packed int64 key compare per pair vs one bitonic sort per sample, twice
+  step 200 python3 -m bench kernels --only mae --mae-variants --tag mae-rank
+  step 200 python3 -m bench kernels --only mae --mae-variants --tag mae-rank-2
+  ;;
 K11)  # K10's kernel half once (the MAE loss with pred channel-major beside MAE's order), then the MAE ops under
       # Nsight Compute (DRAM throughput, occupancy, warp stalls; bench/_probe_mae.py), then the MAE ViT-L step with
       # objective.mae.pred_layout cpq vs pqc

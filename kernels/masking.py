@@ -79,23 +79,57 @@ def _complete_shuffle(ids_keep, N):
 
 
 @triton.jit
-def _rank_kernel(NOISE, IDS_KEEP, MASK, RANK, N, K, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PDL: tl.constexpr):
+def _sort_key(x, offs, IDX_BITS: tl.constexpr):
+    """int64 keys ordered as argsort orders (x, position): the float's order-preserving integer image (negative
+    floats reversed, -0.0 made +0.0) shifted left, the position in the low IDX_BITS bits (2**IDX_BITS > positions)."""
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties +0.0, as in the argsort
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    return (key << IDX_BITS) | offs.to(tl.int64)
+
+
+@triton.jit
+def _rank_kernel(NOISE, IDS_KEEP, MASK, RANK, N, K, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                 PACKED: tl.constexpr, IDX_BITS: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     # program (b, i-block): the ranks of BLOCK_I positions against all N (many short programs
-    # instead of one serial walk per sample); the bool mask is written directly
+    # instead of one serial walk per sample); the bool mask is written directly. PACKED: one int64
+    # compare of _sort_key per pair instead of a float compare, a tie test and an index compare
+    # (padding gets +inf and a position >= N, so it never counts)
     b = tl.program_id(0).to(tl.int64)
     offs_j = tl.arange(0, BLOCK_J)
     nj = tl.load(NOISE + b * N + offs_j, mask=offs_j < N, other=float("inf"))
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     ok_i = offs_i < N
     ni = tl.load(NOISE + b * N + offs_i, mask=ok_i, other=float("inf"))
-    before = (nj[None, :] < ni[:, None]) | ((nj[None, :] == ni[:, None]) & (offs_j[None, :] < offs_i[:, None]))
-    before = before & (offs_j < N)[None, :]
+    if PACKED:
+        before = _sort_key(nj, offs_j, IDX_BITS)[None, :] < _sort_key(ni, offs_i, IDX_BITS)[:, None]
+    else:
+        before = (nj[None, :] < ni[:, None]) | ((nj[None, :] == ni[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+        before = before & (offs_j < N)[None, :]
     rank = tl.sum(before.to(tl.int32), 1)
     keep = rank < K
     tl.store(RANK + b * N + offs_i, rank, mask=ok_i)
     tl.store(MASK + b * N + offs_i, rank >= K, mask=ok_i)
     tl.store(IDS_KEEP + b * K + rank, offs_i.to(tl.int64), mask=ok_i & keep)
+
+
+@triton.jit
+def _rank_sort_kernel(NOISE, IDS_KEEP, MASK, RANK, N, K, BLOCK: tl.constexpr, IDX_BITS: tl.constexpr,
+                      PDL: tl.constexpr):
+    pdl_enter(PDL)
+    # one program per sample: each noise value becomes an int64 key (_sort_key), so one bitonic sort (tl.sort)
+    # gives the stable argsort; padding positions get +inf and positions >= N, which sort last. Then scattered stores:
+    # rank[position] = sorted index, mask, and ids_keep from the first K.
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(NOISE + b * N + offs, mask=offs < N, other=float("inf"))
+    srt = tl.sort(_sort_key(x, offs, IDX_BITS))
+    pos = (srt & ((1 << IDX_BITS) - 1)).to(tl.int32)
+    ok = offs < N
+    tl.store(RANK + b * N + pos, offs, mask=ok)
+    tl.store(MASK + b * N + pos, offs >= K, mask=ok)
+    tl.store(IDS_KEEP + b * K + offs, pos.to(tl.int64), mask=offs < K)
 
 
 @triton.jit
@@ -275,6 +309,10 @@ def _col_block(C: int, cap: int) -> int:
 # rank + gather in one launch (a program ranks its positions, then copies the kept rows): forward
 # 0.032 ms at best vs 0.0265 for the two launches; 2-16 rows or 8 warps for either forward: same.
 LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (128, 32)}
+# How the rank kernel orders each sample's noise: "count" (programs per block of positions compare it with all
+# N), "packed" (the same with one int64 key compare per pair) or "sort" (one program per sample sorts the keys);
+# bench kernels --mae-variants times the other two as RANK_BY=packed / RANK_BY=sort
+RANK_BY = "count"
 WALK_PROGRAMS = 512  # programs the backward walks aim for (tests lower it to get long walks)
 
 
@@ -320,9 +358,16 @@ def mae_rank(noise: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, t
     mask = torch.empty(B, N, device=noise.device, dtype=torch.bool)
     rank = torch.empty(B, N, device=noise.device, dtype=torch.int32)
     bj = triton.next_power_of_2(max(N, 1))
-    bi = max(1, min(32, 4096 // bj))
-    if B and N:
-        _rank_kernel[(B, triton.cdiv(N, bi))](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj, num_warps=4,
+    if not (B and N):
+        return ids_keep, mask, rank
+    bits = max(1, bj.bit_length() - 1)  # 2**bits == bj > every position
+    if RANK_BY == "sort":
+        _rank_sort_kernel[(B,)](noise, ids_keep, mask, rank, N, K, BLOCK=bj, IDX_BITS=bits,
+                                num_warps=4 if bj <= 512 else 8, **launch_options(use_pdl(noise)))
+    else:
+        bi = max(1, min(32, 4096 // bj))
+        _rank_kernel[(B, triton.cdiv(N, bi))](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj,
+                                              PACKED=RANK_BY == "packed", IDX_BITS=bits, num_warps=4,
                                               **launch_options(use_pdl(noise)))
     return ids_keep, mask, rank
 

@@ -47,6 +47,25 @@ def test_mae_mask_ties_and_rng():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("rank_by", ["count", "packed", "sort"])
+@pytest.mark.parametrize("B,N,K", [(3, 196, 49), (2, 7, 3), (1, 1, 1), (2, 261, 0), (1, 1374, 343)])
+def test_rank_methods_give_the_stable_argsort(monkeypatch, rank_by, B, N, K):
+    """The rank kernels (counting, counting with packed keys, one sort of position-tagged integer keys per sample) give argsort's
+    stable order: ties broken by position, -0.0 tying +0.0, negative and infinite noise in float order."""
+    masking = sys.modules["kernels.masking"]
+    monkeypatch.setattr(masking, "RANK_BY", rank_by)
+    g = torch.Generator().manual_seed(N)
+    noise = torch.rand(B, N, generator=g)
+    noise[0, ::3] = 0.25  # ties
+    if N > 6:
+        noise[-1, :6] = torch.tensor([0.0, -0.0, -1.5, float("inf"), -2.0, -0.0])
+    order = torch.sort(noise, dim=1, stable=True).indices
+    ids, mask, rank = masking.mae_rank(noise, K)
+    assert torch.equal(ids, order[:, :K])
+    assert torch.equal(rank, torch.argsort(order, dim=1).to(torch.int32))
+    assert torch.equal(mask, rank >= K)
+
+
 def test_mae_mask_pos_without_grad_and_dtype():
     tokens = torch.randn(2, 16, 8, requires_grad=True)
     pos = torch.randn(1, 16, 8)  # MAE's fixed sin-cos embedding
