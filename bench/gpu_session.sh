@@ -305,6 +305,10 @@ L25)  # the #4 figures again at the new shard sets, built once (--data-dir): dal
   step 330 $L --backends dali,nvjpeg,pil --tag new-sets
   step 200 $L --backends dali --dali-threads 4,2 --tag dali-threads
   ;;
+K13)  # the sorting rank kernel (now the default) at 1 / 2 / 8 warps per sample beside 4 and the counting one, twice
+  step 200 python3 -m bench kernels --only mae --mae-variants --tag mae-rank-warps
+  step 200 python3 -m bench kernels --only mae --mae-variants --tag mae-rank-warps-2
+  ;;
 K12)  # the mask forward's rank kernel (9.4 of its 26.6 us under Nsight Compute in K11, compute-bound): counting (the
       # default) vs counting with one packed int64 key compare per pair vs one bitonic sort per sample, twice
   step 200 python3 -m bench kernels --only mae --mae-variants --tag mae-rank

@@ -193,7 +193,8 @@ def _mae_row(rows, op, impl, shape, bytes_, fwdbwd, fwd):
 # ("pdl", "ENABLED", False): the same kernels launched without programmatic dependent launch
 NO_PDL = ("pdl", "ENABLED", False)
 MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] + \
-    [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + [("masking", "RANK_BY", v) for v in ("packed", "sort")]
+    [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + [("masking", "RANK_BY", "count")] + \
+    [("masking", "rank_sort", v) for v in (1, 2, 8)]
 UNMASK_VARIANTS = [NO_PDL] + [("masking", "WALK_PROGRAMS", v) for v in (1024, 2048)] + [("masking", "sum_mt", (64, 64))]
 LOSS_VARIANTS = [NO_PDL, ("loss", "PATCHES_PER_PROGRAM", 2), ("loss", "NUM_WARPS", 8)]
 

@@ -6,9 +6,10 @@
 MAE keeps, per sample, the K = int(N * (1 - mask_ratio)) tokens with the smallest noise, in
 order of increasing noise (argsort semantics; ties broken by index, i.e. a stable sort).
 The reference does argsort + gather + add (encoder) and cat + gather + add (decoder). Here:
-- `_rank_kernel`: programs per (sample, block of positions) rank the noise by counting (N <= ~1.4k,
-  so an N x N comparison in tiles is cheaper than a sort launch) and write ids_keep, the bool
-  mask and each position's rank.
+- `_rank_sort_kernel` (the default): one program per sample sorts int64 keys (the noise's order-preserving
+  integer image with the position in its low bits: ties broken by index, as a stable argsort) with one bitonic
+  `tl.sort`, and writes ids_keep, the bool mask and each position's rank. `_rank_kernel` ranks by counting
+  instead (programs per block of positions compare each with all N): 4 us slower at MAE-L.
 - `_gather_kernel`: visible[b, r] = tokens[b, ids_keep[b, r]] + pos[ids_keep[b, r]], whole rows
   of 16-byte vectors.
 - backward of the gather: programs walk the batch for a tile of positions, several samples a
@@ -308,11 +309,12 @@ def _col_block(C: int, cap: int) -> int:
 # Measured on the H200 (bench/results/kernels-nvidia-h200-2026-11-28-mae-fused.json) and dropped:
 # rank + gather in one launch (a program ranks its positions, then copies the kept rows): forward
 # 0.032 ms at best vs 0.0265 for the two launches; 2-16 rows or 8 warps for either forward: same.
-LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (128, 32)}
-# How the rank kernel orders each sample's noise: "count" (programs per block of positions compare it with all
-# N), "packed" (the same with one int64 key compare per pair) or "sort" (one program per sample sorts the keys);
-# bench kernels --mae-variants times the other two as RANK_BY=packed / RANK_BY=sort
-RANK_BY = "count"
+LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (128, 32), "rank_sort": 4}
+# How the rank kernel orders each sample's noise: "sort" (one program per sample sorts position-tagged int64
+# keys), "count" (programs per block of positions compare each with all N) or "packed" (the same with one int64
+# key compare per pair). Measured on the H200 at MAE-L (B = 256, N = 196; `...-mae-rank.json`, `...-mae-rank-2.json`):
+# mask forward 0.0224 / 0.0225 ms by sort, 0.0263-0.0265 by count, 0.0278-0.0281 packed
+RANK_BY = "sort"
 WALK_PROGRAMS = 512  # programs the backward walks aim for (tests lower it to get long walks)
 
 
@@ -362,8 +364,9 @@ def mae_rank(noise: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, t
         return ids_keep, mask, rank
     bits = max(1, bj.bit_length() - 1)  # 2**bits == bj > every position
     if RANK_BY == "sort":
-        _rank_sort_kernel[(B,)](noise, ids_keep, mask, rank, N, K, BLOCK=bj, IDX_BITS=bits,
-                                num_warps=4 if bj <= 512 else 8, **launch_options(use_pdl(noise)))
+        warps = LAUNCH["rank_sort"] if bj <= 512 else max(8, LAUNCH["rank_sort"])
+        _rank_sort_kernel[(B,)](noise, ids_keep, mask, rank, N, K, BLOCK=bj, IDX_BITS=bits, num_warps=warps,
+                                **launch_options(use_pdl(noise)))
     else:
         bi = max(1, min(32, 4096 // bj))
         _rank_kernel[(B, triton.cdiv(N, bi))](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj,
