@@ -305,6 +305,11 @@ L25)  # the #4 figures again at the new shard sets, built once (--data-dir): dal
   step 330 $L --backends dali,nvjpeg,pil --tag new-sets
   step 200 $L --backends dali --dali-threads 4,2 --tag dali-threads
   ;;
+K14)  # the masking backwards store the pos_embed / mask_token gradients in the parameters' dtypes themselves (no cast
+      # kernels after them), twice
+  step 150 python3 -m bench kernels --only mae --tag mae-nocast
+  step 150 python3 -m bench kernels --only mae --tag mae-nocast-2
+  ;;
 K13)  # the sorting rank kernel (now the default) at 1 / 2 / 8 warps per sample beside 4 and the counting one, twice
   step 200 python3 -m bench kernels --only mae --mae-variants --tag mae-rank-warps
   step 200 python3 -m bench kernels --only mae --mae-variants --tag mae-rank-warps-2

@@ -330,10 +330,11 @@ def _walk_config(B: int, N: int, C: int, bb: int, target: Optional[int] = None):
     return bb, bn, bc, bchunk, triton.cdiv(B, bchunk)
 
 
-def _finish_parts(part, nchunks, N, C, extra, dmt):
-    """Reduce the partial planes with one launch: (dpos [N, C] fp32, dmt [C] fp32 filled in place).
+def _finish_parts(part, nchunks, N, C, extra, dmt, dtype):
+    """Reduce the partial planes with one launch: (dpos [N, C] in `dtype`, dmt [C] filled in place, in its own
+    dtype: the sums are fp32, stored in the parameters' dtypes, so no cast kernels follow).
     N = 0: the planes hold only the `extra` mask-token rows (no dpos; an empty one is returned)."""
-    dpos = part.new_empty((N, C))
+    dpos = part.new_empty((N, C), dtype=dtype)
     M = N * C
     block = 1024
     npb = triton.cdiv(M, block)
@@ -401,34 +402,35 @@ def _gather_impl(tokens, pos, ids_keep):
 
 @torch.library.custom_op("vfm::mae_gather_bwd", mutates_args=())
 def _gather_bwd(dvis: torch.Tensor, rank: torch.Tensor, tokens_dtype: torch.dtype,
-                need_dpos: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dtokens [B, N, C], dpos [N, C] fp32; empty when not needed)."""
+                need_dpos: bool, pos_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dtokens [B, N, C], dpos [N, C] in pos_dtype, summed in fp32; empty when not needed)."""
     B, K, C = dvis.shape
     N = rank.shape[1]
     dvis = dvis.contiguous()
     dtok = torch.empty(B, N, C, device=dvis.device, dtype=tokens_dtype)
     if not B or not N:
-        return dtok, dvis.new_zeros((N, C) if need_dpos else (0,), dtype=torch.float32)
+        return dtok, dvis.new_zeros((N, C) if need_dpos else (0,), dtype=pos_dtype)
     # 8 samples a step: 16 KB of stores in flight. Without dpos no partial planes: 8x the programs
     # (measured at MAE-L, H200: 4x gave 0.035 ms vs 0.037 for 1x; 8x then fwd+bwd 0.0603 / 0.0607 ms vs
     # 0.0610 / 0.0610 for 4x in two calls, as the variant WALK_PROGRAMS=1024 of `bench kernels
     # --mae-variants`; with dpos more programs mean more planes, and 512 wins)
     bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 8, None if need_dpos else 8 * WALK_PROGRAMS)
-    # one chunk: the kernel writes dpos itself; else partial planes and one reduction launch
-    part = dvis.new_empty((nchunks, N, C) if nchunks > 1 else (N, C), dtype=torch.float32) if need_dpos else dtok
+    # one chunk: the kernel writes dpos itself (in pos_dtype); else fp32 partial planes and one reduction launch
+    part = (dvis.new_empty((nchunks, N, C), dtype=torch.float32) if nchunks > 1 else
+            dvis.new_empty((N, C), dtype=pos_dtype)) if need_dpos else dtok
     _gather_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), nchunks)](
         dvis, rank, dtok, part, B, N, K, C, bchunk, N * C, HAS_DPOS=need_dpos, BLOCK_B=bb, BLOCK_N=bn, BLOCK_C=bc,
         num_warps=4, **launch_options(use_pdl(dvis)))
     if not need_dpos:
-        return dtok, dvis.new_empty((0,), dtype=torch.float32)
-    return dtok, (_finish_parts(part, nchunks, N, C, 0, None) if nchunks > 1 else part)
+        return dtok, dvis.new_empty((0,), dtype=pos_dtype)
+    return dtok, (_finish_parts(part, nchunks, N, C, 0, None, pos_dtype) if nchunks > 1 else part)
 
 
 @_gather_bwd.register_fake
-def _(dvis, rank, tokens_dtype, need_dpos):
+def _(dvis, rank, tokens_dtype, need_dpos, pos_dtype=torch.float32):
     B, K, C = dvis.shape
     N = rank.shape[1]
-    dpos = dvis.new_empty((N, C) if need_dpos else (0,), dtype=torch.float32)
+    dpos = dvis.new_empty((N, C) if need_dpos else (0,), dtype=pos_dtype)
     return dvis.new_empty((B, N, C), dtype=tokens_dtype), dpos
 
 
@@ -454,8 +456,8 @@ def _ranked_setup(ctx, inputs, output):
 def _ranked_backward(ctx, dvis):
     (rank,) = ctx.saved_tensors
     need_dpos = bool(ctx.needs_input_grad[1])
-    dtok, dpos = _gather_bwd(dvis, rank, ctx.tokens_dtype, need_dpos)
-    return dtok, (dpos.to(ctx.pos_dtype) if need_dpos else None), None, None
+    dtok, dpos = _gather_bwd(dvis, rank, ctx.tokens_dtype, need_dpos, ctx.pos_dtype)
+    return dtok, (dpos if need_dpos else None), None, None
 
 
 _gather_ranked.register_autograd(_ranked_backward, setup_context=_ranked_setup)
@@ -494,15 +496,16 @@ def _(visible, ids_keep, mask_token, pos):
 
 @torch.library.custom_op("vfm::mae_unmask_bwd", mutates_args=())
 def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: torch.dtype,
-                need_dpos: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dvisible [B, K, C], dmask_token [C] fp32, dpos [N, C] fp32; empty when not needed: MAE's
-    fixed sin-cos decoder pos_embed)."""
+                need_dpos: bool = True, mt_dtype: torch.dtype = torch.float32,
+                pos_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dvisible [B, K, C], dmask_token [C] in mt_dtype, dpos [N, C] in pos_dtype, both summed in fp32; dpos
+    empty when not needed: MAE's fixed sin-cos decoder pos_embed)."""
     B, N, C = dfull.shape
     dfull = dfull.contiguous()
     dvis = torch.empty(B, K, C, device=dfull.device, dtype=visible_dtype)
     n_pos = N if need_dpos else 0
     if not B or not N:
-        return dvis, dfull.new_zeros((C,), dtype=torch.float32), dfull.new_zeros((n_pos, C), dtype=torch.float32)
+        return dvis, dfull.new_zeros((C,), dtype=mt_dtype), dfull.new_zeros((n_pos, C), dtype=pos_dtype)
     # two accumulators: 4 samples a step; the mask token's alone: 8
     bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 4 if need_dpos else 8)
     nb = triton.cdiv(N, bn)
@@ -511,16 +514,16 @@ def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: t
     _unmask_bwd_kernel[(nb, triton.cdiv(C, bc), nchunks)](
         dfull, inv, dvis, part, B, N, K, C, bchunk, (n_pos + nb) * C, n_pos, HAS_DPOS=need_dpos, BLOCK_B=bb,
         BLOCK_N=bn, BLOCK_C=bc, num_warps=4, **launch_options(use_pdl(dfull)))
-    dmt = dfull.new_empty((C,), dtype=torch.float32)
-    dpos = _finish_parts(part, nchunks, n_pos, C, nb, dmt)
+    dmt = dfull.new_empty((C,), dtype=mt_dtype)
+    dpos = _finish_parts(part, nchunks, n_pos, C, nb, dmt, pos_dtype)
     return dvis, dmt, dpos
 
 
 @_unmask_bwd.register_fake
-def _(dfull, inv, K, visible_dtype, need_dpos=True):
+def _(dfull, inv, K, visible_dtype, need_dpos=True, mt_dtype=torch.float32, pos_dtype=torch.float32):
     B, N, C = dfull.shape
-    return (dfull.new_empty((B, K, C), dtype=visible_dtype), dfull.new_empty((C,), dtype=torch.float32),
-            dfull.new_empty((N if need_dpos else 0, C), dtype=torch.float32))
+    return (dfull.new_empty((B, K, C), dtype=visible_dtype), dfull.new_empty((C,), dtype=mt_dtype),
+            dfull.new_empty((N if need_dpos else 0, C), dtype=pos_dtype))
 
 
 def _unmask_setup(ctx, inputs, output):
@@ -533,8 +536,8 @@ def _unmask_backward(ctx, dfull, dinv):
     (inv,) = ctx.saved_tensors
     vdt, mdt, pdt = ctx.dtypes
     need_dpos = bool(ctx.needs_input_grad[3])
-    dvis, dmt, dpos = _unmask_bwd(dfull, inv, ctx.K, vdt, need_dpos)
-    return dvis, None, dmt.to(mdt), (dpos.to(pdt) if need_dpos else None)
+    dvis, dmt, dpos = _unmask_bwd(dfull, inv, ctx.K, vdt, need_dpos, mdt, pdt)
+    return dvis, None, dmt, (dpos if need_dpos else None)
 
 
 _unmask.register_autograd(_unmask_backward, setup_context=_unmask_setup)

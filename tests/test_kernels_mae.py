@@ -311,6 +311,38 @@ def test_mae_backward_long_walks(monkeypatch, programs):
         _assert_same_grads(full, ref, (v, mt, pos))
 
 
+@pytest.mark.parametrize("programs", [1, 512])
+def test_parameter_grads_come_back_in_their_dtypes(monkeypatch, programs):
+    """pos_embed / mask_token in half precision beside fp32 tokens: their gradients are summed in fp32 and
+    stored in the parameters' own dtypes by the kernels (no cast kernels after), with one batch chunk (the walk
+    writes dpos itself) and with several (the reduction kernel does)."""
+    masking = sys.modules["kernels.masking"]
+    monkeypatch.setattr(masking, "WALK_PROGRAMS", programs)
+    B, N, C, ratio = 9, 12, 16, 0.5
+    noise = torch.rand(B, N)
+    tokens = torch.randn(B, N, C, requires_grad=True)
+    for dt in (torch.bfloat16, torch.float16):
+        pos = torch.randn(N, C).to(dt).requires_grad_()
+        vis = kernels.mae_mask(tokens, pos, ratio, noise=noise, impl="triton")[0]
+        rvis = kernels.mae_mask_reference(tokens, pos, ratio, noise=noise)[0]
+        g = torch.randn_like(vis)
+        got = torch.autograd.grad(vis, (tokens, pos), g)
+        want = torch.autograd.grad(rvis, (tokens, pos), g)
+        assert got[1].dtype == dt and got[0].dtype == torch.float32
+        torch.testing.assert_close(got[1].float(), want[1].float(), rtol=1e-2, atol=1e-2)
+        ids = kernels.mae_mask(tokens, pos, ratio, noise=noise, impl="triton")[1]
+        v = torch.randn(B, N // 2, C, requires_grad=True)
+        mt = torch.randn(C).to(dt).requires_grad_()
+        full = kernels.mae_unmask(v, ids, mt, pos, impl="triton")
+        ref = kernels.mae_unmask_reference(v, ids, mt, pos)
+        gf = torch.randn_like(full)
+        got = torch.autograd.grad(full, (v, mt, pos), gf)
+        want = torch.autograd.grad(ref, (v, mt, pos), gf)
+        assert [t.dtype for t in got] == [torch.float32, dt, dt]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=2e-2)
+
+
 def test_walk_configs_cover_the_batch():
     masking = sys.modules["kernels.masking"]
     for B, N, C, bb in [(256, 196, 1024, 8), (256, 196, 512, 4), (11, 5, 48, 8), (1, 1370, 1408, 4), (3, 7, 8, 4)]:
