@@ -292,6 +292,7 @@ class Trainer:
         if path is None:
             return False
         state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        self._check_resumed_config(path, state.get("config") or {})
         if self.loader is not None and state.get("loader"):
             self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
@@ -299,6 +300,19 @@ class Trainer:
         self.resumed_from = path
         self.resumed_world = state.get("world", 1)
         return True
+
+    def _check_resumed_config(self, path: Path, saved: dict[str, Any]) -> None:
+        """Settings that give the saved weights their meaning must not change on resume: MAE's pred_layout (the
+        decoder head's row order; a checkpoint from before the setting was saved is in MAE's "pqc")."""
+        objective = saved.get("objective") or {}
+        if self.cfg.objective.name != "mae" or objective.get("name", "mae") != "mae":
+            return
+        was = (objective.get("mae") or {}).get("pred_layout", "pqc")
+        now = self.cfg.objective.mae.pred_layout
+        if was != now:
+            raise ValueError(f"{path} was trained with objective.mae.pred_layout={was} (its decoder head predicts "
+                             f"pixels in that order), the config says {now}: resume with "
+                             f"objective.mae.pred_layout={was}, or start a new run.dir")
 
     # ------------------------------------------------------------------ the step
     def set_lr(self) -> float:
@@ -429,10 +443,11 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         cfg = self.cfg
         main = self.dist.main
+        resumed = self.maybe_resume()  # before config.yaml is (re)written: a refused resume leaves the run as it was
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        if self.maybe_resume() and main and self.step < self.total_steps:
+        if resumed and main and self.step < self.total_steps:
             print(f"resuming from {self.resumed_from} (step {self.step:,} of {self.total_steps:,})"
                   + (f", saved by {self.resumed_world} ranks, now {self.dist.world}"
                      if self.resumed_world != self.dist.world else ""), file=self.out)

@@ -29,9 +29,10 @@ def test_forward_backward_and_visible_tokens_only():
     assert not model.encoder.pos_embed.requires_grad  # fixed sin-cos
 
 
-def test_loss_matches_manual_computation():
+@pytest.mark.parametrize("layout", ["pqc", "cpq"])
+def test_loss_matches_manual_computation(layout):
     torch.manual_seed(1)
-    model = tiny_mae()
+    model = tiny_mae(**{"objective.mae.pred_layout": layout})
     imgs = model.synthetic_batch(2, "cpu")
     torch.manual_seed(5)
     loss = model(imgs)["loss"]
@@ -40,7 +41,8 @@ def test_loss_matches_manual_computation():
     pred = model.decode(latent, ids_keep)
     p = model.patch_size
     b, c, h, w = imgs.shape
-    target = imgs.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
+    order = (0, 2, 4, 3, 5, 1) if layout == "pqc" else (0, 2, 4, 1, 3, 5)  # MAE's (row, col, channel) / channel-major
+    target = imgs.reshape(b, c, h // p, p, w // p, p).permute(*order).reshape(b, -1, p * p * c)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
     per_patch = ((pred - target) ** 2).mean(-1)
     manual = (per_patch * mask).sum() / mask.sum()
@@ -50,14 +52,14 @@ def test_loss_matches_manual_computation():
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_channel_major_pred_layout_is_the_same_model(impl):
-    """objective.mae.pred_layout=cpq: the decoder's last layer emits each patch channel by channel. With its
-    rows permuted from MAE's order, the model gives the same loss on the same images and masking, and the
-    same gradients (the head's permuted the same way)."""
+    """objective.mae.pred_layout=cpq (the default): the decoder's last layer emits each patch channel by channel.
+    With its rows permuted from MAE's order (pqc), the model gives the same loss on the same images and masking,
+    and the same gradients (the head's permuted the same way)."""
     import kernels
 
     torch.manual_seed(2)
-    a = tiny_mae()
-    b = tiny_mae(**{"objective.mae.pred_layout": "cpq"})
+    a = tiny_mae(**{"objective.mae.pred_layout": "pqc"})
+    b = tiny_mae()
     assert a.pred_layout == "pqc" and b.pred_layout == "cpq"
     b.load_state_dict(a.state_dict())
     p = a.patch_size

@@ -62,6 +62,23 @@ def test_resume_is_exact(tmp_path, shards):
     assert all(torch.equal(sa[i]["exp_avg"], sc[i]["exp_avg"]) for i in sa)
 
 
+def test_resume_keeps_the_pred_layout(tmp_path, shards):
+    """A run keeps the pixel order its decoder head was trained in: resuming with the other pred_layout is an
+    error that names the setting (nothing trained); a checkpoint saved before the setting existed counts as MAE's
+    pqc order; the same layout resumes."""
+    make(tmp_path, shards, "objective.mae.pred_layout=pqc").fit(stop_after=2)
+    with pytest.raises(ValueError, match="objective.mae.pred_layout=pqc"):
+        make(tmp_path, shards, "objective.mae.pred_layout=cpq").fit()
+    assert "pred_layout: pqc" in (tmp_path / "run" / "config.yaml").read_text()  # the run's record is untouched
+    ok = make(tmp_path, shards, "objective.mae.pred_layout=pqc")
+    assert ok.fit()["complete"] and ok.resumed_from.name == "step_00000002"
+    t = make(tmp_path / "old", shards)
+    with pytest.raises(ValueError, match="pred_layout=pqc"):  # the default (cpq) against a pre-setting checkpoint
+        t._check_resumed_config(Path("step_1"), {"objective": {"name": "mae", "mae": {"mask_ratio": 0.75}}})
+    t._check_resumed_config(Path("step_1"), {"objective": {"name": "mae", "mae": {"pred_layout": "cpq"}}})
+    assert t.cfg.objective.mae.pred_layout == "cpq"  # the default
+
+
 def test_rerun_of_finished_run_does_nothing(tmp_path, shards):
     make(tmp_path, shards).fit()
     again = make(tmp_path, shards)

@@ -21,7 +21,7 @@ from loaders.augment import AugmentSpec
 class MaskedAutoencoder(nn.Module):
     def __init__(self, encoder: nn.Module, *, mask_ratio: float = 0.75, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True,
-                 impl: str = "torch", attn_layer=None, augment: AugmentSpec | None = None, pred_layout: str = "pqc"):
+                 impl: str = "torch", attn_layer=None, augment: AugmentSpec | None = None, pred_layout: str = "cpq"):
         super().__init__()
         if getattr(encoder, "num_reg_tokens", 0) or getattr(encoder, "no_embed_class", False):
             raise ValueError("MAE expects a plain ViT (class token with position embedding, no registers)")
