@@ -325,8 +325,8 @@ K11)  # K10's kernel half once (the MAE loss with pred channel-major beside MAE'
   step 130 python3 -m bench kernels --only mae --tag mae-cpq
   NCU="ncu --clock-control none --nvtx --nvtx-include probe/ --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section Occupancy --section LaunchStats --section WarpStateStats"
-  step 100 sh -c "$NCU python3 -m bench._probe_mae > bench/results/kernels-nvidia-h200-ncu-mae.txt 2>&1; \
-    grep -E '^  [_a-z]|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy' bench/results/kernels-nvidia-h200-ncu-mae.txt"
+  step 100 sh -c "$NCU python3 -m bench._probe_mae > bench/results/kernels-nvidia-h200-$(date +%F)-ncu-mae.txt 2>&1; \
+    grep -E '^  [_a-z]|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy' bench/results/kernels-nvidia-h200-$(date +%F)-ncu-mae.txt"
   T="python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton --steps 8"
   step 165 $T --override objective.mae.pred_layout=cpq --tag large-cpq
   step 165 $T --tag large-pqc
