@@ -90,24 +90,18 @@ def _sort_key(x, offs, IDX_BITS: tl.constexpr):
 
 
 @triton.jit
-def _rank_kernel(NOISE, IDS_KEEP, MASK, RANK, N, K, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                 PACKED: tl.constexpr, IDX_BITS: tl.constexpr, PDL: tl.constexpr):
+def _rank_kernel(NOISE, IDS_KEEP, MASK, RANK, N, K, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     # program (b, i-block): the ranks of BLOCK_I positions against all N (many short programs
-    # instead of one serial walk per sample); the bool mask is written directly. PACKED: one int64
-    # compare of _sort_key per pair instead of a float compare, a tie test and an index compare
-    # (padding gets +inf and a position >= N, so it never counts)
+    # instead of one serial walk per sample); the bool mask is written directly
     b = tl.program_id(0).to(tl.int64)
     offs_j = tl.arange(0, BLOCK_J)
     nj = tl.load(NOISE + b * N + offs_j, mask=offs_j < N, other=float("inf"))
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     ok_i = offs_i < N
     ni = tl.load(NOISE + b * N + offs_i, mask=ok_i, other=float("inf"))
-    if PACKED:
-        before = _sort_key(nj, offs_j, IDX_BITS)[None, :] < _sort_key(ni, offs_i, IDX_BITS)[:, None]
-    else:
-        before = (nj[None, :] < ni[:, None]) | ((nj[None, :] == ni[:, None]) & (offs_j[None, :] < offs_i[:, None]))
-        before = before & (offs_j < N)[None, :]
+    before = (nj[None, :] < ni[:, None]) | ((nj[None, :] == ni[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+    before = before & (offs_j < N)[None, :]
     rank = tl.sum(before.to(tl.int32), 1)
     keep = rank < K
     tl.store(RANK + b * N + offs_i, rank, mask=ok_i)
@@ -311,9 +305,10 @@ def _col_block(C: int, cap: int) -> int:
 # 0.032 ms at best vs 0.0265 for the two launches; 2-16 rows or 8 warps for either forward: same.
 LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (128, 32), "rank_sort": 4}
 # How the rank kernel orders each sample's noise: "sort" (one program per sample sorts position-tagged int64
-# keys), "count" (programs per block of positions compare each with all N) or "packed" (the same with one int64
-# key compare per pair). Measured on the H200 at MAE-L (B = 256, N = 196; `...-mae-rank.json`, `...-mae-rank-2.json`):
-# mask forward 0.0224 / 0.0225 ms by sort, 0.0263-0.0265 by count, 0.0278-0.0281 packed
+# keys) or "count" (programs per block of positions compare each with all N; bench variant RANK_BY=count).
+# Measured on the H200 at MAE-L (B = 256, N = 196; `...-mae-rank.json`, `...-mae-rank-2.json`): mask forward
+# 0.0224 / 0.0225 ms by sort, 0.0263-0.0265 by count; counting with one int64 compare of the sort keys per pair
+# was slower still (0.0278-0.0281) and was dropped
 RANK_BY = "sort"
 WALK_PROGRAMS = 512  # programs the backward walks aim for (tests lower it to get long walks)
 
@@ -370,8 +365,7 @@ def mae_rank(noise: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, t
                                 **launch_options(use_pdl(noise)))
     else:
         bi = max(1, min(32, 4096 // bj))
-        _rank_kernel[(B, triton.cdiv(N, bi))](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj,
-                                              PACKED=RANK_BY == "packed", IDX_BITS=bits, num_warps=4,
+        _rank_kernel[(B, triton.cdiv(N, bi))](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj, num_warps=4,
                                               **launch_options(use_pdl(noise)))
     return ids_keep, mask, rank
 
