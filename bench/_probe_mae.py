@@ -1,14 +1,16 @@
 """The MAE ops of `bench kernels --only mae` (same shapes: ViT-L, B = 256, 75 % masked, bf16), each run
-forward + backward a few times in eager mode, plus a device copy of the unmask's forward bytes: a
-target for a hardware-counter profiler, e.g.
+forward + backward a few times in eager mode, plus an elementwise kernel moving the unmask forward's bytes:
+a target for a hardware-counter profiler, e.g.
 
     ncu --clock-control none --nvtx --nvtx-include "probe/" --section SpeedOfLight \\
         --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats python3 -m bench._probe_mae
 
 The first `--warmup` rounds compile the kernels; the rounds after run inside the NVTX range "probe",
 so the counters cover only warm launches and say how close each kernel comes to DRAM bandwidth and
-what its warps wait on. The reference is an elementwise kernel (y = x * 1, bf16) moving the unmask
-forward's bytes (a plain `copy_` would be a memcpy, which the profiler does not count).
+what its warps wait on. NVTX ranges belong to a thread, and autograd runs the backward kernels on a
+thread of its own, so the range holds the forwards only: for the backwards, filter by kernel name
+instead (e.g. `-k regex:_bwd --launch-skip 2`). The reference is an elementwise kernel (y = x * 1,
+bf16; a plain `copy_` would be a memcpy, which the profiler does not count).
 """
 from __future__ import annotations
 
