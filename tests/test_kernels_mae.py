@@ -441,7 +441,7 @@ def test_loss_bwd_op_passes_opcheck():
 
 
 @pytest.mark.parametrize("gather,unmask,sum_mt,C", [((16, 8), (32, 8), (8, 256), 72), ((2, 4), (4, 4), (64, 64), 72),
-                                                ((4, 4), (8, 4), (128, 32), 1100)])
+                                                ((4, 4), (8, 4), (128, 32), 1100), ((4, 4), (8, 4), (512, 8), 72)])
 @pytest.mark.parametrize("pos_grad", [False, True])
 def test_masking_launch_shapes(monkeypatch, gather, unmask, sum_mt, C, pos_grad):
     """Other launch shapes of the gather / unmask forwards and the mask-token sum (the ones the
