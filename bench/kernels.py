@@ -196,7 +196,7 @@ MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] 
     [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + [("masking", "RANK_BY", "count")] + \
     [("masking", "rank_sort", v) for v in (1, 2, 8)]
 UNMASK_VARIANTS = [NO_PDL] + [("masking", "WALK_PROGRAMS", v) for v in (1024, 2048)] + \
-    [("masking", "sum_mt", v) for v in [(64, 64), (512, 8), (512, 16), (256, 8)]]
+    [("masking", "sum_mt", v) for v in [(64, 64), (128, 32), (512, 8), (256, 8)]]
 LOSS_VARIANTS = [NO_PDL, ("loss", "PATCHES_PER_PROGRAM", 2), ("loss", "NUM_WARPS", 8)]
 
 

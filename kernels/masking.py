@@ -299,11 +299,13 @@ def _col_block(C: int, cap: int) -> int:
 
 
 # Launch shapes of the gather / unmask forwards (rows per program, warps; columns: whole rows up to
-# 1,024) and of the mask-token reduction (partial rows per step, columns per program).
+# 1,024) and of the mask-token reduction (partial rows per step, columns per program: 512 x 16 takes MAE-L's
+# 294 partial rows in one step, 0.0548 ms for the fixed-pos unmask fwd+bwd vs 0.0570 at 128 x 32, whose three
+# dependent steps made the sum 8.4 us of the ~30-us backward under Nsight Compute; `...-mae-summt.json`).
 # Measured on the H200 (bench/results/kernels-nvidia-h200-2026-11-28-mae-fused.json) and dropped:
 # rank + gather in one launch (a program ranks its positions, then copies the kept rows): forward
 # 0.032 ms at best vs 0.0265 for the two launches; 2-16 rows or 8 warps for either forward: same.
-LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (128, 32), "rank_sort": 4}
+LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (512, 16), "rank_sort": 4}
 # How the rank kernel orders each sample's noise: "sort" (one program per sample sorts position-tagged int64
 # keys) or "count" (programs per block of positions compare each with all N; bench variant RANK_BY=count).
 # Measured on the H200 at MAE-L (B = 256, N = 196; `...-mae-rank.json`, `...-mae-rank-2.json`): mask forward
