@@ -423,6 +423,44 @@ test_dali_no_copy_feed_gives_the_same_batches = pytest.mark.parametrize(
 
 
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
+@pytest.mark.parametrize("decode_crop", [False, True])
+def test_dali_ignores_exif_orientation_like_the_other_backends(decode_crop):
+    """A JPEG whose EXIF says "rotate 90": the crops are drawn from its frame header's size (probe_image) and
+    the other backends decode the pixels as stored, so DALI must not turn it (its decoders do by default):
+    a flipped crop of the stored 40 x 80 image comes out as the cpu backend's decode + crop gives it."""
+    import io
+
+    from PIL import Image
+
+    from loaders.augment import AugmentSpec
+    from loaders.backends.cpu import decode
+    from loaders.backends.dali import build_pipeline, crop_box, input_names, roi
+
+    h, w = 40, 80
+    yy, xx = np.mgrid[0:h, 0:w]
+    pixels = np.stack([xx * 255 // w, yy * 255 // h, (xx + 2 * yy) % 256], -1).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 clockwise to display
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    data = np.frombuffer(buf.getvalue(), np.uint8)
+    assert probe_image(data.tobytes())[1:3] == (h, w)
+    crops = np.array([[4, 10, 30, 50, 1]])  # top, left, h, w, flip
+    spec = AugmentSpec(size=16)
+    pipe = build_pipeline(batch_size=1, sizes=[16], normalize=True, mean=spec.mean, std=spec.std,
+                          device=torch.device("cpu"), out_dtype=torch.float32, num_threads=1, hw_decoder_load=1.0,
+                          prefetch_queue_depth=1, decode_crop=decode_crop)
+    inputs = [[data]] + list(crop_box(crops) if decode_crop else roi(crops))
+    out = pipe.run(**dict(zip(input_names(1, decode_crop), inputs)))
+    got = unnormalize(torch.from_numpy(np.array(out[0].as_tensor())), spec)[0]
+    stored = decode(data.tobytes())
+    assert stored.shape == (3, h, w)
+    want = resized_crop_batch(stored[None], torch.tensor(crops), 16)[0]
+    assert (got - want).abs()[:, 2:-2, 2:-2].mean() < 3.0, (got - want).abs().mean()
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
 def test_dali_decode_crop_gives_the_same_crops(run, shards):
     """decode_crop: DALI decodes only each sample's crop box (decoders.image_slice), resizes it whole and mirrors it
     in crop_mirror_normalize. Same samples, order and skips (the bad samples found one at a time through the

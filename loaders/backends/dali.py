@@ -110,18 +110,21 @@ def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, 
         jpegs = inputs[0]
         dali_dtype = types.FLOAT16 if out_dtype == torch.float16 else types.FLOAT
         norm = dict(output_layout="CHW", mean=[m * 255 for m in mean], std=[s * 255 for s in std])
+        # adjust_orientation=False: the pixels as stored, as the other backends decode them and as the crops were
+        # drawn (from the frame header's size); DALI's default turns EXIF-rotated JPEGs, swapping their sides
         if decode_crop:
             box = fn.decoders.image_slice(jpegs, start=inputs[1], end=inputs[2], axis_names="HW",
                                           device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                          adjust_orientation=False,
                                           **({"hw_decoder_load": hw_decoder_load} if gpu else {}))
             crop = fn.resize(box, size=[sizes[0], sizes[0]], antialias=True)
             outputs = [fn.crop_mirror_normalize(crop, mirror=inputs[3], dtype=dali_dtype, **norm)]
         else:
             if gpu:
                 images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
-                                           hw_decoder_load=hw_decoder_load)
+                                           hw_decoder_load=hw_decoder_load, adjust_orientation=False)
             else:
-                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB, adjust_orientation=False)
             outputs = []
             for k, side in enumerate(sizes):
                 crop = fn.resize(images, roi_start=inputs[1 + 2 * k], roi_end=inputs[2 + 2 * k],
