@@ -337,12 +337,6 @@ L26)  # DALI decoding only each crop box (decode_crop) vs the whole image, DALI 
   L="python3 -m bench loaders --workers 2 --seconds 4 --warmup 10 --repeats 3 --data-dir /tmp/bench-data"
   step 560 $L --backends dali,nvjpeg,pil --dali-decode-crop 0,1 --dali-threads 4,2 --tag decode-crop
   ;;
-L27)  # engine.run's data stall (T2's CUDA-graph setting) with DALI decoding only the crop boxes
-  export CUDA_VISIBLE_DEVICES=0
-  step 260 python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall-engine \
-    --stall-backends dali --compile model --stall-steps 80 --stall-accum 2 --compile-mode reduce-overhead \
-    --dali-decode-crop 1 --tag engine-stall-decode-crop --data-dir /tmp/bench-data
-  ;;
 K10)  # the MAE loss with pred channel-major (layout cpq: the image read in 32-byte row pieces, not gathered across
       # its planes) beside MAE's order, twice; then the MAE ViT-L step with objective.mae.pred_layout cpq vs pqc (the
       # engine's default stays pqc until this says otherwise)

@@ -29,9 +29,13 @@ from kernels.pdl import launch_options, pdl_enter, use_pdl
 LAYOUTS = ("pqc", "cpq")  # pred's element order within a patch (see the module docstring)
 
 
-def patchify(imgs: torch.Tensor, p: int, layout: str = "pqc") -> torch.Tensor:
+def _check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+
+
+def patchify(imgs: torch.Tensor, p: int, layout: str = "pqc") -> torch.Tensor:
+    _check_layout(layout)
     B, C, H, W = imgs.shape
     h, w = H // p, W // p
     x = imgs.reshape(B, C, h, p, w, p)
@@ -286,8 +290,7 @@ def mae_loss(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6, impl="aut
     patch, "pqc" (MAE's patchify) or "cpq" (channel-major: see the module docstring)."""
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    _check_layout(layout)
     B, C, H, W = imgs.shape
     p = int(patch_size)
     if H % p or W % p or pred.shape != (B, (H // p) * (W // p), p * p * C) or mask.shape != pred.shape[:2]:
