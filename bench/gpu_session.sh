@@ -305,6 +305,15 @@ L25)  # the #4 figures again at the new shard sets, built once (--data-dir): dal
   step 330 $L --backends dali,nvjpeg,pil --tag new-sets
   step 200 $L --backends dali --dali-threads 4,2 --tag dali-threads
   ;;
+K15)  # the unmask at 53-55 % of copy (target 70): its alternative kernels (bench --mae-variants unmask): a persistent
+      # forward with ids_keep loaded an item ahead, hoisted pos_embed loads, streaming stores, a backward walk loading a
+      # step ahead, steps of 4 / 16 samples; then dali at 256 px with 2 vs 3 workers and 4 vs 2 DALI threads beside
+      # PIL at the same workers (the slow 256-px runs were bound by 2 workers), 3 rounds
+  step 240 python3 -m bench kernels --only mae --mae-variants unmask --tag mae-unmask-variants
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  step 330 python3 -m bench loaders --sizes 256 --workers 2,3 --seconds 4 --warmup 10 --repeats 3 \
+    --data-dir /tmp/bench-data --backends dali,pil --dali-threads 4,2 --tag w23
+  ;;
 K14)  # the masking backwards store the pos_embed / mask_token gradients in the parameters' dtypes themselves (no cast
       # kernels after them), twice
   step 150 python3 -m bench kernels --only mae --tag mae-nocast

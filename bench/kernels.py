@@ -195,8 +195,15 @@ NO_PDL = ("pdl", "ENABLED", False)
 MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] + \
     [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + [("masking", "RANK_BY", "count")] + \
     [("masking", "rank_sort", v) for v in (1, 2, 8)]
+PERSIST = ("masking", "UNMASK_FWD", "persist")
+PREFETCH = ("masking", "UNMASK_PREFETCH", True)
 UNMASK_VARIANTS = [NO_PDL] + [("masking", "WALK_PROGRAMS", v) for v in (1024, 2048)] + \
-    [("masking", "sum_mt", v) for v in [(64, 64), (128, 32), (512, 8), (256, 8)]]
+    [("masking", "sum_mt", v) for v in [(128, 32), (256, 8)]] + \
+    [PERSIST, (PERSIST, ("masking", "unmask_persist", 4)), (PERSIST, ("masking", "unmask_persist", 16)),
+     (PERSIST, ("masking", "unmask", (4, 4))), ("masking", "UNMASK_HOIST", True), ("masking", "STREAM_STORES", True),
+     PREFETCH, (PREFETCH, ("masking", "unmask_bb", (4, 4))), ("masking", "unmask_bb", (4, 4)),
+     ("masking", "unmask_bb", (4, 16)), (PREFETCH, ("masking", "WALK_PROGRAMS", 1024)),
+     (PERSIST, PREFETCH, ("masking", "STREAM_STORES", True))]
 LOSS_VARIANTS = [NO_PDL, ("loss", "PATCHES_PER_PROGRAM", 2), ("loss", "NUM_WARPS", 8)]
 
 
@@ -232,18 +239,25 @@ def _variant_name(key, value):
 
 
 def _variant_rows(rows, op, shape, moved, variants, make):
-    """One row per variant setting; make() -> (fwd+bwd fn, fwd fn) built inside the setting."""
-    for module, key, value in variants:
-        with _setting(module, key, value):
+    """One row per variant: a (module, key, value) setting or a tuple of them (all set at once); make() ->
+    (fwd+bwd fn, fwd fn) built inside the settings."""
+    import contextlib
+
+    for variant in variants:
+        combo = variant if isinstance(variant[0], tuple) else (variant,)
+        with contextlib.ExitStack() as stack:
+            for module, key, value in combo:
+                stack.enter_context(_setting(module, key, value))
             fwdbwd, fwd = make()
-            _mae_row(rows, op, _variant_name(key, value), shape, moved, fwdbwd, fwd)
+            name = "triton:" + ",".join(_variant_name(k, v)[len("triton:"):] for _, k, v in combo)
+            _mae_row(rows, op, name, shape, moved, fwdbwd, fwd)
 
 
-def bench_mae(rows, errors, B=256, variants=False):
+def bench_mae(rows, errors, B=256, variants=()):
     """MAE ViT-L shapes. The masking ops twice: with a learnable pos_embed (its gradient is a sum
     over the batch) and with MAE's fixed sin-cos one (no pos gradient: what the engine runs).
-    variants: also the kernels under the settings in MASK_VARIANTS, UNMASK_VARIANTS and
-    LOSS_VARIANTS (impl "triton:<setting>=<value>")."""
+    variants: the ops ("mask", "unmask", "loss") also timed under the settings in MASK_VARIANTS, UNMASK_VARIANTS
+    and LOSS_VARIANTS (impl "triton:<setting>=<value>[,<setting>=<value>]")."""
     import kernels
 
     dt = torch.bfloat16
@@ -273,7 +287,7 @@ def bench_mae(rows, errors, B=256, variants=False):
             def fwd(impl=impl, pe=pe):
                 return kernels.mae_mask(tokens, pe, ratio, noise=noise, impl=impl)[0]
             _mae_row(rows, op, impl, shape, moved + extra, _fwdbwd(fwd, inputs, gvis), fwd)
-    if variants:
+    if "mask" in variants:
         for op, pe, inputs, extra in (("mae_mask", pos, (tokens, pos), N * C * 2 * 2),
                                       ("mae_mask fixed-pos", fixed_pos, (tokens,), 0)):
             def make(pe=pe, inputs=inputs):
@@ -300,7 +314,7 @@ def bench_mae(rows, errors, B=256, variants=False):
             def fwd(impl=impl, pe=pe):
                 return kernels.mae_unmask(vis, ids, mt, pe, impl=impl)
             _mae_row(rows, op, impl, shape, moved, _fwdbwd(fwd, inputs, gfull), fwd)
-    if variants:
+    if "unmask" in variants:
         def make():
             def fwd():
                 return kernels.mae_unmask(vis, ids, mt, dpos.detach(), impl="triton")
@@ -327,7 +341,7 @@ def bench_mae(rows, errors, B=256, variants=False):
         def fwd(impl=impl, layout=layout):
             return kernels.mae_loss(imgs, pred, mask, p, impl=impl, layout=layout)
         _mae_row(rows, "mae_loss", label, shape, moved, _fwdbwd(fwd, (pred,), None), fwd)
-    if variants:
+    if "loss" in variants:
         def make():
             def fwd():
                 return kernels.mae_loss(imgs, pred, mask, p, impl="triton")
@@ -556,12 +570,16 @@ def main(argv=None) -> int:
                     help="instead of the block sweep, time each shape's current configs with Triton's warp "
                          "specialization on the full-tile loops (forward, each pass of the two-pass backward)")
     ap.add_argument("--skip-mae", action="store_true")
-    ap.add_argument("--mae-variants", action="store_true",
-                    help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...)")
+    ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
+                    help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
+                         "only some ops: --mae-variants unmask (comma list of mask, unmask, loss)")
     ap.add_argument("--tag", default=None, help="suffix of the result file names")
     ap.add_argument("--only", choices=("mae", "attention"), default=None,
                     help="run one part: the MAE masking/loss ops or the attention shapes")
     args = ap.parse_args(argv or [])
+    variant_ops = [v for v in args.mae_variants.split(",") if v]
+    if set(variant_ops) - {"mask", "unmask", "loss"}:
+        ap.error(f"--mae-variants takes mask, unmask, loss; got {args.mae_variants!r}")
     run_attn = args.only != "mae"
     run_mae = args.only != "attention" and not args.skip_mae
     if not torch.cuda.is_available():
@@ -593,7 +611,7 @@ def main(argv=None) -> int:
     payload["copy_GBps"] = copy
     mae_rows = []
     if run_mae:
-        bench_mae(mae_rows, errors, variants=args.mae_variants)
+        bench_mae(mae_rows, errors, variants=variant_ops)
         same_size = {}  # the op's bytes moved as one copy (half read, half written), graphed like the ops
         for r in mae_rows:
             r["of_copy_bw"] = r["GB/s"] / copy

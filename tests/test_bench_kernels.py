@@ -1,6 +1,9 @@
 """bench kernels' variant sweeps (--tune-regs, --tune-ws): the variants it times are the shape's current
-configs with only the register cap / warp specialization changed."""
+configs with only the register cap / warp specialization changed; the MAE variants (--mae-variants) set and
+restore their settings."""
 import itertools
+
+import pytest
 
 from bench.kernels import REG_CAPS, register_variants, ws_variants
 from kernels import attn
@@ -38,3 +41,32 @@ def test_ws_variants():
                                                             (True, True)]
     fwds, bwds = ws_variants(50, 64)  # the one-pass backward has no such knob: only its own config
     assert bwds == [attn._bwd_config(50, 64)]
+
+
+def test_mae_variant_combinations_set_and_restore(monkeypatch):
+    """--mae-variants: a variant is one setting or a tuple of them; make() runs with all of them set, the row
+    is named after all, and every setting is back to its default afterwards (also the LAUNCH entries)."""
+    import bench.kernels as bk
+    from kernels import masking
+
+    seen, rows = [], []
+    monkeypatch.setattr(bk, "_mae_row", lambda rows, op, impl, *a: rows.append(impl))
+
+    def make():
+        seen.append((masking.UNMASK_FWD, masking.LAUNCH["unmask_persist"], masking.UNMASK_PREFETCH))
+        return None, None
+
+    before = (masking.UNMASK_FWD, dict(masking.LAUNCH), masking.UNMASK_PREFETCH)
+    bk._variant_rows(rows, "op", "shape", 1, [bk.PERSIST, (bk.PERSIST, ("masking", "unmask_persist", 4), bk.PREFETCH)],
+                     make)
+    assert seen == [("persist", before[1]["unmask_persist"], False), ("persist", 4, True)]
+    assert rows == ["triton:UNMASK_FWD=persist", "triton:UNMASK_FWD=persist,unmask_persist=4,UNMASK_PREFETCH=True"]
+    assert (masking.UNMASK_FWD, masking.LAUNCH, masking.UNMASK_PREFETCH) == before
+
+
+def test_mae_variants_flag_rejects_unknown_ops(capsys):
+    import bench.kernels as bk
+
+    with pytest.raises(SystemExit):
+        bk.main(["--mae-variants", "mask,attention"])
+    assert "--mae-variants takes mask, unmask, loss" in capsys.readouterr().err

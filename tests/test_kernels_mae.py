@@ -475,6 +475,39 @@ def test_masking_launch_shapes(monkeypatch, gather, unmask, sum_mt, C, pos_grad)
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("setting", [{"UNMASK_FWD": "persist"}, {"UNMASK_HOIST": True}, {"STREAM_STORES": True},
+                                     {"UNMASK_PREFETCH": True}, {"UNMASK_PREFETCH": True, "unmask_bb": (2, 4)},
+                                     {"UNMASK_FWD": "persist", "unmask": (2, 4), "UNMASK_PREFETCH": True}])
+@pytest.mark.parametrize("B,N,C,ratio", [(5, 197, 72, 0.75), (3, 7, 1100, 0.5), (2, 5, 8, 0.0)])
+def test_unmask_variants(monkeypatch, setting, B, N, C, ratio):
+    """The unmask's alternative kernels (the bench's --mae-variants times them): the persistent forward with
+    ids_keep loaded an item ahead (3 programs under the interpreter, so each takes several items, the last one
+    partial), hoisted pos_embed loads, streaming stores, and the backward walk that loads a step ahead (a chunk
+    whose last step is partial: 5 samples, 2 or 4 a step) give the reference's outputs and gradients, with and
+    without a pos_embed gradient; C = 1100 takes two column blocks, ratio 0 keeps every row."""
+    masking = sys.modules["kernels.masking"]
+    monkeypatch.setattr(masking, "WALK_PROGRAMS", 2)
+    for key, value in setting.items():
+        if key in masking.LAUNCH:
+            monkeypatch.setitem(masking.LAUNCH, key, value)
+        else:
+            monkeypatch.setattr(masking, key, value)
+    K = int(N * (1 - ratio))
+    ids = torch.stack([torch.randperm(N)[:K] for _ in range(B)])
+    for pos_grad in (False, True):
+        v = torch.randn(B, K, C, requires_grad=True)
+        mt = torch.randn(C, requires_grad=True)
+        pos = torch.randn(1, N, C, requires_grad=pos_grad)
+        full = kernels.mae_unmask(v, ids, mt, pos, impl="triton")
+        ref = kernels.mae_unmask_reference(v, ids, mt, pos)
+        torch.testing.assert_close(full, ref)
+        inv = masking._unmask(v.detach(), ids, mt.detach(), pos.detach()[0])[1]
+        want = torch.full((B, N), -1, dtype=torch.int32)
+        want.scatter_(1, ids, torch.arange(K, dtype=torch.int32).expand(B, K).contiguous())
+        assert torch.equal(inv, want)
+        _assert_same_grads(full, ref, (v, mt, pos) if pos_grad else (v, mt))
+
+
 def test_pdl_only_on_hopper_cuda_tensors_outside_the_interpreter(monkeypatch):
     """Programmatic dependent launch: the MAE kernels ask for it on CUDA tensors of compute
     capability >= 9 only, never under the Triton interpreter or with kernels.pdl.ENABLED off; the
