@@ -305,6 +305,12 @@ L25)  # the #4 figures again at the new shard sets, built once (--data-dir): dal
   step 330 $L --backends dali,nvjpeg,pil --tag new-sets
   step 200 $L --backends dali --dali-threads 4,2 --tag dali-threads
   ;;
+K16)  # K15: of the unmask alternatives only the hoisted pos_embed loads helped (forward 0.0258 vs 0.0275 ms); now
+      # programs of 2 / 4 / 8 samples sharing one load of the pos_embed rows (the forward reads them from L2 once
+      # per sample: 51 MB), and a backward walking each sample's rows instead of the batch, twice
+  step 200 python3 -m bench kernels --only mae --mae-variants unmask --tag mae-unmask-variants-2
+  step 200 python3 -m bench kernels --only mae --mae-variants unmask --tag mae-unmask-variants-3
+  ;;
 K15)  # the unmask at 53-55 % of copy (target 70): its alternative kernels (bench --mae-variants unmask): a persistent
       # forward with ids_keep loaded an item ahead, hoisted pos_embed loads, streaming stores, a backward walk loading a
       # step ahead, steps of 4 / 16 samples; then dali at 256 px with 2 vs 3 workers and 4 vs 2 DALI threads beside

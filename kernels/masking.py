@@ -186,15 +186,16 @@ def _gather_bwd_kernel(DVIS, RANK, DTOK, PART, B, N, K, C, B_CHUNK, PLANE,
 
 
 @triton.jit
-def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, N, K, C, sp_n,
+def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, B, N, K, C, sp_n,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HOIST: tl.constexpr,
-                   STREAM: tl.constexpr, PDL: tl.constexpr):
+                   SPP: tl.constexpr, STREAM: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
-    # program (b, row block, column block). Each row's source in `visible` comes from comparing
+    # program (sample group, row block, column block). Each row's source in `visible` comes from comparing
     # its position with ids_keep[b] (K <= N int64s, from L1/L2): no separate inverse-permutation
     # kernels. The column-block-0 programs also write inv (what the backward needs).
-    # HOIST: the pos_embed / mask-token loads are issued before the ids compare (they do not depend on it)
-    b = tl.program_id(0).to(tl.int64)
+    # HOIST: the pos_embed / mask-token loads are issued before the ids compare (they do not depend on it).
+    # SPP > 1 (with HOIST): a program takes SPP samples of its row block, the pos_embed rows loaded once
+    # (SPP times fewer pos_embed reads from L2)
     offs_n = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok_n = offs_n < N
@@ -203,6 +204,21 @@ def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, N, K, C, sp_n,
     if HOIST:
         p = tl.load(POS + (offs_n * sp_n)[:, None] + offs_c[None, :], mask=ok, other=0.0)
         mt = tl.load(MT + offs_c, mask=ok_c, other=0.0)
+    if SPP == 1:
+        _unmask_rows(VIS, IDS, MT, POS, OUT, INV, tl.program_id(0).to(tl.int64), offs_n, offs_c, ok_n, ok_c, ok,
+                     p if HOIST else 0.0, mt if HOIST else 0.0, N, K, C, sp_n, BLOCK_R, BLOCK_K, HOIST, STREAM)
+    else:
+        b0 = tl.program_id(0) * SPP
+        for s in range(SPP):
+            if b0 + s < B:
+                _unmask_rows(VIS, IDS, MT, POS, OUT, INV, (b0 + s).to(tl.int64), offs_n, offs_c, ok_n, ok_c, ok,
+                             p, mt, N, K, C, sp_n, BLOCK_R, BLOCK_K, True, STREAM)
+
+
+@triton.jit
+def _unmask_rows(VIS, IDS, MT, POS, OUT, INV, b, offs_n, offs_c, ok_n, ok_c, ok, p, mt, N, K, C, sp_n,
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HOIST: tl.constexpr, STREAM: tl.constexpr):
+    # one sample's rows of the tile: (p, mt) already loaded when HOIST
     r = tl.full([BLOCK_R], -1, tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -326,6 +342,35 @@ def _unmask_bwd_kernel(DFULL, INV, DVIS, PART, B, N, K, C, B_CHUNK, PLANE, MT_RO
 
 
 @triton.jit
+def _unmask_bwd_rows_kernel(DFULL, INV, DVIS, PART, N, K, C, ROWS_PER,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
+    # program (sample, column block, row chunk): walks the chunk's rows of one sample (contiguous memory),
+    # writes the kept ones to dvisible, sums the masked ones; one mask-token partial row per program
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok_c = offs_c < C
+    lo = tl.program_id(2) * ROWS_PER
+    hi = tl.minimum(lo + ROWS_PER, N)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    offs = lo + tl.arange(0, BLOCK_R)
+    r = tl.load(INV + b * N + offs, mask=offs < hi, other=-1)
+    for n0 in range(lo, hi, BLOCK_R):
+        n = n0 + tl.arange(0, BLOCK_R)
+        ok = (n < hi)[:, None] & ok_c[None, :]
+        nxt = n + BLOCK_R
+        r_next = tl.load(INV + b * N + nxt, mask=nxt < hi, other=-1)
+        g = tl.load(DFULL + ((b * N + n) * C)[:, None] + offs_c[None, :], mask=ok, other=0.0)
+        kept = r >= 0
+        tl.store(DVIS + ((b * K + r) * C)[:, None] + offs_c[None, :], g.to(DVIS.dtype.element_ty),
+                 mask=ok & kept[:, None])
+        acc += tl.where(kept[:, None], 0.0, g.to(tl.float32))
+        r = r_next
+    row = b * tl.num_programs(2) + tl.program_id(2)
+    tl.store(PART + row * C + offs_c, tl.sum(acc, 0), mask=ok_c)
+
+
+@triton.jit
 def _sum_parts(PART, DPOS, DMT, NCHUNK, M, PLANE, EXTRA, C, NPB,
                BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
@@ -373,7 +418,7 @@ def _col_block(C: int, cap: int) -> int:
 # rank + gather in one launch (a program ranks its positions, then copies the kept rows): forward
 # 0.032 ms at best vs 0.0265 for the two launches; 2-16 rows or 8 warps for either forward: same.
 LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (512, 16), "rank_sort": 4, "unmask_bb": (4, 8),
-          "unmask_persist": 8}
+          "unmask_persist": 8, "unmask_spp": 1, "unmask_rows": (16, 256, 1)}
 # Unmask variants (bench --mae-variants times each against the defaults):
 # UNMASK_FWD "tile" (a program per (sample, row block, column block)) or "persist" (programs per SM x
 # LAUNCH["unmask_persist"], each walking items with the next ids_keep row loaded ahead); UNMASK_HOIST: the tile
@@ -384,6 +429,10 @@ UNMASK_FWD = "tile"
 UNMASK_HOIST = False
 UNMASK_PREFETCH = False
 STREAM_STORES = False
+# UNMASK_BWD (no pos_embed gradient only): "walk" (programs walk the batch for a tile of positions) or "rows"
+# (a program walks its sample's rows, LAUNCH["unmask_rows"] = (rows a step, columns, programs per sample), and
+# leaves one mask-token partial row)
+UNMASK_BWD = "walk"
 # How the rank kernel orders each sample's noise: "sort" (one program per sample sorts position-tagged int64
 # keys) or "count" (programs per block of positions compare each with all N; bench variant RANK_BY=count).
 # Measured on the H200 at MAE-L (B = 256, N = 196; `...-mae-rank.json`, `...-mae-rank-2.json`): mask forward
@@ -567,9 +616,10 @@ def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Ten
             BLOCK_K=bk_all, STREAM=STREAM_STORES, **opts)
         return out, inv
     bk = min(bk_all, max(16, 1024 // br))
-    _unmask_kernel[(B, triton.cdiv(N, br), triton.cdiv(C, bc))](
-        visible, ids_keep, mt, pos, out, inv, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, BLOCK_K=bk,
-        HOIST=UNMASK_HOIST, STREAM=STREAM_STORES, **opts)
+    spp = LAUNCH["unmask_spp"] if UNMASK_HOIST else 1
+    _unmask_kernel[(triton.cdiv(B, spp), triton.cdiv(N, br), triton.cdiv(C, bc))](
+        visible, ids_keep, mt, pos, out, inv, B, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, BLOCK_K=bk,
+        HOIST=UNMASK_HOIST, SPP=spp, STREAM=STREAM_STORES, **opts)
     return out, inv
 
 
@@ -593,6 +643,19 @@ def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: t
     n_pos = N if need_dpos else 0
     if not B or not N:
         return dvis, dfull.new_zeros((C,), dtype=mt_dtype), dfull.new_zeros((n_pos, C), dtype=pos_dtype)
+    if UNMASK_BWD == "rows" and not need_dpos:
+        br, bcr, per_sample = LAUNCH["unmask_rows"]
+        bcr = min(triton.next_power_of_2(max(C, 1)), bcr)
+        per_sample = max(1, min(per_sample, triton.cdiv(N, br)))
+        rows_per = triton.cdiv(triton.cdiv(N, per_sample), br) * br
+        per_sample = triton.cdiv(N, rows_per)
+        part = dfull.new_empty((B * per_sample, C), dtype=torch.float32)
+        _unmask_bwd_rows_kernel[(B, triton.cdiv(C, bcr), per_sample)](
+            dfull, inv, dvis, part, N, K, C, rows_per, BLOCK_R=br, BLOCK_C=bcr, num_warps=4,
+            **launch_options(use_pdl(dfull)))
+        dmt = dfull.new_empty((C,), dtype=mt_dtype)
+        dpos = _finish_parts(part, B * per_sample, 0, C, 1, dmt, pos_dtype)
+        return dvis, dmt, dpos
     # two accumulators: 4 samples a step; the mask token's alone: 8
     bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, LAUNCH["unmask_bb"][0 if need_dpos else 1])
     nb = triton.cdiv(N, bn)
