@@ -186,16 +186,16 @@ def _gather_bwd_kernel(DVIS, RANK, DTOK, PART, B, N, K, C, B_CHUNK, PLANE,
 
 
 @triton.jit
-def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, B, N, K, C, sp_n,
+def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, N, K, C, sp_n,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HOIST: tl.constexpr,
-                   SPP: tl.constexpr, STREAM: tl.constexpr, PDL: tl.constexpr):
+                   PDL: tl.constexpr):
     pdl_enter(PDL)
-    # program (sample group, row block, column block). Each row's source in `visible` comes from comparing
+    # program (b, row block, column block). Each row's source in `visible` comes from comparing
     # its position with ids_keep[b] (K <= N int64s, from L1/L2): no separate inverse-permutation
     # kernels. The column-block-0 programs also write inv (what the backward needs).
-    # HOIST: the pos_embed / mask-token loads are issued before the ids compare (they do not depend on it).
-    # SPP > 1 (with HOIST): a program takes SPP samples of its row block, the pos_embed rows loaded once
-    # (SPP times fewer pos_embed reads from L2)
+    # HOIST (the default): the pos_embed / mask-token loads are issued before the ids compare, which they do
+    # not depend on, so their latency overlaps the ids round trip instead of following it
+    b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok_n = offs_n < N
@@ -204,21 +204,6 @@ def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, B, N, K, C, sp_n,
     if HOIST:
         p = tl.load(POS + (offs_n * sp_n)[:, None] + offs_c[None, :], mask=ok, other=0.0)
         mt = tl.load(MT + offs_c, mask=ok_c, other=0.0)
-    if SPP == 1:
-        _unmask_rows(VIS, IDS, MT, POS, OUT, INV, tl.program_id(0).to(tl.int64), offs_n, offs_c, ok_n, ok_c, ok,
-                     p if HOIST else 0.0, mt if HOIST else 0.0, N, K, C, sp_n, BLOCK_R, BLOCK_K, HOIST, STREAM)
-    else:
-        b0 = tl.program_id(0) * SPP
-        for s in range(SPP):
-            if b0 + s < B:
-                _unmask_rows(VIS, IDS, MT, POS, OUT, INV, (b0 + s).to(tl.int64), offs_n, offs_c, ok_n, ok_c, ok,
-                             p, mt, N, K, C, sp_n, BLOCK_R, BLOCK_K, True, STREAM)
-
-
-@triton.jit
-def _unmask_rows(VIS, IDS, MT, POS, OUT, INV, b, offs_n, offs_c, ok_n, ok_c, ok, p, mt, N, K, C, sp_n,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HOIST: tl.constexpr, STREAM: tl.constexpr):
-    # one sample's rows of the tile: (p, mt) already loaded when HOIST
     r = tl.full([BLOCK_R], -1, tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -233,64 +218,19 @@ def _unmask_rows(VIS, IDS, MT, POS, OUT, INV, b, offs_n, offs_c, ok_n, ok_c, ok,
     x = tl.where(kept[:, None], x.to(tl.float32), mt.to(tl.float32)[None, :])
     if not HOIST:
         p = tl.load(POS + (offs_n * sp_n)[:, None] + offs_c[None, :], mask=ok, other=0.0)
-    y = (x + p.to(tl.float32)).to(OUT.dtype.element_ty)
-    if STREAM:
-        tl.store(OUT + ((b * N + offs_n) * C)[:, None] + offs_c[None, :], y, mask=ok, cache_modifier=".cs")
-    else:
-        tl.store(OUT + ((b * N + offs_n) * C)[:, None] + offs_c[None, :], y, mask=ok)
-
-
-@triton.jit
-def _unmask_persist_kernel(VIS, IDS, MT, POS, OUT, INV, B, N, K, C, sp_n, NT, NC,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                           STREAM: tl.constexpr, PDL: tl.constexpr):
-    pdl_enter(PDL)
-    # the same rows as _unmask_kernel, but a fixed number of programs each takes every num_programs-th
-    # (b, row block, column block) item, and the ids_keep row of its next item is loaded before the
-    # current item's rows (BLOCK_K >= K: one load), so the ids round trip leaves the critical path
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    items = B * NT * NC
-    offs_k = tl.arange(0, BLOCK_K)
-    ok_k = offs_k < K
-    b = (pid // (NT * NC)).to(tl.int64)
-    ids = tl.load(IDS + b * K + offs_k, mask=ok_k & (pid < items), other=-1).to(tl.int32)
-    for it in range(pid, items, nprog):
-        b = (it // (NT * NC)).to(tl.int64)
-        rest = it % (NT * NC)
-        offs_n = (rest // NC) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cb = rest % NC
-        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        ok_n = offs_n < N
-        ok_c = offs_c < C
-        ok = ok_n[:, None] & ok_c[None, :]
-        r = tl.max(tl.where(ids[None, :] == offs_n[:, None], offs_k[None, :], -1), 1)
-        nxt = it + nprog
-        ids = tl.load(IDS + (nxt // (NT * NC)).to(tl.int64) * K + offs_k, mask=ok_k & (nxt < items),
-                      other=-1).to(tl.int32)
-        kept = r >= 0
-        tl.store(INV + b * N + offs_n, r, mask=ok_n & (cb == 0))
-        x = tl.load(VIS + ((b * K + r) * C)[:, None] + offs_c[None, :], mask=ok & kept[:, None], other=0.0)
-        mt = tl.load(MT + offs_c, mask=ok_c, other=0.0).to(tl.float32)
-        x = tl.where(kept[:, None], x.to(tl.float32), mt[None, :])
-        p = tl.load(POS + (offs_n * sp_n)[:, None] + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
-        y = (x + p).to(OUT.dtype.element_ty)
-        if STREAM:
-            tl.store(OUT + ((b * N + offs_n) * C)[:, None] + offs_c[None, :], y, mask=ok, cache_modifier=".cs")
-        else:
-            tl.store(OUT + ((b * N + offs_n) * C)[:, None] + offs_c[None, :], y, mask=ok)
+    tl.store(OUT + ((b * N + offs_n) * C)[:, None] + offs_c[None, :], (x + p.to(tl.float32)).to(OUT.dtype.element_ty),
+             mask=ok)
 
 
 @triton.jit
 def _unmask_bwd_kernel(DFULL, INV, DVIS, PART, B, N, K, C, B_CHUNK, PLANE, MT_ROW,
                        HAS_DPOS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr, STREAM: tl.constexpr, PDL: tl.constexpr):
+                       BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     # same walk as _gather_bwd_kernel: every dfull row is read once (contiguous), kept rows are
     # written to dvisible, and the pos_embed (HAS_DPOS) / mask_token partial sums stay in registers.
     # A chunk's plane: N rows of dpos partials (HAS_DPOS), then from row MT_ROW one mask-token
-    # partial per position tile. PREFETCH: the next step's dfull rows are loaded before this step's
-    # are used (two steps of loads in flight, twice the registers for them)
+    # partial per position tile
     row = tl.arange(0, BLOCK_B * BLOCK_N)
     u = row // BLOCK_N
     n = tl.program_id(0) * BLOCK_N + row % BLOCK_N
@@ -304,70 +244,27 @@ def _unmask_bwd_kernel(DFULL, INV, DVIS, PART, B, N, K, C, B_CHUNK, PLANE, MT_RO
     acc_mt = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     b = b_lo + u
     r = tl.load(INV + b.to(tl.int64) * N + n, mask=ok_n & (b < b_hi), other=-1)
-    if PREFETCH:
-        g = tl.load(DFULL + ((b.to(tl.int64) * N + n) * C)[:, None] + offs_c[None, :],
-                    mask=(ok_n & (b < b_hi))[:, None] & ok_c[None, :], other=0.0)
     for b0 in range(b_lo, b_hi, BLOCK_B):
         b = b0 + u
         ok_r = ok_n & (b < b_hi)
         nxt = b + BLOCK_B
-        ok_nxt = ok_n & (nxt < b_hi)
-        r_next = tl.load(INV + nxt.to(tl.int64) * N + n, mask=ok_nxt, other=-1)
+        r_next = tl.load(INV + nxt.to(tl.int64) * N + n, mask=ok_n & (nxt < b_hi), other=-1)
         b64 = b.to(tl.int64)
         ok = ok_r[:, None] & ok_c[None, :]
-        if PREFETCH:
-            g_next = tl.load(DFULL + ((nxt.to(tl.int64) * N + n) * C)[:, None] + offs_c[None, :],
-                             mask=ok_nxt[:, None] & ok_c[None, :], other=0.0)
-        else:
-            g = tl.load(DFULL + ((b64 * N + n) * C)[:, None] + offs_c[None, :], mask=ok, other=0.0)
+        g = tl.load(DFULL + ((b64 * N + n) * C)[:, None] + offs_c[None, :], mask=ok, other=0.0)
         kept = r >= 0
-        if STREAM:
-            tl.store(DVIS + ((b64 * K + r) * C)[:, None] + offs_c[None, :], g.to(DVIS.dtype.element_ty),
-                     mask=ok & kept[:, None], cache_modifier=".cs")
-        else:
-            tl.store(DVIS + ((b64 * K + r) * C)[:, None] + offs_c[None, :], g.to(DVIS.dtype.element_ty),
-                     mask=ok & kept[:, None])
-        gf = g.to(tl.float32)
+        tl.store(DVIS + ((b64 * K + r) * C)[:, None] + offs_c[None, :], g.to(DVIS.dtype.element_ty),
+                 mask=ok & kept[:, None])
+        g = g.to(tl.float32)
         if HAS_DPOS:
-            acc += tl.sum(tl.reshape(gf, [BLOCK_B, BLOCK_N, BLOCK_C]), 0)
-        acc_mt += tl.sum(tl.reshape(tl.where(kept[:, None], 0.0, gf), [BLOCK_B, BLOCK_N, BLOCK_C]), 0)
+            acc += tl.sum(tl.reshape(g, [BLOCK_B, BLOCK_N, BLOCK_C]), 0)
+        acc_mt += tl.sum(tl.reshape(tl.where(kept[:, None], 0.0, g), [BLOCK_B, BLOCK_N, BLOCK_C]), 0)
         r = r_next
-        if PREFETCH:
-            g = g_next
     n1 = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     base = PART + chunk.to(tl.int64) * PLANE
     if HAS_DPOS:
         tl.store(base + (n1 * C)[:, None] + offs_c[None, :], acc, mask=(n1 < N)[:, None] & ok_c[None, :])
     tl.store(base + (MT_ROW + tl.program_id(0)) * C + offs_c, tl.sum(acc_mt, 0), mask=ok_c)
-
-
-@triton.jit
-def _unmask_bwd_rows_kernel(DFULL, INV, DVIS, PART, N, K, C, ROWS_PER,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
-    pdl_enter(PDL)
-    # program (sample, column block, row chunk): walks the chunk's rows of one sample (contiguous memory),
-    # writes the kept ones to dvisible, sums the masked ones; one mask-token partial row per program
-    b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok_c = offs_c < C
-    lo = tl.program_id(2) * ROWS_PER
-    hi = tl.minimum(lo + ROWS_PER, N)
-    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    offs = lo + tl.arange(0, BLOCK_R)
-    r = tl.load(INV + b * N + offs, mask=offs < hi, other=-1)
-    for n0 in range(lo, hi, BLOCK_R):
-        n = n0 + tl.arange(0, BLOCK_R)
-        ok = (n < hi)[:, None] & ok_c[None, :]
-        nxt = n + BLOCK_R
-        r_next = tl.load(INV + b * N + nxt, mask=nxt < hi, other=-1)
-        g = tl.load(DFULL + ((b * N + n) * C)[:, None] + offs_c[None, :], mask=ok, other=0.0)
-        kept = r >= 0
-        tl.store(DVIS + ((b * K + r) * C)[:, None] + offs_c[None, :], g.to(DVIS.dtype.element_ty),
-                 mask=ok & kept[:, None])
-        acc += tl.where(kept[:, None], 0.0, g.to(tl.float32))
-        r = r_next
-    row = b * tl.num_programs(2) + tl.program_id(2)
-    tl.store(PART + row * C + offs_c, tl.sum(acc, 0), mask=ok_c)
 
 
 @triton.jit
@@ -417,22 +314,14 @@ def _col_block(C: int, cap: int) -> int:
 # Measured on the H200 (bench/results/kernels-nvidia-h200-2026-11-28-mae-fused.json) and dropped:
 # rank + gather in one launch (a program ranks its positions, then copies the kept rows): forward
 # 0.032 ms at best vs 0.0265 for the two launches; 2-16 rows or 8 warps for either forward: same.
-LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (512, 16), "rank_sort": 4, "unmask_bb": (4, 8),
-          "unmask_persist": 8, "unmask_spp": 1, "unmask_rows": (16, 256, 1)}
-# Unmask variants (bench --mae-variants times each against the defaults):
-# UNMASK_FWD "tile" (a program per (sample, row block, column block)) or "persist" (programs per SM x
-# LAUNCH["unmask_persist"], each walking items with the next ids_keep row loaded ahead); UNMASK_HOIST: the tile
-# kernel issues the pos_embed loads before the ids compare; UNMASK_PREFETCH: the backward walk loads the next
-# step's rows before using this step's (LAUNCH["unmask_bb"]: samples a step with / without a pos_embed gradient);
-# STREAM_STORES: the unmask's big stores (full rows forward, dvisible backward) are streaming (".cs")
-UNMASK_FWD = "tile"
-UNMASK_HOIST = False
-UNMASK_PREFETCH = False
-STREAM_STORES = False
-# UNMASK_BWD (no pos_embed gradient only): "walk" (programs walk the batch for a tile of positions) or "rows"
-# (a program walks its sample's rows, LAUNCH["unmask_rows"] = (rows a step, columns, programs per sample), and
-# leaves one mask-token partial row)
-UNMASK_BWD = "walk"
+LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (512, 16), "rank_sort": 4}
+# The unmask forward issues its pos_embed / mask-token loads before the ids compare (bench variant UNMASK_HOIST=False:
+# after it, as before). H200, MAE-L fixed-pos unmask, three runs: forward 0.0258 / 0.0252 / 0.0254 ms vs 0.0275 /
+# 0.0269 / 0.0268, fwd+bwd 0.0538 / 0.0530 / 0.0530 vs 0.0553 / 0.0549 / 0.0549 (`...-2026-11-29-mae-unmask-variants
+# {,-2,-3}.json`). Measured there and dropped: a persistent forward (ids_keep loaded an item ahead; 4-16 programs per
+# SM), programs of 2-8 samples sharing one pos_embed load, streaming stores, a backward walk loading a step ahead,
+# 4 or 16 samples a walk step, and a backward walking each sample's rows instead of the batch: none faster.
+UNMASK_HOIST = True
 # How the rank kernel orders each sample's noise: "sort" (one program per sample sorts position-tagged int64
 # keys) or "count" (programs per block of positions compare each with all N; bench variant RANK_BY=count).
 # Measured on the H200 at MAE-L (B = 256, N = 196; `...-mae-rank.json`, `...-mae-rank-2.json`): mask forward
@@ -601,25 +490,12 @@ def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Ten
     bc = min(triton.next_power_of_2(max(C, 1)), 1024)
     rows, warps = LAUNCH["unmask"]
     br = max(1, min(2 * rows, rows * 512 // bc))
+    bk = min(triton.next_power_of_2(max(K, 1)), max(16, 1024 // br))
     if not B * N:
         return out, inv
-    opts = dict(num_warps=warps, **launch_options(use_pdl(out)))
-    bk_all = triton.next_power_of_2(max(K, 1))
-    if UNMASK_FWD == "persist" and bk_all * br <= 8192:
-        nt, nc = triton.cdiv(N, br), triton.cdiv(C, bc)
-        if visible.is_cuda:
-            progs = torch.cuda.get_device_properties(visible.device).multi_processor_count * LAUNCH["unmask_persist"]
-        else:  # the interpreter: few programs, so each takes several items
-            progs = 3
-        _unmask_persist_kernel[(max(1, min(progs, B * nt * nc)),)](
-            visible, ids_keep, mt, pos, out, inv, B, N, K, C, pos.stride(0), nt, nc, BLOCK_R=br, BLOCK_C=bc,
-            BLOCK_K=bk_all, STREAM=STREAM_STORES, **opts)
-        return out, inv
-    bk = min(bk_all, max(16, 1024 // br))
-    spp = LAUNCH["unmask_spp"] if UNMASK_HOIST else 1
-    _unmask_kernel[(triton.cdiv(B, spp), triton.cdiv(N, br), triton.cdiv(C, bc))](
-        visible, ids_keep, mt, pos, out, inv, B, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, BLOCK_K=bk,
-        HOIST=UNMASK_HOIST, SPP=spp, STREAM=STREAM_STORES, **opts)
+    _unmask_kernel[(B, triton.cdiv(N, br), triton.cdiv(C, bc))](
+        visible, ids_keep, mt, pos, out, inv, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, BLOCK_K=bk,
+        HOIST=UNMASK_HOIST, num_warps=warps, **launch_options(use_pdl(out)))
     return out, inv
 
 
@@ -643,28 +519,14 @@ def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: t
     n_pos = N if need_dpos else 0
     if not B or not N:
         return dvis, dfull.new_zeros((C,), dtype=mt_dtype), dfull.new_zeros((n_pos, C), dtype=pos_dtype)
-    if UNMASK_BWD == "rows" and not need_dpos:
-        br, bcr, per_sample = LAUNCH["unmask_rows"]
-        bcr = min(triton.next_power_of_2(max(C, 1)), bcr)
-        per_sample = max(1, min(per_sample, triton.cdiv(N, br)))
-        rows_per = triton.cdiv(triton.cdiv(N, per_sample), br) * br
-        per_sample = triton.cdiv(N, rows_per)
-        part = dfull.new_empty((B * per_sample, C), dtype=torch.float32)
-        _unmask_bwd_rows_kernel[(B, triton.cdiv(C, bcr), per_sample)](
-            dfull, inv, dvis, part, N, K, C, rows_per, BLOCK_R=br, BLOCK_C=bcr, num_warps=4,
-            **launch_options(use_pdl(dfull)))
-        dmt = dfull.new_empty((C,), dtype=mt_dtype)
-        dpos = _finish_parts(part, B * per_sample, 0, C, 1, dmt, pos_dtype)
-        return dvis, dmt, dpos
     # two accumulators: 4 samples a step; the mask token's alone: 8
-    bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, LAUNCH["unmask_bb"][0 if need_dpos else 1])
+    bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 4 if need_dpos else 8)
     nb = triton.cdiv(N, bn)
     # per chunk one plane: N rows of dpos partials (if needed), then nb rows of mask-token partials
     part = dfull.new_empty((nchunks, n_pos + nb, C), dtype=torch.float32)
     _unmask_bwd_kernel[(nb, triton.cdiv(C, bc), nchunks)](
         dfull, inv, dvis, part, B, N, K, C, bchunk, (n_pos + nb) * C, n_pos, HAS_DPOS=need_dpos, BLOCK_B=bb,
-        BLOCK_N=bn, BLOCK_C=bc, PREFETCH=UNMASK_PREFETCH, STREAM=STREAM_STORES, num_warps=4,
-        **launch_options(use_pdl(dfull)))
+        BLOCK_N=bn, BLOCK_C=bc, num_warps=4, **launch_options(use_pdl(dfull)))
     dmt = dfull.new_empty((C,), dtype=mt_dtype)
     dpos = _finish_parts(part, nchunks, n_pos, C, nb, dmt, pos_dtype)
     return dvis, dmt, dpos

@@ -53,15 +53,16 @@ def test_mae_variant_combinations_set_and_restore(monkeypatch):
     monkeypatch.setattr(bk, "_mae_row", lambda rows, op, impl, *a: rows.append(impl))
 
     def make():
-        seen.append((masking.UNMASK_FWD, masking.LAUNCH["unmask_persist"], masking.UNMASK_PREFETCH))
+        seen.append((masking.UNMASK_HOIST, masking.LAUNCH["unmask"], masking.WALK_PROGRAMS))
         return None, None
 
-    before = (masking.UNMASK_FWD, dict(masking.LAUNCH), masking.UNMASK_PREFETCH)
-    bk._variant_rows(rows, "op", "shape", 1, [bk.PERSIST, (bk.PERSIST, ("masking", "unmask_persist", 4), bk.PREFETCH)],
-                     make)
-    assert seen == [("persist", before[1]["unmask_persist"], False), ("persist", 4, True)]
-    assert rows == ["triton:UNMASK_FWD=persist", "triton:UNMASK_FWD=persist,unmask_persist=4,UNMASK_PREFETCH=True"]
-    assert (masking.UNMASK_FWD, masking.LAUNCH, masking.UNMASK_PREFETCH) == before
+    before = (masking.UNMASK_HOIST, dict(masking.LAUNCH), masking.WALK_PROGRAMS)
+    hoist = ("masking", "UNMASK_HOIST", False)
+    bk._variant_rows(rows, "op", "shape", 1, [hoist, (hoist, ("masking", "unmask", (4, 4)),
+                                                      ("masking", "WALK_PROGRAMS", 7))], make)
+    assert seen == [(False, before[1]["unmask"], before[2]), (False, (4, 4), 7)]
+    assert rows == ["triton:UNMASK_HOIST=False", "triton:UNMASK_HOIST=False,unmask=4x4,WALK_PROGRAMS=7"]
+    assert (masking.UNMASK_HOIST, masking.LAUNCH, masking.WALK_PROGRAMS) == before
 
 
 def test_mae_variants_flag_rejects_unknown_ops(capsys):

@@ -475,27 +475,14 @@ def test_masking_launch_shapes(monkeypatch, gather, unmask, sum_mt, C, pos_grad)
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("setting", [{"UNMASK_FWD": "persist"}, {"UNMASK_HOIST": True}, {"STREAM_STORES": True},
-                                     {"UNMASK_PREFETCH": True}, {"UNMASK_PREFETCH": True, "unmask_bb": (2, 4)},
-                                     {"UNMASK_FWD": "persist", "unmask": (2, 4), "UNMASK_PREFETCH": True},
-                                     {"UNMASK_HOIST": True, "unmask_spp": 2}, {"UNMASK_HOIST": True, "unmask_spp": 4},
-                                     {"UNMASK_BWD": "rows"}, {"UNMASK_BWD": "rows", "unmask_rows": (4, 16, 3)}])
+@pytest.mark.parametrize("hoist", [True, False])
 @pytest.mark.parametrize("B,N,C,ratio", [(5, 197, 72, 0.75), (3, 7, 1100, 0.5), (2, 5, 8, 0.0)])
-def test_unmask_variants(monkeypatch, setting, B, N, C, ratio):
-    """The unmask's alternative kernels (the bench's --mae-variants times them): the persistent forward with
-    ids_keep loaded an item ahead (3 programs under the interpreter, so each takes several items, the last one
-    partial), hoisted pos_embed loads, programs taking 2 or 4 samples (the last group partial), streaming stores,
-    the backward walk that loads a step ahead (a chunk whose last step is partial: 5 samples, 2 or 4 a step), and
-    the backward walking each sample's rows (in 1 to 3 chunks, ragged column tiles) give the reference's outputs
-    and gradients, with and without a pos_embed gradient; C = 1100 takes two column blocks, ratio 0 keeps every
-    row."""
+def test_unmask_forward_load_orders(monkeypatch, hoist, B, N, C, ratio):
+    """The unmask forward with its pos_embed / mask-token loads before the ids compare (the default) and after it
+    (the bench's variant UNMASK_HOIST=False) give the reference's outputs, inverse and gradients, with and without
+    a pos_embed gradient; C = 1100 takes two column blocks (inv written once), ratio 0 keeps every row."""
     masking = sys.modules["kernels.masking"]
-    monkeypatch.setattr(masking, "WALK_PROGRAMS", 2)
-    for key, value in setting.items():
-        if key in masking.LAUNCH:
-            monkeypatch.setitem(masking.LAUNCH, key, value)
-        else:
-            monkeypatch.setattr(masking, key, value)
+    monkeypatch.setattr(masking, "UNMASK_HOIST", hoist)
     K = int(N * (1 - ratio))
     ids = torch.stack([torch.randperm(N)[:K] for _ in range(B)])
     for pos_grad in (False, True):
