@@ -305,7 +305,19 @@ L25)  # the #4 figures again at the new shard sets, built once (--data-dir): dal
   step 330 $L --backends dali,nvjpeg,pil --tag new-sets
   step 200 $L --backends dali --dali-threads 4,2 --tag dali-threads
   ;;
-K16)  # K15: of the unmask alternatives only the hoisted pos_embed loads helped (forward 0.0258 vs 0.0275 ms); now
+L28)  # dali at 256 px is bound by its run() (~8 ms a batch in the fast runs, GPU 44 % busy): the hardware decoder.
+      # Share the JPEGs with the CUDA decoder (hw_decoder_load 0.9 / 0.75) with their Huffman stage on the GPU
+      # (hybrid_huffman_threshold 0) vs on DALI's CPU threads (DALI's default threshold), 3 rounds
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  step 400 python3 -m bench loaders --sizes 256 --workers 2 --seconds 4 --warmup 10 --repeats 3 \
+    --data-dir /tmp/bench-data --backends dali --hw-decoder-load 1,0.9,0.75 --dali-huffman 0,1000000 --tag huffman
+  ;;
+K17)  # the hoisted unmask loads as the default (K15/K16), with the old order as the variant, twice
+  step 200 python3 -m bench kernels --only mae --mae-variants unmask --tag mae-hoist-1
+  step 200 python3 -m bench kernels --only mae --mae-variants unmask --tag mae-hoist-2
+  ;;
+K16)  # (K15 and K16 ran the unmask variants then listed in bench/kernels.py; the ones that lost are gone since)
+      # K15: of the unmask alternatives only the hoisted pos_embed loads helped (forward 0.0258 vs 0.0275 ms); now
       # programs of 2 / 4 / 8 samples sharing one load of the pos_embed rows (the forward reads them from L2 once
       # per sample: 51 MB), and a backward walking each sample's rows instead of the batch, twice
   step 200 python3 -m bench kernels --only mae --mae-variants unmask --tag mae-unmask-variants-2

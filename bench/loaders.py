@@ -605,6 +605,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dali-decode-crop", default="0",
                    help="1: DALI decodes only each sample's crop box (DaliLoader decode_crop; single-crop only); "
                         "a comma list ('0,1') sweeps both")
+    p.add_argument("--dali-huffman", default="",
+                   help="DALI's hybrid_huffman_threshold in pixels (DaliLoader; with --hw-decoder-load < 1, 0 decodes "
+                        "the Huffman stage of the JPEGs the hardware decoder does not take on the GPU); empty: "
+                        "DALI's default; a comma list sweeps it")
     p.add_argument("--dali-queue", default="3", help="DALI's prefetch_queue_depth (the loader's default: 3); a comma list sweeps it")
     p.add_argument("--dali-dynamic", default="",
                    help="DALI's execution model: 1 dynamic, 0 legacy (buffers allocated once); empty: DALI's default; "
@@ -1007,12 +1011,15 @@ def dali_options(a) -> list[dict[str, Any]]:
     """The dali backend's settings: every combination of the comma lists (the first is the default)."""
     dynamic = [bool(int(x)) for x in a.dali_dynamic.split(",") if x.strip()] or [None]
     streams = [x.strip() for x in a.dali_streams.split(",") if x.strip()] or [None]
+    huffman = [int(x) for x in a.dali_huffman.split(",") if x.strip()] or [None]
     return [{"dali_threads": int(t), "hw_decoder_load": float(h), "no_copy": bool(int(c)), "prefetch_queue_depth": int(q)}
             | ({} if d is None else {"exec_dynamic": d}) | ({} if sp is None else {"stream_policy": sp})
             | ({"stage_inputs": True} if int(st) else {}) | ({"decode_crop": True} if int(dc) else {})
-            for t, h, c, q, d, sp, st, dc in itertools.product(
+            | ({} if hu is None else {"hybrid_huffman_threshold": hu})
+            for t, h, c, q, d, sp, st, dc, hu in itertools.product(
                 a.dali_threads.split(","), a.hw_decoder_load.split(","), a.dali_no_copy.split(","),
-                a.dali_queue.split(","), dynamic, streams, a.dali_stage.split(","), a.dali_decode_crop.split(","))]
+                a.dali_queue.split(","), dynamic, streams, a.dali_stage.split(","), a.dali_decode_crop.split(","),
+                huffman)]
 
 
 def nvjpeg_options(a) -> list[dict[str, Any]]:
@@ -1040,7 +1047,8 @@ def variants(a, backends: list[str]) -> list[tuple[str, str, dict[str, dict]]]:
                 f"q{o['prefetch_queue_depth']}" + ("" if "exec_dynamic" not in o else
                                                    " dynamic" if o["exec_dynamic"] else " legacy")
                 + (f" streams={o['stream_policy']}" if "stream_policy" in o else "")
-                + (" staged" if o.get("stage_inputs") else "") + (" decode-crop" if o.get("decode_crop") else ""))
+                + (" staged" if o.get("stage_inputs") else "") + (" decode-crop" if o.get("decode_crop") else "")
+                + (f" huff{o['hybrid_huffman_threshold']}" if "hybrid_huffman_threshold" in o else ""))
             out.append((backend, label, {"dali": o}))
     return out
 

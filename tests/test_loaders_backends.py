@@ -461,6 +461,54 @@ def test_dali_ignores_exif_orientation_like_the_other_backends(decode_crop):
 
 
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
+@pytest.mark.parametrize("decode_crop", [False, True])
+def test_dali_huffman_threshold_reaches_the_decoder(monkeypatch, decode_crop):
+    """DaliLoader's hybrid_huffman_threshold is passed to DALI's decoder (either one) when set and left out (DALI's
+    default) when None; the pipeline built with it decodes the same pixels; a negative one is refused."""
+    import io
+    import types as pytypes
+
+    from PIL import Image
+
+    from loaders.augment import AugmentSpec
+    from loaders.backends import dali
+
+    real = dali.fn
+    seen = []
+
+    def recording(op):
+        def call(*args, **kwargs):
+            seen.append(kwargs.get("hybrid_huffman_threshold", "unset"))
+            return op(*args, **kwargs)
+        return call
+
+    decoders = pytypes.SimpleNamespace(image=recording(real.decoders.image),
+                                       image_slice=recording(real.decoders.image_slice))
+    monkeypatch.setattr(dali, "fn", pytypes.SimpleNamespace(
+        decoders=decoders, external_source=real.external_source, resize=real.resize,
+        crop_mirror_normalize=real.crop_mirror_normalize, transpose=real.transpose))
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 80, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    data = np.frombuffer(buf.getvalue(), np.uint8)
+    crops = np.array([[4, 10, 30, 50, 0]])
+    spec = AugmentSpec(size=16)
+    outs = []
+    for threshold in (None, 0):
+        pipe = dali.build_pipeline(batch_size=1, sizes=[16], normalize=True, mean=spec.mean, std=spec.std,
+                                   device=torch.device("cpu"), out_dtype=torch.float32, num_threads=1,
+                                   hw_decoder_load=1.0, prefetch_queue_depth=1, decode_crop=decode_crop,
+                                   hybrid_huffman_threshold=threshold)
+        inputs = [[data]] + list(dali.crop_box(crops) if decode_crop else dali.roi(crops))
+        outs.append(np.array(pipe.run(**dict(zip(dali.input_names(1, decode_crop), inputs)))[0].as_tensor()))
+    assert seen == ["unset", 0]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="hybrid_huffman_threshold"):
+        dali.DaliLoader(streams=[], batch_size=1, augment=spec, device=torch.device("cpu"), dtype=torch.float32,
+                        shuffle=False, seed=0, num_workers=0, cache_dir=None, num_canonical_nodes=1,
+                        hybrid_huffman_threshold=-1)
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
 def test_dali_decode_crop_gives_the_same_crops(run, shards):
     """decode_crop: DALI decodes only each sample's crop box (decoders.image_slice), resizes it whole and mirrors it
     in crop_mirror_normalize. Same samples, order and skips (the bad samples found one at a time through the

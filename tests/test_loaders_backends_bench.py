@@ -138,6 +138,11 @@ def test_repeats_report_the_median_run_and_nvjpeg_variants(tmp_path):
     engine = bench.loaders.engine_options(crop, torch.device("cpu"), tmp_path / "run", "/shards", "dali")
     assert "data.options={dali: {decode_crop: true}}" in engine  # the first value of --dali-decode-crop
     assert not any("decode_crop" in o for o in bench.loaders.engine_options(one, torch.device("cpu"), tmp_path, "/s", "dali"))
+    huff = bench.loaders.parse(["--dali-huffman", "0,1000000", "--hw-decoder-load", "0.9"])
+    assert [label for _, label, _ in bench.loaders.variants(huff, ["dali"])] == [
+        "dali t4 hw0.9 nocopy q3 huff0", "dali t4 hw0.9 nocopy q3 huff1000000"]
+    assert bench.loaders.dali_options(huff)[0]["hybrid_huffman_threshold"] == 0
+    assert "hybrid_huffman_threshold" not in bench.loaders.dali_options(one)[0]
     accum = bench.loaders.parse(["--stall-accum", "3", "--batch-size", "8"])
     engine = bench.loaders.engine_options(accum, torch.device("cpu"), tmp_path / "run", "/shards", None)
     assert "train.batch_size=24" in engine and "train.micro_batch=8" in engine  # 3 micro-batches per step

@@ -64,7 +64,8 @@ def input_names(n_sizes: int, decode_crop: bool) -> list[str]:
 def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, std, device: torch.device,
                    out_dtype: torch.dtype, num_threads: int, hw_decoder_load: float, prefetch_queue_depth: int,
                    source=None, no_copy: bool = False, exec_dynamic: bool | None = None,
-                   stream_policy: str | None = None, decode_crop: bool = False) -> "Pipeline":
+                   stream_policy: str | None = None, decode_crop: bool = False,
+                   hybrid_huffman_threshold: int | None = None) -> "Pipeline":
     """The decode -> crop/resize/flip -> normalize graph. Inputs come from `source`
     (a batch callback returning jpegs, then roi_start and roi_end per crop) or, with
     source=None, from `pipe.run(jpegs=..., roi_start_0=..., roi_end_0=..., ...)`.
@@ -79,7 +80,10 @@ def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, 
     decode_crop (one normalized size only): the decoder decodes only each sample's crop box
     (`decoders.image_slice`; inputs jpegs, crop_start, crop_end, mirror, see `crop_box`), then the box is
     resized whole and mirrored by crop_mirror_normalize. The pixels match the default path's except on the
-    crop's one-pixel border, where fn.resize's filter reads the neighbours outside the box."""
+    crop's one-pixel border, where fn.resize's filter reads the neighbours outside the box.
+    hybrid_huffman_threshold: DALI's decoder setting for the JPEGs that do not go to the hardware decoder
+    (hw_decoder_load < 1): images with more pixels than this have their Huffman stage decoded on the GPU, smaller
+    ones on DALI's CPU threads; None leaves DALI's default (10^6 pixels: every 256- or 512-px image on the CPU)."""
     if decode_crop and (len(sizes) != 1 or not normalize):
         raise ValueError("decode_crop decodes one crop per image: a single normalized size only (not multi-crop)")
     gpu = device.type == "cuda"
@@ -112,19 +116,21 @@ def build_pipeline(*, batch_size: int, sizes: list[int], normalize: bool, mean, 
         norm = dict(output_layout="CHW", mean=[m * 255 for m in mean], std=[s * 255 for s in std])
         # adjust_orientation=False: the pixels as stored, as the other backends decode them and as the crops were
         # drawn (from the frame header's size); DALI's default turns EXIF-rotated JPEGs, swapping their sides
+        huff = {} if hybrid_huffman_threshold is None else {"hybrid_huffman_threshold": hybrid_huffman_threshold}
         if decode_crop:
             box = fn.decoders.image_slice(jpegs, start=inputs[1], end=inputs[2], axis_names="HW",
                                           device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                          adjust_orientation=False,
+                                          adjust_orientation=False, **huff,
                                           **({"hw_decoder_load": hw_decoder_load} if gpu else {}))
             crop = fn.resize(box, size=[sizes[0], sizes[0]], antialias=True)
             outputs = [fn.crop_mirror_normalize(crop, mirror=inputs[3], dtype=dali_dtype, **norm)]
         else:
             if gpu:
                 images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
-                                           hw_decoder_load=hw_decoder_load, adjust_orientation=False)
+                                           hw_decoder_load=hw_decoder_load, adjust_orientation=False, **huff)
             else:
-                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB, adjust_orientation=False)
+                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB, adjust_orientation=False,
+                                           **huff)
             outputs = []
             for k, side in enumerate(sizes):
                 crop = fn.resize(images, roi_start=inputs[1 + 2 * k], roi_end=inputs[2 + 2 * k],
@@ -175,13 +181,15 @@ class DaliLoader(EncodedLoader):
                  prefetch_queue_depth: int = 3, prefetch_batches: int = 2, prefetch_factor: int = 4,
                  no_copy: bool = True, max_ahead: int | None = 2, stream_priority: str = "normal",
                  exec_dynamic: bool | None = None, stream_policy: str | None = None, stage_inputs: bool = False,
-                 decode_crop: bool = False):
+                 decode_crop: bool = False, hybrid_huffman_threshold: int | None = None):
         # stream_priority: of the side stream the outputs are copied on (DALI 2.4 ignores its own
         # `default_cuda_stream_priority`, deprecated), so it reaches only that copy
         if Pipeline is None:
             raise RuntimeError("the dali backend needs nvidia-dali (pip install nvidia-dali-cuda130)")
         if stream_policy is not None and stream_policy not in DALI_STREAM_POLICIES:
             raise ValueError(f"stream_policy must be one of {', '.join(DALI_STREAM_POLICIES)}; got {stream_policy!r}")
+        if hybrid_huffman_threshold is not None and hybrid_huffman_threshold < 0:
+            raise ValueError(f"hybrid_huffman_threshold must be >= 0 (pixels); got {hybrid_huffman_threshold}")
         if decode_crop and isinstance(augment, MultiCropSpec):
             raise ValueError("decode_crop decodes one crop per image; a MultiCropSpec takes several (leave it off)")
         super().__init__(streams=streams, batch_size=batch_size, augment=augment, device=device, dtype=dtype,
@@ -210,6 +218,9 @@ class DaliLoader(EncodedLoader):
         # (256 px 29.1k vs 32.9k img/s, 512 px 22.8k vs 23.5k; bench/results/loaders-*-decode-crop.json): off by
         # default, kept so the comparison can be rerun
         self.decode_crop = decode_crop
+        # hybrid_huffman_threshold (with hw_decoder_load < 1): 0 sends the Huffman stage of the JPEGs the hardware
+        # decoder does not take to the GPU instead of DALI's CPU threads (see build_pipeline); None: DALI's default
+        self.hybrid_huffman_threshold = hybrid_huffman_threshold
         self.exec_dynamic = exec_dynamic  # DALI's execution model (see build_pipeline)
         self.dali_stream_policy = stream_policy  # DALI's CUDA streams (see build_pipeline)
         # where the producer thread's time goes, summed over the loader's life (seconds; take differences):
@@ -231,7 +242,8 @@ class DaliLoader(EncodedLoader):
             hw_decoder_load=self.hw_decoder_load,
             prefetch_queue_depth=self.prefetch_queue_depth if source is not None else 1, source=source,
             out_dtype=self._out_dtype, no_copy=self.no_copy and source is not None, exec_dynamic=self.exec_dynamic,
-            stream_policy=self.dali_stream_policy, decode_crop=self.decode_crop)
+            stream_policy=self.dali_stream_policy, decode_crop=self.decode_crop,
+            hybrid_huffman_threshold=self.hybrid_huffman_threshold)
 
     def _inputs(self, raw: dict[str, Any]) -> list:
         """[jpegs, roi_start_0, roi_end_0, roi_start_1, ...] (with decode_crop: [jpegs, crop_start, crop_end,
