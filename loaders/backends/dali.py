@@ -219,7 +219,11 @@ class DaliLoader(EncodedLoader):
         # default, kept so the comparison can be rerun
         self.decode_crop = decode_crop
         # hybrid_huffman_threshold (with hw_decoder_load < 1): 0 sends the Huffman stage of the JPEGs the hardware
-        # decoder does not take to the GPU instead of DALI's CPU threads (see build_pipeline); None: DALI's default
+        # decoder does not take to the GPU instead of DALI's CPU threads (see build_pipeline); None: DALI's default.
+        # Measured on an H200 at 256 px (bench/results/loaders-*-2026-11-29-huffman.json, 3 rounds): the GPU's
+        # Huffman decoding is slow for such small images (hw 0.9: 15.6k img/s with it vs 31.8k on the CPU threads,
+        # which took 5.3 cores; hw 0.75: 7.7k vs 26.4k with 6.2 cores), and all-hardware decoding ran 26.0-32.7k
+        # with 3.2-3.7 cores. So the default stays None with hw_decoder_load 1.0; the knob stays for other GPUs
         self.hybrid_huffman_threshold = hybrid_huffman_threshold
         self.exec_dynamic = exec_dynamic  # DALI's execution model (see build_pipeline)
         self.dali_stream_policy = stream_policy  # DALI's CUDA streams (see build_pipeline)
