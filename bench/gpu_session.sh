@@ -305,6 +305,31 @@ L25)  # the #4 figures again at the new shard sets, built once (--data-dir): dal
   step 330 $L --backends dali,nvjpeg,pil --tag new-sets
   step 200 $L --backends dali --dali-threads 4,2 --tag dali-threads
   ;;
+T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query blocks ran the forward 3x slower than
+     # 64-row ones; with TUNED[(65, 88)] and a default of 64-row blocks up to N = 128, T3 again
+  step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
+    --steps 6 --warmup 2 --tag vitg-split-n65
+  ;;
+K21)  # T3: the MAE ViT-g step ran 645 img/s with our kernels vs 659 with SDPA + torch; its encoder attends over N = 65
+      # (64 kept patches + class token) at d = 88, not a benchmarked shape: the split head dim there, and vs SDPA
+  step 300 python3 -m bench kernels --only attention --tune-split --shapes mae-g-enc-n65-d88 --tag tune-split-n65
+  ;;
+K20)  # every attention shape and MAE op with the defaults after K18/K19 (d = 80 / 88 split in two pieces)
+  step 400 python3 -m bench kernels --tag defaults-split
+  ;;
+T3)  # the ViT-g/14 MAE step (d = 88, split head dim) with our kernels vs SDPA + torch masking/loss
+  step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
+    --steps 6 --warmup 2 --tag vitg-split
+  ;;
+K19)  # K18: the split head dim took d = 88 from 0.97x to 1.15x cuDNN (fwd 0.2018 vs 0.2449 ms, bwd 0.5948 vs 0.6956);
+      # now ViT-H/14's d = 80 (64 + 16 instead of 128) the same way, and d = 88 again with its new TUNED entry
+  step 420 python3 -m bench kernels --only attention --tune-split --shapes vit-h-n257-d80,vit-g-n257-d88 --tag tune-split-2
+  ;;
+K18)  # d = 88 (timm's ViT-g/14) runs 0.97x cuDNN: its head dim pads to 128 columns (1.45x the MMA work). The head
+      # dim in two pieces, 64 + 32 (SPLIT_D), in the forward and both backward passes: the current configs with and
+      # without it, block neighbours with it; then the shape against SDPA with the winners
+  step 420 python3 -m bench kernels --only attention --tune-split --shapes vit-g-n257-d88 --tag tune-split
+  ;;
 L28)  # dali at 256 px is bound by its run() (~8 ms a batch in the fast runs, GPU 44 % busy): the hardware decoder.
       # Share the JPEGs with the CUDA decoder (hw_decoder_load 0.9 / 0.75) with their Huffman stage on the GPU
       # (hybrid_huffman_threshold 0) vs on DALI's CPU threads (DALI's default threshold), 3 rounds

@@ -13,7 +13,8 @@ MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms)
 1 GiB copy, of_same_size_copy vs one copy moving the op's own byte count; the masking ops
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
-Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best),
+Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
+--tune-ws, --tune-split: the current configs under register caps, warp specialization, a split head dim),
 --shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -35,6 +36,8 @@ ATTN_SHAPES = {
     "vit-l-n197-d64": (128, 16, 197, 64),
     "dinov2-g-n261-d64": (128, 24, 261, 64),
     "vit-g-n257-d88": (96, 16, 257, 88),
+    "vit-h-n257-d80": (128, 16, 257, 80),  # ViT-H/14 (the paper's largest MAE): head dim 80
+    "mae-g-enc-n65-d88": (256, 16, 65, 88),  # the MAE ViT-g/14 encoder: 64 kept patches + the class token
     "dinov2-g518-n1374-d64": (8, 24, 1374, 64),
     "ref-n4096-d128": (4, 16, 4096, 128),
 }
@@ -485,7 +488,29 @@ def ws_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return fwds, [bwd | {"WS": a, "DQ": dq | {"WS": b}} for a in (False, True) for b in (False, True)]
 
 
-VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants}
+def split_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
+    """For a head dim that splits into two power-of-two pieces (kernels.attn._split_dims: d = 88 as 64 + 32): the
+    shape's current configs as they are and with SPLIT_D, then block neighbours with SPLIT_D (the narrower tiles
+    hold fewer registers, so larger blocks may fit); other head dims: the current configs only."""
+    from kernels import attn
+
+    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
+    if attn._split_dims(D) is None:
+        return [fwd], [bwd]
+    on = {"SPLIT_D": True}
+    fwds = [fwd, fwd | on] + [attn._cfg(*c, split_d=True) for c in [
+        (64, 64, 16, 16, 4, 2), (64, 64, 16, 16, 4, 3), (128, 32, 16, 16, 4, 3), (128, 64, 16, 16, 8, 3),
+        (128, 64, 16, 16, 4, 3), (64, 32, 16, 16, 4, 3), (128, 128, 16, 16, 8, 3)]]
+    bwds = [bwd, bwd | on] + [attn._cfg(*kv, split=attn.KV_Q, dq=dq, split_d=True) for kv, dq in [
+        ((64, 64, 16, 16, 4, 3), (64, 64, 16, 16, 4, 3)), ((32, 64, 16, 16, 4, 3), (64, 32, 16, 16, 4, 3)),
+        ((32, 64, 16, 16, 4, 2), (64, 32, 16, 16, 4, 2)), ((64, 64, 16, 16, 8, 2), (64, 64, 16, 16, 8, 2)),
+        ((64, 128, 16, 16, 8, 2), (128, 64, 16, 16, 8, 2)), ((32, 128, 16, 16, 4, 2), (128, 32, 16, 16, 8, 2)),
+        ((64, 64, 32, 32, 4, 2), (64, 64, 32, 32, 4, 2)), ((64, 64, 16, 16, 4, 2), (128, 64, 16, 16, 8, 2)),
+        ((32, 64, 16, 16, 4, 4), (64, 32, 16, 16, 4, 4))]]
+    return fwds, bwds
+
+
+VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants}
 
 
 def tune_attention(names, variants=None):
@@ -564,6 +589,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-ws", action="store_true",
                     help="instead of the block sweep, time each shape's current configs with Triton's warp "
                          "specialization on the full-tile loops (forward, each pass of the two-pass backward)")
+    ap.add_argument("--tune-split", action="store_true",
+                    help="instead of the block sweep, time each shape's current configs with and without the head "
+                         "dim split in two pieces (SPLIT_D; d = 88 as 64 + 32), and block neighbours with it")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
@@ -587,7 +615,7 @@ def main(argv=None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     payload = {"card": card_name()}
-    variants = "regs" if args.tune_regs else "ws" if args.tune_ws else None
+    variants = "regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split else None
     if (args.tune or variants) and run_attn:
         import time
 

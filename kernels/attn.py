@@ -182,15 +182,72 @@ def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, 
 
 
 @triton.jit
+def _fwd_kv_step2(q, q2, m_i, l_i, acc, acc2, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale, offs_d, offs_d2,
+                  mask_d2, BN: tl.constexpr, MASK_N: tl.constexpr):
+    # the head dim in two pieces (SPLIT_D): columns offs_d (all valid) and offs_d2 (masked past HEAD_DIM)
+    cols = start_n + tl.arange(0, BN)
+    cols_ok = cols < seqlen
+    kt = tl.trans(_load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False))
+    kt2 = tl.trans(_load_tile(K + ko + cols[:, None] * sk_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True))
+    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
+    v2 = _load_tile(V + vo + cols[:, None] * sv_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True)
+    s = tl.dot(q2, kt2, tl.dot(q, kt)) * qk_scale  # log2 units
+    if MASK_N:
+        s = tl.where(cols_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p, v)
+    acc2 = acc2 * alpha[:, None] + tl.dot(p, v2)
+    return m_new, l_i, acc, acc2
+
+
+@triton.jit
+def _fwd_q_block2(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
+                  offs_d, offs_d2, mask_d2,
+                  BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, D2: tl.constexpr, WS: tl.constexpr):
+    rows = row0 + tl.arange(0, BM)
+    rows_ok = rows < seqlen
+    q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
+    q2 = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d2[None, :], rows_ok, mask_d2, MASK_M, True)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BLOCK_D], tl.float32)
+    acc2 = tl.zeros([BM, D2], tl.float32)
+    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
+        m_i, l_i, acc, acc2 = _fwd_kv_step2(q, q2, m_i, l_i, acc, acc2, K, V, ko, vo, start_n, seqlen, sk_n, sv_n,
+                                            qk_scale, offs_d, offs_d2, mask_d2, BLOCK_N, False)
+    for start_n in range(n_full, seqlen, TAIL_N):
+        m_i, l_i, acc, acc2 = _fwd_kv_step2(q, q2, m_i, l_i, acc, acc2, K, V, ko, vo, start_n, seqlen, sk_n, sv_n,
+                                            qk_scale, offs_d, offs_d2, mask_d2, TAIL_N, True)
+    acc = acc / l_i[:, None]
+    acc2 = acc2 / l_i[:, None]
+    _store_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], acc.to(O.dtype.element_ty), rows_ok, offs_d,
+                MASK_M, False)
+    _store_tile(O + oo + rows[:, None] * so_n + offs_d2[None, :], acc2.to(O.dtype.element_ty), rows_ok, mask_d2,
+                MASK_M, True)
+    lse = m_i + tl.math.log2(l_i)
+    if MASK_M:
+        tl.store(LSE + lo + rows, lse, mask=rows_ok)
+    else:
+        tl.store(LSE + lo + rows, lse)
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, CU,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sl_b, sl_h,
     H, N, qk_scale,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False, D2: tl.constexpr = 0,
 ):
-    # WS: Triton's warp specialization of the full-tile loop (tl.range(warp_specialize=...)), a tuning knob
+    # WS: Triton's warp specialization of the full-tile loop (tl.range(warp_specialize=...)), a tuning knob.
+    # D2 > 0 (SPLIT_D): the head dim in two pieces, BLOCK_D columns then D2 (d = 88: 64 + 32 instead of 128)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -212,15 +269,25 @@ def _attn_fwd(
     lo = b64 * sl_b + h64 * sl_h + tok
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
+    offs_d2 = BLOCK_D + tl.arange(0, max(D2, 16))
+    mask_d2 = offs_d2 < HEAD_DIM
     m_full = seqlen // BLOCK_M
     if pid_m < m_full:
-        _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
-                     offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
+        if D2 > 0:
+            _fwd_q_block2(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n,
+                          qk_scale, offs_d, offs_d2, mask_d2, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, D2, WS)
+        else:
+            _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n,
+                         qk_scale, offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
     else:
         row0 = m_full * BLOCK_M + (pid_m - m_full) * TAIL_M
         if row0 < seqlen:
-            _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
-                         offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
+            if D2 > 0:
+                _fwd_q_block2(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
+                              offs_d, offs_d2, mask_d2, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, D2, WS)
+            else:
+                _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
+                             offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
 
 
 @triton.jit
@@ -522,6 +589,115 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
 
 
 @triton.jit
+def _bwd_dkdv_step2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, dk, dk2, dv, dv2, start_m, seqlen,
+                    qk_scale, offs_d, offs_d2, mask_d2, BM: tl.constexpr, MASK_M: tl.constexpr):
+    # _bwd_dkdv_step with the head dim in two pieces (SPLIT_D)
+    rows = start_m + tl.arange(0, BM)
+    rows_ok = rows < seqlen
+    q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
+    q2 = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d2[None, :], rows_ok, mask_d2, MASK_M, True)
+    do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
+    do2 = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d2[None, :], rows_ok, mask_d2, MASK_M, True)
+    if MASK_M:
+        lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))  # padded queries: p = 0
+        delta = tl.load(DELTA + lo + rows, mask=rows_ok, other=0.0)
+    else:
+        lse = tl.load(LSE + lo + rows)
+        delta = tl.load(DELTA + lo + rows)
+    pt = tl.math.exp2(tl.dot(k2, tl.trans(q2), tl.dot(k, tl.trans(q))) * qk_scale - lse[None, :])
+    ptc = pt.to(do.dtype)
+    dv += tl.dot(ptc, do)
+    dv2 += tl.dot(ptc, do2)
+    dst = (pt * (tl.dot(v2, tl.trans(do2), tl.dot(v, tl.trans(do))) - delta[None, :])).to(q.dtype)
+    dk += tl.dot(dst, q)
+    dk2 += tl.dot(dst, q2)
+    return dk, dk2, dv, dv2
+
+
+@triton.jit
+def _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
+                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, offs_d2,
+                     mask_d2, BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr, D2: tl.constexpr, WS: tl.constexpr):
+    cols = start_n + tl.arange(0, BN)
+    cols_ok = cols < seqlen
+    k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
+    k2 = _load_tile(K + ko + cols[:, None] * sk_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True)
+    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
+    v2 = _load_tile(V + vo + cols[:, None] * sv_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True)
+    dk = tl.zeros([BN, BLOCK_D], tl.float32)
+    dk2 = tl.zeros([BN, D2], tl.float32)
+    dv = tl.zeros([BN, BLOCK_D], tl.float32)
+    dv2 = tl.zeros([BN, D2], tl.float32)
+    m_full = (seqlen // BLOCK_M) * BLOCK_M
+    for start_m in tl.range(0, m_full, BLOCK_M, warp_specialize=WS):
+        dk, dk2, dv, dv2 = _bwd_dkdv_step2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, dk, dk2, dv,
+                                           dv2, start_m, seqlen, qk_scale, offs_d, offs_d2, mask_d2, BLOCK_M, False)
+    for start_m in range(m_full, seqlen, TAIL_M):
+        dk, dk2, dv, dv2 = _bwd_dkdv_step2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, dk, dk2, dv,
+                                           dv2, start_m, seqlen, qk_scale, offs_d, offs_d2, mask_d2, TAIL_M, True)
+    _store_tile(DK + dko + cols[:, None] * sdk_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                cols_ok, offs_d, MASK_N, False)
+    _store_tile(DK + dko + cols[:, None] * sdk_n + offs_d2[None, :], (dk2 * sm_scale).to(DK.dtype.element_ty),
+                cols_ok, mask_d2, MASK_N, True)
+    _store_tile(DV + dvo + cols[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                cols_ok, offs_d, MASK_N, False)
+    _store_tile(DV + dvo + cols[:, None] * sdv_n + offs_d2[None, :], dv2.to(DV.dtype.element_ty),
+                cols_ok, mask_d2, MASK_N, True)
+
+
+@triton.jit
+def _bwd_dq_step2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq2, start_n, seqlen, qk_scale,
+                  offs_d, offs_d2, mask_d2, BN: tl.constexpr, MASK_N: tl.constexpr):
+    cols = start_n + tl.arange(0, BN)
+    cols_ok = cols < seqlen
+    k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
+    k2 = _load_tile(K + ko + cols[:, None] * sk_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True)
+    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
+    v2 = _load_tile(V + vo + cols[:, None] * sv_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True)
+    p = tl.math.exp2(tl.dot(q2, tl.trans(k2), tl.dot(q, tl.trans(k))) * qk_scale - lse[:, None])
+    if MASK_N:  # padded keys (k = 0) get p = exp2(-lse): inf when every real score is below -128
+        p = tl.where(cols_ok[None, :], p, 0.0)
+    ds = (p * (tl.dot(do2, tl.trans(v2), tl.dot(do, tl.trans(v))) - delta[:, None])).to(k.dtype)
+    return dq + tl.dot(ds, k), dq2 + tl.dot(ds, k2)
+
+
+@triton.jit
+def _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
+                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale, offs_d, offs_d2, mask_d2,
+                   BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, D2: tl.constexpr, WS: tl.constexpr):
+    rows = row0 + tl.arange(0, BM)
+    rows_ok = rows < seqlen
+    q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
+    q2 = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d2[None, :], rows_ok, mask_d2, MASK_M, True)
+    do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
+    do2 = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d2[None, :], rows_ok, mask_d2, MASK_M, True)
+    o = _load_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
+    o2 = _load_tile(O + oo + rows[:, None] * so_n + offs_d2[None, :], rows_ok, mask_d2, MASK_M, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) + tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 1)
+    if MASK_M:
+        lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))
+        tl.store(DELTA + lo + rows, delta, mask=rows_ok)
+    else:
+        lse = tl.load(LSE + lo + rows)
+        tl.store(DELTA + lo + rows, delta)
+    dq = tl.zeros([BM, BLOCK_D], tl.float32)
+    dq2 = tl.zeros([BM, D2], tl.float32)
+    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
+        dq, dq2 = _bwd_dq_step2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq2, start_n, seqlen,
+                                qk_scale, offs_d, offs_d2, mask_d2, BLOCK_N, False)
+    for start_n in range(n_full, seqlen, TAIL_N):
+        dq, dq2 = _bwd_dq_step2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq2, start_n, seqlen,
+                                qk_scale, offs_d, offs_d2, mask_d2, TAIL_N, True)
+    _store_tile(DQ + dqo + rows[:, None] * sdq_n + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                rows_ok, offs_d, MASK_M, False)
+    _store_tile(DQ + dqo + rows[:, None] * sdq_n + offs_d2[None, :], (dq2 * sm_scale).to(DQ.dtype.element_ty),
+                rows_ok, mask_d2, MASK_M, True)
+
+
+@triton.jit
 def _attn_bwd_kv_q(
     Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sdo_b, sdo_h, sdo_n,
@@ -530,9 +706,11 @@ def _attn_bwd_kv_q(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
+    D2: tl.constexpr = 0,
 ):
     # two kernels in one source: DQ_PASS: program (query tile, b*h) walking key tiles;
     # else program (key tile, b*h) walking query tiles. M = queries, N = keys in both.
+    # D2 > 0 (SPLIT_D): the head dim in two pieces, BLOCK_D columns then D2 (as in _attn_fwd)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -548,11 +726,24 @@ def _attn_bwd_kv_q(
     lo = b64 * sl_b + h64 * sl_h + tok
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
+    offs_d2 = BLOCK_D + tl.arange(0, max(D2, 16))
+    mask_d2 = offs_d2 < HEAD_DIM
     if DQ_PASS:
         oo, so_n = _row_base(b64, h64, tok, so_b, so_h, so_n, ALIGN)
         dqo, sdq_n = _row_base(b64, h64, tok, sdq_b, sdq_h, sdq_n, ALIGN)
         m_full = seqlen // BLOCK_M
-        if pid < m_full:
+        if D2 > 0:
+            if pid < m_full:
+                _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
+                               sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
+                               offs_d, offs_d2, mask_d2, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, D2, WS)
+            else:
+                row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
+                if row0 < seqlen:
+                    _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
+                                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
+                                   offs_d, offs_d2, mask_d2, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, D2, WS)
+        elif pid < m_full:
             _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                           sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
                           offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
@@ -566,7 +757,18 @@ def _attn_bwd_kv_q(
         dko, sdk_n = _row_base(b64, h64, tok, sdk_b, sdk_h, sdk_n, ALIGN)
         dvo, sdv_n = _row_base(b64, h64, tok, sdv_b, sdv_h, sdv_n, ALIGN)
         n_full = seqlen // BLOCK_N
-        if pid < n_full:
+        if D2 > 0:
+            if pid < n_full:
+                _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
+                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
+                                 offs_d, offs_d2, mask_d2, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, D2, WS)
+            else:
+                start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
+                if start_n < seqlen:
+                    _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
+                                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
+                                     offs_d, offs_d2, mask_d2, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, D2, WS)
+        elif pid < n_full:
             _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                             sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
                             offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS)
@@ -588,16 +790,39 @@ def _pow2(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _split_dims(d: int) -> Optional[tuple[int, int]]:
+    """(D1, D2) for a head dim that fits two power-of-two pieces in fewer columns than one padded tile (88 -> 64 +
+    32 = 96 instead of 128; 80 -> 64 + 16; 48 -> 32 + 16), else None (a power of two, or no saving)."""
+    d1 = _pow2(d) // 2
+    if d1 < 16 or d <= d1:
+        return None
+    d2 = _pow2(d - d1)
+    return (d1, d2) if d1 + d2 < _pow2(d) else None
+
+
+def _head_dim_meta(d: int, cfg: dict) -> dict:
+    """BLOCK_D / EVEN_D / D2 launch keywords; pops the config's SPLIT_D (the head dim in two pieces, where
+    _split_dims allows; ignored elsewhere)."""
+    split = _split_dims(d) if cfg.pop("SPLIT_D", False) else None
+    if split is not None:
+        return dict(BLOCK_D=split[0], EVEN_D=False, D2=split[1])
+    return dict(BLOCK_D=_pow2(d), EVEN_D=_pow2(d) == d, D2=0)
+
+
 KV_Q = "kv+q"  # backward SPLIT value of the two-pass layout (_attn_bwd_kv_q)
 
 
-def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=None):
+def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=None, split_d=False):
     """Block config; backward ones carry SPLIT (False, True or KV_Q). For KV_Q the top-level
     blocks drive the dK/dV pass (BLOCK_N key tile per program, BLOCK_M query sub-tiles) and
     `dq` = (bm, bn, tm, tn, warps, stages) the dQ pass (BLOCK_M query tile per program, BLOCK_N
     key sub-tiles); without it the dQ pass mirrors the dK/dV blocks. `regs` caps the registers per
-    thread (Triton's maxnreg) of that kernel: more programs per SM, at the price of spills."""
+    thread (Triton's maxnreg) of that kernel: more programs per SM, at the price of spills. `split_d`: the head
+    dim in two power-of-two pieces where that is narrower than one padded tile (_split_dims: d = 88 as 64 + 32);
+    the forward and the two-pass backward (both passes) take it, the one-pass backward ignores it."""
     c = dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=warps, num_stages=stages)
+    if split_d:
+        c["SPLIT_D"] = True
     if regs is not None:
         c["maxnreg"] = regs
     if split == KV_Q:
@@ -623,7 +848,18 @@ TUNED: dict = {
     (50, 64): (_cfg(64, 64, 64, 64, 4, 2), _cfg(64, 64, 64, 64, 4, 1, split=False)),
     (197, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(32, 64, 16, 16, 4, 4, split=KV_Q, dq=(64, 32, 16, 16, 4, 4))),
     (261, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(32, 64, 16, 16, 4, 4, split=KV_Q, dq=(64, 32, 16, 16, 4, 4))),
-    (257, 88): (_cfg(64, 32, 16, 16, 4, 2), _cfg(64, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 64, 16, 16, 4, 2))),
+    # d = 88 with the head dim in two pieces, 64 + 32 columns (`--tune-split`, ...-2026-11-29-tune-split.json): fwd
+    # 0.2018 ms vs 0.2449 padded to 128, bwd 0.5948 vs 0.6956, fwd+bwd 1.15x cuDNN (was 0.97x)
+    (257, 88): (_cfg(128, 64, 16, 16, 4, 3, split_d=True),
+                _cfg(64, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 64, 16, 16, 4, 2), split_d=True)),
+    # ViT-H/14's d = 80 as 64 + 16 (...-tune-split-2.json): fwd 0.2302 ms vs 0.3082 padded, bwd 0.7520 vs 0.8448,
+    # fwd+bwd 1.17x cuDNN
+    (257, 80): (_cfg(128, 64, 16, 16, 4, 3, split_d=True),
+                _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 64, 16, 16, 4, 3), split_d=True)),
+    # the MAE ViT-g/14 encoder (64 kept patches + class token, d = 88; ...-tune-split-n65.json): fwd 0.1089 ms vs
+    # 0.317 with 128-row query blocks (one half-empty program per head), bwd 0.320; fwd+bwd 1.05x cuDNN
+    (65, 88): (_cfg(64, 32, 16, 16, 4, 3, split_d=True),
+               _cfg(32, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 32, 16, 16, 4, 2), split_d=True)),
     # N = 1374: 1374 = 21 x 64 + 30, so one 32-row tail step instead of two 16-row ones (re-tuned with the
     # neighbours of the first winner, ...-tune-1374.json: fwd 0.2434 vs 0.2464 ms, bwd 0.7050 vs 0.7065); the
     # dK/dV pass capped at 168 registers per thread (3 programs per SM): bwd 0.690 vs 0.717 ms and 0.7045 vs
@@ -641,6 +877,8 @@ def _fwd_config(n: int, d: int) -> dict:
         return _cfg(64, 64, 64, 64, 4, 2)  # one tile: the whole sequence
     if _pow2(d) <= 64:
         return _cfg(64, 64, 16, 16, 4, 3)
+    if _split_dims(d) is not None:  # d = 80, 88, 96 ...: the winners at N = 65 (d = 88) and N = 257 (d = 80, 88)
+        return _cfg(64, 32, 16, 16, 4, 3, split_d=True) if n <= 128 else _cfg(128, 64, 16, 16, 4, 3, split_d=True)
     return _cfg(128, 32, 16, 16, 4, 3)
 
 
@@ -653,6 +891,10 @@ def _bwd_config(n: int, d: int) -> dict:
     # for the best single-pass one; N = 1374: 0.71 vs 1.01; d = 88: 0.70 vs 1.02)
     if _pow2(d) <= 64:
         return _cfg(32, 64, 16, 16, 4, 4, split=KV_Q, dq=(64, 32, 16, 16, 4, 4))
+    if n <= 128 and _split_dims(d) is not None:  # N = 65, d = 88: 0.320 ms vs 0.359 with the blocks below
+        return _cfg(32, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 32, 16, 16, 4, 2), split_d=True)
+    if n <= 2048 and _split_dims(d) is not None:  # 3 stages: d = 80's winner, 2.5 % behind d = 88's 2 stages
+        return _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 64, 16, 16, 4, 3), split_d=True)
     if n <= 2048:
         return _cfg(64, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 64, 16, 16, 4, 2))
     return _cfg(128, 128, 16, 16, 8, 1, split=True)
@@ -714,7 +956,8 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None)
     o = _empty_out(q, packed)
     so = _as_bhnd(o, packed)[1]
     lse = torch.empty((H, N) if packed else (B, H, N), device=q.device, dtype=torch.float32)
-    cfg = config or _fwd_config(maxn, D)
+    cfg = dict(config or _fwd_config(maxn, D))
+    dims = _head_dim_meta(D, cfg)
     cu = cu_seqlens.to(torch.int32) if packed else q  # dummy pointer when dense
     if B * H > 0 and maxn > 0:
         grid = (_n_tiles(maxn, cfg["BLOCK_M"], cfg["TAIL_M"], packed), B * H)
@@ -722,7 +965,7 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None)
         _attn_fwd[grid](
             q, k, v, o, lse, cu, *strides, *_lse_strides(H, N, packed),
             H, N, scale * LOG2E,
-            HEAD_DIM=D, VARLEN=packed, ALIGN=align, BLOCK_D=_pow2(D), EVEN_D=_pow2(D) == D, **cfg,
+            HEAD_DIM=D, VARLEN=packed, ALIGN=align, **dims, **cfg,
         )
     return o, lse
 
@@ -742,17 +985,20 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         return dq.zero_(), dk.zero_(), dv.zero_()
     cfg = dict(config or _bwd_config(maxn, D))
     split = cfg.pop("SPLIT")
+    split_d = cfg.pop("SPLIT_D", False)
     sl = _lse_strides(H, N, packed)
     cu = cu_seqlens.to(torch.int32) if packed else q
     bd = _pow2(D)
     if split == KV_Q:  # dQ pass (stores delta), then the dK/dV pass that reads it: stream order
         dq_cfg = _kv_q_dq_config(cfg)
+        dq_cfg.pop("SPLIT_D", None)
         cfg.pop("DQ", None)
         cfg.pop("TRANS", None)
         delta = torch.empty_like(lse)
         align, strides = _align(sq, sk, sv, so, sdo, sdq, sdk, sdv)
         args = (q, k, v, o, do, dq, dk, dv, lse, delta, cu, *strides, *sl, H, N, scale * LOG2E, scale)
-        meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, BLOCK_D=bd, EVEN_D=bd == D)
+        # SPLIT_D (the config's top level) splits the head dim in both passes
+        meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, **_head_dim_meta(D, {"SPLIT_D": split_d}))
         _attn_bwd_kv_q[(_n_tiles(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed), B * H)](
             *args, DQ_PASS=True, **meta, **dq_cfg)
         _attn_bwd_kv_q[(_n_tiles(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed), B * H)](

@@ -71,3 +71,16 @@ def test_mae_variants_flag_rejects_unknown_ops(capsys):
     with pytest.raises(SystemExit):
         bk.main(["--mae-variants", "mask,attention"])
     assert "--mae-variants takes mask, unmask, loss" in capsys.readouterr().err
+
+
+def test_split_variants():
+    """--tune-split: for d = 88 the current configs without and with SPLIT_D first, then neighbours that all carry
+    it (the two-pass backward); for a power-of-two head dim only the current configs."""
+    from bench.kernels import split_variants
+
+    fwds, bwds = split_variants(257, 88)
+    assert fwds[0] == attn._fwd_config(257, 88) and fwds[1] == fwds[0] | {"SPLIT_D": True}
+    assert bwds[0] == attn._bwd_config(257, 88) and bwds[1] == bwds[0] | {"SPLIT_D": True}
+    assert all(c.get("SPLIT_D") for c in fwds[1:] + bwds[1:]) and len(fwds) > 2 and len(bwds) > 2
+    assert all(c["SPLIT"] == attn.KV_Q for c in bwds[2:])
+    assert split_variants(197, 64) == ([attn._fwd_config(197, 64)], [attn._bwd_config(197, 64)])

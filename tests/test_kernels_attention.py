@@ -76,6 +76,43 @@ def test_tuned_configs(shape):
     assert_close(*run_both(q, k, v, fwd_config=fwd, bwd_config=bwd))
 
 
+def test_split_dims():
+    """Which head dims the SPLIT_D knob splits: two power-of-two pieces narrower than one padded tile."""
+    assert attn._split_dims(88) == (64, 32) and attn._split_dims(80) == (64, 16) and attn._split_dims(96) == (64, 32)
+    assert attn._split_dims(72) == (64, 16) and attn._split_dims(48) == (32, 16) and attn._split_dims(40) == (32, 16)
+    assert all(attn._split_dims(d) is None for d in (16, 32, 64, 128, 120, 112, 24))
+
+
+@pytest.mark.parametrize("n", [1, 50, 197, 257])
+@pytest.mark.parametrize("d", [88, 80, 48])
+def test_split_head_dim(n, d):
+    """SPLIT_D: the head dim in two pieces (d = 88 as 64 + 32 columns, 80 as 64 + 16, 48 as 32 + 16) in the
+    forward and in both passes of the two-pass backward gives the reference result, full and tail tiles; the
+    one-pass backward ignores the knob."""
+    q, k, v = (torch.randn(1, 2 if n <= 64 else 1, n, d, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"SPLIT_D": True}, bwd_config=KV_Q | {"SPLIT_D": True}))
+    if n == 50:
+        assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"SPLIT_D": True},
+                               bwd_config=FUSED_MULTI | {"SPLIT_D": True}))
+
+
+def test_split_head_dim_packed_and_qkv():
+    """SPLIT_D with packed sequences of mixed lengths, and through timm's packed qkv (one gradient buffer)."""
+    lens = [37, 1, 70, 16]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lens), 2, 88, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD | {"SPLIT_D": True},
+                           bwd_config=KV_Q | {"SPLIT_D": True}))
+    qkv = torch.randn(1, 45, 3, 2, 88, requires_grad=True)
+    ref = kernels.attention_reference(*qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    do = torch.randn_like(ref)
+    (gr,) = torch.autograd.grad(ref, qkv, do)
+    out = kernels.attention_qkv(qkv, impl="triton", fwd_config=SMALL_FWD | {"SPLIT_D": True},
+                                bwd_config=KV_Q | {"SPLIT_D": True})
+    (g,) = torch.autograd.grad(out, qkv, do)
+    assert rel(out, ref) < 1e-5 and rel(g, gr) < 1e-5
+
+
 def test_warp_specialized_loops():
     """WS (Triton's warp specialization of the full-tile loops, a tuning knob) on the forward and on
     both passes of the two-pass backward gives the reference result."""
