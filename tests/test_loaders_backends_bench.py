@@ -178,3 +178,24 @@ def test_bench_shard_sets_are_reused_only_when_they_match(tmp_path):
         s["samples"] for s in json.loads(index.read_text())["shards"]) == 24
     (tmp_path / "jpeg32" / "bench-shards.json").unlink()  # as if the build was cut short
     assert "reused" not in bench.loaders.build_shards(tmp_path, 32, 24, 4, 1)
+
+
+def test_dali_pipes_probe_on_cpu(tmp_path, monkeypatch, capsys):
+    """bench._dali_pipes (several DALI pipelines side by side, the decode side alone) runs on DALI's CPU decoder:
+    one row per configuration and round, every pipeline delivering images, the record saying what ran; a bad
+    --configs is refused."""
+    pytest.importorskip("nvidia.dali")
+    from bench import _dali_pipes
+
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    argv = ["--device", "cpu", "--configs", "1x1,2x1", "--seconds", "0.2", "--batch", "4", "--size", "64",
+            "--crop", "32", "--rounds", "1"]
+    assert _dali_pipes.main(argv) == 0
+    (path,) = tmp_path.glob("loaders-dali-pipes-*.json")
+    out = json.loads(path.read_text())
+    assert [(r["pipelines"], r["threads"]) for r in out["rows"]] == [(1, 1), (2, 1)]
+    assert all(len(r["per_pipeline"]) == r["pipelines"] and min(r["per_pipeline"]) > 0 for r in out["rows"])
+    assert out["command"].startswith("python -m bench._dali_pipes --device cpu") and out["batch"] == 4
+    with pytest.raises(SystemExit):
+        _dali_pipes.main(["--device", "cpu", "--configs", "2by2"])
+    assert "PIPESxTHREADS" in capsys.readouterr().err
