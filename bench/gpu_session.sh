@@ -310,6 +310,15 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+L29)  # bench._dali_pipes (DALI alone) decoded 256-px JPEGs at 37.5-39.6k img/s with one pipeline and 46.3-57.0k with
+      # two (a thread each; transcribed, the call's device time ran out): the probe again with the committed script,
+      # then the loader with DaliLoader pipelines 1 vs 2 (fed in turn from one thread) at 2 / 4 DALI threads each,
+      # beside PIL, 256 and 512 px, 3 rounds
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  step 120 python3 -m bench._dali_pipes
+  step 420 python3 -m bench loaders --workers 2 --seconds 4 --warmup 10 --repeats 3 --data-dir /tmp/bench-data \
+    --backends dali,pil --dali-pipelines 1,2 --dali-threads 4,2 --tag pipelines
+  ;;
 K21)  # T3: the MAE ViT-g step ran 645 img/s with our kernels vs 659 with SDPA + torch; its encoder attends over N = 65
       # (64 kept patches + class token) at d = 88, not a benchmarked shape: the split head dim there, and vs SDPA
   step 300 python3 -m bench kernels --only attention --tune-split --shapes mae-g-enc-n65-d88 --tag tune-split-n65

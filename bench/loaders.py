@@ -609,6 +609,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="DALI's hybrid_huffman_threshold in pixels (DaliLoader; with --hw-decoder-load < 1, 0 decodes "
                         "the Huffman stage of the JPEGs the hardware decoder does not take on the GPU); empty: "
                         "DALI's default; a comma list sweeps it")
+    p.add_argument("--dali-pipelines", default="1",
+                   help="DALI pipelines fed in turn (DaliLoader pipelines; each with --dali-threads threads); a comma "
+                        "list sweeps it")
     p.add_argument("--dali-queue", default="3", help="DALI's prefetch_queue_depth (the loader's default: 3); a comma list sweeps it")
     p.add_argument("--dali-dynamic", default="",
                    help="DALI's execution model: 1 dynamic, 0 legacy (buffers allocated once); empty: DALI's default; "
@@ -1015,11 +1018,11 @@ def dali_options(a) -> list[dict[str, Any]]:
     return [{"dali_threads": int(t), "hw_decoder_load": float(h), "no_copy": bool(int(c)), "prefetch_queue_depth": int(q)}
             | ({} if d is None else {"exec_dynamic": d}) | ({} if sp is None else {"stream_policy": sp})
             | ({"stage_inputs": True} if int(st) else {}) | ({"decode_crop": True} if int(dc) else {})
-            | ({} if hu is None else {"hybrid_huffman_threshold": hu})
-            for t, h, c, q, d, sp, st, dc, hu in itertools.product(
+            | ({} if hu is None else {"hybrid_huffman_threshold": hu}) | ({} if int(pl) == 1 else {"pipelines": int(pl)})
+            for t, h, c, q, d, sp, st, dc, hu, pl in itertools.product(
                 a.dali_threads.split(","), a.hw_decoder_load.split(","), a.dali_no_copy.split(","),
                 a.dali_queue.split(","), dynamic, streams, a.dali_stage.split(","), a.dali_decode_crop.split(","),
-                huffman)]
+                huffman, a.dali_pipelines.split(","))]
 
 
 def nvjpeg_options(a) -> list[dict[str, Any]]:
@@ -1048,7 +1051,8 @@ def variants(a, backends: list[str]) -> list[tuple[str, str, dict[str, dict]]]:
                                                    " dynamic" if o["exec_dynamic"] else " legacy")
                 + (f" streams={o['stream_policy']}" if "stream_policy" in o else "")
                 + (" staged" if o.get("stage_inputs") else "") + (" decode-crop" if o.get("decode_crop") else "")
-                + (f" huff{o['hybrid_huffman_threshold']}" if "hybrid_huffman_threshold" in o else ""))
+                + (f" huff{o['hybrid_huffman_threshold']}" if "hybrid_huffman_threshold" in o else "")
+                + (f" p{o['pipelines']}" if "pipelines" in o else ""))
             out.append((backend, label, {"dali": o}))
     return out
 

@@ -598,6 +598,66 @@ test_dali_failure_reported_at_an_earlier_batch = pytest.mark.parametrize(
 
 
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
+@pytest.mark.parametrize("pipelines", [2, 3])
+def test_dali_pipelines_in_turn_keep_the_epoch(run, shards, pipelines):
+    """pipelines=n: batches are dealt to n DALI pipelines in turn and taken back in the same turn. Two epochs give
+    the one-pipeline run's batches, in its order, with the same pixels and skips (the undecodable samples are
+    found inside whichever pipeline holds them); a mid-epoch state resumes with exactly the remaining samples;
+    a bad count is refused before any work."""
+    _, _, epochs, state = run
+    loader = make_loader("dali", shards[0], shards[2], pipelines=pipelines)
+    try:
+        got, snap = run_epochs(loader, EPOCHS, snapshot_after=SNAPSHOT)
+        assert len(loader._pipes) == pipelines
+    finally:
+        loader.close()
+    for ours, theirs in zip(got, epochs):
+        assert [b.uid for b in ours] == [b.uid for b in theirs]
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+    assert loader.skipped == EPOCHS * len(BAD)
+    assert snap["batches_in_epoch"] == state["batches_in_epoch"] == SNAPSHOT
+    resumed = make_loader("dali", shards[0], shards[2], pipelines=pipelines)
+    try:
+        resumed.load_state_dict(state)
+        assert [u for b in resumed for u in b.uid] == [u for b in epochs[0][SNAPSHOT:] for u in b.uid]
+    finally:
+        resumed.close()
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="pipelines must be a positive int"):
+            make_loader("dali", shards[0], shards[2], pipelines=bad)
+
+
+test_dali_pipelines_in_turn_keep_the_epoch = pytest.mark.parametrize(
+    "run", [pytest.param("dali")], indirect=True)(test_dali_pipelines_in_turn_keep_the_epoch)
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
+def test_dali_more_pipelines_than_batches(shards):
+    """An epoch of fewer batches than pipelines (a pipeline gets none): the same two epochs as one pipeline, and an
+    epoch left after one batch drops the pipelines, which the next epoch rebuilds."""
+    kw = dict(batch_size=64)
+    ref = make_loader("dali", shards[0], shards[2], **kw)
+    many = make_loader("dali", shards[0], shards[2], pipelines=4, **kw)
+    try:
+        want, _ = run_epochs(ref, 2)
+        got, _ = run_epochs(many, 2)
+        assert 1 < len(want[0]) < 4
+        assert [[b.uid for b in e] for e in got] == [[b.uid for b in e] for e in want]
+        assert many.skipped == ref.skipped == 2 * len(BAD)
+        for loader in (ref, many):  # one batch of the next epoch, then the loader goes on as one pipeline does
+            it = iter(loader)
+            next(it)
+            it.close()
+        assert many._pipes == []
+        after = [b.uid for b in many]
+        assert after and after == [b.uid for b in ref] and len(many._pipes) == 4
+    finally:
+        ref.close()
+        many.close()
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
 def test_dali_close_leaves_no_dali_garbage(shards):
     """close() collects what the loader leaves in reference cycles (DALI's graph nodes, operators and
     external sources, the epoch's DataLoader state) at once instead of at the cycle collector's next

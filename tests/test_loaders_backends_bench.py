@@ -143,6 +143,10 @@ def test_repeats_report_the_median_run_and_nvjpeg_variants(tmp_path):
         "dali t4 hw0.9 nocopy q3 huff0", "dali t4 hw0.9 nocopy q3 huff1000000"]
     assert bench.loaders.dali_options(huff)[0]["hybrid_huffman_threshold"] == 0
     assert "hybrid_huffman_threshold" not in bench.loaders.dali_options(one)[0]
+    pipes = bench.loaders.parse(["--dali-pipelines", "1,2", "--dali-threads", "2"])
+    assert [label for _, label, _ in bench.loaders.variants(pipes, ["dali"])] == [
+        "dali t2 hw1 nocopy q3", "dali t2 hw1 nocopy q3 p2"]
+    assert [o.get("pipelines", 1) for o in bench.loaders.dali_options(pipes)] == [1, 2]
     accum = bench.loaders.parse(["--stall-accum", "3", "--batch-size", "8"])
     engine = bench.loaders.engine_options(accum, torch.device("cpu"), tmp_path / "run", "/shards", None)
     assert "train.batch_size=24" in engine and "train.micro_batch=8" in engine  # 3 micro-batches per step

@@ -8,7 +8,8 @@ only in the decoder. With `device="cpu"` the pipeline runs CPU-only (`device_id=
 is how CI tests it. With a `MultiCropSpec` (DINOv2) the pipeline decodes each image once and
 resizes one region per crop into uint8 outputs; the spec's `finish` then applies the photometric
 ops and normalization batched in torch. A batch DALI cannot decode is replayed sample by sample to find the
-culprits, which are skipped and counted; the rest of the batch is kept.
+culprits, which are skipped and counted; the rest of the batch is kept. With `pipelines=n` the batches are dealt
+to n pipelines in turn and their outputs taken in the same turn (the epoch's order kept).
 """
 from __future__ import annotations
 
@@ -173,6 +174,45 @@ class _Feed:
         self.carry: list[tuple[str, str]] = []  # failures of batches with no decodable sample left
 
 
+class _Dealer:
+    """Several pipelines: the epoch's batches dealt in turn (batch i to pipeline i mod n), each pipeline's
+    share buffered until its source callback asks for it. A batch with no sample left (all failed in the
+    workers) is not dealt: its failures ride on the next dealt batch, so every pipeline's k-th batch is the
+    epoch's (k*n + j)-th dealt one and taking outputs from the pipelines in turn keeps the epoch's order."""
+
+    def __init__(self, batches: Iterator[dict[str, Any]], n: int):
+        self.batches, self.n = batches, n
+        self.pending = [collections.deque() for _ in range(n)]
+        self.turn = 0
+        self.carry: list[tuple[str, str]] = []  # failures waiting for the next dealt batch (or the epoch's end)
+        self.done = False
+
+    def _next(self) -> dict[str, Any]:
+        while True:
+            raw = next(self.batches)  # StopIteration: the epoch's end
+            if raw["uid"]:
+                if self.carry:
+                    raw = dict(raw, failed=self.carry + list(raw["failed"]))
+                    self.carry = []
+                return raw
+            self.carry.extend(raw["failed"])
+
+    def stream(self, j: int) -> Iterator[dict[str, Any]]:
+        """Pipeline j's batches, in order."""
+        while True:
+            while not self.pending[j]:
+                if self.done:
+                    return
+                try:
+                    raw = self._next()
+                except StopIteration:
+                    self.done = True
+                    return
+                self.pending[self.turn].append(raw)
+                self.turn = (self.turn + 1) % self.n
+            yield self.pending[j].popleft()
+
+
 class DaliLoader(EncodedLoader):
     backend = "dali"
 
@@ -181,13 +221,15 @@ class DaliLoader(EncodedLoader):
                  prefetch_queue_depth: int = 3, prefetch_batches: int = 2, prefetch_factor: int = 4,
                  no_copy: bool = True, max_ahead: int | None = 2, stream_priority: str = "normal",
                  exec_dynamic: bool | None = None, stream_policy: str | None = None, stage_inputs: bool = False,
-                 decode_crop: bool = False, hybrid_huffman_threshold: int | None = None):
+                 decode_crop: bool = False, hybrid_huffman_threshold: int | None = None, pipelines: int = 1):
         # stream_priority: of the side stream the outputs are copied on (DALI 2.4 ignores its own
         # `default_cuda_stream_priority`, deprecated), so it reaches only that copy
         if Pipeline is None:
             raise RuntimeError("the dali backend needs nvidia-dali (pip install nvidia-dali-cuda130)")
         if stream_policy is not None and stream_policy not in DALI_STREAM_POLICIES:
             raise ValueError(f"stream_policy must be one of {', '.join(DALI_STREAM_POLICIES)}; got {stream_policy!r}")
+        if not isinstance(pipelines, int) or pipelines < 1:
+            raise ValueError(f"pipelines must be a positive int; got {pipelines!r}")
         if hybrid_huffman_threshold is not None and hybrid_huffman_threshold < 0:
             raise ValueError(f"hybrid_huffman_threshold must be >= 0 (pixels); got {hybrid_huffman_threshold}")
         if decode_crop and isinstance(augment, MultiCropSpec):
@@ -225,6 +267,13 @@ class DaliLoader(EncodedLoader):
         # which took 5.3 cores; hw 0.75: 7.7k vs 26.4k with 6.2 cores), and all-hardware decoding ran 26.0-32.7k
         # with 3.2-3.7 cores. So the default stays None with hw_decoder_load 1.0; the knob stays for other GPUs
         self.hybrid_huffman_threshold = hybrid_huffman_threshold
+        # pipelines: DALI pipelines fed in turn from the one producer thread (batch i to pipeline i mod n, outputs
+        # taken in the same turn, so the epoch's order is kept), each with dali_threads threads and its own decoder
+        # handle, so one's host-side work overlaps another's decoding. DALI alone decoded 256-px JPEGs on an H200 at
+        # 37.5-39.6k img/s with one pipeline and 46.3-57.0k with two (bench._dali_pipes, a thread per pipeline);
+        # inside the loader not measured yet, so the default stays 1. Each pipeline holds its own prefetched
+        # outputs (prefetch_queue_depth batches of GPU memory each)
+        self.pipelines = pipelines
         self.exec_dynamic = exec_dynamic  # DALI's execution model (see build_pipeline)
         self.dali_stream_policy = stream_policy  # DALI's CUDA streams (see build_pipeline)
         # where the producer thread's time goes, summed over the loader's life (seconds; take differences):
@@ -233,8 +282,8 @@ class DaliLoader(EncodedLoader):
         # out_s: outputs to torch tensors
         self.timing = {"batches": 0, "feed_wait_s": 0.0, "run_s": 0.0, "out_s": 0.0}
         self._single: Pipeline | None = None  # batch-of-one pipeline that finds undecodable samples
-        self._pipe: Pipeline | None = None
-        self._feed: _Feed | None = None
+        self._pipes: list = []  # the source pipelines (`pipelines` of them), kept across epochs
+        self._feeds: list[_Feed] = []  # their inputs for the current epoch
         half = dtype in (torch.float16, torch.bfloat16) and device.type == "cuda"
         self._out_dtype = torch.float16 if half else torch.float32  # what the pipeline emits
 
@@ -290,9 +339,9 @@ class DaliLoader(EncodedLoader):
                 failed.append((raw["uid"][i], _reason(e)))
         return (select(raw, keep, self.maps) if failed else raw), failed
 
-    def _source(self):
-        """DALI's batch callback: the next batch of the epoch (replayed ones first)."""
-        feed = self._feed
+    def _source(self, j: int = 0):
+        """DALI's batch callback of pipeline j: its next batch of the epoch (replayed ones first)."""
+        feed = self._feeds[j]
         t = time.perf_counter()
         try:
             while True:
@@ -309,6 +358,22 @@ class DaliLoader(EncodedLoader):
             inputs[0] = self._staged(raw, inputs[0])
         return inputs
 
+    def _source_of(self, j: int):
+        """Pipeline j's callback (no parameters: DALI calls it once per batch)."""
+        def source():
+            return self._source(j)
+        return source
+
+    @property
+    def _pipe(self):
+        """The first source pipeline (None before the first epoch or after close)."""
+        return self._pipes[0] if self._pipes else None
+
+    @property
+    def _feed(self) -> _Feed | None:
+        """The first pipeline's feed of the current epoch."""
+        return self._feeds[0] if self._feeds else None
+
     def _staged(self, raw: dict[str, Any], views: list[np.ndarray]) -> list[np.ndarray]:
         """The views' bytes copied into one buffer (pinned on CUDA; torch's pinned-memory cache reuses it once
         freed), kept alive in `raw` as long as DALI may read it (the batch stays in `_Feed.inflight`)."""
@@ -323,65 +388,92 @@ class DaliLoader(EncodedLoader):
         return [flat[b:e] for b, e in zip([0] + ends[:-1], ends)]
 
     def _produce(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, list[torch.Tensor]]]:
-        # The pipeline outlives the epoch (building one costs the decoder's setup); it is
-        # dropped only when an epoch is left unfinished, as it then holds prefetched batches.
-        feed = self._feed = _Feed(batches)
-        if self._pipe is None:
-            self._pipe = self._pipeline(self._source)
+        # The pipelines outlive the epoch (building one costs the decoder's setup); they are
+        # dropped only when an epoch is left unfinished, as they then hold prefetched batches.
+        # Several pipelines take the batches in turn (_Dealer) and give them back in the same turn.
+        n = self.pipelines
+        dealer = _Dealer(batches, n) if n > 1 else None
+        self._feeds = [_Feed(dealer.stream(j) if dealer else batches) for j in range(n)]
+        if len(self._pipes) != n:
+            self._pipes = [self._pipeline(self._source_of(j)) for j in range(n)]
         finished = False
         try:
+            j = 0
             while True:
                 try:
-                    t = time.perf_counter()
-                    try:
-                        outputs = self._pipe.run()
-                    finally:
-                        self.timing["run_s"] += time.perf_counter() - t
-                    raw, carried = feed.inflight.popleft()
-                    failed = carried + list(raw["failed"])
+                    item = self._next_output(j)
                 except StopIteration:
-                    self._pipe.reset()
+                    self._pipes[j].reset()
+                    for k in range(n):  # batches go out in the order they were dealt: the others are at their end
+                        if k != j:
+                            self._finish_pipeline(k)
                     finished = True
                     break
-                except Exception as e:
-                    # Rebuild, find the bad samples of the failed batch, requeue the others. DALI may
-                    # report a later in-flight batch's failure at this batch's outputs (seen with its
-                    # legacy executor): when every sample of this one decodes, the others are searched
-                    # the same way and replayed without their bad samples.
-                    (raw, carried), rest = feed.inflight.popleft(), list(feed.inflight)
-                    feed.inflight.clear()
-                    self._pipe = None
-                    raw, more = self._salvage(raw)
-                    if not more:
-                        cleaned = [(self._salvage(r), fs) for r, fs in rest]
-                        if not any(bad for (_, bad), _ in cleaned):  # not the data's fault (e.g. out of
-                            raise e  # memory): do not hide it
-                        rest = [(r, fs + bad) for (r, bad), fs in cleaned]
-                    feed.replay.extendleft(r for r, _ in reversed(rest))
-                    feed.carry[:0] = [f for _, fs in rest for f in fs]
-                    self._pipe = self._pipeline(self._source)
-                    failed = carried + list(raw["failed"]) + more
-                    if not raw["uid"]:
-                        yield (None, failed), []
-                        continue
-                    inputs = self._inputs(raw)
-                    outputs = self._pipeline(batch_size=len(inputs[0])).run(**self._named(inputs))
-                t = time.perf_counter()
-                images = self._images(outputs, raw)
-                self.timing["out_s"] += time.perf_counter() - t
-                self.timing["batches"] += 1
-                yield ((Batch(images, raw["modality"], raw["source"], raw["uid"]), failed),
-                       images if isinstance(images, list) else [images])
-            if feed.carry:
-                yield (None, feed.carry[:]), []
+                yield item
+                j = (j + 1) % n
+            carry = [f for feed in self._feeds for f in feed.carry] + (dealer.carry if dealer else [])
+            if carry:
+                yield (None, carry), []
         finally:
             if not finished:
-                self._pipe = None
+                self._pipes = []
+
+    def _finish_pipeline(self, k: int) -> None:
+        """At the epoch's end: pipeline k must have nothing left (its run() ends the epoch too); then reset it."""
+        try:
+            self._pipes[k].run()
+        except StopIteration:
+            self._pipes[k].reset()
+            return
+        raise RuntimeError(f"DALI pipeline {k} still had a batch at the epoch's end (the turn order was lost)")
+
+    def _next_output(self, j: int) -> tuple[Any, list[torch.Tensor]]:
+        """Pipeline j's next batch: ((Batch or None, failed [(uid, reason)]), tensors to keep alive); StopIteration
+        at the epoch's end."""
+        feed = self._feeds[j]
+        try:
+            t = time.perf_counter()
+            try:
+                outputs = self._pipes[j].run()
+            finally:
+                self.timing["run_s"] += time.perf_counter() - t
+            raw, carried = feed.inflight.popleft()
+            failed = carried + list(raw["failed"])
+        except StopIteration:
+            raise
+        except Exception as e:
+            # Rebuild, find the bad samples of the failed batch, requeue the others. DALI may
+            # report a later in-flight batch's failure at this batch's outputs (seen with its
+            # legacy executor): when every sample of this one decodes, the others are searched
+            # the same way and replayed without their bad samples.
+            (raw, carried), rest = feed.inflight.popleft(), list(feed.inflight)
+            feed.inflight.clear()
+            self._pipes[j] = None
+            raw, more = self._salvage(raw)
+            if not more:
+                cleaned = [(self._salvage(r), fs) for r, fs in rest]
+                if not any(bad for (_, bad), _ in cleaned):  # not the data's fault (e.g. out of
+                    raise e  # memory): do not hide it
+                rest = [(r, fs + bad) for (r, bad), fs in cleaned]
+            feed.replay.extendleft(r for r, _ in reversed(rest))
+            feed.carry[:0] = [f for _, fs in rest for f in fs]
+            self._pipes[j] = self._pipeline(self._source_of(j))
+            failed = carried + list(raw["failed"]) + more
+            if not raw["uid"]:
+                return (None, failed), []
+            inputs = self._inputs(raw)
+            outputs = self._pipeline(batch_size=len(inputs[0])).run(**self._named(inputs))
+        t = time.perf_counter()
+        images = self._images(outputs, raw)
+        self.timing["out_s"] += time.perf_counter() - t
+        self.timing["batches"] += 1
+        return ((Batch(images, raw["modality"], raw["source"], raw["uid"]), failed),
+                images if isinstance(images, list) else [images])
 
     def close(self) -> None:
         super().close()
-        pipes = self._pipe is not None or self._single is not None
-        self._pipe = self._single = None
+        pipes = bool(self._pipes) or self._single is not None
+        self._pipes, self._single = [], None
         if pipes:
             # A dropped pipeline leaves its Python graph (DALI's nodes, operators and external sources
             # reference each other) and the epoch's DataLoader state to the cycle collector; collect them
