@@ -231,9 +231,9 @@ class _setting:
         return False
 
 
-def _variant_name(key, value):
+def _setting_name(key, value):
     v = "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
-    return f"triton:{key}={v}"
+    return f"{key}={v}"
 
 
 def _variant_rows(rows, op, shape, moved, variants, make):
@@ -247,7 +247,7 @@ def _variant_rows(rows, op, shape, moved, variants, make):
             for module, key, value in combo:
                 stack.enter_context(_setting(module, key, value))
             fwdbwd, fwd = make()
-            name = "triton:" + ",".join(_variant_name(k, v)[len("triton:"):] for _, k, v in combo)
+            name = "triton:" + ",".join(_setting_name(k, v) for _, k, v in combo)
             _mae_row(rows, op, name, shape, moved, fwdbwd, fwd)
 
 

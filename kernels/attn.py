@@ -800,10 +800,10 @@ def _split_dims(d: int) -> Optional[tuple[int, int]]:
     return (d1, d2) if d1 + d2 < _pow2(d) else None
 
 
-def _head_dim_meta(d: int, cfg: dict) -> dict:
-    """BLOCK_D / EVEN_D / D2 launch keywords; pops the config's SPLIT_D (the head dim in two pieces, where
-    _split_dims allows; ignored elsewhere)."""
-    split = _split_dims(d) if cfg.pop("SPLIT_D", False) else None
+def _head_dim_meta(d: int, split_d: bool) -> dict:
+    """BLOCK_D / EVEN_D / D2 launch keywords; split_d (a config's SPLIT_D): the head dim in two pieces, where
+    _split_dims allows (ignored elsewhere)."""
+    split = _split_dims(d) if split_d else None
     if split is not None:
         return dict(BLOCK_D=split[0], EVEN_D=False, D2=split[1])
     return dict(BLOCK_D=_pow2(d), EVEN_D=_pow2(d) == d, D2=0)
@@ -957,7 +957,7 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None)
     so = _as_bhnd(o, packed)[1]
     lse = torch.empty((H, N) if packed else (B, H, N), device=q.device, dtype=torch.float32)
     cfg = dict(config or _fwd_config(maxn, D))
-    dims = _head_dim_meta(D, cfg)
+    dims = _head_dim_meta(D, cfg.pop("SPLIT_D", False))
     cu = cu_seqlens.to(torch.int32) if packed else q  # dummy pointer when dense
     if B * H > 0 and maxn > 0:
         grid = (_n_tiles(maxn, cfg["BLOCK_M"], cfg["TAIL_M"], packed), B * H)
@@ -998,7 +998,7 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         align, strides = _align(sq, sk, sv, so, sdo, sdq, sdk, sdv)
         args = (q, k, v, o, do, dq, dk, dv, lse, delta, cu, *strides, *sl, H, N, scale * LOG2E, scale)
         # SPLIT_D (the config's top level) splits the head dim in both passes
-        meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, **_head_dim_meta(D, {"SPLIT_D": split_d}))
+        meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, **_head_dim_meta(D, split_d))
         _attn_bwd_kv_q[(_n_tiles(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed), B * H)](
             *args, DQ_PASS=True, **meta, **dq_cfg)
         _attn_bwd_kv_q[(_n_tiles(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed), B * H)](
