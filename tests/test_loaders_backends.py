@@ -566,7 +566,7 @@ def test_dali_failure_reported_at_an_earlier_batch(run, shards, monkeypatch):
 
         def run(self):
             out = self.pipe.run()
-            inflight = [r for r, _ in self.loader._feed.inflight]
+            inflight = [r for r, _ in self.loader._feeds[0].inflight]
             if not raised and len(inflight) > 1 and not bad & set(inflight[0]["uid"]) and any(
                     bad & set(r["uid"]) for r in inflight[1:]):
                 raised.append(1)
@@ -668,7 +668,7 @@ def test_dali_close_leaves_no_dali_garbage(shards):
     gc.disable()  # only close() may collect
     try:
         loader = make_loader("dali", shards[0], shards[2])
-        assert list(loader) and loader._pipe is not None
+        assert list(loader) and loader._pipes
         loader.close()
         gc.set_debug(gc.DEBUG_SAVEALL)  # what is left for the collector lands in gc.garbage
         gc.collect()

@@ -175,8 +175,8 @@ class _Feed:
 
 
 class _Dealer:
-    """Several pipelines: the epoch's batches dealt in turn (batch i to pipeline i mod n), each pipeline's
-    share buffered until its source callback asks for it. A batch with no sample left (all failed in the
+    """The epoch's batches dealt to the n pipelines in turn (batch i to pipeline i mod n; n = 1: all of them),
+    each pipeline's share buffered until its source callback asks for it. A batch with no sample left (all failed in the
     workers) is not dealt: its failures ride on the next dealt batch, so every pipeline's k-th batch is the
     epoch's (k*n + j)-th dealt one and taking outputs from the pipelines in turn keeps the epoch's order."""
 
@@ -339,8 +339,9 @@ class DaliLoader(EncodedLoader):
                 failed.append((raw["uid"][i], _reason(e)))
         return (select(raw, keep, self.maps) if failed else raw), failed
 
-    def _source(self, j: int = 0):
-        """DALI's batch callback of pipeline j: its next batch of the epoch (replayed ones first)."""
+    def _source(self, j: int):
+        """DALI's batch callback of pipeline j: its next batch of the epoch (replayed ones first; only a replayed
+        one can be empty, as the dealer skips the workers' empty batches)."""
         feed = self._feeds[j]
         t = time.perf_counter()
         try:
@@ -364,16 +365,6 @@ class DaliLoader(EncodedLoader):
             return self._source(j)
         return source
 
-    @property
-    def _pipe(self):
-        """The first source pipeline (None before the first epoch or after close)."""
-        return self._pipes[0] if self._pipes else None
-
-    @property
-    def _feed(self) -> _Feed | None:
-        """The first pipeline's feed of the current epoch."""
-        return self._feeds[0] if self._feeds else None
-
     def _staged(self, raw: dict[str, Any], views: list[np.ndarray]) -> list[np.ndarray]:
         """The views' bytes copied into one buffer (pinned on CUDA; torch's pinned-memory cache reuses it once
         freed), kept alive in `raw` as long as DALI may read it (the batch stays in `_Feed.inflight`)."""
@@ -390,10 +381,10 @@ class DaliLoader(EncodedLoader):
     def _produce(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, list[torch.Tensor]]]:
         # The pipelines outlive the epoch (building one costs the decoder's setup); they are
         # dropped only when an epoch is left unfinished, as they then hold prefetched batches.
-        # Several pipelines take the batches in turn (_Dealer) and give them back in the same turn.
+        # The pipelines take the batches in turn (_Dealer) and give them back in the same turn.
         n = self.pipelines
-        dealer = _Dealer(batches, n) if n > 1 else None
-        self._feeds = [_Feed(dealer.stream(j) if dealer else batches) for j in range(n)]
+        dealer = _Dealer(batches, n)
+        self._feeds = [_Feed(dealer.stream(j)) for j in range(n)]
         if len(self._pipes) != n:
             self._pipes = [self._pipeline(self._source_of(j)) for j in range(n)]
         finished = False
@@ -411,7 +402,7 @@ class DaliLoader(EncodedLoader):
                     break
                 yield item
                 j = (j + 1) % n
-            carry = [f for feed in self._feeds for f in feed.carry] + (dealer.carry if dealer else [])
+            carry = [f for feed in self._feeds for f in feed.carry] + dealer.carry
             if carry:
                 yield (None, carry), []
         finally:
