@@ -262,13 +262,31 @@ def _assert_same_grads(out, ref, inputs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _assert_unmask_matches(ids, pos, C):
+    """mae_unmask (Triton) on random visible rows and mask token against the reference: the output, the inverse
+    its forward saves (each position's row in `visible`, -1 where masked) and the gradients (pos_embed's when it
+    needs one). pos: [1, N, C]."""
+    masking = sys.modules["kernels.masking"]
+    B, K = ids.shape
+    N = pos.shape[1]
+    v = torch.randn(B, K, C, requires_grad=True)
+    mt = torch.randn(C, requires_grad=True)
+    full = kernels.mae_unmask(v, ids, mt, pos, impl="triton")
+    ref = kernels.mae_unmask_reference(v, ids, mt, pos)
+    torch.testing.assert_close(full, ref)
+    inv = masking._unmask(v.detach(), ids, mt.detach(), pos.detach()[0])[1]
+    want = torch.full((B, N), -1, dtype=torch.int32)
+    want.scatter_(1, ids, torch.arange(K, dtype=torch.int32).expand(B, K).contiguous())
+    assert torch.equal(inv, want)
+    _assert_same_grads(full, ref, (v, mt, pos) if pos.requires_grad else (v, mt))
+
+
 # --- paths of the bandwidth-tuned kernels: batch chunks with a partial last step, column tiles
 # of a non-power-of-two width (ViT-g's 1408 -> 128-wide tiles), K past one id block, K = 0
 
 
 @pytest.mark.parametrize("B,N,C,ratio", [(11, 5, 48, 0.6), (2, 10, 1408, 0.75), (3, 150, 8, 1 / 3), (2, 7, 8, 0.9)])
 def test_mae_mask_unmask_walks(B, N, C, ratio):
-    masking = sys.modules["kernels.masking"]
     K = int(N * (1 - ratio))
     tokens = torch.randn(B, N, C, requires_grad=True)
     pos = torch.randn(1, N, C, requires_grad=True)
@@ -278,16 +296,7 @@ def test_mae_mask_unmask_walks(B, N, C, ratio):
     assert torch.equal(ids, rids) and torch.equal(mask, rmask) and vis.shape == (B, K, C)
     torch.testing.assert_close(vis, rvis)
     _assert_same_grads(vis, rvis, (tokens, pos))
-    v = torch.randn(B, K, C, requires_grad=True)
-    mt = torch.randn(C, requires_grad=True)
-    full = kernels.mae_unmask(v, ids, mt, pos, impl="triton")
-    ref = kernels.mae_unmask_reference(v, ids, mt, pos)
-    torch.testing.assert_close(full, ref)
-    inv = masking._unmask(v.detach(), ids, mt.detach(), pos.detach()[0])[1]
-    want_inv = torch.full((B, N), -1, dtype=torch.int32)
-    want_inv.scatter_(1, ids, torch.arange(K, dtype=torch.int32).expand(B, K))
-    assert torch.equal(inv, want_inv)
-    _assert_same_grads(full, ref, (v, mt, pos))
+    _assert_unmask_matches(ids, pos, C)
 
 
 @pytest.mark.parametrize("programs", [1, 3])
@@ -486,17 +495,7 @@ def test_unmask_forward_load_orders(monkeypatch, hoist, B, N, C, ratio):
     K = int(N * (1 - ratio))
     ids = torch.stack([torch.randperm(N)[:K] for _ in range(B)])
     for pos_grad in (False, True):
-        v = torch.randn(B, K, C, requires_grad=True)
-        mt = torch.randn(C, requires_grad=True)
-        pos = torch.randn(1, N, C, requires_grad=pos_grad)
-        full = kernels.mae_unmask(v, ids, mt, pos, impl="triton")
-        ref = kernels.mae_unmask_reference(v, ids, mt, pos)
-        torch.testing.assert_close(full, ref)
-        inv = masking._unmask(v.detach(), ids, mt.detach(), pos.detach()[0])[1]
-        want = torch.full((B, N), -1, dtype=torch.int32)
-        want.scatter_(1, ids, torch.arange(K, dtype=torch.int32).expand(B, K).contiguous())
-        assert torch.equal(inv, want)
-        _assert_same_grads(full, ref, (v, mt, pos) if pos_grad else (v, mt))
+        _assert_unmask_matches(ids, torch.randn(1, N, C, requires_grad=pos_grad), C)
 
 
 def test_pdl_only_on_hopper_cuda_tensors_outside_the_interpreter(monkeypatch):
