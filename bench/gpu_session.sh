@@ -310,6 +310,14 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+L30)  # engine.run's data stall (MAE ViT-B, batch 256, CUDA graphs as auto picks) with DALI pipelines 2 vs 1 (L29: the
+      # loader alone), dali, 256 px
+  export CUDA_VISIBLE_DEVICES=0
+  S="python3 -m bench loaders --backends dali --sizes 256 --workers 2 --seconds 2 --warmup 5 --stall-engine \
+    --stall-backends dali --compile model --stall-steps 80 --data-dir /tmp/bench-data"
+  step 280 $S --dali-pipelines 2 --tag engine-stall-p2
+  step 280 $S --dali-pipelines 1 --tag engine-stall-p1
+  ;;
 L29)  # bench._dali_pipes (DALI alone) decoded 256-px JPEGs at 37.5-39.6k img/s with one pipeline and 46.3-57.0k with
       # two (a thread each; transcribed, the call's device time ran out): the probe again with the committed script,
       # then the loader with DaliLoader pipelines 1 vs 2 (fed in turn from one thread) at 2 / 4 DALI threads each,

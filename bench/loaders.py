@@ -26,6 +26,7 @@ import contextlib
 import faulthandler
 import gc
 import io
+import inspect
 import itertools
 import json
 import multiprocessing
@@ -930,8 +931,25 @@ def engine_options(a, device: torch.device, run_dir: Path, shards: str, backend:
                 f"data.cache_dir={run_dir.parent / 'engine-cache'}"]
         if backend == "nvjpeg":
             out.append(f"data.options={{nvjpeg: {{decode_ahead: {str(nvjpeg_options(a)[0]['decode_ahead']).lower()}}}}}")
-        if backend == "dali" and dali_options(a)[0].get("decode_crop"):
-            out.append("data.options={dali: {decode_crop: true}}")
+        if backend == "dali":
+            extra = dali_engine_options(dali_options(a)[0])
+            if extra:
+                out.append("data.options={dali: {" + ", ".join(f"{k}: {v}" for k, v in extra.items()) + "}}")
+    return out
+
+
+def dali_engine_options(options: dict[str, Any]) -> dict[str, str]:
+    """The dali settings of a bench run that differ from DaliLoader's defaults, as YAML scalars for engine.run's
+    data.options (the engine stall runs the first settings combination)."""
+    from loaders.backends.dali import DaliLoader
+
+    defaults = {k: p.default for k, p in inspect.signature(DaliLoader.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    defaults["dali_threads"] = max(1, min(4, os.cpu_count() or 1))  # what None means in DaliLoader
+    out = {}
+    for k, v in options.items():
+        if k in defaults and v != defaults[k]:
+            out[k] = str(v).lower() if isinstance(v, bool) else str(v)
     return out
 
 

@@ -4,9 +4,11 @@ the PIL baseline and the ratios are there, and the MAE stall section is filled i
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+import yaml
 
 import bench.common
 import bench.loaders
@@ -136,8 +138,15 @@ def test_repeats_report_the_median_run_and_nvjpeg_variants(tmp_path):
         "dali t2 hw1 nocopy q3 decode-crop", "dali t2 hw1 nocopy q3"]
     assert [o.get("decode_crop", False) for o in bench.loaders.dali_options(crop)] == [True, False]
     engine = bench.loaders.engine_options(crop, torch.device("cpu"), tmp_path / "run", "/shards", "dali")
-    assert "data.options={dali: {decode_crop: true}}" in engine  # the first value of --dali-decode-crop
-    assert not any("decode_crop" in o for o in bench.loaders.engine_options(one, torch.device("cpu"), tmp_path, "/s", "dali"))
+    def dali_opts(engine):  # the dali entry of the data.options override, parsed
+        found = [yaml.safe_load(o.split("=", 1)[1]) for o in engine if o.startswith("data.options=")]
+        return found[0]["dali"] if found else {}
+
+    assert dali_opts(engine)["decode_crop"] is True  # the first value of --dali-decode-crop
+    threads = max(1, min(4, os.cpu_count() or 1))  # DaliLoader's default: passed only when it differs
+    assert dali_opts(engine).get("dali_threads", 2) == 2 and ("dali_threads" in dali_opts(engine)) == (threads != 2)
+    plain = dali_opts(bench.loaders.engine_options(one, torch.device("cpu"), tmp_path, "/s", "dali"))
+    assert plain == ({} if threads == 4 else {"dali_threads": 4})  # the bench's 4 threads, where that is not the default
     huff = bench.loaders.parse(["--dali-huffman", "0,1000000", "--hw-decoder-load", "0.9"])
     assert [label for _, label, _ in bench.loaders.variants(huff, ["dali"])] == [
         "dali t4 hw0.9 nocopy q3 huff0", "dali t4 hw0.9 nocopy q3 huff1000000"]
@@ -147,6 +156,8 @@ def test_repeats_report_the_median_run_and_nvjpeg_variants(tmp_path):
     assert [label for _, label, _ in bench.loaders.variants(pipes, ["dali"])] == [
         "dali t2 hw1 nocopy q3", "dali t2 hw1 nocopy q3 p2"]
     assert [o.get("pipelines", 1) for o in bench.loaders.dali_options(pipes)] == [1, 2]
+    two = bench.loaders.parse(["--dali-pipelines", "2,1"])  # the engine stall takes the first combination
+    assert dali_opts(bench.loaders.engine_options(two, torch.device("cpu"), tmp_path, "/s", "dali"))["pipelines"] == 2
     accum = bench.loaders.parse(["--stall-accum", "3", "--batch-size", "8"])
     engine = bench.loaders.engine_options(accum, torch.device("cpu"), tmp_path / "run", "/shards", None)
     assert "train.batch_size=24" in engine and "train.micro_batch=8" in engine  # 3 micro-batches per step
