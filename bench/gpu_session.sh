@@ -310,6 +310,24 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+K22)  # the MAE ViT-L step, our kernels vs SDPA + torch masking/loss in the same run, with this session's code (the
+      # unmask's hoisted loads and the split head dim landed since it was last timed)
+  step 300 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \
+    --steps 8 --warmup 3 --tag vitl-recheck
+  ;;
+L33)  # L32: two pipelines of one DALI thread each ran 33.6k / 34.3k img/s at 3.4-3.5 cores, but one round of three
+      # collapsed to 19.0k (one pipeline's rate); again with 4 rounds, beside 1 x 4 (the default), 1 x 1 and 2 x 4; then 3 x 1
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  L="python3 -m bench loaders --sizes 256 --workers 2 --seconds 4 --warmup 10 --repeats 4 --data-dir /tmp/bench-data --backends dali"
+  step 300 $L --dali-pipelines 2,1 --dali-threads 1,4 --tag pipes-threads-2
+  step 120 $L --dali-pipelines 3 --dali-threads 1 --tag pipes-threads-3x1
+  ;;
+L31)  # the loader bench with the defaults (one DALI pipeline, 4 threads) beside 2 pipelines, nvjpeg and PIL, 256 and
+      # 512 px, 3 rounds: the record for the #4 targets (L29: one pipeline 32.7k img/s at 3.3 cores, two 34.1k at 3.8)
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  step 500 python3 -m bench loaders --workers 2 --seconds 4 --warmup 10 --repeats 3 --data-dir /tmp/bench-data \
+    --backends dali,nvjpeg,pil --dali-pipelines 1,2 --tag final
+  ;;
 L30)  # engine.run's data stall (MAE ViT-B, batch 256, CUDA graphs as auto picks) with DALI pipelines 2 vs 1 (L29: the
       # loader alone), dali, 256 px
   export CUDA_VISIBLE_DEVICES=0
