@@ -640,7 +640,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="also the stall of engine.run's own training loop (engine.train.Trainer: the MAE recipe of "
                         "--model, micro-batch --batch-size, --stall-accum per step, --compile; --compile-mode if given, else "
                         "the engine's default, auto: CUDA graphs on one GPU) with each of "
-                        "--stall-backends that the engine has (not pil) against data.shards=synthetic")
+                        "--stall-backends that the engine has (not pil) against data.shards=synthetic; dali and nvjpeg "
+                        "run the first combination of their settings lists (as data.options)")
     p.add_argument("--stall-backends", default="dali,nvjpeg,cpu,pil")
     p.add_argument("--stall-steps", type=int, default=40)
     p.add_argument("--stall-accum", type=int, default=1,
