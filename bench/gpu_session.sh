@@ -310,6 +310,12 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+K23)  # the MAE objective hands the decoder's bf16 output to the loss as it is (no fp32 copy of pred first): the loss
+      # op fwd+bwd on bf16 vs .float() pred (an ad hoc script, if carried), then the MAE ViT-L step, ours vs SDPA + torch
+  [ -f .notes/loss_dtype.py ] && step 60 python3 .notes/loss_dtype.py
+  step 300 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \
+    --steps 8 --warmup 3 --tag vitl-bf16pred
+  ;;
 K22)  # the MAE ViT-L step, our kernels vs SDPA + torch masking/loss in the same run, with this session's code (the
       # unmask's hoisted loads and the split head dim landed since it was last timed)
   step 300 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \

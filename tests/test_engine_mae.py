@@ -110,3 +110,38 @@ def test_sincos_pos_embed_properties():
     codes = pe[0, 1:]
     assert torch.cdist(codes, codes).fill_diagonal_(1).min() > 0
     assert torch.equal(codes[0, :32], codes[4, :32])  # same column, different row: column half equal
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_loss_reads_pred_in_the_autocast_dtype(impl, monkeypatch):
+    """Under bf16 autocast the decoder's bf16 output goes to the loss as it is (no fp32 copy first), and the loss
+    and the decoder head's gradient match those of the same model given an fp32 copy of pred."""
+    import kernels
+
+    torch.manual_seed(3)
+    model = tiny_mae()
+    model.impl = impl  # masking and loss (attention stays SDPA: the interpreter's bf16 tl.dot is wrong)
+    imgs = model.synthetic_batch(2, "cpu")
+    seen = []
+    real = kernels.mae_loss
+
+    def spy(imgs_, pred, *args, **kwargs):
+        seen.append(pred.dtype)
+        return real(imgs_, pred, *args, **kwargs)
+
+    def run(loss_fn):
+        monkeypatch.setattr(kernels, "mae_loss", loss_fn)
+        model.zero_grad()
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(imgs)["loss"]
+        loss.backward()
+        return loss.detach(), model.decoder_pred.weight.grad.clone()
+
+    loss, grad = run(spy)
+    assert seen == [torch.bfloat16]
+    ref_loss, ref_grad = run(lambda imgs_, pred, *a, **k: real(imgs_, pred.float(), *a, **k))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    # the interpreter rounds the kernel's fp32 -> bf16 dpred store toward zero (the GPU to nearest, as torch's cast
+    # does), so the triton path's dpred may differ from the cast copy's by one bf16 ulp (2^-8 relative)
+    assert ((grad - ref_grad).norm() / ref_grad.norm()).item() < (1e-2 if impl == "triton" else 1e-6)

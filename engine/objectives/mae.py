@@ -88,7 +88,9 @@ class MaskedAutoencoder(nn.Module):
     def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
         latent, ids_keep, mask = self.encode(imgs)
         pred = self.decode(latent, ids_keep)
-        loss = kernels.mae_loss(imgs, pred.float(), mask, self.patch_size, norm_pix=self.norm_pix_loss,
+        # pred in the decoder's dtype (bf16 under autocast): both implementations compute in fp32 from it (the
+        # kernel reads the sliced bf16 rows in place), so an fp32 copy of pred would only add traffic and memory
+        loss = kernels.mae_loss(imgs, pred, mask, self.patch_size, norm_pix=self.norm_pix_loss,
                                 impl=self.impl, layout=self.pred_layout)
         return {"loss": loss}
 
