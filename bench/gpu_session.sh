@@ -328,6 +328,12 @@ L33)  # L32: two pipelines of one DALI thread each ran 33.6k / 34.3k img/s at 3.
   step 300 $L --dali-pipelines 2,1 --dali-threads 1,4 --tag pipes-threads-2
   step 120 $L --dali-pipelines 3 --dali-threads 1 --tag pipes-threads-3x1
   ;;
+L32)  # L29/L31: two pipelines 34-35k img/s at 256 px but 3.8-4.2 cores; fewer DALI threads per pipeline (1, 2) beside 4,
+      # one and two pipelines, 3 rounds (run inline in its session, this exact command)
+  export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
+  step 300 python3 -m bench loaders --sizes 256 --workers 2 --seconds 4 --warmup 10 --repeats 3 --data-dir /tmp/bench-data \
+    --backends dali --dali-pipelines 2,1 --dali-threads 1,2,4 --tag pipes-threads
+  ;;
 L31)  # the loader bench with the defaults (one DALI pipeline, 4 threads) beside 2 pipelines, nvjpeg and PIL, 256 and
       # 512 px, 3 rounds: the record for the #4 targets (L29: one pipeline 32.7k img/s at 3.3 cores, two 34.1k at 3.8)
   export CUDA_VISIBLE_DEVICES=0 CUDA_DEVICE_MAX_CONNECTIONS=8
