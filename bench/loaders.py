@@ -942,11 +942,11 @@ def engine_options(a, device: torch.device, run_dir: Path, shards: str, backend:
 def dali_engine_options(options: dict[str, Any]) -> dict[str, str]:
     """The dali settings of a bench run that differ from DaliLoader's defaults, as YAML scalars for engine.run's
     data.options (the engine stall runs the first settings combination)."""
-    from loaders.backends.dali import DaliLoader
+    from loaders.backends.dali import DaliLoader, default_threads
 
     defaults = {k: p.default for k, p in inspect.signature(DaliLoader.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    defaults["dali_threads"] = max(1, min(4, os.cpu_count() or 1))  # what None means in DaliLoader
+    defaults["dali_threads"] = default_threads()  # what None means in DaliLoader
     out = {}
     for k, v in options.items():
         if k in defaults and v != defaults[k]:

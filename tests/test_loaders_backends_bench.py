@@ -4,7 +4,6 @@ the PIL baseline and the ratios are there, and the MAE stall section is filled i
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import yaml
 
 import bench.common
 import bench.loaders
+from loaders.backends.dali import default_threads
 
 
 def test_bench_loaders_tiny_end_to_end(tmp_path, monkeypatch):
@@ -143,7 +143,7 @@ def test_repeats_report_the_median_run_and_nvjpeg_variants(tmp_path):
         return found[0]["dali"] if found else {}
 
     assert dali_opts(engine)["decode_crop"] is True  # the first value of --dali-decode-crop
-    threads = max(1, min(4, os.cpu_count() or 1))  # DaliLoader's default: passed only when it differs
+    threads = default_threads()  # DaliLoader's default: passed only when it differs
     assert dali_opts(engine).get("dali_threads", 2) == 2 and ("dali_threads" in dali_opts(engine)) == (threads != 2)
     plain = dali_opts(bench.loaders.engine_options(one, torch.device("cpu"), tmp_path, "/s", "dali"))
     assert plain == ({} if threads == 4 else {"dali_threads": 4})  # the bench's 4 threads, where that is not the default
