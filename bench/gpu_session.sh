@@ -310,6 +310,30 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+K27)  # the defaults after K24-K26 (TMA on the backward passes at d = 64 and d = 88); the MAE ViT-L decoder's shape
+      # (N = 197, d = 32: the d <= 64 bucket default, now with TMA) without / with TMA; the MAE ViT-L step
+  step 120 python3 -m bench kernels --only attention --tune-tma --shapes mae-l-dec-n197-d32 --tag tune-tma-d32
+  step 200 python3 -m bench kernels --only attention --tag defaults-tma-2
+  step 300 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \
+    --steps 8 --warmup 3 --tag vitl-tma
+  ;;
+K26)  # K25: TMA on both backward passes at 3 stages is the d = 64 default now; the split head dims (d = 88 / 80 as
+      # two pieces, two descriptors per tensor) the same way, then every attention shape with the defaults
+  step 300 python3 -m bench kernels --only attention --tune-tma \
+    --shapes vit-g-n257-d88,vit-h-n257-d80,mae-g-enc-n65-d88 --tag tune-tma-split
+  step 200 python3 -m bench kernels --only attention --tag defaults-tma
+  ;;
+K25)  # K24: TMA on both backward passes at 3 stages ran N = 197 / 261 / 1374 3-4 % faster, TMA forwards were slower:
+      # TMA per pass now (top-level key: dK/dV pass, the DQ blocks' key: dQ pass), each combination at two depths
+  step 300 python3 -m bench kernels --only attention --tune-tma \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-g518-n1374-d64 --tag tune-tma-2
+  ;;
+K24)  # README's next step for the attention backward: TMA loads (Triton tensor descriptors, config key TMA) of the full
+      # tiles each loop walks (forward K/V, dQ pass K/V, dK/dV pass Q/dO); the current configs without / with it and
+      # block neighbours with it, at the d = 64 shapes (the split head dims have no TMA path yet)
+  step 560 python3 -m bench kernels --only attention --tune-tma \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-g518-n1374-d64 --tag tune-tma
+  ;;
 K23)  # the MAE objective hands the decoder's bf16 output to the loss as it is (no fp32 copy of pred first): the loss
       # op fwd+bwd on bf16 vs .float() pred (an ad hoc script, if carried), then the MAE ViT-L step, ours vs SDPA + torch
   [ -f .notes/loss_dtype.py ] && step 60 python3 .notes/loss_dtype.py

@@ -14,7 +14,8 @@ MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms)
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
---tune-ws, --tune-split: the current configs under register caps, warp specialization, a split head dim),
+--tune-ws, --tune-split, --tune-tma: the current configs under register caps, warp specialization, a split head dim,
+TMA loads),
 --shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -34,6 +35,7 @@ from bench.common import bar_plot, card_name, cuda_time_ms, print_table, write_r
 ATTN_SHAPES = {
     "mae-l-enc-n50-d64": (512, 16, 50, 64),
     "vit-l-n197-d64": (128, 16, 197, 64),
+    "mae-l-dec-n197-d32": (256, 16, 197, 32),  # the MAE ViT-L decoder: 512 wide, 16 heads of 32, every patch + cls
     "dinov2-g-n261-d64": (128, 24, 261, 64),
     "vit-g-n257-d88": (96, 16, 257, 88),
     "vit-h-n257-d80": (128, 16, 257, 80),  # ViT-H/14 (the paper's largest MAE): head dim 80
@@ -510,7 +512,24 @@ def split_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return fwds, bwds
 
 
-VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants}
+def tma_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
+    """The shape's current configs without and with TMA (the full tiles each loop walks loaded through tensor
+    descriptors): the forward, and the two-pass backward with it on either pass, both or neither, each at the
+    current pipeline depths and at 3 stages (the first sweep's winners took 3 with TMA on both passes)."""
+    from kernels import attn
+
+    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
+    fwds = [fwd] if fwd.get("SPLIT_D") and attn._split_dims(D) else [fwd, fwd | {"TMA": True}]  # no split TMA fwd
+    if bwd.get("SPLIT") != attn.KV_Q:  # the one-pass kernels have no TMA path
+        return fwds, [bwd]
+    dq = attn._kv_q_dq_config(bwd)
+    depths = [(bwd["num_stages"], dq["num_stages"])]
+    depths += [d for d in [(3, 3), (3, dq["num_stages"]), (bwd["num_stages"], 3)] if d not in depths]
+    return fwds, [bwd | {"TMA": a, "num_stages": s, "DQ": dq | {"TMA": b, "num_stages": t}}
+                  for s, t in depths for a in (False, True) for b in (False, True)]
+
+
+VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants}
 
 
 def tune_attention(names, variants=None):
@@ -592,6 +611,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-split", action="store_true",
                     help="instead of the block sweep, time each shape's current configs with and without the head "
                          "dim split in two pieces (SPLIT_D; d = 88 as 64 + 32), and block neighbours with it")
+    ap.add_argument("--tune-tma", action="store_true",
+                    help="instead of the block sweep, time each shape's current configs without and with TMA loads "
+                         "(tensor descriptors, Hopper and later; dense inputs, unsplit head dims) on the forward and "
+                         "on each pass of the two-pass backward, at two pipeline depths")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
@@ -615,7 +638,8 @@ def main(argv=None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     payload = {"card": card_name()}
-    variants = "regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split else None
+    variants = ("regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split
+                else "tma" if args.tune_tma else None)
     if (args.tune or variants) and run_attn:
         import time
 

@@ -21,7 +21,9 @@ Backward, three layouts chosen per shape (see `_bwd_config`; config key SPLIT = 
   output tile: a dQ pass (query tile per program, walks the key tiles, also stores delta) and then
   a dK/dV pass (key tile per program, walks the query tiles). Recomputes P twice but holds two
   accumulators at most (the fused layouts hold three) and needs no atomics or scratch.
-Head dims that are not a power of two (88) are padded in-kernel to the next power of two.
+Head dims that are not a power of two (88) are padded in-kernel to the next power of two, or split in two
+power-of-two pieces (config key SPLIT_D). On Hopper and later the config key TMA loads the full tiles a loop walks
+through tensor descriptors (the default in the backward passes at d = 32 / 64 / 88; see kernels/README.md).
 """
 from __future__ import annotations
 
@@ -125,6 +127,13 @@ def _store_tile(ptrs, x, rows_ok, cols_ok, MASK_R: tl.constexpr, MASK_C: tl.cons
 
 
 @triton.jit
+def _desc_tile(desc, b, h, row0, ROWS: tl.constexpr, COLS: tl.constexpr, COL0: tl.constexpr = 0):
+    """Rows [row0, row0 + ROWS), columns [COL0, COL0 + COLS) of head (b, h) from a [B, H, N, D] tensor descriptor
+    (block [1, 1, ROWS, COLS]); columns past D arrive as zeros."""
+    return tl.reshape(desc.load([b, h, row0, COL0]), [ROWS, COLS])
+
+
+@triton.jit
 def _seq_bounds(CU, b, N, VARLEN: tl.constexpr):
     if VARLEN:
         start = tl.load(CU + b)
@@ -137,11 +146,17 @@ def _seq_bounds(CU, b, N, VARLEN: tl.constexpr):
 
 @triton.jit
 def _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale, offs_d, mask_d,
-                 BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
+                 BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                 KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
-    kt = tl.trans(_load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D))
-    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    if TMA:  # full tiles through the tensor descriptors (TMA); head-dim columns past HEAD_DIM arrive as zeros
+        kt = tl.trans(_desc_tile(KD, b, h, start_n, BN, offs_d.shape[0]))
+        v = _desc_tile(VD, b, h, start_n, BN, offs_d.shape[0])
+    else:
+        kt = tl.trans(_load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N,
+                                 not EVEN_D))
+        v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
     s = tl.dot(q, kt) * qk_scale  # log2 units
     if MASK_N:
         s = tl.where(cols_ok[None, :], s, float("-inf"))
@@ -157,7 +172,8 @@ def _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk
 def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
                  offs_d, mask_d,
                  BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr):
+                 BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
+                 KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
@@ -167,7 +183,7 @@ def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, 
     n_full = (seqlen // BLOCK_N) * BLOCK_N
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
-                                     offs_d, mask_d, BLOCK_N, False, EVEN_D)
+                                     offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA)
     for start_n in range(n_full, seqlen, TAIL_N):
         m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
                                      offs_d, mask_d, TAIL_N, True, EVEN_D)
@@ -239,13 +255,16 @@ def _fwd_q_block2(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n,
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, CU,
+    Q, K, V, O, LSE, CU, KD, VD,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sl_b, sl_h,
     H, N, qk_scale,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False, D2: tl.constexpr = 0,
+    TMA: tl.constexpr = False,
 ):
+    # TMA: the full key tiles are loaded through the tensor descriptors KD / VD (dense inputs; block
+    # [1, 1, BLOCK_N, BLOCK_D]); otherwise KD / VD are unused.
     # WS: Triton's warp specialization of the full-tile loop (tl.range(warp_specialize=...)), a tuning knob.
     # D2 > 0 (SPLIT_D): the head dim in two pieces, BLOCK_D columns then D2 (d = 88: 64 + 32 instead of 128)
     pid_m = tl.program_id(0)
@@ -278,7 +297,8 @@ def _attn_fwd(
                           qk_scale, offs_d, offs_d2, mask_d2, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, D2, WS)
         else:
             _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n,
-                         qk_scale, offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
+                         qk_scale, offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS,
+                         KD, VD, b, h, TMA)
     else:
         row0 = m_full * BLOCK_M + (pid_m - m_full) * TAIL_M
         if row0 < seqlen:
@@ -287,7 +307,7 @@ def _attn_fwd(
                               offs_d, offs_d2, mask_d2, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, D2, WS)
             else:
                 _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
-                             offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
+                             offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
 
 
 @triton.jit
@@ -500,12 +520,17 @@ def _row_base(b64, h64, tok, s_b, s_h, s_n, ALIGN: tl.constexpr):
 
 @triton.jit
 def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen, qk_scale,
-                   offs_d, mask_d, BM: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr):
+                   offs_d, mask_d, BM: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr,
+                   QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False):
     # key-major products; padded keys need no mask here: their dK/dV rows are never stored
     rows = start_m + tl.arange(0, BM)
     rows_ok = rows < seqlen
-    q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
-    do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+    if TMA:
+        q = _desc_tile(QD, b, h, start_m, BM, offs_d.shape[0])
+        do = _desc_tile(DOD, b, h, start_m, BM, offs_d.shape[0])
+    else:
+        q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+        do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
     if MASK_M:
         lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))  # padded queries: p = 0
         delta = tl.load(DELTA + lo + rows, mask=rows_ok, other=0.0)
@@ -523,7 +548,8 @@ def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, st
 def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                     BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
-                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr):
+                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
+                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False):
     """dK, dV of one key tile: K and V stay resident, every query tile streams past."""
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
@@ -534,7 +560,7 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
     m_full = (seqlen // BLOCK_M) * BLOCK_M
     for start_m in tl.range(0, m_full, BLOCK_M, warp_specialize=WS):
         dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
-                                qk_scale, offs_d, mask_d, BLOCK_M, False, EVEN_D)
+                                qk_scale, offs_d, mask_d, BLOCK_M, False, EVEN_D, QD, DOD, b, h, TMA)
     for start_m in range(m_full, seqlen, TAIL_M):
         dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
                                 qk_scale, offs_d, mask_d, TAIL_M, True, EVEN_D)
@@ -546,11 +572,16 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
 
 @triton.jit
 def _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale, offs_d, mask_d,
-                 BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
+                 BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                 KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
-    k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
-    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    if TMA:
+        k = _desc_tile(KD, b, h, start_n, BN, offs_d.shape[0])
+        v = _desc_tile(VD, b, h, start_n, BN, offs_d.shape[0])
+    else:
+        k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+        v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
     if MASK_N:  # padded keys (k = 0) get p = exp2(-lse): inf when every real score is below -128
         p = tl.where(cols_ok[None, :], p, 0.0)
@@ -562,7 +593,8 @@ def _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqle
 def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                   BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr):
+                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
+                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
     """dQ of one query tile (and its delta = rowsum(dO * O), stored for the dK/dV pass)."""
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
@@ -580,7 +612,7 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
     n_full = (seqlen // BLOCK_N) * BLOCK_N
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
-                          offs_d, mask_d, BLOCK_N, False, EVEN_D)
+                          offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA)
     for start_n in range(n_full, seqlen, TAIL_N):
         dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
                           offs_d, mask_d, TAIL_N, True, EVEN_D)
@@ -590,14 +622,21 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
 
 @triton.jit
 def _bwd_dkdv_step2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, dk, dk2, dv, dv2, start_m, seqlen,
-                    qk_scale, offs_d, offs_d2, mask_d2, BM: tl.constexpr, MASK_M: tl.constexpr):
+                    qk_scale, offs_d, offs_d2, mask_d2, BM: tl.constexpr, MASK_M: tl.constexpr,
+                    QD=None, QD2=None, DOD=None, DOD2=None, b=0, h=0, TMA: tl.constexpr = False):
     # _bwd_dkdv_step with the head dim in two pieces (SPLIT_D)
     rows = start_m + tl.arange(0, BM)
     rows_ok = rows < seqlen
-    q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
-    q2 = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d2[None, :], rows_ok, mask_d2, MASK_M, True)
-    do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
-    do2 = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d2[None, :], rows_ok, mask_d2, MASK_M, True)
+    if TMA:  # the second piece through its own descriptors (block columns D2, from column BLOCK_D)
+        q = _desc_tile(QD, b, h, start_m, BM, offs_d.shape[0])
+        q2 = _desc_tile(QD2, b, h, start_m, BM, offs_d2.shape[0], offs_d.shape[0])
+        do = _desc_tile(DOD, b, h, start_m, BM, offs_d.shape[0])
+        do2 = _desc_tile(DOD2, b, h, start_m, BM, offs_d2.shape[0], offs_d.shape[0])
+    else:
+        q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
+        q2 = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d2[None, :], rows_ok, mask_d2, MASK_M, True)
+        do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
+        do2 = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d2[None, :], rows_ok, mask_d2, MASK_M, True)
     if MASK_M:
         lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))  # padded queries: p = 0
         delta = tl.load(DELTA + lo + rows, mask=rows_ok, other=0.0)
@@ -618,7 +657,8 @@ def _bwd_dkdv_step2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, d
 def _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                      sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, offs_d2,
                      mask_d2, BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
-                     BLOCK_D: tl.constexpr, D2: tl.constexpr, WS: tl.constexpr):
+                     BLOCK_D: tl.constexpr, D2: tl.constexpr, WS: tl.constexpr,
+                     QD=None, QD2=None, DOD=None, DOD2=None, b=0, h=0, TMA: tl.constexpr = False):
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
     k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
@@ -632,7 +672,8 @@ def _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo,
     m_full = (seqlen // BLOCK_M) * BLOCK_M
     for start_m in tl.range(0, m_full, BLOCK_M, warp_specialize=WS):
         dk, dk2, dv, dv2 = _bwd_dkdv_step2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, dk, dk2, dv,
-                                           dv2, start_m, seqlen, qk_scale, offs_d, offs_d2, mask_d2, BLOCK_M, False)
+                                           dv2, start_m, seqlen, qk_scale, offs_d, offs_d2, mask_d2, BLOCK_M, False,
+                                           QD, QD2, DOD, DOD2, b, h, TMA)
     for start_m in range(m_full, seqlen, TAIL_M):
         dk, dk2, dv, dv2 = _bwd_dkdv_step2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, dk, dk2, dv,
                                            dv2, start_m, seqlen, qk_scale, offs_d, offs_d2, mask_d2, TAIL_M, True)
@@ -648,13 +689,20 @@ def _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo,
 
 @triton.jit
 def _bwd_dq_step2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq2, start_n, seqlen, qk_scale,
-                  offs_d, offs_d2, mask_d2, BN: tl.constexpr, MASK_N: tl.constexpr):
+                  offs_d, offs_d2, mask_d2, BN: tl.constexpr, MASK_N: tl.constexpr,
+                  KD=None, KD2=None, VD=None, VD2=None, b=0, h=0, TMA: tl.constexpr = False):
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
-    k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
-    k2 = _load_tile(K + ko + cols[:, None] * sk_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True)
-    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
-    v2 = _load_tile(V + vo + cols[:, None] * sv_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True)
+    if TMA:
+        k = _desc_tile(KD, b, h, start_n, BN, offs_d.shape[0])
+        k2 = _desc_tile(KD2, b, h, start_n, BN, offs_d2.shape[0], offs_d.shape[0])
+        v = _desc_tile(VD, b, h, start_n, BN, offs_d.shape[0])
+        v2 = _desc_tile(VD2, b, h, start_n, BN, offs_d2.shape[0], offs_d.shape[0])
+    else:
+        k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
+        k2 = _load_tile(K + ko + cols[:, None] * sk_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True)
+        v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
+        v2 = _load_tile(V + vo + cols[:, None] * sv_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True)
     p = tl.math.exp2(tl.dot(q2, tl.trans(k2), tl.dot(q, tl.trans(k))) * qk_scale - lse[:, None])
     if MASK_N:  # padded keys (k = 0) get p = exp2(-lse): inf when every real score is below -128
         p = tl.where(cols_ok[None, :], p, 0.0)
@@ -666,7 +714,8 @@ def _bwd_dq_step2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq2,
 def _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                    sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale, offs_d, offs_d2, mask_d2,
                    BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, D2: tl.constexpr, WS: tl.constexpr):
+                   BLOCK_D: tl.constexpr, D2: tl.constexpr, WS: tl.constexpr,
+                   KD=None, KD2=None, VD=None, VD2=None, b=0, h=0, TMA: tl.constexpr = False):
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
@@ -687,7 +736,7 @@ def _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
     n_full = (seqlen // BLOCK_N) * BLOCK_N
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         dq, dq2 = _bwd_dq_step2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq2, start_n, seqlen,
-                                qk_scale, offs_d, offs_d2, mask_d2, BLOCK_N, False)
+                                qk_scale, offs_d, offs_d2, mask_d2, BLOCK_N, False, KD, KD2, VD, VD2, b, h, TMA)
     for start_n in range(n_full, seqlen, TAIL_N):
         dq, dq2 = _bwd_dq_step2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq2, start_n, seqlen,
                                 qk_scale, offs_d, offs_d2, mask_d2, TAIL_N, True)
@@ -699,15 +748,18 @@ def _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
 
 @triton.jit
 def _attn_bwd_kv_q(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU,
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU, QD, KD, VD, DOD, QD2, KD2, VD2, DOD2,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sdo_b, sdo_h, sdo_n,
     sdq_b, sdq_h, sdq_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h,
     H, N, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
-    D2: tl.constexpr = 0,
+    D2: tl.constexpr = 0, TMA: tl.constexpr = False,
 ):
+    # TMA: the full tiles each pass walks (K / V in the dQ pass, Q / dO in the dK/dV pass) come through the
+    # tensor descriptors KD / VD / QD / DOD (dense inputs; block [1, 1, sub-tile, BLOCK_D]; with D2 > 0 the second
+    # piece through QD2 ... DOD2, block [1, 1, sub-tile, D2])
     # two kernels in one source: DQ_PASS: program (query tile, b*h) walking key tiles;
     # else program (key tile, b*h) walking query tiles. M = queries, N = keys in both.
     # D2 > 0 (SPLIT_D): the head dim in two pieces, BLOCK_D columns then D2 (as in _attn_fwd)
@@ -736,23 +788,25 @@ def _attn_bwd_kv_q(
             if pid < m_full:
                 _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                                sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
-                               offs_d, offs_d2, mask_d2, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, D2, WS)
+                               offs_d, offs_d2, mask_d2, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, D2, WS,
+                               KD, KD2, VD, VD2, b, h, TMA)
             else:
                 row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
                 if row0 < seqlen:
                     _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                                    sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
-                                   offs_d, offs_d2, mask_d2, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, D2, WS)
+                                   offs_d, offs_d2, mask_d2, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, D2, WS,
+                                   KD, KD2, VD, VD2, b, h, TMA)
         elif pid < m_full:
             _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                           sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
-                          offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
+                          offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
         else:
             row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
             if row0 < seqlen:
                 _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                               sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
-                              offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS)
+                              offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
     else:
         dko, sdk_n = _row_base(b64, h64, tok, sdk_b, sdk_h, sdk_n, ALIGN)
         dvo, sdv_n = _row_base(b64, h64, tok, sdv_b, sdv_h, sdv_n, ALIGN)
@@ -761,23 +815,26 @@ def _attn_bwd_kv_q(
             if pid < n_full:
                 _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                  sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
-                                 offs_d, offs_d2, mask_d2, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, D2, WS)
+                                 offs_d, offs_d2, mask_d2, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, D2, WS,
+                                 QD, QD2, DOD, DOD2, b, h, TMA)
             else:
                 start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
                 if start_n < seqlen:
                     _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                      sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
-                                     offs_d, offs_d2, mask_d2, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, D2, WS)
+                                     offs_d, offs_d2, mask_d2, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, D2, WS,
+                                     QD, QD2, DOD, DOD2, b, h, TMA)
         elif pid < n_full:
             _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                             sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
-                            offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS)
+                            offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h, TMA)
         else:
             start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
             if start_n < seqlen:
                 _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
-                                offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS)
+                                offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
+                                TMA)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -812,23 +869,28 @@ def _head_dim_meta(d: int, split_d: bool) -> dict:
 KV_Q = "kv+q"  # backward SPLIT value of the two-pass layout (_attn_bwd_kv_q)
 
 
-def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=None, split_d=False):
+def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=None, split_d=False, tma=False):
     """Block config; backward ones carry SPLIT (False, True or KV_Q). For KV_Q the top-level
     blocks drive the dK/dV pass (BLOCK_N key tile per program, BLOCK_M query sub-tiles) and
     `dq` = (bm, bn, tm, tn, warps, stages) the dQ pass (BLOCK_M query tile per program, BLOCK_N
     key sub-tiles); without it the dQ pass mirrors the dK/dV blocks. `regs` caps the registers per
     thread (Triton's maxnreg) of that kernel: more programs per SM, at the price of spills. `split_d`: the head
     dim in two power-of-two pieces where that is narrower than one padded tile (_split_dims: d = 88 as 64 + 32);
-    the forward and the two-pass backward (both passes) take it, the one-pass backward ignores it."""
+    the forward and the two-pass backward (both passes) take it, the one-pass backward ignores it. `tma`: the
+    full tiles each loop walks come through tensor descriptors (Hopper's TMA) instead of pointer loads: dense inputs
+    on sm_90+ only (ignored elsewhere), the forward with unsplit head dims only; in a two-pass backward config the
+    top-level key drives the dK/dV pass and the "DQ" blocks' own key the dQ pass (`dq` takes it as a 7th entry)."""
     c = dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=warps, num_stages=stages)
     if split_d:
         c["SPLIT_D"] = True
+    if tma:
+        c["TMA"] = True
     if regs is not None:
         c["maxnreg"] = regs
     if split == KV_Q:
         c["SPLIT"] = split
         if dq is not None:
-            c["DQ"] = _cfg(*dq)
+            c["DQ"] = _cfg(*dq[:6], tma=len(dq) > 6 and dq[6])
     elif split is not None:
         c.update(SPLIT=split, TRANS=trans)
     return c
@@ -846,12 +908,24 @@ def _kv_q_dq_config(cfg: dict) -> dict:
 # on an H200 (bench/results/kernels-nvidia-h200-2026-11-28-tune.log), bf16, ViT batch sizes.
 TUNED: dict = {
     (50, 64): (_cfg(64, 64, 64, 64, 4, 2), _cfg(64, 64, 64, 64, 4, 1, split=False)),
-    (197, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(32, 64, 16, 16, 4, 4, split=KV_Q, dq=(64, 32, 16, 16, 4, 4))),
-    (261, 64): (_cfg(64, 64, 16, 16, 4, 3), _cfg(32, 64, 16, 16, 4, 4, split=KV_Q, dq=(64, 32, 16, 16, 4, 4))),
+    # N = 197 / 261: both backward passes load their walked tiles by TMA, at 3 stages instead of 4 (--tune-tma,
+    # ...-2026-11-29-tune-tma{,-2}.json): bwd 0.3112 / 0.3101 ms vs 0.3251 / 0.3242 (N = 197), 0.6717 / 0.6740 vs
+    # 0.6939 / 0.6976 (N = 261); TMA forwards were slower on every shape (N = 197: 0.1316-0.1330 vs 0.1153-0.1163)
+    (197, 64): (_cfg(64, 64, 16, 16, 4, 3),
+                _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True)),
+    # the MAE ViT-L decoder (16 heads of 32): here the TMA forward wins too, 0.1600 ms vs 0.1725, and the backward
+    # with TMA on both passes 0.4000 vs 0.4132 (...-tune-tma-d32.json)
+    (197, 32): (_cfg(64, 64, 16, 16, 4, 3, tma=True),
+                _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True)),
+    (261, 64): (_cfg(64, 64, 16, 16, 4, 3),
+                _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True)),
     # d = 88 with the head dim in two pieces, 64 + 32 columns (`--tune-split`, ...-2026-11-29-tune-split.json): fwd
     # 0.2018 ms vs 0.2449 padded to 128, bwd 0.5948 vs 0.6956, fwd+bwd 1.15x cuDNN (was 0.97x)
+    # then TMA on both backward passes (two descriptors per tensor: 64 and 32 columns), the dK/dV pass at 3 stages
+    # (--tune-tma, ...-2026-11-29-tune-tma-split.json): bwd 0.5651 ms vs 0.6001. At d = 80 (64 + 16) and at the
+    # MAE ViT-g encoder's N = 65 every TMA variant was slower (d = 80: 0.819-0.987 ms vs 0.760)
     (257, 88): (_cfg(128, 64, 16, 16, 4, 3, split_d=True),
-                _cfg(64, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 64, 16, 16, 4, 2), split_d=True)),
+                _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 64, 16, 16, 4, 2, True), split_d=True, tma=True)),
     # ViT-H/14's d = 80 as 64 + 16 (...-tune-split-2.json): fwd 0.2302 ms vs 0.3082 padded, bwd 0.7520 vs 0.8448,
     # fwd+bwd 1.17x cuDNN
     (257, 80): (_cfg(128, 64, 16, 16, 4, 3, split_d=True),
@@ -863,9 +937,10 @@ TUNED: dict = {
     # N = 1374: 1374 = 21 x 64 + 30, so one 32-row tail step instead of two 16-row ones (re-tuned with the
     # neighbours of the first winner, ...-tune-1374.json: fwd 0.2434 vs 0.2464 ms, bwd 0.7050 vs 0.7065); the
     # dK/dV pass capped at 168 registers per thread (3 programs per SM): bwd 0.690 vs 0.717 ms and 0.7045 vs
-    # 0.7216 in two calls (...-tune-1374-2.json, ...-tune-regs.json); the cap gained nothing on the other shapes
+    # 0.7216 in two calls (...-tune-1374-2.json, ...-tune-regs.json); the cap gained nothing on the other shapes.
+    # TMA on both passes: 0.6566 / 0.6748 ms vs 0.6827 / 0.6857 without (...-tune-tma{,-2}.json)
     (1374, 64): (_cfg(64, 64, 32, 32, 4, 3),
-                 _cfg(64, 64, 32, 32, 4, 3, split=KV_Q, dq=(64, 64, 32, 32, 4, 3), regs=168)),
+                 _cfg(64, 64, 32, 32, 4, 3, split=KV_Q, dq=(64, 64, 32, 32, 4, 3, True), regs=168, tma=True)),
 }
 
 
@@ -889,8 +964,8 @@ def _bwd_config(n: int, d: int) -> dict:
         return _cfg(64, 64, 64, 64, 4, 1, split=False)
     # the two-pass layout won every tuned shape above 64 tokens on the H200 (N = 197: 0.32 ms vs 0.47
     # for the best single-pass one; N = 1374: 0.71 vs 1.01; d = 88: 0.70 vs 1.02)
-    if _pow2(d) <= 64:
-        return _cfg(32, 64, 16, 16, 4, 4, split=KV_Q, dq=(64, 32, 16, 16, 4, 4))
+    if _pow2(d) <= 64:  # the N = 197 / 261 winner
+        return _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True)
     if n <= 128 and _split_dims(d) is not None:  # N = 65, d = 88: 0.320 ms vs 0.359 with the blocks below
         return _cfg(32, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 32, 16, 16, 4, 2), split_d=True)
     if n <= 2048 and _split_dims(d) is not None:  # 3 stages: d = 80's winner, 2.5 % behind d = 88's 2 stages
@@ -947,6 +1022,25 @@ def _lse_strides(H, N, packed):
     return (0, N) if packed else (H * N, N)
 
 
+def _tma_ok(*xs) -> bool:
+    """Tensor descriptors (TMA) need 16-byte aligned bases and row/head/batch strides, and a unit last stride."""
+    return all(x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(s * x.element_size() % 16 == 0
+               for s in x.stride()[:-1]) for x in xs)
+
+
+def _descs(use: bool, xs, rows: int, cols: int, cols2: int = 0):
+    """[B, H, N, D] tensor descriptors with block [1, 1, rows, cols] for the kernels' TMA path (then, with cols2, one
+    more per tensor with block columns cols2: a split head dim's second piece), or Nones: TMA off (the config has
+    no TMA key, the inputs are packed, the card is older than Hopper, or an alignment does not hold)."""
+    n = len(xs) * (2 if cols2 else 1)
+    if not use or not _tma_ok(*xs) or (xs[0].is_cuda and torch.cuda.get_device_capability(xs[0].device)[0] < 9):
+        return [None] * n, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    blocks = [cols, cols2] if cols2 else [cols]
+    return [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, c]) for c in blocks for x in xs], True
+
+
 def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None):
     packed = cu_seqlens is not None
     B, H, N, D, maxn = _geometry(q, cu_seqlens, max_seqlen)
@@ -958,14 +1052,16 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None)
     lse = torch.empty((H, N) if packed else (B, H, N), device=q.device, dtype=torch.float32)
     cfg = dict(config or _fwd_config(maxn, D))
     dims = _head_dim_meta(D, cfg.pop("SPLIT_D", False))
+    tma = cfg.pop("TMA", False) and not packed and dims["D2"] == 0
     cu = cu_seqlens.to(torch.int32) if packed else q  # dummy pointer when dense
     if B * H > 0 and maxn > 0:
         grid = (_n_tiles(maxn, cfg["BLOCK_M"], cfg["TAIL_M"], packed), B * H)
         align, strides = _align(sq, sk, sv, so)
+        descs, tma = _descs(tma, (k, v), cfg["BLOCK_N"], dims["BLOCK_D"])
         _attn_fwd[grid](
-            q, k, v, o, lse, cu, *strides, *_lse_strides(H, N, packed),
+            q, k, v, o, lse, cu, *descs, *strides, *_lse_strides(H, N, packed),
             H, N, scale * LOG2E,
-            HEAD_DIM=D, VARLEN=packed, ALIGN=align, **dims, **cfg,
+            HEAD_DIM=D, VARLEN=packed, ALIGN=align, TMA=tma, **dims, **cfg,
         )
     return o, lse
 
@@ -986,23 +1082,31 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
     cfg = dict(config or _bwd_config(maxn, D))
     split = cfg.pop("SPLIT")
     split_d = cfg.pop("SPLIT_D", False)
+    tma = cfg.pop("TMA", False)
     sl = _lse_strides(H, N, packed)
     cu = cu_seqlens.to(torch.int32) if packed else q
     bd = _pow2(D)
     if split == KV_Q:  # dQ pass (stores delta), then the dK/dV pass that reads it: stream order
         dq_cfg = _kv_q_dq_config(cfg)
         dq_cfg.pop("SPLIT_D", None)
+        tma_dq = dq_cfg.pop("TMA", False)
         cfg.pop("DQ", None)
         cfg.pop("TRANS", None)
         delta = torch.empty_like(lse)
         align, strides = _align(sq, sk, sv, so, sdo, sdq, sdk, sdv)
-        args = (q, k, v, o, do, dq, dk, dv, lse, delta, cu, *strides, *sl, H, N, scale * LOG2E, scale)
-        # SPLIT_D (the config's top level) splits the head dim in both passes
-        meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, **_head_dim_meta(D, split_d))
+        head = (q, k, v, o, do, dq, dk, dv, lse, delta, cu)
+        rest = (*strides, *sl, H, N, scale * LOG2E, scale)
+        # SPLIT_D (the config's top level) applies to both passes; TMA, like WS, to the pass whose blocks carry it
+        dims = _head_dim_meta(D, split_d)
+        meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, **dims)
+        descs, tma_q = _descs(tma_dq and not packed, (k, v), dq_cfg["BLOCK_N"], dims["BLOCK_D"], dims["D2"])
+        kd, vd, kd2, vd2 = descs + [None] * (4 - len(descs))
         _attn_bwd_kv_q[(_n_tiles(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed), B * H)](
-            *args, DQ_PASS=True, **meta, **dq_cfg)
+            *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **dq_cfg)
+        descs, tma_kv = _descs(tma and not packed, (q, do), cfg["BLOCK_M"], dims["BLOCK_D"], dims["D2"])
+        qd, dod, qd2, dod2 = descs + [None] * (4 - len(descs))
         _attn_bwd_kv_q[(_n_tiles(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed), B * H)](
-            *args, DQ_PASS=False, **meta, **cfg)
+            *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **cfg)
         return dq, dk, dv
     if split not in (True, False):
         raise ValueError(f"backward SPLIT must be True, False or {KV_Q!r}; got {split!r}")

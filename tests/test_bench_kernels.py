@@ -1,4 +1,4 @@
-"""bench kernels' variant sweeps (--tune-regs, --tune-ws): the variants it times are the shape's current
+"""bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma): the variants it times are the shape's current
 configs with only the register cap / warp specialization changed; the MAE variants (--mae-variants) set and
 restore their settings."""
 import itertools
@@ -84,3 +84,22 @@ def test_split_variants():
     assert all(c.get("SPLIT_D") for c in fwds[1:] + bwds[1:]) and len(fwds) > 2 and len(bwds) > 2
     assert all(c["SPLIT"] == attn.KV_Q for c in bwds[2:])
     assert split_variants(197, 64) == ([attn._fwd_config(197, 64)], [attn._bwd_config(197, 64)])
+
+
+def test_tma_variants():
+    """--tune-tma: the current configs first, then TMA off/on on each backward pass at the current and 3-stage
+    depths (blocks untouched); the forward with and without TMA, except for a split head dim (no TMA forward)."""
+    from bench.kernels import tma_variants
+
+    fwds, bwds = tma_variants(197, 64)
+    base = attn._bwd_config(197, 64)
+    assert fwds[0] == attn._fwd_config(197, 64) and fwds[1]["TMA"] and len(fwds) == 2
+    combos = {(b["TMA"], b["DQ"]["TMA"], b["num_stages"], b["DQ"]["num_stages"]) for b in bwds}
+    assert len(combos) == len(bwds) and {(a, c) for a, c, *_ in combos} == set(itertools.product((0, 1), (0, 1)))
+    assert (base.get("TMA", False), attn._kv_q_dq_config(base).get("TMA", False), base["num_stages"],
+            attn._kv_q_dq_config(base)["num_stages"]) in combos
+    blocks = ("BLOCK_M", "BLOCK_N", "TAIL_M", "TAIL_N", "num_warps")
+    assert all({k: b[k] for k in blocks} == {k: base[k] for k in blocks} for b in bwds)
+    fwds, _ = tma_variants(257, 88)
+    assert fwds == [attn._fwd_config(257, 88)]
+    assert tma_variants(50, 64)[1] == [attn._bwd_config(50, 64)]  # the one-pass backward has no TMA path

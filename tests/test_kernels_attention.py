@@ -121,6 +121,58 @@ def test_warp_specialized_loops():
     assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"WS": True}, bwd_config=bwd))
 
 
+def _count_tma(monkeypatch):
+    """Record, per _descs call, whether the launcher handed the kernels tensor descriptors (TMA on) or Nones."""
+    seen, real = [], attn._descs
+
+    def spy(*a, **kw):
+        descs, on = real(*a, **kw)
+        seen.append(on)
+        return descs, on
+    monkeypatch.setattr(attn, "_descs", spy)
+    return seen
+
+
+TMA_BWD = KV_Q | {"TMA": True, "DQ": KV_Q["DQ"] | {"TMA": True}}
+
+
+@pytest.mark.parametrize("n,d", [(197, 64), (50, 32), (257, 88), (70, 80)])
+def test_tma_loads(monkeypatch, n, d):
+    """TMA (config key; tensor descriptors, whose out-of-range rows and columns read as zeros) on the forward and on
+    each pass of the two-pass backward gives the reference result, with the head dim whole or in two pieces (the
+    backward's second piece has descriptors of its own), and for timm's qkv strides; the descriptors are used."""
+    seen = _count_tma(monkeypatch)
+    q, k, v = (torch.randn(1, 2, n, d, requires_grad=True) for _ in range(3))
+    split = attn._split_dims(d) is not None
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TMA": True, "SPLIT_D": split},
+                           bwd_config=TMA_BWD | {"SPLIT_D": split}))
+    # the forward takes TMA only with the head dim whole; both backward passes take it either way
+    assert seen == [not split, True, True]
+    seen.clear()
+    qkv = torch.randn(1, n, 3, 2, d, requires_grad=True)
+    assert_close(*run_both(*qkv.permute(2, 0, 3, 1, 4).unbind(0), fwd_config=SMALL_FWD | {"TMA": True},
+                           bwd_config=TMA_BWD))
+    assert seen == [True, True, True]
+    seen.clear()
+    # per pass: the top-level key drives the dK/dV pass, the DQ blocks' key the dQ pass (launch order: dQ first)
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q | {"TMA": True, "SPLIT_D": split}))
+    assert seen == [False, False, True]
+
+
+def test_tma_falls_back_where_descriptors_cannot_go(monkeypatch):
+    """TMA is asked for but cannot be used: packed sequences, rows whose stride is not a multiple of 16 bytes. The
+    pointer loads run instead, with the same result."""
+    seen = _count_tma(monkeypatch)
+    q, k, v = (torch.randn(1, 2, 70, 35, requires_grad=True)[..., :32] for _ in range(3))  # 140-byte rows
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TMA": True}, bwd_config=TMA_BWD))
+    assert seen == [False, False, False]
+    seen.clear()
+    cu = torch.tensor([0, 37, 38, 108], dtype=torch.int32)
+    q, k, v = (torch.randn(108, 2, 64, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD | {"TMA": True}, bwd_config=TMA_BWD))
+    assert not any(seen)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf/NaN in padded-key rows that are never stored
 def test_kv_q_backward_very_negative_scores():
     # every score far below 0 (log2 units < -128): a padded key's p = exp2(0 - lse) overflows; dQ must mask it
