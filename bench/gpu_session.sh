@@ -310,6 +310,12 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+K28)  # every attention shape with the defaults after K27 (the MAE ViT-L decoder's N = 197 / d = 32 now also with a TMA
+      # forward), then the MAE ViT-g/14 step (its decoder: N = 257, d = 32, the bucket default with TMA backward passes)
+  step 150 python3 -m bench kernels --only attention --tag defaults-tma-3
+  step 420 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
+    --steps 6 --warmup 2 --tag vitg-tma
+  ;;
 K27)  # the defaults after K24-K26 (TMA on the backward passes at d = 64 and d = 88); the MAE ViT-L decoder's shape
       # (N = 197, d = 32: the d <= 64 bucket default, now with TMA) without / with TMA; the MAE ViT-L step
   step 120 python3 -m bench kernels --only attention --tune-tma --shapes mae-l-dec-n197-d32 --tag tune-tma-d32
