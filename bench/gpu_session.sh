@@ -310,6 +310,12 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+K29)  # N = 1374 runs 0.998-1.011x cuDNN in three defaults runs; its backward with TMA on both passes vs on the dK/dV
+      # pass only (0.6566 / 0.6748 vs 0.6605 ms in K24 / K25): three more sweeps of the TMA settings, back to back
+  for t in a b c; do
+    step 120 python3 -m bench kernels --only attention --tune-tma --shapes dinov2-g518-n1374-d64 --tag tune-tma-1374-$t
+  done
+  ;;
 K28)  # every attention shape with the defaults after K27 (the MAE ViT-L decoder's N = 197 / d = 32 now also with a TMA
       # forward), then the MAE ViT-g/14 step (its decoder: N = 257, d = 32, the bucket default with TMA backward passes)
   step 150 python3 -m bench kernels --only attention --tag defaults-tma-3
