@@ -613,8 +613,9 @@ def main(argv=None) -> int:
                          "dim split in two pieces (SPLIT_D; d = 88 as 64 + 32), and block neighbours with it")
     ap.add_argument("--tune-tma", action="store_true",
                     help="instead of the block sweep, time each shape's current configs without and with TMA loads "
-                         "(tensor descriptors, Hopper and later; dense inputs, unsplit head dims) on the forward and "
-                         "on each pass of the two-pass backward, at two pipeline depths")
+                         "(tensor descriptors, Hopper and later; dense inputs; the forward with the head dim whole) "
+                         "on the forward and on each pass of the two-pass backward, at the current and 3-stage "
+                         "pipeline depths")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "

@@ -910,7 +910,7 @@ TUNED: dict = {
     (50, 64): (_cfg(64, 64, 64, 64, 4, 2), _cfg(64, 64, 64, 64, 4, 1, split=False)),
     # N = 197 / 261: both backward passes load their walked tiles by TMA, at 3 stages instead of 4 (--tune-tma,
     # ...-2026-11-29-tune-tma{,-2}.json): bwd 0.3112 / 0.3101 ms vs 0.3251 / 0.3242 (N = 197), 0.6717 / 0.6740 vs
-    # 0.6939 / 0.6976 (N = 261); TMA forwards were slower on every shape (N = 197: 0.1316-0.1330 vs 0.1153-0.1163)
+    # 0.6939 / 0.6976 (N = 261); TMA forwards were slower at every d = 64 shape (N = 197: 0.1316-0.1330 vs 0.1153-0.1163)
     (197, 64): (_cfg(64, 64, 16, 16, 4, 3),
                 _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True)),
     # the MAE ViT-L decoder (16 heads of 32): here the TMA forward wins too, 0.1600 ms vs 0.1725, and the backward
