@@ -310,6 +310,11 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+K30)  # Triton's warp specialization (WS) gave nothing on pointer loads (K9); its producer warps are made for TMA, which
+      # the backward passes now use: the current configs (TMA) with WS off/on on each pass
+  step 300 python3 -m bench kernels --only attention --tune-ws \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-g518-n1374-d64,vit-g-n257-d88,mae-l-dec-n197-d32 --tag tune-ws-tma
+  ;;
 K29)  # N = 1374 runs 0.998-1.011x cuDNN in three defaults runs; its backward with TMA on both passes vs on the dK/dV
       # pass only (0.6566 / 0.6748 vs 0.6605 ms in K24 / K25): three more sweeps of the TMA settings, back to back
   for t in a b c; do
