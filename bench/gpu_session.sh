@@ -310,6 +310,12 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+K31)  # kernels/README's next step for the unmask (57 % of copy): each position's row read from the mask's rank kernel
+      # (mae_unmask(rank=...)) instead of compared with ids_keep; the unmask variants, two runs
+  for t in 1 2; do
+    step 200 python3 -m bench kernels --only mae --mae-variants unmask --tag mae-unmask-rank-$t
+  done
+  ;;
 K30)  # Triton's warp specialization (WS) gave nothing on pointer loads (K9); its producer warps are made for TMA, which
       # the backward passes now use: the current configs (TMA) with WS off/on on each pass
   step 300 python3 -m bench kernels --only attention --tune-ws \

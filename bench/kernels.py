@@ -320,6 +320,15 @@ def bench_mae(rows, errors, B=256, variants=()):
                 return kernels.mae_unmask(vis, ids, mt, dpos.detach(), impl="triton")
             return _fwdbwd(fwd, (vis, mt), gfull), fwd
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_VARIANTS, make)
+        # each position's row read from the mask's rank kernel (same noise) instead of compared with ids_keep
+        from kernels.masking import mae_rank
+
+        rank = mae_rank(noise, K)[2]
+
+        def fwd_rank():
+            return kernels.mae_unmask(vis, ids, mt, dpos.detach(), rank=rank, impl="triton")
+        _mae_row(rows, "mae_unmask fixed-pos", "triton:rank", shape, moved, _fwdbwd(fwd_rank, (vis, mt), gfull),
+                 fwd_rank)
     # --- loss
     imgs = torch.randn(B, 3, 224, 224, device=dev, dtype=dt)
     pred = torch.randn(B, N, p * p * 3, device=dev, dtype=dt, requires_grad=True)

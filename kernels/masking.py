@@ -186,9 +186,9 @@ def _gather_bwd_kernel(DVIS, RANK, DTOK, PART, B, N, K, C, B_CHUNK, PLANE,
 
 
 @triton.jit
-def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, N, K, C, sp_n,
+def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, RANK, N, K, C, sp_n,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HOIST: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PDL: tl.constexpr, FROM_RANK: tl.constexpr = False):
     pdl_enter(PDL)
     # program (b, row block, column block). Each row's source in `visible` comes from comparing
     # its position with ids_keep[b] (K <= N int64s, from L1/L2): no separate inverse-permutation
@@ -204,12 +204,16 @@ def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, N, K, C, sp_n,
     if HOIST:
         p = tl.load(POS + (offs_n * sp_n)[:, None] + offs_c[None, :], mask=ok, other=0.0)
         mt = tl.load(MT + offs_c, mask=ok_c, other=0.0)
-    r = tl.full([BLOCK_R], -1, tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        ids = tl.load(IDS + b * K + offs_k, mask=offs_k < K, other=-1).to(tl.int32)
-        hit = ids[None, :] == offs_n[:, None]
-        r = tl.maximum(r, tl.max(tl.where(hit, offs_k[None, :], -1), 1))
+    if FROM_RANK:  # each position's rank from the mask's rank kernel: its row in visible where < K
+        r = tl.load(RANK + b * N + offs_n, mask=ok_n, other=K)
+        r = tl.where(r < K, r, -1)
+    else:
+        r = tl.full([BLOCK_R], -1, tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            ids = tl.load(IDS + b * K + offs_k, mask=offs_k < K, other=-1).to(tl.int32)
+            hit = ids[None, :] == offs_n[:, None]
+            r = tl.maximum(r, tl.max(tl.where(hit, offs_k[None, :], -1), 1))
     kept = r >= 0
     tl.store(INV + b * N + offs_n, r, mask=ok_n & (tl.program_id(2) == 0))
     x = tl.load(VIS + ((b * K + r) * C)[:, None] + offs_c[None, :], mask=ok & kept[:, None], other=0.0)
@@ -477,8 +481,10 @@ _gather_ranked.register_autograd(_ranked_backward, setup_context=_ranked_setup)
 
 @torch.library.custom_op("vfm::mae_unmask", mutates_args=())
 def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Tensor,
-            pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(full [B, N, C], inv [B, N] int32: each position's row in `visible`, -1 where masked)."""
+            pos: torch.Tensor, rank: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full [B, N, C], inv [B, N] int32: each position's row in `visible`, -1 where masked). `rank` (optional,
+    int32 [B, N], mae_rank's third output for the same sample): each position's row read from it instead of
+    found by comparing with ids_keep."""
     B, K, C = visible.shape
     N = pos.shape[0]
     pos = pos if pos.stride(-1) == 1 else pos.contiguous()
@@ -493,14 +499,16 @@ def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Ten
     bk = min(triton.next_power_of_2(max(K, 1)), max(16, 1024 // br))
     if not B * N:
         return out, inv
+    from_rank = rank is not None
+    rank = rank.contiguous() if from_rank else inv
     _unmask_kernel[(B, triton.cdiv(N, br), triton.cdiv(C, bc))](
-        visible, ids_keep, mt, pos, out, inv, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, BLOCK_K=bk,
-        HOIST=UNMASK_HOIST, num_warps=warps, **launch_options(use_pdl(out)))
+        visible, ids_keep, mt, pos, out, inv, rank, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, BLOCK_K=bk,
+        HOIST=UNMASK_HOIST, FROM_RANK=from_rank, num_warps=warps, **launch_options(use_pdl(out)))
     return out, inv
 
 
 @_unmask.register_fake
-def _(visible, ids_keep, mask_token, pos):
+def _(visible, ids_keep, mask_token, pos, rank=None):
     B, K, C = visible.shape
     N = pos.shape[0]
     return (visible.new_empty((B, N, C), dtype=torch.result_type(visible, pos)),
@@ -540,7 +548,7 @@ def _(dfull, inv, K, visible_dtype, need_dpos=True, mt_dtype=torch.float32, pos_
 
 
 def _unmask_setup(ctx, inputs, output):
-    visible, ids_keep, mask_token, pos = inputs
+    visible, ids_keep, mask_token, pos, _rank = inputs
     ctx.save_for_backward(output[1])
     ctx.K, ctx.dtypes = visible.shape[1], (visible.dtype, mask_token.dtype, pos.dtype)
 
@@ -550,7 +558,7 @@ def _unmask_backward(ctx, dfull, dinv):
     vdt, mdt, pdt = ctx.dtypes
     need_dpos = bool(ctx.needs_input_grad[3])
     dvis, dmt, dpos = _unmask_bwd(dfull, inv, ctx.K, vdt, need_dpos, mdt, pdt)
-    return dvis, None, dmt, (dpos if need_dpos else None)
+    return dvis, None, dmt, (dpos if need_dpos else None), None
 
 
 _unmask.register_autograd(_unmask_backward, setup_context=_unmask_setup)
@@ -579,9 +587,11 @@ def mae_mask(tokens, pos_embed, mask_ratio, *, noise: Optional[torch.Tensor] = N
     return visible, ids_keep, mask
 
 
-def mae_unmask(visible, ids_keep, mask_token, pos_embed, *, impl="auto"):
-    """Decoder side: visible tokens back to their positions, mask_token elsewhere, + pos_embed."""
+def mae_unmask(visible, ids_keep, mask_token, pos_embed, *, rank: Optional[torch.Tensor] = None, impl="auto"):
+    """Decoder side: visible tokens back to their positions, mask_token elsewhere, + pos_embed. `rank` (Triton path
+    only; int32 [B, N] from `mae_rank` on the same noise): each position's row taken from it instead of from
+    comparing its index with ids_keep."""
     if _resolve(impl, visible) == "torch":
         return mae_unmask_reference(visible, ids_keep, mask_token, pos_embed)
     C = visible.shape[-1]
-    return _unmask(visible, ids_keep, mask_token.reshape(C), _pos2d(pos_embed))[0]
+    return _unmask(visible, ids_keep, mask_token.reshape(C), _pos2d(pos_embed), rank)[0]

@@ -205,6 +205,18 @@ def test_mae_loss_float_mask_and_patchify_order():
         kernels.mae_loss(imgs, pred[:, :3], mask[:, :3], p, impl="triton")
 
 
+@pytest.mark.parametrize("B,N,C,ratio", [(5, 197, 72, 0.75), (3, 7, 1100, 0.5), (2, 5, 8, 0.0)])
+def test_unmask_from_the_masks_rank(B, N, C, ratio):
+    """mae_unmask(rank=...): each position's row read from mae_rank's output for the same noise instead of found by
+    comparing with ids_keep gives the same output, inverse and gradients."""
+    masking = sys.modules["kernels.masking"]
+    K = int(N * (1 - ratio))
+    ids, _, rank = masking.mae_rank(torch.rand(B, N), K)
+    assert rank.dtype == torch.int32 and ((rank < K).sum(1) == K).all()
+    for pos_grad in (False, True):
+        _assert_unmask_matches(ids, torch.randn(1, N, C, requires_grad=pos_grad), C, rank=rank)
+
+
 def test_custom_ops_pass_opcheck():
     # schema, fake-tensor shapes/strides, autograd registration: what torch.compile relies on
     masking = sys.modules["kernels.masking"]
@@ -218,6 +230,8 @@ def test_custom_ops_pass_opcheck():
                                   ids, rank)),
         (masking._unmask, (torch.randn(B, K, C, requires_grad=True), ids, torch.randn(C, requires_grad=True),
                            torch.randn(N, C, requires_grad=True))),
+        (masking._unmask, (torch.randn(B, K, C, requires_grad=True), ids, torch.randn(C, requires_grad=True),
+                           torch.randn(N, C, requires_grad=True), rank)),
         (loss._loss_op, (torch.randn(B, 3, 8, 12), torch.randn(B, 6, 48, requires_grad=True),
                          (torch.rand(B * 6) < 0.5).float(), 4, True, 1e-6, False)),
         (loss._loss_op, (torch.randn(B, 3, 8, 12), torch.randn(B, 6, 48, requires_grad=True),
@@ -262,7 +276,7 @@ def _assert_same_grads(out, ref, inputs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _assert_unmask_matches(ids, pos, C):
+def _assert_unmask_matches(ids, pos, C, rank=None):
     """mae_unmask (Triton) on random visible rows and mask token against the reference: the output, the inverse
     its forward saves (each position's row in `visible`, -1 where masked) and the gradients (pos_embed's when it
     needs one). pos: [1, N, C]."""
@@ -271,10 +285,10 @@ def _assert_unmask_matches(ids, pos, C):
     N = pos.shape[1]
     v = torch.randn(B, K, C, requires_grad=True)
     mt = torch.randn(C, requires_grad=True)
-    full = kernels.mae_unmask(v, ids, mt, pos, impl="triton")
+    full = kernels.mae_unmask(v, ids, mt, pos, rank=rank, impl="triton")
     ref = kernels.mae_unmask_reference(v, ids, mt, pos)
     torch.testing.assert_close(full, ref)
-    inv = masking._unmask(v.detach(), ids, mt.detach(), pos.detach()[0])[1]
+    inv = masking._unmask(v.detach(), ids, mt.detach(), pos.detach()[0], rank)[1]
     want = torch.full((B, N), -1, dtype=torch.int32)
     want.scatter_(1, ids, torch.arange(K, dtype=torch.int32).expand(B, K).contiguous())
     assert torch.equal(inv, want)
