@@ -326,6 +326,8 @@ LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (512, 16), "rank_sort": 
 # SM), programs of 2-8 samples sharing one pos_embed load, streaming stores, a backward walk loading a step ahead,
 # 4 or 16 samples a walk step, and a backward walking each sample's rows instead of the batch: none faster.
 UNMASK_HOIST = True
+# mae_unmask(rank=...) reads each position's row from mae_rank's output instead of comparing with ids_keep: forward
+# 0.0230-0.0232 ms vs 0.0254, fwd+bwd 0.0506-0.0510 vs 0.0531 (two runs, `...-2026-11-29-mae-unmask-rank-{1,2}.json`)
 # How the rank kernel orders each sample's noise: "sort" (one program per sample sorts position-tagged int64
 # keys) or "count" (programs per block of positions compare each with all N; bench variant RANK_BY=count).
 # Measured on the H200 at MAE-L (B = 256, N = 196; `...-mae-rank.json`, `...-mae-rank-2.json`): mask forward
