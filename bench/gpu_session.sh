@@ -310,6 +310,11 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+K32)  # TMA loads take no address registers, so register caps (Triton's maxnreg: 128 = 4 programs of 4 warps per SM,
+      # 168 = 3) may now fit without spills: the current configs (TMA backward) under each cap on each pass
+  step 300 python3 -m bench kernels --only attention --tune-regs \
+    --shapes dinov2-g518-n1374-d64,vit-l-n197-d64,dinov2-g-n261-d64,vit-g-n257-d88 --tag tune-regs-tma
+  ;;
 K31)  # kernels/README's next step for the unmask (57 % of copy): each position's row read from the mask's rank kernel
       # (mae_unmask(rank=...)) instead of compared with ids_keep; the unmask variants, two runs
   for t in 1 2; do
