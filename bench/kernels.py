@@ -435,7 +435,7 @@ def _compile_worker(job):
 
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
-    configs (--tune; --tune-regs / --tune-ws: the variants of the current configs) or just the ones
+    configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma: the variants of the current configs) or just the ones
     each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -542,8 +542,9 @@ VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_v
 
 
 def tune_attention(names, variants=None):
-    """Time every block config of the forward and both backward layouts (or, with `variants` "regs" /
-    "ws", the current configs under register caps / with warp specialization); print the best per shape."""
+    """Time every block config of the forward and both backward layouts (or, with `variants` a key of
+    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma", the current configs under register caps / with warp
+    specialization / with the head dim split / with TMA loads); print the best per shape."""
     from kernels import attn
 
     out = {}
