@@ -310,6 +310,10 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+K33)  # what the 16-row tail tiles cost (N = 197 = 3 x 64 + 5: a tail program walks every tile for 5 rows): fwd / bwd at
+      # N = 192 / 197 / 208 / 224 / 256 and 256 / 261 / 272 with the same configs (an ad hoc script, if carried)
+  [ -f .notes/tail_cost.py ] && step 120 python3 .notes/tail_cost.py
+  ;;
 K32)  # TMA loads take no address registers, so register caps (Triton's maxnreg: 128 = 4 programs of 4 warps per SM,
       # 168 = 3) may now fit without spills: the current configs (TMA backward) under each cap on each pass
   step 300 python3 -m bench kernels --only attention --tune-regs \
