@@ -312,6 +312,7 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   ;;
 K34)  # K33: a 16-row tail tile costs ~30 % at N = 197 / 261 (a tail program walks every tile for 5 rows). FOLD: the last
       # full program also takes the first tail tile; the current configs without / with it on each kernel
+  # (measured slower everywhere, ...-tune-fold.json; FOLD and --tune-fold were then removed: run this part at commit 7ea787d)
   step 300 python3 -m bench kernels --only attention --tune-fold \
     --shapes vit-l-n197-d64,dinov2-g-n261-d64,mae-l-dec-n197-d32,dinov2-g518-n1374-d64 --tag tune-fold
   ;;

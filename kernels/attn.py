@@ -157,12 +157,6 @@ def _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk
         kt = tl.trans(_load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N,
                                  not EVEN_D))
         v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
-    return _fwd_update(q, kt, v, m_i, l_i, acc, cols_ok, qk_scale, MASK_N)
-
-
-@triton.jit
-def _fwd_update(q, kt, v, m_i, l_i, acc, cols_ok, qk_scale, MASK_N: tl.constexpr):
-    """One online-softmax step of a query tile over a loaded key tile (kt: [D, BN]) and value tile."""
     s = tl.dot(q, kt) * qk_scale  # log2 units
     if MASK_N:
         s = tl.where(cols_ok[None, :], s, float("-inf"))
@@ -172,69 +166,6 @@ def _fwd_update(q, kt, v, m_i, l_i, acc, cols_ok, qk_scale, MASK_N: tl.constexpr
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _fwd_kv_tiles(K, V, ko, vo, start_n, seqlen, sk_n, sv_n, offs_d, mask_d, BN: tl.constexpr, MASK_N: tl.constexpr,
-                  EVEN_D: tl.constexpr, KD, VD, b, h, TMA: tl.constexpr):
-    """(kt [D, BN], v [BN, D], cols_ok) of the key tile at start_n."""
-    cols = start_n + tl.arange(0, BN)
-    cols_ok = cols < seqlen
-    if TMA:
-        kt = tl.trans(_desc_tile(KD, b, h, start_n, BN, offs_d.shape[0]))
-        v = _desc_tile(VD, b, h, start_n, BN, offs_d.shape[0])
-    else:
-        kt = tl.trans(_load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N,
-                                 not EVEN_D))
-        v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
-    return kt, v, cols_ok
-
-
-@triton.jit
-def _fwd_store(O, LSE, oo, lo, rows, rows_ok, so_n, offs_d, mask_d, acc, m_i, l_i, MASK_M: tl.constexpr,
-               EVEN_D: tl.constexpr):
-    acc = acc / l_i[:, None]
-    _store_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], acc.to(O.dtype.element_ty), rows_ok, mask_d,
-                MASK_M, not EVEN_D)
-    lse = m_i + tl.math.log2(l_i)
-    if MASK_M:
-        tl.store(LSE + lo + rows, lse, mask=rows_ok)
-    else:
-        tl.store(LSE + lo + rows, lse)
-
-
-@triton.jit
-def _fwd_q_block_fold(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
-                      offs_d, mask_d, BM: tl.constexpr, TM: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, KD, VD, b, h, TMA: tl.constexpr):
-    """FOLD: the last full query tile (rows row0 .. row0 + BM, all valid) and the first tail tile after it (TM rows,
-    masked) in one program: every key tile is loaded once for both, and the tail needs no program of its own (a
-    tail program walks as many key tiles as a full one, for a few rows)."""
-    rows = row0 + tl.arange(0, BM)
-    rows_t = row0 + BM + tl.arange(0, TM)
-    rows_t_ok = rows_t < seqlen
-    rows_ok = rows < seqlen
-    q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, False, not EVEN_D)
-    q_t = _load_tile(Q + qo + rows_t[:, None] * sq_n + offs_d[None, :], rows_t_ok, mask_d, True, not EVEN_D)
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, BLOCK_D], tl.float32)
-    m_t = tl.full([TM], float("-inf"), tl.float32)
-    l_t = tl.zeros([TM], tl.float32)
-    acc_t = tl.zeros([TM, BLOCK_D], tl.float32)
-    n_full = (seqlen // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        kt, v, cols_ok = _fwd_kv_tiles(K, V, ko, vo, start_n, seqlen, sk_n, sv_n, offs_d, mask_d, BLOCK_N, False,
-                                       EVEN_D, KD, VD, b, h, TMA)
-        m_i, l_i, acc = _fwd_update(q, kt, v, m_i, l_i, acc, cols_ok, qk_scale, False)
-        m_t, l_t, acc_t = _fwd_update(q_t, kt, v, m_t, l_t, acc_t, cols_ok, qk_scale, False)
-    for start_n in range(n_full, seqlen, TAIL_N):
-        kt, v, cols_ok = _fwd_kv_tiles(K, V, ko, vo, start_n, seqlen, sk_n, sv_n, offs_d, mask_d, TAIL_N, True,
-                                       EVEN_D, KD, VD, b, h, False)
-        m_i, l_i, acc = _fwd_update(q, kt, v, m_i, l_i, acc, cols_ok, qk_scale, True)
-        m_t, l_t, acc_t = _fwd_update(q_t, kt, v, m_t, l_t, acc_t, cols_ok, qk_scale, True)
-    _fwd_store(O, LSE, oo, lo, rows, rows_ok, so_n, offs_d, mask_d, acc, m_i, l_i, False, EVEN_D)
-    _fwd_store(O, LSE, oo, lo, rows_t, rows_t_ok, so_n, offs_d, mask_d, acc_t, m_t, l_t, True, EVEN_D)
 
 
 @triton.jit
@@ -330,10 +261,8 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False, D2: tl.constexpr = 0,
-    TMA: tl.constexpr = False, FOLD: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
-    # FOLD (dense, D2 = 0): the last full query program also takes the first tail tile (_fwd_q_block_fold); the
-    # tail programs start after it
     # TMA: the full key tiles are loaded through the tensor descriptors KD / VD (dense inputs; block
     # [1, 1, BLOCK_N, BLOCK_D]); otherwise KD / VD are unused.
     # WS: Triton's warp specialization of the full-tile loop (tl.range(warp_specialize=...)), a tuning knob.
@@ -366,17 +295,12 @@ def _attn_fwd(
         if D2 > 0:
             _fwd_q_block2(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n,
                           qk_scale, offs_d, offs_d2, mask_d2, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, D2, WS)
-        elif FOLD and pid_m == m_full - 1 and seqlen % BLOCK_M != 0:
-            _fwd_q_block_fold(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n,
-                              qk_scale, offs_d, mask_d, BLOCK_M, TAIL_M, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D,
-                              KD, VD, b, h, TMA)
         else:
             _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n,
                          qk_scale, offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS,
                          KD, VD, b, h, TMA)
     else:
-        folded = (m_full > 0).to(tl.int32) if FOLD else 0  # the first tail tile went to the last full program
-        row0 = m_full * BLOCK_M + (pid_m - m_full + folded) * TAIL_M
+        row0 = m_full * BLOCK_M + (pid_m - m_full) * TAIL_M
         if row0 < seqlen:
             if D2 > 0:
                 _fwd_q_block2(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
@@ -613,77 +537,11 @@ def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, st
     else:
         lse = tl.load(LSE + lo + rows)
         delta = tl.load(DELTA + lo + rows)
-    return _bwd_dkdv_update(k, v, q, do, lse, delta, dk, dv, qk_scale)
-
-
-@triton.jit
-def _bwd_dkdv_update(k, v, q, do, lse, delta, dk, dv, qk_scale):
     pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
     dv += tl.dot(pt.to(do.dtype), do)
     dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
     dk += tl.dot(dst.to(q.dtype), q)
     return dk, dv
-
-
-@triton.jit
-def _bwd_q_tiles(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, start_m, seqlen, offs_d, mask_d, BM: tl.constexpr,
-                 MASK_M: tl.constexpr, EVEN_D: tl.constexpr, QD, DOD, b, h, TMA: tl.constexpr):
-    """(q, do, lse, delta) of the query tile at start_m; padded queries get lse = inf (p = 0)."""
-    rows = start_m + tl.arange(0, BM)
-    rows_ok = rows < seqlen
-    if TMA:
-        q = _desc_tile(QD, b, h, start_m, BM, offs_d.shape[0])
-        do = _desc_tile(DOD, b, h, start_m, BM, offs_d.shape[0])
-    else:
-        q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
-        do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
-    if MASK_M:
-        lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))
-        delta = tl.load(DELTA + lo + rows, mask=rows_ok, other=0.0)
-    else:
-        lse = tl.load(LSE + lo + rows)
-        delta = tl.load(DELTA + lo + rows)
-    return q, do, lse, delta
-
-
-@triton.jit
-def _bwd_dkdv_block_fold(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
-                         sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, mask_d,
-                         BN: tl.constexpr, TN: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
-                         BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, QD, DOD, b, h, TMA: tl.constexpr):
-    """FOLD: dK, dV of the last full key tile and of the first tail tile after it (TN keys, masked) in one program;
-    every query tile is loaded once for both. Padded keys' rows are never stored."""
-    cols = start_n + tl.arange(0, BN)
-    cols_ok = cols < seqlen
-    cols_t = start_n + BN + tl.arange(0, TN)
-    cols_t_ok = cols_t < seqlen
-    k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, False, not EVEN_D)
-    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, False, not EVEN_D)
-    k_t = _load_tile(K + ko + cols_t[:, None] * sk_n + offs_d[None, :], cols_t_ok, mask_d, True, not EVEN_D)
-    v_t = _load_tile(V + vo + cols_t[:, None] * sv_n + offs_d[None, :], cols_t_ok, mask_d, True, not EVEN_D)
-    dk = tl.zeros([BN, BLOCK_D], tl.float32)
-    dv = tl.zeros([BN, BLOCK_D], tl.float32)
-    dk_t = tl.zeros([TN, BLOCK_D], tl.float32)
-    dv_t = tl.zeros([TN, BLOCK_D], tl.float32)
-    m_full = (seqlen // BLOCK_M) * BLOCK_M
-    for start_m in range(0, m_full, BLOCK_M):
-        q, do, lse, delta = _bwd_q_tiles(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, start_m, seqlen, offs_d, mask_d,
-                                         BLOCK_M, False, EVEN_D, QD, DOD, b, h, TMA)
-        dk, dv = _bwd_dkdv_update(k, v, q, do, lse, delta, dk, dv, qk_scale)
-        dk_t, dv_t = _bwd_dkdv_update(k_t, v_t, q, do, lse, delta, dk_t, dv_t, qk_scale)
-    for start_m in range(m_full, seqlen, TAIL_M):
-        q, do, lse, delta = _bwd_q_tiles(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, start_m, seqlen, offs_d, mask_d,
-                                         TAIL_M, True, EVEN_D, QD, DOD, b, h, False)
-        dk, dv = _bwd_dkdv_update(k, v, q, do, lse, delta, dk, dv, qk_scale)
-        dk_t, dv_t = _bwd_dkdv_update(k_t, v_t, q, do, lse, delta, dk_t, dv_t, qk_scale)
-    _store_tile(DK + dko + cols[:, None] * sdk_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-                cols_ok, mask_d, False, not EVEN_D)
-    _store_tile(DV + dvo + cols[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
-                cols_ok, mask_d, False, not EVEN_D)
-    _store_tile(DK + dko + cols_t[:, None] * sdk_n + offs_d[None, :], (dk_t * sm_scale).to(DK.dtype.element_ty),
-                cols_t_ok, mask_d, True, not EVEN_D)
-    _store_tile(DV + dvo + cols_t[:, None] * sdv_n + offs_d[None, :], dv_t.to(DV.dtype.element_ty),
-                cols_t_ok, mask_d, True, not EVEN_D)
 
 
 @triton.jit
@@ -724,69 +582,11 @@ def _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqle
     else:
         k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
         v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
-    return _bwd_dq_update(k, v, q, do, lse, delta, dq, cols_ok, qk_scale, MASK_N)
-
-
-@triton.jit
-def _bwd_dq_update(k, v, q, do, lse, delta, dq, cols_ok, qk_scale, MASK_N: tl.constexpr):
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
     if MASK_N:  # padded keys (k = 0) get p = exp2(-lse): inf when every real score is below -128
         p = tl.where(cols_ok[None, :], p, 0.0)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k)
-
-
-@triton.jit
-def _bwd_dq_rows(Q, O, DO, LSE, DELTA, qo, oo, doo, lo, sq_n, so_n, sdo_n, rows, rows_ok, offs_d, mask_d,
-                 MASK_M: tl.constexpr, EVEN_D: tl.constexpr):
-    """(q, do, lse, delta) of a query tile; delta = rowsum(dO * O) is computed here and stored for the dK/dV pass."""
-    q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
-    do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
-    o = _load_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if MASK_M:
-        lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))
-        tl.store(DELTA + lo + rows, delta, mask=rows_ok)
-    else:
-        lse = tl.load(LSE + lo + rows)
-        tl.store(DELTA + lo + rows, delta)
-    return q, do, lse, delta
-
-
-@triton.jit
-def _bwd_dq_block_fold(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
-                       sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale, offs_d, mask_d,
-                       BM: tl.constexpr, TM: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, KD, VD, b, h, TMA: tl.constexpr):
-    """FOLD: dQ of the last full query tile and of the first tail tile after it (TM rows, masked) in one program;
-    every key tile is loaded once for both."""
-    rows = row0 + tl.arange(0, BM)
-    rows_ok = rows < seqlen
-    rows_t = row0 + BM + tl.arange(0, TM)
-    rows_t_ok = rows_t < seqlen
-    q, do, lse, delta = _bwd_dq_rows(Q, O, DO, LSE, DELTA, qo, oo, doo, lo, sq_n, so_n, sdo_n, rows, rows_ok, offs_d,
-                                     mask_d, False, EVEN_D)
-    q_t, do_t, lse_t, delta_t = _bwd_dq_rows(Q, O, DO, LSE, DELTA, qo, oo, doo, lo, sq_n, so_n, sdo_n, rows_t,
-                                             rows_t_ok, offs_d, mask_d, True, EVEN_D)
-    dq = tl.zeros([BM, BLOCK_D], tl.float32)
-    dq_t = tl.zeros([TM, BLOCK_D], tl.float32)
-    n_full = (seqlen // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        kt, v, cols_ok = _fwd_kv_tiles(K, V, ko, vo, start_n, seqlen, sk_n, sv_n, offs_d, mask_d, BLOCK_N, False,
-                                       EVEN_D, KD, VD, b, h, TMA)
-        k = tl.trans(kt)
-        dq = _bwd_dq_update(k, v, q, do, lse, delta, dq, cols_ok, qk_scale, False)
-        dq_t = _bwd_dq_update(k, v, q_t, do_t, lse_t, delta_t, dq_t, cols_ok, qk_scale, False)
-    for start_n in range(n_full, seqlen, TAIL_N):
-        kt, v, cols_ok = _fwd_kv_tiles(K, V, ko, vo, start_n, seqlen, sk_n, sv_n, offs_d, mask_d, TAIL_N, True,
-                                       EVEN_D, KD, VD, b, h, False)
-        k = tl.trans(kt)
-        dq = _bwd_dq_update(k, v, q, do, lse, delta, dq, cols_ok, qk_scale, True)
-        dq_t = _bwd_dq_update(k, v, q_t, do_t, lse_t, delta_t, dq_t, cols_ok, qk_scale, True)
-    _store_tile(DQ + dqo + rows[:, None] * sdq_n + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-                rows_ok, mask_d, False, not EVEN_D)
-    _store_tile(DQ + dqo + rows_t[:, None] * sdq_n + offs_d[None, :], (dq_t * sm_scale).to(DQ.dtype.element_ty),
-                rows_t_ok, mask_d, True, not EVEN_D)
 
 
 @triton.jit
@@ -955,10 +755,8 @@ def _attn_bwd_kv_q(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
-    D2: tl.constexpr = 0, TMA: tl.constexpr = False, FOLD: tl.constexpr = False,
+    D2: tl.constexpr = 0, TMA: tl.constexpr = False,
 ):
-    # FOLD (dense, D2 = 0): each pass's last full program also takes the first tail tile (_bwd_*_block_fold); the
-    # tail programs start after it
     # TMA: the full tiles each pass walks (K / V in the dQ pass, Q / dO in the dK/dV pass) come through the
     # tensor descriptors KD / VD / QD / DOD (dense inputs; block [1, 1, sub-tile, BLOCK_D]; with D2 > 0 the second
     # piece through QD2 ... DOD2, block [1, 1, sub-tile, D2])
@@ -1000,17 +798,11 @@ def _attn_bwd_kv_q(
                                    offs_d, offs_d2, mask_d2, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, D2, WS,
                                    KD, KD2, VD, VD2, b, h, TMA)
         elif pid < m_full:
-            if FOLD and pid == m_full - 1 and seqlen % BLOCK_M != 0:
-                _bwd_dq_block_fold(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
-                                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
-                                   offs_d, mask_d, BLOCK_M, TAIL_M, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, KD, VD, b, h, TMA)
-            else:
-                _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
-                              sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
-                              offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
+            _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
+                          sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
+                          offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
         else:
-            folded = (m_full > 0).to(tl.int32) if FOLD else 0
-            row0 = m_full * BLOCK_M + (pid - m_full + folded) * TAIL_M
+            row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
             if row0 < seqlen:
                 _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                               sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
@@ -1033,19 +825,11 @@ def _attn_bwd_kv_q(
                                      offs_d, offs_d2, mask_d2, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, D2, WS,
                                      QD, QD2, DOD, DOD2, b, h, TMA)
         elif pid < n_full:
-            if FOLD and pid == n_full - 1 and seqlen % BLOCK_N != 0:
-                _bwd_dkdv_block_fold(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
-                                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
-                                     offs_d, mask_d, BLOCK_N, TAIL_N, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, QD, DOD, b, h,
-                                     TMA)
-            else:
-                _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
-                                sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
-                                offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
-                                TMA)
+            _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
+                            sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
+                            offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h, TMA)
         else:
-            folded = (n_full > 0).to(tl.int32) if FOLD else 0
-            start_n = n_full * BLOCK_N + (pid - n_full + folded) * TAIL_N
+            start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
             if start_n < seqlen:
                 _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
@@ -1191,13 +975,11 @@ def _bwd_config(n: int, d: int) -> dict:
     return _cfg(128, 128, 16, 16, 8, 1, split=True)
 
 
-def _n_tiles(n: int, block: int, tail: int, packed: bool, fold: bool = False) -> int:
-    """Programs along a sequence: full blocks, then tail tiles (an upper bound when packed); with `fold` (dense) the
-    last full block's program also takes the first tail tile."""
+def _n_tiles(n: int, block: int, tail: int, packed: bool) -> int:
+    """Programs along a sequence: full blocks, then tail tiles (an upper bound when packed)."""
     if packed:
         return triton.cdiv(n, block) + triton.cdiv(block, tail)
-    tails = triton.cdiv(n % block, tail)
-    return n // block + tails - (1 if fold and n // block and tails else 0)
+    return n // block + triton.cdiv(n % block, tail)
 
 
 def _align(*strides):
@@ -1271,16 +1053,15 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None)
     cfg = dict(config or _fwd_config(maxn, D))
     dims = _head_dim_meta(D, cfg.pop("SPLIT_D", False))
     tma = cfg.pop("TMA", False) and not packed and dims["D2"] == 0
-    fold = cfg.pop("FOLD", False) and not packed and dims["D2"] == 0
     cu = cu_seqlens.to(torch.int32) if packed else q  # dummy pointer when dense
     if B * H > 0 and maxn > 0:
-        grid = (_n_tiles(maxn, cfg["BLOCK_M"], cfg["TAIL_M"], packed, fold), B * H)
+        grid = (_n_tiles(maxn, cfg["BLOCK_M"], cfg["TAIL_M"], packed), B * H)
         align, strides = _align(sq, sk, sv, so)
         descs, tma = _descs(tma, (k, v), cfg["BLOCK_N"], dims["BLOCK_D"])
         _attn_fwd[grid](
             q, k, v, o, lse, cu, *descs, *strides, *_lse_strides(H, N, packed),
             H, N, scale * LOG2E,
-            HEAD_DIM=D, VARLEN=packed, ALIGN=align, TMA=tma, FOLD=fold, **dims, **cfg,
+            HEAD_DIM=D, VARLEN=packed, ALIGN=align, TMA=tma, **dims, **cfg,
         )
     return o, lse
 
@@ -1302,17 +1083,13 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
     split = cfg.pop("SPLIT")
     split_d = cfg.pop("SPLIT_D", False)
     tma = cfg.pop("TMA", False)
-    fold = cfg.pop("FOLD", False)
     sl = _lse_strides(H, N, packed)
     cu = cu_seqlens.to(torch.int32) if packed else q
     bd = _pow2(D)
     if split == KV_Q:  # dQ pass (stores delta), then the dK/dV pass that reads it: stream order
         dq_cfg = _kv_q_dq_config(cfg)
-        split_d_on = _head_dim_meta(D, split_d)["D2"] > 0
         dq_cfg.pop("SPLIT_D", None)
         tma_dq = dq_cfg.pop("TMA", False)
-        fold_dq = dq_cfg.pop("FOLD", False) and not packed and not split_d_on
-        fold = fold and not packed and not split_d_on
         cfg.pop("DQ", None)
         cfg.pop("TRANS", None)
         delta = torch.empty_like(lse)
@@ -1324,14 +1101,12 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, **dims)
         descs, tma_q = _descs(tma_dq and not packed, (k, v), dq_cfg["BLOCK_N"], dims["BLOCK_D"], dims["D2"])
         kd, vd, kd2, vd2 = descs + [None] * (4 - len(descs))
-        _attn_bwd_kv_q[(_n_tiles(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed, fold_dq), B * H)](
-            *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, FOLD=fold_dq, **meta,
-            **dq_cfg)
+        _attn_bwd_kv_q[(_n_tiles(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed), B * H)](
+            *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **dq_cfg)
         descs, tma_kv = _descs(tma and not packed, (q, do), cfg["BLOCK_M"], dims["BLOCK_D"], dims["D2"])
         qd, dod, qd2, dod2 = descs + [None] * (4 - len(descs))
-        _attn_bwd_kv_q[(_n_tiles(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed, fold), B * H)](
-            *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, FOLD=fold, **meta,
-            **cfg)
+        _attn_bwd_kv_q[(_n_tiles(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed), B * H)](
+            *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **cfg)
         return dq, dk, dv
     if split not in (True, False):
         raise ValueError(f"backward SPLIT must be True, False or {KV_Q!r}; got {split!r}")
