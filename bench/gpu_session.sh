@@ -310,6 +310,11 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+K35)  # K33: the tail costs ~30 % at N = 197 / 261. OVERLAP: each walk's tail steps (16-wide) replaced by one full tile
+      # ending at the sequence's end, its already-walked part masked; the current configs without / with it
+  step 300 python3 -m bench kernels --only attention --tune-overlap \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64,mae-l-dec-n197-d32,dinov2-g518-n1374-d64 --tag tune-overlap
+  ;;
 K34)  # K33: a 16-row tail tile costs ~30 % at N = 197 / 261 (a tail program walks every tile for 5 rows). FOLD: the last
       # full program also takes the first tail tile; the current configs without / with it on each kernel
   # (measured slower everywhere, ...-tune-fold.json; FOLD and --tune-fold were then removed: run this part at commit 7ea787d)
