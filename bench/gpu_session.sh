@@ -312,6 +312,8 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   ;;
 K35)  # K33: the tail costs ~30 % at N = 197 / 261. OVERLAP: each walk's tail steps (16-wide) replaced by one full tile
       # ending at the sequence's end, its already-walked part masked; the current configs without / with it
+  # (measured slower everywhere, ...-tune-overlap.json; OVERLAP and --tune-overlap were then removed: run this part at
+  # commit 74cccee)
   step 300 python3 -m bench kernels --only attention --tune-overlap \
     --shapes vit-l-n197-d64,dinov2-g-n261-d64,mae-l-dec-n197-d32,dinov2-g518-n1374-d64 --tag tune-overlap
   ;;

@@ -538,22 +538,7 @@ def tma_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
                   for s, t in depths for a in (False, True) for b in (False, True)]
 
 
-def overlap_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
-    """The shape's current configs without and with OVERLAP (the walked tiles past the last full one taken as one
-    full tile ending at the sequence's end, its already-walked part masked, instead of tail steps) on the forward
-    and on each pass of the two-pass backward."""
-    from kernels import attn
-
-    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
-    fwds = [fwd | {"OVERLAP": False}, fwd | {"OVERLAP": True}]
-    if bwd.get("SPLIT") != attn.KV_Q:  # the one-pass kernels have no OVERLAP path
-        return fwds, [bwd]
-    dq = attn._kv_q_dq_config(bwd)
-    return fwds, [bwd | {"OVERLAP": a, "DQ": dq | {"OVERLAP": b}} for a in (False, True) for b in (False, True)]
-
-
-VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
-                  "overlap": overlap_variants}
+VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants}
 
 
 def tune_attention(names, variants=None):
@@ -641,10 +626,6 @@ def main(argv=None) -> int:
                          "(tensor descriptors, Hopper and later; dense inputs; the forward with the head dim whole) "
                          "on the forward and on each pass of the two-pass backward, at the current and 3-stage "
                          "pipeline depths")
-    ap.add_argument("--tune-overlap", action="store_true",
-                    help="instead of the block sweep, time each shape's current configs without and with OVERLAP "
-                         "(the walk's tail as one full tile ending at the sequence's end, its start masked) on the "
-                         "forward and each backward pass")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
@@ -669,7 +650,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     payload = {"card": card_name()}
     variants = ("regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split
-                else "tma" if args.tune_tma else "overlap" if args.tune_overlap else None)
+                else "tma" if args.tune_tma else None)
     if (args.tune or variants) and run_attn:
         import time
 

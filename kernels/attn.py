@@ -147,8 +147,7 @@ def _seq_bounds(CU, b, N, VARLEN: tl.constexpr):
 @triton.jit
 def _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale, offs_d, mask_d,
                  BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                 KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False, col_lo=0, LO: tl.constexpr = False):
-    # LO (OVERLAP's last step): a full tile ending at seqlen whose columns below col_lo were already taken
+                 KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
     if TMA:  # full tiles through the tensor descriptors (TMA); head-dim columns past HEAD_DIM arrive as zeros
@@ -161,8 +160,6 @@ def _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk
     s = tl.dot(q, kt) * qk_scale  # log2 units
     if MASK_N:
         s = tl.where(cols_ok[None, :], s, float("-inf"))
-    if LO:
-        s = tl.where((cols >= col_lo)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
@@ -176,7 +173,7 @@ def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, 
                  offs_d, mask_d,
                  BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
-                 KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False, OVERLAP: tl.constexpr = False):
+                 KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
@@ -187,15 +184,9 @@ def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, 
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
                                      offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA)
-    if OVERLAP and n_full > 0:  # the rest as one full tile ending at seqlen, its first columns masked
-        if n_full < seqlen:
-            m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, seqlen - BLOCK_N, seqlen, sk_n, sv_n,
-                                         qk_scale, offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA,
-                                         n_full, True)
-    else:
-        for start_n in range(n_full, seqlen, TAIL_N):
-            m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
-                                         offs_d, mask_d, TAIL_N, True, EVEN_D)
+    for start_n in range(n_full, seqlen, TAIL_N):
+        m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
+                                     offs_d, mask_d, TAIL_N, True, EVEN_D)
     acc = acc / l_i[:, None]
     _store_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], acc.to(O.dtype.element_ty), rows_ok, mask_d,
                 MASK_M, not EVEN_D)
@@ -270,10 +261,8 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False, D2: tl.constexpr = 0,
-    TMA: tl.constexpr = False, OVERLAP: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
-    # OVERLAP (D2 = 0): the keys past the last full tile are taken as one full tile ending at the sequence's end,
-    # its already-seen columns masked, instead of TAIL_N-wide tail steps (one step instead of several, full MMAs).
     # TMA: the full key tiles are loaded through the tensor descriptors KD / VD (dense inputs; block
     # [1, 1, BLOCK_N, BLOCK_D]); otherwise KD / VD are unused.
     # WS: Triton's warp specialization of the full-tile loop (tl.range(warp_specialize=...)), a tuning knob.
@@ -309,7 +298,7 @@ def _attn_fwd(
         else:
             _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n,
                          qk_scale, offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS,
-                         KD, VD, b, h, TMA, OVERLAP)
+                         KD, VD, b, h, TMA)
     else:
         row0 = m_full * BLOCK_M + (pid_m - m_full) * TAIL_M
         if row0 < seqlen:
@@ -318,8 +307,7 @@ def _attn_fwd(
                               offs_d, offs_d2, mask_d2, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, D2, WS)
             else:
                 _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
-                             offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA,
-                             OVERLAP)
+                             offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
 
 
 @triton.jit
@@ -533,9 +521,8 @@ def _row_base(b64, h64, tok, s_b, s_h, s_n, ALIGN: tl.constexpr):
 @triton.jit
 def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen, qk_scale,
                    offs_d, mask_d, BM: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr,
-                   QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False, row_lo=0, LO: tl.constexpr = False):
-    # key-major products; padded keys need no mask here: their dK/dV rows are never stored. LO (OVERLAP's last
-    # step): a full tile ending at seqlen whose rows below row_lo were already taken (lse = inf there: p = 0)
+                   QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False):
+    # key-major products; padded keys need no mask here: their dK/dV rows are never stored
     rows = start_m + tl.arange(0, BM)
     rows_ok = rows < seqlen
     if TMA:
@@ -550,8 +537,6 @@ def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, st
     else:
         lse = tl.load(LSE + lo + rows)
         delta = tl.load(DELTA + lo + rows)
-    if LO:
-        lse = tl.where(rows >= row_lo, lse, float("inf"))
     pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
     dv += tl.dot(pt.to(do.dtype), do)
     dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
@@ -564,7 +549,7 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                     BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
-                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False, OVERLAP: tl.constexpr = False):
+                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False):
     """dK, dV of one key tile: K and V stay resident, every query tile streams past."""
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
@@ -576,15 +561,9 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
     for start_m in tl.range(0, m_full, BLOCK_M, warp_specialize=WS):
         dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
                                 qk_scale, offs_d, mask_d, BLOCK_M, False, EVEN_D, QD, DOD, b, h, TMA)
-    if OVERLAP and m_full > 0:
-        if m_full < seqlen:
-            dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, seqlen - BLOCK_M,
-                                    seqlen, qk_scale, offs_d, mask_d, BLOCK_M, False, EVEN_D, QD, DOD, b, h, TMA,
-                                    m_full, True)
-    else:
-        for start_m in range(m_full, seqlen, TAIL_M):
-            dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
-                                    qk_scale, offs_d, mask_d, TAIL_M, True, EVEN_D)
+    for start_m in range(m_full, seqlen, TAIL_M):
+        dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
+                                qk_scale, offs_d, mask_d, TAIL_M, True, EVEN_D)
     _store_tile(DK + dko + cols[:, None] * sdk_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
                 cols_ok, mask_d, MASK_N, not EVEN_D)
     _store_tile(DV + dvo + cols[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -594,7 +573,7 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
 @triton.jit
 def _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale, offs_d, mask_d,
                  BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                 KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False, col_lo=0, LO: tl.constexpr = False):
+                 KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
     if TMA:
@@ -606,8 +585,6 @@ def _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqle
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
     if MASK_N:  # padded keys (k = 0) get p = exp2(-lse): inf when every real score is below -128
         p = tl.where(cols_ok[None, :], p, 0.0)
-    if LO:  # OVERLAP's last step: the columns below col_lo were already taken
-        p = tl.where((cols >= col_lo)[None, :], p, 0.0)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k)
 
@@ -617,7 +594,7 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                   BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
-                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False, OVERLAP: tl.constexpr = False):
+                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
     """dQ of one query tile (and its delta = rowsum(dO * O), stored for the dK/dV pass)."""
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
@@ -636,14 +613,9 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
                           offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA)
-    if OVERLAP and n_full > 0:
-        if n_full < seqlen:
-            dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, seqlen - BLOCK_N, seqlen, qk_scale,
-                              offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA, n_full, True)
-    else:
-        for start_n in range(n_full, seqlen, TAIL_N):
-            dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
-                              offs_d, mask_d, TAIL_N, True, EVEN_D)
+    for start_n in range(n_full, seqlen, TAIL_N):
+        dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
+                          offs_d, mask_d, TAIL_N, True, EVEN_D)
     _store_tile(DQ + dqo + rows[:, None] * sdq_n + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
                 rows_ok, mask_d, MASK_M, not EVEN_D)
 
@@ -783,10 +755,8 @@ def _attn_bwd_kv_q(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
-    D2: tl.constexpr = 0, TMA: tl.constexpr = False, OVERLAP: tl.constexpr = False,
+    D2: tl.constexpr = 0, TMA: tl.constexpr = False,
 ):
-    # OVERLAP (D2 = 0): the walked tiles past the last full one as one full tile ending at the sequence's end, its
-    # already-walked rows / columns masked (see _attn_fwd)
     # TMA: the full tiles each pass walks (K / V in the dQ pass, Q / dO in the dK/dV pass) come through the
     # tensor descriptors KD / VD / QD / DOD (dense inputs; block [1, 1, sub-tile, BLOCK_D]; with D2 > 0 the second
     # piece through QD2 ... DOD2, block [1, 1, sub-tile, D2])
@@ -830,13 +800,13 @@ def _attn_bwd_kv_q(
         elif pid < m_full:
             _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                           sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
-                          offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA, OVERLAP)
+                          offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
         else:
             row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
             if row0 < seqlen:
                 _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                               sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
-                              offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA, OVERLAP)
+                              offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
     else:
         dko, sdk_n = _row_base(b64, h64, tok, sdk_b, sdk_h, sdk_n, ALIGN)
         dvo, sdv_n = _row_base(b64, h64, tok, sdv_b, sdv_h, sdv_n, ALIGN)
@@ -857,14 +827,14 @@ def _attn_bwd_kv_q(
         elif pid < n_full:
             _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                             sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
-                            offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h, TMA, OVERLAP)
+                            offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h, TMA)
         else:
             start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
             if start_n < seqlen:
                 _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
                                 offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
-                                TMA, OVERLAP)
+                                TMA)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -1083,7 +1053,6 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None)
     cfg = dict(config or _fwd_config(maxn, D))
     dims = _head_dim_meta(D, cfg.pop("SPLIT_D", False))
     tma = cfg.pop("TMA", False) and not packed and dims["D2"] == 0
-    overlap = cfg.pop("OVERLAP", False) and dims["D2"] == 0
     cu = cu_seqlens.to(torch.int32) if packed else q  # dummy pointer when dense
     if B * H > 0 and maxn > 0:
         grid = (_n_tiles(maxn, cfg["BLOCK_M"], cfg["TAIL_M"], packed), B * H)
@@ -1092,7 +1061,7 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None)
         _attn_fwd[grid](
             q, k, v, o, lse, cu, *descs, *strides, *_lse_strides(H, N, packed),
             H, N, scale * LOG2E,
-            HEAD_DIM=D, VARLEN=packed, ALIGN=align, TMA=tma, OVERLAP=overlap, **dims, **cfg,
+            HEAD_DIM=D, VARLEN=packed, ALIGN=align, TMA=tma, **dims, **cfg,
         )
     return o, lse
 
@@ -1114,7 +1083,6 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
     split = cfg.pop("SPLIT")
     split_d = cfg.pop("SPLIT_D", False)
     tma = cfg.pop("TMA", False)
-    overlap = cfg.pop("OVERLAP", False)
     sl = _lse_strides(H, N, packed)
     cu = cu_seqlens.to(torch.int32) if packed else q
     bd = _pow2(D)
@@ -1122,7 +1090,6 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         dq_cfg = _kv_q_dq_config(cfg)
         dq_cfg.pop("SPLIT_D", None)
         tma_dq = dq_cfg.pop("TMA", False)
-        overlap_dq = dq_cfg.pop("OVERLAP", False)
         cfg.pop("DQ", None)
         cfg.pop("TRANS", None)
         delta = torch.empty_like(lse)
@@ -1135,13 +1102,11 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         descs, tma_q = _descs(tma_dq and not packed, (k, v), dq_cfg["BLOCK_N"], dims["BLOCK_D"], dims["D2"])
         kd, vd, kd2, vd2 = descs + [None] * (4 - len(descs))
         _attn_bwd_kv_q[(_n_tiles(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed), B * H)](
-            *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q,
-            OVERLAP=overlap_dq and meta["D2"] == 0, **meta, **dq_cfg)
+            *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **dq_cfg)
         descs, tma_kv = _descs(tma and not packed, (q, do), cfg["BLOCK_M"], dims["BLOCK_D"], dims["D2"])
         qd, dod, qd2, dod2 = descs + [None] * (4 - len(descs))
         _attn_bwd_kv_q[(_n_tiles(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed), B * H)](
-            *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv,
-            OVERLAP=overlap and meta["D2"] == 0, **meta, **cfg)
+            *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **cfg)
         return dq, dk, dv
     if split not in (True, False):
         raise ValueError(f"backward SPLIT must be True, False or {KV_Q!r}; got {split!r}")
