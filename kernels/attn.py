@@ -134,6 +134,47 @@ def _desc_tile(desc, b, h, row0, ROWS: tl.constexpr, COLS: tl.constexpr, COL0: t
 
 
 @triton.jit
+def _walk_pair(A, B, ao, bo, sa_n, sb_n, AD, BD, b, h, start, seqlen, offs_c, mask_c, ROWS: tl.constexpr,
+               MASK: tl.constexpr, EVEN_C: tl.constexpr, TMA: tl.constexpr):
+    """Rows [start, start + ROWS) of two tensors a loop walks together (K / V, Q / dO): through their tensor
+    descriptors AD / BD when TMA (head-dim columns past HEAD_DIM arrive as zeros), else pointer loads (MASK: rows
+    past seqlen read as zeros; EVEN_C: every column of offs_c valid)."""
+    if TMA:
+        a = _desc_tile(AD, b, h, start, ROWS, offs_c.shape[0])
+        x = _desc_tile(BD, b, h, start, ROWS, offs_c.shape[0])
+    else:
+        rows = start + tl.arange(0, ROWS)
+        rows_ok = rows < seqlen
+        a = _load_tile(A + ao + rows[:, None] * sa_n + offs_c[None, :], rows_ok, mask_c, MASK, not EVEN_C)
+        x = _load_tile(B + bo + rows[:, None] * sb_n + offs_c[None, :], rows_ok, mask_c, MASK, not EVEN_C)
+    return a, x
+
+
+@triton.jit
+def _walk_pair2(A, B, ao, bo, sa_n, sb_n, AD, AD2, BD, BD2, b, h, start, seqlen, offs_d, offs_d2, mask_d2,
+                ROWS: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
+    """_walk_pair with the head dim in two pieces (SPLIT_D): (a, a2, x, x2), the second pieces through their own
+    descriptors AD2 / BD2 (block columns D2, from column BLOCK_D) or masked past HEAD_DIM."""
+    a, a2 = _split_rows(A, ao, sa_n, AD, AD2, b, h, start, seqlen, offs_d, offs_d2, mask_d2, ROWS, MASK, TMA)
+    x, x2 = _split_rows(B, bo, sb_n, BD, BD2, b, h, start, seqlen, offs_d, offs_d2, mask_d2, ROWS, MASK, TMA)
+    return a, a2, x, x2
+
+
+@triton.jit
+def _split_rows(A, ao, sa_n, AD, AD2, b, h, start, seqlen, offs_d, offs_d2, mask_d2, ROWS: tl.constexpr,
+                MASK: tl.constexpr, TMA: tl.constexpr):
+    if TMA:
+        a = _desc_tile(AD, b, h, start, ROWS, offs_d.shape[0])
+        a2 = _desc_tile(AD2, b, h, start, ROWS, offs_d2.shape[0], offs_d.shape[0])
+    else:
+        rows = start + tl.arange(0, ROWS)
+        rows_ok = rows < seqlen
+        a = _load_tile(A + ao + rows[:, None] * sa_n + offs_d[None, :], rows_ok, offs_d, MASK, False)
+        a2 = _load_tile(A + ao + rows[:, None] * sa_n + offs_d2[None, :], rows_ok, mask_d2, MASK, True)
+    return a, a2
+
+
+@triton.jit
 def _seq_bounds(CU, b, N, VARLEN: tl.constexpr):
     if VARLEN:
         start = tl.load(CU + b)
@@ -150,14 +191,9 @@ def _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk
                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
-    if TMA:  # full tiles through the tensor descriptors (TMA); head-dim columns past HEAD_DIM arrive as zeros
-        kt = tl.trans(_desc_tile(KD, b, h, start_n, BN, offs_d.shape[0]))
-        v = _desc_tile(VD, b, h, start_n, BN, offs_d.shape[0])
-    else:
-        kt = tl.trans(_load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N,
-                                 not EVEN_D))
-        v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
-    s = tl.dot(q, kt) * qk_scale  # log2 units
+    # TMA: full tiles through the tensor descriptors; head-dim columns past HEAD_DIM arrive as zeros
+    k, v = _walk_pair(K, V, ko, vo, sk_n, sv_n, KD, VD, b, h, start_n, seqlen, offs_d, mask_d, BN, MASK_N, EVEN_D, TMA)
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
     if MASK_N:
         s = tl.where(cols_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -525,12 +561,8 @@ def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, st
     # key-major products; padded keys need no mask here: their dK/dV rows are never stored
     rows = start_m + tl.arange(0, BM)
     rows_ok = rows < seqlen
-    if TMA:
-        q = _desc_tile(QD, b, h, start_m, BM, offs_d.shape[0])
-        do = _desc_tile(DOD, b, h, start_m, BM, offs_d.shape[0])
-    else:
-        q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
-        do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+    q, do = _walk_pair(Q, DO, qo, doo, sq_n, sdo_n, QD, DOD, b, h, start_m, seqlen, offs_d, mask_d, BM, MASK_M, EVEN_D,
+                       TMA)
     if MASK_M:
         lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))  # padded queries: p = 0
         delta = tl.load(DELTA + lo + rows, mask=rows_ok, other=0.0)
@@ -576,12 +608,7 @@ def _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqle
                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
-    if TMA:
-        k = _desc_tile(KD, b, h, start_n, BN, offs_d.shape[0])
-        v = _desc_tile(VD, b, h, start_n, BN, offs_d.shape[0])
-    else:
-        k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
-        v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    k, v = _walk_pair(K, V, ko, vo, sk_n, sv_n, KD, VD, b, h, start_n, seqlen, offs_d, mask_d, BN, MASK_N, EVEN_D, TMA)
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
     if MASK_N:  # padded keys (k = 0) get p = exp2(-lse): inf when every real score is below -128
         p = tl.where(cols_ok[None, :], p, 0.0)
@@ -627,16 +654,8 @@ def _bwd_dkdv_step2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, d
     # _bwd_dkdv_step with the head dim in two pieces (SPLIT_D)
     rows = start_m + tl.arange(0, BM)
     rows_ok = rows < seqlen
-    if TMA:  # the second piece through its own descriptors (block columns D2, from column BLOCK_D)
-        q = _desc_tile(QD, b, h, start_m, BM, offs_d.shape[0])
-        q2 = _desc_tile(QD2, b, h, start_m, BM, offs_d2.shape[0], offs_d.shape[0])
-        do = _desc_tile(DOD, b, h, start_m, BM, offs_d.shape[0])
-        do2 = _desc_tile(DOD2, b, h, start_m, BM, offs_d2.shape[0], offs_d.shape[0])
-    else:
-        q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
-        q2 = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d2[None, :], rows_ok, mask_d2, MASK_M, True)
-        do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, offs_d, MASK_M, False)
-        do2 = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d2[None, :], rows_ok, mask_d2, MASK_M, True)
+    q, q2, do, do2 = _walk_pair2(Q, DO, qo, doo, sq_n, sdo_n, QD, QD2, DOD, DOD2, b, h, start_m, seqlen, offs_d,
+                                 offs_d2, mask_d2, BM, MASK_M, TMA)
     if MASK_M:
         lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))  # padded queries: p = 0
         delta = tl.load(DELTA + lo + rows, mask=rows_ok, other=0.0)
@@ -693,16 +712,8 @@ def _bwd_dq_step2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq2,
                   KD=None, KD2=None, VD=None, VD2=None, b=0, h=0, TMA: tl.constexpr = False):
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
-    if TMA:
-        k = _desc_tile(KD, b, h, start_n, BN, offs_d.shape[0])
-        k2 = _desc_tile(KD2, b, h, start_n, BN, offs_d2.shape[0], offs_d.shape[0])
-        v = _desc_tile(VD, b, h, start_n, BN, offs_d.shape[0])
-        v2 = _desc_tile(VD2, b, h, start_n, BN, offs_d2.shape[0], offs_d.shape[0])
-    else:
-        k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
-        k2 = _load_tile(K + ko + cols[:, None] * sk_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True)
-        v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
-        v2 = _load_tile(V + vo + cols[:, None] * sv_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True)
+    k, k2, v, v2 = _walk_pair2(K, V, ko, vo, sk_n, sv_n, KD, KD2, VD, VD2, b, h, start_n, seqlen, offs_d, offs_d2,
+                               mask_d2, BN, MASK_N, TMA)
     p = tl.math.exp2(tl.dot(q2, tl.trans(k2), tl.dot(q, tl.trans(k))) * qk_scale - lse[:, None])
     if MASK_N:  # padded keys (k = 0) get p = exp2(-lse): inf when every real score is below -128
         p = tl.where(cols_ok[None, :], p, 0.0)
