@@ -14,8 +14,8 @@ MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms)
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
---tune-ws, --tune-split, --tune-tma: the current configs under register caps, warp specialization, a split head dim,
-TMA loads),
+--tune-ws, --tune-split, --tune-tma, --tune-tail-groups: the current configs under register caps, warp
+specialization, a split head dim, TMA loads, tail groups),
 --shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -37,6 +37,7 @@ ATTN_SHAPES = {
     "vit-l-n197-d64": (128, 16, 197, 64),
     "mae-l-dec-n197-d32": (256, 16, 197, 32),  # the MAE ViT-L decoder: 512 wide, 16 heads of 32, every patch + cls
     "dinov2-g-n261-d64": (128, 24, 261, 64),
+    "dinov2-l-n257-d64": (128, 16, 257, 64),  # DINOv2 ViT-L/14 at 224 px: 256 patches + cls (1 row past 4 x 64)
     "vit-g-n257-d88": (96, 16, 257, 88),
     "vit-h-n257-d80": (128, 16, 257, 80),  # ViT-H/14 (the paper's largest MAE): head dim 80
     "mae-g-enc-n65-d88": (256, 16, 65, 88),  # the MAE ViT-g/14 encoder: 64 kept patches + the class token
@@ -435,7 +436,8 @@ def _compile_worker(job):
 
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
-    configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma: the variants of the current configs) or just the ones
+    configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups: the variants of the
+    current configs) or just the ones
     each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -538,13 +540,48 @@ def tma_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
                   for s, t in depths for a in (False, True) for b in (False, True)]
 
 
-VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants}
+TAIL_GROUPS = (2, 4)
+
+
+def tail_group_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
+    """The shape's current configs without and with tail groups (TAIL_G: the tail rows of G heads in one program),
+    each also under the register cap that keeps the kernel's programs per SM (the grouped tail's 3D tiles raise the
+    whole kernel's registers: 121 -> 158 per thread in the N = 197 forward, 3 programs per SM instead of 4): the
+    forward at each G, the two-pass backward with groups on either pass or both. Shapes without tail rows (or with a
+    split head dim) run the same kernels in every variant."""
+    from kernels import attn
+
+    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
+    base = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW")}
+    capped = lambda c, cap: c | {"maxnreg": min(cap, c.get("maxnreg", cap))}
+    fwd = base(fwd)
+    fwds = [fwd] + [c for g in TAIL_GROUPS for c in (fwd | {"TAIL_G": g}, capped(fwd | {"TAIL_G": g}, 128))]
+    if bwd.get("SPLIT") != attn.KV_Q:  # the one-pass kernels have no tail groups
+        return _unique(fwds), [bwd]
+    dq = base(attn._kv_q_dq_config(bwd))
+    bwd = base(bwd)
+    kvs = [bwd] + [capped(bwd | {"TAIL_G": g}, 128) for g in TAIL_GROUPS]
+    dqs = [dq] + [capped(dq | {"TAIL_G": g}, cap) for g in TAIL_GROUPS for cap in (96, 128)]
+    return _unique(fwds), _unique([kv | {"DQ": d} for kv in kvs for d in dqs])
+
+
+def _unique(cfgs: list[dict]) -> list[dict]:
+    """The configs in order, each once (a variant can equal another where the current config already has a cap)."""
+    out = []
+    for c in cfgs:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
+                  "tailg": tail_group_variants}
 
 
 def tune_attention(names, variants=None):
     """Time every block config of the forward and both backward layouts (or, with `variants` a key of
-    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma", the current configs under register caps / with warp
-    specialization / with the head dim split / with TMA loads); print the best per shape."""
+    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg", the current configs under register caps / with warp
+    specialization / with the head dim split / with TMA loads / with tail groups); print the best per shape."""
     from kernels import attn
 
     out = {}
@@ -626,6 +663,10 @@ def main(argv=None) -> int:
                          "(tensor descriptors, Hopper and later; dense inputs; the forward with the head dim whole) "
                          "on the forward and on each pass of the two-pass backward, at the current and 3-stage "
                          "pipeline depths")
+    ap.add_argument("--tune-tail-groups", action="store_true",
+                    help="instead of the block sweep, time each shape's current configs without and with tail groups "
+                         "(TAIL_G: the rows past the last full block of G heads in one program) on the forward and "
+                         "on each pass of the two-pass backward")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
@@ -650,7 +691,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     payload = {"card": card_name()}
     variants = ("regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split
-                else "tma" if args.tune_tma else None)
+                else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups else None)
     if (args.tune or variants) and run_attn:
         import time
 

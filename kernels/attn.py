@@ -23,7 +23,8 @@ Backward, three layouts chosen per shape (see `_bwd_config`; config key SPLIT = 
   accumulators at most (the fused layouts hold three) and needs no atomics or scratch.
 Head dims that are not a power of two (88) are padded in-kernel to the next power of two, or split in two
 power-of-two pieces (config key SPLIT_D). On Hopper and later the config key TMA loads the full tiles a loop walks
-through tensor descriptors (the default in the backward passes at d = 32 / 64 / 88; see kernels/README.md).
+through tensor descriptors (the default in the backward passes at d = 32 / 64 / 88; see kernels/README.md). The config
+key TAIL_G puts the rows past the last full block of several heads in one program (see _grouped_pids).
 """
 from __future__ import annotations
 
@@ -289,6 +290,199 @@ def _fwd_q_block2(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n,
         tl.store(LSE + lo + rows, lse)
 
 
+
+# ----------------------------------------------------------------------------- grouped tails (TAIL_G)
+#
+# A sequence's last rows past its full blocks (N = 197 = 3 x 64 + 5) cost a whole program: it walks every key tile
+# as long as a full one does (the loop is latency-bound), for 5 rows: ~30 % of the time at N = 197 / 261. With
+# TAIL_G = G the tail rows of G heads share one program, as a [G, rows, d] tile whose products are batched (3D)
+# tl.dot, one head per warp where G = num_warps. Each group of G heads launches as its full blocks head by head
+# then its tail programs, next to each other, so the tail's keys are still in L2 (a tail kernel launched on its
+# own re-reads K / V from memory: 40 us at N = 197, twice what the tail programs cost in-kernel).
+
+
+@triton.jit
+def _group_offs(bh, H, s_b, s_h):
+    """int64 offsets of the heads bh (a [G] vector of b * H + h) in a tensor with batch / head strides s_b, s_h."""
+    return (bh // H).to(tl.int64) * s_b + (bh % H).to(tl.int64) * s_h
+
+
+@triton.jit
+def _load_rows3(P, off, rows, s_n, offs_d, rows_ok, mask_d, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    """Rows `rows` of the G heads at offsets `off`: a [G, rows, columns] tile (masked rows read as zeros)."""
+    ptrs = P + off[:, None, None] + rows[None, :, None] * s_n + offs_d[None, None, :]
+    if MASK_R and MASK_C:
+        x = tl.load(ptrs, mask=rows_ok[None, :, None] & mask_d[None, None, :], other=0.0)
+    elif MASK_R:
+        x = tl.load(ptrs, mask=rows_ok[None, :, None], other=0.0)
+    elif MASK_C:
+        x = tl.load(ptrs, mask=mask_d[None, None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_rows3(P, off, rows, s_n, offs_d, x, rows_ok, mask_d, MASK_C: tl.constexpr):
+    ptrs = P + off[:, None, None] + rows[None, :, None] * s_n + offs_d[None, None, :]
+    if MASK_C:
+        tl.store(ptrs, x, mask=rows_ok[None, :, None] & mask_d[None, None, :])
+    else:
+        tl.store(ptrs, x, mask=rows_ok[None, :, None])
+
+
+@triton.jit
+def _fwd_kv_step_g(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale, offs_d, mask_d,
+                   BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
+    # _fwd_kv_step for G heads: q [G, TM, d], m_i / l_i [G, TM]
+    cols = start_n + tl.arange(0, BN)
+    cols_ok = cols < seqlen
+    k = _load_rows3(K, ko, cols, sk_n, offs_d, cols_ok, mask_d, MASK_N, not EVEN_D)
+    v = _load_rows3(V, vo, cols, sv_n, offs_d, cols_ok, mask_d, MASK_N, not EVEN_D)
+    s = tl.dot(q, tl.permute(k, (0, 2, 1))) * qk_scale  # log2 units
+    if MASK_N:
+        s = tl.where(cols_ok[None, None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 2))
+    p = tl.math.exp2(s - m_new[:, :, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 2)
+    acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_tail_group(Q, K, V, O, LSE, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                    sl_b, sl_h, row0, seqlen, qk_scale, offs_d, mask_d, G: tl.constexpr, TM: tl.constexpr,
+                    WALK: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """Output rows [row0, row0 + TM) of the G heads bh (dense inputs: one length)."""
+    rows = row0 + tl.arange(0, TM)
+    rows_ok = rows < seqlen
+    ko = _group_offs(bh, H, sk_b, sk_h)
+    vo = _group_offs(bh, H, sv_b, sv_h)
+    q = _load_rows3(Q, _group_offs(bh, H, sq_b, sq_h), rows, sq_n, offs_d, rows_ok, mask_d, True, not EVEN_D)
+    m_i = tl.full([G, TM], float("-inf"), tl.float32)
+    l_i = tl.zeros([G, TM], tl.float32)
+    acc = tl.zeros([G, TM, BLOCK_D], tl.float32)
+    n_full = (seqlen // WALK) * WALK
+    for start_n in range(0, n_full, WALK):
+        m_i, l_i, acc = _fwd_kv_step_g(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
+                                       offs_d, mask_d, WALK, False, EVEN_D)
+    for start_n in range(n_full, seqlen, TAIL_N):
+        m_i, l_i, acc = _fwd_kv_step_g(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
+                                       offs_d, mask_d, TAIL_N, True, EVEN_D)
+    acc = acc / l_i[:, :, None]
+    _store_rows3(O, _group_offs(bh, H, so_b, so_h), rows, so_n, offs_d, acc.to(O.dtype.element_ty), rows_ok, mask_d,
+                 not EVEN_D)
+    lo = _group_offs(bh, H, sl_b, sl_h)
+    tl.store(LSE + lo[:, None] + rows[None, :], m_i + tl.math.log2(l_i), mask=rows_ok[None, :])
+
+
+@triton.jit
+def _bwd_dq_step_g(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale, offs_d, mask_d,
+                   BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
+    cols = start_n + tl.arange(0, BN)
+    cols_ok = cols < seqlen
+    k = _load_rows3(K, ko, cols, sk_n, offs_d, cols_ok, mask_d, MASK_N, not EVEN_D)
+    v = _load_rows3(V, vo, cols, sv_n, offs_d, cols_ok, mask_d, MASK_N, not EVEN_D)
+    p = tl.math.exp2(tl.dot(q, tl.permute(k, (0, 2, 1))) * qk_scale - lse[:, :, None])
+    if MASK_N:
+        p = tl.where(cols_ok[None, None, :], p, 0.0)
+    ds = p * (tl.dot(do, tl.permute(v, (0, 2, 1))) - delta[:, :, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit
+def _bwd_dq_tail_group(Q, K, V, O, DO, DQ, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                       so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, sl_b, sl_h, row0, seqlen,
+                       qk_scale, sm_scale, offs_d, mask_d, G: tl.constexpr, TM: tl.constexpr, WALK: tl.constexpr,
+                       TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """dQ rows [row0, row0 + TM) of the G heads bh, and their delta = rowsum(dO * O) for the dK/dV pass."""
+    rows = row0 + tl.arange(0, TM)
+    rows_ok = rows < seqlen
+    ko = _group_offs(bh, H, sk_b, sk_h)
+    vo = _group_offs(bh, H, sv_b, sv_h)
+    q = _load_rows3(Q, _group_offs(bh, H, sq_b, sq_h), rows, sq_n, offs_d, rows_ok, mask_d, True, not EVEN_D)
+    do = _load_rows3(DO, _group_offs(bh, H, sdo_b, sdo_h), rows, sdo_n, offs_d, rows_ok, mask_d, True, not EVEN_D)
+    o = _load_rows3(O, _group_offs(bh, H, so_b, so_h), rows, so_n, offs_d, rows_ok, mask_d, True, not EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 2)
+    lp = _group_offs(bh, H, sl_b, sl_h)[:, None] + rows[None, :]
+    lse = tl.load(LSE + lp, mask=rows_ok[None, :], other=float("inf"))
+    tl.store(DELTA + lp, delta, mask=rows_ok[None, :])
+    dq = tl.zeros([G, TM, BLOCK_D], tl.float32)
+    n_full = (seqlen // WALK) * WALK
+    for start_n in range(0, n_full, WALK):
+        dq = _bwd_dq_step_g(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale, offs_d,
+                            mask_d, WALK, False, EVEN_D)
+    for start_n in range(n_full, seqlen, TAIL_N):
+        dq = _bwd_dq_step_g(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale, offs_d,
+                            mask_d, TAIL_N, True, EVEN_D)
+    _store_rows3(DQ, _group_offs(bh, H, sdq_b, sdq_h), rows, sdq_n, offs_d, (dq * sm_scale).to(DQ.dtype.element_ty),
+                 rows_ok, mask_d, not EVEN_D)
+
+
+@triton.jit
+def _bwd_dkdv_step_g(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen, qk_scale, offs_d,
+                     mask_d, BM: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr):
+    rows = start_m + tl.arange(0, BM)
+    rows_ok = rows < seqlen
+    q = _load_rows3(Q, qo, rows, sq_n, offs_d, rows_ok, mask_d, MASK_M, not EVEN_D)
+    do = _load_rows3(DO, doo, rows, sdo_n, offs_d, rows_ok, mask_d, MASK_M, not EVEN_D)
+    lp = lo[:, None] + rows[None, :]
+    if MASK_M:
+        lse = tl.load(LSE + lp, mask=rows_ok[None, :], other=float("inf"))  # padded queries: p = 0
+        delta = tl.load(DELTA + lp, mask=rows_ok[None, :], other=0.0)
+    else:
+        lse = tl.load(LSE + lp)
+        delta = tl.load(DELTA + lp)
+    pt = tl.math.exp2(tl.dot(k, tl.permute(q, (0, 2, 1))) * qk_scale - lse[:, None, :])
+    dv += tl.dot(pt.to(do.dtype), do)
+    dst = pt * (tl.dot(v, tl.permute(do, (0, 2, 1))) - delta[:, None, :])
+    dk += tl.dot(dst.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_tail_group(Q, K, V, DO, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                         sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h, start_n, seqlen,
+                         qk_scale, sm_scale, offs_d, mask_d, G: tl.constexpr, TN: tl.constexpr, WALK: tl.constexpr,
+                         TAIL_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """dK, dV of key rows [start_n, start_n + TN) of the G heads bh; every query tile streams past."""
+    cols = start_n + tl.arange(0, TN)
+    cols_ok = cols < seqlen
+    qo = _group_offs(bh, H, sq_b, sq_h)
+    doo = _group_offs(bh, H, sdo_b, sdo_h)
+    lo = _group_offs(bh, H, sl_b, sl_h)
+    k = _load_rows3(K, _group_offs(bh, H, sk_b, sk_h), cols, sk_n, offs_d, cols_ok, mask_d, True, not EVEN_D)
+    v = _load_rows3(V, _group_offs(bh, H, sv_b, sv_h), cols, sv_n, offs_d, cols_ok, mask_d, True, not EVEN_D)
+    dk = tl.zeros([G, TN, BLOCK_D], tl.float32)
+    dv = tl.zeros([G, TN, BLOCK_D], tl.float32)
+    m_full = (seqlen // WALK) * WALK
+    for start_m in range(0, m_full, WALK):
+        dk, dv = _bwd_dkdv_step_g(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
+                                  qk_scale, offs_d, mask_d, WALK, False, EVEN_D)
+    for start_m in range(m_full, seqlen, TAIL_M):
+        dk, dv = _bwd_dkdv_step_g(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
+                                  qk_scale, offs_d, mask_d, TAIL_M, True, EVEN_D)
+    _store_rows3(DK, _group_offs(bh, H, sdk_b, sdk_h), cols, sdk_n, offs_d, (dk * sm_scale).to(DK.dtype.element_ty),
+                 cols_ok, mask_d, not EVEN_D)
+    _store_rows3(DV, _group_offs(bh, H, sdv_b, sdv_h), cols, sdv_n, offs_d, dv.to(DV.dtype.element_ty), cols_ok,
+                 mask_d, not EVEN_D)
+
+
+@triton.jit
+def _grouped_pids(H, N, BLOCK: tl.constexpr, TAIL_G: tl.constexpr):
+    """(tile, b * h, grouped tail?) of this program in the grid of TAIL_G > 1: (full blocks x TAIL_G + tail tiles,
+    B * H / TAIL_G), each group of TAIL_G heads' full blocks head by head, then its grouped tail tiles (whose tile
+    index counts on from the full blocks', as without groups; b * h is then meaningless)."""
+    pid = tl.program_id(0)
+    m_full = N // BLOCK
+    per = tl.maximum(m_full, 1)
+    is_g = pid >= m_full * TAIL_G
+    pid_bh = tl.program_id(1) * TAIL_G + pid // per
+    pid = tl.where(is_g, m_full + pid - m_full * TAIL_G, pid % per)
+    return pid, pid_bh, is_g
+
+
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, CU, KD, VD,
@@ -297,14 +491,18 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False, D2: tl.constexpr = 0,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
 ):
     # TMA: the full key tiles are loaded through the tensor descriptors KD / VD (dense inputs; block
     # [1, 1, BLOCK_N, BLOCK_D]); otherwise KD / VD are unused.
     # WS: Triton's warp specialization of the full-tile loop (tl.range(warp_specialize=...)), a tuning knob.
     # D2 > 0 (SPLIT_D): the head dim in two pieces, BLOCK_D columns then D2 (d = 88: 64 + 32 instead of 128)
+    # TAIL_G > 1: the tail rows of TAIL_G heads in one program (dense, D2 = 0), walking TAIL_GW keys a step
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    is_g = pid_m < 0  # read only where TAIL_G > 1 (`TAIL_G > 1 and is_g` is decided at compile time)
+    if TAIL_G > 1:
+        pid_m, pid_bh, is_g = _grouped_pids(H, N, BLOCK_M, TAIL_G)
     b = pid_bh // H
     h = pid_bh % H
     start, seqlen = _seq_bounds(CU, b, N, VARLEN)
@@ -327,7 +525,12 @@ def _attn_fwd(
     offs_d2 = BLOCK_D + tl.arange(0, max(D2, 16))
     mask_d2 = offs_d2 < HEAD_DIM
     m_full = seqlen // BLOCK_M
-    if pid_m < m_full:
+    if TAIL_G > 1 and is_g:
+        _fwd_tail_group(Q, K, V, O, LSE, tl.program_id(1) * TAIL_G + tl.arange(0, TAIL_G), H, sq_b, sq_h, sq_n,
+                        sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sl_b, sl_h,
+                        m_full * BLOCK_M + (pid_m - m_full) * TAIL_M, seqlen, qk_scale, offs_d, mask_d, TAIL_G,
+                        TAIL_M, TAIL_GW, TAIL_N, BLOCK_D, EVEN_D)
+    elif pid_m < m_full:
         if D2 > 0:
             _fwd_q_block2(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n,
                           qk_scale, offs_d, offs_d2, mask_d2, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, D2, WS)
@@ -758,6 +961,31 @@ def _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
 
 
 @triton.jit
+def _bwd_tail_group(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h,
+                    sv_n, so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h,
+                    sdv_n, sl_b, sl_h, pid, seqlen, qk_scale, sm_scale, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, G: tl.constexpr,
+                    WALK: tl.constexpr):
+    """A grouped tail program of _attn_bwd_kv_q (strides already multiplied by ALIGN); pid: its tile index, counted
+    on from the full blocks'."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    if DQ_PASS:
+        m_full = seqlen // BLOCK_M
+        _bwd_dq_tail_group(Q, K, V, O, DO, DQ, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                           so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, sl_b, sl_h,
+                           m_full * BLOCK_M + (pid - m_full) * TAIL_M, seqlen, qk_scale, sm_scale, offs_d, mask_d, G,
+                           TAIL_M, WALK, TAIL_N, BLOCK_D, EVEN_D)
+    else:
+        n_full = seqlen // BLOCK_N
+        _bwd_dkdv_tail_group(Q, K, V, DO, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h,
+                             sv_n, sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h,
+                             n_full * BLOCK_N + (pid - n_full) * TAIL_N, seqlen, qk_scale, sm_scale, offs_d, mask_d,
+                             G, TAIL_N, WALK, TAIL_M, BLOCK_D, EVEN_D)
+
+
+@triton.jit
 def _attn_bwd_kv_q(
     Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU, QD, KD, VD, DOD, QD2, KD2, VD2, DOD2,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sdo_b, sdo_h, sdo_n,
@@ -766,8 +994,10 @@ def _attn_bwd_kv_q(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
-    D2: tl.constexpr = 0, TMA: tl.constexpr = False,
+    D2: tl.constexpr = 0, TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
 ):
+    # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense, D2 = 0),
+    # walking TAIL_GW rows a step (see _grouped_pids)
     # TMA: the full tiles each pass walks (K / V in the dQ pass, Q / dO in the dK/dV pass) come through the
     # tensor descriptors KD / VD / QD / DOD (dense inputs; block [1, 1, sub-tile, BLOCK_D]; with D2 > 0 the second
     # piece through QD2 ... DOD2, block [1, 1, sub-tile, D2])
@@ -776,76 +1006,89 @@ def _attn_bwd_kv_q(
     # D2 > 0 (SPLIT_D): the head dim in two pieces, BLOCK_D columns then D2 (as in _attn_fwd)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    is_g = pid < 0  # read only where TAIL_G > 1 (`TAIL_G > 1 and is_g` is decided at compile time)
+    if TAIL_G > 1:
+        pid, pid_bh, is_g = _grouped_pids(H, N, BLOCK_M if DQ_PASS else BLOCK_N, TAIL_G)
     b = pid_bh // H
     h = pid_bh % H
     start, seqlen = _seq_bounds(CU, b, N, VARLEN)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     tok = start.to(tl.int64)
-    qo, sq_n = _row_base(b64, h64, tok, sq_b, sq_h, sq_n, ALIGN)
-    ko, sk_n = _row_base(b64, h64, tok, sk_b, sk_h, sk_n, ALIGN)
-    vo, sv_n = _row_base(b64, h64, tok, sv_b, sv_h, sv_n, ALIGN)
-    doo, sdo_n = _row_base(b64, h64, tok, sdo_b, sdo_h, sdo_n, ALIGN)
-    lo = b64 * sl_b + h64 * sl_h + tok
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    offs_d2 = BLOCK_D + tl.arange(0, max(D2, 16))
-    mask_d2 = offs_d2 < HEAD_DIM
-    if DQ_PASS:
-        oo, so_n = _row_base(b64, h64, tok, so_b, so_h, so_n, ALIGN)
-        dqo, sdq_n = _row_base(b64, h64, tok, sdq_b, sdq_h, sdq_n, ALIGN)
-        m_full = seqlen // BLOCK_M
-        if D2 > 0:
-            if pid < m_full:
-                _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
-                               sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
-                               offs_d, offs_d2, mask_d2, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, D2, WS,
-                               KD, KD2, VD, VD2, b, h, TMA)
+    if TAIL_G > 1 and is_g:
+        _bwd_tail_group(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, tl.program_id(1) * TAIL_G + tl.arange(0, TAIL_G), H,
+                        sq_b * ALIGN, sq_h * ALIGN, sq_n * ALIGN, sk_b * ALIGN, sk_h * ALIGN, sk_n * ALIGN,
+                        sv_b * ALIGN, sv_h * ALIGN, sv_n * ALIGN, so_b * ALIGN, so_h * ALIGN, so_n * ALIGN,
+                        sdo_b * ALIGN, sdo_h * ALIGN, sdo_n * ALIGN, sdq_b * ALIGN, sdq_h * ALIGN, sdq_n * ALIGN,
+                        sdk_b * ALIGN, sdk_h * ALIGN, sdk_n * ALIGN, sdv_b * ALIGN, sdv_h * ALIGN, sdv_n * ALIGN,
+                        sl_b, sl_h, pid, seqlen, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N,
+                        BLOCK_D, EVEN_D, DQ_PASS, TAIL_G, TAIL_GW)
+    else:
+        qo, sq_n = _row_base(b64, h64, tok, sq_b, sq_h, sq_n, ALIGN)
+        ko, sk_n = _row_base(b64, h64, tok, sk_b, sk_h, sk_n, ALIGN)
+        vo, sv_n = _row_base(b64, h64, tok, sv_b, sv_h, sv_n, ALIGN)
+        doo, sdo_n = _row_base(b64, h64, tok, sdo_b, sdo_h, sdo_n, ALIGN)
+        lo = b64 * sl_b + h64 * sl_h + tok
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        offs_d2 = BLOCK_D + tl.arange(0, max(D2, 16))
+        mask_d2 = offs_d2 < HEAD_DIM
+        if DQ_PASS:
+            oo, so_n = _row_base(b64, h64, tok, so_b, so_h, so_n, ALIGN)
+            dqo, sdq_n = _row_base(b64, h64, tok, sdq_b, sdq_h, sdq_n, ALIGN)
+            m_full = seqlen // BLOCK_M
+            if D2 > 0:
+                if pid < m_full:
+                    _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
+                                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
+                                   offs_d, offs_d2, mask_d2, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, D2, WS,
+                                   KD, KD2, VD, VD2, b, h, TMA)
+                else:
+                    row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
+                    if row0 < seqlen:
+                        _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
+                                       sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
+                                       offs_d, offs_d2, mask_d2, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, D2, WS,
+                                       KD, KD2, VD, VD2, b, h, TMA)
+            elif pid < m_full:
+                _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
+                              sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
+                              offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
             else:
                 row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
                 if row0 < seqlen:
-                    _bwd_dq_block2(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
-                                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
-                                   offs_d, offs_d2, mask_d2, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, D2, WS,
-                                   KD, KD2, VD, VD2, b, h, TMA)
-        elif pid < m_full:
-            _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
-                          sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
-                          offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
+                    _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
+                                  sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
+                                  offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
         else:
-            row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
-            if row0 < seqlen:
-                _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
-                              sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
-                              offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
-    else:
-        dko, sdk_n = _row_base(b64, h64, tok, sdk_b, sdk_h, sdk_n, ALIGN)
-        dvo, sdv_n = _row_base(b64, h64, tok, sdv_b, sdv_h, sdv_n, ALIGN)
-        n_full = seqlen // BLOCK_N
-        if D2 > 0:
-            if pid < n_full:
-                _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
-                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
-                                 offs_d, offs_d2, mask_d2, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, D2, WS,
-                                 QD, QD2, DOD, DOD2, b, h, TMA)
+            dko, sdk_n = _row_base(b64, h64, tok, sdk_b, sdk_h, sdk_n, ALIGN)
+            dvo, sdv_n = _row_base(b64, h64, tok, sdv_b, sdv_h, sdv_n, ALIGN)
+            n_full = seqlen // BLOCK_N
+            if D2 > 0:
+                if pid < n_full:
+                    _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
+                                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
+                                     offs_d, offs_d2, mask_d2, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, D2, WS,
+                                     QD, QD2, DOD, DOD2, b, h, TMA)
+                else:
+                    start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
+                    if start_n < seqlen:
+                        _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
+                                         sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
+                                         offs_d, offs_d2, mask_d2, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, D2, WS,
+                                         QD, QD2, DOD, DOD2, b, h, TMA)
+            elif pid < n_full:
+                _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
+                                sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
+                                offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
+                                TMA)
             else:
                 start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
                 if start_n < seqlen:
-                    _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
-                                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
-                                     offs_d, offs_d2, mask_d2, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, D2, WS,
-                                     QD, QD2, DOD, DOD2, b, h, TMA)
-        elif pid < n_full:
-            _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
-                            sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
-                            offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h, TMA)
-        else:
-            start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
-            if start_n < seqlen:
-                _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
-                                sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
-                                offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
-                                TMA)
+                    _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
+                                    sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
+                                    offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
+                                    TMA)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -880,7 +1123,8 @@ def _head_dim_meta(d: int, split_d: bool) -> dict:
 KV_Q = "kv+q"  # backward SPLIT value of the two-pass layout (_attn_bwd_kv_q)
 
 
-def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=None, split_d=False, tma=False):
+def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=None, split_d=False, tma=False,
+         tail_g=0):
     """Block config; backward ones carry SPLIT (False, True or KV_Q). For KV_Q the top-level
     blocks drive the dK/dV pass (BLOCK_N key tile per program, BLOCK_M query sub-tiles) and
     `dq` = (bm, bn, tm, tn, warps, stages) the dQ pass (BLOCK_M query tile per program, BLOCK_N
@@ -890,18 +1134,24 @@ def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=N
     the forward and the two-pass backward (both passes) take it, the one-pass backward ignores it. `tma`: the
     full tiles each loop walks come through tensor descriptors (Hopper's TMA) instead of pointer loads: dense inputs
     on sm_90+ only (ignored elsewhere), the forward with unsplit head dims only; in a two-pass backward config the
-    top-level key drives the dK/dV pass and the "DQ" blocks' own key the dQ pass (`dq` takes it as a 7th entry)."""
+    top-level key drives the dK/dV pass and the "DQ" blocks' own key the dQ pass (`dq` takes it as a 7th entry).
+    `tail_g` (TAIL_G): the tail rows of that many heads share one program (dense inputs with an unsplit head dim
+    whose length is not a multiple of the block; see _grouped_pids), per pass as TMA (`dq`'s 8th entry; its 9th: the
+    dQ pass's register cap)."""
     c = dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=warps, num_stages=stages)
     if split_d:
         c["SPLIT_D"] = True
     if tma:
         c["TMA"] = True
+    if tail_g > 1:
+        c["TAIL_G"] = tail_g
     if regs is not None:
         c["maxnreg"] = regs
     if split == KV_Q:
         c["SPLIT"] = split
         if dq is not None:
-            c["DQ"] = _cfg(*dq[:6], tma=len(dq) > 6 and dq[6])
+            c["DQ"] = _cfg(*dq[:6], tma=len(dq) > 6 and dq[6], tail_g=dq[7] if len(dq) > 7 else 0,
+                           regs=dq[8] if len(dq) > 8 else None)
     elif split is not None:
         c.update(SPLIT=split, TRANS=trans)
     return c
@@ -993,6 +1243,29 @@ def _n_tiles(n: int, block: int, tail: int, packed: bool) -> int:
     return n // block + triton.cdiv(n % block, tail)
 
 
+def _tail_group(cfg: dict, n: int, block: int, walk: int, bh: int, packed: bool, d2: int) -> dict:
+    """The TAIL_G / TAIL_GW launch keywords a config's TAIL_G (and TAIL_GW, popped from `cfg`) come to for n rows in
+    blocks of `block` walking tiles of `walk`: G = the largest power of two <= TAIL_G dividing B * H; nothing (one
+    tail program per head) when that is 1, the inputs are packed (lengths differ), the head dim is split or n has
+    no tail rows. TAIL_GW, the grouped tail's walk step, defaults to walk / G rows (at least 16): the same bytes
+    per tile as the full blocks' walk, so the grouped tail asks for no more shared memory than they do."""
+    g, gw = cfg.pop("TAIL_G", 0), cfg.pop("TAIL_GW", None)
+    if g < 2 or packed or d2 or n % block == 0:
+        return {}
+    g = 1 << (g.bit_length() - 1)
+    while g > 1 and bh % g:
+        g //= 2
+    return dict(TAIL_G=g, TAIL_GW=gw or max(16, walk // g)) if g > 1 else {}
+
+
+def _grid(n: int, block: int, tail: int, packed: bool, bh: int, group: dict) -> tuple:
+    """Programs (tiles, heads): with a tail group (see _grouped_pids) each group's full blocks, then its tail tiles."""
+    g = group.get("TAIL_G", 1)
+    if g > 1:
+        return n // block * g + triton.cdiv(n % block, tail), bh // g
+    return _n_tiles(n, block, tail, packed), bh
+
+
 def _align(*strides):
     """(ALIGN, strides divided by it): 8 when every stride is a multiple of 8 elements."""
     a = 8 if all(s % 8 == 0 for st in strides for s in st) else 1
@@ -1064,15 +1337,16 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None)
     cfg = dict(config or _fwd_config(maxn, D))
     dims = _head_dim_meta(D, cfg.pop("SPLIT_D", False))
     tma = cfg.pop("TMA", False) and not packed and dims["D2"] == 0
+    group = _tail_group(cfg, maxn, cfg["BLOCK_M"], cfg["BLOCK_N"], B * H, packed, dims["D2"])
     cu = cu_seqlens.to(torch.int32) if packed else q  # dummy pointer when dense
     if B * H > 0 and maxn > 0:
-        grid = (_n_tiles(maxn, cfg["BLOCK_M"], cfg["TAIL_M"], packed), B * H)
+        grid = _grid(maxn, cfg["BLOCK_M"], cfg["TAIL_M"], packed, B * H, group)
         align, strides = _align(sq, sk, sv, so)
         descs, tma = _descs(tma, (k, v), cfg["BLOCK_N"], dims["BLOCK_D"])
         _attn_fwd[grid](
             q, k, v, o, lse, cu, *descs, *strides, *_lse_strides(H, N, packed),
             H, N, scale * LOG2E,
-            HEAD_DIM=D, VARLEN=packed, ALIGN=align, TMA=tma, **dims, **cfg,
+            HEAD_DIM=D, VARLEN=packed, ALIGN=align, TMA=tma, **dims, **group, **cfg,
         )
     return o, lse
 
@@ -1112,16 +1386,22 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, **dims)
         descs, tma_q = _descs(tma_dq and not packed, (k, v), dq_cfg["BLOCK_N"], dims["BLOCK_D"], dims["D2"])
         kd, vd, kd2, vd2 = descs + [None] * (4 - len(descs))
-        _attn_bwd_kv_q[(_n_tiles(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed), B * H)](
-            *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **dq_cfg)
+        group = _tail_group(dq_cfg, maxn, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], B * H, packed, dims["D2"])
+        _attn_bwd_kv_q[_grid(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed, B * H, group)](
+            *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **group,
+            **dq_cfg)
         descs, tma_kv = _descs(tma and not packed, (q, do), cfg["BLOCK_M"], dims["BLOCK_D"], dims["D2"])
         qd, dod, qd2, dod2 = descs + [None] * (4 - len(descs))
-        _attn_bwd_kv_q[(_n_tiles(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed), B * H)](
-            *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **cfg)
+        group = _tail_group(cfg, maxn, cfg["BLOCK_N"], cfg["BLOCK_M"], B * H, packed, dims["D2"])
+        _attn_bwd_kv_q[_grid(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed, B * H, group)](
+            *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **group,
+            **cfg)
         return dq, dk, dv
     if split not in (True, False):
         raise ValueError(f"backward SPLIT must be True, False or {KV_Q!r}; got {split!r}")
     cfg.setdefault("TRANS", False)
+    cfg.pop("TAIL_G", None)  # the one-kernel layouts take no tail groups
+    cfg.pop("TAIL_GW", None)
     bn = cfg["BLOCK_N"]
     if split:
         mode = 1

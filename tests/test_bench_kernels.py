@@ -1,6 +1,6 @@
-"""bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma): the variants it times are the shape's current
-configs with only the register cap / warp specialization changed; the MAE variants (--mae-variants) set and
-restore their settings."""
+"""bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma, --tune-tail-groups): the variants
+it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
+and restore their settings."""
 import itertools
 
 import pytest
@@ -103,3 +103,25 @@ def test_tma_variants():
     fwds, _ = tma_variants(257, 88)
     assert fwds == [attn._fwd_config(257, 88)]
     assert tma_variants(50, 64)[1] == [attn._bwd_config(50, 64)]  # the one-pass backward has no TMA path
+
+
+def test_tail_group_variants():
+    """--tune-tail-groups: the current configs without tail groups first; then each G on the forward, bare and under
+    the 128-register cap; on the backward every (dK/dV pass, dQ pass) pair of no groups / G under caps, each once;
+    blocks untouched. The one-pass backward (N <= 64) has no tail groups."""
+    from bench.kernels import TAIL_GROUPS, tail_group_variants
+
+    def strip(c):
+        return {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW", "maxnreg", "DQ")}
+
+    base_fwd, base_bwd = attn._fwd_config(261, 64), attn._bwd_config(261, 64)
+    fwds, bwds = tail_group_variants(261, 64)
+    assert "TAIL_G" not in fwds[0] and strip(fwds[0]) == strip(base_fwd)
+    assert {f.get("TAIL_G") for f in fwds[1:]} == set(TAIL_GROUPS)
+    assert all(strip(f) == strip(base_fwd) and f.get("maxnreg", 128) <= 128 for f in fwds)
+    assert "TAIL_G" not in bwds[0] and "TAIL_G" not in bwds[0]["DQ"]
+    pairs = [(b.get("TAIL_G", 0), b["DQ"].get("TAIL_G", 0), b["DQ"].get("maxnreg")) for b in bwds]
+    assert len(set(pairs)) == len(pairs) == 3 * (1 + 2 * len(TAIL_GROUPS))
+    assert all(strip(b) == strip(base_bwd) for b in bwds)
+    assert all(b.get("maxnreg", 0) == 128 for b in bwds if b.get("TAIL_G"))  # a grouped dK/dV pass is capped
+    assert tail_group_variants(50, 64)[1] == [attn._bwd_config(50, 64)]

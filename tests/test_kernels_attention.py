@@ -70,9 +70,10 @@ def test_dense_kv_q_backward(n, d):
 def test_tuned_configs(shape):
     """Every hand-kept TUNED config (register caps included) gives the reference result; each runs
     at N = 197 with the shape's head dim (N = 1374 is too slow for the interpreter), so every tail
-    and full-tile path of its blocks is taken."""
+    and full-tile path of its blocks is taken (with 4 heads where it groups tails: TAIL_G)."""
     fwd, bwd = attn.TUNED[shape]
-    q, k, v = (torch.randn(1, 1, 197, shape[1], requires_grad=True) for _ in range(3))
+    grouped = any(c.get("TAIL_G") for c in (fwd, bwd, bwd.get("DQ") or {}))  # 4 heads: their tail groups run
+    q, k, v = (torch.randn(1, 4 if grouped else 1, 197, shape[1], requires_grad=True) for _ in range(3))
     assert_close(*run_both(q, k, v, fwd_config=fwd, bwd_config=bwd))
 
 
@@ -171,6 +172,73 @@ def test_tma_falls_back_where_descriptors_cannot_go(monkeypatch):
     q, k, v = (torch.randn(108, 2, 64, requires_grad=True) for _ in range(3))
     assert_close(*run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD | {"TMA": True}, bwd_config=TMA_BWD))
     assert not any(seen)
+
+
+def _tail_groups_used(monkeypatch):
+    """Record, per pass launched (forward, dQ, dK/dV), how many heads share a tail program (1: no groups)."""
+    seen, real = [], attn._tail_group
+
+    def spy(*a, **kw):
+        group = real(*a, **kw)
+        seen.append(group.get("TAIL_G", 1))
+        return group
+    monkeypatch.setattr(attn, "_tail_group", spy)
+    return seen
+
+
+TAIL_G_BWD = KV_Q | {"TAIL_G": 4, "DQ": KV_Q["DQ"] | {"TAIL_G": 4}}
+
+
+@pytest.mark.parametrize("n,d,heads", [(197, 64, 4), (37, 32, 6), (21, 88, 4), (261, 64, 3), (50, 32, 8)])
+def test_tail_groups(monkeypatch, n, d, heads):
+    """TAIL_G (config key): the rows past the last full block of G heads in one program, on the forward and on each
+    pass of the two-pass backward, give the reference result: tails of 5 rows, sequences shorter than a block (all
+    tail tiles), padded head dims; G is cut to the largest power of two dividing B x H (6 heads: 2; 3: no groups)."""
+    seen = _tail_groups_used(monkeypatch)
+    q, k, v = (torch.randn(2 if heads == 3 else 1, heads, n, d, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_G": 4}, bwd_config=TAIL_G_BWD))
+    bh = q.shape[0] * heads
+    assert seen == [4 if bh % 4 == 0 else 2 if bh % 2 == 0 else 1] * 3
+    seen.clear()
+    # per pass: the forward's own key, the top-level key for the dK/dV pass, the DQ blocks' key for the dQ pass
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q | {"TAIL_G": 2}))
+    assert seen == [1, 1, 2]  # launch order: forward, dQ pass, dK/dV pass
+
+
+def test_tail_groups_fall_back_where_they_cannot_go(monkeypatch):
+    """TAIL_G is asked for but the tails cannot be grouped: packed sequences (their tails differ), a head dim split
+    in two pieces, a length with no tail rows, an odd B x H. One tail program per head runs, with the same result."""
+    seen = _tail_groups_used(monkeypatch)
+    cu = torch.tensor([0, 37, 38, 108], dtype=torch.int32)
+    q, k, v = (torch.randn(108, 4, 64, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD | {"TAIL_G": 4}, bwd_config=TAIL_G_BWD))
+    q, k, v = (torch.randn(1, 4, 70, 88, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_G": 4, "SPLIT_D": True},
+                           bwd_config=TAIL_G_BWD | {"SPLIT_D": True}))
+    q, k, v = (torch.randn(1, 4, 64, 32, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_G": 4}, bwd_config=TAIL_G_BWD))
+    q, k, v = (torch.randn(1, 3, 40, 32, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_G": 4}, bwd_config=TAIL_G_BWD))
+    assert seen == [1] * 12
+
+
+def test_tail_group_launch_geometry():
+    """_tail_group / _grid: G heads' full blocks, then their tail tiles, in one grid column per group; the grouped
+    tail's walk step defaults to the full walk's bytes (walk / G rows, at least 16)."""
+    cfg = {"TAIL_G": 4}
+    assert attn._tail_group(cfg, 197, 64, 64, 32, False, 0) == {"TAIL_G": 4, "TAIL_GW": 16}
+    assert "TAIL_G" not in cfg  # popped: the launcher passes the result instead
+    assert attn._tail_group({"TAIL_G": 8, "TAIL_GW": 32}, 197, 64, 64, 24, False, 0) == {"TAIL_G": 8, "TAIL_GW": 32}
+    assert attn._tail_group({"TAIL_G": 4}, 197, 64, 32, 6, False, 0) == {"TAIL_G": 2, "TAIL_GW": 16}
+    assert attn._tail_group({"TAIL_G": 3}, 197, 64, 128, 12, False, 0) == {"TAIL_G": 2, "TAIL_GW": 64}
+    assert attn._tail_group({"TAIL_G": 4}, 256, 64, 64, 32, False, 0) == {}  # no tail rows
+    assert attn._tail_group({"TAIL_G": 4}, 197, 64, 64, 32, True, 0) == {}  # packed
+    assert attn._tail_group({"TAIL_G": 4}, 197, 64, 64, 32, False, 32) == {}  # split head dim
+    assert attn._tail_group({}, 197, 64, 64, 32, False, 0) == {}
+    # N = 197 in 64-row blocks, 16-row tails, 2048 heads: 3 full blocks per head, then 1 tail tile per group of 4
+    assert attn._grid(197, 64, 16, False, 2048, {"TAIL_G": 4}) == (3 * 4 + 1, 512)
+    assert attn._grid(197, 64, 16, False, 2048, {}) == (4, 2048)
+    assert attn._grid(50, 32, 16, False, 8, {"TAIL_G": 8}) == (8 + 2, 1)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf/NaN in padded-key rows that are never stored
