@@ -310,6 +310,30 @@ T4)  # K21: at the MAE ViT-g encoder's N = 65 the split default's 128-row query 
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
     --steps 6 --warmup 2 --tag vitg-split-n65
   ;;
+K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 64) and 197 (d = 32). Do they also win
+      # where the d <= 64 bucket default runs (DINOv2 ViT-L/14's N = 257, N = 1374)? Then every shape with the defaults
+  step 200 python3 -m bench kernels --only attention --tune-tail-groups \
+    --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
+  step 200 python3 -m bench kernels --only attention --tag defaults-tailg
+  ;;
+K39)  # the MAE ViT-L step with the defaults after K37 (its decoder: N = 197, d = 32, now with tail groups), then every
+      # attention shape with the defaults after K38 (the d = 64 bucket default up to N = 320 with tail groups)
+  step 360 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \
+    --steps 8 --warmup 3 --tag vitl-tailg
+  step 200 python3 -m bench kernels --only attention --tag defaults-tailg-2
+  ;;
+K37)  # K36: the grouped tail's 3D tiles raise the whole kernel's registers (N = 197 forward 121 -> 158 per thread, dK/dV
+      # pass 125 -> 185: fewer programs per SM); the variants again, each also under the register cap that keeps them
+  step 420 python3 -m bench kernels --only attention --tune-tail-groups \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64,mae-l-dec-n197-d32 --tag tune-tailg-caps
+  ;;
+K36)  # K33: the tail costs ~30 % at N = 197 / 261 (a tail program walks every key tile for 5 rows). TAIL_G: the tail
+      # rows of G heads in one program (3D tl.dot, a head per warp), launched beside their full blocks
+  step 420 python3 -m bench kernels --only attention --tune-tail-groups \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64,mae-l-dec-n197-d32,dinov2-g518-n1374-d64,mae-l-enc-n50-d64 --tag tune-tailg
+  # (its sweep then: G = 2, 4, 8 and G = 4 with 32- / 64-row walk steps, no register caps; the JSON lists each config.
+  # --tune-tail-groups has since swept G = 2, 4 bare and under caps: this part now times that on these shapes)
+  ;;
 K35)  # K33: the tail costs ~30 % at N = 197 / 261. OVERLAP: each walk's tail steps (16-wide) replaced by one full tile
       # ending at the sequence's end, its already-walked part masked; the current configs without / with it
   # (measured slower everywhere, ...-tune-overlap.json; OVERLAP and --tune-overlap were then removed: run this part at

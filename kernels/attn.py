@@ -1172,14 +1172,21 @@ TUNED: dict = {
     # N = 197 / 261: both backward passes load their walked tiles by TMA, at 3 stages instead of 4 (--tune-tma,
     # ...-2026-11-29-tune-tma{,-2}.json): bwd 0.3112 / 0.3101 ms vs 0.3251 / 0.3242 (N = 197), 0.6717 / 0.6740 vs
     # 0.6939 / 0.6976 (N = 261); TMA forwards were slower at every d = 64 shape (N = 197: 0.1316-0.1330 vs 0.1153-0.1163)
-    (197, 64): (_cfg(64, 64, 16, 16, 4, 3),
-                _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True)),
+    # then tail groups (--tune-tail-groups, ...-2026-11-29-tune-tailg-caps.json): the forward's and the dK/dV pass's
+    # tail rows of 4 heads in one program, under a 128-register cap (without it the grouped tail's tiles raise the
+    # whole kernel's registers, 121 -> 158 in the forward, and fewer programs fit an SM: slower, ...-tune-tailg.json):
+    # N = 197 fwd 0.1081 ms vs 0.1152, bwd 0.2972 vs 0.3112; N = 261 fwd 0.2232 vs 0.2374, bwd 0.6528 vs 0.6692.
+    # Grouped dQ-pass tails were slower at d = 64 with or without caps (N = 197: 0.3144-0.3208 ms vs 0.3112)
+    (197, 64): (_cfg(64, 64, 16, 16, 4, 3, regs=128, tail_g=4),
+                _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True, regs=128, tail_g=4)),
     # the MAE ViT-L decoder (16 heads of 32): here the TMA forward wins too, 0.1600 ms vs 0.1725, and the backward
-    # with TMA on both passes 0.4000 vs 0.4132 (...-tune-tma-d32.json)
-    (197, 32): (_cfg(64, 64, 16, 16, 4, 3, tma=True),
-                _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True)),
-    (261, 64): (_cfg(64, 64, 16, 16, 4, 3),
-                _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True)),
+    # with TMA on both passes 0.4000 vs 0.4132 (...-tune-tma-d32.json); then tail groups of 4 heads on the forward
+    # (0.1436 ms vs 0.1561; its registers do not rise at d = 32) and on the dQ pass under a 96-register cap (bwd
+    # 0.3842 vs 0.3998; ...-tune-tailg-caps.json)
+    (197, 32): (_cfg(64, 64, 16, 16, 4, 3, tma=True, tail_g=4),
+                _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True, 4, 96), tma=True)),
+    (261, 64): (_cfg(64, 64, 16, 16, 4, 3, regs=128, tail_g=4),
+                _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True, regs=128, tail_g=4)),
     # d = 88 with the head dim in two pieces, 64 + 32 columns (`--tune-split`, ...-2026-11-29-tune-split.json): fwd
     # 0.2018 ms vs 0.2449 padded to 128, bwd 0.5948 vs 0.6956, fwd+bwd 1.15x cuDNN (was 0.97x)
     # then TMA on both backward passes (two descriptors per tensor: 64 and 32 columns), the dK/dV pass at 3 stages
@@ -1205,12 +1212,20 @@ TUNED: dict = {
 }
 
 
+# the d = 64 defaults take tail groups up to this length: they won at N = 197, 257 and 261 (fwd and dK/dV pass, 3-6 %;
+# ...-tune-tailg-caps.json, ...-tune-tailg-bucket.json) and lost at N = 1374 (a 30-row tail of 22 blocks: 0.298-0.350
+# ms vs 0.246 forward), where one tail program per head costs little
+TAIL_GROUP_MAX_N = 320
+
+
 def _fwd_config(n: int, d: int) -> dict:
     """Block shapes by sequence length and head dim; exact tuned shapes first."""
     if (n, d) in TUNED:
         return TUNED[(n, d)][0]
     if n <= 64:
         return _cfg(64, 64, 64, 64, 4, 2)  # one tile: the whole sequence
+    if _pow2(d) == 64 and n <= TAIL_GROUP_MAX_N:  # the N = 197 / 257 / 261 winner (tail groups under a cap)
+        return _cfg(64, 64, 16, 16, 4, 3, regs=128, tail_g=4)
     if _pow2(d) <= 64:
         return _cfg(64, 64, 16, 16, 4, 3)
     if _split_dims(d) is not None:  # d = 80, 88, 96 ...: the winners at N = 65 (d = 88) and N = 257 (d = 80, 88)
@@ -1225,7 +1240,9 @@ def _bwd_config(n: int, d: int) -> dict:
         return _cfg(64, 64, 64, 64, 4, 1, split=False)
     # the two-pass layout won every tuned shape above 64 tokens on the H200 (N = 197: 0.32 ms vs 0.47
     # for the best single-pass one; N = 1374: 0.71 vs 1.01; d = 88: 0.70 vs 1.02)
-    if _pow2(d) <= 64:  # the N = 197 / 261 winner
+    if _pow2(d) == 64 and n <= TAIL_GROUP_MAX_N:  # the N = 197 / 257 / 261 winner: dK/dV-pass tail groups, capped
+        return _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True, regs=128, tail_g=4)
+    if _pow2(d) <= 64:  # the N = 197 / 261 winner before tail groups
         return _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True)
     if n <= 128 and _split_dims(d) is not None:  # N = 65, d = 88: 0.320 ms vs 0.359 with the blocks below
         return _cfg(32, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 32, 16, 16, 4, 2), split_d=True)
