@@ -547,8 +547,8 @@ def tail_group_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     """The shape's current configs without and with tail groups (TAIL_G: the tail rows of G heads in one program),
     each also under the register cap that keeps the kernel's programs per SM (the grouped tail's 3D tiles raise the
     whole kernel's registers: 121 -> 158 per thread in the N = 197 forward, 3 programs per SM instead of 4): the
-    forward at each G, the two-pass backward with groups on either pass or both. Shapes without tail rows (or with a
-    split head dim) run the same kernels in every variant."""
+    forward at each G, the two-pass backward with groups on either pass or both (the dQ pass also under a 96 cap).
+    Shapes without tail rows run the same kernels in every variant."""
     from kernels import attn
 
     fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
@@ -560,8 +560,9 @@ def tail_group_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
         return _unique(fwds), [bwd]
     dq = base(attn._kv_q_dq_config(bwd))
     bwd = base(bwd)
-    kvs = [bwd] + [capped(bwd | {"TAIL_G": g}, 128) for g in TAIL_GROUPS]
-    dqs = [dq] + [capped(dq | {"TAIL_G": g}, cap) for g in TAIL_GROUPS for cap in (96, 128)]
+    kvs = [bwd] + [c for g in TAIL_GROUPS for c in (bwd | {"TAIL_G": g}, capped(bwd | {"TAIL_G": g}, 128))]
+    dqs = [dq] + [c for g in TAIL_GROUPS for c in (dq | {"TAIL_G": g}, capped(dq | {"TAIL_G": g}, 96),
+                                                   capped(dq | {"TAIL_G": g}, 128))]
     return _unique(fwds), _unique([kv | {"DQ": d} for kv in kvs for d in dqs])
 
 

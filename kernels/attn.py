@@ -491,13 +491,14 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False, D2: tl.constexpr = 0,
-    TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
+    TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16, TAIL_GD: tl.constexpr = 16,
 ):
     # TMA: the full key tiles are loaded through the tensor descriptors KD / VD (dense inputs; block
     # [1, 1, BLOCK_N, BLOCK_D]); otherwise KD / VD are unused.
     # WS: Triton's warp specialization of the full-tile loop (tl.range(warp_specialize=...)), a tuning knob.
     # D2 > 0 (SPLIT_D): the head dim in two pieces, BLOCK_D columns then D2 (d = 88: 64 + 32 instead of 128)
-    # TAIL_G > 1: the tail rows of TAIL_G heads in one program (dense, D2 = 0), walking TAIL_GW keys a step
+    # TAIL_G > 1: the tail rows of TAIL_G heads in one program (dense inputs), walking TAIL_GW keys a step, the head dim
+    # whole, padded to TAIL_GD columns (also where the full blocks split it: D2 > 0)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     is_g = pid_m < 0  # read only where TAIL_G > 1 (`TAIL_G > 1 and is_g` is decided at compile time)
@@ -528,8 +529,9 @@ def _attn_fwd(
     if TAIL_G > 1 and is_g:
         _fwd_tail_group(Q, K, V, O, LSE, tl.program_id(1) * TAIL_G + tl.arange(0, TAIL_G), H, sq_b, sq_h, sq_n,
                         sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sl_b, sl_h,
-                        m_full * BLOCK_M + (pid_m - m_full) * TAIL_M, seqlen, qk_scale, offs_d, mask_d, TAIL_G,
-                        TAIL_M, TAIL_GW, TAIL_N, BLOCK_D, EVEN_D)
+                        m_full * BLOCK_M + (pid_m - m_full) * TAIL_M, seqlen, qk_scale, tl.arange(0, TAIL_GD),
+                        tl.arange(0, TAIL_GD) < HEAD_DIM, TAIL_G, TAIL_M, TAIL_GW, TAIL_N, TAIL_GD,
+                        TAIL_GD == HEAD_DIM)
     elif pid_m < m_full:
         if D2 > 0:
             _fwd_q_block2(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n,
@@ -995,9 +997,10 @@ def _attn_bwd_kv_q(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
     D2: tl.constexpr = 0, TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
+    TAIL_GD: tl.constexpr = 16,
 ):
-    # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense, D2 = 0),
-    # walking TAIL_GW rows a step (see _grouped_pids)
+    # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense inputs), walking
+    # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids)
     # TMA: the full tiles each pass walks (K / V in the dQ pass, Q / dO in the dK/dV pass) come through the
     # tensor descriptors KD / VD / QD / DOD (dense inputs; block [1, 1, sub-tile, BLOCK_D]; with D2 > 0 the second
     # piece through QD2 ... DOD2, block [1, 1, sub-tile, D2])
@@ -1022,7 +1025,7 @@ def _attn_bwd_kv_q(
                         sdo_b * ALIGN, sdo_h * ALIGN, sdo_n * ALIGN, sdq_b * ALIGN, sdq_h * ALIGN, sdq_n * ALIGN,
                         sdk_b * ALIGN, sdk_h * ALIGN, sdk_n * ALIGN, sdv_b * ALIGN, sdv_h * ALIGN, sdv_n * ALIGN,
                         sl_b, sl_h, pid, seqlen, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N,
-                        BLOCK_D, EVEN_D, DQ_PASS, TAIL_G, TAIL_GW)
+                        TAIL_GD, TAIL_GD == HEAD_DIM, DQ_PASS, TAIL_G, TAIL_GW)
     else:
         qo, sq_n = _row_base(b64, h64, tok, sq_b, sq_h, sq_n, ALIGN)
         ko, sk_n = _row_base(b64, h64, tok, sk_b, sk_h, sk_n, ALIGN)
@@ -1260,19 +1263,20 @@ def _n_tiles(n: int, block: int, tail: int, packed: bool) -> int:
     return n // block + triton.cdiv(n % block, tail)
 
 
-def _tail_group(cfg: dict, n: int, block: int, walk: int, bh: int, packed: bool, d2: int) -> dict:
-    """The TAIL_G / TAIL_GW launch keywords a config's TAIL_G (and TAIL_GW, popped from `cfg`) come to for n rows in
-    blocks of `block` walking tiles of `walk`: G = the largest power of two <= TAIL_G dividing B * H; nothing (one
-    tail program per head) when that is 1, the inputs are packed (lengths differ), the head dim is split or n has
-    no tail rows. TAIL_GW, the grouped tail's walk step, defaults to walk / G rows (at least 16): the same bytes
-    per tile as the full blocks' walk, so the grouped tail asks for no more shared memory than they do."""
+def _tail_group(cfg: dict, n: int, block: int, walk: int, bh: int, packed: bool, d: int) -> dict:
+    """The TAIL_G / TAIL_GW / TAIL_GD launch keywords a config's TAIL_G (and TAIL_GW, popped from `cfg`) come to for n
+    rows in blocks of `block` walking tiles of `walk`, head dim d: G = the largest power of two <= TAIL_G dividing
+    B * H; nothing (one tail program per head) when that is 1, the inputs are packed (lengths differ) or n has no
+    tail rows. TAIL_GW, the grouped tail's walk step, defaults to walk / G rows (at least 16): the same bytes per tile
+    as the full blocks' walk, so the grouped tail asks for no more shared memory than they do. TAIL_GD: the grouped
+    tail's head dim, padded to a power of two (where the full blocks split it, SPLIT_D, the tail still pads)."""
     g, gw = cfg.pop("TAIL_G", 0), cfg.pop("TAIL_GW", None)
-    if g < 2 or packed or d2 or n % block == 0:
+    if g < 2 or packed or n % block == 0:
         return {}
     g = 1 << (g.bit_length() - 1)
     while g > 1 and bh % g:
         g //= 2
-    return dict(TAIL_G=g, TAIL_GW=gw or max(16, walk // g)) if g > 1 else {}
+    return dict(TAIL_G=g, TAIL_GW=gw or max(16, walk // g), TAIL_GD=_pow2(d)) if g > 1 else {}
 
 
 def _grid(n: int, block: int, tail: int, packed: bool, bh: int, group: dict) -> tuple:
@@ -1354,7 +1358,7 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None)
     cfg = dict(config or _fwd_config(maxn, D))
     dims = _head_dim_meta(D, cfg.pop("SPLIT_D", False))
     tma = cfg.pop("TMA", False) and not packed and dims["D2"] == 0
-    group = _tail_group(cfg, maxn, cfg["BLOCK_M"], cfg["BLOCK_N"], B * H, packed, dims["D2"])
+    group = _tail_group(cfg, maxn, cfg["BLOCK_M"], cfg["BLOCK_N"], B * H, packed, D)
     cu = cu_seqlens.to(torch.int32) if packed else q  # dummy pointer when dense
     if B * H > 0 and maxn > 0:
         grid = _grid(maxn, cfg["BLOCK_M"], cfg["TAIL_M"], packed, B * H, group)
@@ -1403,13 +1407,13 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, **dims)
         descs, tma_q = _descs(tma_dq and not packed, (k, v), dq_cfg["BLOCK_N"], dims["BLOCK_D"], dims["D2"])
         kd, vd, kd2, vd2 = descs + [None] * (4 - len(descs))
-        group = _tail_group(dq_cfg, maxn, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], B * H, packed, dims["D2"])
+        group = _tail_group(dq_cfg, maxn, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], B * H, packed, D)
         _attn_bwd_kv_q[_grid(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed, B * H, group)](
             *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **group,
             **dq_cfg)
         descs, tma_kv = _descs(tma and not packed, (q, do), cfg["BLOCK_M"], dims["BLOCK_D"], dims["D2"])
         qd, dod, qd2, dod2 = descs + [None] * (4 - len(descs))
-        group = _tail_group(cfg, maxn, cfg["BLOCK_N"], cfg["BLOCK_M"], B * H, packed, dims["D2"])
+        group = _tail_group(cfg, maxn, cfg["BLOCK_N"], cfg["BLOCK_M"], B * H, packed, D)
         _attn_bwd_kv_q[_grid(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed, B * H, group)](
             *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **group,
             **cfg)

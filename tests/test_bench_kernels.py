@@ -107,21 +107,27 @@ def test_tma_variants():
 
 def test_tail_group_variants():
     """--tune-tail-groups: the current configs without tail groups first; then each G on the forward, bare and under
-    the 128-register cap; on the backward every (dK/dV pass, dQ pass) pair of no groups / G under caps, each once;
-    blocks untouched. The one-pass backward (N <= 64) has no tail groups."""
+    the 128-register cap; on the backward every pair of a dK/dV-pass option (no groups, G bare, G under 128) and a
+    dQ-pass option (no groups, G bare, under 96, under 128), each once; blocks untouched. The one-pass backward
+    (N <= 64) has no tail groups."""
     from bench.kernels import TAIL_GROUPS, tail_group_variants
 
     def strip(c):
         return {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW", "maxnreg", "DQ")}
 
-    base_fwd, base_bwd = attn._fwd_config(261, 64), attn._bwd_config(261, 64)
-    fwds, bwds = tail_group_variants(261, 64)
+    n, d = 257, 88  # current configs without register caps
+    base_fwd, base_bwd = attn._fwd_config(n, d), attn._bwd_config(n, d)
+    fwds, bwds = tail_group_variants(n, d)
     assert "TAIL_G" not in fwds[0] and strip(fwds[0]) == strip(base_fwd)
-    assert {f.get("TAIL_G") for f in fwds[1:]} == set(TAIL_GROUPS)
-    assert all(strip(f) == strip(base_fwd) and f.get("maxnreg", 128) <= 128 for f in fwds)
+    assert [(f.get("TAIL_G"), f.get("maxnreg")) for f in fwds[1:]] == [(g, c) for g in TAIL_GROUPS for c in (None, 128)]
+    assert all(strip(f) == strip(base_fwd) for f in fwds)
     assert "TAIL_G" not in bwds[0] and "TAIL_G" not in bwds[0]["DQ"]
-    pairs = [(b.get("TAIL_G", 0), b["DQ"].get("TAIL_G", 0), b["DQ"].get("maxnreg")) for b in bwds]
-    assert len(set(pairs)) == len(pairs) == 3 * (1 + 2 * len(TAIL_GROUPS))
-    assert all(strip(b) == strip(base_bwd) for b in bwds)
-    assert all(b.get("maxnreg", 0) == 128 for b in bwds if b.get("TAIL_G"))  # a grouped dK/dV pass is capped
+    kv = {(0, None)} | {(g, c) for g in TAIL_GROUPS for c in (None, 128)}
+    dq = {(0, None)} | {(g, c) for g in TAIL_GROUPS for c in (None, 96, 128)}
+    pairs = [((b.get("TAIL_G", 0), b.get("maxnreg")), (b["DQ"].get("TAIL_G", 0), b["DQ"].get("maxnreg"))) for b in bwds]
+    assert len(pairs) == len(set(pairs)) and set(pairs) == {(a, c) for a in kv for c in dq}
+    assert all(strip(b) == strip(base_bwd) and strip(b["DQ"]) == strip(attn._kv_q_dq_config(base_bwd)) for b in bwds)
+    # where the current config already has the cap, bare and capped coincide: each variant still once
+    fwds, bwds = tail_group_variants(261, 64)
+    assert all(a != b for i, a in enumerate(bwds) for b in bwds[i + 1:])
     assert tail_group_variants(50, 64)[1] == [attn._bwd_config(50, 64)]

@@ -206,35 +206,44 @@ def test_tail_groups(monkeypatch, n, d, heads):
 
 
 def test_tail_groups_fall_back_where_they_cannot_go(monkeypatch):
-    """TAIL_G is asked for but the tails cannot be grouped: packed sequences (their tails differ), a head dim split
-    in two pieces, a length with no tail rows, an odd B x H. One tail program per head runs, with the same result."""
+    """TAIL_G is asked for but the tails cannot be grouped: packed sequences (their tails differ), a length with no
+    tail rows, an odd B x H. One tail program per head runs, with the same result."""
     seen = _tail_groups_used(monkeypatch)
     cu = torch.tensor([0, 37, 38, 108], dtype=torch.int32)
     q, k, v = (torch.randn(108, 4, 64, requires_grad=True) for _ in range(3))
     assert_close(*run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD | {"TAIL_G": 4}, bwd_config=TAIL_G_BWD))
-    q, k, v = (torch.randn(1, 4, 70, 88, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_G": 4, "SPLIT_D": True},
-                           bwd_config=TAIL_G_BWD | {"SPLIT_D": True}))
     q, k, v = (torch.randn(1, 4, 64, 32, requires_grad=True) for _ in range(3))
     assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_G": 4}, bwd_config=TAIL_G_BWD))
     q, k, v = (torch.randn(1, 3, 40, 32, requires_grad=True) for _ in range(3))
     assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_G": 4}, bwd_config=TAIL_G_BWD))
-    assert seen == [1] * 12
+    assert seen == [1] * 9
+
+
+def test_tail_groups_with_a_split_head_dim(monkeypatch):
+    """Where the full blocks hold the head dim in two pieces (SPLIT_D: d = 88 as 64 + 32, 80 as 64 + 16), the grouped
+    tail holds it whole, padded (128 columns): the same result on the forward and both backward passes."""
+    seen = _tail_groups_used(monkeypatch)
+    for n, d in ((70, 88), (37, 80)):
+        q, k, v = (torch.randn(1, 4, n, d, requires_grad=True) for _ in range(3))
+        assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_G": 4, "SPLIT_D": True},
+                               bwd_config=TAIL_G_BWD | {"SPLIT_D": True}))
+    assert seen == [4] * 6
 
 
 def test_tail_group_launch_geometry():
     """_tail_group / _grid: G heads' full blocks, then their tail tiles, in one grid column per group; the grouped
     tail's walk step defaults to the full walk's bytes (walk / G rows, at least 16)."""
     cfg = {"TAIL_G": 4}
-    assert attn._tail_group(cfg, 197, 64, 64, 32, False, 0) == {"TAIL_G": 4, "TAIL_GW": 16}
+    assert attn._tail_group(cfg, 197, 64, 64, 32, False, 64) == {"TAIL_G": 4, "TAIL_GW": 16, "TAIL_GD": 64}
     assert "TAIL_G" not in cfg  # popped: the launcher passes the result instead
-    assert attn._tail_group({"TAIL_G": 8, "TAIL_GW": 32}, 197, 64, 64, 24, False, 0) == {"TAIL_G": 8, "TAIL_GW": 32}
-    assert attn._tail_group({"TAIL_G": 4}, 197, 64, 32, 6, False, 0) == {"TAIL_G": 2, "TAIL_GW": 16}
-    assert attn._tail_group({"TAIL_G": 3}, 197, 64, 128, 12, False, 0) == {"TAIL_G": 2, "TAIL_GW": 64}
-    assert attn._tail_group({"TAIL_G": 4}, 256, 64, 64, 32, False, 0) == {}  # no tail rows
-    assert attn._tail_group({"TAIL_G": 4}, 197, 64, 64, 32, True, 0) == {}  # packed
-    assert attn._tail_group({"TAIL_G": 4}, 197, 64, 64, 32, False, 32) == {}  # split head dim
-    assert attn._tail_group({}, 197, 64, 64, 32, False, 0) == {}
+    assert attn._tail_group({"TAIL_G": 8, "TAIL_GW": 32}, 197, 64, 64, 24, False, 64) == {
+        "TAIL_G": 8, "TAIL_GW": 32, "TAIL_GD": 64}
+    assert attn._tail_group({"TAIL_G": 4}, 197, 64, 32, 6, False, 32)["TAIL_G"] == 2
+    assert attn._tail_group({"TAIL_G": 3}, 197, 64, 128, 12, False, 64)["TAIL_GW"] == 64  # G = 2
+    assert attn._tail_group({"TAIL_G": 4}, 257, 128, 64, 16, False, 88)["TAIL_GD"] == 128  # the tail pads d = 88
+    assert attn._tail_group({"TAIL_G": 4}, 256, 64, 64, 32, False, 64) == {}  # no tail rows
+    assert attn._tail_group({"TAIL_G": 4}, 197, 64, 64, 32, True, 64) == {}  # packed
+    assert attn._tail_group({}, 197, 64, 64, 32, False, 64) == {}
     # N = 197 in 64-row blocks, 16-row tails, 2048 heads: 3 full blocks per head, then 1 tail tile per group of 4
     assert attn._grid(197, 64, 16, False, 2048, {"TAIL_G": 4}) == (3 * 4 + 1, 512)
     assert attn._grid(197, 64, 16, False, 2048, {}) == (4, 2048)
