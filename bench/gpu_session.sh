@@ -316,6 +316,17 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
+K41)  # the defaults after K40 (tail groups in the ViT-H/14 d = 80 and MAE ViT-g/14 encoder N = 65 configs): every
+      # attention shape, then the MAE ViT-g/14 step (its encoder runs N = 65, d = 88)
+  step 150 python3 -m bench kernels --only attention --tag defaults-tailg-3
+  step 330 python3 -m bench train --recipes recipes/vit_g_mae.yaml --batch 64 --variants engine-triton engine-torch \
+    --steps 6 --warmup 2 --tag vitg-tailg
+  ;;
+K40)  # tail groups where the full blocks split the head dim (d = 88 as 64 + 32, 80 as 64 + 16; the grouped tail pads
+      # it to 128): ViT-g/14 (N = 257 = 2 x 128 + 1 in the forward), ViT-H/14, the MAE ViT-g/14 encoder (N = 65 = 64 + 1)
+  step 420 python3 -m bench kernels --only attention --tune-tail-groups \
+    --shapes vit-g-n257-d88,vit-h-n257-d80,mae-g-enc-n65-d88 --tag tune-tailg-split
+  ;;
 K39)  # the MAE ViT-L step with the defaults after K37 (its decoder: N = 197, d = 32, now with tail groups), then every
       # attention shape with the defaults after K38 (the d = 64 bucket default up to N = 320 with tail groups)
   step 360 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \

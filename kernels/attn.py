@@ -1198,13 +1198,18 @@ TUNED: dict = {
     (257, 88): (_cfg(128, 64, 16, 16, 4, 3, split_d=True),
                 _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 64, 16, 16, 4, 2, True), split_d=True, tma=True)),
     # ViT-H/14's d = 80 as 64 + 16 (...-tune-split-2.json): fwd 0.2302 ms vs 0.3082 padded, bwd 0.7520 vs 0.8448,
-    # fwd+bwd 1.17x cuDNN
-    (257, 80): (_cfg(128, 64, 16, 16, 4, 3, split_d=True),
-                _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 64, 16, 16, 4, 3), split_d=True)),
+    # fwd+bwd 1.17x cuDNN; then tail groups of 4 heads (the tail padded to 128 columns; ...-tune-tailg-split.json) on
+    # the forward, 0.2233 ms vs 0.2325, and the dQ pass, bwd 0.7473 vs 0.7577. At d = 88 (N = 257) no variant gained
+    # more than 1 % (fwd 0.2020 vs 0.2036) and every grouped backward lost: unchanged
+    (257, 80): (_cfg(128, 64, 16, 16, 4, 3, split_d=True, tail_g=4),
+                _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 64, 16, 16, 4, 3, False, 4), split_d=True)),
     # the MAE ViT-g/14 encoder (64 kept patches + class token, d = 88; ...-tune-split-n65.json): fwd 0.1089 ms vs
-    # 0.317 with 128-row query blocks (one half-empty program per head), bwd 0.320; fwd+bwd 1.05x cuDNN
-    (65, 88): (_cfg(64, 32, 16, 16, 4, 3, split_d=True),
-               _cfg(32, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 32, 16, 16, 4, 2), split_d=True)),
+    # 0.317 with 128-row query blocks (one half-empty program per head), bwd 0.320; fwd+bwd 1.05x cuDNN. Then tail
+    # groups (one row past 64: the tail program was half of each pass's programs; ...-tune-tailg-split.json): fwd with
+    # groups of 2 under a 128 cap 0.1053 ms vs 0.1088, bwd with groups of 4 on the dK/dV pass and of 2 on the dQ pass
+    # (capped at 128) 0.2944 vs 0.3205
+    (65, 88): (_cfg(64, 32, 16, 16, 4, 3, split_d=True, regs=128, tail_g=2),
+               _cfg(32, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 32, 16, 16, 4, 2, False, 2, 128), split_d=True, tail_g=4)),
     # N = 1374: 1374 = 21 x 64 + 30, so one 32-row tail step instead of two 16-row ones (re-tuned with the
     # neighbours of the first winner, ...-tune-1374.json: fwd 0.2434 vs 0.2464 ms, bwd 0.7050 vs 0.7065); the
     # dK/dV pass capped at 168 registers per thread (3 programs per SM): bwd 0.690 vs 0.717 ms and 0.7045 vs
