@@ -203,6 +203,12 @@ def test_tail_groups(monkeypatch, n, d, heads):
     # per pass: the forward's own key, the top-level key for the dK/dV pass, the DQ blocks' key for the dQ pass
     assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q | {"TAIL_G": 2}))
     assert seen == [1, 1, 2]  # launch order: forward, dQ pass, dK/dV pass
+    seen.clear()
+    # timm's packed qkv: batch, head and row strides of one [B, N, 3, H, D] buffer (the engine's layout)
+    qkv = torch.randn(q.shape[0], n, 3, heads, d, requires_grad=True)
+    assert_close(*run_both(*qkv.permute(2, 0, 3, 1, 4).unbind(0), fwd_config=SMALL_FWD | {"TAIL_G": 4},
+                           bwd_config=TAIL_G_BWD))
+    assert len(seen) == 3 and seen[0] > 1
 
 
 def test_tail_groups_fall_back_where_they_cannot_go(monkeypatch):
