@@ -316,6 +316,15 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
+K42)  # kernels/README's next step for the unmask (57 % of copy: latency-bound, two dependent memory round trips per
+      # program). With mae_mask's bool mask (mae_unmask(mask=...)) the visible rows are scattered and the masked
+      # positions filled by separate programs (the fill's loads depend on nothing), and the fixed-pos backward
+      # gathers dvisible and sums the masked rows in separate programs: vs the ids compare ("triton:ids"), the split
+      # forward with the walk backward, other launch shapes; two runs
+  for t in 1 2; do
+    step 280 python3 -m bench kernels --only mae --mae-variants unmask --tag mae-unmask-split-$t
+  done
+  ;;
 K41)  # the defaults after K40 (tail groups in the ViT-H/14 d = 80 and MAE ViT-g/14 encoder N = 65 configs): every
       # attention shape, then the MAE ViT-g/14 step (its encoder runs N = 65, d = 88)
   step 150 python3 -m bench kernels --only attention --tag defaults-tailg-3

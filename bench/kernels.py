@@ -205,6 +205,12 @@ MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] 
 # variants here; what stays: the forward's loads in the old order, the mask-token sum in three steps
 UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "WALK_PROGRAMS", 1024)] + \
     [("masking", "sum_mt", (128, 32))]
+# with the mask: the split forward with the walk backward, and other launch shapes of the split kernels
+UNMASK_SPLIT_VARIANTS = [("masking", "UNMASK_SPLIT_BWD", False)] + \
+    [("masking", "unmask_split", v) for v in [(4, 16, 4), (16, 16, 4), (8, 8, 4), (8, 32, 4), (8, 16, 8)]] + \
+    [("masking", "unmask_split_bwd", v) for v in [(4, 16, 512, 4), (16, 16, 512, 4), (8, 8, 512, 4),
+                                                  (8, 32, 512, 4), (8, 16, 256, 4), (8, 16, 1024, 4),
+                                                  (8, 16, 2048, 4), (8, 16, 512, 8)]]
 LOSS_VARIANTS = [NO_PDL, ("loss", "PATCHES_PER_PROGRAM", 2), ("loss", "NUM_WARPS", 8)]
 
 
@@ -301,7 +307,7 @@ def bench_mae(rows, errors, B=256, variants=()):
     mt = torch.randn(Cd, device=dev, dtype=dt, requires_grad=True)
     dpos = torch.randn(1, N, Cd, device=dev, dtype=dt, requires_grad=True)
     gfull = torch.randn(B, N, Cd, device=dev, dtype=dt)
-    fa = kernels.mae_unmask(vis, ids, mt, dpos, impl="triton")
+    fa = kernels.mae_unmask(vis, ids, mt, dpos, mask=mask, impl="triton")
     fr = kernels.mae_unmask(vis, ids, mt, dpos, impl="torch")
     ga = torch.autograd.grad(fa, (vis, mt, dpos), gfull)
     gr = torch.autograd.grad(fr, (vis, mt, dpos), gfull)
@@ -310,17 +316,22 @@ def bench_mae(rows, errors, B=256, variants=()):
     del fa, fr, ga, gr
     moved = (B * K * Cd * 2 + B * N * Cd * 2) * 2
     shape = f"B{B} N{N} C{Cd} keep{K}"
+    # the engine passes mae_mask's bool mask (the split kernels); "triton:ids" is the op without it (each position's
+    # row found by comparing with ids_keep)
     for op, pe, inputs in (("mae_unmask", dpos, (vis, mt, dpos)), ("mae_unmask fixed-pos", dpos.detach(), (vis, mt))):
-        for impl in ("triton", "torch"):
+        for impl in ("triton", "torch", "triton:ids"):
             def fwd(impl=impl, pe=pe):
-                return kernels.mae_unmask(vis, ids, mt, pe, impl=impl)
+                return kernels.mae_unmask(vis, ids, mt, pe, mask=None if impl == "triton:ids" else mask,
+                                          impl=impl.split(":")[0])
             _mae_row(rows, op, impl, shape, moved, _fwdbwd(fwd, inputs, gfull), fwd)
     if "unmask" in variants:
-        def make():
+        def make(with_mask=True):
             def fwd():
-                return kernels.mae_unmask(vis, ids, mt, dpos.detach(), impl="triton")
+                return kernels.mae_unmask(vis, ids, mt, dpos.detach(), mask=mask if with_mask else None,
+                                          impl="triton")
             return _fwdbwd(fwd, (vis, mt), gfull), fwd
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_VARIANTS, make)
+        _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_SPLIT_VARIANTS, make)
         # each position's row read from the mask's rank kernel (same noise) instead of compared with ids_keep
         from kernels.masking import mae_rank
 

@@ -272,6 +272,82 @@ def _unmask_bwd_kernel(DFULL, INV, DVIS, PART, B, N, K, C, B_CHUNK, PLANE, MT_RO
 
 
 @triton.jit
+def _unmask_split_kernel(VIS, IDS, MASKB, MT, POS, OUT, INV, R_VIS, R_ALL, N, K, C, st_b, st_n, sp_n, SB,
+                         BLOCK_SR: tl.constexpr, BLOCK_FR: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
+    # With the mask (mae_mask's, for the same ids_keep) no program needs to find a position's row first. Programs
+    # below SB scatter BLOCK_SR visible rows (flattened b * K + k) to their positions: the ids and the rows load at
+    # once, then the positions' pos_embed rows (L2). The others fill BLOCK_FR positions (flattened b * N + n) with
+    # mask token + pos_embed where the mask says masked: the mask, pos_embed and mask-token loads are independent.
+    # Both write their part of inv (column block 0).
+    pid = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok_c = offs_c < C
+    first = tl.program_id(1) == 0
+    if pid < SB:
+        r = pid.to(tl.int64) * BLOCK_SR + tl.arange(0, BLOCK_SR)
+        ok_r = r < R_VIS
+        ok = ok_r[:, None] & ok_c[None, :]
+        b = r // K
+        k = r - b * K
+        ids = tl.load(IDS + r, mask=ok_r, other=0)
+        x = tl.load(VIS + (b * st_b + k * st_n)[:, None] + offs_c[None, :], mask=ok, other=0.0)
+        p = tl.load(POS + (ids * sp_n)[:, None] + offs_c[None, :], mask=ok, other=0.0)
+        y = x.to(tl.float32) + p.to(tl.float32)
+        tl.store(OUT + ((b * N + ids) * C)[:, None] + offs_c[None, :], y.to(OUT.dtype.element_ty), mask=ok)
+        tl.store(INV + b * N + ids, k.to(tl.int32), mask=ok_r & first)
+    else:
+        r = (pid - SB).to(tl.int64) * BLOCK_FR + tl.arange(0, BLOCK_FR)
+        ok_r = r < R_ALL
+        n = r % N
+        p = tl.load(POS + (n * sp_n)[:, None] + offs_c[None, :], mask=ok_r[:, None] & ok_c[None, :], other=0.0)
+        mt = tl.load(MT + offs_c, mask=ok_c, other=0.0)
+        masked = tl.load(MASKB + r, mask=ok_r, other=0) != 0
+        y = mt.to(tl.float32)[None, :] + p.to(tl.float32)
+        tl.store(OUT + (r * C)[:, None] + offs_c[None, :], y.to(OUT.dtype.element_ty),
+                 mask=(ok_r & masked)[:, None] & ok_c[None, :])
+        tl.store(INV + r, tl.full([BLOCK_FR], -1, tl.int32), mask=ok_r & masked & first)
+
+
+@triton.jit
+def _unmask_split_bwd_kernel(DFULL, IDS, MASKB, DVIS, PART, R_VIS, R_ALL, N, K, C, GB, CHUNK,
+                             BLOCK_GR: tl.constexpr, BLOCK_SR: tl.constexpr, BLOCK_C: tl.constexpr,
+                             PDL: tl.constexpr):
+    pdl_enter(PDL)
+    # The fixed-pos backward with the mask. Programs below GB gather BLOCK_GR rows of dvisible from their
+    # positions' rows of dfull (ids, then the rows). The others each sum the masked rows of CHUNK consecutive
+    # positions (flattened b * N + n) into one partial row of the mask-token gradient, BLOCK_SR rows a step, the
+    # next step's mask bytes loaded one step ahead (the row loads then wait on nothing); a small kernel adds up
+    # the partial rows (in a fixed order: the sum is the same in every run).
+    pid = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok_c = offs_c < C
+    if pid < GB:
+        r = pid.to(tl.int64) * BLOCK_GR + tl.arange(0, BLOCK_GR)
+        ok_r = r < R_VIS
+        ok = ok_r[:, None] & ok_c[None, :]
+        b = r // K
+        ids = tl.load(IDS + r, mask=ok_r, other=0)
+        g = tl.load(DFULL + ((b * N + ids) * C)[:, None] + offs_c[None, :], mask=ok, other=0.0)
+        tl.store(DVIS + (r * C)[:, None] + offs_c[None, :], g.to(DVIS.dtype.element_ty), mask=ok)
+    else:
+        s = (pid - GB).to(tl.int64)
+        lo = s * CHUNK
+        hi = tl.minimum(lo + CHUNK, R_ALL)
+        rows = tl.arange(0, BLOCK_SR)
+        acc = tl.zeros([BLOCK_SR, BLOCK_C], tl.float32)
+        m = tl.load(MASKB + lo + rows, mask=lo + rows < hi, other=0) != 0
+        for r0 in range(lo, hi, BLOCK_SR):
+            r = r0 + rows
+            nxt = r + BLOCK_SR
+            m_next = tl.load(MASKB + nxt, mask=nxt < hi, other=0) != 0
+            g = tl.load(DFULL + (r * C)[:, None] + offs_c[None, :], mask=m[:, None] & ok_c[None, :], other=0.0)
+            acc += g.to(tl.float32)
+            m = m_next
+        tl.store(PART + s * C + offs_c, tl.sum(acc, 0), mask=ok_c)
+
+
+@triton.jit
 def _sum_parts(PART, DPOS, DMT, NCHUNK, M, PLANE, EXTRA, C, NPB,
                BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
@@ -318,7 +394,12 @@ def _col_block(C: int, cap: int) -> int:
 # Measured on the H200 (bench/results/kernels-nvidia-h200-2026-11-28-mae-fused.json) and dropped:
 # rank + gather in one launch (a program ranks its positions, then copies the kept rows): forward
 # 0.032 ms at best vs 0.0265 for the two launches; 2-16 rows or 8 warps for either forward: same.
-LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (512, 16), "rank_sort": 4}
+LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (512, 16), "rank_sort": 4,
+          # with the mask: (visible rows per scatter program, positions per fill program, warps), and the backward's
+          # (rows per gather program, rows per sum step, sum programs aimed at, warps)
+          "unmask_split": (8, 16, 4), "unmask_split_bwd": (8, 16, 512, 4)}
+UNMASK_SPLIT = True  # mae_unmask(mask=...): the split forward (False: the mask is ignored, the ids compared)
+UNMASK_SPLIT_BWD = True  # and the split backward where pos_embed takes no gradient (False: the walk)
 # The unmask forward issues its pos_embed / mask-token loads before the ids compare (bench variant UNMASK_HOIST=False:
 # after it, as before). H200, MAE-L fixed-pos unmask, three runs: forward 0.0258 / 0.0252 / 0.0254 ms vs 0.0275 /
 # 0.0269 / 0.0268, fwd+bwd 0.0538 / 0.0530 / 0.0530 vs 0.0553 / 0.0549 / 0.0549 (`...-2026-11-29-mae-unmask-variants
@@ -483,19 +564,32 @@ _gather_ranked.register_autograd(_ranked_backward, setup_context=_ranked_setup)
 
 @torch.library.custom_op("vfm::mae_unmask", mutates_args=())
 def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Tensor,
-            pos: torch.Tensor, rank: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+            pos: torch.Tensor, rank: Optional[torch.Tensor] = None,
+            mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(full [B, N, C], inv [B, N] int32: each position's row in `visible`, -1 where masked). `rank` (optional,
     int32 [B, N], mae_rank's third output for the same sample): each position's row read from it instead of
-    found by comparing with ids_keep."""
+    found by comparing with ids_keep. `mask` (optional, bool [B, N], mae_mask's for the same ids_keep): the
+    visible rows are scattered and the masked positions filled by separate programs (`_unmask_split_kernel`)."""
     B, K, C = visible.shape
     N = pos.shape[0]
     pos = pos if pos.stride(-1) == 1 else pos.contiguous()
-    visible = visible.contiguous()
     ids_keep = ids_keep.contiguous()
     inv = torch.empty((B, N), device=visible.device, dtype=torch.int32)
     mt = mask_token.contiguous()
     out = torch.empty(B, N, C, device=visible.device, dtype=torch.result_type(visible, pos))
     bc = min(triton.next_power_of_2(max(C, 1)), 1024)
+    if mask is not None and UNMASK_SPLIT:
+        if not B * N:
+            return out, inv
+        visible = visible if visible.stride(-1) == 1 else visible.contiguous()
+        sr, fr, warps = LAUNCH["unmask_split"]
+        sb = triton.cdiv(B * K, sr)
+        _unmask_split_kernel[(sb + triton.cdiv(B * N, fr), triton.cdiv(C, bc))](
+            visible, ids_keep, _mask_bytes(mask), mt, pos, out, inv, B * K, B * N, N, K, C, visible.stride(0),
+            visible.stride(1), pos.stride(0), sb, BLOCK_SR=sr, BLOCK_FR=fr, BLOCK_C=bc, num_warps=warps,
+            **launch_options(use_pdl(out)))
+        return out, inv
+    visible = visible.contiguous()
     rows, warps = LAUNCH["unmask"]
     br = max(1, min(2 * rows, rows * 512 // bc))
     bk = min(triton.next_power_of_2(max(K, 1)), max(16, 1024 // br))
@@ -510,7 +604,7 @@ def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Ten
 
 
 @_unmask.register_fake
-def _(visible, ids_keep, mask_token, pos, rank=None):
+def _(visible, ids_keep, mask_token, pos, rank=None, mask=None):
     B, K, C = visible.shape
     N = pos.shape[0]
     return (visible.new_empty((B, N, C), dtype=torch.result_type(visible, pos)),
@@ -520,15 +614,30 @@ def _(visible, ids_keep, mask_token, pos, rank=None):
 @torch.library.custom_op("vfm::mae_unmask_bwd", mutates_args=())
 def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: torch.dtype,
                 need_dpos: bool = True, mt_dtype: torch.dtype = torch.float32,
-                pos_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                pos_dtype: torch.dtype = torch.float32, ids_keep: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dvisible [B, K, C], dmask_token [C] in mt_dtype, dpos [N, C] in pos_dtype, both summed in fp32; dpos
-    empty when not needed: MAE's fixed sin-cos decoder pos_embed)."""
+    empty when not needed: MAE's fixed sin-cos decoder pos_embed). With ids_keep and the mask and no dpos, the
+    split backward (`_unmask_split_bwd_kernel`) instead of the walk."""
     B, N, C = dfull.shape
     dfull = dfull.contiguous()
     dvis = torch.empty(B, K, C, device=dfull.device, dtype=visible_dtype)
     n_pos = N if need_dpos else 0
     if not B or not N:
         return dvis, dfull.new_zeros((C,), dtype=mt_dtype), dfull.new_zeros((n_pos, C), dtype=pos_dtype)
+    if mask is not None and ids_keep is not None and not need_dpos and UNMASK_SPLIT_BWD:
+        gr, sr, target, warps = LAUNCH["unmask_split_bwd"]
+        bc = _col_block(C, 512)
+        gb = triton.cdiv(B * K, gr)
+        chunk = triton.cdiv(triton.cdiv(B * N, min(target, triton.cdiv(B * N, sr))), sr) * sr  # whole steps
+        nsum = triton.cdiv(B * N, chunk)
+        part = dfull.new_empty((nsum, C), dtype=torch.float32)
+        _unmask_split_bwd_kernel[(gb + nsum, triton.cdiv(C, bc))](
+            dfull, ids_keep.contiguous(), _mask_bytes(mask), dvis, part, B * K, B * N, N, K, C, gb, chunk,
+            BLOCK_GR=gr, BLOCK_SR=sr, BLOCK_C=bc, num_warps=warps, **launch_options(use_pdl(dfull)))
+        dmt = dfull.new_empty((C,), dtype=mt_dtype)
+        _finish_parts(part, 1, 0, C, nsum, dmt, pos_dtype)
+        return dvis, dmt, dfull.new_empty((0, C), dtype=pos_dtype)
     # two accumulators: 4 samples a step; the mask token's alone: 8
     bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 4 if need_dpos else 8)
     nb = triton.cdiv(N, bn)
@@ -543,24 +652,26 @@ def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: t
 
 
 @_unmask_bwd.register_fake
-def _(dfull, inv, K, visible_dtype, need_dpos=True, mt_dtype=torch.float32, pos_dtype=torch.float32):
+def _(dfull, inv, K, visible_dtype, need_dpos=True, mt_dtype=torch.float32, pos_dtype=torch.float32,
+      ids_keep=None, mask=None):
     B, N, C = dfull.shape
     return (dfull.new_empty((B, K, C), dtype=visible_dtype), dfull.new_empty((C,), dtype=mt_dtype),
             dfull.new_empty((N if need_dpos else 0, C), dtype=pos_dtype))
 
 
 def _unmask_setup(ctx, inputs, output):
-    visible, ids_keep, mask_token, pos, _rank = inputs
-    ctx.save_for_backward(output[1])
+    visible, ids_keep, mask_token, pos, _rank, mask = inputs
+    ctx.has_mask = mask is not None
+    ctx.save_for_backward(output[1], *((ids_keep, mask) if ctx.has_mask else ()))
     ctx.K, ctx.dtypes = visible.shape[1], (visible.dtype, mask_token.dtype, pos.dtype)
 
 
 def _unmask_backward(ctx, dfull, dinv):
-    (inv,) = ctx.saved_tensors
+    inv, *idm = ctx.saved_tensors
     vdt, mdt, pdt = ctx.dtypes
     need_dpos = bool(ctx.needs_input_grad[3])
-    dvis, dmt, dpos = _unmask_bwd(dfull, inv, ctx.K, vdt, need_dpos, mdt, pdt)
-    return dvis, None, dmt, (dpos if need_dpos else None), None
+    dvis, dmt, dpos = _unmask_bwd(dfull, inv, ctx.K, vdt, need_dpos, mdt, pdt, *idm)
+    return dvis, None, dmt, (dpos if need_dpos else None), None, None
 
 
 _unmask.register_autograd(_unmask_backward, setup_context=_unmask_setup)
@@ -589,11 +700,24 @@ def mae_mask(tokens, pos_embed, mask_ratio, *, noise: Optional[torch.Tensor] = N
     return visible, ids_keep, mask
 
 
-def mae_unmask(visible, ids_keep, mask_token, pos_embed, *, rank: Optional[torch.Tensor] = None, impl="auto"):
-    """Decoder side: visible tokens back to their positions, mask_token elsewhere, + pos_embed. `rank` (Triton path
-    only; int32 [B, N] from `mae_rank` on the same noise): each position's row taken from it instead of from
-    comparing its index with ids_keep."""
+def mae_unmask(visible, ids_keep, mask_token, pos_embed, *, mask: Optional[torch.Tensor] = None,
+               rank: Optional[torch.Tensor] = None, impl="auto"):
+    """Decoder side: visible tokens back to their positions, mask_token elsewhere, + pos_embed.
+    `mask` (bool [B, N], True = masked: `mae_mask`'s third output, for the same ids_keep; the Triton path's fast
+    one, what the engine passes): which positions take the mask token, so that no program has to find a position's
+    row in `visible` first. It must be the complement of ids_keep (positions it marks kept but ids_keep does not
+    hold are left unwritten). `rank` (Triton path only; int32 [B, N] from `mae_rank` on the same noise, used when
+    no mask is given): each position's row taken from it instead of from comparing its index with ids_keep."""
+    if mask is not None and tuple(mask.shape) != (visible.shape[0], _pos2d(pos_embed).shape[0]):
+        raise ValueError(f"mask {tuple(mask.shape)} is not [batch, positions] = "
+                         f"[{visible.shape[0]}, {_pos2d(pos_embed).shape[0]}]")
     if _resolve(impl, visible) == "torch":
         return mae_unmask_reference(visible, ids_keep, mask_token, pos_embed)
     C = visible.shape[-1]
-    return _unmask(visible, ids_keep, mask_token.reshape(C), _pos2d(pos_embed), rank)[0]
+    return _unmask(visible, ids_keep, mask_token.reshape(C), _pos2d(pos_embed), rank, mask)[0]
+
+
+def _mask_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """The bool mask as one byte per position (a view when it is contiguous bool)."""
+    mask = mask.contiguous()
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)

@@ -217,13 +217,50 @@ def test_unmask_from_the_masks_rank(B, N, C, ratio):
         _assert_unmask_matches(ids, torch.randn(1, N, C, requires_grad=pos_grad), C, rank=rank)
 
 
+@pytest.mark.parametrize("B,N,C,ratio", [(5, 197, 72, 0.75), (2, 10, 1408, 0.75), (11, 5, 48, 0.6), (2, 7, 8, 0.9),
+                                         (2, 5, 8, 0.0), (3, 1, 16, 0.0)])
+@pytest.mark.parametrize("split_bwd", [True, False])
+def test_unmask_with_the_mask(monkeypatch, B, N, C, ratio, split_bwd):
+    """mae_unmask(mask=...), what the engine calls: visible rows scattered and masked positions filled by separate
+    programs, and where pos_embed takes no gradient the split backward (dvisible gathered; the mask-token gradient
+    summed over the masked rows in partial rows, then added up). Same output, inverse and gradients as the reference,
+    with the walk backward too (UNMASK_SPLIT_BWD off), at 1408 columns (several column tiles) and with no or one
+    position masked."""
+    masking = sys.modules["kernels.masking"]
+    monkeypatch.setattr(masking, "UNMASK_SPLIT_BWD", split_bwd)
+    K = int(N * (1 - ratio))
+    _, ids, mask = kernels.mae_mask(torch.randn(B, N, 4), torch.zeros(N, 4), ratio, impl="triton")
+    for pos_grad in (False, True):
+        _assert_unmask_matches(ids, torch.randn(1, N, C, requires_grad=pos_grad), C, mask=mask)
+    assert ids.shape == (B, K)
+
+
+@pytest.mark.parametrize("launch", [(8, 16, 1, 4), (4, 8, 3, 4), (16, 32, 512, 8)])
+def test_unmask_split_backward_walks(monkeypatch, launch):
+    """The split backward's sum programs walk CHUNK positions BLOCK_SR a step with the next step's mask bytes loaded
+    ahead: one program (a long walk, the last step partial), three, or one short step each."""
+    masking = sys.modules["kernels.masking"]
+    monkeypatch.setitem(masking.LAUNCH, "unmask_split_bwd", launch)
+    B, N, C = 13, 23, 24
+    _, ids, mask = kernels.mae_mask(torch.randn(B, N, 4), torch.zeros(N, 4), 0.7, impl="triton")
+    _assert_unmask_matches(ids, torch.randn(1, N, C), C, mask=mask)
+
+
+def test_unmask_mask_shape_is_checked():
+    ids = torch.argsort(torch.rand(2, 6), 1)[:, :3]
+    for impl in ("triton", "torch"):
+        with pytest.raises(ValueError, match="mask"):
+            kernels.mae_unmask(torch.randn(2, 3, 8), ids, torch.randn(8), torch.randn(6, 8),
+                               mask=torch.ones(2, 5, dtype=torch.bool), impl=impl)
+
+
 def test_custom_ops_pass_opcheck():
     # schema, fake-tensor shapes/strides, autograd registration: what torch.compile relies on
     masking = sys.modules["kernels.masking"]
     loss = sys.modules["kernels.loss"]
     B, N, C, K = 2, 12, 8, 5
     noise = torch.rand(B, N)
-    ids, _, rank = masking.mae_rank(noise, K)
+    ids, mask, rank = masking.mae_rank(noise, K)
     cases = [
         (masking.mae_rank, (noise, K)),
         (masking._gather_ranked, (torch.randn(B, N, C, requires_grad=True), torch.randn(N, C, requires_grad=True),
@@ -232,6 +269,8 @@ def test_custom_ops_pass_opcheck():
                            torch.randn(N, C, requires_grad=True))),
         (masking._unmask, (torch.randn(B, K, C, requires_grad=True), ids, torch.randn(C, requires_grad=True),
                            torch.randn(N, C, requires_grad=True), rank)),
+        (masking._unmask, (torch.randn(B, K, C, requires_grad=True), ids, torch.randn(C, requires_grad=True),
+                           torch.randn(N, C), None, mask)),
         (loss._loss_op, (torch.randn(B, 3, 8, 12), torch.randn(B, 6, 48, requires_grad=True),
                          (torch.rand(B * 6) < 0.5).float(), 4, True, 1e-6, False)),
         (loss._loss_op, (torch.randn(B, 3, 8, 12), torch.randn(B, 6, 48, requires_grad=True),
@@ -276,7 +315,7 @@ def _assert_same_grads(out, ref, inputs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _assert_unmask_matches(ids, pos, C, rank=None):
+def _assert_unmask_matches(ids, pos, C, rank=None, mask=None):
     """mae_unmask (Triton) on random visible rows and mask token against the reference: the output, the inverse
     its forward saves (each position's row in `visible`, -1 where masked) and the gradients (pos_embed's when it
     needs one). pos: [1, N, C]."""
@@ -285,10 +324,10 @@ def _assert_unmask_matches(ids, pos, C, rank=None):
     N = pos.shape[1]
     v = torch.randn(B, K, C, requires_grad=True)
     mt = torch.randn(C, requires_grad=True)
-    full = kernels.mae_unmask(v, ids, mt, pos, rank=rank, impl="triton")
+    full = kernels.mae_unmask(v, ids, mt, pos, rank=rank, mask=mask, impl="triton")
     ref = kernels.mae_unmask_reference(v, ids, mt, pos)
     torch.testing.assert_close(full, ref)
-    inv = masking._unmask(v.detach(), ids, mt.detach(), pos.detach()[0], rank)[1]
+    inv = masking._unmask(v.detach(), ids, mt.detach(), pos.detach()[0], rank, mask)[1]
     want = torch.full((B, N), -1, dtype=torch.int32)
     want.scatter_(1, ids, torch.arange(K, dtype=torch.int32).expand(B, K).contiguous())
     assert torch.equal(inv, want)
@@ -409,13 +448,15 @@ def test_mask_and_gather_bwd_ops_pass_opcheck():
     masking = sys.modules["kernels.masking"]
     loss = sys.modules["kernels.loss"]
     B, N, C, K = 11, 5, 16, 2
-    ids, _, rank = masking.mae_rank(torch.rand(B, N), K)
+    ids, mask, rank = masking.mae_rank(torch.rand(B, N), K)
     inv = masking._unmask(torch.randn(B, K, C), ids, torch.randn(C), torch.randn(N, C))[1]
     cases = [
         (masking._gather_bwd, (torch.randn(B, K, C), rank, torch.float32, True)),
         (masking._gather_bwd, (torch.randn(B, K, C), rank, torch.float32, False)),
         (masking._unmask_bwd, (torch.randn(B, N, C), inv, K, torch.float32)),
         (masking._unmask_bwd, (torch.randn(B, N, C), inv, K, torch.float32, False)),
+        (masking._unmask_bwd, (torch.randn(B, N, C), inv, K, torch.float32, False, torch.float32, torch.float32,
+                               ids, mask)),
         (loss._loss_op, (torch.randn(2, 3, 8, 12), torch.randn(2, 6, 48, requires_grad=True),
                          torch.rand(12) < 0.5, 4, True, 1e-6, False)),
     ]
