@@ -296,17 +296,17 @@ def _unmask_split_kernel(VIS, IDS, MASKB, MT, POS, OUT, INV, R_VIS, R_ALL, N, K,
         y = x.to(tl.float32) + p.to(tl.float32)
         tl.store(OUT + ((b * N + ids) * C)[:, None] + offs_c[None, :], y.to(OUT.dtype.element_ty), mask=ok)
         tl.store(INV + b * N + ids, k.to(tl.int32), mask=ok_r & first)
-    else:
-        r = (pid - SB).to(tl.int64) * BLOCK_FR + tl.arange(0, BLOCK_FR)
-        ok_r = r < R_ALL
-        n = r % N
-        p = tl.load(POS + (n * sp_n)[:, None] + offs_c[None, :], mask=ok_r[:, None] & ok_c[None, :], other=0.0)
+    else:  # (names of their own: a name bound in both branches must have one shape)
+        rf = (pid - SB).to(tl.int64) * BLOCK_FR + tl.arange(0, BLOCK_FR)
+        ok_f = rf < R_ALL
+        n = rf % N
+        pf = tl.load(POS + (n * sp_n)[:, None] + offs_c[None, :], mask=ok_f[:, None] & ok_c[None, :], other=0.0)
         mt = tl.load(MT + offs_c, mask=ok_c, other=0.0)
-        masked = tl.load(MASKB + r, mask=ok_r, other=0) != 0
-        y = mt.to(tl.float32)[None, :] + p.to(tl.float32)
-        tl.store(OUT + (r * C)[:, None] + offs_c[None, :], y.to(OUT.dtype.element_ty),
-                 mask=(ok_r & masked)[:, None] & ok_c[None, :])
-        tl.store(INV + r, tl.full([BLOCK_FR], -1, tl.int32), mask=ok_r & masked & first)
+        masked = tl.load(MASKB + rf, mask=ok_f, other=0) != 0
+        yf = mt.to(tl.float32)[None, :] + pf.to(tl.float32)
+        tl.store(OUT + (rf * C)[:, None] + offs_c[None, :], yf.to(OUT.dtype.element_ty),
+                 mask=(ok_f & masked)[:, None] & ok_c[None, :])
+        tl.store(INV + rf, tl.full([BLOCK_FR], -1, tl.int32), mask=ok_f & masked & first)
 
 
 @triton.jit
@@ -338,11 +338,11 @@ def _unmask_split_bwd_kernel(DFULL, IDS, MASKB, DVIS, PART, R_VIS, R_ALL, N, K, 
         acc = tl.zeros([BLOCK_SR, BLOCK_C], tl.float32)
         m = tl.load(MASKB + lo + rows, mask=lo + rows < hi, other=0) != 0
         for r0 in range(lo, hi, BLOCK_SR):
-            r = r0 + rows
-            nxt = r + BLOCK_SR
+            rs = r0 + rows
+            nxt = rs + BLOCK_SR
             m_next = tl.load(MASKB + nxt, mask=nxt < hi, other=0) != 0
-            g = tl.load(DFULL + (r * C)[:, None] + offs_c[None, :], mask=m[:, None] & ok_c[None, :], other=0.0)
-            acc += g.to(tl.float32)
+            gs = tl.load(DFULL + (rs * C)[:, None] + offs_c[None, :], mask=m[:, None] & ok_c[None, :], other=0.0)
+            acc += gs.to(tl.float32)
             m = m_next
         tl.store(PART + s * C + offs_c, tl.sum(acc, 0), mask=ok_c)
 
