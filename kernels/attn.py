@@ -1530,9 +1530,13 @@ def _op_setup(ctx, inputs, output):
     q, k, v, scale, cu_seqlens, max_seqlen = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
     ctx.scale, ctx.max_seqlen = scale, max_seqlen
+    # the row LSE takes no gradient: without this autograd fills a zero [B, H, N] fp32 tensor for it every backward
+    ctx.set_materialize_grads(False)
 
 
 def _op_backward(ctx, do, dlse):
+    if do is None:  # the output took no gradient (only the LSE was used)
+        return None, None, None, None, None, None
     q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = _op_bwd(do, q, k, v, o, lse, ctx.scale, cu_seqlens, ctx.max_seqlen)
     return dq, dk, dv, None, None, None
@@ -1575,9 +1579,12 @@ def _op_qkv_setup(ctx, inputs, output):
     qkv, scale = inputs
     ctx.save_for_backward(qkv, output[0], output[1])
     ctx.scale = scale
+    ctx.set_materialize_grads(False)  # no zero-filled LSE gradient (as _op_setup)
 
 
 def _op_qkv_backward(ctx, do, dlse):
+    if do is None:
+        return None, None
     qkv, o, lse = ctx.saved_tensors
     return _op_qkv_bwd(do, qkv, o, lse, ctx.scale), None
 

@@ -275,9 +275,12 @@ def _loss_setup(ctx, inputs, output):
     imgs, pred, m, p, norm_pix, eps, cpq = inputs
     ctx.save_for_backward(imgs, pred, m, output[1])
     ctx.cfg = (p, norm_pix, eps, cpq)
+    ctx.set_materialize_grads(False)  # sum(mask) takes no gradient: no zero scalar filled for it every backward
 
 
 def _loss_backward(ctx, gout, dmsum):
+    if gout is None:
+        return None, None, None, None, None, None, None
     imgs, pred, m, msum = ctx.saved_tensors
     return None, _loss_bwd_op(gout, msum, imgs, pred, m, *ctx.cfg), None, None, None, None, None
 

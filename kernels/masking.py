@@ -310,44 +310,6 @@ def _unmask_split_kernel(VIS, IDS, MASKB, MT, POS, OUT, INV, R_VIS, R_ALL, N, K,
 
 
 @triton.jit
-def _unmask_split_bwd_kernel(DFULL, IDS, MASKB, DVIS, PART, R_VIS, R_ALL, N, K, C, GB, CHUNK,
-                             BLOCK_GR: tl.constexpr, BLOCK_SR: tl.constexpr, BLOCK_C: tl.constexpr,
-                             PDL: tl.constexpr):
-    pdl_enter(PDL)
-    # The fixed-pos backward with the mask. Programs below GB gather BLOCK_GR rows of dvisible from their
-    # positions' rows of dfull (ids, then the rows). The others each sum the masked rows of CHUNK consecutive
-    # positions (flattened b * N + n) into one partial row of the mask-token gradient, BLOCK_SR rows a step, the
-    # next step's mask bytes loaded one step ahead (the row loads then wait on nothing); a small kernel adds up
-    # the partial rows (in a fixed order: the sum is the same in every run).
-    pid = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok_c = offs_c < C
-    if pid < GB:
-        r = pid.to(tl.int64) * BLOCK_GR + tl.arange(0, BLOCK_GR)
-        ok_r = r < R_VIS
-        ok = ok_r[:, None] & ok_c[None, :]
-        b = r // K
-        ids = tl.load(IDS + r, mask=ok_r, other=0)
-        g = tl.load(DFULL + ((b * N + ids) * C)[:, None] + offs_c[None, :], mask=ok, other=0.0)
-        tl.store(DVIS + (r * C)[:, None] + offs_c[None, :], g.to(DVIS.dtype.element_ty), mask=ok)
-    else:
-        s = (pid - GB).to(tl.int64)
-        lo = s * CHUNK
-        hi = tl.minimum(lo + CHUNK, R_ALL)
-        rows = tl.arange(0, BLOCK_SR)
-        acc = tl.zeros([BLOCK_SR, BLOCK_C], tl.float32)
-        m = tl.load(MASKB + lo + rows, mask=lo + rows < hi, other=0) != 0
-        for r0 in range(lo, hi, BLOCK_SR):
-            rs = r0 + rows
-            nxt = rs + BLOCK_SR
-            m_next = tl.load(MASKB + nxt, mask=nxt < hi, other=0) != 0
-            gs = tl.load(DFULL + (rs * C)[:, None] + offs_c[None, :], mask=m[:, None] & ok_c[None, :], other=0.0)
-            acc += gs.to(tl.float32)
-            m = m_next
-        tl.store(PART + s * C + offs_c, tl.sum(acc, 0), mask=ok_c)
-
-
-@triton.jit
 def _sum_parts(PART, DPOS, DMT, NCHUNK, M, PLANE, EXTRA, C, NPB,
                BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
@@ -395,11 +357,9 @@ def _col_block(C: int, cap: int) -> int:
 # rank + gather in one launch (a program ranks its positions, then copies the kept rows): forward
 # 0.032 ms at best vs 0.0265 for the two launches; 2-16 rows or 8 warps for either forward: same.
 LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (512, 16), "rank_sort": 4,
-          # with the mask: (visible rows per scatter program, positions per fill program, warps), and the backward's
-          # (rows per gather program, rows per sum step, sum programs aimed at, warps)
-          "unmask_split": (8, 16, 4), "unmask_split_bwd": (8, 16, 512, 4)}
+          # with the mask: (visible rows per scatter program, positions per fill program, warps)
+          "unmask_split": (8, 16, 4)}
 UNMASK_SPLIT = True  # mae_unmask(mask=...): the split forward (False: the mask is ignored, the ids compared)
-UNMASK_SPLIT_BWD = True  # and the split backward where pos_embed takes no gradient (False: the walk)
 # The unmask forward issues its pos_embed / mask-token loads before the ids compare (bench variant UNMASK_HOIST=False:
 # after it, as before). H200, MAE-L fixed-pos unmask, three runs: forward 0.0258 / 0.0252 / 0.0254 ms vs 0.0275 /
 # 0.0269 / 0.0268, fwd+bwd 0.0538 / 0.0530 / 0.0530 vs 0.0553 / 0.0549 / 0.0549 (`...-2026-11-29-mae-unmask-variants
@@ -614,30 +574,15 @@ def _(visible, ids_keep, mask_token, pos, rank=None, mask=None):
 @torch.library.custom_op("vfm::mae_unmask_bwd", mutates_args=())
 def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: torch.dtype,
                 need_dpos: bool = True, mt_dtype: torch.dtype = torch.float32,
-                pos_dtype: torch.dtype = torch.float32, ids_keep: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                pos_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dvisible [B, K, C], dmask_token [C] in mt_dtype, dpos [N, C] in pos_dtype, both summed in fp32; dpos
-    empty when not needed: MAE's fixed sin-cos decoder pos_embed). With ids_keep and the mask and no dpos, the
-    split backward (`_unmask_split_bwd_kernel`) instead of the walk."""
+    empty when not needed: MAE's fixed sin-cos decoder pos_embed)."""
     B, N, C = dfull.shape
     dfull = dfull.contiguous()
     dvis = torch.empty(B, K, C, device=dfull.device, dtype=visible_dtype)
     n_pos = N if need_dpos else 0
     if not B or not N:
         return dvis, dfull.new_zeros((C,), dtype=mt_dtype), dfull.new_zeros((n_pos, C), dtype=pos_dtype)
-    if mask is not None and ids_keep is not None and not need_dpos and UNMASK_SPLIT_BWD:
-        gr, sr, target, warps = LAUNCH["unmask_split_bwd"]
-        bc = _col_block(C, 512)
-        gb = triton.cdiv(B * K, gr)
-        chunk = triton.cdiv(triton.cdiv(B * N, min(target, triton.cdiv(B * N, sr))), sr) * sr  # whole steps
-        nsum = triton.cdiv(B * N, chunk)
-        part = dfull.new_empty((nsum, C), dtype=torch.float32)
-        _unmask_split_bwd_kernel[(gb + nsum, triton.cdiv(C, bc))](
-            dfull, ids_keep.contiguous(), _mask_bytes(mask), dvis, part, B * K, B * N, N, K, C, gb, chunk,
-            BLOCK_GR=gr, BLOCK_SR=sr, BLOCK_C=bc, num_warps=warps, **launch_options(use_pdl(dfull)))
-        dmt = dfull.new_empty((C,), dtype=mt_dtype)
-        _finish_parts(part, 1, 0, C, nsum, dmt, pos_dtype)
-        return dvis, dmt, dfull.new_empty((0, C), dtype=pos_dtype)
     # two accumulators: 4 samples a step; the mask token's alone: 8
     bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 4 if need_dpos else 8)
     nb = triton.cdiv(N, bn)
@@ -652,25 +597,28 @@ def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: t
 
 
 @_unmask_bwd.register_fake
-def _(dfull, inv, K, visible_dtype, need_dpos=True, mt_dtype=torch.float32, pos_dtype=torch.float32,
-      ids_keep=None, mask=None):
+def _(dfull, inv, K, visible_dtype, need_dpos=True, mt_dtype=torch.float32, pos_dtype=torch.float32):
     B, N, C = dfull.shape
     return (dfull.new_empty((B, K, C), dtype=visible_dtype), dfull.new_empty((C,), dtype=mt_dtype),
             dfull.new_empty((N if need_dpos else 0, C), dtype=pos_dtype))
 
 
 def _unmask_setup(ctx, inputs, output):
-    visible, ids_keep, mask_token, pos, _rank, mask = inputs
-    ctx.has_mask = mask is not None
-    ctx.save_for_backward(output[1], *((ids_keep, mask) if ctx.has_mask else ()))
+    visible, ids_keep, mask_token, pos, _rank, _mask = inputs
+    ctx.save_for_backward(output[1])
     ctx.K, ctx.dtypes = visible.shape[1], (visible.dtype, mask_token.dtype, pos.dtype)
+    # inv takes no gradient: without this autograd fills a zero [B, N] int32 tensor for it every backward (a kernel
+    # of its own, ~1 us in the graphed fwd+bwd)
+    ctx.set_materialize_grads(False)
 
 
 def _unmask_backward(ctx, dfull, dinv):
-    inv, *idm = ctx.saved_tensors
+    if dfull is None:
+        return None, None, None, None, None, None
+    (inv,) = ctx.saved_tensors
     vdt, mdt, pdt = ctx.dtypes
     need_dpos = bool(ctx.needs_input_grad[3])
-    dvis, dmt, dpos = _unmask_bwd(dfull, inv, ctx.K, vdt, need_dpos, mdt, pdt, *idm)
+    dvis, dmt, dpos = _unmask_bwd(dfull, inv, ctx.K, vdt, need_dpos, mdt, pdt)
     return dvis, None, dmt, (dpos if need_dpos else None), None, None
 
 

@@ -282,6 +282,25 @@ def test_qkv_kv_q_backward(monkeypatch):
     assert rel(out, ref) < 1e-5 and rel(g, gr) < 1e-5
 
 
+def test_backward_fills_no_zero_lse_gradient():
+    """The forward ops return the row LSE beside the output; it takes no gradient, and the backward must not have
+    autograd fill a zero [B, H, N] tensor for it (a kernel every layer, every step): dense, packed-qkv and packed
+    sequences."""
+    from torch.profiler import profile
+
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    qkv = torch.randn(1, 20, 3, 2, 16, requires_grad=True)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    qp, kp, vp = (torch.randn(20, 2, 16, requires_grad=True) for _ in range(3))
+    cases = [(kernels.attention(q, k, v, impl="triton"), (q, k, v)),
+             (kernels.attention_qkv(qkv, impl="triton"), (qkv,)),
+             (kernels.attention(qp, kp, vp, cu_seqlens=cu, max_seqlen=13, impl="triton"), (qp, kp, vp))]
+    for out, inputs in cases:
+        with profile() as prof:
+            torch.autograd.grad(out, inputs, torch.randn_like(out))
+        assert not [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zero_", "aten::zeros_like")]
+
+
 def test_timm_layout_and_scale():
     # timm hands q, k, v as strided views of one qkv tensor [B, N, 3, H, D]
     B, N, H, D = 2, 37, 3, 32

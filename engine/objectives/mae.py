@@ -8,6 +8,8 @@ references elsewhere, chosen by `model.kernels`.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from timm.models.vision_transformer import Block
@@ -76,10 +78,12 @@ class MaskedAutoencoder(nn.Module):
             x = block(x)
         return enc.norm(x), ids_keep, mask
 
-    def decode(self, latent: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, ids_keep: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.decoder_embed(latent)
         pos = self.decoder_pos_embed.to(x.dtype)
-        patches = kernels.mae_unmask(x[:, 1:], ids_keep, self.mask_token.to(x.dtype), pos[:, 1:], impl=self.impl)
+        # mask (encode's, for these ids_keep): the unmask kernel's fast path, which needs no search of ids_keep
+        patches = kernels.mae_unmask(x[:, 1:], ids_keep, self.mask_token.to(x.dtype), pos[:, 1:], mask=mask,
+                                     impl=self.impl)
         x = torch.cat([x[:, :1] + pos[:, :1], patches], dim=1)
         for block in self.decoder_blocks:
             x = block(x)
@@ -87,7 +91,7 @@ class MaskedAutoencoder(nn.Module):
 
     def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
         latent, ids_keep, mask = self.encode(imgs)
-        pred = self.decode(latent, ids_keep)
+        pred = self.decode(latent, ids_keep, mask)
         # pred in the decoder's dtype (bf16 under autocast): both implementations compute in fp32 from it (the
         # kernel reads the sliced bf16 rows in place), so an fp32 copy of pred would only add traffic and memory
         loss = kernels.mae_loss(imgs, pred, mask, self.patch_size, norm_pix=self.norm_pix_loss,
