@@ -316,6 +316,15 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
+K43)  # what still bounds N = 197 / 261 is the tail: the dK/dV pass's tail programs (5 keys each, grouped by 4 heads)
+      # walk every query tile, ~0.06 ms of N = 261's 0.41-ms pass. KV_TAIL_DQ: the dQ pass's tail step already holds
+      # P and dS for those keys; their products with each query tile's dO and Q are that tile's share of the tail
+      # keys' dV / dK, left in slots the dK/dV pass only adds up. The current backward vs KV_TAIL_DQ (as it is, without
+      # the dK/dV cap, 2-stage dQ pass); then every attention shape with the defaults (the zero LSE gradient gone)
+  step 300 python3 -m bench kernels --only attention --tune-kv-tail \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-kvtail
+  step 200 python3 -m bench kernels --only attention --tag defaults-nozero
+  ;;
 K42)  # kernels/README's next step for the unmask (57 % of copy: latency-bound, two dependent memory round trips per
       # program). With mae_mask's bool mask (mae_unmask(mask=...)) the visible rows are scattered and the masked
       # positions filled by separate programs (the fill's loads depend on nothing), and the fixed-pos backward
