@@ -823,7 +823,8 @@ def _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqle
 
 @triton.jit
 def _bwd_dq_tail_kv(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale, offs_d, mask_d,
-                    PDK, PDV, pso, HEAD_DIM: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr):
+                    PDK, PDV, pso, HEAD_DIM: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr,
+                    Q, DO, qo, doo, sq_n, sdo_n, rows, rows_ok, MASK_M: tl.constexpr):
     # _bwd_dq_step on the tail keys [start_n, seqlen) (fewer than BN), keeping P and dS: their products with this
     # tile's dO and Q are its share of those keys' dV and dK (unscaled), stored as fp32 rows [seqlen - start_n,
     # HEAD_DIM] at pso (padded query rows have p = 0: they add nothing)
@@ -834,8 +835,12 @@ def _bwd_dq_tail_kv(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, se
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
     p = tl.where(cols_ok[None, :], p, 0.0)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    pdv = tl.dot(tl.trans(p.to(do.dtype)), do)
-    pdk = tl.dot(tl.trans(ds.to(q.dtype)), q)
+    # Q and dO again (from L2) as the products' second operands: the tiles the loop held feed it as first operands,
+    # and a second copy in shared memory would stay allocated across the loop
+    q2 = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+    do2 = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
+    pdv = tl.dot(tl.trans(p.to(do2.dtype)), do2)
+    pdk = tl.dot(tl.trans(ds.to(q2.dtype)), q2)
     r = tl.arange(0, BN)
     ptr = pso + r[:, None] * HEAD_DIM + offs_d[None, :]
     ok = cols_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -893,7 +898,8 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                           offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA)
     if KVT:  # the one tail step, which also leaves this tile's share of the tail keys' dK / dV (see KV_TAIL_DQ)
         dq = _bwd_dq_tail_kv(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, n_full, seqlen, qk_scale, offs_d,
-                             mask_d, PDK, PDV, pso, HEAD_DIM, TAIL_N, EVEN_D)
+                             mask_d, PDK, PDV, pso, HEAD_DIM, TAIL_N, EVEN_D, Q, DO, qo, doo, sq_n, sdo_n, rows,
+                             rows_ok, MASK_M)
     else:
         for start_n in range(n_full, seqlen, TAIL_N):
             dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
