@@ -316,13 +316,15 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
-K44)  # K43: KV_TAIL_DQ lost everywhere (N = 261 bwd 0.734-0.746 ms vs 0.644): offline (ptxas, sm_90) its dQ pass held a
+K44)  # (--tune-kv-tail and KV_TAIL_DQ were removed after K44, slower on every shape; commit 076eefb has them)
+      # K43: KV_TAIL_DQ lost everywhere (N = 261 bwd 0.734-0.746 ms vs 0.644): offline (ptxas, sm_90) its dQ pass held a
       # second copy of Q and dO in shared memory across the loop (41 -> 57 KB) for the tail products. Now those read Q
       # and dO again after the loop (41 KB, 116 registers vs 106): the same sweep again
   step 300 python3 -m bench kernels --only attention --tune-kv-tail \
     --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-kvtail-2
   ;;
-K43)  # what still bounds N = 197 / 261 is the tail: the dK/dV pass's tail programs (5 keys each, grouped by 4 heads)
+K43)  # (--tune-kv-tail: removed after K44, see there)
+      # what still bounds N = 197 / 261 is the tail: the dK/dV pass's tail programs (5 keys each, grouped by 4 heads)
       # walk every query tile, ~0.06 ms of N = 261's 0.41-ms pass. KV_TAIL_DQ: the dQ pass's tail step already holds
       # P and dS for those keys; their products with each query tile's dO and Q are that tile's share of the tail
       # keys' dV / dK, left in slots the dK/dV pass only adds up. The current backward vs KV_TAIL_DQ (as it is, without

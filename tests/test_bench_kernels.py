@@ -131,16 +131,3 @@ def test_tail_group_variants():
     fwds, bwds = tail_group_variants(261, 64)
     assert all(a != b for i, a in enumerate(bwds) for b in bwds[i + 1:])
     assert tail_group_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
-
-
-def test_kv_tail_variants():
-    """--tune-kv-tail: the current backward first, then with KV_TAIL_DQ as it is, without the dK/dV pass's register
-    cap, and with a 2-stage dQ pass; the forward as it is. The one-pass backward (N <= 64) takes none."""
-    from bench.kernels import kv_tail_variants
-
-    fwds, bwds = kv_tail_variants(261, 64)
-    assert fwds == [attn._fwd_config(261, 64)] and bwds[0] == attn._bwd_config(261, 64)
-    assert [b.get("KV_TAIL_DQ", False) for b in bwds] == [False, True, True, True]
-    assert "maxnreg" in bwds[1] and "maxnreg" not in bwds[2]
-    assert bwds[3]["DQ"]["num_stages"] == 2 and bwds[3]["DQ"]["BLOCK_M"] == bwds[0]["DQ"]["BLOCK_M"]
-    assert kv_tail_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
