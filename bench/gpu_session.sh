@@ -316,6 +316,14 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
+K45)  # the unmask backward's walk (21.5 us of the ~50-us fwd+bwd, per-kernel probe `...-unmask-bwd-probe.json`) holds one
+      # step's rows in flight per program. WALK_STAGES: the walks as Triton software-pipelined loops (the next steps'
+      # rows copied to shared memory by cp.async; offline: 80 registers at 2 stages vs 96); mask and unmask variants
+      # (also the gather backward's walk), two runs
+  for t in 1 2; do
+    step 280 python3 -m bench kernels --only mae --mae-variants mask,unmask --tag mae-walk-stages-$t
+  done
+  ;;
 K44)  # (--tune-kv-tail and KV_TAIL_DQ were removed after K44, slower on every shape; commit 076eefb has them)
       # K43: KV_TAIL_DQ lost everywhere (N = 261 bwd 0.734-0.746 ms vs 0.644): offline (ptxas, sm_90) its dQ pass held a
       # second copy of Q and dO in shared memory across the loop (41 -> 57 KB) for the tail products. Now those read Q

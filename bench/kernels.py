@@ -198,13 +198,17 @@ def _mae_row(rows, op, impl, shape, bytes_, fwdbwd, fwd):
 # --mae-variants: (module, LAUNCH key or module attribute, value) set for one timing each
 # ("pdl", "ENABLED", False): the same kernels launched without programmatic dependent launch
 NO_PDL = ("pdl", "ENABLED", False)
+# the backward walks as software-pipelined loops (WALK_STAGES: the next steps' rows copied to shared memory
+# asynchronously), also with longer walks (fewer programs)
+WALK_VARIANTS = [("masking", "WALK_STAGES", v) for v in (2, 3, 4)] + \
+    [(("masking", "WALK_STAGES", v), ("masking", "WALK_PROGRAMS", p)) for v in (2, 3) for p in (128, 256)]
 MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] + \
     [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + [("masking", "RANK_BY", "count")] + \
-    [("masking", "rank_sort", v) for v in (1, 2, 8)]
+    [("masking", "rank_sort", v) for v in (1, 2, 8)] + WALK_VARIANTS
 # the unmask's alternatives measured on the H200 and dropped from the code (kernels/masking.py says which) ran as
 # variants here; what stays: the forward's loads in the old order, the mask-token sum in three steps
 UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "WALK_PROGRAMS", 1024)] + \
-    [("masking", "sum_mt", (128, 32))]
+    [("masking", "sum_mt", (128, 32))] + WALK_VARIANTS
 # with the mask: the mask ignored (the ids compared, as "triton:ids"), and other launch shapes of the split forward
 UNMASK_SPLIT_VARIANTS = [("masking", "UNMASK_SPLIT", False)] + \
     [("masking", "unmask_split", v) for v in [(8, 8, 4), (16, 16, 4)]]
