@@ -316,7 +316,17 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
-K45)  # the unmask backward's walk (21.5 us of the ~50-us fwd+bwd, per-kernel probe `...-unmask-bwd-probe.json`) holds one
+K46)  # K45 / the A/B call: without the zero-filled inverse gradient (a torch kernel between the unmask forward and the
+      # backward walk), the learnable-pos unmask backward ran 0.033 ms vs 0.0293 (same machine, old and new trees), the
+      # fixed-pos one 0.027 vs 0.0297. Suspect: the walk launches by PDL straight after the forward, its ~4.5 programs
+      # per SM (one wave) placed onto SMs as the forward drains, up to 8 on one SM at 64 registers (learnable) vs 5 at
+      # 96 (fixed). WALK_PDL=False: the walks launched plainly; mask and unmask variants, two runs
+  for t in 1 2; do
+    step 280 python3 -m bench kernels --only mae --mae-variants mask,unmask --tag mae-walk-pdl-$t
+  done
+  ;;
+K45)  # (WALK_STAGES was removed after K45: slower in every variant)
+      # the unmask backward's walk (21.5 us of the ~50-us fwd+bwd, per-kernel probe `...-unmask-bwd-probe.json`) holds one
       # step's rows in flight per program. WALK_STAGES: the walks as Triton software-pipelined loops (the next steps'
       # rows copied to shared memory by cp.async; offline: 80 registers at 2 stages vs 96); mask and unmask variants
       # (also the gather backward's walk), two runs

@@ -198,17 +198,15 @@ def _mae_row(rows, op, impl, shape, bytes_, fwdbwd, fwd):
 # --mae-variants: (module, LAUNCH key or module attribute, value) set for one timing each
 # ("pdl", "ENABLED", False): the same kernels launched without programmatic dependent launch
 NO_PDL = ("pdl", "ENABLED", False)
-# the backward walks as software-pipelined loops (WALK_STAGES: the next steps' rows copied to shared memory
-# asynchronously), also with longer walks (fewer programs)
-WALK_VARIANTS = [("masking", "WALK_STAGES", v) for v in (2, 3, 4)] + \
-    [(("masking", "WALK_STAGES", v), ("masking", "WALK_PROGRAMS", p)) for v in (2, 3) for p in (128, 256)]
 MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] + \
     [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + [("masking", "RANK_BY", "count")] + \
-    [("masking", "rank_sort", v) for v in (1, 2, 8)] + WALK_VARIANTS
+    [("masking", "rank_sort", v) for v in (1, 2, 8)] + [("masking", "WALK_PDL", False)]
 # the unmask's alternatives measured on the H200 and dropped from the code (kernels/masking.py says which) ran as
 # variants here; what stays: the forward's loads in the old order, the mask-token sum in three steps
 UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "WALK_PROGRAMS", 1024)] + \
-    [("masking", "sum_mt", (128, 32))] + WALK_VARIANTS
+    [("masking", "sum_mt", (128, 32))]
+# the backward walks launched without PDL (the learnable-pos ops too, whose walks fit 8 programs per SM)
+WALK_PDL_VARIANTS = [("masking", "WALK_PDL", False), (("masking", "WALK_PDL", False), ("masking", "WALK_PROGRAMS", 1024))]
 # with the mask: the mask ignored (the ids compared, as "triton:ids"), and other launch shapes of the split forward
 UNMASK_SPLIT_VARIANTS = [("masking", "UNMASK_SPLIT", False)] + \
     [("masking", "unmask_split", v) for v in [(8, 8, 4), (16, 16, 4)]]
@@ -333,6 +331,13 @@ def bench_mae(rows, errors, B=256, variants=()):
             return _fwdbwd(fwd, (vis, mt), gfull), fwd
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_VARIANTS, make)
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_SPLIT_VARIANTS, make)
+        _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, WALK_PDL_VARIANTS, make)
+
+        def make_learnable():
+            def fwd():
+                return kernels.mae_unmask(vis, ids, mt, dpos, mask=mask, impl="triton")
+            return _fwdbwd(fwd, (vis, mt, dpos), gfull), fwd
+        _variant_rows(rows, "mae_unmask", shape, moved, [NO_PDL] + WALK_PDL_VARIANTS, make_learnable)
         # each position's row read from the mask's rank kernel (same noise) instead of compared with ids_keep
         from kernels.masking import mae_rank
 

@@ -147,7 +147,7 @@ def _gather_kernel(TOK, POS, IDS, OUT, R, K, C, st_b, st_n, sp_n,
 @triton.jit
 def _gather_bwd_kernel(DVIS, RANK, DTOK, PART, B, N, K, C, B_CHUNK, PLANE,
                        HAS_DPOS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_C: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr = 1):
+                       BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     # Program (position tile, column tile, batch chunk). Each step moves BLOCK_B samples x BLOCK_N
     # positions at once (rows u-major: row = u * BLOCK_N + j), so a step has BLOCK_B times the
@@ -166,7 +166,7 @@ def _gather_bwd_kernel(DVIS, RANK, DTOK, PART, B, N, K, C, B_CHUNK, PLANE,
     acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     b = b_lo + u
     r = tl.load(RANK + b.to(tl.int64) * N + n, mask=ok_n & (b < b_hi), other=K)
-    for b0 in tl.range(b_lo, b_hi, BLOCK_B, num_stages=STAGES):
+    for b0 in range(b_lo, b_hi, BLOCK_B):
         b = b0 + u
         ok_r = ok_n & (b < b_hi)
         nxt = b + BLOCK_B
@@ -229,7 +229,7 @@ def _unmask_kernel(VIS, IDS, MT, POS, OUT, INV, RANK, N, K, C, sp_n,
 @triton.jit
 def _unmask_bwd_kernel(DFULL, INV, DVIS, PART, B, N, K, C, B_CHUNK, PLANE, MT_ROW,
                        HAS_DPOS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_C: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr = 1):
+                       BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     # same walk as _gather_bwd_kernel: every dfull row is read once (contiguous), kept rows are
     # written to dvisible, and the pos_embed (HAS_DPOS) / mask_token partial sums stay in registers.
@@ -248,7 +248,7 @@ def _unmask_bwd_kernel(DFULL, INV, DVIS, PART, B, N, K, C, B_CHUNK, PLANE, MT_RO
     acc_mt = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     b = b_lo + u
     r = tl.load(INV + b.to(tl.int64) * N + n, mask=ok_n & (b < b_hi), other=-1)
-    for b0 in tl.range(b_lo, b_hi, BLOCK_B, num_stages=STAGES):
+    for b0 in range(b_lo, b_hi, BLOCK_B):
         b = b0 + u
         ok_r = ok_n & (b < b_hi)
         nxt = b + BLOCK_B
@@ -376,9 +376,8 @@ UNMASK_HOIST = True
 # was slower still (0.0278-0.0281) and was dropped
 RANK_BY = "sort"
 WALK_PROGRAMS = 512  # programs the backward walks aim for (tests lower it to get long walks)
-# the walks' loops as Triton software-pipelined loops of this many stages (the next steps' rows copied into shared
-# memory asynchronously while this one is used); 1: a plain loop
-WALK_STAGES = 1
+# the backward walks launch with PDL (False: a plain launch, their programs placed on an idle GPU)
+WALK_PDL = True
 
 
 def _walk_config(B: int, N: int, C: int, bb: int, target: Optional[int] = None):
@@ -482,7 +481,7 @@ def _gather_bwd(dvis: torch.Tensor, rank: torch.Tensor, tokens_dtype: torch.dtyp
             dvis.new_empty((N, C), dtype=pos_dtype)) if need_dpos else dtok
     _gather_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), nchunks)](
         dvis, rank, dtok, part, B, N, K, C, bchunk, N * C, HAS_DPOS=need_dpos, BLOCK_B=bb, BLOCK_N=bn, BLOCK_C=bc,
-        STAGES=WALK_STAGES, num_warps=4, **launch_options(use_pdl(dvis)))
+        num_warps=4, **launch_options(WALK_PDL and use_pdl(dvis)))
     if not need_dpos:
         return dtok, dvis.new_empty((0,), dtype=pos_dtype)
     return dtok, (_finish_parts(part, nchunks, N, C, 0, None, pos_dtype) if nchunks > 1 else part)
@@ -593,7 +592,7 @@ def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: t
     part = dfull.new_empty((nchunks, n_pos + nb, C), dtype=torch.float32)
     _unmask_bwd_kernel[(nb, triton.cdiv(C, bc), nchunks)](
         dfull, inv, dvis, part, B, N, K, C, bchunk, (n_pos + nb) * C, n_pos, HAS_DPOS=need_dpos, BLOCK_B=bb,
-        BLOCK_N=bn, BLOCK_C=bc, STAGES=WALK_STAGES, num_warps=4, **launch_options(use_pdl(dfull)))
+        BLOCK_N=bn, BLOCK_C=bc, num_warps=4, **launch_options(WALK_PDL and use_pdl(dfull)))
     dmt = dfull.new_empty((C,), dtype=mt_dtype)
     dpos = _finish_parts(part, nchunks, n_pos, C, nb, dmt, pos_dtype)
     return dvis, dmt, dpos
