@@ -376,8 +376,14 @@ UNMASK_HOIST = True
 # was slower still (0.0278-0.0281) and was dropped
 RANK_BY = "sort"
 WALK_PROGRAMS = 512  # programs the backward walks aim for (tests lower it to get long walks)
-# the backward walks launch with PDL (False: a plain launch, their programs placed on an idle GPU)
-WALK_PDL = True
+# Whether the backward walks launch with PDL. The unmask's does not: launched by PDL straight after the unmask forward
+# its one wave of programs (~4.5 per SM) was slower with a learnable pos_embed, fwd+bwd 0.0547 / 0.0548 ms vs 0.0502 /
+# 0.0504 launched plainly, and the same either way with a fixed one (0.0487 / 0.0490 vs 0.0490 / 0.0489; H200, two runs,
+# `...-2026-11-29-mae-walk-pdl-{1,2}.json`). Suspected: placed onto SMs as the forward drains, up to 8 of its
+# 64-register programs stack on one SM (the fixed-pos walk's 96 registers allow 5). The gather's walk (the mask
+# backward) keeps PDL: 0.0613-0.0615 ms without it vs 0.0602-0.0604 (fixed pos: 0.0572 vs 0.0564-0.0566)
+GATHER_WALK_PDL = True
+UNMASK_WALK_PDL = False
 
 
 def _walk_config(B: int, N: int, C: int, bb: int, target: Optional[int] = None):
@@ -481,7 +487,7 @@ def _gather_bwd(dvis: torch.Tensor, rank: torch.Tensor, tokens_dtype: torch.dtyp
             dvis.new_empty((N, C), dtype=pos_dtype)) if need_dpos else dtok
     _gather_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), nchunks)](
         dvis, rank, dtok, part, B, N, K, C, bchunk, N * C, HAS_DPOS=need_dpos, BLOCK_B=bb, BLOCK_N=bn, BLOCK_C=bc,
-        num_warps=4, **launch_options(WALK_PDL and use_pdl(dvis)))
+        num_warps=4, **launch_options(GATHER_WALK_PDL and use_pdl(dvis)))
     if not need_dpos:
         return dtok, dvis.new_empty((0,), dtype=pos_dtype)
     return dtok, (_finish_parts(part, nchunks, N, C, 0, None, pos_dtype) if nchunks > 1 else part)
@@ -592,7 +598,7 @@ def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: t
     part = dfull.new_empty((nchunks, n_pos + nb, C), dtype=torch.float32)
     _unmask_bwd_kernel[(nb, triton.cdiv(C, bc), nchunks)](
         dfull, inv, dvis, part, B, N, K, C, bchunk, (n_pos + nb) * C, n_pos, HAS_DPOS=need_dpos, BLOCK_B=bb,
-        BLOCK_N=bn, BLOCK_C=bc, num_warps=4, **launch_options(WALK_PDL and use_pdl(dfull)))
+        BLOCK_N=bn, BLOCK_C=bc, num_warps=4, **launch_options(UNMASK_WALK_PDL and use_pdl(dfull)))
     dmt = dfull.new_empty((C,), dtype=mt_dtype)
     dpos = _finish_parts(part, nchunks, n_pos, C, nb, dmt, pos_dtype)
     return dvis, dmt, dpos
