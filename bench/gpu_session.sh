@@ -316,6 +316,13 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
+K47)  # the defaults after K42-K46 (the unmask's split forward with the engine's mask, no zero-filled gradients, the
+      # unmask walk launched plainly): the MAE ops, then the MAE ViT-L step (the engine now passes the mask to the
+      # unmask)
+  step 120 python3 -m bench kernels --only mae --tag defaults-mae-split
+  step 400 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \
+    --steps 8 --warmup 3 --tag vitl-unmask-split
+  ;;
 K46)  # K45 / the A/B call: without the zero-filled inverse gradient (a torch kernel between the unmask forward and the
       # backward walk), the learnable-pos unmask backward ran 0.033 ms vs 0.0293 (same machine, old and new trees), the
       # fixed-pos one 0.027 vs 0.0297. Suspect: the walk launches by PDL straight after the forward, its ~4.5 programs
