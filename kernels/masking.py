@@ -1,7 +1,7 @@
 """MAE random masking as fused kernels.
 
     visible, ids_keep, mask = mae_mask(tokens, pos_embed, mask_ratio, noise=None)
-    full = mae_unmask(visible, ids_keep, mask_token, pos_embed)
+    full = mae_unmask(visible, ids_keep, mask_token, pos_embed, mask=mask)
 
 MAE keeps, per sample, the K = int(N * (1 - mask_ratio)) tokens with the smallest noise, in
 order of increasing noise (argsort semantics; ties broken by index, i.e. a stable sort).
@@ -15,10 +15,13 @@ The reference does argsort + gather + add (encoder) and cat + gather + add (deco
 - backward of the gather: programs walk the batch for a tile of positions, several samples a
   step, writing every token gradient once (zero where masked) and summing the pos_embed gradient
   in registers; a few batch chunks leave partial sums that one small kernel adds up.
-- `_unmask_kernel` finds each position's row in `visible` by comparing with ids_keep (no
-  scatter kernels) and writes that inverse for the backward; its backward walks like the gather's,
-  summing the mask-token gradient (and the pos_embed one, only when pos_embed needs a gradient:
-  MAE's fixed sin-cos embedding, what the engine uses, does not).
+- `_unmask_split_kernel` (with `mask=`, mae_mask's bool mask, what the engine passes): programs of one kind scatter
+  the visible rows to their positions (ids and rows loaded at once), programs of another fill the masked positions
+  with the mask token (the mask, pos_embed and mask-token loads depend on nothing), and both write the inverse (each
+  position's row in `visible`) for the backward. Without the mask, `_unmask_kernel` finds each position's row by
+  comparing with ids_keep (no scatter kernels), which puts a dependent round trip before every row.
+- the unmask backward walks like the gather's, summing the mask-token gradient (and the pos_embed one, only when
+  pos_embed needs a gradient: MAE's fixed sin-cos embedding, what the engine uses, does not).
 """
 from __future__ import annotations
 
