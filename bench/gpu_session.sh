@@ -316,6 +316,13 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
+K48)  # the tails again, without new tile layouts: an ungrouped tail program walks the same 32-row steps as the full
+      # blocks (dQ pass: keys; dK/dV pass: queries), 9 steps at N = 261, each as latency-bound as a full block's.
+      # TAIL_WALK = 64: half the steps (offline: 110 registers vs 106 on the dQ pass, no more shared memory), on the dQ
+      # pass (its per-head tails, ~0.035 ms of N = 261) and on the dK/dV pass in place of its tail groups
+  step 300 python3 -m bench kernels --only attention --tune-tail-walk \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64,mae-l-dec-n197-d32 --tag tune-tailwalk
+  ;;
 K47)  # the defaults after K42-K46 (the unmask's split forward with the engine's mask, no zero-filled gradients, the
       # unmask walk launched plainly): the MAE ops, then the MAE ViT-L step (the engine now passes the mask to the
       # unmask)
