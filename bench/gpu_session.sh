@@ -316,7 +316,8 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
-K48)  # the tails again, without new tile layouts: an ungrouped tail program walks the same 32-row steps as the full
+K48)  # (--tune-tail-walk and TAIL_WALK were removed after K48, no gain; commit 9ed9985 has them)
+      # the tails again, without new tile layouts: an ungrouped tail program walks the same 32-row steps as the full
       # blocks (dQ pass: keys; dK/dV pass: queries), 9 steps at N = 261, each as latency-bound as a full block's.
       # TAIL_WALK = 64: half the steps (offline: 110 registers vs 106 on the dQ pass, no more shared memory), on the dQ
       # pass (its per-head tails, ~0.035 ms of N = 261) and on the dK/dV pass in place of its tail groups

@@ -14,8 +14,8 @@ MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms)
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
---tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-tail-walk: the current configs under register caps,
-warp specialization, a split head dim, TMA loads, tail groups, 64-row tail walks),
+--tune-ws, --tune-split, --tune-tma, --tune-tail-groups: the current configs under register caps, warp
+specialization, a split head dim, TMA loads, tail groups),
 --shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -583,24 +583,6 @@ def tail_group_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return _unique(fwds), _unique([kv | {"DQ": d} for kv in kvs for d in dqs])
 
 
-def tail_walk_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
-    """The shape's current backward config beside ones whose ungrouped tail programs walk 64 rows a step (TAIL_WALK;
-    the full blocks keep their 32-row walks): on the dQ pass, and on the dK/dV pass in place of its tail groups
-    (with and without its register cap). The forward as it is: its walk is 64 already, and 128-row tail steps
-    raise the whole kernel's shared memory (57 -> 70 KB offline)."""
-    from kernels import attn
-
-    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
-    if bwd.get("SPLIT") != attn.KV_Q:
-        return [fwd], [bwd]
-    dq = attn._kv_q_dq_config(bwd)
-    ungrouped = {k: v for k, v in bwd.items() if k not in ("TAIL_G", "TAIL_GW", "DQ")}
-    kvs = [{k: v for k, v in bwd.items() if k != "DQ"}, ungrouped | {"TAIL_WALK": 64},
-           {k: v for k, v in ungrouped.items() if k != "maxnreg"} | {"TAIL_WALK": 64}]
-    dqs = [dq, dq | {"TAIL_WALK": 64}]
-    return [fwd], _unique([kv | {"DQ": d} for kv in kvs for d in dqs])
-
-
 def _unique(cfgs: list[dict]) -> list[dict]:
     """The configs in order, each once (a variant can equal another where the current config already has a cap)."""
     out = []
@@ -611,7 +593,7 @@ def _unique(cfgs: list[dict]) -> list[dict]:
 
 
 VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
-                  "tailg": tail_group_variants, "tailwalk": tail_walk_variants}
+                  "tailg": tail_group_variants}
 
 
 def tune_attention(names, variants=None):
@@ -703,9 +685,6 @@ def main(argv=None) -> int:
                     help="instead of the block sweep, time each shape's current configs without and with tail groups "
                          "(TAIL_G: the rows past the last full block of G heads in one program) on the forward and "
                          "on each pass of the two-pass backward")
-    ap.add_argument("--tune-tail-walk", action="store_true",
-                    help="instead of the block sweep, time each shape's current backward config beside ones whose "
-                         "ungrouped tail programs walk 64 rows a step (TAIL_WALK) on either pass")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
@@ -730,8 +709,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     payload = {"card": card_name()}
     variants = ("regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split
-                else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups
-                else "tailwalk" if args.tune_tail_walk else None)
+                else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups else None)
     if (args.tune or variants) and run_attn:
         import time
 

@@ -492,10 +492,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False, D2: tl.constexpr = 0,
     TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16, TAIL_GD: tl.constexpr = 16,
-    TAIL_WALK: tl.constexpr = 0,
 ):
-    # TAIL_WALK > 0: the (ungrouped) tail programs walk the keys TAIL_WALK a step instead of BLOCK_N (pointer loads
-    # where that differs from the descriptors' block); the full blocks keep BLOCK_N
     # TMA: the full key tiles are loaded through the tensor descriptors KD / VD (dense inputs; block
     # [1, 1, BLOCK_N, BLOCK_D]); otherwise KD / VD are unused.
     # WS: Triton's warp specialization of the full-tile loop (tl.range(warp_specialize=...)), a tuning knob.
@@ -551,8 +548,7 @@ def _attn_fwd(
                               offs_d, offs_d2, mask_d2, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, D2, WS)
             else:
                 _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
-                             offs_d, mask_d, TAIL_M, True, TAIL_WALK if TAIL_WALK > 0 else BLOCK_N, TAIL_N, BLOCK_D,
-                             EVEN_D, WS, KD, VD, b, h, TMA and (TAIL_WALK == 0 or TAIL_WALK == BLOCK_N))
+                             offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
 
 
 @triton.jit
@@ -1001,10 +997,8 @@ def _attn_bwd_kv_q(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
     D2: tl.constexpr = 0, TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
-    TAIL_GD: tl.constexpr = 16, TAIL_WALK: tl.constexpr = 0,
+    TAIL_GD: tl.constexpr = 16,
 ):
-    # TAIL_WALK > 0: the (ungrouped) tail programs walk TAIL_WALK rows a step (keys in the dQ pass, queries in the
-    # dK/dV pass) instead of the full blocks' BLOCK_N / BLOCK_M (pointer loads where that differs from TMA's block)
     # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense inputs), walking
     # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids)
     # TMA: the full tiles each pass walks (K / V in the dQ pass, Q / dO in the dK/dV pass) come through the
@@ -1068,8 +1062,7 @@ def _attn_bwd_kv_q(
                 if row0 < seqlen:
                     _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
-                                  offs_d, mask_d, TAIL_M, True, TAIL_WALK if TAIL_WALK > 0 else BLOCK_N, TAIL_N,
-                                  BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA and (TAIL_WALK == 0 or TAIL_WALK == BLOCK_N))
+                                  offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
         else:
             dko, sdk_n = _row_base(b64, h64, tok, sdk_b, sdk_h, sdk_n, ALIGN)
             dvo, sdv_n = _row_base(b64, h64, tok, sdv_b, sdv_h, sdv_n, ALIGN)
@@ -1097,9 +1090,8 @@ def _attn_bwd_kv_q(
                 if start_n < seqlen:
                     _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
-                                    offs_d, mask_d, TAIL_N, True, TAIL_WALK if TAIL_WALK > 0 else BLOCK_M, TAIL_M,
-                                    BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
-                                    TMA and (TAIL_WALK == 0 or TAIL_WALK == BLOCK_M))
+                                    offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
+                                    TMA)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -1436,7 +1428,6 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
     cfg.setdefault("TRANS", False)
     cfg.pop("TAIL_G", None)  # the one-kernel layouts take no tail groups
     cfg.pop("TAIL_GW", None)
-    cfg.pop("TAIL_WALK", None)  # nor tail walks of their own
     bn = cfg["BLOCK_N"]
     if split:
         mode = 1

@@ -131,17 +131,3 @@ def test_tail_group_variants():
     fwds, bwds = tail_group_variants(261, 64)
     assert all(a != b for i, a in enumerate(bwds) for b in bwds[i + 1:])
     assert tail_group_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
-
-
-def test_tail_walk_variants():
-    """--tune-tail-walk: the current backward first; then every pair of a dK/dV-pass option (its tail groups, or
-    64-row tail walks with and without its register cap) and a dQ-pass option (as it is, 64-row tail walks); the
-    forward as it is; the one-pass backward alone."""
-    from bench.kernels import tail_walk_variants
-
-    fwds, bwds = tail_walk_variants(261, 64)
-    assert fwds == [attn._fwd_config(261, 64)] and bwds[0] == attn._bwd_config(261, 64)
-    pairs = [(b.get("TAIL_G", 0), b.get("TAIL_WALK", 0), b.get("maxnreg"), b["DQ"].get("TAIL_WALK", 0)) for b in bwds]
-    assert pairs == [(4, 0, 128, 0), (4, 0, 128, 64), (0, 64, 128, 0), (0, 64, 128, 64), (0, 64, None, 0),
-                     (0, 64, None, 64)]
-    assert tail_walk_variants(50, 64)[1] == [attn._bwd_config(50, 64)]

@@ -282,19 +282,6 @@ def test_qkv_kv_q_backward(monkeypatch):
     assert rel(out, ref) < 1e-5 and rel(g, gr) < 1e-5
 
 
-@pytest.mark.parametrize("n", [70, 37, 16])
-def test_tail_walk(n):
-    """TAIL_WALK: the tail programs (ungrouped) walk 32 rows a step, the full blocks 16: forward, dQ pass and dK/dV
-    pass against the reference, with and without a query / key tail, and on packed sequences."""
-    fwd = dict(SMALL_FWD, BLOCK_N=16, TAIL_WALK=32)
-    bwd = dict(KV_Q, BLOCK_M=16, TAIL_WALK=32, DQ=dict(KV_Q["DQ"], BLOCK_N=16, TAIL_N=16, TAIL_WALK=32))
-    q, k, v = (torch.randn(2, 2, n, 64, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, fwd_config=fwd, bwd_config=bwd))
-    cu = torch.tensor([0, 37, 37 + n], dtype=torch.int32)
-    q, k, v = (torch.randn(37 + n, 2, 32, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, cu_seqlens=cu, max_seqlen=max(37, n), fwd_config=fwd, bwd_config=bwd))
-
-
 def test_backward_fills_no_zero_lse_gradient():
     """The forward ops return the row LSE beside the output; it takes no gradient, and the backward must not have
     autograd fill a zero [B, H, N] tensor for it (a kernel every layer, every step): dense, packed-qkv and packed
