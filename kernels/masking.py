@@ -670,6 +670,8 @@ def mae_unmask(visible, ids_keep, mask_token, pos_embed, *, mask: Optional[torch
     if mask is not None and tuple(mask.shape) != (visible.shape[0], _pos2d(pos_embed).shape[0]):
         raise ValueError(f"mask {tuple(mask.shape)} is not [batch, positions] = "
                          f"[{visible.shape[0]}, {_pos2d(pos_embed).shape[0]}]")
+    if mask is not None and mask.device != visible.device:
+        raise ValueError(f"mask is on {mask.device}, visible on {visible.device}")
     if _resolve(impl, visible) == "torch":
         return mae_unmask_reference(visible, ids_keep, mask_token, pos_embed)
     C = visible.shape[-1]

@@ -245,12 +245,15 @@ def test_unmask_split_launch_shapes(monkeypatch, launch):
     _assert_unmask_matches(ids, torch.randn(1, N, C, requires_grad=True), C, mask=mask)
 
 
-def test_unmask_mask_shape_is_checked():
+def test_unmask_mask_shape_and_device_are_checked():
     ids = torch.argsort(torch.rand(2, 6), 1)[:, :3]
     for impl in ("triton", "torch"):
         with pytest.raises(ValueError, match="mask"):
             kernels.mae_unmask(torch.randn(2, 3, 8), ids, torch.randn(8), torch.randn(6, 8),
                                mask=torch.ones(2, 5, dtype=torch.bool), impl=impl)
+        with pytest.raises(ValueError, match="mask is on meta"):
+            kernels.mae_unmask(torch.randn(2, 3, 8), ids, torch.randn(8), torch.randn(6, 8),
+                               mask=torch.ones(2, 6, dtype=torch.bool, device="meta"), impl=impl)
 
 
 def test_custom_ops_pass_opcheck():
