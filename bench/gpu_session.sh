@@ -316,7 +316,9 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
-K49)  # KV_TAIL_DQ again (restored from commit 1d4fcf6): K44 lost 0.04 ms at N = 261, i.e. its dQ pass ran ~0.08 ms
+K49)  # (KV_TAIL_DQ removed again after K49, commit c0f7abd has it; .notes/regs2.py was an ad hoc script outside the repo:
+      # it printed the compiled passes' registers, kernels/README quotes them)
+      # KV_TAIL_DQ again (restored from commit 1d4fcf6): K44 lost 0.04 ms at N = 261, i.e. its dQ pass ran ~0.08 ms
       # slower for two small products per program. Suspect: registers (106 -> 116 offline, non-TMA) cost the dQ pass a
       # program per SM (5 fit at <= 102). Its registers on the GPU (ad hoc), then KV_TAIL_DQ under dQ caps 96-112
   step 60 python3 .notes/regs2.py

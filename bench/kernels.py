@@ -14,8 +14,8 @@ MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms)
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
---tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-kv-tail: the current configs under register caps,
-warp specialization, a split head dim, TMA loads, tail groups, the tail keys' dK / dV from the dQ pass),
+--tune-ws, --tune-split, --tune-tma, --tune-tail-groups: the current configs under register caps, warp
+specialization, a split head dim, TMA loads, tail groups),
 --shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -453,7 +453,7 @@ def _compile_worker(job):
 
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
-    configs (--tune; --tune-regs / ... / --tune-tail-groups / --tune-kv-tail: the variants of the
+    configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups: the variants of the
     current configs) or just the ones
     each shape will use."""
     import concurrent.futures as cf
@@ -583,23 +583,6 @@ def tail_group_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return _unique(fwds), _unique([kv | {"DQ": d} for kv in kvs for d in dqs])
 
 
-def kv_tail_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
-    """The shape's current backward config without and with KV_TAIL_DQ (the tail keys' dK / dV from the dQ pass's
-    tail step instead of dK/dV-pass programs walking every query tile; it drops the dK/dV pass's tail groups): as it
-    is and with the dQ pass capped at 96 / 104 / 112 registers; the current config with the dQ pass at 104. The
-    forward: the current config only."""
-    from kernels import attn
-
-    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
-    if bwd.get("SPLIT") != attn.KV_Q:
-        return [fwd], [bwd]
-    dq = attn._kv_q_dq_config(bwd)
-    kvt = bwd | {"KV_TAIL_DQ": True}
-    # register caps on the dQ pass: its extra tail products may cost it a program per SM (5 need <= 102 registers)
-    return [fwd], _unique([bwd, kvt] + [kvt | {"DQ": dq | {"maxnreg": c}} for c in (96, 104, 112)] +
-                          [bwd | {"DQ": dq | {"maxnreg": 104}}])
-
-
 def _unique(cfgs: list[dict]) -> list[dict]:
     """The configs in order, each once (a variant can equal another where the current config already has a cap)."""
     out = []
@@ -610,7 +593,7 @@ def _unique(cfgs: list[dict]) -> list[dict]:
 
 
 VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
-                  "tailg": tail_group_variants, "kvtail": kv_tail_variants}
+                  "tailg": tail_group_variants}
 
 
 def tune_attention(names, variants=None):
@@ -702,9 +685,6 @@ def main(argv=None) -> int:
                     help="instead of the block sweep, time each shape's current configs without and with tail groups "
                          "(TAIL_G: the rows past the last full block of G heads in one program) on the forward and "
                          "on each pass of the two-pass backward")
-    ap.add_argument("--tune-kv-tail", action="store_true",
-                    help="instead of the block sweep, time each shape's current backward config without and with "
-                         "KV_TAIL_DQ (the tail keys' dK / dV from the dQ pass instead of dK/dV-pass tail programs)")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
@@ -729,8 +709,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     payload = {"card": card_name()}
     variants = ("regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split
-                else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups
-                else "kvtail" if args.tune_kv_tail else None)
+                else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups else None)
     if (args.tune or variants) and run_attn:
         import time
 

@@ -822,63 +822,12 @@ def _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqle
 
 
 @triton.jit
-def _bwd_dq_tail_kv(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale, offs_d, mask_d,
-                    PDK, PDV, pso, HEAD_DIM: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr,
-                    Q, DO, qo, doo, sq_n, sdo_n, rows, rows_ok, MASK_M: tl.constexpr):
-    # _bwd_dq_step on the tail keys [start_n, seqlen) (fewer than BN), keeping P and dS: their products with this
-    # tile's dO and Q are its share of those keys' dV and dK (unscaled), stored as fp32 rows [seqlen - start_n,
-    # HEAD_DIM] at pso (padded query rows have p = 0: they add nothing)
-    cols = start_n + tl.arange(0, BN)
-    cols_ok = cols < seqlen
-    k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, True, not EVEN_D)
-    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, True, not EVEN_D)
-    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-    p = tl.where(cols_ok[None, :], p, 0.0)
-    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    # Q and dO again (from L2) as the products' second operands: the tiles the loop held feed it as first operands,
-    # and a second copy in shared memory would stay allocated across the loop
-    q2 = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
-    do2 = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
-    pdv = tl.dot(tl.trans(p.to(do2.dtype)), do2)
-    pdk = tl.dot(tl.trans(ds.to(q2.dtype)), q2)
-    r = tl.arange(0, BN)
-    ptr = pso + r[:, None] * HEAD_DIM + offs_d[None, :]
-    ok = cols_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tl.store(PDV + ptr, pdv, mask=ok)
-    tl.store(PDK + ptr, pdk, mask=ok)
-    return dq + tl.dot(ds.to(k.dtype), k)
-
-
-@triton.jit
-def _kv_tail_sum(PDK, PDV, DK, DV, dko, dvo, sdk_n, sdv_n, base, S, NT, start_n, seqlen, sm_scale, offs_d, mask_d,
-                 HEAD_DIM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """dK, dV of the tail keys [start_n, seqlen) as the sum of the S slots the dQ pass left at base (KV_TAIL_DQ),
-    in slot order (the same sum every run)."""
-    r = tl.arange(0, BN)
-    cols = start_n + r
-    cols_ok = cols < seqlen
-    ok = cols_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    dk = tl.zeros([BN, BLOCK_D], tl.float32)
-    dv = tl.zeros([BN, BLOCK_D], tl.float32)
-    for i in range(S):
-        ptr = base + i * NT * HEAD_DIM + r[:, None] * HEAD_DIM + offs_d[None, :]
-        dk += tl.load(PDK + ptr, mask=ok, other=0.0)
-        dv += tl.load(PDV + ptr, mask=ok, other=0.0)
-    _store_tile(DK + dko + cols[:, None] * sdk_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-                cols_ok, mask_d, True, not EVEN_D)
-    _store_tile(DV + dvo + cols[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty), cols_ok, mask_d,
-                True, not EVEN_D)
-
-
-@triton.jit
 def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                   BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
-                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False,
-                  PDK=None, PDV=None, pso=0, HEAD_DIM: tl.constexpr = 0, KVT: tl.constexpr = False):
-    """dQ of one query tile (and its delta = rowsum(dO * O), stored for the dK/dV pass). KVT: also this tile's
-    share of the tail keys' dK / dV, into its slot at PDK / PDV + pso."""
+                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
+    """dQ of one query tile (and its delta = rowsum(dO * O), stored for the dK/dV pass)."""
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
@@ -896,14 +845,9 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
                           offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA)
-    if KVT:  # the one tail step, which also leaves this tile's share of the tail keys' dK / dV (see KV_TAIL_DQ)
-        dq = _bwd_dq_tail_kv(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, n_full, seqlen, qk_scale, offs_d,
-                             mask_d, PDK, PDV, pso, HEAD_DIM, TAIL_N, EVEN_D, Q, DO, qo, doo, sq_n, sdo_n, rows,
-                             rows_ok, MASK_M)
-    else:
-        for start_n in range(n_full, seqlen, TAIL_N):
-            dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
-                              offs_d, mask_d, TAIL_N, True, EVEN_D)
+    for start_n in range(n_full, seqlen, TAIL_N):
+        dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
+                          offs_d, mask_d, TAIL_N, True, EVEN_D)
     _store_tile(DQ + dqo + rows[:, None] * sdq_n + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
                 rows_ok, mask_d, MASK_M, not EVEN_D)
 
@@ -1053,11 +997,8 @@ def _attn_bwd_kv_q(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
     D2: tl.constexpr = 0, TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
-    TAIL_GD: tl.constexpr = 16, PDK=None, PDV=None, S=1, NT=1, KVT: tl.constexpr = False,
+    TAIL_GD: tl.constexpr = 16,
 ):
-    # KVT (config key KV_TAIL_DQ; dense, unsplit head dim, no tail groups): the tail keys' dK / dV come from the dQ
-    # pass, whose program of query tile i (of S per head) leaves its share in slot i of PDK / PDV ([B * H, S, NT,
-    # HEAD_DIM] fp32, NT = the tail keys); the dK/dV pass's tail program only adds up the slots
     # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense inputs), walking
     # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids)
     # TMA: the full tiles each pass walks (K / V in the dQ pass, Q / dO in the dK/dV pass) come through the
@@ -1112,20 +1053,16 @@ def _attn_bwd_kv_q(
                                        sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
                                        offs_d, offs_d2, mask_d2, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, D2, WS,
                                        KD, KD2, VD, VD2, b, h, TMA)
+            elif pid < m_full:
+                _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
+                              sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
+                              offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
             else:
-                pso = ((pid_bh.to(tl.int64) * S + pid) * NT) * HEAD_DIM  # this tile's slot (KVT)
-                if pid < m_full:
+                row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
+                if row0 < seqlen:
                     _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
-                                  sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
-                                  offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h,
-                                  TMA, PDK, PDV, pso, HEAD_DIM, KVT)
-                else:
-                    row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
-                    if row0 < seqlen:
-                        _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
-                                      sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
-                                      offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b,
-                                      h, TMA, PDK, PDV, pso, HEAD_DIM, KVT)
+                                  sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
+                                  offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
         else:
             dko, sdk_n = _row_base(b64, h64, tok, sdk_b, sdk_h, sdk_n, ALIGN)
             dvo, sdv_n = _row_base(b64, h64, tok, sdv_b, sdv_h, sdv_n, ALIGN)
@@ -1148,10 +1085,6 @@ def _attn_bwd_kv_q(
                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
                                 offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
                                 TMA)
-            elif KVT:  # the tail keys (one tile): the sum of the dQ pass's slots
-                _kv_tail_sum(PDK, PDV, DK, DV, dko, dvo, sdk_n, sdv_n, pid_bh.to(tl.int64) * S * NT * HEAD_DIM, S,
-                             NT, n_full * BLOCK_N, seqlen, sm_scale, offs_d, mask_d, HEAD_DIM, TAIL_N, BLOCK_D,
-                             EVEN_D)
             else:
                 start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
                 if start_n < seqlen:
@@ -1194,7 +1127,7 @@ KV_Q = "kv+q"  # backward SPLIT value of the two-pass layout (_attn_bwd_kv_q)
 
 
 def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=None, split_d=False, tma=False,
-         tail_g=0, kv_tail=False):
+         tail_g=0):
     """Block config; backward ones carry SPLIT (False, True or KV_Q). For KV_Q the top-level
     blocks drive the dK/dV pass (BLOCK_N key tile per program, BLOCK_M query sub-tiles) and
     `dq` = (bm, bn, tm, tn, warps, stages) the dQ pass (BLOCK_M query tile per program, BLOCK_N
@@ -1207,12 +1140,8 @@ def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=N
     top-level key drives the dK/dV pass and the "DQ" blocks' own key the dQ pass (`dq` takes it as a 7th entry).
     `tail_g` (TAIL_G): the tail rows of that many heads share one program (dense inputs with an unsplit head dim
     whose length is not a multiple of the block; see _grouped_pids), per pass as TMA (`dq`'s 8th entry; its 9th: the
-    dQ pass's register cap). `kv_tail` (KV_TAIL_DQ, two-pass backward): the tail keys' dK / dV come from the dQ pass
-    (its tail step's P and dS times each query tile's dO and Q, in per-tile slots the dK/dV pass adds up) instead
-    of a dK/dV-pass program walking every query tile for them; where it cannot (_kv_tail_dq), ignored."""
+    dQ pass's register cap)."""
     c = dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=warps, num_stages=stages)
-    if kv_tail:
-        c["KV_TAIL_DQ"] = True
     if split_d:
         c["SPLIT_D"] = True
     if tma:
@@ -1355,18 +1284,6 @@ def _tail_group(cfg: dict, n: int, block: int, walk: int, bh: int, packed: bool,
     return dict(TAIL_G=g, TAIL_GW=gw or max(16, walk // g), TAIL_GD=_pow2(d)) if g > 1 else {}
 
 
-def _kv_tail_dq(want: bool, cfg: dict, dq_cfg: dict, n: int, packed: bool, dims: dict, dq_group: dict) -> int:
-    """KV_TAIL_DQ: the number of tail keys (NT) when the dQ pass can give their dK / dV, else 0. It can where the
-    inputs are dense, the head dim is whole (no SPLIT_D), the dQ pass groups no tails, both passes' full blocks end
-    at the same key, and the tail keys fit one tail step of the dQ pass and one tail tile of the dK/dV pass."""
-    if not want or packed or dims["D2"] or dq_group:
-        return 0
-    n_full = n // cfg["BLOCK_N"] * cfg["BLOCK_N"]
-    nt = n - n_full
-    ok = n_full == n // dq_cfg["BLOCK_N"] * dq_cfg["BLOCK_N"] and 0 < nt <= min(dq_cfg["TAIL_N"], cfg["TAIL_N"])
-    return nt if ok else 0
-
-
 def _grid(n: int, block: int, tail: int, packed: bool, bh: int, group: dict) -> tuple:
     """Programs (tiles, heads): with a tail group (see _grouped_pids) each group's full blocks, then its tail tiles."""
     g = group.get("TAIL_G", 1)
@@ -1496,31 +1413,21 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         descs, tma_q = _descs(tma_dq and not packed, (k, v), dq_cfg["BLOCK_N"], dims["BLOCK_D"], dims["D2"])
         kd, vd, kd2, vd2 = descs + [None] * (4 - len(descs))
         group = _tail_group(dq_cfg, maxn, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], B * H, packed, D)
-        kvt = _kv_tail_dq(cfg.pop("KV_TAIL_DQ", False), cfg, dq_cfg, maxn, packed, dims, group)
-        if kvt:  # slots [B * H, S, NT, D] fp32: every one is written by the dQ pass before the dK/dV pass reads it
-            S, NT = _n_tiles(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], False), kvt
-            pdk, pdv = (torch.empty(B * H * S * NT * D, device=q.device, dtype=torch.float32) for _ in range(2))
-            cfg.pop("TAIL_G", None)
-            cfg.pop("TAIL_GW", None)
-            slots = dict(PDK=pdk, PDV=pdv, S=S, NT=NT, KVT=True)
-        else:
-            slots = {}
         _attn_bwd_kv_q[_grid(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed, B * H, group)](
             *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **group,
-            **slots, **dq_cfg)
+            **dq_cfg)
         descs, tma_kv = _descs(tma and not packed, (q, do), cfg["BLOCK_M"], dims["BLOCK_D"], dims["D2"])
         qd, dod, qd2, dod2 = descs + [None] * (4 - len(descs))
         group = _tail_group(cfg, maxn, cfg["BLOCK_N"], cfg["BLOCK_M"], B * H, packed, D)
         _attn_bwd_kv_q[_grid(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed, B * H, group)](
             *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **group,
-            **slots, **cfg)
+            **cfg)
         return dq, dk, dv
     if split not in (True, False):
         raise ValueError(f"backward SPLIT must be True, False or {KV_Q!r}; got {split!r}")
     cfg.setdefault("TRANS", False)
     cfg.pop("TAIL_G", None)  # the one-kernel layouts take no tail groups
     cfg.pop("TAIL_GW", None)
-    cfg.pop("KV_TAIL_DQ", None)  # nor the dQ pass's tail dK / dV
     bn = cfg["BLOCK_N"]
     if split:
         mode = 1

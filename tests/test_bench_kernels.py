@@ -131,17 +131,3 @@ def test_tail_group_variants():
     fwds, bwds = tail_group_variants(261, 64)
     assert all(a != b for i, a in enumerate(bwds) for b in bwds[i + 1:])
     assert tail_group_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
-
-
-def test_kv_tail_variants():
-    """--tune-kv-tail: the current backward first, then with KV_TAIL_DQ as it is and with the dQ pass capped at 96 /
-    104 / 112 registers, then the current one with the dQ pass at 104; the forward as it is. The one-pass backward
-    (N <= 64) takes none."""
-    from bench.kernels import kv_tail_variants
-
-    fwds, bwds = kv_tail_variants(261, 64)
-    assert fwds == [attn._fwd_config(261, 64)] and bwds[0] == attn._bwd_config(261, 64)
-    assert [b.get("KV_TAIL_DQ", False) for b in bwds] == [False, True, True, True, True, False]
-    assert [b["DQ"].get("maxnreg") for b in bwds] == [None, None, 96, 104, 112, 104]
-    assert all(b["DQ"]["BLOCK_M"] == bwds[0]["DQ"]["BLOCK_M"] for b in bwds)
-    assert kv_tail_variants(50, 64)[1] == [attn._bwd_config(50, 64)]

@@ -282,41 +282,6 @@ def test_qkv_kv_q_backward(monkeypatch):
     assert rel(out, ref) < 1e-5 and rel(g, gr) < 1e-5
 
 
-@pytest.mark.parametrize("n,d,heads", [(70, 64, 2), (37, 32, 3), (45, 88, 1), (33, 16, 2), (63, 64, 1)])
-def test_kv_tail_from_the_dq_pass(monkeypatch, n, d, heads):
-    """KV_TAIL_DQ: the tail keys' dK / dV from the dQ pass's tail step (each query tile's share in a slot, the dK/dV
-    pass adding the slots up) instead of dK/dV-pass programs walking every query tile: the reference's gradients,
-    with 1 to 31 tail keys, a padded head dim (88 in 128 columns), query tail tiles, and the path taken (checked)."""
-    seen = []
-    orig = attn._kv_tail_dq
-    monkeypatch.setattr(attn, "_kv_tail_dq", lambda *a: seen.append(orig(*a)) or seen[-1])
-    cfg = attn._cfg(16, 32, 16, 32, 4, 1, split=attn.KV_Q, dq=(32, 32, 16, 32, 4, 1), kv_tail=True)
-    q, k, v = (torch.randn(2, heads, n, d, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, bwd_config=cfg))
-    assert seen == [n % 32]
-
-
-def test_kv_tail_falls_back_where_it_cannot_go(monkeypatch):
-    """Where the dQ pass cannot give the tail keys' dK / dV (no tail keys, more tail keys than one tail step, packed
-    sequences, a split head dim, a grouped dQ-pass tail, full blocks of the two passes ending at different keys), the
-    dK/dV pass's own tail programs run: same gradients."""
-    seen = []
-    orig = attn._kv_tail_dq
-    monkeypatch.setattr(attn, "_kv_tail_dq", lambda *a: seen.append(orig(*a)) or seen[-1])
-    kv_tail = attn._cfg(16, 32, 16, 16, 4, 1, split=attn.KV_Q, dq=(32, 32, 16, 16, 4, 1), kv_tail=True)
-    cases = [(64, 64, kv_tail), (50, 64, kv_tail), (45, 88, {**kv_tail, "SPLIT_D": True}),
-             (70, 64, attn._cfg(16, 32, 16, 16, 4, 1, split=attn.KV_Q, dq=(32, 32, 16, 16, 4, 1, False, 2),
-                                kv_tail=True)),
-             (100, 64, attn._cfg(16, 32, 16, 16, 4, 1, split=attn.KV_Q, dq=(32, 64, 16, 16, 4, 1), kv_tail=True))]
-    for n, d, cfg in cases:
-        q, k, v = (torch.randn(2, 2, n, d, requires_grad=True) for _ in range(3))
-        assert_close(*run_both(q, k, v, bwd_config=cfg))
-    cu = torch.tensor([0, 37, 70], dtype=torch.int32)
-    q, k, v = (torch.randn(70, 2, 64, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, cu_seqlens=cu, max_seqlen=37, bwd_config=kv_tail))
-    assert seen == [0] * 6
-
-
 def test_backward_fills_no_zero_lse_gradient():
     """The forward ops return the row LSE beside the output; it takes no gradient, and the backward must not have
     autograd fill a zero [B, H, N] tensor for it (a kernel every layer, every step): dense, packed-qkv and packed
