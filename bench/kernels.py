@@ -324,20 +324,15 @@ def bench_mae(rows, errors, B=256, variants=()):
                                           impl=impl.split(":")[0])
             _mae_row(rows, op, impl, shape, moved, _fwdbwd(fwd, inputs, gfull), fwd)
     if "unmask" in variants:
-        def make(with_mask=True):
+        def make(pe=dpos.detach(), inputs=(vis, mt)):  # fixed pos by default; learnable: pe=dpos, its grad too
             def fwd():
-                return kernels.mae_unmask(vis, ids, mt, dpos.detach(), mask=mask if with_mask else None,
-                                          impl="triton")
-            return _fwdbwd(fwd, (vis, mt), gfull), fwd
+                return kernels.mae_unmask(vis, ids, mt, pe, mask=mask, impl="triton")
+            return _fwdbwd(fwd, inputs, gfull), fwd
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_VARIANTS, make)
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_SPLIT_VARIANTS, make)
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, WALK_PDL_VARIANTS, make)
-
-        def make_learnable():
-            def fwd():
-                return kernels.mae_unmask(vis, ids, mt, dpos, mask=mask, impl="triton")
-            return _fwdbwd(fwd, (vis, mt, dpos), gfull), fwd
-        _variant_rows(rows, "mae_unmask", shape, moved, [NO_PDL] + WALK_PDL_VARIANTS, make_learnable)
+        _variant_rows(rows, "mae_unmask", shape, moved, [NO_PDL] + WALK_PDL_VARIANTS,
+                      lambda: make(dpos, (vis, mt, dpos)))
         # each position's row read from the mask's rank kernel (same noise) instead of compared with ids_keep
         from kernels.masking import mae_rank
 

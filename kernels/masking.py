@@ -667,11 +667,12 @@ def mae_unmask(visible, ids_keep, mask_token, pos_embed, *, mask: Optional[torch
     row in `visible` first. It must be the complement of ids_keep (positions it marks kept but ids_keep does not
     hold are left unwritten). `rank` (Triton path only; int32 [B, N] from `mae_rank` on the same noise, used when
     no mask is given): each position's row taken from it instead of from comparing its index with ids_keep."""
-    if mask is not None and tuple(mask.shape) != (visible.shape[0], _pos2d(pos_embed).shape[0]):
-        raise ValueError(f"mask {tuple(mask.shape)} is not [batch, positions] = "
-                         f"[{visible.shape[0]}, {_pos2d(pos_embed).shape[0]}]")
-    if mask is not None and mask.device != visible.device:
-        raise ValueError(f"mask is on {mask.device}, visible on {visible.device}")
+    if mask is not None:
+        want = (visible.shape[0], _pos2d(pos_embed).shape[0])
+        if tuple(mask.shape) != want:
+            raise ValueError(f"mask {tuple(mask.shape)} is not [batch, positions] = [{want[0]}, {want[1]}]")
+        if mask.device != visible.device:
+            raise ValueError(f"mask is on {mask.device}, visible on {visible.device}")
     if _resolve(impl, visible) == "torch":
         return mae_unmask_reference(visible, ids_keep, mask_token, pos_embed)
     C = visible.shape[-1]

@@ -10,3 +10,13 @@ def interpreted_kernels():
         raise RuntimeError("kernels was imported before TRITON_INTERPRET=1 was set; run these tests "
                            "through pytest, whose tests/conftest.py sets it")
     return importlib.import_module("kernels")
+
+
+def zero_fills(fn):
+    """The aten zero fills that running fn launches (what autograd adds for an output that takes no gradient, unless
+    the op's context sets materialize_grads off)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zero_", "aten::zeros_like")]

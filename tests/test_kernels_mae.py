@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from tests.kernel_helpers import interpreted_kernels
+from tests.kernel_helpers import interpreted_kernels, zero_fills
 
 kernels = interpreted_kernels()
 
@@ -601,15 +601,6 @@ def test_channel_major_loss_reads_the_image_in_vectors():
             assert pqc["st.global.v4.b32"] == cpq["st.global.v4.b32"] == 3
 
 
-def _zero_fills(fn):
-    """aten zero fills that running fn launches (what autograd would add for an output that takes no gradient)."""
-    from torch.profiler import profile
-
-    with profile() as prof:
-        fn()
-    return [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zero_", "aten::zeros_like")]
-
-
 def test_backwards_fill_no_zero_gradient_for_index_outputs():
     """mae_unmask's inverse and mae_loss's sum(mask) are outputs that take no gradient: the backwards must not have
     autograd fill zero tensors for them (a kernel each, every step)."""
@@ -617,7 +608,7 @@ def test_backwards_fill_no_zero_gradient_for_index_outputs():
     ids, mask, _ = masking.mae_rank(torch.rand(2, 8), 2)
     vis, mt = torch.randn(2, 2, 16, requires_grad=True), torch.randn(16, requires_grad=True)
     full = kernels.mae_unmask(vis, ids, mt, torch.randn(8, 16), mask=mask, impl="triton")
-    assert _zero_fills(lambda: torch.autograd.grad(full, (vis, mt), torch.randn_like(full))) == []
+    assert zero_fills(lambda: torch.autograd.grad(full, (vis, mt), torch.randn_like(full))) == []
     imgs, pred = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 48, requires_grad=True)
     loss = kernels.mae_loss(imgs, pred, torch.rand(2, 4) < 0.5, 4, impl="triton")
-    assert _zero_fills(lambda: torch.autograd.grad(loss, pred)) == []
+    assert zero_fills(lambda: torch.autograd.grad(loss, pred)) == []
