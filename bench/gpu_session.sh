@@ -316,6 +316,28 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
+K51)  # where the attention kernels' time goes at N = 261 and 197 (d = 64), ours beside cuDNN's on the same inputs: Nsight
+      # Compute on one warm launch of each kernel (bench/_probe_attn.py): duration, occupancy, registers, SM and memory
+      # throughput, L2 hit rate, tensor-pipe activity, and what the warps wait on
+  STALLS=$(for s in long_scoreboard short_scoreboard barrier mio_throttle math_pipe_throttle wait not_selected \
+    selected dispatch_stall no_instruction lg_throttle branch_resolving membar sleeping drain imc_miss misc; do
+    printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' $s; done)
+  NCU="ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    --metrics ${STALLS}sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active"
+  F=bench/results/kernels-nvidia-h200-$(date +%F)-ncu-attn.txt
+  step 400 sh -c "$NCU python3 -m bench._probe_attn --shapes dinov2-g-n261-d64,vit-l-n197-d64 > $F 2>&1; \
+    grep -E '^  [_a-zA-Z]|Duration|Achieved Occupancy|Registers Per|Theoretical Occ|Compute \(SM\) Thr|Memory Thr|L2 Hit|DRAM Thr|issue_stalled_(long|barrier|short|mio|math|wait|not_sel|selected)|tensor_op|Warp Cycles Per Issued|Issued Ipc|Block Limit|Dynamic Shared|Static Shared' $F | head -400"
+  ;;
+K50)  # the tail programs as 2D block-diagonal tiles (TAIL_BD): the rows past the last full block of G heads stacked in one
+      # [G x R, d] tile (N = 261: 4 heads x 8 rows), every product one 2D tl.dot with the blocks off the diagonal masked
+      # (G times the tail's MMA work, which is latency-bound), in place of TAIL_G's 3D tiles, which raised the whole
+      # kernel's registers (128 caps, spills in the tail); and on the dQ pass, where 3D groups lost. Offline (sm_90,
+      # pointer loads): G = 2 keeps the kernels near their registers without groups (fwd 116 vs 110, dQ 128 vs 106,
+      # dK/dV 156 vs 159); G = 4 takes 162 / 162 / 210
+  step 560 python3 -m bench kernels --only attention --tune-tail-bd \
+    --shapes dinov2-g-n261-d64,vit-l-n197-d64 --tag tune-tailbd
+  ;;
 K49)  # (KV_TAIL_DQ removed again after K49, commit c0f7abd has it; .notes/regs2.py was an ad hoc script outside the repo:
       # it printed the compiled passes' registers, kernels/README quotes them)
       # KV_TAIL_DQ again (restored from commit 1d4fcf6): K44 lost 0.04 ms at N = 261, i.e. its dQ pass ran ~0.08 ms
