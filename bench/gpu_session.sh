@@ -329,7 +329,8 @@ K51)  # where the attention kernels' time goes at N = 261 and 197 (d = 64), ours
   step 400 sh -c "$NCU python3 -m bench._probe_attn --shapes dinov2-g-n261-d64,vit-l-n197-d64 > $F 2>&1; \
     grep -E '^  [_a-zA-Z]|Duration|Achieved Occupancy|Registers Per|Theoretical Occ|Compute \(SM\) Thr|Memory Thr|L2 Hit|DRAM Thr|issue_stalled_(long|barrier|short|mio|math|wait|not_sel|selected)|tensor_op|Warp Cycles Per Issued|Issued Ipc|Block Limit|Dynamic Shared|Static Shared' $F | head -400"
   ;;
-K50)  # the tail programs as 2D block-diagonal tiles (TAIL_BD): the rows past the last full block of G heads stacked in one
+K50)  # (--tune-tail-bd and TAIL_BD were removed after K50, slower on every pass; commit 2f6a1dc has them)
+      # the tail programs as 2D block-diagonal tiles (TAIL_BD): the rows past the last full block of G heads stacked in one
       # [G x R, d] tile (N = 261: 4 heads x 8 rows), every product one 2D tl.dot with the blocks off the diagonal masked
       # (G times the tail's MMA work, which is latency-bound), in place of TAIL_G's 3D tiles, which raised the whole
       # kernel's registers (128 caps, spills in the tail); and on the dQ pass, where 3D groups lost. Offline (sm_90,

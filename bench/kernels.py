@@ -14,8 +14,8 @@ MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms)
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
---tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-tail-bd: the current configs under register caps,
-warp specialization, a split head dim, TMA loads, tail groups, block-diagonal tail groups),
+--tune-ws, --tune-split, --tune-tma, --tune-tail-groups: the current configs under register caps, warp
+specialization, a split head dim, TMA loads, tail groups),
 --shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -448,8 +448,9 @@ def _compile_worker(job):
 
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
-    configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-tail-bd: the
-    variants of the current configs) or just the ones each shape will use."""
+    configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups: the variants of the
+    current configs) or just the ones
+    each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
@@ -577,27 +578,6 @@ def tail_group_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return _unique(fwds), _unique([kv | {"DQ": d} for kv in kvs for d in dqs])
 
 
-def tail_bd_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
-    """The shape's current configs, then their tail programs as 2D block-diagonal tiles (TAIL_BD: the tail rows of G
-    heads stacked in one 2D tile, the products' blocks off the diagonal masked) for G = 2 and 4, each without and
-    under a register cap, on the forward and on each pass of the two-pass backward (crossed), and G = 4 walking
-    twice the rows per head a step (TAIL_GW). The 3D tail groups' caps are dropped where the variant has none."""
-    from kernels import attn
-
-    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
-    base = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW", "TAIL_BD", "maxnreg")}
-    bd = lambda c, g, cap=None, gw=None: (base(c) | {"TAIL_G": g, "TAIL_BD": True} | ({"maxnreg": cap} if cap else {})
-                                          | ({"TAIL_GW": gw} if gw else {}))
-    fwds = [fwd, bd(fwd, 2), bd(fwd, 2, 128), bd(fwd, 4), bd(fwd, 4, 128), bd(fwd, 4, 128, 32)]
-    if bwd.get("SPLIT") != attn.KV_Q:  # the one-pass kernels have no tail groups
-        return _unique(fwds), [bwd]
-    dq = attn._kv_q_dq_config(bwd)
-    top = {k: v for k, v in bwd.items() if k != "DQ"}
-    kvs = [top, bd(top, 2), bd(top, 4, 128), bd(top, 4), bd(top, 4, 128, 16)]
-    dqs = [dq, bd(dq, 2), bd(dq, 2, 112), bd(dq, 4), bd(dq, 4, 128), bd(dq, 4, 128, 16)]
-    return _unique(fwds), _unique([kv | {"DQ": d} for kv in kvs for d in dqs])
-
-
 def _unique(cfgs: list[dict]) -> list[dict]:
     """The configs in order, each once (a variant can equal another where the current config already has a cap)."""
     out = []
@@ -608,14 +588,13 @@ def _unique(cfgs: list[dict]) -> list[dict]:
 
 
 VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
-                  "tailg": tail_group_variants, "tailbd": tail_bd_variants}
+                  "tailg": tail_group_variants}
 
 
 def tune_attention(names, variants=None):
     """Time every block config of the forward and both backward layouts (or, with `variants` a key of
-    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "tailbd", the current configs under register caps /
-    with warp specialization / with the head dim split / with TMA loads / with tail groups / with block-diagonal tail
-    groups); print the best per shape."""
+    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg", the current configs under register caps / with warp
+    specialization / with the head dim split / with TMA loads / with tail groups); print the best per shape."""
     from kernels import attn
 
     out = {}
@@ -701,10 +680,6 @@ def main(argv=None) -> int:
                     help="instead of the block sweep, time each shape's current configs without and with tail groups "
                          "(TAIL_G: the rows past the last full block of G heads in one program) on the forward and "
                          "on each pass of the two-pass backward")
-    ap.add_argument("--tune-tail-bd", action="store_true",
-                    help="instead of the block sweep, time each shape's current configs and their tail programs as "
-                         "2D block-diagonal tiles of 2 or 4 heads (TAIL_BD), with and without register caps, on the "
-                         "forward and on each pass of the two-pass backward")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
@@ -729,8 +704,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     payload = {"card": card_name()}
     variants = ("regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split
-                else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups
-                else "tailbd" if args.tune_tail_bd else None)
+                else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups else None)
     if (args.tune or variants) and run_attn:
         import time
 

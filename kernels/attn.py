@@ -469,170 +469,6 @@ def _bwd_dkdv_tail_group(Q, K, V, DO, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, sq_
                  mask_d, not EVEN_D)
 
 
-# ----------------------------------------------------------------------------- block-diagonal tail groups (TAIL_BD)
-#
-# The grouped tail again, as 2D tiles: with TAIL_BD = R, row r of a [G * R, d] tile is row r % R of head r // R, and
-# row c of a walked [G * W, d] tile is row c % W of head c // W (W = TAIL_GW). Every product is one 2D tl.dot whose
-# blocks off the diagonal (one head's rows against another head's keys) are masked out: G times the tail's MMA work,
-# which is small beside its memory latency, in tiles of the full blocks' shapes (4 heads x 8 rows = 32 rows), where
-# the 3D tiles of TAIL_G alone raised the whole kernel's registers (see _tail_group's caps).
-
-
-@triton.jit
-def _bd_heads(bh0, H, s_b, s_h, R: tl.constexpr, G: tl.constexpr):
-    """int64 offsets of the head of each row of a [G * R] block-diagonal tile over the heads bh0 .. bh0 + G - 1."""
-    return _group_offs(bh0 + tl.arange(0, G * R) // R, H, s_b, s_h)
-
-
-@triton.jit
-def _bd_same(R: tl.constexpr, W: tl.constexpr, G: tl.constexpr):
-    """[G * R, G * W] mask of the diagonal blocks: row and column of the same head."""
-    return (tl.arange(0, G * R) // R)[:, None] == (tl.arange(0, G * W) // W)[None, :]
-
-
-@triton.jit
-def _bd_pair(A, B, ao, bo, sa_n, sb_n, tok, seqlen, offs_d, mask_d, MASK: tl.constexpr, EVEN_D: tl.constexpr):
-    """Rows `tok` (one per tile row, its head's offset in ao / bo) of two tensors a loop walks together."""
-    ok = tok < seqlen
-    a = _load_tile(A + ao[:, None] + tok[:, None] * sa_n + offs_d[None, :], ok, mask_d, MASK, not EVEN_D)
-    b = _load_tile(B + bo[:, None] + tok[:, None] * sb_n + offs_d[None, :], ok, mask_d, MASK, not EVEN_D)
-    return a, b
-
-
-@triton.jit
-def _fwd_kv_step_bd(q, m_i, l_i, acc, K, V, ko, vo, tok, same, seqlen, sk_n, sv_n, qk_scale, offs_d, mask_d,
-                    MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
-    k, v = _bd_pair(K, V, ko, vo, sk_n, sv_n, tok, seqlen, offs_d, mask_d, MASK_N, EVEN_D)
-    keep = same & (tok < seqlen)[None, :] if MASK_N else same
-    s = tl.where(keep, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))  # log2 units
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _fwd_tail_bd(Q, K, V, O, LSE, bh0, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-                 sl_b, sl_h, row0, seqlen, qk_scale, offs_d, mask_d, G: tl.constexpr, R: tl.constexpr,
-                 W: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """Output rows [row0, row0 + R) of the heads bh0 .. bh0 + G - 1 (dense inputs: one length)."""
-    rows = row0 + tl.arange(0, G * R) % R
-    rows_ok = rows < seqlen
-    q = _load_tile(Q + _bd_heads(bh0, H, sq_b, sq_h, R, G)[:, None] + rows[:, None] * sq_n + offs_d[None, :],
-                   rows_ok, mask_d, True, not EVEN_D)
-    ko = _bd_heads(bh0, H, sk_b, sk_h, W, G)
-    vo = _bd_heads(bh0, H, sv_b, sv_h, W, G)
-    cols = tl.arange(0, G * W) % W
-    same = _bd_same(R, W, G)
-    m_i = tl.full([G * R], float("-inf"), tl.float32)
-    l_i = tl.zeros([G * R], tl.float32)
-    acc = tl.zeros([G * R, BLOCK_D], tl.float32)
-    n_full = (seqlen // W) * W
-    for start_n in range(0, n_full, W):
-        m_i, l_i, acc = _fwd_kv_step_bd(q, m_i, l_i, acc, K, V, ko, vo, start_n + cols, same, seqlen, sk_n, sv_n,
-                                        qk_scale, offs_d, mask_d, False, EVEN_D)
-    if n_full < seqlen:
-        m_i, l_i, acc = _fwd_kv_step_bd(q, m_i, l_i, acc, K, V, ko, vo, n_full + cols, same, seqlen, sk_n, sv_n,
-                                        qk_scale, offs_d, mask_d, True, EVEN_D)
-    acc = acc / l_i[:, None]
-    _store_tile(O + _bd_heads(bh0, H, so_b, so_h, R, G)[:, None] + rows[:, None] * so_n + offs_d[None, :],
-                acc.to(O.dtype.element_ty), rows_ok, mask_d, True, not EVEN_D)
-    tl.store(LSE + _bd_heads(bh0, H, sl_b, sl_h, R, G) + rows, m_i + tl.math.log2(l_i), mask=rows_ok)
-
-
-@triton.jit
-def _bwd_dq_step_bd(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, tok, same, seqlen, qk_scale, offs_d, mask_d,
-                    MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
-    k, v = _bd_pair(K, V, ko, vo, sk_n, sv_n, tok, seqlen, offs_d, mask_d, MASK_N, EVEN_D)
-    keep = same & (tok < seqlen)[None, :] if MASK_N else same
-    p = tl.where(keep, tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
-    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k)
-
-
-@triton.jit
-def _bwd_dq_tail_bd(Q, K, V, O, DO, DQ, LSE, DELTA, bh0, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                    so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, sl_b, sl_h, row0, seqlen,
-                    qk_scale, sm_scale, offs_d, mask_d, G: tl.constexpr, R: tl.constexpr, W: tl.constexpr,
-                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """dQ rows [row0, row0 + R) of the heads bh0 .. bh0 + G - 1, and their delta = rowsum(dO * O)."""
-    rows = row0 + tl.arange(0, G * R) % R
-    rows_ok = rows < seqlen
-    q, do = _bd_pair(Q, DO, _bd_heads(bh0, H, sq_b, sq_h, R, G), _bd_heads(bh0, H, sdo_b, sdo_h, R, G), sq_n, sdo_n,
-                     rows, seqlen, offs_d, mask_d, True, EVEN_D)
-    o = _load_tile(O + _bd_heads(bh0, H, so_b, so_h, R, G)[:, None] + rows[:, None] * so_n + offs_d[None, :],
-                   rows_ok, mask_d, True, not EVEN_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    lp = _bd_heads(bh0, H, sl_b, sl_h, R, G) + rows
-    lse = tl.load(LSE + lp, mask=rows_ok, other=float("inf"))
-    tl.store(DELTA + lp, delta, mask=rows_ok)
-    ko = _bd_heads(bh0, H, sk_b, sk_h, W, G)
-    vo = _bd_heads(bh0, H, sv_b, sv_h, W, G)
-    cols = tl.arange(0, G * W) % W
-    same = _bd_same(R, W, G)
-    dq = tl.zeros([G * R, BLOCK_D], tl.float32)
-    n_full = (seqlen // W) * W
-    for start_n in range(0, n_full, W):
-        dq = _bwd_dq_step_bd(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n + cols, same, seqlen, qk_scale,
-                             offs_d, mask_d, False, EVEN_D)
-    if n_full < seqlen:
-        dq = _bwd_dq_step_bd(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, n_full + cols, same, seqlen, qk_scale,
-                             offs_d, mask_d, True, EVEN_D)
-    _store_tile(DQ + _bd_heads(bh0, H, sdq_b, sdq_h, R, G)[:, None] + rows[:, None] * sdq_n + offs_d[None, :],
-                (dq * sm_scale).to(DQ.dtype.element_ty), rows_ok, mask_d, True, not EVEN_D)
-
-
-@triton.jit
-def _bwd_dkdv_step_bd(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, tok, same, seqlen, qk_scale, offs_d,
-                      mask_d, MASK_M: tl.constexpr, EVEN_D: tl.constexpr):
-    # key-major products; padded queries get p = 0 through lse = inf, padded keys' rows are never stored
-    q, do = _bd_pair(Q, DO, qo, doo, sq_n, sdo_n, tok, seqlen, offs_d, mask_d, MASK_M, EVEN_D)
-    if MASK_M:
-        ok = tok < seqlen
-        lse = tl.load(LSE + lo + tok, mask=ok, other=float("inf"))
-        delta = tl.load(DELTA + lo + tok, mask=ok, other=0.0)
-    else:
-        lse = tl.load(LSE + lo + tok)
-        delta = tl.load(DELTA + lo + tok)
-    pt = tl.where(same, tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
-    dv += tl.dot(pt.to(do.dtype), do)
-    dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
-    dk += tl.dot(dst.to(q.dtype), q)
-    return dk, dv
-
-
-@triton.jit
-def _bwd_dkdv_tail_bd(Q, K, V, DO, DK, DV, LSE, DELTA, bh0, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                      sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h, start_n, seqlen,
-                      qk_scale, sm_scale, offs_d, mask_d, G: tl.constexpr, R: tl.constexpr, W: tl.constexpr,
-                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """dK, dV of key rows [start_n, start_n + R) of the heads bh0 .. bh0 + G - 1; every query tile streams past."""
-    keys = start_n + tl.arange(0, G * R) % R
-    keys_ok = keys < seqlen
-    k, v = _bd_pair(K, V, _bd_heads(bh0, H, sk_b, sk_h, R, G), _bd_heads(bh0, H, sv_b, sv_h, R, G), sk_n, sv_n,
-                    keys, seqlen, offs_d, mask_d, True, EVEN_D)
-    qo = _bd_heads(bh0, H, sq_b, sq_h, W, G)
-    doo = _bd_heads(bh0, H, sdo_b, sdo_h, W, G)
-    lo = _bd_heads(bh0, H, sl_b, sl_h, W, G)
-    rows = tl.arange(0, G * W) % W
-    same = _bd_same(R, W, G)
-    dk = tl.zeros([G * R, BLOCK_D], tl.float32)
-    dv = tl.zeros([G * R, BLOCK_D], tl.float32)
-    m_full = (seqlen // W) * W
-    for start_m in range(0, m_full, W):
-        dk, dv = _bwd_dkdv_step_bd(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m + rows, same,
-                                   seqlen, qk_scale, offs_d, mask_d, False, EVEN_D)
-    if m_full < seqlen:
-        dk, dv = _bwd_dkdv_step_bd(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, m_full + rows, same,
-                                   seqlen, qk_scale, offs_d, mask_d, True, EVEN_D)
-    _store_tile(DK + _bd_heads(bh0, H, sdk_b, sdk_h, R, G)[:, None] + keys[:, None] * sdk_n + offs_d[None, :],
-                (dk * sm_scale).to(DK.dtype.element_ty), keys_ok, mask_d, True, not EVEN_D)
-    _store_tile(DV + _bd_heads(bh0, H, sdv_b, sdv_h, R, G)[:, None] + keys[:, None] * sdv_n + offs_d[None, :],
-                dv.to(DV.dtype.element_ty), keys_ok, mask_d, True, not EVEN_D)
-
-
 @triton.jit
 def _grouped_pids(H, N, BLOCK: tl.constexpr, TAIL_G: tl.constexpr):
     """(tile, b * h, grouped tail?) of this program in the grid of TAIL_G > 1: (full blocks x TAIL_G + tail tiles,
@@ -656,15 +492,13 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False, D2: tl.constexpr = 0,
     TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16, TAIL_GD: tl.constexpr = 16,
-    TAIL_BD: tl.constexpr = 0,
 ):
     # TMA: the full key tiles are loaded through the tensor descriptors KD / VD (dense inputs; block
     # [1, 1, BLOCK_N, BLOCK_D]); otherwise KD / VD are unused.
     # WS: Triton's warp specialization of the full-tile loop (tl.range(warp_specialize=...)), a tuning knob.
     # D2 > 0 (SPLIT_D): the head dim in two pieces, BLOCK_D columns then D2 (d = 88: 64 + 32 instead of 128)
     # TAIL_G > 1: the tail rows of TAIL_G heads in one program (dense inputs), walking TAIL_GW keys a step, the head dim
-    # whole, padded to TAIL_GD columns (also where the full blocks split it: D2 > 0); TAIL_BD = R > 0: as 2D
-    # block-diagonal tiles of R rows per head (see _fwd_tail_bd), TAIL_GW keys per head a step
+    # whole, padded to TAIL_GD columns (also where the full blocks split it: D2 > 0)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     is_g = pid_m < 0  # read only where TAIL_G > 1 (`TAIL_G > 1 and is_g` is decided at compile time)
@@ -693,17 +527,11 @@ def _attn_fwd(
     mask_d2 = offs_d2 < HEAD_DIM
     m_full = seqlen // BLOCK_M
     if TAIL_G > 1 and is_g:
-        if TAIL_BD > 0:  # constexpr: one of the two tail layouts is compiled
-            _fwd_tail_bd(Q, K, V, O, LSE, tl.program_id(1) * TAIL_G, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
-                         sv_b, sv_h, sv_n, so_b, so_h, so_n, sl_b, sl_h, m_full * BLOCK_M + (pid_m - m_full) * TAIL_M,
-                         seqlen, qk_scale, tl.arange(0, TAIL_GD), tl.arange(0, TAIL_GD) < HEAD_DIM, TAIL_G, TAIL_BD,
-                         TAIL_GW, TAIL_GD, TAIL_GD == HEAD_DIM)
-        else:
-            _fwd_tail_group(Q, K, V, O, LSE, tl.program_id(1) * TAIL_G + tl.arange(0, TAIL_G), H, sq_b, sq_h, sq_n,
-                            sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sl_b, sl_h,
-                            m_full * BLOCK_M + (pid_m - m_full) * TAIL_M, seqlen, qk_scale, tl.arange(0, TAIL_GD),
-                            tl.arange(0, TAIL_GD) < HEAD_DIM, TAIL_G, TAIL_M, TAIL_GW, TAIL_N, TAIL_GD,
-                            TAIL_GD == HEAD_DIM)
+        _fwd_tail_group(Q, K, V, O, LSE, tl.program_id(1) * TAIL_G + tl.arange(0, TAIL_G), H, sq_b, sq_h, sq_n,
+                        sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sl_b, sl_h,
+                        m_full * BLOCK_M + (pid_m - m_full) * TAIL_M, seqlen, qk_scale, tl.arange(0, TAIL_GD),
+                        tl.arange(0, TAIL_GD) < HEAD_DIM, TAIL_G, TAIL_M, TAIL_GW, TAIL_N, TAIL_GD,
+                        TAIL_GD == HEAD_DIM)
     elif pid_m < m_full:
         if D2 > 0:
             _fwd_q_block2(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n,
@@ -1140,25 +968,12 @@ def _bwd_tail_group(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, s
                     sdv_n, sl_b, sl_h, pid, seqlen, qk_scale, sm_scale, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, G: tl.constexpr,
-                    WALK: tl.constexpr, BD: tl.constexpr):
+                    WALK: tl.constexpr):
     """A grouped tail program of _attn_bwd_kv_q (strides already multiplied by ALIGN); pid: its tile index, counted
-    on from the full blocks'; bh: the G heads' b * h (3D groups) or, with BD (rows per head of the 2D block-diagonal
-    tail), the first one."""
+    on from the full blocks'."""
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    if DQ_PASS and BD > 0:
-        m_full = seqlen // BLOCK_M
-        _bwd_dq_tail_bd(Q, K, V, O, DO, DQ, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                        so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, sl_b, sl_h,
-                        m_full * BLOCK_M + (pid - m_full) * TAIL_M, seqlen, qk_scale, sm_scale, offs_d, mask_d, G, BD,
-                        WALK, BLOCK_D, EVEN_D)
-    elif BD > 0:
-        n_full = seqlen // BLOCK_N
-        _bwd_dkdv_tail_bd(Q, K, V, DO, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                          sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h,
-                          n_full * BLOCK_N + (pid - n_full) * TAIL_N, seqlen, qk_scale, sm_scale, offs_d, mask_d, G, BD,
-                          WALK, BLOCK_D, EVEN_D)
-    elif DQ_PASS:
+    if DQ_PASS:
         m_full = seqlen // BLOCK_M
         _bwd_dq_tail_group(Q, K, V, O, DO, DQ, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                            so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, sl_b, sl_h,
@@ -1182,11 +997,10 @@ def _attn_bwd_kv_q(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
     D2: tl.constexpr = 0, TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
-    TAIL_GD: tl.constexpr = 16, TAIL_BD: tl.constexpr = 0,
+    TAIL_GD: tl.constexpr = 16,
 ):
     # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense inputs), walking
-    # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids); TAIL_BD = R > 0: as 2D
-    # block-diagonal tiles of R rows (dQ pass) or keys (dK/dV pass) per head, TAIL_GW rows per head a step
+    # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids)
     # TMA: the full tiles each pass walks (K / V in the dQ pass, Q / dO in the dK/dV pass) come through the
     # tensor descriptors KD / VD / QD / DOD (dense inputs; block [1, 1, sub-tile, BLOCK_D]; with D2 > 0 the second
     # piece through QD2 ... DOD2, block [1, 1, sub-tile, D2])
@@ -1205,14 +1019,13 @@ def _attn_bwd_kv_q(
     h64 = h.to(tl.int64)
     tok = start.to(tl.int64)
     if TAIL_G > 1 and is_g:
-        _bwd_tail_group(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA,
-                        tl.program_id(1) * TAIL_G + (0 if TAIL_BD > 0 else tl.arange(0, TAIL_G)), H,
+        _bwd_tail_group(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, tl.program_id(1) * TAIL_G + tl.arange(0, TAIL_G), H,
                         sq_b * ALIGN, sq_h * ALIGN, sq_n * ALIGN, sk_b * ALIGN, sk_h * ALIGN, sk_n * ALIGN,
                         sv_b * ALIGN, sv_h * ALIGN, sv_n * ALIGN, so_b * ALIGN, so_h * ALIGN, so_n * ALIGN,
                         sdo_b * ALIGN, sdo_h * ALIGN, sdo_n * ALIGN, sdq_b * ALIGN, sdq_h * ALIGN, sdq_n * ALIGN,
                         sdk_b * ALIGN, sdk_h * ALIGN, sdk_n * ALIGN, sdv_b * ALIGN, sdv_h * ALIGN, sdv_n * ALIGN,
                         sl_b, sl_h, pid, seqlen, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N,
-                        TAIL_GD, TAIL_GD == HEAD_DIM, DQ_PASS, TAIL_G, TAIL_GW, TAIL_BD)
+                        TAIL_GD, TAIL_GD == HEAD_DIM, DQ_PASS, TAIL_G, TAIL_GW)
     else:
         qo, sq_n = _row_base(b64, h64, tok, sq_b, sq_h, sq_n, ALIGN)
         ko, sk_n = _row_base(b64, h64, tok, sk_b, sk_h, sk_n, ALIGN)
@@ -1455,29 +1268,20 @@ def _n_tiles(n: int, block: int, tail: int, packed: bool) -> int:
     return n // block + triton.cdiv(n % block, tail)
 
 
-def _tail_group(cfg: dict, n: int, block: int, walk: int, bh: int, packed: bool, d: int, tail: int) -> dict:
-    """The TAIL_G / TAIL_GW / TAIL_GD / TAIL_BD launch keywords a config's TAIL_G (and TAIL_GW, TAIL_BD, popped from
-    `cfg`) come to for n rows in blocks of `block` walking tiles of `walk`, tail tiles of `tail` rows, head dim d:
-    G = the largest power of two <= TAIL_G dividing B * H; nothing (one tail program per head) when that is 1, the
-    inputs are packed (lengths differ) or n has no tail rows. TAIL_GW, the grouped tail's walk step, defaults to
-    walk / G rows (at least 16): the same bytes per tile as the full blocks' walk, so the grouped tail asks for no
-    more shared memory than they do. TAIL_GD: the grouped tail's head dim, padded to a power of two (where the full
-    blocks split it, SPLIT_D, the tail still pads). With TAIL_BD (the 2D block-diagonal tail) TAIL_BD becomes R, the
-    rows per head: the tail rows rounded up to a power of two (N = 261: 5 -> 8), at most `tail`, and TAIL_GW the
-    walked rows per head (default walk / G); both at least 16 / G (tl.dot's smallest tile side)."""
-    g, gw, bd = cfg.pop("TAIL_G", 0), cfg.pop("TAIL_GW", None), cfg.pop("TAIL_BD", False)
+def _tail_group(cfg: dict, n: int, block: int, walk: int, bh: int, packed: bool, d: int) -> dict:
+    """The TAIL_G / TAIL_GW / TAIL_GD launch keywords a config's TAIL_G (and TAIL_GW, popped from `cfg`) come to for n
+    rows in blocks of `block` walking tiles of `walk`, head dim d: G = the largest power of two <= TAIL_G dividing
+    B * H; nothing (one tail program per head) when that is 1, the inputs are packed (lengths differ) or n has no
+    tail rows. TAIL_GW, the grouped tail's walk step, defaults to walk / G rows (at least 16): the same bytes per tile
+    as the full blocks' walk, so the grouped tail asks for no more shared memory than they do. TAIL_GD: the grouped
+    tail's head dim, padded to a power of two (where the full blocks split it, SPLIT_D, the tail still pads)."""
+    g, gw = cfg.pop("TAIL_G", 0), cfg.pop("TAIL_GW", None)
     if g < 2 or packed or n % block == 0:
         return {}
     g = 1 << (g.bit_length() - 1)
     while g > 1 and bh % g:
         g //= 2
-    if g < 2:
-        return {}
-    if bd:
-        least = triton.cdiv(16, g)
-        r = max(least, min(tail, triton.next_power_of_2(n % block)))
-        return dict(TAIL_G=g, TAIL_GW=max(least, gw or walk // g), TAIL_GD=_pow2(d), TAIL_BD=r)
-    return dict(TAIL_G=g, TAIL_GW=gw or max(16, walk // g), TAIL_GD=_pow2(d))
+    return dict(TAIL_G=g, TAIL_GW=gw or max(16, walk // g), TAIL_GD=_pow2(d)) if g > 1 else {}
 
 
 def _grid(n: int, block: int, tail: int, packed: bool, bh: int, group: dict) -> tuple:
@@ -1559,7 +1363,7 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None)
     cfg = dict(config or _fwd_config(maxn, D))
     dims = _head_dim_meta(D, cfg.pop("SPLIT_D", False))
     tma = cfg.pop("TMA", False) and not packed and dims["D2"] == 0
-    group = _tail_group(cfg, maxn, cfg["BLOCK_M"], cfg["BLOCK_N"], B * H, packed, D, cfg["TAIL_M"])
+    group = _tail_group(cfg, maxn, cfg["BLOCK_M"], cfg["BLOCK_N"], B * H, packed, D)
     cu = cu_seqlens.to(torch.int32) if packed else q  # dummy pointer when dense
     if B * H > 0 and maxn > 0:
         grid = _grid(maxn, cfg["BLOCK_M"], cfg["TAIL_M"], packed, B * H, group)
@@ -1608,13 +1412,13 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, **dims)
         descs, tma_q = _descs(tma_dq and not packed, (k, v), dq_cfg["BLOCK_N"], dims["BLOCK_D"], dims["D2"])
         kd, vd, kd2, vd2 = descs + [None] * (4 - len(descs))
-        group = _tail_group(dq_cfg, maxn, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], B * H, packed, D, dq_cfg["TAIL_M"])
+        group = _tail_group(dq_cfg, maxn, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], B * H, packed, D)
         _attn_bwd_kv_q[_grid(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed, B * H, group)](
             *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **group,
             **dq_cfg)
         descs, tma_kv = _descs(tma and not packed, (q, do), cfg["BLOCK_M"], dims["BLOCK_D"], dims["D2"])
         qd, dod, qd2, dod2 = descs + [None] * (4 - len(descs))
-        group = _tail_group(cfg, maxn, cfg["BLOCK_N"], cfg["BLOCK_M"], B * H, packed, D, cfg["TAIL_N"])
+        group = _tail_group(cfg, maxn, cfg["BLOCK_N"], cfg["BLOCK_M"], B * H, packed, D)
         _attn_bwd_kv_q[_grid(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed, B * H, group)](
             *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **group,
             **cfg)

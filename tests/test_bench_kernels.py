@@ -1,5 +1,5 @@
-"""bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma, --tune-tail-groups,
---tune-tail-bd): the variants it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
+"""bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma, --tune-tail-groups): the variants
+it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
 and restore their settings."""
 import itertools
 
@@ -131,26 +131,3 @@ def test_tail_group_variants():
     fwds, bwds = tail_group_variants(261, 64)
     assert all(a != b for i, a in enumerate(bwds) for b in bwds[i + 1:])
     assert tail_group_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
-
-
-def test_tail_bd_variants():
-    """--tune-tail-bd: the current configs first; then block-diagonal tails (TAIL_BD) of 2 and 4 heads, bare and
-    capped, on the forward and crossed over both backward passes, each once; blocks untouched, the 3D groups' cap
-    gone where the variant has none. The one-pass backward (N <= 64) has no tail groups."""
-    from bench.kernels import tail_bd_variants
-
-    def strip(c):
-        return {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW", "TAIL_BD", "maxnreg", "DQ")}
-
-    n, d = 261, 64
-    base_fwd, base_bwd = attn._fwd_config(n, d), attn._bwd_config(n, d)
-    fwds, bwds = tail_bd_variants(n, d)
-    assert fwds[0] == base_fwd and bwds[0] == base_bwd
-    knobs = lambda c: (c.get("TAIL_G"), c.get("maxnreg"), c.get("TAIL_GW"))
-    assert all(f["TAIL_BD"] for f in fwds[1:]) and [knobs(f) for f in fwds[1:]] == [
-        (2, None, None), (2, 128, None), (4, None, None), (4, 128, None), (4, 128, 32)]
-    assert all(strip(f) == strip(base_fwd) for f in fwds)
-    assert all(strip(b) == strip(base_bwd) and strip(b["DQ"]) == strip(attn._kv_q_dq_config(base_bwd)) for b in bwds)
-    assert all(a != b for i, a in enumerate(bwds) for b in bwds[i + 1:]) and len(bwds) == 5 * 6
-    assert sum(1 for b in bwds if b.get("TAIL_BD") and b["DQ"].get("TAIL_BD")) == 4 * 5
-    assert tail_bd_variants(50, 64)[1] == [attn._bwd_config(50, 64)]

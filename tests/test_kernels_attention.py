@@ -211,51 +211,6 @@ def test_tail_groups(monkeypatch, n, d, heads):
     assert len(seen) == 3 and seen[0] > 1
 
 
-
-def _bd_used(monkeypatch):
-    """Record, per pass launched, the block-diagonal tail's (G, R rows per head, W walked rows per head), or None."""
-    seen, real = [], attn._tail_group
-
-    def spy(*a, **kw):
-        group = real(*a, **kw)
-        seen.append((group["TAIL_G"], group["TAIL_BD"], group["TAIL_GW"]) if group.get("TAIL_BD") else None)
-        return group
-    monkeypatch.setattr(attn, "_tail_group", spy)
-    return seen
-
-
-BD = {"TAIL_G": 4, "TAIL_BD": True}
-BD_BWD = KV_Q | BD | {"DQ": KV_Q["DQ"] | BD}
-
-
-@pytest.mark.parametrize("n,d,heads,expect", [
-    (197, 64, 4, [(4, 8, 8), (4, 8, 16), (4, 8, 8)]),  # 5 tail rows -> 8 per head; the dQ pass walks 64 -> 16
-    (37, 32, 6, [(2, 8, 16), (2, 8, 32), (2, 8, 16)]),  # 6 heads: G = 2 (R at least 16 / G)
-    (21, 88, 4, [(4, 16, 8), (4, 16, 16), (4, 16, 8)]),  # shorter than a block: two tail tiles of 16, d padded
-    (65, 32, 4, [(4, 4, 8), (4, 4, 16), (4, 4, 8)]),  # one tail row: R = 16 / G
-    (50, 64, 8, [(4, 16, 8), (4, 16, 16), (4, 16, 8)]),  # 18 tail rows: tiles of 16 and 2
-])
-def test_block_diagonal_tail_groups(monkeypatch, n, d, heads, expect):
-    """TAIL_BD (config key, beside TAIL_G): the grouped tail as 2D block-diagonal tiles (row r of head r // R, walked
-    row c of head c // W, the blocks off the diagonal masked) gives the reference result on the forward and both
-    backward passes: tails of 1 and 5 rows, tails of two tiles, padded head dims, G cut to 2; then a longer walk step
-    (TAIL_GW), timm's packed qkv strides, and a split head dim in the full blocks."""
-    seen = _bd_used(monkeypatch)
-    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | BD, bwd_config=BD_BWD))
-    assert seen == expect  # launch order: forward, dQ pass, dK/dV pass
-    seen.clear()
-    wide = {"TAIL_GW": 32}
-    qkv = torch.randn(1, n, 3, heads, d, requires_grad=True)
-    assert_close(*run_both(*qkv.permute(2, 0, 3, 1, 4).unbind(0), fwd_config=SMALL_FWD | BD | wide,
-                           bwd_config=BD_BWD | wide | {"DQ": BD_BWD["DQ"] | wide}))
-    assert [s[2] for s in seen] == [32] * 3
-    if d == 88:
-        seen.clear()
-        split = {"SPLIT_D": True}
-        assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | BD | split, bwd_config=BD_BWD | split))
-        assert seen == expect
-
 def test_tail_groups_fall_back_where_they_cannot_go(monkeypatch):
     """TAIL_G is asked for but the tails cannot be grouped: packed sequences (their tails differ), a length with no
     tail rows, an odd B x H. One tail program per head runs, with the same result."""
@@ -285,16 +240,16 @@ def test_tail_group_launch_geometry():
     """_tail_group / _grid: G heads' full blocks, then their tail tiles, in one grid column per group; the grouped
     tail's walk step defaults to the full walk's bytes (walk / G rows, at least 16)."""
     cfg = {"TAIL_G": 4}
-    assert attn._tail_group(cfg, 197, 64, 64, 32, False, 64, 16) == {"TAIL_G": 4, "TAIL_GW": 16, "TAIL_GD": 64}
+    assert attn._tail_group(cfg, 197, 64, 64, 32, False, 64) == {"TAIL_G": 4, "TAIL_GW": 16, "TAIL_GD": 64}
     assert "TAIL_G" not in cfg  # popped: the launcher passes the result instead
-    assert attn._tail_group({"TAIL_G": 8, "TAIL_GW": 32}, 197, 64, 64, 24, False, 64, 16) == {
+    assert attn._tail_group({"TAIL_G": 8, "TAIL_GW": 32}, 197, 64, 64, 24, False, 64) == {
         "TAIL_G": 8, "TAIL_GW": 32, "TAIL_GD": 64}
-    assert attn._tail_group({"TAIL_G": 4}, 197, 64, 32, 6, False, 32, 16)["TAIL_G"] == 2
-    assert attn._tail_group({"TAIL_G": 3}, 197, 64, 128, 12, False, 64, 16)["TAIL_GW"] == 64  # G = 2
-    assert attn._tail_group({"TAIL_G": 4}, 257, 128, 64, 16, False, 88, 16)["TAIL_GD"] == 128  # the tail pads d = 88
-    assert attn._tail_group({"TAIL_G": 4}, 256, 64, 64, 32, False, 64, 16) == {}  # no tail rows
-    assert attn._tail_group({"TAIL_G": 4}, 197, 64, 64, 32, True, 64, 16) == {}  # packed
-    assert attn._tail_group({}, 197, 64, 64, 32, False, 64, 16) == {}
+    assert attn._tail_group({"TAIL_G": 4}, 197, 64, 32, 6, False, 32)["TAIL_G"] == 2
+    assert attn._tail_group({"TAIL_G": 3}, 197, 64, 128, 12, False, 64)["TAIL_GW"] == 64  # G = 2
+    assert attn._tail_group({"TAIL_G": 4}, 257, 128, 64, 16, False, 88)["TAIL_GD"] == 128  # the tail pads d = 88
+    assert attn._tail_group({"TAIL_G": 4}, 256, 64, 64, 32, False, 64) == {}  # no tail rows
+    assert attn._tail_group({"TAIL_G": 4}, 197, 64, 64, 32, True, 64) == {}  # packed
+    assert attn._tail_group({}, 197, 64, 64, 32, False, 64) == {}
     # N = 197 in 64-row blocks, 16-row tails, 2048 heads: 3 full blocks per head, then 1 tail tile per group of 4
     assert attn._grid(197, 64, 16, False, 2048, {"TAIL_G": 4}) == (3 * 4 + 1, 512)
     assert attn._grid(197, 64, 16, False, 2048, {}) == (4, 2048)
