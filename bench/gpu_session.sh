@@ -316,6 +316,16 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
+K52)  # K51 (Nsight Compute): our kernels issue ~2.1-2.4 instructions per cycle per SM with the tensor pipe ~30-37 %
+      # active, so instructions count. The forward's loop per 64 x 64 tile (offline PTX, N = 261's config): 336 per
+      # thread, 64 of them multiplies (the scale on every score, the rescale of the output), and its epilogue 32
+      # full-range divisions per thread. LEAN: the row max of the raw scores, the scale folded into exp2's FMA (306
+      # per tile), one reciprocal per row. Every shape's forward, plain vs LEAN, twice
+  for t in 1 2; do
+    step 200 python3 -m bench kernels --only attention --tune-lean --tag tune-lean-$t \
+      --shapes mae-l-enc-n50-d64,vit-l-n197-d64,mae-l-dec-n197-d32,dinov2-g-n261-d64,dinov2-l-n257-d64,vit-g-n257-d88,vit-h-n257-d80,mae-g-enc-n65-d88,dinov2-g518-n1374-d64
+  done
+  ;;
 K51)  # where the attention kernels' time goes at N = 261 and 197 (d = 64), ours beside cuDNN's on the same inputs: Nsight
       # Compute on one warm launch of each kernel (bench/_probe_attn.py): duration, occupancy, registers, SM and memory
       # throughput, L2 hit rate, tensor-pipe activity, and what the warps wait on

@@ -14,8 +14,8 @@ MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms)
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
---tune-ws, --tune-split, --tune-tma, --tune-tail-groups: the current configs under register caps, warp
-specialization, a split head dim, TMA loads, tail groups),
+--tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean: the current configs under register caps, warp
+specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax),
 --shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -448,9 +448,8 @@ def _compile_worker(job):
 
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
-    configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups: the variants of the
-    current configs) or just the ones
-    each shape will use."""
+    configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-lean: the
+    variants of the current configs) or just the ones each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
@@ -578,6 +577,16 @@ def tail_group_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return _unique(fwds), _unique([kv | {"DQ": d} for kv in kvs for d in dqs])
 
 
+def lean_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
+    """The shape's current forward config with the plain softmax and with LEAN (the row max of the raw scores, the
+    scale folded into exp2's argument, a reciprocal per row for the output; kernels.attn._attn_fwd); the backward
+    as it is (timed once, for the JSON's completeness)."""
+    from kernels import attn
+
+    fwd = attn._fwd_config(N, D)
+    return [fwd | {"LEAN": False}, fwd | {"LEAN": True}], [attn._bwd_config(N, D)]
+
+
 def _unique(cfgs: list[dict]) -> list[dict]:
     """The configs in order, each once (a variant can equal another where the current config already has a cap)."""
     out = []
@@ -588,13 +597,14 @@ def _unique(cfgs: list[dict]) -> list[dict]:
 
 
 VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
-                  "tailg": tail_group_variants}
+                  "tailg": tail_group_variants, "lean": lean_variants}
 
 
 def tune_attention(names, variants=None):
     """Time every block config of the forward and both backward layouts (or, with `variants` a key of
-    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg", the current configs under register caps / with warp
-    specialization / with the head dim split / with TMA loads / with tail groups); print the best per shape."""
+    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "lean", the current configs under register caps /
+    with warp specialization / with the head dim split / with TMA loads / with tail groups / with the lean softmax);
+    print the best per shape."""
     from kernels import attn
 
     out = {}
@@ -680,6 +690,9 @@ def main(argv=None) -> int:
                     help="instead of the block sweep, time each shape's current configs without and with tail groups "
                          "(TAIL_G: the rows past the last full block of G heads in one program) on the forward and "
                          "on each pass of the two-pass backward")
+    ap.add_argument("--tune-lean", action="store_true",
+                    help="instead of the block sweep, time each shape's current forward config with the plain "
+                         "softmax and with LEAN (the scale folded into exp2's argument, a reciprocal per row)")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
@@ -704,7 +717,8 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     payload = {"card": card_name()}
     variants = ("regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split
-                else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups else None)
+                else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups else "lean" if args.tune_lean
+                else None)
     if (args.tune or variants) and run_attn:
         import time
 

@@ -1,5 +1,5 @@
-"""bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma, --tune-tail-groups): the variants
-it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
+"""bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma, --tune-tail-groups,
+--tune-lean): the variants it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
 and restore their settings."""
 import itertools
 
@@ -131,3 +131,16 @@ def test_tail_group_variants():
     fwds, bwds = tail_group_variants(261, 64)
     assert all(a != b for i, a in enumerate(bwds) for b in bwds[i + 1:])
     assert tail_group_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
+
+
+def test_lean_variants():
+    """--tune-lean: the current forward config with the plain softmax, then with LEAN, blocks untouched; the backward
+    as it is."""
+    from bench.kernels import lean_variants
+
+    for n, d in ((261, 64), (257, 88), (50, 64)):
+        fwds, bwds = lean_variants(n, d)
+        base = attn._fwd_config(n, d)
+        assert [f["LEAN"] for f in fwds] == [False, True]
+        assert all({k: v for k, v in f.items() if k != "LEAN"} == base for f in fwds)
+        assert bwds == [attn._bwd_config(n, d)]

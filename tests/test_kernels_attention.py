@@ -174,6 +174,43 @@ def test_tma_falls_back_where_descriptors_cannot_go(monkeypatch):
     assert not any(seen)
 
 
+
+def _lean_used(monkeypatch):
+    """Record the LEAN constexpr of every forward launch."""
+    seen, real = [], attn._attn_fwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                seen.append(kw["LEAN"])
+                return real[grid](*a, **kw)
+            return launch
+    monkeypatch.setattr(attn, "_attn_fwd", Spy())
+    return seen
+
+
+@pytest.mark.parametrize("n,d,extra", [(197, 64, {}), (50, 32, {}), (70, 88, {"SPLIT_D": True}),
+                                       (197, 64, {"TAIL_G": 4}), (1, 64, {})])
+def test_lean_forward(monkeypatch, n, d, extra):
+    """LEAN (config key; FWD_LEAN the default): the row max of the raw scores, the scale folded into exp2's argument,
+    the output normalised by a reciprocal. The reference result with full blocks and a 5-row tail, a sequence shorter
+    than a block, a split head dim, tail groups, one token, packed sequences; a negative scale (the max of the raw
+    scores is then the min of the scaled ones) runs the plain softmax instead."""
+    seen = _lean_used(monkeypatch)
+    q, k, v = (torch.randn(1, 4, n, d, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | extra | {"LEAN": True}, bwd_config=KV_Q))
+    assert_close(*run_both(q, k, v, scale=-0.3, fwd_config=SMALL_FWD | extra | {"LEAN": True}, bwd_config=KV_Q))
+    assert seen == [True, False]
+    cu = torch.tensor([0, 37, 38, 108], dtype=torch.int32)
+    qp, kp, vp = (torch.randn(108, 2, d, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(qp, kp, vp, cu_seqlens=cu, fwd_config=SMALL_FWD | extra | {"LEAN": True},
+                           bwd_config=KV_Q))
+    assert seen == [True, False, True]
+    for default in (False, True):  # without the key: FWD_LEAN
+        monkeypatch.setattr(attn, "FWD_LEAN", default)
+        assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | extra, bwd_config=KV_Q))
+        assert seen[-1] == default
+
 def _tail_groups_used(monkeypatch):
     """Record, per pass launched (forward, dQ, dK/dV), how many heads share a tail program (1: no groups)."""
     seen, real = [], attn._tail_group
