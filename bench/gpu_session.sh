@@ -316,6 +316,12 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
+K53)  # the block sweeps (--tune, K1-K8) predate TMA, tail groups, caps and LEAN: the current d = 64 configs with their
+      # blocks, warps and depth swapped for neighbours (8-warp 128-key dK/dV programs sharing each Q / dO tile, 128-query
+      # dQ programs, 128-key forward steps, other depths), every other knob kept
+  step 560 python3 -m bench kernels --only attention --tune-blocks --tag tune-blocks \
+    --shapes dinov2-g-n261-d64,vit-l-n197-d64,dinov2-l-n257-d64
+  ;;
 K52)  # K51 (Nsight Compute): our kernels issue ~2.1-2.4 instructions per cycle per SM with the tensor pipe ~30-37 %
       # active, so instructions count. The forward's loop per 64 x 64 tile (offline PTX, N = 261's config): 336 per
       # thread, 64 of them multiplies (the scale on every score, the rescale of the output), and its epilogue 32

@@ -14,8 +14,8 @@ MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms)
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
---tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean: the current configs under register caps, warp
-specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax),
+--tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks: the current configs under register
+caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax, neighbouring blocks),
 --shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -448,8 +448,8 @@ def _compile_worker(job):
 
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
-    configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-lean: the
-    variants of the current configs) or just the ones each shape will use."""
+    configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-lean /
+    --tune-blocks: the variants of the current configs) or just the ones each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
@@ -587,6 +587,35 @@ def lean_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return [fwd | {"LEAN": False}, fwd | {"LEAN": True}], [attn._bwd_config(N, D)]
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) neighbours for --tune-blocks: the forward's, the dK/dV pass's (BLOCK_M
+# query rows a step, BLOCK_N keys per program) and the dQ pass's (BLOCK_M queries per program, BLOCK_N keys a step)
+NEIGHBOUR_BLOCKS = {
+    "fwd": [(128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 3)],
+    "kv": [(32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 4, 3), (16, 64, 4, 3), (32, 64, 4, 4)],
+    "dq": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 16, 4, 3)],
+}
+
+
+def block_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
+    """The shape's current configs with every other knob kept (TMA, tail groups, caps, LEAN) and the blocks, warps and
+    pipeline depth swapped for the NEIGHBOUR_BLOCKS: the block sweeps (--tune) predate those knobs. The forward's
+    neighbours; the backward's dK/dV-pass neighbours with the current dQ pass, then the dQ-pass neighbours with the
+    current dK/dV pass."""
+    from kernels import attn
+
+    def blocks(c, bm, bn, w, st):
+        return c | {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+
+    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
+    fwds = [fwd] + [blocks(fwd, *b) for b in NEIGHBOUR_BLOCKS["fwd"]]
+    if bwd.get("SPLIT") != attn.KV_Q:
+        return _unique(fwds), [bwd]
+    dq = attn._kv_q_dq_config(bwd)
+    kvs = [bwd | {"DQ": dq}] + [blocks(bwd, *b) | {"DQ": dq} for b in NEIGHBOUR_BLOCKS["kv"]]
+    dqs = [bwd | {"DQ": blocks(dq, *b)} for b in NEIGHBOUR_BLOCKS["dq"]]
+    return _unique(fwds), _unique(kvs + dqs)
+
+
 def _unique(cfgs: list[dict]) -> list[dict]:
     """The configs in order, each once (a variant can equal another where the current config already has a cap)."""
     out = []
@@ -597,14 +626,14 @@ def _unique(cfgs: list[dict]) -> list[dict]:
 
 
 VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
-                  "tailg": tail_group_variants, "lean": lean_variants}
+                  "tailg": tail_group_variants, "lean": lean_variants, "blocks": block_variants}
 
 
 def tune_attention(names, variants=None):
     """Time every block config of the forward and both backward layouts (or, with `variants` a key of
-    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "lean", the current configs under register caps /
-    with warp specialization / with the head dim split / with TMA loads / with tail groups / with the lean softmax);
-    print the best per shape."""
+    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "lean" / "blocks", the current configs under register
+    caps / with warp specialization / with the head dim split / with TMA loads / with tail groups / with the lean
+    softmax / with neighbouring blocks); print the best per shape."""
     from kernels import attn
 
     out = {}
@@ -693,6 +722,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-lean", action="store_true",
                     help="instead of the block sweep, time each shape's current forward config with the plain "
                          "softmax and with LEAN (the scale folded into exp2's argument, a reciprocal per row)")
+    ap.add_argument("--tune-blocks", action="store_true",
+                    help="instead of the block sweep, time each shape's current configs with their blocks, warps and "
+                         "pipeline depth swapped for neighbours (NEIGHBOUR_BLOCKS), every other knob kept")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
@@ -718,7 +750,7 @@ def main(argv=None) -> int:
     payload = {"card": card_name()}
     variants = ("regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split
                 else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups else "lean" if args.tune_lean
-                else None)
+                else "blocks" if args.tune_blocks else None)
     if (args.tune or variants) and run_attn:
         import time
 

@@ -1,5 +1,5 @@
 """bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma, --tune-tail-groups,
---tune-lean): the variants it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
+--tune-lean, --tune-blocks): the variants it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
 and restore their settings."""
 import itertools
 
@@ -144,3 +144,26 @@ def test_lean_variants():
         assert [f["LEAN"] for f in fwds] == [False, True]
         assert all({k: v for k, v in f.items() if k != "LEAN"} == base for f in fwds)
         assert bwds == [attn._bwd_config(n, d)]
+
+
+def test_block_variants():
+    """--tune-blocks: the current configs first, then only blocks, warps and depth changed (every other knob kept):
+    the forward's neighbours; the dK/dV pass's with the dQ pass as it is, then the dQ pass's with the dK/dV pass as
+    it is."""
+    from bench.kernels import NEIGHBOUR_BLOCKS, block_variants
+
+    knobs = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    rest = lambda c: {k: v for k, v in c.items() if k not in knobs + ("DQ",)}
+    four = lambda c: tuple(c[k] for k in knobs)
+    fwd, bwd = attn._fwd_config(261, 64), attn._bwd_config(261, 64)
+    dq = attn._kv_q_dq_config(bwd)
+    fwds, bwds = block_variants(261, 64)
+    assert fwds[0] == fwd and [four(f) for f in fwds[1:]] == NEIGHBOUR_BLOCKS["fwd"]
+    assert all(rest(f) == rest(fwd) for f in fwds)
+    assert rest(bwds[0]) == rest(bwd) and bwds[0]["DQ"] == dq
+    assert all(rest(b) == rest(bwd) and rest(b["DQ"]) == rest(dq) for b in bwds)
+    kv_moved = [four(b) for b in bwds if b["DQ"] == dq and four(b) != four(bwd)]
+    dq_moved = [four(b["DQ"]) for b in bwds if b["DQ"] != dq]
+    assert kv_moved == NEIGHBOUR_BLOCKS["kv"] and dq_moved == NEIGHBOUR_BLOCKS["dq"]
+    assert all(four(b) == four(bwd) for b in bwds if b["DQ"] != dq)
+    assert block_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
