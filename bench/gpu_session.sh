@@ -316,6 +316,14 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
+K54)  # the two-pass backward launched by programmatic dependent launch (kernels/pdl.py, as the MAE kernels): the dK/dV
+      # pass's programs scheduled as the dQ pass drains (its last of ~23 waves at N = 261), each waiting for it before
+      # any load; the dQ pass likewise after the kernel before it. Every two-pass shape, plain vs PDL, twice
+  for t in 1 2; do
+    step 200 python3 -m bench kernels --only attention --tune-pdl --tag tune-pdl-$t \
+      --shapes vit-l-n197-d64,mae-l-dec-n197-d32,dinov2-g-n261-d64,dinov2-l-n257-d64,vit-g-n257-d88,vit-h-n257-d80,mae-g-enc-n65-d88,dinov2-g518-n1374-d64
+  done
+  ;;
 K53)  # the block sweeps (--tune, K1-K8) predate TMA, tail groups, caps and LEAN: the current d = 64 configs with their
       # blocks, warps and depth swapped for neighbours (8-warp 128-key dK/dV programs sharing each Q / dO tile, 128-query
       # dQ programs, 128-key forward steps, other depths), every other knob kept
