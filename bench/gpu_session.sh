@@ -316,7 +316,8 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
-K54)  # the two-pass backward launched by programmatic dependent launch (kernels/pdl.py, as the MAE kernels): the dK/dV
+K54)  # (--tune-pdl and the backward's PDL were removed after K54: within 0.5 % either way; commit 1ab42bc has them)
+      # the two-pass backward launched by programmatic dependent launch (kernels/pdl.py, as the MAE kernels): the dK/dV
       # pass's programs scheduled as the dQ pass drains (its last of ~23 waves at N = 261), each waiting for it before
       # any load; the dQ pass likewise after the kernel before it. Every two-pass shape, plain vs PDL, twice
   for t in 1 2; do

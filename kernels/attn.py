@@ -36,8 +36,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_options, pdl_enter, use_pdl
-
 IMPLS = ("auto", "triton", "torch", "sdpa", "xformers")
 
 
@@ -1037,10 +1035,8 @@ def _attn_bwd_kv_q(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
     D2: tl.constexpr = 0, TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
-    TAIL_GD: tl.constexpr = 16, PDL: tl.constexpr = False,
+    TAIL_GD: tl.constexpr = 16,
 ):
-    # PDL: launched by programmatic dependent launch (kernels/pdl.py): the program waits for the kernel before it (the
-    # dK/dV pass: the dQ pass, whose delta it reads) and lets the next one launch
     # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense inputs), walking
     # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids)
     # TMA: the full tiles each pass walks (K / V in the dQ pass, Q / dO in the dK/dV pass) come through the
@@ -1049,7 +1045,6 @@ def _attn_bwd_kv_q(
     # two kernels in one source: DQ_PASS: program (query tile, b*h) walking key tiles;
     # else program (key tile, b*h) walking query tiles. M = queries, N = keys in both.
     # D2 > 0 (SPLIT_D): the head dim in two pieces, BLOCK_D columns then D2 (as in _attn_fwd)
-    pdl_enter(PDL)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     is_g = pid < 0  # read only where TAIL_G > 1 (`TAIL_G > 1 and is_g` is decided at compile time)
@@ -1210,10 +1205,6 @@ def _kv_q_dq_config(cfg: dict) -> dict:
     return dict(BLOCK_M=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_M"], TAIL_M=cfg["TAIL_N"], TAIL_N=cfg["TAIL_M"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-
-# The two-pass backward's kernels launch by PDL (kernels/pdl.py; Hopper and later) unless a config says otherwise
-# (config key PDL, the top level of a KV_Q config)
-BWD_PDL = False
 
 # The forward's LEAN softmax (see _attn_fwd) unless a config says otherwise (config key LEAN). K52 (`python -m bench
 # kernels --tune-lean`, ...-2026-11-29-tune-lean-{1,2}.json, H200): every shape's forward 1.7-4.1 % faster, e.g.
@@ -1453,7 +1444,6 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
     cu = cu_seqlens.to(torch.int32) if packed else q
     bd = _pow2(D)
     if split == KV_Q:  # dQ pass (stores delta), then the dK/dV pass that reads it: stream order
-        pdl = launch_options(cfg.pop("PDL", BWD_PDL) and use_pdl(q))
         dq_cfg = _kv_q_dq_config(cfg)
         dq_cfg.pop("SPLIT_D", None)
         tma_dq = dq_cfg.pop("TMA", False)
@@ -1471,13 +1461,13 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         group = _tail_group(dq_cfg, maxn, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], B * H, packed, D)
         _attn_bwd_kv_q[_grid(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed, B * H, group)](
             *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **group,
-            **pdl, **dq_cfg)
+            **dq_cfg)
         descs, tma_kv = _descs(tma and not packed, (q, do), cfg["BLOCK_M"], dims["BLOCK_D"], dims["D2"])
         qd, dod, qd2, dod2 = descs + [None] * (4 - len(descs))
         group = _tail_group(cfg, maxn, cfg["BLOCK_N"], cfg["BLOCK_M"], B * H, packed, D)
         _attn_bwd_kv_q[_grid(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed, B * H, group)](
             *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **group,
-            **pdl, **cfg)
+            **cfg)
         return dq, dk, dv
     if split not in (True, False):
         raise ValueError(f"backward SPLIT must be True, False or {KV_Q!r}; got {split!r}")

@@ -1,5 +1,5 @@
 """bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma, --tune-tail-groups,
---tune-lean, --tune-blocks, --tune-pdl): the variants it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
+--tune-lean, --tune-blocks): the variants it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
 and restore their settings."""
 import itertools
 
@@ -167,15 +167,3 @@ def test_block_variants():
     assert kv_moved == NEIGHBOUR_BLOCKS["kv"] and dq_moved == NEIGHBOUR_BLOCKS["dq"]
     assert all(four(b) == four(bwd) for b in bwds if b["DQ"] != dq)
     assert block_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
-
-
-def test_pdl_variants():
-    """--tune-pdl: the current two-pass backward without and with PDL, nothing else changed; the one-pass backward
-    (N <= 64) as it is."""
-    from bench.kernels import pdl_variants
-
-    fwds, bwds = pdl_variants(261, 64)
-    assert fwds == [attn._fwd_config(261, 64)]
-    assert [b["PDL"] for b in bwds] == [False, True]
-    assert all({k: v for k, v in b.items() if k != "PDL"} == attn._bwd_config(261, 64) for b in bwds)
-    assert pdl_variants(50, 64)[1] == [attn._bwd_config(50, 64)]

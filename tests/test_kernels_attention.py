@@ -211,33 +211,6 @@ def test_lean_forward(monkeypatch, n, d, extra):
         assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | extra, bwd_config=KV_Q))
         assert seen[-1] == default
 
-
-def test_backward_pdl_launch_options(monkeypatch):
-    """The two-pass backward's kernels launch by PDL where kernels.pdl allows it (Hopper CUDA tensors outside the
-    interpreter: faked here) unless the config's PDL key or BWD_PDL says no: both passes then carry the PDL constexpr
-    (the program waits for the kernel before it) and Triton's launch_pdl; the result is the same either way."""
-    seen, real = [], attn._attn_bwd_kv_q
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*a, **kw):
-                seen.append((kw.pop("PDL", False), kw.pop("launch_pdl", False)))
-                return real[grid](*a, **kw)  # the interpreter runs no PDL
-            return launch
-    monkeypatch.setattr(attn, "_attn_bwd_kv_q", Spy())
-    monkeypatch.setattr(attn, "use_pdl", lambda t: True)
-    q, k, v = (torch.randn(1, 2, 70, 32, requires_grad=True) for _ in range(3))
-    for default in (False, True):
-        monkeypatch.setattr(attn, "BWD_PDL", default)
-        for cfg, on in ((KV_Q, default), (KV_Q | {"PDL": True}, True), (KV_Q | {"PDL": False}, False)):
-            seen.clear()
-            assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=cfg))
-            assert seen == [(on, on)] * 2
-    monkeypatch.setattr(attn, "use_pdl", lambda t: False)  # CPU, older cards, kernels.pdl.ENABLED off
-    seen.clear()
-    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q | {"PDL": True}))
-    assert seen == [(False, False)] * 2
-
 def _tail_groups_used(monkeypatch):
     """Record, per pass launched (forward, dQ, dK/dV), how many heads share a tail program (1: no groups)."""
     seen, real = [], attn._tail_group
