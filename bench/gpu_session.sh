@@ -316,9 +316,11 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
     --shapes dinov2-l-n257-d64,dinov2-g518-n1374-d64 --tag tune-tailg-bucket
   step 200 python3 -m bench kernels --only attention --tag defaults-tailg
   ;;
-K55)  # the defaults after K52 (the forward's lean softmax): every attention shape and the MAE ops, then the MAE ViT-L step
-  step 240 python3 -m bench kernels --tag defaults-lean
-  step 330 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \
+K55)  # the defaults after K52 (the forward's lean softmax): every attention shape and the MAE ops
+  step 300 python3 -m bench kernels --tag defaults-lean
+  ;;
+K56)  # the MAE ViT-L step with the defaults after K52
+  step 450 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \
     --steps 8 --warmup 3 --tag vitl-lean
   ;;
 K54)  # (--tune-pdl and the backward's PDL were removed after K54: within 0.5 % either way; commit 1ab42bc has them)
