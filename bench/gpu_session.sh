@@ -319,6 +319,12 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
 K55)  # the defaults after K52 (the forward's lean softmax): every attention shape and the MAE ops
   step 300 python3 -m bench kernels --tag defaults-lean
   ;;
+K57)  # the walks (the masking backwards) over whole rows: WALK_COLS 512 / 1024 (the unmask's 512-wide decoder rows, the
+      # mask's 1,024-wide encoder rows in one program's tile instead of 256-column halves / quarters, so each step reads
+      # whole rows: 1-4 KB contiguous runs instead of 512-byte pieces 1-2 KB apart), fewer samples a step (the same
+      # bytes); mask and unmask variants
+  step 280 python3 -m bench kernels --only mae --mae-variants mask,unmask --tag mae-walk-cols
+  ;;
 K56)  # the MAE ViT-L step with the defaults after K52
   step 450 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \
     --steps 8 --warmup 3 --tag vitl-lean
