@@ -319,7 +319,8 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
 K55)  # the defaults after K52 (the forward's lean softmax): every attention shape and the MAE ops
   step 300 python3 -m bench kernels --tag defaults-lean
   ;;
-K57)  # the walks (the masking backwards) over whole rows: WALK_COLS 512 / 1024 (the unmask's 512-wide decoder rows, the
+K57)  # (WALK_COLS was removed after K57, no gain; commit c4e3531 has it)
+      # the walks (the masking backwards) over whole rows: WALK_COLS 512 / 1024 (the unmask's 512-wide decoder rows, the
       # mask's 1,024-wide encoder rows in one program's tile instead of 256-column halves / quarters, so each step reads
       # whole rows: 1-4 KB contiguous runs instead of 512-byte pieces 1-2 KB apart), fewer samples a step (the same
       # bytes); mask and unmask variants

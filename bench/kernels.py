@@ -200,12 +200,11 @@ def _mae_row(rows, op, impl, shape, bytes_, fwdbwd, fwd):
 NO_PDL = ("pdl", "ENABLED", False)
 MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] + \
     [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + [("masking", "RANK_BY", "count")] + \
-    [("masking", "rank_sort", v) for v in (1, 2, 8)] + [("masking", "GATHER_WALK_PDL", False)] + \
-    [("masking", "WALK_COLS", v) for v in (512, 1024)]
+    [("masking", "rank_sort", v) for v in (1, 2, 8)] + [("masking", "GATHER_WALK_PDL", False)]
 # the unmask's alternatives measured on the H200 and dropped from the code (kernels/masking.py says which) ran as
 # variants here; what stays: the forward's loads in the old order, the mask-token sum in three steps
 UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "WALK_PROGRAMS", 1024)] + \
-    [("masking", "sum_mt", (128, 32)), ("masking", "WALK_COLS", 512)]
+    [("masking", "sum_mt", (128, 32))]
 # the unmask backward's walk launched with PDL (the default launches it plainly)
 WALK_PDL_VARIANTS = [("masking", "UNMASK_WALK_PDL", True)]
 # with the mask: the mask ignored (the ids compared, as "triton:ids"), and other launch shapes of the split forward

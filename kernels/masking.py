@@ -379,8 +379,6 @@ UNMASK_HOIST = True
 # was slower still (0.0278-0.0281) and was dropped
 RANK_BY = "sort"
 WALK_PROGRAMS = 512  # programs the backward walks aim for (tests lower it to get long walks)
-WALK_COLS = 256  # the walks' column tile at most (a power of two dividing C where one does: _col_block); bench variants
-# 512 / 1024: whole rows a program (MAE-L's decoder rows are 512 wide, its encoder rows 1,024), fewer samples a step
 # Whether the backward walks launch with PDL. The unmask's does not: launched by PDL straight after the unmask forward
 # its one wave of programs (~4.5 per SM) was slower with a learnable pos_embed, fwd+bwd 0.0547 / 0.0548 ms vs 0.0502 /
 # 0.0504 launched plainly, and the same either way with a fixed one (0.0487 / 0.0490 vs 0.0490 / 0.0489; H200, two runs,
@@ -394,11 +392,8 @@ UNMASK_WALK_PDL = False
 def _walk_config(B: int, N: int, C: int, bb: int, target: Optional[int] = None):
     """(BLOCK_B, BLOCK_N, BLOCK_C, batch chunk, chunks) for the backward walks: about `target`
     programs (all resident at once on an H200 at <= 96 registers) with few partial planes (each
-    costs a write and a read of N * C fp32). B = 256, N = 196: 3 chunks for C = 1024, 6 for 512. Column tiles wider
-    than 256 (WALK_COLS) walk proportionally fewer samples a step (`bb` is given for 256): the same bytes a step."""
-    bn, bc = 4, _col_block(C, WALK_COLS)
-    if bc > 256:
-        bb = max(1, bb * 256 // bc)
+    costs a write and a read of N * C fp32). B = 256, N = 196: 3 chunks for C = 1024, 6 for 512."""
+    bn, bc = 4, _col_block(C, 256)
     target = WALK_PROGRAMS if target is None else target
     tiles = triton.cdiv(N, bn) * triton.cdiv(C, bc)
     chunks = max(1, min(triton.cdiv(B, bb), triton.cdiv(target, tiles)))

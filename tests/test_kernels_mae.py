@@ -375,27 +375,6 @@ def test_mae_backward_long_walks(monkeypatch, programs):
         _assert_same_grads(full, ref, (v, mt, pos))
 
 
-@pytest.mark.parametrize("cols", [64, 512, 1024])
-def test_walk_column_tiles(monkeypatch, cols):
-    """WALK_COLS caps the walks' column tile: the same gradients with 64-column tiles (several per row), whole rows of
-    512 and 1,024, and a width no power of two divides (a masked last tile), with and without the mask."""
-    masking = sys.modules["kernels.masking"]
-    monkeypatch.setattr(masking, "WALK_COLS", cols)
-    B, N, ratio = 5, 12, 0.75
-    for C in (512, 1024, 200):
-        K = int(N * (1 - ratio))
-        tokens = torch.randn(B, N, C, requires_grad=True)
-        pos = torch.randn(1, N, C, requires_grad=True)
-        noise = torch.rand(B, N)
-        vis, ids, mask = kernels.mae_mask(tokens, pos, ratio, noise=noise, impl="triton")
-        _assert_same_grads(vis, kernels.mae_mask_reference(tokens, pos, ratio, noise=noise)[0], (tokens, pos))
-        v = torch.randn(B, K, C, requires_grad=True)
-        mt = torch.randn(C, requires_grad=True)
-        for m in (None, mask):
-            _assert_same_grads(kernels.mae_unmask(v, ids, mt, pos, mask=m, impl="triton"),
-                               kernels.mae_unmask_reference(v, ids, mt, pos), (v, mt, pos))
-
-
 @pytest.mark.parametrize("programs", [1, 512])
 def test_parameter_grads_come_back_in_their_dtypes(monkeypatch, programs):
     """pos_embed / mask_token in half precision beside fp32 tokens: their gradients are summed in fp32 and
