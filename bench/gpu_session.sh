@@ -319,6 +319,11 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
 K55)  # the defaults after K52 (the forward's lean softmax): every attention shape and the MAE ops
   step 300 python3 -m bench kernels --tag defaults-lean
   ;;
+K58)  # K53's neighbouring blocks (every other knob kept) at the other shapes' configs: N = 1374 (at parity with cuDNN,
+      # 1.01-1.02x), the MAE ViT-L decoder (d = 32), ViT-g/14 (d = 88, split head dim)
+  step 500 python3 -m bench kernels --only attention --tune-blocks --tag tune-blocks-2 \
+    --shapes dinov2-g518-n1374-d64,mae-l-dec-n197-d32,vit-g-n257-d88
+  ;;
 K57)  # (WALK_COLS was removed after K57, no gain; commit c4e3531 has it)
       # the walks (the masking backwards) over whole rows: WALK_COLS 512 / 1024 (the unmask's 512-wide decoder rows, the
       # mask's 1,024-wide encoder rows in one program's tile instead of 256-column halves / quarters, so each step reads
