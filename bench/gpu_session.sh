@@ -319,6 +319,11 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
 K55)  # the defaults after K52 (the forward's lean softmax): every attention shape and the MAE ops
   step 300 python3 -m bench kernels --tag defaults-lean
   ;;
+K59)  # the dK/dV programs' key tiles by TMA (KV_TMA) beside their walked Q / dO tiles: offline (sm_90) the pass takes 134
+      # registers instead of 148 without tail groups, 120 bytes of spills under the 128 cap with them instead of 172
+  step 300 python3 -m bench kernels --only attention --tune-kv-tma --tag tune-kv-tma \
+    --shapes dinov2-g-n261-d64,vit-l-n197-d64,dinov2-l-n257-d64,mae-l-dec-n197-d32,dinov2-g518-n1374-d64
+  ;;
 K58)  # K53's neighbouring blocks (every other knob kept) at the other shapes' configs: N = 1374 (at parity with cuDNN,
       # 1.01-1.02x), the MAE ViT-L decoder (d = 32), ViT-g/14 (d = 88, split head dim)
   step 500 python3 -m bench kernels --only attention --tune-blocks --tag tune-blocks-2 \
