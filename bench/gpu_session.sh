@@ -319,7 +319,8 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
 K55)  # the defaults after K52 (the forward's lean softmax): every attention shape and the MAE ops
   step 300 python3 -m bench kernels --tag defaults-lean
   ;;
-K59)  # the dK/dV programs' key tiles by TMA (KV_TMA) beside their walked Q / dO tiles: offline (sm_90) the pass takes 134
+K59)  # (--tune-kv-tma and KV_TMA were removed after K59, no gain; commit 6c88da9 has them)
+      # the dK/dV programs' key tiles by TMA (KV_TMA) beside their walked Q / dO tiles: offline (sm_90) the pass takes 134
       # registers instead of 148 without tail groups, 120 bytes of spills under the 128 cap with them instead of 172
   step 300 python3 -m bench kernels --only attention --tune-kv-tma --tag tune-kv-tma \
     --shapes dinov2-g-n261-d64,vit-l-n197-d64,dinov2-l-n257-d64,mae-l-dec-n197-d32,dinov2-g518-n1374-d64

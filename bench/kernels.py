@@ -14,9 +14,8 @@ MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms)
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
---tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks, --tune-kv-tma: the current configs
-under register caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax,
-neighbouring blocks, the dK/dV pass's key tiles by TMA),
+--tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks: the current configs under register
+caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax, neighbouring blocks),
 --shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -450,7 +449,7 @@ def _compile_worker(job):
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
     configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-lean /
-    --tune-blocks / --tune-kv-tma: the variants of the current configs) or just the ones each shape will use."""
+    --tune-blocks: the variants of the current configs) or just the ones each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
@@ -588,20 +587,6 @@ def lean_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return [fwd | {"LEAN": False}, fwd | {"LEAN": True}], [attn._bwd_config(N, D)]
 
 
-def kv_tma_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
-    """The shape's current two-pass backward with the dK/dV programs' key tiles loaded by pointer and by TMA
-    (KV_TMA; offline for sm_90 the pass then takes 134 registers instead of 148 without tail groups), each as it is
-    and without its register cap; the forward as it is."""
-    from kernels import attn
-
-    bwd = attn._bwd_config(N, D)
-    if bwd.get("SPLIT") != attn.KV_Q:
-        return [attn._fwd_config(N, D)], [bwd]
-    bare = {k: v for k, v in bwd.items() if k != "maxnreg"}
-    return [attn._fwd_config(N, D)], _unique([bwd | {"KV_TMA": False}, bwd | {"KV_TMA": True},
-                                              bare | {"KV_TMA": True}])
-
-
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) neighbours for --tune-blocks: the forward's, the dK/dV pass's (BLOCK_M
 # query rows a step, BLOCK_N keys per program) and the dQ pass's (BLOCK_M queries per program, BLOCK_N keys a step)
 NEIGHBOUR_BLOCKS = {
@@ -641,15 +626,14 @@ def _unique(cfgs: list[dict]) -> list[dict]:
 
 
 VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
-                  "tailg": tail_group_variants, "lean": lean_variants, "blocks": block_variants,
-                  "kvtma": kv_tma_variants}
+                  "tailg": tail_group_variants, "lean": lean_variants, "blocks": block_variants}
 
 
 def tune_attention(names, variants=None):
     """Time every block config of the forward and both backward layouts (or, with `variants` a key of
-    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "lean" / "blocks" / "kvtma", the current configs under
-    register caps / with warp specialization / with the head dim split / with TMA loads / with tail groups / with the
-    lean softmax / with neighbouring blocks / with the dK/dV key tiles by TMA); print the best per shape."""
+    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "lean" / "blocks", the current configs under register
+    caps / with warp specialization / with the head dim split / with TMA loads / with tail groups / with the lean
+    softmax / with neighbouring blocks); print the best per shape."""
     from kernels import attn
 
     out = {}
@@ -741,9 +725,6 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-blocks", action="store_true",
                     help="instead of the block sweep, time each shape's current configs with their blocks, warps and "
                          "pipeline depth swapped for neighbours (NEIGHBOUR_BLOCKS), every other knob kept")
-    ap.add_argument("--tune-kv-tma", action="store_true",
-                    help="instead of the block sweep, time each shape's current two-pass backward with the dK/dV "
-                         "programs' key tiles loaded by pointer and by TMA (KV_TMA)")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
@@ -769,7 +750,7 @@ def main(argv=None) -> int:
     payload = {"card": card_name()}
     variants = ("regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split
                 else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups else "lean" if args.tune_lean
-                else "blocks" if args.tune_blocks else "kvtma" if args.tune_kv_tma else None)
+                else "blocks" if args.tune_blocks else None)
     if (args.tune or variants) and run_attn:
         import time
 

@@ -824,17 +824,12 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                     BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
-                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False, KD=None, VD=None):
-    """dK, dV of one key tile: K and V stay resident, every query tile streams past. KD / VD: K and V's tensor
-    descriptors (block [1, 1, BN, BLOCK_D]; config key KV_TMA) for a full key tile, else pointer loads."""
+                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False):
+    """dK, dV of one key tile: K and V stay resident, every query tile streams past."""
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
-    if KD is not None:
-        k = _desc_tile(KD, b, h, start_n, BN, BLOCK_D)
-        v = _desc_tile(VD, b, h, start_n, BN, BLOCK_D)
-    else:
-        k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
-        v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
     dk = tl.zeros([BN, BLOCK_D], tl.float32)
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
     m_full = (seqlen // BLOCK_M) * BLOCK_M
@@ -1127,7 +1122,7 @@ def _attn_bwd_kv_q(
                 _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
                                 offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
-                                TMA, KD, VD)
+                                TMA)
             else:
                 start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
                 if start_n < seqlen:
@@ -1210,10 +1205,6 @@ def _kv_q_dq_config(cfg: dict) -> dict:
     return dict(BLOCK_M=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_M"], TAIL_M=cfg["TAIL_N"], TAIL_N=cfg["TAIL_M"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-
-# The dK/dV pass loads its programs' key tiles by TMA (with the walked tiles', unsplit head dims) unless a config says
-# otherwise (config key KV_TMA, the top level of a KV_Q config)
-BWD_KV_TMA = False
 
 # The forward's LEAN softmax (see _attn_fwd) unless a config says otherwise (config key LEAN). K52 (`python -m bench
 # kernels --tune-lean`, ...-2026-11-29-tune-lean-{1,2}.json, H200): every shape's forward 1.7-4.1 % faster, e.g.
@@ -1473,12 +1464,9 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
             **dq_cfg)
         descs, tma_kv = _descs(tma and not packed, (q, do), cfg["BLOCK_M"], dims["BLOCK_D"], dims["D2"])
         qd, dod, qd2, dod2 = descs + [None] * (4 - len(descs))
-        # KV_TMA: the dK/dV programs' own key tile through descriptors too (with the walked tiles', head dim whole)
-        kv_tma = cfg.pop("KV_TMA", BWD_KV_TMA) and tma_kv and not dims["D2"]
-        kd, vd = _descs(True, (k, v), cfg["BLOCK_N"], dims["BLOCK_D"])[0] if kv_tma else (None, None)
         group = _tail_group(cfg, maxn, cfg["BLOCK_N"], cfg["BLOCK_M"], B * H, packed, D)
         _attn_bwd_kv_q[_grid(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed, B * H, group)](
-            *head, qd, kd, vd, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **group,
+            *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **group,
             **cfg)
         return dq, dk, dv
     if split not in (True, False):

@@ -1,5 +1,5 @@
 """bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma, --tune-tail-groups,
---tune-lean, --tune-blocks, --tune-kv-tma): the variants it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
+--tune-lean, --tune-blocks): the variants it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
 and restore their settings."""
 import itertools
 
@@ -167,17 +167,3 @@ def test_block_variants():
     assert kv_moved == NEIGHBOUR_BLOCKS["kv"] and dq_moved == NEIGHBOUR_BLOCKS["dq"]
     assert all(four(b) == four(bwd) for b in bwds if b["DQ"] != dq)
     assert block_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
-
-
-def test_kv_tma_variants():
-    """--tune-kv-tma: the current two-pass backward without and with KV_TMA, then with it and no register cap; the
-    one-pass backward as it is."""
-    from bench.kernels import kv_tma_variants
-
-    bwd = attn._bwd_config(261, 64)
-    fwds, bwds = kv_tma_variants(261, 64)
-    assert fwds == [attn._fwd_config(261, 64)]
-    assert [(b["KV_TMA"], b.get("maxnreg")) for b in bwds] == [(False, 128), (True, 128), (True, None)]
-    strip = lambda c: {k: v for k, v in c.items() if k not in ("KV_TMA", "maxnreg")}
-    assert all(strip(b) == strip(bwd) for b in bwds)
-    assert kv_tma_variants(50, 64)[1] == [attn._bwd_config(50, 64)]

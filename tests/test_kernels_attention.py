@@ -137,23 +137,6 @@ def _count_tma(monkeypatch):
 TMA_BWD = KV_Q | {"TMA": True, "DQ": KV_Q["DQ"] | {"TMA": True}}
 
 
-
-@pytest.mark.parametrize("n,d,heads", [(197, 64, 2), (70, 32, 4), (64, 64, 2), (257, 88, 2)])
-def test_kv_tma(monkeypatch, n, d, heads):
-    """KV_TMA (config key): the dK/dV pass's key tiles through tensor descriptors as well, where its walked tiles take
-    TMA and the head dim is whole (d = 88 split: pointer loads); full key tiles only, the tail tiles by pointer loads;
-    with tail groups too. The reference result either way."""
-    seen = _count_tma(monkeypatch)
-    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
-    split = attn._split_dims(d) is not None
-    for extra in ({}, {"TAIL_G": 4}):
-        seen.clear()
-        assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD,
-                               bwd_config=TMA_BWD | {"KV_TMA": True, "SPLIT_D": split} | extra))
-        assert seen == [False, True, True] + ([] if split else [True])  # forward, dQ, dK/dV walk, dK/dV keys
-    seen.clear()
-    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q | {"KV_TMA": True}))  # no TMA: ignored
-    assert seen == [False, False, False]
 @pytest.mark.parametrize("n,d", [(197, 64), (50, 32), (257, 88), (70, 80)])
 def test_tma_loads(monkeypatch, n, d):
     """TMA (config key; tensor descriptors, whose out-of-range rows and columns read as zeros) on the forward and on
