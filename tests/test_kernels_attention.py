@@ -422,3 +422,16 @@ def test_torch_compile_sees_one_graph():
     assert abs(got.item() - want.item()) < 1e-4 * abs(want.item()) + 1e-4
     assert all(rel(a, b) < 1e-5 for a, b in zip(g, gr))
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_probe_attn_smoke(capsys):
+    """bench/_probe_attn.py (the Nsight Compute target) on CPU: ours at each named shape (B = H = 1) runs the forward
+    and both backward passes and prints the dQ norm; an unknown shape is refused by argparse."""
+    from bench import _probe_attn
+
+    assert _probe_attn.main(["--device", "cpu", "--shapes", "mae-l-enc-n50-d64,mae-g-enc-n65-d88", "--warmup", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split(":")[0] for l in lines] == ["mae-l-enc-n50-d64 ours", "mae-g-enc-n65-d88 ours"]
+    assert all(0 < float(l.rsplit(" ", 1)[1]) < float("inf") for l in lines)
+    with pytest.raises(SystemExit):
+        _probe_attn.main(["--device", "cpu", "--shapes", "no-such-shape"])
