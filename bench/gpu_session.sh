@@ -319,6 +319,12 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
 K55)  # the defaults after K52 (the forward's lean softmax): every attention shape and the MAE ops
   step 300 python3 -m bench kernels --tag defaults-lean
   ;;
+K60)  # occupancy: Nsight Compute (K51) had 4 forward / 5 dQ-pass programs per SM, limited by registers and shared memory
+      # at once. Offline (sm_90) the d = 64 forward's full blocks fit 96 registers without spills and its dQ pass 84: one
+      # stage fewer (41 / 33 KB) under those caps fits 5 forward / 6 dQ programs per SM
+  step 300 python3 -m bench kernels --only attention --tune-occupancy --tag tune-occupancy \
+    --shapes dinov2-g-n261-d64,vit-l-n197-d64,dinov2-l-n257-d64,mae-l-dec-n197-d32,dinov2-g518-n1374-d64
+  ;;
 K59)  # (--tune-kv-tma and KV_TMA were removed after K59, no gain; commit 6c88da9 has them)
       # the dK/dV programs' key tiles by TMA (KV_TMA) beside their walked Q / dO tiles: offline (sm_90) the pass takes 134
       # registers instead of 148 without tail groups, 120 bytes of spills under the 128 cap with them instead of 172

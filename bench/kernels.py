@@ -14,8 +14,9 @@ MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms)
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
---tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks: the current configs under register
-caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax, neighbouring blocks),
+--tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks, --tune-occupancy: the current
+configs under register caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax,
+neighbouring blocks, shallower pipelines under caps for one more program per SM),
 --shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -449,7 +450,7 @@ def _compile_worker(job):
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
     configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-lean /
-    --tune-blocks: the variants of the current configs) or just the ones each shape will use."""
+    --tune-blocks / --tune-occupancy: the variants of the current configs) or just the ones each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
@@ -587,6 +588,28 @@ def lean_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return [fwd | {"LEAN": False}, fwd | {"LEAN": True}], [attn._bwd_config(N, D)]
 
 
+# (num_stages, maxnreg) pairs for --tune-occupancy: one stage fewer (less shared memory a program) under a register
+# cap low enough for one more 4-warp program per SM (offline for sm_90: the d = 64 forward's full blocks fit 96 registers
+# and its dQ pass 84 without spills)
+OCCUPANCY = {"fwd": [(2, 96), (2, 104)], "dq": [(2, 84), (2, 88), (3, 84)]}
+
+
+def occupancy_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
+    """The shape's current configs, then the forward and the dQ pass at the OCCUPANCY depths and caps (the forward
+    with and without its tail groups), everything else kept; the dK/dV pass as it is (it needs ~134-166 registers)."""
+    from kernels import attn
+
+    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
+    deep = lambda c, st, cap: c | {"num_stages": st, "maxnreg": cap}
+    fwds = [fwd] + [deep(fwd, *o) for o in OCCUPANCY["fwd"]]
+    if fwd.get("TAIL_G"):
+        fwds += [{k: v for k, v in deep(fwd, *o).items() if k != "TAIL_G"} for o in OCCUPANCY["fwd"]]
+    if bwd.get("SPLIT") != attn.KV_Q:
+        return _unique(fwds), [bwd]
+    dq = attn._kv_q_dq_config(bwd)
+    return _unique(fwds), _unique([bwd] + [bwd | {"DQ": deep(dq, *o)} for o in OCCUPANCY["dq"]])
+
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) neighbours for --tune-blocks: the forward's, the dK/dV pass's (BLOCK_M
 # query rows a step, BLOCK_N keys per program) and the dQ pass's (BLOCK_M queries per program, BLOCK_N keys a step)
 NEIGHBOUR_BLOCKS = {
@@ -626,14 +649,15 @@ def _unique(cfgs: list[dict]) -> list[dict]:
 
 
 VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
-                  "tailg": tail_group_variants, "lean": lean_variants, "blocks": block_variants}
+                  "tailg": tail_group_variants, "lean": lean_variants, "blocks": block_variants,
+                  "occupancy": occupancy_variants}
 
 
 def tune_attention(names, variants=None):
     """Time every block config of the forward and both backward layouts (or, with `variants` a key of
-    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "lean" / "blocks", the current configs under register
-    caps / with warp specialization / with the head dim split / with TMA loads / with tail groups / with the lean
-    softmax / with neighbouring blocks); print the best per shape."""
+    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "lean" / "blocks" / "occupancy", the current configs
+    under register caps / with warp specialization / with the head dim split / with TMA loads / with tail groups / with
+    the lean softmax / with neighbouring blocks / shallower under caps); print the best per shape."""
     from kernels import attn
 
     out = {}
@@ -725,6 +749,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-blocks", action="store_true",
                     help="instead of the block sweep, time each shape's current configs with their blocks, warps and "
                          "pipeline depth swapped for neighbours (NEIGHBOUR_BLOCKS), every other knob kept")
+    ap.add_argument("--tune-occupancy", action="store_true",
+                    help="instead of the block sweep, time each shape's current configs with the forward and the dQ "
+                         "pass one stage shallower under register caps that fit one more program per SM (OCCUPANCY)")
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
@@ -750,7 +777,7 @@ def main(argv=None) -> int:
     payload = {"card": card_name()}
     variants = ("regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split
                 else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups else "lean" if args.tune_lean
-                else "blocks" if args.tune_blocks else None)
+                else "blocks" if args.tune_blocks else "occupancy" if args.tune_occupancy else None)
     if (args.tune or variants) and run_attn:
         import time
 

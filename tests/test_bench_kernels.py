@@ -1,5 +1,5 @@
 """bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma, --tune-tail-groups,
---tune-lean, --tune-blocks): the variants it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
+--tune-lean, --tune-blocks, --tune-occupancy): the variants it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
 and restore their settings."""
 import itertools
 
@@ -167,3 +167,23 @@ def test_block_variants():
     assert kv_moved == NEIGHBOUR_BLOCKS["kv"] and dq_moved == NEIGHBOUR_BLOCKS["dq"]
     assert all(four(b) == four(bwd) for b in bwds if b["DQ"] != dq)
     assert block_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
+
+
+def test_occupancy_variants():
+    """--tune-occupancy: the current configs first; the forward at each OCCUPANCY depth and cap, with and without its
+    tail groups; the dQ pass at each, the dK/dV pass untouched; nothing else changed."""
+    from bench.kernels import OCCUPANCY, occupancy_variants
+
+    fwd, bwd = attn._fwd_config(261, 64), attn._bwd_config(261, 64)
+    dq = attn._kv_q_dq_config(bwd)
+    fwds, bwds = occupancy_variants(261, 64)
+    knobs = ("num_stages", "maxnreg", "TAIL_G")
+    rest = lambda c: {k: v for k, v in c.items() if k not in knobs}
+    assert fwds[0] == fwd and all(rest(f) == rest(fwd) for f in fwds)
+    assert [(f["num_stages"], f["maxnreg"], f.get("TAIL_G")) for f in fwds[1:]] == \
+        [(st, cap, 4) for st, cap in OCCUPANCY["fwd"]] + [(st, cap, None) for st, cap in OCCUPANCY["fwd"]]
+    assert bwds[0] == bwd
+    assert [(b["DQ"]["num_stages"], b["DQ"]["maxnreg"]) for b in bwds[1:]] == OCCUPANCY["dq"]
+    assert all({k: v for k, v in b.items() if k != "DQ"} == {k: v for k, v in bwd.items() if k != "DQ"} and
+               rest(b["DQ"]) == rest(dq) for b in bwds)
+    assert occupancy_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
