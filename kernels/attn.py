@@ -187,6 +187,33 @@ def _seq_bounds(CU, b, N, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(qk, m_i, qk_scale, keep, MASK: tl.constexpr, AX: tl.constexpr, LEAN: tl.constexpr):
+    """(row max, p) of one online-softmax step over the last axis AX of the raw scores qk, in log2 units; entries
+    outside `keep` (MASK: padded keys) take no weight. LEAN (see _attn_fwd): the max of the raw scores, scaled once
+    per row, and the scale folded into exp2's argument; else the scores are scaled first."""
+    if LEAN:
+        if MASK:
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, AX) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - tl.expand_dims(m_new, AX))
+    else:
+        s = qk * qk_scale
+        if MASK:
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, AX))
+        p = tl.math.exp2(s - tl.expand_dims(m_new, AX))
+    return m_new, p
+
+
+@triton.jit
+def _normalise(acc, l_i, AX: tl.constexpr, LEAN: tl.constexpr):
+    """The output rows divided by their softmax sums l_i (broadcast along AX); LEAN: by one reciprocal per row."""
+    if LEAN:
+        return acc * tl.expand_dims(1.0 / l_i, AX)
+    return acc / tl.expand_dims(l_i, AX)
+
+
+@triton.jit
 def _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale, offs_d, mask_d,
                  BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False, LEAN: tl.constexpr = False):
@@ -194,18 +221,7 @@ def _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk
     cols_ok = cols < seqlen
     # TMA: full tiles through the tensor descriptors; head-dim columns past HEAD_DIM arrive as zeros
     k, v = _walk_pair(K, V, ko, vo, sk_n, sv_n, KD, VD, b, h, start_n, seqlen, offs_d, mask_d, BN, MASK_N, EVEN_D, TMA)
-    if LEAN:  # see _attn_fwd
-        qk = tl.dot(q, tl.trans(k))
-        if MASK_N:
-            qk = tl.where(cols_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    else:
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
-        if MASK_N:
-            s = tl.where(cols_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+    m_new, p = _softmax_step(tl.dot(q, tl.trans(k)), m_i, qk_scale, cols_ok[None, :], MASK_N, 1, LEAN)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -231,10 +247,7 @@ def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, 
     for start_n in range(n_full, seqlen, TAIL_N):
         m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
                                      offs_d, mask_d, TAIL_N, True, EVEN_D, KD, VD, b, h, False, LEAN)
-    if LEAN:
-        acc = acc * (1.0 / l_i)[:, None]
-    else:
-        acc = acc / l_i[:, None]
+    acc = _normalise(acc, l_i, 1, LEAN)
     _store_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], acc.to(O.dtype.element_ty), rows_ok, mask_d,
                 MASK_M, not EVEN_D)
     lse = m_i + tl.math.log2(l_i)
@@ -254,18 +267,7 @@ def _fwd_kv_step2(q, q2, m_i, l_i, acc, acc2, K, V, ko, vo, start_n, seqlen, sk_
     kt2 = tl.trans(_load_tile(K + ko + cols[:, None] * sk_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True))
     v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
     v2 = _load_tile(V + vo + cols[:, None] * sv_n + offs_d2[None, :], cols_ok, mask_d2, MASK_N, True)
-    if LEAN:  # see _attn_fwd
-        qk = tl.dot(q2, kt2, tl.dot(q, kt))
-        if MASK_N:
-            qk = tl.where(cols_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    else:
-        s = tl.dot(q2, kt2, tl.dot(q, kt)) * qk_scale  # log2 units
-        if MASK_N:
-            s = tl.where(cols_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+    m_new, p = _softmax_step(tl.dot(q2, kt2, tl.dot(q, kt)), m_i, qk_scale, cols_ok[None, :], MASK_N, 1, LEAN)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(v.dtype)
@@ -294,13 +296,8 @@ def _fwd_q_block2(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n,
     for start_n in range(n_full, seqlen, TAIL_N):
         m_i, l_i, acc, acc2 = _fwd_kv_step2(q, q2, m_i, l_i, acc, acc2, K, V, ko, vo, start_n, seqlen, sk_n, sv_n,
                                             qk_scale, offs_d, offs_d2, mask_d2, TAIL_N, True, LEAN)
-    if LEAN:
-        inv = 1.0 / l_i
-        acc = acc * inv[:, None]
-        acc2 = acc2 * inv[:, None]
-    else:
-        acc = acc / l_i[:, None]
-        acc2 = acc2 / l_i[:, None]
+    acc = _normalise(acc, l_i, 1, LEAN)
+    acc2 = _normalise(acc2, l_i, 1, LEAN)
     _store_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], acc.to(O.dtype.element_ty), rows_ok, offs_d,
                 MASK_M, False)
     _store_tile(O + oo + rows[:, None] * so_n + offs_d2[None, :], acc2.to(O.dtype.element_ty), rows_ok, mask_d2,
@@ -361,18 +358,8 @@ def _fwd_kv_step_g(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, 
     cols_ok = cols < seqlen
     k = _load_rows3(K, ko, cols, sk_n, offs_d, cols_ok, mask_d, MASK_N, not EVEN_D)
     v = _load_rows3(V, vo, cols, sv_n, offs_d, cols_ok, mask_d, MASK_N, not EVEN_D)
-    if LEAN:  # see _attn_fwd
-        qk = tl.dot(q, tl.permute(k, (0, 2, 1)))
-        if MASK_N:
-            qk = tl.where(cols_ok[None, None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 2) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, :, None])
-    else:
-        s = tl.dot(q, tl.permute(k, (0, 2, 1))) * qk_scale  # log2 units
-        if MASK_N:
-            s = tl.where(cols_ok[None, None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 2))
-        p = tl.math.exp2(s - m_new[:, :, None])
+    m_new, p = _softmax_step(tl.dot(q, tl.permute(k, (0, 2, 1))), m_i, qk_scale, cols_ok[None, None, :], MASK_N, 2,
+                             LEAN)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 2)
     acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
@@ -400,10 +387,7 @@ def _fwd_tail_group(Q, K, V, O, LSE, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, 
     for start_n in range(n_full, seqlen, TAIL_N):
         m_i, l_i, acc = _fwd_kv_step_g(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
                                        offs_d, mask_d, TAIL_N, True, EVEN_D, LEAN)
-    if LEAN:
-        acc = acc * (1.0 / l_i)[:, :, None]
-    else:
-        acc = acc / l_i[:, :, None]
+    acc = _normalise(acc, l_i, 2, LEAN)
     _store_rows3(O, _group_offs(bh, H, so_b, so_h), rows, so_n, offs_d, acc.to(O.dtype.element_ty), rows_ok, mask_d,
                  not EVEN_D)
     lo = _group_offs(bh, H, sl_b, sl_h)
