@@ -639,6 +639,29 @@ def block_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return _unique(fwds), _unique(kvs + dqs)
 
 
+# the variant sweeps' flags, in the order the first one given wins: (flag, VARIANT_SWEEPS key, --help after "instead
+# of the block sweep, time each shape's current")
+VARIANT_FLAGS = [
+    ("--tune-regs", "regs", "configs under register caps "
+     f"(Triton's maxnreg: {', '.join(str(c) for c in REG_CAPS)}) on the forward and each backward pass"),
+    ("--tune-ws", "ws", "configs with Triton's warp specialization on the full-tile loops (forward, each pass of the "
+     "two-pass backward)"),
+    ("--tune-split", "split", "configs with and without the head dim split in two pieces (SPLIT_D; d = 88 as 64 + 32), "
+     "and block neighbours with it"),
+    ("--tune-tma", "tma", "configs without and with TMA loads (tensor descriptors, Hopper and later; dense inputs; the "
+     "forward with the head dim whole) on the forward and on each pass of the two-pass backward, at the current and "
+     "3-stage pipeline depths"),
+    ("--tune-tail-groups", "tailg", "configs without and with tail groups (TAIL_G: the rows past the last full block "
+     "of G heads in one program) on the forward and on each pass of the two-pass backward"),
+    ("--tune-lean", "lean", "forward config with the plain softmax and with LEAN (the scale folded into exp2's "
+     "argument, a reciprocal per row)"),
+    ("--tune-blocks", "blocks", "configs with their blocks, warps and pipeline depth swapped for neighbours "
+     "(NEIGHBOUR_BLOCKS), every other knob kept"),
+    ("--tune-occupancy", "occupancy", "configs with the forward and the dQ pass one stage shallower under register caps "
+     "that fit one more program per SM (OCCUPANCY)"),
+]
+
+
 def _unique(cfgs: list[dict]) -> list[dict]:
     """The configs in order, each once (a variant can equal another where the current config already has a cap)."""
     out = []
@@ -725,33 +748,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"attention shapes {QUICK} only")
     ap.add_argument("--shapes", default="", help="comma-separated attention shape names: " + ",".join(ATTN_SHAPES))
     ap.add_argument("--tune", action="store_true", help="sweep block configs (slow) and add them to the JSON")
-    ap.add_argument("--tune-regs", action="store_true",
-                    help="instead of the block sweep, time each shape's current configs under register caps "
-                         f"(Triton's maxnreg: {', '.join(str(c) for c in REG_CAPS)}) on the forward and each backward pass")
-    ap.add_argument("--tune-ws", action="store_true",
-                    help="instead of the block sweep, time each shape's current configs with Triton's warp "
-                         "specialization on the full-tile loops (forward, each pass of the two-pass backward)")
-    ap.add_argument("--tune-split", action="store_true",
-                    help="instead of the block sweep, time each shape's current configs with and without the head "
-                         "dim split in two pieces (SPLIT_D; d = 88 as 64 + 32), and block neighbours with it")
-    ap.add_argument("--tune-tma", action="store_true",
-                    help="instead of the block sweep, time each shape's current configs without and with TMA loads "
-                         "(tensor descriptors, Hopper and later; dense inputs; the forward with the head dim whole) "
-                         "on the forward and on each pass of the two-pass backward, at the current and 3-stage "
-                         "pipeline depths")
-    ap.add_argument("--tune-tail-groups", action="store_true",
-                    help="instead of the block sweep, time each shape's current configs without and with tail groups "
-                         "(TAIL_G: the rows past the last full block of G heads in one program) on the forward and "
-                         "on each pass of the two-pass backward")
-    ap.add_argument("--tune-lean", action="store_true",
-                    help="instead of the block sweep, time each shape's current forward config with the plain "
-                         "softmax and with LEAN (the scale folded into exp2's argument, a reciprocal per row)")
-    ap.add_argument("--tune-blocks", action="store_true",
-                    help="instead of the block sweep, time each shape's current configs with their blocks, warps and "
-                         "pipeline depth swapped for neighbours (NEIGHBOUR_BLOCKS), every other knob kept")
-    ap.add_argument("--tune-occupancy", action="store_true",
-                    help="instead of the block sweep, time each shape's current configs with the forward and the dQ "
-                         "pass one stage shallower under register caps that fit one more program per SM (OCCUPANCY)")
+    for flag, _, text in VARIANT_FLAGS:
+        ap.add_argument(flag, action="store_true", help="instead of the block sweep, time each shape's current " + text)
     ap.add_argument("--skip-mae", action="store_true")
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
@@ -775,9 +773,7 @@ def main(argv=None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     payload = {"card": card_name()}
-    variants = ("regs" if args.tune_regs else "ws" if args.tune_ws else "split" if args.tune_split
-                else "tma" if args.tune_tma else "tailg" if args.tune_tail_groups else "lean" if args.tune_lean
-                else "blocks" if args.tune_blocks else "occupancy" if args.tune_occupancy else None)
+    variants = next((key for flag, key, _ in VARIANT_FLAGS if getattr(args, flag[2:].replace("-", "_"))), None)
     if (args.tune or variants) and run_attn:
         import time
 

@@ -1,6 +1,6 @@
 """bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma, --tune-tail-groups,
---tune-lean, --tune-blocks, --tune-occupancy): the variants it times are the shape's current configs with only the knob swept changed; the MAE variants (--mae-variants) set
-and restore their settings."""
+--tune-lean, --tune-blocks, --tune-occupancy): the variants it times are the shape's current configs with only the
+knob swept changed; the MAE variants (--mae-variants) set and restore their settings."""
 import itertools
 
 import pytest
@@ -187,3 +187,11 @@ def test_occupancy_variants():
     assert all({k: v for k, v in b.items() if k != "DQ"} == {k: v for k, v in bwd.items() if k != "DQ"} and
                rest(b["DQ"]) == rest(dq) for b in bwds)
     assert occupancy_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
+
+
+def test_every_variant_sweep_has_its_flag():
+    """VARIANT_FLAGS: one --tune-* flag per VARIANT_SWEEPS entry, each a distinct option of `bench kernels`."""
+    from bench.kernels import VARIANT_FLAGS, VARIANT_SWEEPS
+
+    keys = [k for _, k, _ in VARIANT_FLAGS]
+    assert sorted(keys) == sorted(VARIANT_SWEEPS) and len(set(f for f, _, _ in VARIANT_FLAGS)) == len(keys)
