@@ -29,6 +29,7 @@ key TAIL_G puts the rows past the last full block of several heads in one progra
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
 import torch
@@ -1255,8 +1256,52 @@ TUNED: dict = {
 TAIL_GROUP_MAX_N = 320
 
 
+def _triton_version(version: str) -> tuple[int, int]:
+    """(major, minor) of a Triton version string ("3.6.0", "3.8.0+git1234" -> (3, 8)); (0, 0) if unreadable."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
+# Whether the defaults group tail rows (TAIL_G) at power-of-two head dims (d = 32, 64), where the grouped tail's 3D
+# products run at the full blocks' width. The groups were tuned under Triton 3.6 (torch 2.11), where they win 3-6 %
+# (the TUNED notes). Under Triton 3.8 (torch 2.14's) on the same H200 they lose: the grouped kernels are slower than
+# one tail program per head, with or without the register caps. Per pass, in ms
+# (bench/results/kernels-nvidia-h200-2026-11-29-capab-triton38.json):
+# - N = 197: forward 0.1324 grouped vs 0.1106 per head, backward 0.3669 vs 0.3110;
+# - N = 261: forward 0.2819 vs 0.2503, backward 0.7934 vs 0.6903;
+# - the MAE decoder's (197, 32): forward 0.1527 vs 0.1470, backward 0.4252 vs 0.3984.
+# Per-head tails under 3.8 then match the grouped defaults under 3.6 within 3 % (...-capab-triton36.json: N = 197
+# 0.1076 / 0.3134, N = 261 0.2377 / 0.7015). Split head dims keep their groups (d = 80, the tail padded to 128
+# columns: 0.2121 / 0.7344 grouped vs 0.2281 / 0.7473 under 3.8). 3.7 is unmeasured and taken as 3.8.
+POW2_TAIL_GROUPS = _triton_version(triton.__version__) < (3, 7)
+
+
+def _for_this_triton(cfg: dict, d: int) -> dict:
+    """A default config as this Triton runs it best: without tail groups at power-of-two head dims where
+    POW2_TAIL_GROUPS is off (both passes of a two-pass backward), else unchanged. The register caps stay: per-head
+    tails under Triton 3.8 still run faster with them (N = 197 forward 0.1106 vs 0.1141 ms, backward 0.3110 vs
+    0.3140)."""
+    if POW2_TAIL_GROUPS or _pow2(d) != d:
+        return cfg
+    drop = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW")}
+    out = drop(cfg)
+    if isinstance(out.get("DQ"), dict):
+        out["DQ"] = drop(out["DQ"])
+    return out
+
+
 def _fwd_config(n: int, d: int) -> dict:
-    """Block shapes by sequence length and head dim; exact tuned shapes first."""
+    """The forward's default config: _fwd_tuned's, as this Triton runs it best (_for_this_triton)."""
+    return _for_this_triton(_fwd_tuned(n, d), d)
+
+
+def _bwd_config(n: int, d: int) -> dict:
+    """The backward's default config: _bwd_tuned's, as this Triton runs it best (_for_this_triton)."""
+    return _for_this_triton(_bwd_tuned(n, d), d)
+
+
+def _fwd_tuned(n: int, d: int) -> dict:
+    """Block shapes by sequence length and head dim; exact tuned shapes first (tuned under Triton 3.6)."""
     if (n, d) in TUNED:
         return TUNED[(n, d)][0]
     if n <= 64:
@@ -1270,7 +1315,7 @@ def _fwd_config(n: int, d: int) -> dict:
     return _cfg(128, 32, 16, 16, 4, 3)
 
 
-def _bwd_config(n: int, d: int) -> dict:
+def _bwd_tuned(n: int, d: int) -> dict:
     if (n, d) in TUNED:
         return TUNED[(n, d)][1]
     if n <= 64:  # one program per (batch, head), whole sequence resident, delta inline

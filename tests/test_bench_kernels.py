@@ -169,11 +169,14 @@ def test_block_variants():
     assert block_variants(50, 64)[1] == [attn._bwd_config(50, 64)]
 
 
-def test_occupancy_variants():
+@pytest.mark.parametrize("groups", [True, False])
+def test_occupancy_variants(monkeypatch, groups):
     """--tune-occupancy: the current configs first; the forward at each OCCUPANCY depth and cap, with and without its
-    tail groups; the dQ pass at each, the dK/dV pass untouched; nothing else changed."""
+    tail groups (where the current config has them: under Triton 3.6, not 3.8); the dQ pass at each, the dK/dV pass
+    untouched; nothing else changed."""
     from bench.kernels import OCCUPANCY, occupancy_variants
 
+    monkeypatch.setattr(attn, "POW2_TAIL_GROUPS", groups)
     fwd, bwd = attn._fwd_config(261, 64), attn._bwd_config(261, 64)
     dq = attn._kv_q_dq_config(bwd)
     fwds, bwds = occupancy_variants(261, 64)
@@ -181,7 +184,8 @@ def test_occupancy_variants():
     rest = lambda c: {k: v for k, v in c.items() if k not in knobs}
     assert fwds[0] == fwd and all(rest(f) == rest(fwd) for f in fwds)
     assert [(f["num_stages"], f["maxnreg"], f.get("TAIL_G")) for f in fwds[1:]] == \
-        [(st, cap, 4) for st, cap in OCCUPANCY["fwd"]] + [(st, cap, None) for st, cap in OCCUPANCY["fwd"]]
+        [(st, cap, 4 if groups else None) for st, cap in OCCUPANCY["fwd"]] + \
+        ([(st, cap, None) for st, cap in OCCUPANCY["fwd"]] if groups else [])
     assert bwds[0] == bwd
     assert [(b["DQ"]["num_stages"], b["DQ"]["maxnreg"]) for b in bwds[1:]] == OCCUPANCY["dq"]
     assert all({k: v for k, v in b.items() if k != "DQ"} == {k: v for k, v in bwd.items() if k != "DQ"} and

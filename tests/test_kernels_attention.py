@@ -77,6 +77,30 @@ def test_tuned_configs(shape):
     assert_close(*run_both(q, k, v, fwd_config=fwd, bwd_config=bwd))
 
 
+def test_triton_version():
+    assert attn._triton_version("3.6.0") == (3, 6) and attn._triton_version("3.8.0+git1a2b3c") == (3, 8)
+    assert attn._triton_version("3.10.1") == (3, 10) and attn._triton_version("nightly") == (0, 0)
+
+
+@pytest.mark.parametrize("groups", [True, False])
+def test_defaults_follow_the_triton_version(monkeypatch, groups):
+    """POW2_TAIL_GROUPS (on under Triton < 3.7, where the TUNED tail groups were measured to win): the defaults are
+    TUNED's as they are; off (Triton 3.8, where they lose at d = 32 / 64), the same configs without TAIL_G on any
+    pass at power-of-two head dims, register caps and every other key kept; split head dims (d = 80) keep theirs."""
+    monkeypatch.setattr(attn, "POW2_TAIL_GROUPS", groups)
+    keys = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW", "DQ")}
+    for n, d in ((197, 64), (261, 64), (197, 32), (257, 64)):
+        fwd, bwd = attn._fwd_config(n, d), attn._bwd_config(n, d)
+        tf, tb = attn._fwd_tuned(n, d), attn._bwd_tuned(n, d)
+        grouped = [c.get("TAIL_G") for c in (fwd, bwd, bwd.get("DQ") or {})]
+        assert any(grouped) if groups else not any(grouped)
+        assert keys(fwd) == keys(tf) and keys(bwd) == keys(tb) and keys(bwd["DQ"]) == keys(tb["DQ"])
+        if groups:
+            assert (fwd, bwd) == (tf, tb)
+    assert attn._fwd_config(257, 80)["TAIL_G"] == 4 and attn._bwd_config(257, 80)["DQ"]["TAIL_G"] == 4
+    assert attn._fwd_config(1374, 64) == attn.TUNED[(1374, 64)][0]  # nothing to drop
+
+
 def test_split_dims():
     """Which head dims the SPLIT_D knob splits: two power-of-two pieces narrower than one padded tile."""
     assert attn._split_dims(88) == (64, 32) and attn._split_dims(80) == (64, 16) and attn._split_dims(96) == (64, 32)
