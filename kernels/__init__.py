@@ -1,7 +1,8 @@
 """Triton kernels for ViT pretraining, each with its autograd wrapper and a plain torch reference.
 
 Every op takes `impl=`: "triton" (our kernels; also runs on CPU tensors under TRITON_INTERPRET=1),
-"torch" (the reference), and "auto" (triton on CUDA, the reference/SDPA elsewhere).
+"torch" (the reference), and "auto" (triton on CUDA, the reference/SDPA elsewhere; attention takes triton up to
+AUTO_TRITON_MAX_SEQLEN tokens, where it measured at least as fast as SDPA).
 Files: attn.py (attention), masking.py (mae_mask / mae_unmask), loss.py (mae_loss).
 """
 from kernels.attn import (

@@ -1694,10 +1694,13 @@ def attention_triton(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, f
     return _TritonAttention.apply(q, k, v, scale, cu_seqlens, max_seqlen, fwd_config, bwd_config)
 
 
-# "auto" uses our kernel only where it measured faster than the best SDPA backend (H200,
-# bench/results/kernels-*.json: 1.66x at N=50, 0.89x at N=197 against cuDNN); longer
-# sequences go to SDPA, whose cuDNN backward is faster there (see kernels/README.md).
-AUTO_TRITON_MAX_SEQLEN = 128
+# "auto" uses our kernel up to the longest sequence where it measured at least as fast as the best SDPA backend
+# (H200, fwd+bwd; bench/results/kernels-nvidia-h200-2026-11-29-defaults-lean.json under Triton 3.6,
+# ...-triton38-defaults.json under 3.8): 1.68-1.69x at N = 50, 1.27 at 197 (1.64-1.68 for the MAE ViT-L decoder's
+# d = 32), 1.46-1.48 at 257 / 261, 1.15-1.24 at d = 80 / 88, 0.99-1.03 at N = 1374 (parity); 0.53x at N = 4096 with
+# d = 128, where cuDNN's backward is faster, so longer sequences go to SDPA. Until 2026-11-29 this was 128 (set when
+# N = 197 ran 0.89x, before the two-pass backward), which sent the MAE decoder and DINOv2's N = 257 crops to SDPA.
+AUTO_TRITON_MAX_SEQLEN = 1374
 
 
 def _triton_fits(x: torch.Tensor, seqlen: int | None = None) -> bool:
@@ -1719,7 +1722,7 @@ def attention(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, impl="au
 
     impl: "triton" (our kernels), "sdpa" (torch's fused SDPA), "torch" (fp32 reference),
     "xformers" (memory_efficient_attention), "auto" = triton on CUDA for head dim <= 128 and
-    N <= AUTO_TRITON_MAX_SEQLEN (where it measured faster), SDPA otherwise.
+    N <= AUTO_TRITON_MAX_SEQLEN (where it measured at least as fast), SDPA otherwise.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
