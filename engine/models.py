@@ -7,9 +7,14 @@ from torch import nn
 
 
 def use_triton(kernels: str, device: torch.device | str) -> bool:
-    """`model.kernels`: auto means our Triton kernels on CUDA and torch/SDPA elsewhere."""
+    """`model.kernels`: auto means our Triton kernels on CUDA (under a Triton they were verified with:
+    kernels/triton_version.py) and torch/SDPA elsewhere."""
     if kernels == "auto":
-        return torch.device(device).type == "cuda"
+        if torch.device(device).type != "cuda":
+            return False
+        from kernels import triton_version
+
+        return triton_version.auto_ok()
     return kernels == "triton"
 
 

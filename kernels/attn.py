@@ -29,13 +29,14 @@ key TAIL_G puts the rows past the last full block of several heads in one progra
 from __future__ import annotations
 
 import math
-import re
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kernels import triton_version
 
 IMPLS = ("auto", "triton", "torch", "sdpa", "xformers")
 
@@ -1256,12 +1257,6 @@ TUNED: dict = {
 TAIL_GROUP_MAX_N = 320
 
 
-def _triton_version(version: str) -> tuple[int, int]:
-    """(major, minor) of a Triton version string ("3.6.0", "3.8.0+git1234" -> (3, 8)); (0, 0) if unreadable."""
-    m = re.match(r"(\d+)\.(\d+)", version)
-    return (int(m[1]), int(m[2])) if m else (0, 0)
-
-
 # Whether the defaults group tail rows (TAIL_G) at power-of-two head dims (d = 32, 64), where the grouped tail's 3D
 # products run at the full blocks' width. The groups were tuned under Triton 3.6 (torch 2.11), where they win 3-6 %
 # (the TUNED notes). Under Triton 3.8 (torch 2.14's) on the same H200 they lose: the grouped kernels are slower than
@@ -1273,7 +1268,7 @@ def _triton_version(version: str) -> tuple[int, int]:
 # Per-head tails under 3.8 then match the grouped defaults under 3.6 within 3 % (...-capab-triton36.json: N = 197
 # 0.1076 / 0.3134, N = 261 0.2377 / 0.7015). Split head dims keep their groups (d = 80, the tail padded to 128
 # columns: 0.2121 / 0.7344 grouped vs 0.2281 / 0.7473 under 3.8). 3.7 is unmeasured and taken as 3.8.
-POW2_TAIL_GROUPS = _triton_version(triton.__version__) < (3, 7)
+POW2_TAIL_GROUPS = triton_version.TRITON < (3, 7)
 
 
 def _for_this_triton(cfg: dict, d: int) -> dict:
@@ -1704,9 +1699,10 @@ AUTO_TRITON_MAX_SEQLEN = 1374
 
 
 def _triton_fits(x: torch.Tensor, seqlen: int | None = None) -> bool:
-    """What "auto" sends to our kernel: CUDA, half/bfloat16/float32, head dim <= 128, short sequences."""
+    """What "auto" sends to our kernel: CUDA, half/bfloat16/float32, head dim <= 128, sequences up to
+    AUTO_TRITON_MAX_SEQLEN, a Triton the kernels were verified with (kernels/triton_version.py)."""
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.shape[-1] <= 128
-            and (seqlen is None or seqlen <= AUTO_TRITON_MAX_SEQLEN))
+            and (seqlen is None or seqlen <= AUTO_TRITON_MAX_SEQLEN) and triton_version.auto_ok())
 
 
 def _xformers_available() -> bool:

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import triton_version
 from kernels.pdl import launch_options, pdl_enter, use_pdl
 
 
@@ -300,7 +301,7 @@ def mae_loss(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6, impl="aut
         raise ValueError(f"shapes disagree: imgs {tuple(imgs.shape)}, pred {tuple(pred.shape)}, "
                          f"mask {tuple(mask.shape)}, patch {p}")
     if impl == "auto":
-        impl = "triton" if pred.is_cuda else "torch"
+        impl = "triton" if pred.is_cuda and triton_version.auto_ok() else "torch"
     if impl == "torch" or C > MAX_CHANNELS:  # images have 1 or 3 channels; more fall back to torch
         return mae_loss_reference(imgs, pred, mask, p, norm_pix=norm_pix, eps=eps, layout=layout)
     m = mask.reshape(-1)

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import triton_version
 from kernels.pdl import launch_options, pdl_enter, use_pdl
 
 # ----------------------------------------------------------------------------- references
@@ -640,7 +641,7 @@ def _resolve(impl: str, x: torch.Tensor) -> str:
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     if impl == "auto":
-        return "triton" if x.is_cuda else "torch"
+        return "triton" if x.is_cuda and triton_version.auto_ok() else "torch"
     return impl
 
 

@@ -1,4 +1,6 @@
 """kernels.attention: the Triton forward/backward under TRITON_INTERPRET=1 against the fp32 reference."""
+import warnings
+
 import pytest
 import torch
 import sys
@@ -78,8 +80,33 @@ def test_tuned_configs(shape):
 
 
 def test_triton_version():
-    assert attn._triton_version("3.6.0") == (3, 6) and attn._triton_version("3.8.0+git1a2b3c") == (3, 8)
-    assert attn._triton_version("3.10.1") == (3, 10) and attn._triton_version("nightly") == (0, 0)
+    from kernels.triton_version import parse
+
+    assert parse("3.6.0") == (3, 6) and parse("3.8.0+git1a2b3c") == (3, 8)
+    assert parse("3.10.1") == (3, 10) and parse("nightly") == (0, 0)
+
+
+@pytest.mark.parametrize("version,ok", [((3, 5), False), ((3, 0), False), ((3, 6), True), ((3, 8), True)])
+def test_auto_needs_a_verified_triton(monkeypatch, version, ok):
+    """Under a Triton older than VERIFIED_FROM, "auto" (kernels' impl and the engine's model.kernels) runs the
+    torch / SDPA paths and says so once; an explicit "triton" is left alone."""
+    from types import SimpleNamespace
+
+    from engine.models import use_triton
+    from kernels import masking, triton_version
+
+    monkeypatch.setattr(triton_version, "TRITON", version)
+    monkeypatch.setattr(triton_version, "_warned", False)
+    cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(2, 16, 197, 64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        picks = [attn._triton_fits(cuda, 197), masking._resolve("auto", cuda), use_triton("auto", "cuda")]
+        use_triton("auto", "cuda")
+    assert picks == ([True, "triton", True] if ok else [False, "torch", False])
+    said = [w for w in caught if "verified with" in str(w.message)]
+    assert len(said) == (0 if ok else 1) and (ok or "3.6" in str(said[0].message))
+    assert use_triton("triton", "cuda") and masking._resolve("triton", cuda) == "triton"
+    assert not use_triton("auto", "cpu")
 
 
 @pytest.mark.parametrize("groups", [True, False])
