@@ -2,8 +2,9 @@
 
 The parameters and state dict are timm's own (qkv, q_norm, k_norm, norm, proj), so checkpoints
 stay plain timm ViTs. Only the softmax(q k^T) v core changes: `kernels.attention_qkv` on the
-packed qkv tensor ("auto" = Triton on CUDA up to kernels.attn.AUTO_TRITON_MAX_SEQLEN tokens, SDPA elsewhere). Cases the kernel does not cover
-(an attention mask, causal attention, attention dropout while training) fall back to timm.
+packed qkv tensor ("auto" = Triton on CUDA up to kernels.attn.AUTO_TRITON_MAX_SEQLEN tokens, SDPA
+elsewhere). Cases the kernel does not cover (an attention mask, causal attention, attention dropout
+while training) fall back to timm.
 """
 from __future__ import annotations
 
