@@ -319,6 +319,22 @@ K38)  # K37's tail groups (under register caps) in TUNED for N = 197 / 261 (d = 
 K55)  # the defaults after K52 (the forward's lean softmax): every attention shape and the MAE ops
   step 300 python3 -m bench kernels --tag defaults-lean
   ;;
+K61)  # the MAE ViT-L step after kernels.attention's "auto" took our kernel up to 1,374 tokens (was 128: the engine's
+      # decoder at N = 197 ran on SDPA); ...-2026-11-29-large-vitl-auto1374.json
+  step 450 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \
+    --steps 8 --warmup 3 --tag vitl-auto1374
+  ;;
+K62)  # under Triton 3.8.0 (torch 2.14's): needs /tmp/site38 prepared as ../shared/GPU.md "A newer Triton on it" says
+      # (three calls carrying the wheel's parts first). The 3.6-tuned defaults gave ...-triton38.json; with
+      # POW2_TAIL_GROUPS (off from 3.7) ...-triton38-defaults.json; then WS and the TMA forward re-timed there
+  [ -d /tmp/site38/triton ] || { echo "no /tmp/site38: see ../shared/GPU.md"; exit 3; }
+  PYTHONPATH=/tmp/site38:. step 300 python3 -m bench kernels --tag triton38-defaults
+  PYTHONPATH=/tmp/site38:. step 260 python3 -m bench kernels --only attention --tune-ws \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64,vit-g-n257-d88 --tag triton38-tune-ws
+  PYTHONPATH=/tmp/site38:. step 230 python3 -m bench kernels --only attention --tune-tma \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64 --tag triton38-tune-tma
+  step 200 python3 -m bench kernels --only attention --tag triton36-beside
+  ;;
 K60)  # occupancy: Nsight Compute (K51) had 4 forward / 5 dQ-pass programs per SM, limited by registers and shared memory
       # at once. Offline (sm_90) the d = 64 forward's full blocks fit 96 registers without spills and its dQ pass 84: one
       # stage fewer (41 / 33 KB) under those caps fits 5 forward / 6 dQ programs per SM
