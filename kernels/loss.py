@@ -292,16 +292,13 @@ _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 def mae_loss(imgs, pred, mask, patch_size, *, norm_pix=True, eps=1e-6, impl="auto", layout="pqc"):
     """MAE norm-pix MSE over masked patches; differentiable w.r.t. pred. layout: pred's order within a
     patch, "pqc" (MAE's patchify) or "cpq" (channel-major: see the module docstring)."""
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    impl = triton_version.resolve(impl, pred)
     _check_layout(layout)
     B, C, H, W = imgs.shape
     p = int(patch_size)
     if H % p or W % p or pred.shape != (B, (H // p) * (W // p), p * p * C) or mask.shape != pred.shape[:2]:
         raise ValueError(f"shapes disagree: imgs {tuple(imgs.shape)}, pred {tuple(pred.shape)}, "
                          f"mask {tuple(mask.shape)}, patch {p}")
-    if impl == "auto":
-        impl = "triton" if pred.is_cuda and triton_version.auto_ok() else "torch"
     if impl == "torch" or C > MAX_CHANNELS:  # images have 1 or 3 channels; more fall back to torch
         return mae_loss_reference(imgs, pred, mask, p, norm_pix=norm_pix, eps=eps, layout=layout)
     m = mask.reshape(-1)

@@ -637,14 +637,6 @@ def _unmask_backward(ctx, dfull, dinv):
 _unmask.register_autograd(_unmask_backward, setup_context=_unmask_setup)
 
 
-def _resolve(impl: str, x: torch.Tensor) -> str:
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
-    if impl == "auto":
-        return "triton" if x.is_cuda and triton_version.auto_ok() else "torch"
-    return impl
-
-
 def mae_mask(tokens, pos_embed, mask_ratio, *, noise: Optional[torch.Tensor] = None, impl="auto"):
     """Random MAE masking: (visible [B, K, C] with pos_embed added, ids_keep [B, K], mask [B, N] True=masked)."""
     B, N, C = tokens.shape
@@ -652,7 +644,7 @@ def mae_mask(tokens, pos_embed, mask_ratio, *, noise: Optional[torch.Tensor] = N
         raise ValueError(f"pos_embed {tuple(pos_embed.shape)} does not match tokens {tuple(tokens.shape)}")
     if noise is None:
         noise = torch.rand(B, N, device=tokens.device)
-    if _resolve(impl, tokens) == "torch":
+    if triton_version.resolve(impl, tokens) == "torch":
         return mae_mask_reference(tokens, pos_embed, mask_ratio, noise=noise)
     K = keep_count(N, mask_ratio)
     ids_keep, mask, rank = mae_rank(noise, K)
@@ -674,7 +666,7 @@ def mae_unmask(visible, ids_keep, mask_token, pos_embed, *, mask: Optional[torch
             raise ValueError(f"mask {tuple(mask.shape)} is not [batch, positions] = [{want[0]}, {want[1]}]")
         if mask.device != visible.device:
             raise ValueError(f"mask is on {mask.device}, visible on {visible.device}")
-    if _resolve(impl, visible) == "torch":
+    if triton_version.resolve(impl, visible) == "torch":
         return mae_unmask_reference(visible, ids_keep, mask_token, pos_embed)
     C = visible.shape[-1]
     return _unmask(visible, ids_keep, mask_token.reshape(C), _pos2d(pos_embed), rank, mask)[0]

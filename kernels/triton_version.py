@@ -40,3 +40,13 @@ def auto_ok() -> bool:
             "instead. Upgrade torch (it brings its Triton) to use them, or ask for them explicitly with "
             "impl='triton' / model.kernels: triton.", RuntimeWarning, stacklevel=3)
     return False
+
+
+def resolve(impl: str, x) -> str:
+    """The masking and loss ops' `impl`: "triton" or "torch" as given, "auto" = triton for a CUDA tensor x under a
+    verified Triton (auto_ok), else torch; anything else is an error."""
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    if impl == "auto":
+        return "triton" if x.is_cuda and auto_ok() else "torch"
+    return impl

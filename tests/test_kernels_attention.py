@@ -93,19 +93,19 @@ def test_auto_needs_a_verified_triton(monkeypatch, version, ok):
     from types import SimpleNamespace
 
     from engine.models import use_triton
-    from kernels import masking, triton_version
+    from kernels import triton_version
 
     monkeypatch.setattr(triton_version, "TRITON", version)
     monkeypatch.setattr(triton_version, "_warned", False)
     cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(2, 16, 197, 64))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        picks = [attn._triton_fits(cuda, 197), masking._resolve("auto", cuda), use_triton("auto", "cuda")]
+        picks = [attn._triton_fits(cuda, 197), triton_version.resolve("auto", cuda), use_triton("auto", "cuda")]
         use_triton("auto", "cuda")
     assert picks == ([True, "triton", True] if ok else [False, "torch", False])
     said = [w for w in caught if "verified with" in str(w.message)]
     assert len(said) == (0 if ok else 1) and (ok or "3.6" in str(said[0].message))
-    assert use_triton("triton", "cuda") and masking._resolve("triton", cuda) == "triton"
+    assert use_triton("triton", "cuda") and triton_version.resolve("triton", cuda) == "triton"
     assert not use_triton("auto", "cpu")
 
 
