@@ -645,7 +645,7 @@ VARIANT_FLAGS = [
     ("--tune-regs", "regs", "configs under register caps "
      f"(Triton's maxnreg: {', '.join(str(c) for c in REG_CAPS)}) on the forward and each backward pass"),
     ("--tune-ws", "ws", "configs with Triton's warp specialization on the full-tile loops (forward, each pass of the "
-     "two-pass backward)"),
+     "two-pass backward; on Hopper Triton compiles the same kernel either way)"),
     ("--tune-split", "split", "configs with and without the head dim split in two pieces (SPLIT_D; d = 88 as 64 + 32), "
      "and block neighbours with it"),
     ("--tune-tma", "tma", "configs without and with TMA loads (tensor descriptors, Hopper and later; dense inputs; the "

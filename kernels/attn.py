@@ -515,7 +515,8 @@ def _attn_fwd(
 ):
     # TMA: the full key tiles are loaded through the tensor descriptors KD / VD (dense inputs; block
     # [1, 1, BLOCK_N, BLOCK_D]); otherwise KD / VD are unused.
-    # WS: Triton's warp specialization of the full-tile loop (tl.range(warp_specialize=...)), a tuning knob.
+    # WS: Triton's warp specialization of the full-tile loop (tl.range(warp_specialize=...)), a tuning knob. On Hopper
+    # it changes nothing (no specialized region with pointer loads or host descriptors; kernels/README.md)
     # D2 > 0 (SPLIT_D): the head dim in two pieces, BLOCK_D columns then D2 (d = 88: 64 + 32 instead of 128)
     # TAIL_G > 1: the tail rows of TAIL_G heads in one program (dense inputs), walking TAIL_GW keys a step, the head dim
     # whole, padded to TAIL_GD columns (also where the full blocks split it: D2 > 0)
