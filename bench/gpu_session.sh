@@ -324,7 +324,7 @@ K61)  # the MAE ViT-L step after kernels.attention's "auto" took our kernel up t
   step 450 python3 -m bench train --recipes recipes/vit_l_mae.yaml --batch 256 --variants engine-triton engine-torch \
     --steps 8 --warmup 3 --tag vitl-auto1374
   ;;
-K62)  # under Triton 3.8.0 (torch 2.14's): needs /tmp/site38 prepared as ../shared/GPU.md "A newer Triton on it" says
+K62)  # under Triton 3.8.0 (torch 2.14's): needs /tmp/site38 prepared as kernels/README.md "Under Triton 3.8" says
       # (three calls carrying the wheel's parts first). The 3.6-tuned defaults gave ...-triton38.json; with
       # POW2_TAIL_GROUPS (off from 3.7) ...-triton38-defaults.json; then WS and the TMA forward re-timed there
   [ -d /tmp/site38/triton ] || { echo "no /tmp/site38: see ../shared/GPU.md"; exit 3; }
@@ -334,6 +334,17 @@ K62)  # under Triton 3.8.0 (torch 2.14's): needs /tmp/site38 prepared as ../shar
   PYTHONPATH=/tmp/site38:. step 230 python3 -m bench kernels --only attention --tune-tma \
     --shapes vit-l-n197-d64,dinov2-g-n261-d64 --tag triton38-tune-tma
   step 200 python3 -m bench kernels --only attention --tag triton36-beside
+  ;;
+K63)  # the DINOv2 ViT-L step with kernels.attention's "auto" limit at 128 and at 1,374 tokens, one after the other
+      # (...-2026-11-29-large-dinov2-dinov2-ab-auto{128,1374}.json). The same call's ad hoc scripts, whose source
+      # their JSONs hold: the warp-specialized prototype forward (...-ws-device-desc.json: python3 ws_fwd.py bench OUT)
+      # and the eager launch's CPU split (...-launch-cpu.json: python3 launch_prof.py OUT)
+  for lim in 128 1374; do
+    step 250 python3 -c "import sys, runpy, kernels.attn as A; A.AUTO_TRITON_MAX_SEQLEN = int(sys.argv[1]); \
+sys.argv = ['bench'] + sys.argv[2:]; runpy.run_module('bench', run_name='__main__')" $lim train \
+      --recipes recipes/vit_l_dinov2.yaml --batch 32 --steps 20 --warmup 3 --variants engine-triton engine-torch \
+      --tag dinov2-ab-auto$lim
+  done
   ;;
 K60)  # occupancy: Nsight Compute (K51) had 4 forward / 5 dQ-pass programs per SM, limited by registers and shared memory
       # at once. Offline (sm_90) the d = 64 forward's full blocks fit 96 registers without spills and its dQ pass 84: one
