@@ -345,6 +345,23 @@ sys.argv = ['bench'] + sys.argv[2:]; runpy.run_module('bench', run_name='__main_
       --recipes recipes/vit_l_dinov2.yaml --batch 32 --steps 20 --warmup 3 --variants engine-triton engine-torch \
       --tag dinov2-ab-auto$lim
   done
+  # then three interleaved rounds, engine-triton only (...-large-dinov2-ab3.json gathers them)
+  for round in 1 2 3; do for lim in 1374 128; do
+    step 140 python3 -c "import sys, runpy, kernels.attn as A; A.AUTO_TRITON_MAX_SEQLEN = int(sys.argv[1]); \
+sys.argv = ['bench'] + sys.argv[2:]; runpy.run_module('bench', run_name='__main__')" $lim train \
+      --recipes recipes/vit_l_dinov2.yaml --batch 32 --steps 20 --warmup 3 --variants engine-triton \
+      --tag dinov2-ab3-auto$lim-r$round
+  done; done
+  ;;
+K64)  # under Triton 3.8.0 again (/tmp/site38 as for K62): neighbouring blocks at N = 261 and d = 88, whose d = 88 dQ-pass
+      # winner became TUNED_NEWER_TRITON; then the defaults under 3.8 and under the stock 3.6, one after the other
+  [ -d /tmp/site38/triton ] || { echo "no /tmp/site38: see kernels/README.md, Under Triton 3.8"; exit 3; }
+  for s in dinov2-g-n261-d64 vit-g-n257-d88; do
+    PYTHONPATH=/tmp/site38:. step 190 python3 -m bench kernels --only attention --tune-blocks --shapes $s \
+      --tag triton38-tune-blocks-$s
+  done
+  PYTHONPATH=/tmp/site38:. step 230 python3 -m bench kernels --only attention --tag triton38-defaults-2
+  step 230 python3 -m bench kernels --only attention --tag triton36-defaults-2
   ;;
 K60)  # occupancy: Nsight Compute (K51) had 4 forward / 5 dQ-pass programs per SM, limited by registers and shared memory
       # at once. Offline (sm_90) the d = 64 forward's full blocks fit 96 registers without spills and its dQ pass 84: one

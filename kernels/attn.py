@@ -1272,6 +1272,24 @@ TAIL_GROUP_MAX_N = 320
 POW2_TAIL_GROUPS = triton_version.TRITON < (3, 7)
 
 
+# Shapes whose blocks differ under Triton 3.7 and later (measured under 3.8, torch 2.14's; 3.7 is taken as 3.8, as
+# for POW2_TAIL_GROUPS): (forward, backward) configs that replace TUNED's there, None where TUNED's stays. d = 88's dQ
+# pass at 32-key steps and 4 stages (--tune-blocks under 3.8 on the H200,
+# ...-2026-11-29-triton38-tune-blocks-vit-g-n257-d88.json): backward 0.5580 ms vs 0.5907 with TUNED's (64-key steps,
+# 2 stages), fwd+bwd 1.21x cuDNN vs 1.15x. Under 3.6 the same change is slower (0.5853 vs 0.5641,
+# ...-2026-11-29-tune-blocks-2.json), so TUNED keeps its own. The other shapes' neighbours under 3.8 (N = 261) gained
+# nothing (...-triton38-tune-blocks-dinov2-g-n261-d64.json).
+TUNED_NEWER_TRITON: dict = {
+    (257, 88): (None, _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 4, True), split_d=True, tma=True)),
+}
+NEWER_TRITON = triton_version.TRITON >= (3, 7)
+
+
+def _newer(n: int, d: int, i: int):
+    """TUNED_NEWER_TRITON's forward (i = 0) or backward (1) config for (n, d) under Triton 3.7+, else None."""
+    return TUNED_NEWER_TRITON.get((n, d), (None, None))[i] if NEWER_TRITON else None
+
+
 def _for_this_triton(cfg: dict, d: int) -> dict:
     """A default config as this Triton runs it best: without tail groups at power-of-two head dims where
     POW2_TAIL_GROUPS is off (both passes of a two-pass backward), else unchanged. The register caps stay: per-head
@@ -1287,13 +1305,15 @@ def _for_this_triton(cfg: dict, d: int) -> dict:
 
 
 def _fwd_config(n: int, d: int) -> dict:
-    """The forward's default config: _fwd_tuned's, as this Triton runs it best (_for_this_triton)."""
-    return _for_this_triton(_fwd_tuned(n, d), d)
+    """The forward's default config: TUNED_NEWER_TRITON's under Triton 3.7+ where it has one, else _fwd_tuned's, as
+    this Triton runs it best (_for_this_triton)."""
+    return _for_this_triton(_newer(n, d, 0) or _fwd_tuned(n, d), d)
 
 
 def _bwd_config(n: int, d: int) -> dict:
-    """The backward's default config: _bwd_tuned's, as this Triton runs it best (_for_this_triton)."""
-    return _for_this_triton(_bwd_tuned(n, d), d)
+    """The backward's default config: TUNED_NEWER_TRITON's under Triton 3.7+ where it has one, else _bwd_tuned's, as
+    this Triton runs it best (_for_this_triton)."""
+    return _for_this_triton(_newer(n, d, 1) or _bwd_tuned(n, d), d)
 
 
 def _fwd_tuned(n: int, d: int) -> dict:

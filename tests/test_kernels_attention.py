@@ -79,6 +79,25 @@ def test_tuned_configs(shape):
     assert_close(*run_both(q, k, v, fwd_config=fwd, bwd_config=bwd))
 
 
+@pytest.mark.parametrize("shape", sorted(attn.TUNED_NEWER_TRITON), ids=lambda s: f"newer-n{s[0]}-d{s[1]}")
+def test_newer_triton_configs(monkeypatch, shape):
+    """TUNED_NEWER_TRITON: under Triton 3.7+ (NEWER_TRITON) the defaults take its configs where it has one and
+    TUNED's elsewhere; under 3.6 TUNED's throughout. Each of its configs gives the reference result at N = 197."""
+    n, d = shape
+    newer = attn.TUNED_NEWER_TRITON[shape]
+    for on in (True, False):
+        monkeypatch.setattr(attn, "NEWER_TRITON", on)
+        for i, (get, tuned) in enumerate(((attn._fwd_config, attn._fwd_tuned), (attn._bwd_config, attn._bwd_tuned))):
+            want = newer[i] if on and newer[i] is not None else tuned(n, d)
+            assert get(n, d) == attn._for_this_triton(want, d)
+        for other in ((197, 64), (261, 64), (1374, 64), (65, 88)):  # shapes it does not list: unchanged
+            assert attn._bwd_config(*other) == attn._for_this_triton(attn._bwd_tuned(*other), other[1])
+    assert newer[1]["DQ"] != attn.TUNED[shape][1]["DQ"]  # d = 88: the dQ pass's blocks differ
+    fwd = newer[0] or attn.TUNED[shape][0]
+    q, k, v = (torch.randn(1, 1, 197, d, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=fwd, bwd_config=newer[1]))
+
+
 def test_triton_version():
     from kernels.triton_version import parse
 
