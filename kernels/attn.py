@@ -1711,9 +1711,9 @@ def attention_triton(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, f
 
 
 # "auto" uses our kernel up to the longest sequence where it measured at least as fast as the best SDPA backend
-# (H200, fwd+bwd; bench/results/kernels-nvidia-h200-2026-11-29-defaults-lean.json under Triton 3.6,
-# ...-triton38-defaults.json under 3.8): 1.68-1.69x at N = 50, 1.27 at 197 (1.64-1.68 for the MAE ViT-L decoder's
-# d = 32), 1.46-1.48 at 257 / 261, 1.15-1.24 at d = 80 / 88, 0.99-1.03 at N = 1374 (parity); 0.53x at N = 4096 with
+# (H200, fwd+bwd; bench/results/kernels-nvidia-h200-2026-11-29-triton36-defaults-2.json under Triton 3.6,
+# ...-triton38-defaults-2.json under 3.8): 1.67-1.68x at N = 50, 1.27 at 197 (1.63-1.67 for the MAE ViT-L decoder's
+# d = 32), 1.46-1.47 at 257 / 261, 1.20-1.23 at d = 80 / 88, 1.01-1.04 at N = 1374 (parity); 0.54x at N = 4096 with
 # d = 128, where cuDNN's backward is faster, so longer sequences go to SDPA. Until 2026-11-29 this was 128 (set when
 # N = 197 ran 0.89x, before the two-pass backward), which sent the MAE decoder and DINOv2's N = 257 crops to SDPA.
 AUTO_TRITON_MAX_SEQLEN = 1374
