@@ -356,7 +356,8 @@ sys.argv = ['bench'] + sys.argv[2:]; runpy.run_module('bench', run_name='__main_
 K64)  # under Triton 3.8.0 again (/tmp/site38 as for K62): neighbouring blocks at N = 261 and d = 88, whose d = 88 dQ-pass
       # winner became TUNED_NEWER_TRITON; then the defaults under 3.8 and under the stock 3.6, one after the other
   [ -d /tmp/site38/triton ] || { echo "no /tmp/site38: see kernels/README.md, Under Triton 3.8"; exit 3; }
-  for s in dinov2-g-n261-d64 vit-g-n257-d88; do
+  for s in dinov2-g-n261-d64 vit-g-n257-d88 vit-l-n197-d64 mae-l-dec-n197-d32 dinov2-g518-n1374-d64 vit-h-n257-d80 \
+      mae-g-enc-n65-d88; do
     PYTHONPATH=/tmp/site38:. step 190 python3 -m bench kernels --only attention --tune-blocks --shapes $s \
       --tag triton38-tune-blocks-$s
   done
