@@ -364,6 +364,13 @@ K64)  # under Triton 3.8.0 again (/tmp/site38 as for K62): neighbouring blocks a
   PYTHONPATH=/tmp/site38:. step 230 python3 -m bench kernels --only attention --tag triton38-defaults-2
   step 230 python3 -m bench kernels --only attention --tag triton36-defaults-2
   ;;
+K65)  # L2 eviction hints on the masking kernels: the EVICT variant (then one flag; now MASK_EVICT / UNMASK_EVICT) and
+      # two unmask-only repeats, then the defaults (the unmask with hints) under 3.8 (/tmp/site38 as for K62) and 3.6
+  step 280 python3 -m bench kernels --only mae --mae-variants mask,unmask --tag mae-evict
+  for i in 1 2; do step 120 python3 -m bench kernels --only mae --mae-variants unmask --tag mae-evict-u$i; done
+  [ -d /tmp/site38/triton ] && PYTHONPATH=/tmp/site38:. step 100 python3 -m bench kernels --only mae --tag triton38-mae-evict
+  step 100 python3 -m bench kernels --only mae --tag triton36-mae-evict
+  ;;
 K60)  # occupancy: Nsight Compute (K51) had 4 forward / 5 dQ-pass programs per SM, limited by registers and shared memory
       # at once. Offline (sm_90) the d = 64 forward's full blocks fit 96 registers without spills and its dQ pass 84: one
       # stage fewer (41 / 33 KB) under those caps fits 5 forward / 6 dQ programs per SM

@@ -341,7 +341,12 @@ def _assert_unmask_matches(ids, pos, C, rank=None, mask=None):
 
 
 @pytest.mark.parametrize("B,N,C,ratio", [(11, 5, 48, 0.6), (2, 10, 1408, 0.75), (3, 150, 8, 1 / 3), (2, 7, 8, 0.9)])
-def test_mae_mask_unmask_walks(B, N, C, ratio):
+@pytest.mark.parametrize("evict", [False, True])
+def test_mae_mask_unmask_walks(monkeypatch, B, N, C, ratio, evict):
+    """The mask's gather and the unmask's scatter / fill and both backward walks match the reference, with and without
+    the L2 eviction hints on their loads (MASK_EVICT / UNMASK_EVICT; the interpreter runs the same loads)."""
+    monkeypatch.setattr(sys.modules["kernels.masking"], "MASK_EVICT", evict)
+    monkeypatch.setattr(sys.modules["kernels.masking"], "UNMASK_EVICT", evict)
     K = int(N * (1 - ratio))
     tokens = torch.randn(B, N, C, requires_grad=True)
     pos = torch.randn(1, N, C, requires_grad=True)
@@ -352,6 +357,7 @@ def test_mae_mask_unmask_walks(B, N, C, ratio):
     torch.testing.assert_close(vis, rvis)
     _assert_same_grads(vis, rvis, (tokens, pos))
     _assert_unmask_matches(ids, pos, C)
+    _assert_unmask_matches(ids, pos, C, mask=mask)
 
 
 @pytest.mark.parametrize("programs", [1, 3])
