@@ -371,6 +371,12 @@ K65)  # L2 eviction hints on the masking kernels: the EVICT variant (then one fl
   [ -d /tmp/site38/triton ] && PYTHONPATH=/tmp/site38:. step 100 python3 -m bench kernels --only mae --tag triton38-mae-evict
   step 100 python3 -m bench kernels --only mae --tag triton36-mae-evict
   ;;
+K66)  # the unmask forward's 16-bit adds (UNMASK_NATIVE_ADD): bit-exactness on the GPU (an ad hoc script, its source in
+      # ...-2026-11-29-unmask-native.json), then the unmask variants under 3.8 (/tmp/site38 as for K62) and 3.6
+  [ -d /tmp/site38/triton ] && PYTHONPATH=/tmp/site38:. step 60 python3 -m bench kernels --only mae --mae-variants unmask \
+    --tag triton38-unmask-native
+  step 50 python3 -m bench kernels --only mae --mae-variants unmask --tag triton36-unmask-native
+  ;;
 K60)  # occupancy: Nsight Compute (K51) had 4 forward / 5 dQ-pass programs per SM, limited by registers and shared memory
       # at once. Offline (sm_90) the d = 64 forward's full blocks fit 96 registers without spills and its dQ pass 84: one
       # stage fewer (41 / 33 KB) under those caps fits 5 forward / 6 dQ programs per SM

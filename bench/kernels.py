@@ -205,7 +205,7 @@ MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] 
 # the unmask's alternatives measured on the H200 and dropped from the code (kernels/masking.py says which) ran as
 # variants here; what stays: the forward's loads in the old order, the mask-token sum in three steps
 UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "WALK_PROGRAMS", 1024)] + \
-    [("masking", "sum_mt", (128, 32)), ("masking", "UNMASK_EVICT", False)]
+    [("masking", "sum_mt", (128, 32)), ("masking", "UNMASK_EVICT", False), ("masking", "UNMASK_NATIVE_ADD", False)]
 # the unmask backward's walk launched with PDL (the default launches it plainly)
 WALK_PDL_VARIANTS = [("masking", "UNMASK_WALK_PDL", True)]
 # with the mask: the mask ignored (the ids compared, as "triton:ids"), and other launch shapes of the split forward

@@ -234,6 +234,29 @@ def test_unmask_with_the_mask(monkeypatch, B, N, C, ratio, split):
     assert ids.shape == (B, K)
 
 
+def test_unmask_native_add_is_exact(monkeypatch):
+    """With visible rows, mask token and pos_embed in one 16-bit dtype the unmask forward adds in that dtype
+    (UNMASK_NATIVE_ADD): bit for bit the fp32 path's output and the torch reference's (one rounding of the exact sum),
+    with large and tiny magnitudes mixed so that the sums round. In fp16: the interpreter's bf16 arithmetic is wrong
+    (as its bf16 tl.dot), and its fp32 -> bf16 conversion truncates; bf16 was compared on the GPU
+    (bench/results/kernels-nvidia-h200-2026-11-29-unmask-native.json)."""
+    dtype = torch.float16
+    masking = sys.modules["kernels.masking"]
+    B, N, C = 3, 20, 40
+    _, ids, mask = kernels.mae_mask(torch.randn(B, N, 4), torch.zeros(N, 4), 0.75, impl="triton")
+    scale = torch.logspace(-4, 4, C)  # inside fp16's range
+    vis = (torch.randn(B, ids.shape[1], C) * scale).to(dtype)
+    mt = (torch.randn(C) * scale.flip(0)).to(dtype)
+    pos = (torch.randn(1, N, C) * scale.flip(0)).to(dtype)
+    outs = []
+    for native in (True, False):
+        monkeypatch.setattr(masking, "UNMASK_NATIVE_ADD", native)
+        outs.append(kernels.mae_unmask(vis, ids, mt, pos, mask=mask, impl="triton"))
+    ref = kernels.mae_unmask_reference(vis, ids, mt, pos)
+    assert outs[0].dtype == dtype and torch.equal(outs[0], outs[1]) and torch.equal(outs[0], ref)
+    assert masking._one_16bit_dtype(vis, mt, pos) and not masking._one_16bit_dtype(vis, mt.float(), pos)
+
+
 @pytest.mark.parametrize("launch", [(1, 1, 1), (4, 8, 4), (16, 32, 8)])
 def test_unmask_split_launch_shapes(monkeypatch, launch):
     """The split forward's (visible rows per scatter program, positions per fill program, warps): a last program of
