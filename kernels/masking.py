@@ -420,8 +420,12 @@ UNMASK_EVICT = True
 UNMASK_NATIVE_ADD = True
 
 
-def _one_16bit_dtype(*xs) -> bool:
-    return xs[0].dtype in (torch.bfloat16, torch.float16) and all(x.dtype == xs[0].dtype for x in xs)
+def _native_add_ok(*xs) -> bool:
+    """Whether the unmask forward may add in the operands' own dtype: one 16-bit dtype for all, and not bf16 under
+    Triton's interpreter (CPU tensors), whose bf16 arithmetic is wrong (its fp16 is right)."""
+    dt = xs[0].dtype
+    return (dt in (torch.bfloat16, torch.float16) and all(x.dtype == dt for x in xs)
+            and (xs[0].is_cuda or dt == torch.float16))
 
 
 def _evict(on: bool, keep: bool = True) -> dict:
@@ -601,7 +605,7 @@ def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Ten
         _unmask_split_kernel[(sb + triton.cdiv(B * N, fr), triton.cdiv(C, bc))](
             visible, ids_keep, _mask_bytes(mask), mt, pos, out, inv, B * K, B * N, N, K, C, visible.stride(0),
             visible.stride(1), pos.stride(0), sb, BLOCK_SR=sr, BLOCK_FR=fr, BLOCK_C=bc, num_warps=warps,
-            NATIVE=UNMASK_NATIVE_ADD and _one_16bit_dtype(visible, mt, pos, out), **_evict(UNMASK_EVICT),
+            NATIVE=UNMASK_NATIVE_ADD and _native_add_ok(visible, mt, pos, out), **_evict(UNMASK_EVICT),
             **launch_options(use_pdl(out)))
         return out, inv
     visible = visible.contiguous()
