@@ -327,7 +327,7 @@ K61)  # the MAE ViT-L step after kernels.attention's "auto" took our kernel up t
 K62)  # under Triton 3.8.0 (torch 2.14's): needs /tmp/site38 prepared as kernels/README.md "Under Triton 3.8" says
       # (three calls carrying the wheel's parts first). The 3.6-tuned defaults gave ...-triton38.json; with
       # POW2_TAIL_GROUPS (off from 3.7) ...-triton38-defaults.json; then WS and the TMA forward re-timed there
-  [ -d /tmp/site38/triton ] || { echo "no /tmp/site38: see ../shared/GPU.md"; exit 3; }
+  [ -d /tmp/site38/triton ] || { echo "no /tmp/site38: see kernels/README.md, Under Triton 3.8"; exit 3; }
   PYTHONPATH=/tmp/site38:. step 300 python3 -m bench kernels --tag triton38-defaults
   PYTHONPATH=/tmp/site38:. step 260 python3 -m bench kernels --only attention --tune-ws \
     --shapes vit-l-n197-d64,dinov2-g-n261-d64,vit-g-n257-d88 --tag triton38-tune-ws
@@ -339,18 +339,16 @@ K63)  # the DINOv2 ViT-L step with kernels.attention's "auto" limit at 128 and a
       # (...-2026-11-29-large-dinov2-dinov2-ab-auto{128,1374}.json). The same call's ad hoc scripts, whose source
       # their JSONs hold: the warp-specialized prototype forward (...-ws-device-desc.json: python3 ws_fwd.py bench OUT)
       # and the eager launch's CPU split (...-launch-cpu.json: python3 launch_prof.py OUT)
+  # python3 -m bench with kernels.attn.AUTO_TRITON_MAX_SEQLEN set to $1 first
+  AUTO="import sys, runpy, kernels.attn as A; A.AUTO_TRITON_MAX_SEQLEN = int(sys.argv[1]); \
+sys.argv = ['bench'] + sys.argv[2:]; runpy.run_module('bench', run_name='__main__')"
+  DINO="train --recipes recipes/vit_l_dinov2.yaml --batch 32 --steps 20 --warmup 3"
   for lim in 128 1374; do
-    step 250 python3 -c "import sys, runpy, kernels.attn as A; A.AUTO_TRITON_MAX_SEQLEN = int(sys.argv[1]); \
-sys.argv = ['bench'] + sys.argv[2:]; runpy.run_module('bench', run_name='__main__')" $lim train \
-      --recipes recipes/vit_l_dinov2.yaml --batch 32 --steps 20 --warmup 3 --variants engine-triton engine-torch \
-      --tag dinov2-ab-auto$lim
+    step 250 python3 -c "$AUTO" $lim $DINO --variants engine-triton engine-torch --tag dinov2-ab-auto$lim
   done
   # then three interleaved rounds, engine-triton only (...-large-dinov2-ab3.json gathers them)
   for round in 1 2 3; do for lim in 1374 128; do
-    step 140 python3 -c "import sys, runpy, kernels.attn as A; A.AUTO_TRITON_MAX_SEQLEN = int(sys.argv[1]); \
-sys.argv = ['bench'] + sys.argv[2:]; runpy.run_module('bench', run_name='__main__')" $lim train \
-      --recipes recipes/vit_l_dinov2.yaml --batch 32 --steps 20 --warmup 3 --variants engine-triton \
-      --tag dinov2-ab3-auto$lim-r$round
+    step 140 python3 -c "$AUTO" $lim $DINO --variants engine-triton --tag dinov2-ab3-auto$lim-r$round
   done; done
   ;;
 K64)  # under Triton 3.8.0 again (/tmp/site38 as for K62): neighbouring blocks at N = 261 and d = 88, whose d = 88 dQ-pass

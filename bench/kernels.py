@@ -199,13 +199,14 @@ def _mae_row(rows, op, impl, shape, bytes_, fwdbwd, fwd):
 # --mae-variants: (module, LAUNCH key or module attribute, value) set for one timing each
 # ("pdl", "ENABLED", False): the same kernels launched without programmatic dependent launch
 NO_PDL = ("pdl", "ENABLED", False)
+NO_UNMASK_EVICT = ("masking", "UNMASK_EVICT", False)  # the unmask's loads without L2 eviction hints
 MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] + \
     [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + [("masking", "RANK_BY", "count")] + \
     [("masking", "rank_sort", v) for v in (1, 2, 8)] + [("masking", "GATHER_WALK_PDL", False), ("masking", "MASK_EVICT", True)]
 # the unmask's alternatives measured on the H200 and dropped from the code (kernels/masking.py says which) ran as
 # variants here; what stays: the forward's loads in the old order, the mask-token sum in three steps
 UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "WALK_PROGRAMS", 1024)] + \
-    [("masking", "sum_mt", (128, 32)), ("masking", "UNMASK_EVICT", False), ("masking", "UNMASK_NATIVE_ADD", False)]
+    [("masking", "sum_mt", (128, 32)), NO_UNMASK_EVICT, ("masking", "UNMASK_NATIVE_ADD", False)]
 # the unmask backward's walk launched with PDL (the default launches it plainly)
 WALK_PDL_VARIANTS = [("masking", "UNMASK_WALK_PDL", True)]
 # with the mask: the mask ignored (the ids compared, as "triton:ids"), and other launch shapes of the split forward
@@ -332,7 +333,7 @@ def bench_mae(rows, errors, B=256, variants=()):
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_VARIANTS, make)
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_SPLIT_VARIANTS, make)
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, WALK_PDL_VARIANTS, make)
-        _variant_rows(rows, "mae_unmask", shape, moved, [NO_PDL] + WALK_PDL_VARIANTS + [("masking", "UNMASK_EVICT", False)],
+        _variant_rows(rows, "mae_unmask", shape, moved, [NO_PDL] + WALK_PDL_VARIANTS + [NO_UNMASK_EVICT],
                       lambda: make(dpos, (vis, mt, dpos)))
         # each position's row read from the mask's rank kernel (same noise) instead of compared with ids_keep
         from kernels.masking import mae_rank

@@ -1269,7 +1269,8 @@ TAIL_GROUP_MAX_N = 320
 # Per-head tails under 3.8 then match the grouped defaults under 3.6 within 3 % (...-capab-triton36.json: N = 197
 # 0.1076 / 0.3134, N = 261 0.2377 / 0.7015). Split head dims keep their groups (d = 80, the tail padded to 128
 # columns: 0.2121 / 0.7344 grouped vs 0.2281 / 0.7473 under 3.8). 3.7 is unmeasured and taken as 3.8.
-POW2_TAIL_GROUPS = triton_version.TRITON < (3, 7)
+NEWER_TRITON = triton_version.TRITON >= (3, 7)  # 3.7 unmeasured, taken as 3.8 (here and in TUNED_NEWER_TRITON)
+POW2_TAIL_GROUPS = not NEWER_TRITON
 
 
 # Shapes whose blocks differ under Triton 3.7 and later (measured under 3.8, torch 2.14's; 3.7 is taken as 3.8, as
@@ -1277,12 +1278,11 @@ POW2_TAIL_GROUPS = triton_version.TRITON < (3, 7)
 # pass at 32-key steps and 4 stages (--tune-blocks under 3.8 on the H200,
 # ...-2026-11-29-triton38-tune-blocks-vit-g-n257-d88.json): backward 0.5580 ms vs 0.5907 with TUNED's (64-key steps,
 # 2 stages), fwd+bwd 1.21x cuDNN vs 1.15x. Under 3.6 the same change is slower (0.5853 vs 0.5641,
-# ...-2026-11-29-tune-blocks-2.json), so TUNED keeps its own. The other shapes' neighbours under 3.8 (N = 261) gained
-# nothing (...-triton38-tune-blocks-dinov2-g-n261-d64.json).
+# ...-2026-11-29-tune-blocks-2.json), so TUNED keeps its own. The other shapes' neighbours under 3.8 (N = 197, 261,
+# 1374, the MAE decoder, d = 80, the MAE ViT-g encoder) gained nothing (...-triton38-tune-blocks-<shape>.json).
 TUNED_NEWER_TRITON: dict = {
     (257, 88): (None, _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 4, True), split_d=True, tma=True)),
 }
-NEWER_TRITON = triton_version.TRITON >= (3, 7)
 
 
 def _newer(n: int, d: int, i: int):
