@@ -419,6 +419,16 @@ UNMASK_EVICT = True
 # (...-2026-11-29-{triton38,triton36}-unmask-native.json, ...-unmask-native.json)
 UNMASK_NATIVE_ADD = True
 
+# Measured and dropped: the unmask backward's sums (the mask token's; pos_embed's when it learns) reduced by the walk's
+# own last programs instead of by _sum_parts after it. Two levels of arrival counters (zeroed by the forward past inv's
+# B * N entries, reset by the last arrival): the last of a tile's batch chunks summed its partials, then the last of
+# a column's position tiles summed those rows; every sum read back in one fixed order, so deterministic (300 backwards
+# bit-identical on the H200 under Triton 3.6 and 3.8, ...-2026-11-29-unmask-fold-check.json). Slower at MAE-L
+# (B = 256, N = 196, C = 512), fwd+bwd ms with the fold vs without: fixed pos_embed 0.0458 vs 0.0446 under Triton 3.8,
+# 0.0492 vs 0.0476 under 3.6; learnable 0.0476 vs 0.0446 and 0.0565 vs 0.0488 (...-{triton38,triton36}-unmask-fold
+# .json). The serial chain after the last walk program (a release / acquire atomic, the chunk sums, a second atomic,
+# 49 rows read by one program) cost more than the kernel boundary it removed.
+
 
 def _native_add_ok(*xs) -> bool:
     """Whether the unmask forward may add in the operands' own dtype: one 16-bit dtype for all, and not bf16 under
