@@ -375,6 +375,18 @@ K66)  # the unmask forward's 16-bit adds (UNMASK_NATIVE_ADD): bit-exactness on t
     --tag triton38-unmask-native
   step 50 python3 -m bench kernels --only mae --mae-variants unmask --tag triton36-unmask-native
   ;;
+K67)  # (UNMASK_FOLD and its bench variant were removed after K67, slower; kernels/masking.py describes the fold)
+      # the unmask backward's sums reduced by the walk's last programs: the unmask variants under 3.8 (/tmp/site38 as for
+      # K62) and 3.6, ...-2026-11-29-{triton38,triton36}-unmask-fold.json
+  [ -d /tmp/site38/triton ] && PYTHONPATH=/tmp/site38:. step 80 python3 -m bench kernels --only mae --mae-variants unmask \
+    --tag triton38-unmask-fold
+  step 70 python3 -m bench kernels --only mae --mae-variants unmask --tag triton36-unmask-fold
+  ;;
+K68)  # TMA descriptors built in autograd's backward thread after the kernels loaded in the main thread (kernels/
+      # cuda_context.py): the GPU test, which runs its case in a subprocess with compiled kernels (so pytest itself keeps
+      # conftest.py's TRITON_INTERPRET=1 for the test module's import)
+  step 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py -k autograds_thread
+  ;;
 K60)  # occupancy: Nsight Compute (K51) had 4 forward / 5 dQ-pass programs per SM, limited by registers and shared memory
       # at once. Offline (sm_90) the d = 64 forward's full blocks fit 96 registers without spills and its dQ pass 84: one
       # stage fewer (41 / 33 KB) under those caps fits 5 forward / 6 dQ programs per SM
