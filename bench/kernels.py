@@ -204,9 +204,12 @@ MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] 
     [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + [("masking", "RANK_BY", "count")] + \
     [("masking", "rank_sort", v) for v in (1, 2, 8)] + [("masking", "GATHER_WALK_PDL", False), ("masking", "MASK_EVICT", True)]
 # the unmask's alternatives measured on the H200 and dropped from the code (kernels/masking.py says which) ran as
-# variants here; what stays: the forward's loads in the old order, the mask-token sum in three steps
-UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "WALK_PROGRAMS", 1024)] + \
-    [("masking", "sum_mt", (128, 32)), NO_UNMASK_EVICT, ("masking", "UNMASK_NATIVE_ADD", False)]
+# variants here; what stays: the forward's loads in the old order, 256 / 1,024 walk programs, and other shapes of the
+# mask-token sum after the walk (SUM_MT_VARIANTS, partial rows x columns a program: 128 x 32 takes three dependent
+# steps at MAE-L, 256 x 16 two, 512 x 8 one with twice the programs)
+SUM_MT_VARIANTS = [("masking", "sum_mt", v) for v in [(128, 32), (512, 8), (256, 16)]]
+UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + \
+    SUM_MT_VARIANTS + [NO_UNMASK_EVICT, ("masking", "UNMASK_NATIVE_ADD", False)]
 # the unmask backward's walk launched with PDL (the default launches it plainly)
 WALK_PDL_VARIANTS = [("masking", "UNMASK_WALK_PDL", True)]
 # with the mask: the mask ignored (the ids compared, as "triton:ids"), and other launch shapes of the split forward
@@ -333,7 +336,7 @@ def bench_mae(rows, errors, B=256, variants=()):
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_VARIANTS, make)
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_SPLIT_VARIANTS, make)
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, WALK_PDL_VARIANTS, make)
-        _variant_rows(rows, "mae_unmask", shape, moved, [NO_PDL] + WALK_PDL_VARIANTS + [NO_UNMASK_EVICT],
+        _variant_rows(rows, "mae_unmask", shape, moved, [NO_PDL] + WALK_PDL_VARIANTS + [NO_UNMASK_EVICT] + SUM_MT_VARIANTS,
                       lambda: make(dpos, (vis, mt, dpos)))
         # each position's row read from the mask's rank kernel (same noise) instead of compared with ids_keep
         from kernels.masking import mae_rank
