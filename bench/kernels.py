@@ -212,6 +212,8 @@ UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "W
     SUM_MT_VARIANTS + [NO_UNMASK_EVICT, ("masking", "UNMASK_NATIVE_ADD", False)]
 # the unmask backward's walk launched with PDL (the default launches it plainly)
 WALK_PDL_VARIANTS = [("masking", "UNMASK_WALK_PDL", True)]
+# and with a fixed pos_embed (the default launches that one with PDL)
+FIXED_WALK_PDL_VARIANTS = [("masking", "UNMASK_FIXED_WALK_PDL", False)]
 # with the mask: the mask ignored (the ids compared, as "triton:ids"), and other launch shapes of the split forward
 UNMASK_SPLIT_VARIANTS = [("masking", "UNMASK_SPLIT", False)] + \
     [("masking", "unmask_split", v) for v in [(8, 8, 4), (16, 16, 4)]]
@@ -335,7 +337,7 @@ def bench_mae(rows, errors, B=256, variants=()):
             return _fwdbwd(fwd, inputs, gfull), fwd
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_VARIANTS, make)
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_SPLIT_VARIANTS, make)
-        _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, WALK_PDL_VARIANTS, make)
+        _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, FIXED_WALK_PDL_VARIANTS, make)
         _variant_rows(rows, "mae_unmask", shape, moved, [NO_PDL] + WALK_PDL_VARIANTS + [NO_UNMASK_EVICT] + SUM_MT_VARIANTS,
                       lambda: make(dpos, (vis, mt, dpos)))
         # each position's row read from the mask's rank kernel (same noise) instead of compared with ids_keep

@@ -389,7 +389,8 @@ UNMASK_HOIST = True
 # was slower still (0.0278-0.0281) and was dropped
 RANK_BY = "sort"
 WALK_PROGRAMS = 512  # programs the backward walks aim for (tests lower it to get long walks)
-# Whether the backward walks launch with PDL. The unmask's does not: launched by PDL straight after the unmask forward
+# Whether the backward walks launch with PDL. The unmask's does not with a learnable pos_embed (with a fixed one it does:
+# UNMASK_FIXED_WALK_PDL below): launched by PDL straight after the unmask forward
 # its one wave of programs (~4.5 per SM) was slower with a learnable pos_embed, fwd+bwd 0.0547 / 0.0548 ms vs 0.0502 /
 # 0.0504 launched plainly, and the same either way with a fixed one (0.0487 / 0.0490 vs 0.0490 / 0.0489; H200, two runs,
 # `...-2026-11-29-mae-walk-pdl-{1,2}.json`). Suspected: placed onto SMs as the forward drains, up to 8 of its
@@ -397,6 +398,12 @@ WALK_PROGRAMS = 512  # programs the backward walks aim for (tests lower it to ge
 # backward) keeps PDL: 0.0613-0.0615 ms without it vs 0.0602-0.0604 (fixed pos: 0.0572 vs 0.0564-0.0566)
 GATHER_WALK_PDL = True
 UNMASK_WALK_PDL = False
+# The unmask's walk with a fixed pos_embed (no dpos: MAE's sin-cos, the engine's case) does launch with PDL. H200,
+# MAE-L, fwd+bwd ms with vs without: under Triton 3.8 0.0431 / 0.0433 / 0.0433 vs 0.0440 / 0.0440 / 0.0441 (three
+# runs, ...-2026-11-29-triton38-unmask-walkpdl-{1,2}.json and one more; 0.0433 vs 0.0442 the run before, ...-sum-1
+# .json), under 3.6 0.0474 / 0.0474 vs 0.0476 / 0.0476 (...-triton36-unmask-walkpdl-{1,2}.json). The learnable-pos walk
+# still loses with it under both (0.0474-0.0476 vs 0.0440 under 3.8). Bench variant UNMASK_FIXED_WALK_PDL=False
+UNMASK_FIXED_WALK_PDL = True
 
 
 # L2 eviction hints on the masking kernels' loads: rows read once (visible rows, the walks' gradients, tokens) as
@@ -660,7 +667,7 @@ def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: t
     _unmask_bwd_kernel[(nb, triton.cdiv(C, bc), nchunks)](
         dfull, inv, dvis, part, B, N, K, C, bchunk, (n_pos + nb) * C, n_pos, HAS_DPOS=need_dpos, BLOCK_B=bb,
         BLOCK_N=bn, BLOCK_C=bc, num_warps=4, **_evict(UNMASK_EVICT, keep=False),
-        **launch_options(UNMASK_WALK_PDL and use_pdl(dfull)))
+        **launch_options((UNMASK_WALK_PDL if need_dpos else UNMASK_FIXED_WALK_PDL) and use_pdl(dfull)))
     dmt = dfull.new_empty((C,), dtype=mt_dtype)
     dpos = _finish_parts(part, nchunks, n_pos, C, nb, dmt, pos_dtype)
     return dvis, dmt, dpos
