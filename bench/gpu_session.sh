@@ -382,6 +382,15 @@ K67)  # (UNMASK_FOLD and its bench variant were removed after K67, slower; kerne
     --tag triton38-unmask-fold
   step 70 python3 -m bench kernels --only mae --mae-variants unmask --tag triton36-unmask-fold
   ;;
+K69)  # every default under the stock Triton after K68's fix, then the unmask's sum shapes / walk programs and the
+      # fixed-pos walk with and without PDL (UNMASK_FIXED_WALK_PDL) under 3.8 (/tmp/site38 as for K62, three runs) and 3.6
+  step 420 python3 -m bench kernels --tag triton36-defaults-3
+  for i in 1 2 3; do
+    [ -d /tmp/site38/triton ] && PYTHONPATH=/tmp/site38:. step 70 python3 -m bench kernels --only mae --mae-variants unmask \
+      --tag triton38-unmask-walkpdl-$i
+  done
+  step 60 python3 -m bench kernels --only mae --mae-variants unmask --tag triton36-unmask-walkpdl-1
+  ;;
 K68)  # TMA descriptors built in autograd's backward thread after the kernels loaded in the main thread (kernels/
       # cuda_context.py): the GPU test, which runs its case in a subprocess with compiled kernels (so pytest itself keeps
       # conftest.py's TRITON_INTERPRET=1 for the test module's import)
