@@ -22,7 +22,12 @@ def ensure_context(device: int) -> None:
         return
     global _LIBCUDA
     if _LIBCUDA is None:
-        _LIBCUDA = ctypes.CDLL("libcuda.so.1")
+        try:
+            _LIBCUDA = ctypes.CDLL("libcuda.so.1")
+        except OSError:  # a driver library by another name: leave the thread as it is (Triton's own behaviour)
+            _LIBCUDA = False
+    if _LIBCUDA is False:
+        return
     ctx = ctypes.c_void_p()
     if _LIBCUDA.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and not ctx.value:
         dev = ctypes.c_int()

@@ -520,6 +520,65 @@ def test_probe_attn_smoke(capsys):
         _probe_attn.main(["--device", "cpu", "--shapes", "no-such-shape"])
 
 
+def test_ensure_context_makes_one_current_once_per_thread(monkeypatch):
+    """kernels/cuda_context.ensure_context against a stand-in driver: a thread without a current context gets the
+    device's primary one; a second call in that thread asks nothing; a thread that has one is left as it is; a failing
+    driver call raises; without libcuda it does nothing."""
+    import ctypes
+    import threading
+
+    from kernels import cuda_context as cc
+
+    calls = []
+
+    class Driver:
+        current = None
+
+        def cuCtxGetCurrent(self, ref):
+            calls.append("get")
+            ref._obj.value = self.current
+            return 0
+
+        def cuDeviceGet(self, ref, ordinal):
+            calls.append(("device", ordinal))
+            ref._obj.value = 10 + ordinal
+            return 0
+
+        def cuDevicePrimaryCtxRetain(self, ref, dev):
+            calls.append(("retain", dev.value))
+            ref._obj.value = 1234
+            return 0
+
+        def cuCtxSetCurrent(self, ctx):
+            calls.append(("set", ctx.value))
+            self.current = ctx.value
+            return 0
+
+    driver = Driver()
+    monkeypatch.setattr(cc, "_LIBCUDA", driver)
+    monkeypatch.setattr(cc, "_THREAD", threading.local())
+    cc.ensure_context(1)
+    assert calls == ["get", ("device", 1), ("retain", 11), ("set", 1234)]
+    cc.ensure_context(1)
+    assert len(calls) == 4
+    other = threading.Thread(target=cc.ensure_context, args=(1,))
+    other.start()
+    other.join()
+    assert calls[4:] == ["get"]  # the (stand-in's) context is current there: nothing set
+    driver.current = None
+    driver.cuCtxSetCurrent = lambda ctx: 201  # CUDA_ERROR_INVALID_CONTEXT
+    with pytest.raises(RuntimeError, match="device 2"):
+        cc.ensure_context(2)
+
+    def no_driver(name):
+        raise OSError(name)
+
+    monkeypatch.setattr(cc, "_LIBCUDA", None)
+    monkeypatch.setattr(ctypes, "CDLL", no_driver)
+    cc.ensure_context(3)
+    assert cc._LIBCUDA is False
+
+
 _THREAD_CASES = {
     # the backward kernels loaded in the main thread (attention_bwd called directly), then run by autograd's thread
     "direct-then-autograd": r"""
