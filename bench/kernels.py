@@ -210,7 +210,7 @@ MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] 
 SUM_MT_VARIANTS = [("masking", "sum_mt", v) for v in [(128, 32), (512, 8), (256, 16)]]
 UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + \
     SUM_MT_VARIANTS + [NO_UNMASK_EVICT, ("masking", "UNMASK_NATIVE_ADD", False)]
-# the unmask backward's walk launched with PDL (the default launches it plainly)
+# the learnable-pos unmask backward's walk launched with PDL (the default launches that one plainly)
 WALK_PDL_VARIANTS = [("masking", "UNMASK_WALK_PDL", True)]
 # and with a fixed pos_embed (the default launches that one with PDL)
 FIXED_WALK_PDL_VARIANTS = [("masking", "UNMASK_FIXED_WALK_PDL", False)]
