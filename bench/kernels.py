@@ -212,6 +212,12 @@ UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "W
     SUM_MT_VARIANTS + [NO_UNMASK_EVICT, ("masking", "UNMASK_NATIVE_ADD", False)]
 # the learnable-pos unmask backward's walk launched with PDL (the default launches that one plainly)
 WALK_PDL_VARIANTS = [("masking", "UNMASK_WALK_PDL", True)]
+# the learnable-pos walk at 8 samples a step (106 registers: 4 programs per SM) in one wave of 490 programs (5 batch
+# chunks at MAE-L), with and without PDL
+LEARNABLE_WALK_VARIANTS = [(("masking", "unmask_walk", (8, 8)), ("masking", "WALK_PROGRAMS", 490)),
+                           (("masking", "unmask_walk", (8, 8)), ("masking", "WALK_PROGRAMS", 490),
+                            ("masking", "UNMASK_WALK_PDL", True)),
+                           (("masking", "WALK_PROGRAMS", 490), ("masking", "UNMASK_WALK_PDL", True))]
 # and with a fixed pos_embed (the default launches that one with PDL)
 FIXED_WALK_PDL_VARIANTS = [("masking", "UNMASK_FIXED_WALK_PDL", False)]
 # with the mask: the mask ignored (the ids compared, as "triton:ids"), and other launch shapes of the split forward
@@ -338,7 +344,8 @@ def bench_mae(rows, errors, B=256, variants=()):
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_VARIANTS, make)
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_SPLIT_VARIANTS, make)
         _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, FIXED_WALK_PDL_VARIANTS, make)
-        _variant_rows(rows, "mae_unmask", shape, moved, [NO_PDL] + WALK_PDL_VARIANTS + [NO_UNMASK_EVICT] + SUM_MT_VARIANTS,
+        _variant_rows(rows, "mae_unmask", shape, moved, [NO_PDL] + WALK_PDL_VARIANTS + [NO_UNMASK_EVICT] + SUM_MT_VARIANTS +
+                      LEARNABLE_WALK_VARIANTS,
                       lambda: make(dpos, (vis, mt, dpos)))
         # each position's row read from the mask's rank kernel (same noise) instead of compared with ids_keep
         from kernels.masking import mae_rank

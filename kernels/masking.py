@@ -371,7 +371,9 @@ def _col_block(C: int, cap: int) -> int:
 # 0.032 ms at best vs 0.0265 for the two launches; 2-16 rows or 8 warps for either forward: same.
 LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (512, 16), "rank_sort": 4,
           # with the mask: (visible rows per scatter program, positions per fill program, warps)
-          "unmask_split": (8, 16, 4)}
+          "unmask_split": (8, 16, 4),
+          # samples a step of the unmask's backward walk: with the pos_embed's accumulator too, with the mask token's alone
+          "unmask_walk": (4, 8)}
 UNMASK_SPLIT = True  # mae_unmask(mask=...): the split forward (False: the mask is ignored, the ids compared)
 # The unmask forward issues its pos_embed / mask-token loads before the ids compare (bench variant UNMASK_HOIST=False:
 # after it, as before). H200, MAE-L fixed-pos unmask, three runs: forward 0.0258 / 0.0252 / 0.0254 ms vs 0.0275 /
@@ -402,7 +404,10 @@ UNMASK_WALK_PDL = False
 # MAE-L, fwd+bwd ms with vs without: under Triton 3.8 0.0431 / 0.0433 / 0.0433 vs 0.0440 / 0.0440 / 0.0441 (three
 # runs, ...-2026-11-29-triton38-unmask-walkpdl-{1,2}.json and one more; 0.0433 vs 0.0442 the run before, ...-sum-1
 # .json), under 3.6 0.0474 / 0.0474 vs 0.0476 / 0.0476 (...-triton36-unmask-walkpdl-{1,2}.json). The learnable-pos walk
-# still loses with it under both (0.0474-0.0476 vs 0.0440 under 3.8). Bench variant UNMASK_FIXED_WALK_PDL=False
+# still loses with it under both (0.0474-0.0476 vs 0.0440 under 3.8). Bench variant UNMASK_FIXED_WALK_PDL=False.
+# The learnable-pos walk at 8 samples a step (106 registers, 4 programs per SM) in one wave of 490 programs, with PDL:
+# 0.0442 / 0.0442 ms vs 0.0441 / 0.0442 under 3.8 (two runs), 0.0476 vs 0.0484 under 3.6 (one run); without PDL
+# 0.0450-0.0452 (...-2026-11-29-triton{38,36}-unmask-lwalk*.json; bench LEARNABLE_WALK_VARIANTS). Not taken
 UNMASK_FIXED_WALK_PDL = True
 
 
@@ -660,7 +665,7 @@ def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: t
     if not B or not N:
         return dvis, dfull.new_zeros((C,), dtype=mt_dtype), dfull.new_zeros((n_pos, C), dtype=pos_dtype)
     # two accumulators: 4 samples a step; the mask token's alone: 8
-    bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, 4 if need_dpos else 8)
+    bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, LAUNCH["unmask_walk"][0 if need_dpos else 1])
     nb = triton.cdiv(N, bn)
     # per chunk one plane: N rows of dpos partials (if needed), then nb rows of mask-token partials
     part = dfull.new_empty((nchunks, n_pos + nb, C), dtype=torch.float32)

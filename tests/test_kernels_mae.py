@@ -438,6 +438,20 @@ def test_parameter_grads_come_back_in_their_dtypes(monkeypatch, programs):
             torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("walk", [(8, 4), (2, 16)])
+def test_unmask_walk_steps(monkeypatch, walk):
+    """Other samples-per-step of the unmask backward walk (LAUNCH["unmask_walk"]: with a learnable pos_embed, with a
+    fixed one; the bench's LEARNABLE_WALK_VARIANTS), with few programs so each walks several steps: the reference's
+    gradients."""
+    masking = sys.modules["kernels.masking"]
+    monkeypatch.setitem(masking.LAUNCH, "unmask_walk", walk)
+    monkeypatch.setattr(masking, "WALK_PROGRAMS", 5)
+    B, N, C, K = 37, 10, 24, 4
+    ids, mask, _ = masking.mae_rank(torch.rand(B, N), K)
+    for pos_grad in (True, False):
+        _assert_unmask_matches(ids, torch.randn(1, N, C, requires_grad=pos_grad), C, mask=mask)
+
+
 def test_walk_configs_cover_the_batch():
     masking = sys.modules["kernels.masking"]
     for B, N, C, bb in [(256, 196, 1024, 8), (256, 196, 512, 4), (11, 5, 48, 8), (1, 1370, 1408, 4), (3, 7, 8, 4)]:
