@@ -391,6 +391,14 @@ K69)  # every default under the stock Triton after K68's fix, then the unmask's 
   done
   step 60 python3 -m bench kernels --only mae --mae-variants unmask --tag triton36-unmask-walkpdl-1
   ;;
+K70)  # the learnable-pos unmask walk at 8 samples a step in one wave (LEARNABLE_WALK_VARIANTS, in --mae-variants unmask)
+      # under 3.8 (/tmp/site38 as for K62, two runs) and 3.6
+  for i in 1 2; do
+    [ -d /tmp/site38/triton ] && PYTHONPATH=/tmp/site38:. step 70 python3 -m bench kernels --only mae --mae-variants unmask \
+      --tag triton38-unmask-lwalk-$i
+  done
+  step 60 python3 -m bench kernels --only mae --mae-variants unmask --tag triton36-unmask-lwalk
+  ;;
 K68)  # TMA descriptors built in autograd's backward thread after the kernels loaded in the main thread (kernels/
       # cuda_context.py): the GPU test, which runs its case in a subprocess with compiled kernels (so pytest itself keeps
       # conftest.py's TRITON_INTERPRET=1 for the test module's import)
