@@ -211,15 +211,14 @@ SUM_MT_VARIANTS = [("masking", "sum_mt", v) for v in [(128, 32), (512, 8), (256,
 UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + \
     SUM_MT_VARIANTS + [NO_UNMASK_EVICT, ("masking", "UNMASK_NATIVE_ADD", False)]
 # the learnable-pos unmask backward's walk launched with PDL (the default launches that one plainly)
-WALK_PDL_VARIANTS = [("masking", "UNMASK_WALK_PDL", True)]
-# the learnable-pos walk at 8 samples a step (106 registers: 4 programs per SM) in one wave of 490 programs (5 batch
-# chunks at MAE-L), with and without PDL
-LEARNABLE_WALK_VARIANTS = [(("masking", "unmask_walk", (8, 8)), ("masking", "WALK_PROGRAMS", 490)),
-                           (("masking", "unmask_walk", (8, 8)), ("masking", "WALK_PROGRAMS", 490),
-                            ("masking", "UNMASK_WALK_PDL", True)),
-                           (("masking", "WALK_PROGRAMS", 490), ("masking", "UNMASK_WALK_PDL", True))]
+WALK_PDL = ("masking", "UNMASK_WALK_PDL", True)
+WALK_PDL_VARIANTS = [WALK_PDL]
 # and with a fixed pos_embed (the default launches that one with PDL)
 FIXED_WALK_PDL_VARIANTS = [("masking", "UNMASK_FIXED_WALK_PDL", False)]
+# the learnable-pos walk in one wave of 490 programs (5 batch chunks at MAE-L): at 8 samples a step (106 registers:
+# 4 programs per SM) with and without PDL, and at its default 4 with PDL
+ONE_WAVE, STEP8 = ("masking", "WALK_PROGRAMS", 490), ("masking", "unmask_walk", (8, 8))
+LEARNABLE_WALK_VARIANTS = [(STEP8, ONE_WAVE), (STEP8, ONE_WAVE, WALK_PDL), (ONE_WAVE, WALK_PDL)]
 # with the mask: the mask ignored (the ids compared, as "triton:ids"), and other launch shapes of the split forward
 UNMASK_SPLIT_VARIANTS = [("masking", "UNMASK_SPLIT", False)] + \
     [("masking", "unmask_split", v) for v in [(8, 8, 4), (16, 16, 4)]]

@@ -1439,7 +1439,7 @@ def _descs(use: bool, xs, rows: int, cols: int, cols2: int = 0):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     if xs[0].is_cuda:  # Triton encodes them on the host before its launcher makes a context current
-        ensure_context(xs[0].device.index if xs[0].device.index is not None else torch.cuda.current_device())
+        ensure_context(xs[0].device.index)
     blocks = [cols, cols2] if cols2 else [cols]
     return [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, c]) for c in blocks for x in xs], True
 

@@ -579,9 +579,8 @@ def test_ensure_context_makes_one_current_once_per_thread(monkeypatch):
     assert cc._LIBCUDA is False
 
 
-_THREAD_CASES = {
-    # the backward kernels loaded in the main thread (attention_bwd called directly), then run by autograd's thread
-    "direct-then-autograd": r"""
+# the backward kernels loaded in the main thread (attention_bwd called directly), then run by autograd's thread
+_THREAD_CASE = r"""
 import torch
 import kernels
 from kernels import attn as A
@@ -596,17 +595,15 @@ direct = A.attention_bwd(g, q, k, v, o, lse, D ** -0.5)
 kernels.attention_qkv(qkv, impl="triton").backward(g)
 assert all(torch.equal(a, b) for a, b in zip(qkv.grad.permute(2, 0, 3, 1, 4).unbind(0), direct))
 print("OK")
-""",
-}
+"""
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels, TMA on Hopper)")
-@pytest.mark.parametrize("case", sorted(_THREAD_CASES))
-def test_tma_descriptors_from_autograds_thread_on_gpu(case):
+def test_tma_descriptors_from_autograds_thread_on_gpu():
     """Host tensor descriptors built in autograd's backward thread after the kernel was loaded in the main thread:
     Triton encodes them before its launcher makes a CUDA context current, which failed there with "invalid device
     context" (H200, Triton 3.6) until kernels/cuda_context.py made one current. Compiled kernels and a fresh
-    autograd thread per case: a subprocess each, without the interpreter. (A d = 32 forward recomputed under
+    autograd thread: a subprocess without the interpreter. (A d = 32 forward recomputed under
     activation checkpointing did not fail without the fix: checkpointing's RNG-state calls make a context current.)"""
     import os
     import subprocess
@@ -615,6 +612,6 @@ def test_tma_descriptors_from_autograds_thread_on_gpu(case):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "0",
            "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
-    r = subprocess.run([sys.executable, "-c", _THREAD_CASES[case]], env=env, cwd=root, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _THREAD_CASE], env=env, cwd=root, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-3000:]
