@@ -1,6 +1,6 @@
-"""DINOv2's one-pass student: all crops packed into one sequence through the Triton varlen
-attention (TRITON_INTERPRET=1, fp32) give the same tokens, loss and gradients as one pass
-per crop size through SDPA."""
+"""DINOv2's one-pass student: all crops packed into one sequence through the Triton attention (one dense launch
+per crop size, or one varlen launch; TRITON_INTERPRET=1, fp32) give the same tokens, loss and gradients as one
+pass per crop size through SDPA."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run
 
 from pathlib import Path
 
+import pytest
 import torch
 
+import kernels
 from engine.config import load_config
 from engine.objectives import build_objective
 from tests.engine_helpers import DINOV2_TINY
@@ -19,7 +21,12 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TINY = DINOV2_TINY + ["model.kernels=triton"]
 
 
-def test_packed_student_pass_matches_one_pass_per_crop_size(monkeypatch):
+@pytest.mark.parametrize("attention", ["grouped", "varlen"])
+def test_packed_student_pass_matches_one_pass_per_crop_size(monkeypatch, attention):
+    """"grouped": the packed attention as one dense launch per crop size (kernels.attention_qkv(seq_groups=...), the
+    default); "varlen": one launch over cu_seqlens (what blocks with q/k norms take)."""
+    import engine.objectives.dinov2 as dinov2
+
     torch.manual_seed(0)
     model = build_objective(load_config(RECIPES / "quickstart_dinov2.yaml", TINY), torch.device("cpu"))
     assert model.attn_impl == "triton" and model.pack_crops
@@ -29,6 +36,15 @@ def test_packed_student_pass_matches_one_pass_per_crop_size(monkeypatch):
     packed_calls = []
     inner = model.forward_packed
     monkeypatch.setattr(model, "forward_packed", lambda *a: (packed_calls.append(1), inner(*a))[1])
+    launches = {"grouped": 0, "varlen": 0}
+    qkv_fn, attn_fn = kernels.attention_qkv, kernels.attention
+    monkeypatch.setattr(kernels, "attention_qkv", lambda *a, **k: (
+        launches.__setitem__("grouped", launches["grouped"] + (k.get("seq_groups") is not None)), qkv_fn(*a, **k))[1])
+    monkeypatch.setattr(kernels, "attention", lambda *a, **k: (
+        launches.__setitem__("varlen", launches["varlen"] + (k.get("cu_seqlens") is not None)), attn_fn(*a, **k))[1])
+    if attention == "varlen":
+        block_fn = dinov2.packed_block
+        monkeypatch.setattr(dinov2, "packed_block", lambda *a: block_fn(*a[:7]))  # no seq_groups
 
     def run(impl: str):
         model.attn_impl = impl  # "sdpa": one pass per crop size through timm's blocks
@@ -43,6 +59,8 @@ def test_packed_student_pass_matches_one_pass_per_crop_size(monkeypatch):
 
     packed, g_packed = run("triton")
     assert packed_calls == [1]
+    other = "varlen" if attention == "grouped" else "grouped"
+    assert launches[attention] == len(enc.blocks) and launches[other] == 0, launches
     dense, g_dense = run("sdpa")
     assert packed_calls == [1]
     for k in ("loss", "dino", "ibot", "koleo"):

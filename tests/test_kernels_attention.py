@@ -438,6 +438,57 @@ def test_packed_mixed_lengths(bwd, d):
     assert rel(got[0][lo:hi], alone) < 1e-5
 
 
+def _per_sequence_reference(qkv, groups):
+    """attention_qkv(qkv [T, 3, H, D], seq_groups=groups) sequence by sequence through the fp32 reference."""
+    outs, s = [], 0
+    for c, n in groups:
+        for _ in range(c):
+            q, k, v = (x.transpose(0, 1)[None] for x in qkv[s:s + n].unbind(1))
+            outs.append(kernels.attention_reference(q, k, v)[0].transpose(0, 1))
+            s += n
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("d", [32, 64, 88])
+def test_seq_groups_match_the_reference(d):
+    """DINOv2's packing as groups of equal-length sequences (a dense launch per group, writing into slices of one
+    output and one gradient): every token as its own sequence's attention, gradients included; empty groups and
+    one-token sequences too."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    n1, n2 = (int(x) for x in torch.randint(2, 70, (2,), generator=g))
+    groups = [(2, n1), (0, 9), (3, n2), (1, 1)]
+    T, H = sum(c * n for c, n in groups), 2
+    qkv = torch.randn(T, 3, H, d, requires_grad=True)
+    out = kernels.attention_qkv(qkv, seq_groups=groups, impl="triton")
+    ref = _per_sequence_reference(qkv, groups)
+    assert out.shape == (T, H, d)
+    do = torch.randn_like(ref)
+    (grad,), (ref_grad,) = torch.autograd.grad(out, qkv, do), torch.autograd.grad(ref, qkv, do)
+    assert rel(out, ref) < 1e-5 and rel(grad, ref_grad) < 1e-5, (rel(out, ref), rel(grad, ref_grad))
+    for impl in ("sdpa", "torch"):
+        assert rel(kernels.attention_qkv(qkv, seq_groups=groups, impl=impl), ref) < 1e-5, impl
+
+
+def test_seq_groups_take_a_strided_qkv_and_check_their_input():
+    qkv = torch.randn(2 * 5 + 7, 4, 2, 16)[:, 1:].requires_grad_()  # a view: [T, 3, H, D] inside a bigger buffer
+    groups = [(2, 5), (1, 7)]
+    out = kernels.attention_qkv(qkv, seq_groups=groups, scale=0.3, impl="triton")
+    ref = kernels.attention_qkv(qkv, seq_groups=groups, scale=0.3, impl="torch")
+    assert rel(out, ref) < 1e-5
+    (grad,), (ref_grad,) = torch.autograd.grad(out.sum(), qkv), torch.autograd.grad(ref.sum(), qkv)
+    assert rel(grad, ref_grad) < 1e-5
+    with pytest.raises(ValueError, match="cover 16 tokens"):
+        kernels.attention_qkv(qkv, seq_groups=[(2, 8)])
+    with pytest.raises(ValueError, match=r"\[T, 3, H, D\]"):
+        kernels.attention_qkv(qkv[None], seq_groups=groups)
+    with pytest.raises(ValueError, match=">= 0"):
+        kernels.attention_qkv(qkv, seq_groups=[(3, 5), (-1, 5), (1, 7)])
+    with pytest.raises(ValueError, match="pairs"):
+        kernels.attention_qkv(qkv, seq_groups=[17])
+    with pytest.raises(ValueError, match="no explicit block configs"):
+        kernels.attention_qkv(qkv, seq_groups=groups, fwd_config=SMALL_FWD)
+
+
 def test_packed_sdpa_matches_reference():
     lens = [5, 9, 5, 3]
     cu = torch.tensor([0, 5, 14, 19, 22], dtype=torch.int32)
@@ -482,8 +533,9 @@ def test_custom_ops_pass_opcheck():
     qkv = torch.randn(1, 20, 3, 2, 16, requires_grad=True)
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
     qp, kp, vp = (torch.randn(20, 2, 16, requires_grad=True) for _ in range(3))
+    qkvp = torch.randn(20, 3, 2, 16, requires_grad=True)
     for op, args in [(attn._op_fwd, (q, k, v, 0.25, None, 0)), (attn._op_qkv_fwd, (qkv, 0.25)),
-                     (attn._op_fwd, (qp, kp, vp, 0.25, cu, 13))]:
+                     (attn._op_fwd, (qp, kp, vp, 0.25, cu, 13)), (attn._op_groups_fwd, (qkvp, [1, 1], [7, 13], 0.25))]:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), result
 

@@ -271,11 +271,13 @@ class DINOv2(nn.Module):
         cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(groups[0].device)
         seq_len = torch.tensor(lengths).to(groups[0].device)
         total, longest = sum(lengths), max(lengths)
+        seq_groups = [(g.shape[0], g.shape[1]) for g in groups]  # each crop size's crops: one dense attention launch
         x = torch.cat([g.reshape(-1, C) for g in groups])
         for block in enc.blocks:
             keep = [self._keep(block.drop_path1, len(lengths), x), self._keep(block.drop_path2, len(lengths), x)]
             keep = [k if k is None else k.repeat_interleave(seq_len, output_size=total).unsqueeze(1) for k in keep]
-            x = block(x, cu_seqlens=cu, max_seqlen=longest, keep1=keep[0], keep2=keep[1], attn_impl=self.attn_impl)
+            x = block(x, cu_seqlens=cu, max_seqlen=longest, keep1=keep[0], keep2=keep[1], attn_impl=self.attn_impl,
+                      seq_groups=seq_groups)
         x = enc.norm(x)
         out, start = [], 0
         for g in groups:
@@ -434,24 +436,31 @@ def make_packable(block: nn.Module) -> None:
     sub = _PACKABLE.get(cls)
     if sub is None:
         def forward(self, x, *args, cu_seqlens=None, max_seqlen=None, keep1=None, keep2=None, attn_impl="triton",
-                    **kwargs):
+                    seq_groups=None, **kwargs):
             if cu_seqlens is None:
                 return cls.forward(self, x, *args, **kwargs)
-            return packed_block(self, x, cu_seqlens, max_seqlen, keep1, keep2, attn_impl)
+            return packed_block(self, x, cu_seqlens, max_seqlen, keep1, keep2, attn_impl, seq_groups)
 
         sub = _PACKABLE[cls] = type(f"Packable{cls.__name__}", (cls,), {"forward": forward, "_packable": True})
     block.__class__ = sub
 
 
-def packed_block(block, x, cu, longest, keep1, keep2, attn_impl):
-    """A timm block on packed tokens [T, C]: attention block-diagonal per crop (varlen kernel),
-    everything else per token; keep1/keep2 are per-token drop-path multipliers or None."""
+def packed_block(block, x, cu, longest, keep1, keep2, attn_impl, seq_groups=None):
+    """A timm block on packed tokens [T, C]: attention block-diagonal per crop, everything else per token;
+    keep1/keep2 are per-token drop-path multipliers or None. With `seq_groups` ((crops, tokens) per crop size, in
+    packing order) and no q/k norms, the attention runs one dense launch per crop size on views of the packed qkv
+    (kernels.attention_qkv); otherwise one varlen launch over `cu`."""
     attn = block.attn
     h = block.norm1(x)
     T = h.shape[0]
-    q, k, v = attn.qkv(h).view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
-    o = kernels.attention(attn.q_norm(q), attn.k_norm(k), v, scale=attn.scale, cu_seqlens=cu,
-                          max_seqlen=longest, impl=attn_impl)
+    qkv = attn.qkv(h).view(T, 3, attn.num_heads, attn.head_dim)
+    plain = isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
+    if seq_groups is not None and plain:
+        o = kernels.attention_qkv(qkv, scale=attn.scale, seq_groups=seq_groups, impl=attn_impl)
+    else:
+        q, k, v = qkv.unbind(1)
+        o = kernels.attention(attn.q_norm(q), attn.k_norm(k), v, scale=attn.scale, cu_seqlens=cu,
+                              max_seqlen=longest, impl=attn_impl)
     o = attn.norm(o.reshape(T, -1))
     gate = getattr(attn, "gate", None)
     o = block.ls1(attn.proj_drop(attn.proj(o if gate is None else o * gate(h).sigmoid())))
