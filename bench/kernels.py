@@ -5,6 +5,9 @@ vs every SDPA backend that runs (flash, efficient, cuDNN, math for short N) and 
 installed, at ViT shapes; ratio vs the best SDPA backend. Error: max relative error
 (||x - ref|| / ||ref||) of out, dq, dk, dv vs an fp32 reference on the same bf16 inputs.
 
+DINOv2's packed crops (PACKED_SHAPES; left out of --tune runs): our grouped launches and our varlen launch vs every
+SDPA backend on each crop size as a dense batch; ms and TFLOP/s fwd+bwd, ratio vs the best backend per crop size.
+
 MAE masking and loss (GB/s of the bytes each op must move, fwd+bwd) vs the torch reference
 (argsort + gather + add; cat + gather + add; patchify + mean/var + MSE), and the card's
 device-to-device copy bandwidth measured in the same run.
@@ -17,7 +20,7 @@ Options: --quick (fewer shapes), --tune (sweep the attention block configs and p
 --tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks, --tune-occupancy: the current
 configs under register caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax,
 neighbouring blocks, shallower pipelines under caps for one more program per SM),
---shapes a,b (attention shape names), --only mae|attention (one part; --skip-mae = --only attention),
+--shapes a,b (attention shape names), --only mae|attention|packed (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
 from __future__ import annotations
@@ -46,6 +49,12 @@ ATTN_SHAPES = {
     "ref-n4096-d128": (4, 16, 4096, 128),
 }
 QUICK = ["mae-l-enc-n50-d64", "vit-l-n197-d64", "vit-g-n257-d88"]
+# DINOv2's student pass with its crops packed end to end (name: (samples, heads, head dim), the recipes' per-GPU
+# batches): a sample is PACKED_CROPS, (crops, tokens) per crop size: 2 global crops of 261 tokens and 8 local crops of
+# 54 (timm's reg4 ViTs at 224 / 98 px: patches + class token + 4 registers). ViT-B's (128, 12) has ViT-S's B x H
+PACKED_SHAPES = {"dinov2-s-crops": (256, 6, 64), "dinov2-l-crops": (32, 16, 64), "dinov2-g-crops": (32, 24, 64)}
+PACKED_CROPS = ((2, 261), (8, 54))
+PACKED_QUICK = ["dinov2-l-crops"]
 DEV = "cuda"  # a CPU smoke test of this script (TRITON_INTERPRET=1) sets "cpu"
 
 
@@ -170,6 +179,82 @@ def bench_attention(names, rows, errors):
               f"{best:.0f} TFLOP/s fwd+bwd -> x{row['ratio_fwdbwd']:.2f}; err {row['max_rel_err']:.1e}", file=sys.stderr)
         del q, k, v, do
         torch.cuda.empty_cache()
+
+
+def bench_packed(names, rows, errors, crops=PACKED_CROPS, dtype=torch.bfloat16):
+    """DINOv2's packed crops, fwd+bwd: ours one dense launch per crop size (`attention_qkv(seq_groups=...)`, the
+    engine's DINOv2 path), ours one varlen launch over cu_seqlens (programs shaped for the longest crop), and every
+    SDPA backend on each crop size as its own dense batch (what a trainer without packing runs: the best backend per
+    crop size, summed). Error: the grouped op's out and dqkv vs the fp32 reference on one sample's crops."""
+    import itertools
+
+    import kernels
+
+    for name in names:
+        B, H, D = PACKED_SHAPES[name]
+        groups = [(c * B, n) for c, n in crops]
+        lens = [n for c, n in groups for _ in range(c)]
+        T = sum(lens)
+        cu = torch.tensor([0, *itertools.accumulate(lens)], device=DEV, dtype=torch.int32)
+        gen = torch.Generator(device=DEV).manual_seed(0)
+        randn = lambda *shape: torch.randn(*shape, device=DEV, dtype=dtype, generator=gen)
+
+        one = [(c, n) for c, n in crops]  # numerics: one sample's crops against the fp32 reference
+        small = randn(sum(c * n for c, n in one), 3, H, D).requires_grad_()
+        dsmall = randn(small.shape[0], H, D)
+        out = kernels.attention_qkv(small, seq_groups=one, impl="triton")
+        got = (out, *torch.autograd.grad(out, small, dsmall))
+        ref32 = small.detach().float().requires_grad_()
+        ref = kernels.attention_qkv(ref32, seq_groups=one, impl="torch")
+        want = (ref, *torch.autograd.grad(ref, ref32, dsmall.float()))
+        errors[name] = {"grouped": {n: _rel(a, b) for n, a, b in zip(("out", "dqkv"), got, want)}}
+
+        qkv, do = randn(T, 3, H, D).requires_grad_(), randn(T, H, D)
+        row = {"shape": name, "samples": B, "H": H, "D": D, "tokens": T,
+               "crops": " + ".join(f"{c}x{n}" for c, n in crops)}
+
+        def grouped():
+            return kernels.attention_qkv(qkv, seq_groups=groups, impl="triton")
+
+        def varlen():
+            q, k, v = qkv.unbind(1)
+            return kernels.attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lens), impl="triton")
+
+        for cname, fn in (("grouped", grouped), ("varlen", varlen)):
+            row[f"{cname}_eager_ms"], row[f"{cname}_ms"] = time_ms(_fwdbwd(fn, (qkv,), do))
+            with torch.no_grad():
+                row[f"{cname}_fwd_ms"] = time_ms(fn)[1]
+        del qkv, do
+        best = 0.0
+        for c, n in groups:  # SDPA: each crop size a dense [c, H, n, D] batch of its own
+            q, k, v = (randn(c, H, n, D).requires_grad_() for _ in range(3))
+            dg = randn(c, H, n, D)
+            times = {}
+            for cname, fn in attention_candidates(n).items():
+                if not cname.startswith("sdpa-") or cname == "sdpa-math":
+                    continue
+                try:
+                    times[cname] = time_ms(_fwdbwd(lambda: fn(q, k, v), (q, k, v), dg))[1]
+                except Exception as e:  # a backend that does not take this shape
+                    print(f"  {name} {cname} N={n}: {type(e).__name__}: {str(e).splitlines()[0][:100]}",
+                          file=sys.stderr)
+                    continue
+                row[f"{cname}_n{n}_ms"] = times[cname]
+            best += min(times.values()) if times else float("nan")
+            del q, k, v, dg
+        f = kernels.attention_flops(sum(c * H * n * n for c, n in groups), D)
+        row["best_sdpa_ms"] = best
+        row["grouped_tflops"] = f / row["grouped_ms"] / 1e9
+        row["varlen_tflops"] = f / row["varlen_ms"] / 1e9
+        row["best_sdpa_tflops"] = f / best / 1e9
+        row["ratio_vs_best_sdpa"] = best / row["grouped_ms"]
+        row["grouped_vs_varlen"] = row["varlen_ms"] / row["grouped_ms"]
+        row["max_rel_err"] = max(errors[name]["grouped"].values())
+        rows.append(row)
+        print(f"  {name}: grouped {row['grouped_ms']:.3f} ms, varlen {row['varlen_ms']:.3f}, best SDPA per crop size "
+              f"{best:.3f} -> x{row['ratio_vs_best_sdpa']:.2f}; err {row['max_rel_err']:.1e}", file=sys.stderr)
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
 
 def copy_bandwidth(nbytes: int = 1 << 30):
@@ -767,14 +852,17 @@ def main(argv=None) -> int:
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
                          "only some ops: --mae-variants unmask (comma list of mask, unmask, loss)")
     ap.add_argument("--tag", default=None, help="suffix of the result file names")
-    ap.add_argument("--only", choices=("mae", "attention"), default=None,
-                    help="run one part: the MAE masking/loss ops or the attention shapes")
+    ap.add_argument("--only", choices=("mae", "attention", "packed"), default=None,
+                    help="run one part: the MAE masking/loss ops, the attention shapes, or DINOv2's packed crops "
+                         f"({', '.join(PACKED_SHAPES)})")
     args = ap.parse_args(argv or [])
     variant_ops = [v for v in args.mae_variants.split(",") if v]
     if set(variant_ops) - {"mask", "unmask", "loss"}:
         ap.error(f"--mae-variants takes mask, unmask, loss; got {args.mae_variants!r}")
-    run_attn = args.only != "mae"
-    run_mae = args.only != "attention" and not args.skip_mae
+    run_attn = args.only in (None, "attention")
+    run_mae = args.only in (None, "mae") and not args.skip_mae
+    variants_on = args.tune or any(getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in VARIANT_FLAGS)
+    run_packed = args.only == "packed" or (args.only is None and not args.skip_mae and not variants_on)
     if not torch.cuda.is_available():
         print("bench kernels needs a CUDA GPU (the Triton kernels are GPU kernels)", file=sys.stderr)
         return 2
@@ -800,6 +888,10 @@ def main(argv=None) -> int:
     if run_attn:
         bench_attention(names, attn_rows, errors)
     payload["attention"] = attn_rows
+    packed_rows = []
+    if run_packed:
+        bench_packed(PACKED_QUICK if args.quick else list(PACKED_SHAPES), packed_rows, errors)
+    payload["packed"] = packed_rows
     copy = copy_bandwidth()
     payload["copy_GBps"] = copy
     mae_rows = []
@@ -828,6 +920,13 @@ def main(argv=None) -> int:
         print_table(attn_rows, cols)
         print_table([{"shape": r["shape"], **{o: r.get(f"{o}_fwdbwd_tflops", "") for o in others}} for r in attn_rows],
                     ["shape", *others])
+    if packed_rows:
+        print(f"\nDINOv2's packed crops, attention fwd+bwd, bf16, {card_name()} (ms from CUDA-graph replays; grouped: one "
+              "dense launch per crop size, the engine's path; varlen: one launch over cu_seqlens; SDPA: each crop size "
+              "a dense batch, best backend per size)")
+        print_table(packed_rows, ["shape", "crops", "tokens", "grouped_ms", "varlen_ms", "best_sdpa_ms",
+                                  "ratio_vs_best_sdpa", "grouped_vs_varlen", "grouped_tflops", "grouped_eager_ms",
+                                  "max_rel_err"])
     if mae_rows:
         print(f"\nMAE masking / loss fwd+bwd (copy bandwidth {copy:,.0f} GB/s)")
         print_table(mae_rows, ["op", "impl", "shape", "ms", "fwd_ms", "bwd_ms", "eager_ms", "GB/s", "of_copy_bw",
@@ -838,6 +937,10 @@ def main(argv=None) -> int:
         labels = [r["shape"] for r in attn_rows]
         series = {o: [r.get(f"{o}_fwdbwd_tflops", 0.0) for r in attn_rows] for o in others}
         bar_plot(path.with_suffix(".png"), labels, series, "TFLOP/s (fwd+bwd)", f"attention bf16, {card_name()}")
+    if packed_rows:
+        bar_plot(path.with_name(path.stem + "-packed.png"), [r["shape"] for r in packed_rows],
+                 {k: [r[f"{k}_tflops"] for r in packed_rows] for k in ("grouped", "varlen", "best_sdpa")},
+                 "TFLOP/s (fwd+bwd)", f"DINOv2 packed crops, attention bf16, {card_name()}")
     if mae_rows:
         ops = sorted({r["op"] for r in mae_rows})
         bar_plot(path.with_name(path.stem + "-mae.png"), ops,

@@ -199,3 +199,39 @@ def test_every_variant_sweep_has_its_flag():
 
     keys = [k for _, k, _ in VARIANT_FLAGS]
     assert sorted(keys) == sorted(VARIANT_SWEEPS) and len(set(f for f, _, _ in VARIANT_FLAGS)) == len(keys)
+
+
+def test_bench_packed_rows(monkeypatch):
+    """bench kernels' DINOv2 packed-crops rows, on CPU tensors through Triton's interpreter (fp16: its bf16 products
+    are wrong) with a stand-in timer: every candidate timed, the ratios from those times, the grouped op's error
+    against the fp32 reference small."""
+    import torch
+    import torch.nn.functional as F
+
+    import bench.kernels as bk
+
+    times = iter(range(1, 1000))
+    timed = []
+
+    def fake_time(fn):
+        fn()  # runs: a broken candidate fails here as it would on the GPU
+        t = float(next(times))
+        timed.append(t)
+        return t + 0.5, t  # (eager, graphed)
+
+    monkeypatch.setattr(bk, "DEV", "cpu")
+    monkeypatch.setattr(bk, "time_ms", fake_time)
+    monkeypatch.setattr(bk, "PACKED_SHAPES", {"tiny": (2, 2, 16)})
+    monkeypatch.setattr(bk, "attention_candidates", lambda n: {"sdpa-a": F.scaled_dot_product_attention,
+                                                               "sdpa-b": F.scaled_dot_product_attention,
+                                                               "sdpa-math": None, "triton": None})
+    rows, errors = [], {}
+    bk.bench_packed(["tiny"], rows, errors, crops=((1, 20), (3, 7)), dtype=torch.float16)
+    (row,) = rows
+    assert row["tokens"] == 2 * (20 + 21) and row["crops"] == "1x20 + 3x7"
+    # grouped fwd+bwd 1, its forward 2, varlen 3 / 4, then per crop size SDPA a and b: 5, 6 (N = 20), 7, 8 (N = 7)
+    assert (row["grouped_ms"], row["grouped_fwd_ms"], row["varlen_ms"], row["varlen_fwd_ms"]) == (1, 2, 3, 4)
+    assert row["grouped_eager_ms"] == 1.5
+    assert (row["sdpa-a_n20_ms"], row["sdpa-b_n20_ms"], row["sdpa-a_n7_ms"], row["sdpa-b_n7_ms"]) == (5, 6, 7, 8)
+    assert row["best_sdpa_ms"] == 5 + 7 and row["ratio_vs_best_sdpa"] == 12.0 and row["grouped_vs_varlen"] == 3.0
+    assert set(errors["tiny"]["grouped"]) == {"out", "dqkv"} and row["max_rel_err"] < 2e-3, errors
