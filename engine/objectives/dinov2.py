@@ -71,18 +71,22 @@ def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def sinkhorn_knopp(logits: torch.Tensor, temp: float | torch.Tensor, iters: int = 3) -> torch.Tensor:
     """[M, K] teacher scores -> [M, K] targets: each row a distribution (sums to 1) while the
     K prototypes share the M samples (columns sum to M / K) as evenly as `iters`
-    alternations allow. M and the sums span all ranks."""
-    logits = logits.float() / temp
+    alternations allow. M and the sums span all ranks.
+
+    The alternations rescale the rows and columns of E = exp(scores / temp) through two vectors,
+    targets = diag(b) E diag(a), so each costs two matrix-vector products over E (a read of it)
+    instead of new [M, K] matrices: the iBOT targets are [masked patches, 65,536 prototypes], GBs each."""
+    M_local, K = logits.shape
     top = logits.amax() if logits.numel() else logits.new_full((), float("-inf"))  # a rank may hold no tokens
-    top = _all_reduce(top.reshape(1), "max")
-    q = torch.exp(logits - top).t()  # [K, M]; one shift for all ranks leaves the result unchanged
-    K = q.shape[0]
-    M = _all_reduce(torch.tensor([float(q.shape[1])], device=q.device))
-    q = q / _all_reduce(q.sum().reshape(1))
+    top = _all_reduce(top.float().reshape(1), "max")  # one shift for all ranks leaves the result unchanged
+    e = (logits - top).mul_(1.0 / temp).exp_()  # fp32 ([1]-shaped top promotes), then in place
+    M = _all_reduce(torch.tensor([float(M_local)], device=e.device))
+    b = (1.0 / _all_reduce(e.sum().reshape(1))).expand(M_local)  # q = E / sum(E)
+    a = e.new_ones(K)
     for _ in range(iters):
-        q = q / _all_reduce(q.sum(dim=1, keepdim=True)) / K  # every prototype gets mass 1/K
-        q = q / q.sum(dim=0, keepdim=True) / M  # every sample gets mass 1/M
-    return (q * M).t()
+        a = 1.0 / (_all_reduce(e.t() @ b) * K)  # every prototype gets mass 1/K: sum_m q[m, k] = a_k (E^T b)_k
+        b = 1.0 / ((e @ a) * M)  # every sample gets mass 1/M
+    return e.mul_(a * M).mul_(b[:, None])
 
 
 def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float | torch.Tensor) -> torch.Tensor:
