@@ -85,3 +85,16 @@ def test_packed_drop_path_drops_whole_crops():
     assert set(keep.tolist()) <= {0.0, 2.0} and 0 < keep.count_nonzero() < 64  # per crop: dropped or 1/(1-p)
     model.eval()
     assert model._keep(model.encoder.blocks[1].drop_path1, 64, torch.zeros(1)) is None
+
+
+def test_packing_tensors_are_kept_for_the_next_step():
+    """cu_seqlens and the crop lengths are built once per packing (crop counts and sizes) and reused: on a GPU a
+    fresh copy from pageable host memory would wait for the queued work every step."""
+    model = build_objective(load_config(RECIPES / "quickstart_dinov2.yaml", TINY), torch.device("cpu"))
+    groups, lengths = [(2, 5), (3, 2)], [5, 5, 2, 2, 2]
+    cu, seq_len = model._packing_tensors(groups, lengths, "cpu")
+    assert cu.tolist() == [0, 5, 10, 12, 14, 16] and cu.dtype == torch.int32 and seq_len.tolist() == lengths
+    again = model._packing_tensors(groups, lengths, "cpu")
+    assert again[0] is cu and again[1] is seq_len
+    other = model._packing_tensors([(1, 5)], [5], "cpu")
+    assert other[0].tolist() == [0, 5] and other[0] is not cu

@@ -80,7 +80,7 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float | torch.Tensor, iters: int 
     top = logits.amax() if logits.numel() else logits.new_full((), float("-inf"))  # a rank may hold no tokens
     top = _all_reduce(top.float().reshape(1), "max")  # one shift for all ranks leaves the result unchanged
     e = (logits - top).mul_(1.0 / temp).exp_()  # fp32 ([1]-shaped top promotes), then in place
-    M = _all_reduce(torch.tensor([float(M_local)], device=e.device))
+    M = _all_reduce(torch.full((1,), float(M_local), device=e.device))  # a fill: no host copy (no sync)
     b = (1.0 / _all_reduce(e.sum().reshape(1))).expand(M_local)  # q = E / sum(E)
     a = e.new_ones(K)
     for _ in range(iters):
@@ -97,7 +97,7 @@ def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float | tor
 @torch.no_grad()
 def update_center(center: torch.Tensor, logits: torch.Tensor, momentum: float) -> None:
     batch = _all_reduce(logits.float().sum(0, keepdim=True))
-    count = _all_reduce(torch.tensor([float(logits.shape[0])], device=logits.device))
+    count = _all_reduce(torch.full((1,), float(logits.shape[0]), device=logits.device))
     center.mul_(momentum).add_(batch / count, alpha=1 - momentum)
 
 
@@ -271,11 +271,10 @@ class DINOv2(nn.Module):
         module (`block(x, cu_seqlens=...)`), so whatever wraps it applies to the packed pass
         too: FSDP2's gather and gradient reduction, torch.compile, activation checkpointing."""
         C = groups[0].shape[-1]
-        lengths = [L for g in groups for L in [g.shape[1]] * g.shape[0]]
-        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(groups[0].device)
-        seq_len = torch.tensor(lengths).to(groups[0].device)
-        total, longest = sum(lengths), max(lengths)
         seq_groups = [(g.shape[0], g.shape[1]) for g in groups]  # each crop size's crops: one dense attention launch
+        lengths = [L for g in groups for L in [g.shape[1]] * g.shape[0]]
+        cu, seq_len = self._packing_tensors(seq_groups, lengths, groups[0].device)
+        total, longest = sum(lengths), max(lengths)
         x = torch.cat([g.reshape(-1, C) for g in groups])
         for block in enc.blocks:
             keep = [self._keep(block.drop_path1, len(lengths), x), self._keep(block.drop_path2, len(lengths), x)]
@@ -289,6 +288,21 @@ class DINOv2(nn.Module):
             out.append(x[start:start + n].view(g.shape[0], g.shape[1], C))
             start += n
         return out
+
+    def _packing_tensors(self, seq_groups, lengths, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cu_seqlens int32, per-crop lengths) on `device` for this packing, kept for the next step: the crop
+        sizes and counts repeat, and a copy from pageable host memory would wait for the GPU to drain every step."""
+        key = (tuple(seq_groups), torch.device(device))
+        cached = getattr(self, "_packing", None)
+        if cached is None or cached[0] != key:
+            cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            seq_len = torch.tensor(lengths)
+            if key[1].type == "cuda":  # pinned: queued behind the GPU's work, no sync
+                cu, seq_len = (t.pin_memory().to(device, non_blocking=True) for t in (cu, seq_len))
+            else:
+                cu, seq_len = cu.to(device), seq_len.to(device)
+            self._packing = cached = (key, cu, seq_len)
+        return cached[1], cached[2]
 
     def _keep(self, drop: nn.Module, n: int, like: torch.Tensor) -> torch.Tensor | None:
         """Per-crop drop-path multipliers (0 or 1 / keep probability), or None when off."""
