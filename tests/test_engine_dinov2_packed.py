@@ -98,3 +98,32 @@ def test_packing_tensors_are_kept_for_the_next_step():
     assert again[0] is cu and again[1] is seq_len
     other = model._packing_tensors([(1, 5)], [5], "cpu")
     assert other[0].tolist() == [0, 5] and other[0] is not cu
+
+
+def test_compiled_packed_block_with_grouped_attention():
+    """The engine compiles each block (torch.compile, per-block regions): the packed call with `seq_groups` compiles
+    without graph breaks, also as the crop count changes (a dynamic-shape graph then), and matches the eager block
+    on the reference attention."""
+    import timm
+    import torch._dynamo
+
+    from engine.objectives.dinov2 import make_packable, packed_block
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    block = timm.models.vision_transformer.Block(32, 2)
+    make_packable(block)
+    block.compile(backend="aot_eager")
+    for crops in (2, 3, 4):
+        groups = [(crops, 9), (2 * crops, 4)]
+        lens = [n for c, n in groups for _ in range(c)]
+        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+        x = torch.randn(sum(lens), 32, requires_grad=True)
+        got = block(x, cu_seqlens=cu, max_seqlen=9, attn_impl="triton", seq_groups=groups)
+        want = packed_block(block, x, cu, 9, None, None, "torch")
+        (g,), (gw,) = torch.autograd.grad(got.sum(), x), torch.autograd.grad(want.sum(), x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, gw, atol=1e-5, rtol=1e-5)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch._dynamo.reset()
