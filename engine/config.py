@@ -104,7 +104,7 @@ class DINOv2Config:
     freeze_last_layer: float = 0.01  # fraction of training with the prototype layers frozen
     layer_decay: float = 0.9  # lr x layer_decay^(depth - layer) per block
     patch_embed_lr_scale: float = 0.2
-    pack_crops: bool = True  # one student pass over all crops (varlen attention; Triton kernels only)
+    pack_crops: bool = True  # one student pass over all crops (attention per crop size; Triton kernels only)
     encoder_kwargs: Any = None  # extra timm.create_model kwargs (e.g. {reg_tokens: 4}); a mapping
 
 

@@ -14,7 +14,8 @@ for the first steps. Encoders are timm's `_dinov2` ViTs (LayerScale, registers, 
 
 The student sees all crops in as few passes as possible: with the Triton kernels, one pass
 over the tokens of every crop packed end to end, each crop attending only to itself
-(`kernels.attention(..., cu_seqlens=...)`); otherwise one pass per crop size.
+(`kernels.attention_qkv(..., seq_groups=...)`: one dense launch per crop size on views of the packed
+qkv; blocks with q/k norms take `kernels.attention(..., cu_seqlens=...)`); otherwise one pass per crop size.
 The exported encoder (`export_encoder`) is the teacher's, as in the paper.
 """
 from __future__ import annotations
@@ -266,7 +267,7 @@ class DINOv2(nn.Module):
 
     def forward_packed(self, enc: nn.Module, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         """Several crop sizes in one pass: groups of embedded tokens [n_i, L_i, C] are packed
-        into one [sum n_i L_i, C] sequence; attention is block-diagonal per crop (varlen kernel),
+        into one [sum n_i L_i, C] sequence; attention is block-diagonal per crop (packed_block),
         everything else is per token. Drop path stays per crop. Each block is called as a
         module (`block(x, cu_seqlens=...)`), so whatever wraps it applies to the packed pass
         too: FSDP2's gather and gradient reduction, torch.compile, activation checkpointing."""
