@@ -399,6 +399,13 @@ K70)  # the learnable-pos unmask walk at 8 samples a step in one wave (LEARNABLE
   done
   step 60 python3 -m bench kernels --only mae --mae-variants unmask --tag triton36-unmask-lwalk
   ;;
+K71)  # DINOv2's packed crops: our grouped launches (attention_qkv(seq_groups=...)) and our varlen launch vs SDPA per crop
+      # size; then the DINOv2 steps with our kernels vs SDPA + torch (the grouped attention and the vector-form
+      # Sinkhorn-Knopp in both variants' objective)
+  step 120 python3 -m bench kernels --only packed --tag packed
+  step 330 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 256 32 \
+    --steps 12 --warmup 3 --variants engine-triton engine-torch --tag dinov2-grouped
+  ;;
 K68)  # TMA descriptors built in autograd's backward thread after the kernels loaded in the main thread (kernels/
       # cuda_context.py): the GPU test, which runs its case in a subprocess with compiled kernels (so pytest itself keeps
       # conftest.py's TRITON_INTERPRET=1 for the test module's import)
