@@ -105,6 +105,9 @@ class DINOv2Config:
     layer_decay: float = 0.9  # lr x layer_decay^(depth - layer) per block
     patch_embed_lr_scale: float = 0.2
     pack_crops: bool = True  # one student pass over all crops (attention per crop size; Triton kernels only)
+    # iBOT's cross-entropy by kernels.soft_cross_entropy (one pass over the [masked patches, prototypes] scores
+    # forward and one backward; Triton on CUDA): not yet measured on a GPU, so off by default
+    fused_ce: bool = False
     encoder_kwargs: Any = None  # extra timm.create_model kwargs (e.g. {reg_tokens: 4}); a mapping
 
 

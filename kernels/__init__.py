@@ -3,7 +3,8 @@
 Every op takes `impl=`: "triton" (our kernels; also runs on CPU tensors under TRITON_INTERPRET=1),
 "torch" (the reference), and "auto" (triton on CUDA, the reference/SDPA elsewhere; attention takes triton up to
 AUTO_TRITON_MAX_SEQLEN tokens, where it measured at least as fast as SDPA).
-Files: attn.py (attention), masking.py (mae_mask / mae_unmask), loss.py (mae_loss).
+Files: attn.py (attention), masking.py (mae_mask / mae_unmask), loss.py (mae_loss), soft_ce.py (soft_cross_entropy:
+DINOv2's iBOT cross-entropy against soft targets).
 """
 from kernels.attn import (
     attention,
@@ -16,6 +17,7 @@ from kernels.attn import (
 )
 from kernels.loss import mae_loss, mae_loss_reference, patchify
 from kernels.masking import keep_count, mae_mask, mae_mask_reference, mae_unmask, mae_unmask_reference
+from kernels.soft_ce import soft_cross_entropy, soft_cross_entropy_reference
 
 __all__ = [
     "attention",
@@ -33,4 +35,6 @@ __all__ = [
     "mae_unmask",
     "mae_unmask_reference",
     "patchify",
+    "soft_cross_entropy",
+    "soft_cross_entropy_reference",
 ]

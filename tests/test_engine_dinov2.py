@@ -117,6 +117,38 @@ def test_ibot_loss_averages_masked_tokens_per_crop():
     torch.testing.assert_close(D.ibot_loss(student2[mask], teacher[mask], crop_of, crops, 0.1), ref)
 
 
+def test_fused_ibot_cross_entropy_matches(monkeypatch):
+    """objective.dinov2.fused_ce: iBOT's cross-entropy by kernels.soft_cross_entropy (its Triton kernel forced here,
+    interpreted on CPU) gives the torch form's loss and gradients, through the whole objective too."""
+    import functools
+
+    import kernels
+
+    monkeypatch.setattr(kernels, "soft_cross_entropy", functools.partial(kernels.soft_cross_entropy, impl="triton"))
+    torch.manual_seed(0)
+    student = torch.randn(9, 50, requires_grad=True)
+    teacher = torch.softmax(torch.randn(9, 50), -1)
+    crop_of = torch.tensor([0, 0, 0, 2, 2, 2, 2, 3, 3])
+    a, b = (D.ibot_loss(student, teacher, crop_of, 4, 0.1, fused=f) for f in (True, False))
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(*(torch.autograd.grad(x, student)[0] for x in (a, b)))
+
+    out, grads = [], []
+    for fused in ("true", "false"):
+        model, _ = tiny_model(f"objective.dinov2.fused_ce={fused}", "objective.dinov2.mask_probability=1.0")
+        assert model.fused_ce == (fused == "true")
+        glob, loc = model.synthetic_batch(2, "cpu")
+        torch.manual_seed(1)
+        res = model([glob, loc])
+        res["loss"].backward()
+        out.append(res)
+        grads.append(model.ibot_head.prototypes.weight.grad.clone() if model.ibot_head is not None
+                     else model.dino_head.prototypes.weight.grad.clone())
+    assert out[0]["ibot"] > 0
+    torch.testing.assert_close(out[0]["ibot"], out[1]["ibot"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
 def test_block_masks():
     rng = random.Random(0)
     for ratio in (0.1, 0.3, 0.5):

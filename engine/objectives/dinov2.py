@@ -114,11 +114,15 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, student_temp: float)
 
 
 def ibot_loss(student: torch.Tensor, teacher: torch.Tensor, crop_of_token: torch.Tensor, num_crops: int,
-              student_temp: float) -> torch.Tensor:
+              student_temp: float, fused: bool = False) -> torch.Tensor:
     """Cross-entropy on the masked patches only: student scores and teacher targets [M, K]
     for the M masked tokens, `crop_of_token` [M] the global crop each comes from. Each crop's
-    tokens are averaged, then the crops (masked or not: `num_crops` in all) are averaged."""
-    ce = -(teacher * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1)  # [M]
+    tokens are averaged, then the crops (masked or not: `num_crops` in all) are averaged.
+    fused: the cross-entropy by kernels.soft_cross_entropy (Triton on CUDA, one pass a row each way)."""
+    if fused:
+        ce = kernels.soft_cross_entropy(student, teacher, student_temp)  # [M]
+    else:
+        ce = -(teacher * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1)  # [M]
     per_crop = torch.zeros(num_crops, device=ce.device, dtype=ce.dtype).index_add_(0, crop_of_token, ce)
     count = torch.zeros(num_crops, device=ce.device, dtype=ce.dtype).index_add_(0, crop_of_token,
                                                                                  torch.ones_like(ce))
@@ -188,7 +192,8 @@ class DINOv2(nn.Module):
                  dino_weight: float = 1.0, ibot_weight: float = 1.0, koleo_weight: float = 0.1,
                  mask_probability: float = 0.5, mask_ratio: tuple[float, float] = (0.1, 0.5),
                  weight_decay_end: float = 0.2, freeze_last_layer: float = 0.01, layer_decay: float = 0.9,
-                 patch_embed_lr_scale: float = 0.2, attn_impl: str = "sdpa", pack_crops: bool = True):
+                 patch_embed_lr_scale: float = 0.2, attn_impl: str = "sdpa", pack_crops: bool = True,
+                 fused_ce: bool = False):
         super().__init__()
         self.encoder = encoder  # the student backbone
         dim = encoder.embed_dim
@@ -223,7 +228,7 @@ class DINOv2(nn.Module):
         self.mask_probability, self.mask_ratio = mask_probability, tuple(mask_ratio)
         self.weight_decay_end, self.freeze_last_layer = weight_decay_end, freeze_last_layer
         self.layer_decay, self.patch_embed_lr_scale = layer_decay, patch_embed_lr_scale
-        self.attn_impl, self.pack_crops = attn_impl, pack_crops
+        self.attn_impl, self.pack_crops, self.fused_ce = attn_impl, pack_crops, fused_ce
         # Set per step by on_step_start; a tensor, so a compiled forward does not recompile for it.
         self.register_buffer("teacher_temp_now", torch.tensor(teacher_temp_start), persistent=False)
         self.weight_decay_start: float | None = None  # set by param_groups
@@ -348,7 +353,7 @@ class DINOv2(nn.Module):
         s_patch = self._student_ibot_head()(s_glob[:, prefix:].flatten(0, 1)[masked_at])
 
         dino = dino_loss(s_cls.view(V, B, -1), t_cls_p.view(G, B, -1), self.student_temp)
-        ibot = ibot_loss(s_patch, t_patch_p, crop_of_token, G * B, self.student_temp)
+        ibot = ibot_loss(s_patch, t_patch_p, crop_of_token, G * B, self.student_temp, fused=self.fused_ce)
         koleo = sum(koleo_loss(c) for c in s_glob[:, 0].chunk(G))
         loss = self.dino_weight * dino + self.ibot_weight * ibot + self.koleo_weight * koleo
         return {"loss": loss, "dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach()}
@@ -513,5 +518,5 @@ def build_dinov2(cfg, device) -> DINOv2:
         koleo_weight=o.koleo_weight, mask_probability=o.mask_probability, mask_ratio=tuple(o.mask_ratio),
         weight_decay_end=o.weight_decay_end, freeze_last_layer=o.freeze_last_layer, layer_decay=o.layer_decay,
         patch_embed_lr_scale=o.patch_embed_lr_scale, attn_impl="triton" if triton else "sdpa",
-        pack_crops=o.pack_crops,
+        pack_crops=o.pack_crops, fused_ce=o.fused_ce,
         )
