@@ -8,6 +8,9 @@ installed, at ViT shapes; ratio vs the best SDPA backend. Error: max relative er
 DINOv2's packed crops (PACKED_SHAPES; left out of --tune runs): our grouped launches and our varlen launch vs every
 SDPA backend on each crop size as a dense batch; ms and TFLOP/s fwd+bwd, ratio vs the best backend per crop size.
 
+DINOv2's iBOT cross-entropy (SOFT_CE_SHAPES, in the MAE table as "soft_ce <shape>"): kernels.soft_cross_entropy vs
+the torch form, GB/s of the bytes the fused kernels move.
+
 MAE masking and loss (GB/s of the bytes each op must move, fwd+bwd) vs the torch reference
 (argsort + gather + add; cat + gather + add; patchify + mean/var + MSE), and the card's
 device-to-device copy bandwidth measured in the same run.
@@ -20,7 +23,7 @@ Options: --quick (fewer shapes), --tune (sweep the attention block configs and p
 --tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks, --tune-occupancy: the current
 configs under register caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax,
 neighbouring blocks, shallower pipelines under caps for one more program per SM),
---shapes a,b (attention shape names), --only mae|attention|packed (one part; --skip-mae = --only attention),
+--shapes a,b (attention shape names), --only mae|attention|packed|soft-ce (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
 from __future__ import annotations
@@ -55,6 +58,9 @@ QUICK = ["mae-l-enc-n50-d64", "vit-l-n197-d64", "vit-g-n257-d88"]
 PACKED_SHAPES = {"dinov2-s-crops": (256, 6, 64), "dinov2-l-crops": (32, 16, 64), "dinov2-g-crops": (32, 24, 64)}
 PACKED_CROPS = ((2, 261), (8, 54))
 PACKED_QUICK = ["dinov2-l-crops"]
+# DINOv2's iBOT cross-entropy (kernels.soft_cross_entropy): (masked patches, prototypes) -- ViT-S at batch 256
+# (512 global crops x 256 patches, half the crops masked at 10-50 %: ~20k) and ViT-L / g at batch 32
+SOFT_CE_SHAPES = {"ibot-b256": (20000, 65536), "ibot-b32": (2500, 65536)}
 DEV = "cuda"  # a CPU smoke test of this script (TRITON_INTERPRET=1) sets "cpu"
 
 
@@ -253,6 +259,40 @@ def bench_packed(names, rows, errors, crops=PACKED_CROPS, dtype=torch.bfloat16):
         rows.append(row)
         print(f"  {name}: grouped {row['grouped_ms']:.3f} ms, varlen {row['varlen_ms']:.3f}, best SDPA per crop size "
               f"{best:.3f} -> x{row['ratio_vs_best_sdpa']:.2f}; err {row['max_rel_err']:.1e}", file=sys.stderr)
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bench_soft_ce(names, rows, errors, shapes=None, dtype=torch.bfloat16):
+    """iBOT's cross-entropy against soft targets, fwd+bwd: kernels.soft_cross_entropy's kernels vs the torch form
+    (-(targets * log_softmax(scores.float() / temp)).sum(-1), what the objective runs without fused_ce); GB/s of the
+    bytes the fused kernels must move (scores and targets read forward, both read and d scores written backward)."""
+    import kernels
+
+    shapes = shapes or SOFT_CE_SHAPES
+    for name in names:
+        M, K = shapes[name]
+        gen = torch.Generator(device=DEV).manual_seed(0)
+        scores = (torch.randn(M, K, device=DEV, generator=gen) * 2).to(dtype).requires_grad_()
+        targets = torch.softmax(torch.randn(M, K, device=DEV, generator=gen) * 4, -1)
+        g = torch.randn(M, device=DEV, generator=gen)
+        bs = max(1, min(M, 256))  # numerics: a slice against the fp32 reference
+        got = kernels.soft_cross_entropy(scores[:bs], targets[:bs], 0.1, impl="triton")
+        ref32 = scores[:bs].detach().float().requires_grad_()
+        want = kernels.soft_cross_entropy_reference(ref32, targets[:bs], 0.1)
+        errors[name] = {"ce": _rel(got, want), "dscores": _rel(torch.autograd.grad((got * g[:bs]).sum(), scores)[0][:bs],
+                                                               torch.autograd.grad((want * g[:bs]).sum(), ref32)[0])}
+        moved = M * K * (scores.element_size() + 4) * 2 + M * K * scores.element_size()
+        for impl in ("triton", "torch"):
+            def run(impl=impl):
+                ce = kernels.soft_cross_entropy(scores, targets, 0.1, impl=impl)
+                return torch.autograd.grad(ce, scores, g)
+            e, t = time_ms(run)
+            with torch.no_grad():
+                f = time_ms(lambda impl=impl: kernels.soft_cross_entropy(scores, targets, 0.1, impl=impl))[1]
+            rows.append({"op": f"soft_ce {name}", "impl": impl, "shape": f"{M}x{K}", "ms": t, "eager_ms": e,
+                         "fwd_ms": f, "bwd_ms": t - f, "GB/s": moved / t / 1e6, "max_rel_err": max(errors[name].values())})
+        del scores, targets, g
         if DEV == "cuda":
             torch.cuda.empty_cache()
 
@@ -852,9 +892,9 @@ def main(argv=None) -> int:
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
                          "only some ops: --mae-variants unmask (comma list of mask, unmask, loss)")
     ap.add_argument("--tag", default=None, help="suffix of the result file names")
-    ap.add_argument("--only", choices=("mae", "attention", "packed"), default=None,
-                    help="run one part: the MAE masking/loss ops, the attention shapes, or DINOv2's packed crops "
-                         f"({', '.join(PACKED_SHAPES)})")
+    ap.add_argument("--only", choices=("mae", "attention", "packed", "soft-ce"), default=None,
+                    help="run one part: the MAE masking/loss ops, the attention shapes, DINOv2's packed crops "
+                         f"({', '.join(PACKED_SHAPES)}) or its iBOT cross-entropy ({', '.join(SOFT_CE_SHAPES)})")
     args = ap.parse_args(argv or [])
     variant_ops = [v for v in args.mae_variants.split(",") if v]
     if set(variant_ops) - {"mask", "unmask", "loss"}:
@@ -863,6 +903,7 @@ def main(argv=None) -> int:
     run_mae = args.only in (None, "mae") and not args.skip_mae
     variants_on = args.tune or any(getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in VARIANT_FLAGS)
     run_packed = args.only == "packed" or (args.only is None and not args.skip_mae and not variants_on)
+    run_soft_ce = args.only == "soft-ce" or (args.only is None and not args.skip_mae and not variants_on)
     if not torch.cuda.is_available():
         print("bench kernels needs a CUDA GPU (the Triton kernels are GPU kernels)", file=sys.stderr)
         return 2
@@ -897,6 +938,9 @@ def main(argv=None) -> int:
     mae_rows = []
     if run_mae:
         bench_mae(mae_rows, errors, variants=variant_ops)
+    if run_soft_ce:
+        bench_soft_ce(["ibot-b32"] if args.quick else list(SOFT_CE_SHAPES), mae_rows, errors)
+    if mae_rows:
         same_size = {}  # the op's bytes moved as one copy (half read, half written), graphed like the ops
         for r in mae_rows:
             r["of_copy_bw"] = r["GB/s"] / copy

@@ -235,3 +235,31 @@ def test_bench_packed_rows(monkeypatch):
     assert (row["sdpa-a_n20_ms"], row["sdpa-b_n20_ms"], row["sdpa-a_n7_ms"], row["sdpa-b_n7_ms"]) == (5, 6, 7, 8)
     assert row["best_sdpa_ms"] == 5 + 7 and row["ratio_vs_best_sdpa"] == 12.0 and row["grouped_vs_varlen"] == 3.0
     assert set(errors["tiny"]["grouped"]) == {"out", "dqkv"} and row["max_rel_err"] < 2e-3, errors
+
+
+def test_bench_soft_ce_rows(monkeypatch):
+    """bench kernels' iBOT cross-entropy rows on CPU tensors (interpreted kernel, fp16, a stand-in timer): both
+    implementations timed, GB/s from the fused kernels' bytes, the error against fp32 small."""
+    import torch
+
+    import bench.kernels as bk
+    from kernels import soft_ce
+
+    times = iter([2.0, 1.0, 6.0, 3.0])  # triton fwd+bwd, its forward; torch fwd+bwd, its forward
+
+    def fake_time(fn):
+        fn()
+        t = next(times)
+        return t + 0.5, t
+
+    monkeypatch.setattr(bk, "DEV", "cpu")
+    monkeypatch.setattr(bk, "time_ms", fake_time)
+    monkeypatch.setitem(soft_ce.LAUNCH, "block", 32)
+    rows, errors = [], {}
+    bk.bench_soft_ce(["tiny"], rows, errors, shapes={"tiny": (5, 70)}, dtype=torch.float16)
+    tri, tor = rows
+    assert (tri["impl"], tor["impl"]) == ("triton", "torch") and tri["op"] == tor["op"] == "soft_ce tiny"
+    assert (tri["ms"], tri["fwd_ms"], tri["bwd_ms"], tor["ms"]) == (2.0, 1.0, 1.0, 6.0)
+    moved = 5 * 70 * (2 + 4) * 2 + 5 * 70 * 2  # scores and targets read each way, d scores written
+    assert tri["GB/s"] == moved / 2.0 / 1e6 and tri["GB/s"] / tor["GB/s"] == 3.0
+    assert set(errors["tiny"]) == {"ce", "dscores"} and tri["max_rel_err"] < 2e-3, errors
