@@ -205,7 +205,7 @@ def bench_packed(names, rows, errors, crops=PACKED_CROPS, dtype=torch.bfloat16):
         gen = torch.Generator(device=DEV).manual_seed(0)
         randn = lambda *shape: torch.randn(*shape, device=DEV, dtype=dtype, generator=gen)
 
-        one = [(c, n) for c, n in crops]  # numerics: one sample's crops against the fp32 reference
+        one = list(crops)  # numerics: one sample's crops against the fp32 reference
         small = randn(sum(c * n for c, n in one), 3, H, D).requires_grad_()
         dsmall = randn(small.shape[0], H, D)
         out = kernels.attention_qkv(small, seq_groups=one, impl="triton")
@@ -276,11 +276,12 @@ def bench_soft_ce(names, rows, errors, shapes=None, dtype=torch.bfloat16):
         scores = (torch.randn(M, K, device=DEV, generator=gen) * 2).to(dtype).requires_grad_()
         targets = torch.softmax(torch.randn(M, K, device=DEV, generator=gen) * 4, -1)
         g = torch.randn(M, device=DEV, generator=gen)
-        bs = max(1, min(M, 256))  # numerics: a slice against the fp32 reference
-        got = kernels.soft_cross_entropy(scores[:bs], targets[:bs], 0.1, impl="triton")
-        ref32 = scores[:bs].detach().float().requires_grad_()
+        bs = max(1, min(M, 256))  # numerics: a slice (a leaf of its own: no [M, K] gradient) against fp32
+        head = scores[:bs].detach().requires_grad_()
+        got = kernels.soft_cross_entropy(head, targets[:bs], 0.1, impl="triton")
+        ref32 = head.detach().float().requires_grad_()
         want = kernels.soft_cross_entropy_reference(ref32, targets[:bs], 0.1)
-        errors[name] = {"ce": _rel(got, want), "dscores": _rel(torch.autograd.grad((got * g[:bs]).sum(), scores)[0][:bs],
+        errors[name] = {"ce": _rel(got, want), "dscores": _rel(torch.autograd.grad((got * g[:bs]).sum(), head)[0],
                                                                torch.autograd.grad((want * g[:bs]).sum(), ref32)[0])}
         moved = M * K * (scores.element_size() + 4) * 2 + M * K * scores.element_size()
         for impl in ("triton", "torch"):

@@ -1707,6 +1707,11 @@ def _group_view(x: torch.Tensor, s: int, c: int, n: int) -> torch.Tensor:
     return x[s:s + c * n].view(c, n, *x.shape[1:])
 
 
+def _group_lse(lse: torch.Tensor, s: int, c: int, n: int, H: int) -> torch.Tensor:
+    """A group's rows of the grouped LSE buffer [T * H] as the dense [c, H, n] the kernels read and write."""
+    return lse[s * H:(s + c * n) * H].view(c, H, n)
+
+
 def _bhnd(x: torch.Tensor) -> torch.Tensor:
     """[c, n, H, D] -> [c, H, n, D] (a view)."""
     return x.transpose(1, 2)
@@ -1720,7 +1725,7 @@ def attention_groups_fwd(qkv, counts, lengths, scale):
     lse = torch.empty(T * H, device=qkv.device, dtype=torch.float32)
     for s, c, n in _group_spans(counts, lengths):
         q, k, v = _qkv_views(_group_view(qkv, s, c, n))
-        attention_fwd(q, k, v, scale, out=(_bhnd(_group_view(o, s, c, n)), lse[s * H:(s + c * n) * H].view(c, H, n)))
+        attention_fwd(q, k, v, scale, out=(_bhnd(_group_view(o, s, c, n)), _group_lse(lse, s, c, n, H)))
     return o, lse
 
 
@@ -1734,7 +1739,7 @@ def attention_groups_bwd(do, qkv, o, lse, counts, lengths, scale):
     for s, c, n in spans:
         q, k, v = _qkv_views(_group_view(qkv, s, c, n))
         attention_bwd(_bhnd(_group_view(do, s, c, n)), q, k, v, _bhnd(_group_view(o, s, c, n)),
-                      lse[s * H:(s + c * n) * H].view(c, H, n), scale, out=_qkv_views(_group_view(dqkv, s, c, n)))
+                      _group_lse(lse, s, c, n, H), scale, out=_qkv_views(_group_view(dqkv, s, c, n)))
     return dqkv
 
 
@@ -1788,10 +1793,9 @@ def _attention_groups(qkv, seq_groups, scale, impl):
         raise ValueError(f"seq_groups must be (count, length) pairs; got {seq_groups!r}") from None
     if any(c < 0 or n < 0 for c, n in zip(counts, lengths)):
         raise ValueError(f"seq_groups counts and lengths must be >= 0; got {seq_groups!r}")
-    T = qkv.shape[0]
-    if sum(c * n for c, n in zip(counts, lengths)) != T:
-        raise ValueError(f"seq_groups {seq_groups!r} cover {sum(c * n for c, n in zip(counts, lengths))} tokens; "
-                         f"qkv has {T}")
+    covered = sum(c * n for c, n in zip(counts, lengths))
+    if covered != qkv.shape[0]:
+        raise ValueError(f"seq_groups {seq_groups!r} cover {covered} tokens; qkv has {qkv.shape[0]}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":

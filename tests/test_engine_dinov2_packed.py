@@ -92,11 +92,11 @@ def test_packing_tensors_are_kept_for_the_next_step():
     fresh copy from pageable host memory would wait for the queued work every step."""
     model = build_objective(load_config(RECIPES / "quickstart_dinov2.yaml", TINY), torch.device("cpu"))
     groups, lengths = [(2, 5), (3, 2)], [5, 5, 2, 2, 2]
-    cu, seq_len = model._packing_tensors(groups, lengths, "cpu")
+    cu, seq_len = model._packing_tensors(groups, "cpu")
     assert cu.tolist() == [0, 5, 10, 12, 14, 16] and cu.dtype == torch.int32 and seq_len.tolist() == lengths
-    again = model._packing_tensors(groups, lengths, "cpu")
+    again = model._packing_tensors(groups, "cpu")
     assert again[0] is cu and again[1] is seq_len
-    other = model._packing_tensors([(1, 5)], [5], "cpu")
+    other = model._packing_tensors([(1, 5)], "cpu")
     assert other[0].tolist() == [0, 5] and other[0] is not cu
 
 

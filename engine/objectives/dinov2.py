@@ -279,7 +279,7 @@ class DINOv2(nn.Module):
         C = groups[0].shape[-1]
         seq_groups = [(g.shape[0], g.shape[1]) for g in groups]  # each crop size's crops: one dense attention launch
         lengths = [L for g in groups for L in [g.shape[1]] * g.shape[0]]
-        cu, seq_len = self._packing_tensors(seq_groups, lengths, groups[0].device)
+        cu, seq_len = self._packing_tensors(seq_groups, groups[0].device)
         total, longest = sum(lengths), max(lengths)
         x = torch.cat([g.reshape(-1, C) for g in groups])
         for block in enc.blocks:
@@ -295,12 +295,14 @@ class DINOv2(nn.Module):
             start += n
         return out
 
-    def _packing_tensors(self, seq_groups, lengths, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cu_seqlens int32, per-crop lengths) on `device` for this packing, kept for the next step: the crop
-        sizes and counts repeat, and a copy from pageable host memory would wait for the GPU to drain every step."""
+    def _packing_tensors(self, seq_groups, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cu_seqlens int32, per-crop lengths) on `device` for this packing ((crops, tokens) per crop size), kept
+        for the next step: the crop sizes and counts repeat, and a copy from pageable host memory would wait for the
+        GPU to drain every step."""
         key = (tuple(seq_groups), torch.device(device))
         cached = getattr(self, "_packing", None)
         if cached is None or cached[0] != key:
+            lengths = [n for c, n in seq_groups for _ in range(c)]
             cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
             seq_len = torch.tensor(lengths)
             if key[1].type == "cuda":  # pinned: queued behind the GPU's work, no sync
