@@ -4,7 +4,8 @@ Every op takes `impl=`: "triton" (our kernels; also runs on CPU tensors under TR
 "torch" (the reference), and "auto" (triton on CUDA, the reference/SDPA elsewhere; attention takes triton up to
 AUTO_TRITON_MAX_SEQLEN tokens, where it measured at least as fast as SDPA).
 Files: attn.py (attention), masking.py (mae_mask / mae_unmask), loss.py (mae_loss), soft_ce.py (soft_cross_entropy:
-DINOv2's iBOT cross-entropy against soft targets).
+DINOv2's iBOT cross-entropy against soft targets, dense or FactoredTargets), sinkhorn.py (sinkhorn_knopp: DINOv2's
+centering, the targets written out or kept as FactoredTargets).
 """
 from kernels.attn import (
     attention,
@@ -17,9 +18,11 @@ from kernels.attn import (
 )
 from kernels.loss import mae_loss, mae_loss_reference, patchify
 from kernels.masking import keep_count, mae_mask, mae_mask_reference, mae_unmask, mae_unmask_reference
-from kernels.soft_ce import soft_cross_entropy, soft_cross_entropy_reference
+from kernels.sinkhorn import sinkhorn_knopp
+from kernels.soft_ce import FactoredTargets, soft_cross_entropy, soft_cross_entropy_reference
 
 __all__ = [
+    "FactoredTargets",
     "attention",
     "attention_flops",
     "attention_qkv",
@@ -35,6 +38,7 @@ __all__ = [
     "mae_unmask",
     "mae_unmask_reference",
     "patchify",
+    "sinkhorn_knopp",
     "soft_cross_entropy",
     "soft_cross_entropy_reference",
 ]

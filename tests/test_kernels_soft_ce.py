@@ -82,5 +82,32 @@ def test_soft_ce_dispatch_and_checks():
 
 def test_soft_ce_custom_ops_pass_opcheck():
     s, t = torch.randn(4, 33, requires_grad=True), torch.rand(4, 33)
-    result = torch.library.opcheck(soft_ce._soft_ce_op, (s, t, 2.0))
+    result = torch.library.opcheck(soft_ce._soft_ce_op, (s, t, None, None, None, None, 2.0))
     assert all(v == "SUCCESS" for v in result.values()), result
+    row, col, shift, tinv = torch.rand(4), torch.rand(33), torch.tensor([0.5]), torch.tensor([3.0])
+    result = torch.library.opcheck(soft_ce._soft_ce_op, (s, t, row, col, shift, tinv, 2.0))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("M,K,block", [(7, 37, 16), (6, 64, 64)])
+def test_soft_ce_factored_targets(monkeypatch, M, K, block):
+    """FactoredTargets (row x col x exp((logits - shift) x inv_temp), generated in the kernels) give what their
+    written-out form gives, values and gradients; a factor of the wrong length is refused."""
+    monkeypatch.setitem(soft_ce.LAUNCH, "block", block)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    scores = (torch.randn(M, K, generator=g) * 3).half().requires_grad_()
+    logits = torch.randn(M, K + 5, generator=g).half()[:, 2:K + 2]  # strided rows
+    t = kernels.FactoredTargets(logits, torch.rand(M, generator=g) + 0.1, torch.rand(K, generator=g) + 0.1,
+                                logits.float().amax().reshape(1), torch.tensor([1 / 0.3]))
+    dense = t.dense()
+    assert dense.dtype == torch.float32 and dense.shape == (M, K)
+    torch.testing.assert_close(dense, t.row[:, None] * t.col * torch.exp((logits.float() - t.shift) / 0.3))
+    got = kernels.soft_cross_entropy(scores, t, 0.1, impl="triton")
+    want = soft_ce.soft_cross_entropy_reference(scores, dense, 0.1)
+    assert rel(got, want) < 1e-5
+    assert torch.equal(kernels.soft_cross_entropy(scores, t, 0.1, impl="torch"), want)
+    w = torch.randn(M, generator=g)
+    (dg,), (dw,) = torch.autograd.grad((got * w).sum(), scores), torch.autograd.grad((want * w).sum(), scores)
+    assert dg.dtype == torch.float16 and rel(dg, dw) < 2e-3
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.soft_cross_entropy(scores, t._replace(col=t.col[1:]), 0.1)
