@@ -105,9 +105,10 @@ class DINOv2Config:
     layer_decay: float = 0.9  # lr x layer_decay^(depth - layer) per block
     patch_embed_lr_scale: float = 0.2
     pack_crops: bool = True  # one student pass over all crops (attention per crop size; Triton kernels only)
-    # iBOT's cross-entropy by kernels.soft_cross_entropy (one pass over the [masked patches, prototypes] scores
-    # forward and one backward; Triton on CUDA): not yet measured on a GPU, so off by default
-    fused_ce: bool = False
+    # With our kernels (model.kernels): iBOT's Sinkhorn targets kept as factors (kernels.sinkhorn_knopp) and its
+    # cross-entropy by kernels.soft_cross_entropy, the [masked patches, prototypes] targets never written; the torch
+    # form otherwise. H200, DINOv2 ViT-S batch 256: the step 1.28x with it (bench ab --switch fused_ce)
+    fused_ce: bool = True
     encoder_kwargs: Any = None  # extra timm.create_model kwargs (e.g. {reg_tokens: 4}); a mapping
 
 

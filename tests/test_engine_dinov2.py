@@ -118,13 +118,21 @@ def test_ibot_loss_averages_masked_tokens_per_crop():
 
 
 def test_fused_ibot_cross_entropy_matches(monkeypatch):
-    """objective.dinov2.fused_ce: iBOT's cross-entropy by kernels.soft_cross_entropy (its Triton kernel forced here,
-    interpreted on CPU) gives the torch form's loss and gradients, through the whole objective too."""
+    """objective.dinov2.fused_ce (on by default with our kernels): iBOT's cross-entropy by kernels.soft_cross_entropy
+    against Sinkhorn's targets kept as factors (the Triton kernels forced here, interpreted on CPU) gives the torch
+    form's loss and gradients, through the whole objective too."""
     import functools
 
     import kernels
 
     monkeypatch.setattr(kernels, "soft_cross_entropy", functools.partial(kernels.soft_cross_entropy, impl="triton"))
+    real_sk, factored = kernels.sinkhorn_knopp, []
+
+    def sinkhorn_knopp(*args, impl="auto", **kw):  # the Triton passes where the engine says auto
+        factored.append(kw.get("factored", False))
+        return real_sk(*args, impl="triton" if impl == "auto" else impl, **kw)
+
+    monkeypatch.setattr(kernels, "sinkhorn_knopp", sinkhorn_knopp)
     torch.manual_seed(0)
     student = torch.randn(9, 50, requires_grad=True)
     teacher = torch.softmax(torch.randn(9, 50), -1)
@@ -133,10 +141,14 @@ def test_fused_ibot_cross_entropy_matches(monkeypatch):
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(*(torch.autograd.grad(x, student)[0] for x in (a, b)))
 
+    # The flag takes effect only with our kernels (model.kernels): the torch variant keeps the torch form.
+    assert tiny_model("model.kernels=torch")[0].fused_ce is False
+    assert tiny_model("objective.dinov2.fused_ce=false", "model.kernels=triton")[0].fused_ce is False
+    assert tiny_model("model.kernels=triton")[0].fused_ce is True  # the default with our kernels
     out, grads = [], []
-    for fused in ("true", "false"):
-        model, _ = tiny_model(f"objective.dinov2.fused_ce={fused}", "objective.dinov2.mask_probability=1.0")
-        assert model.fused_ce == (fused == "true")
+    for fused in (True, False):
+        model, _ = tiny_model("objective.dinov2.mask_probability=1.0")
+        model.fused_ce = fused
         glob, loc = model.synthetic_batch(2, "cpu")
         torch.manual_seed(1)
         res = model([glob, loc])
@@ -145,6 +157,8 @@ def test_fused_ibot_cross_entropy_matches(monkeypatch):
         grads.append(model.ibot_head.prototypes.weight.grad.clone() if model.ibot_head is not None
                      else model.dino_head.prototypes.weight.grad.clone())
     assert out[0]["ibot"] > 0
+    # per step: the class tokens' targets written out, then iBOT's factored (fused) or written out (torch form)
+    assert factored == [False, True, False, False], factored
     torch.testing.assert_close(out[0]["ibot"], out[1]["ibot"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 

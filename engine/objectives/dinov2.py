@@ -68,26 +68,15 @@ def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
-@torch.no_grad()
-def sinkhorn_knopp(logits: torch.Tensor, temp: float | torch.Tensor, iters: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(logits: torch.Tensor, temp: float | torch.Tensor, iters: int = 3, *,
+                   factored: bool = False, impl: str = "torch"):
     """[M, K] teacher scores -> [M, K] targets: each row a distribution (sums to 1) while the
     K prototypes share the M samples (columns sum to M / K) as evenly as `iters`
-    alternations allow. M and the sums span all ranks.
-
-    The alternations rescale the rows and columns of E = exp(scores / temp) through two vectors,
-    targets = diag(b) E diag(a), so each costs two matrix-vector products over E (a read of it)
-    instead of new [M, K] matrices: the iBOT targets are [masked patches, 65,536 prototypes], GBs each."""
-    M_local, K = logits.shape
-    top = logits.amax() if logits.numel() else logits.new_full((), float("-inf"))  # a rank may hold no tokens
-    top = _all_reduce(top.float().reshape(1), "max")  # one shift for all ranks leaves the result unchanged
-    e = (logits - top).mul_(1.0 / temp).exp_()  # fp32 ([1]-shaped top promotes), then in place
-    M = _all_reduce(torch.full((1,), float(M_local), device=e.device))  # a fill: no host copy (no sync)
-    b = (1.0 / _all_reduce(e.sum().reshape(1))).expand(M_local)  # q = E / sum(E)
-    a = e.new_ones(K)
-    for _ in range(iters):
-        a = 1.0 / (_all_reduce(e.t() @ b) * K)  # every prototype gets mass 1/K: sum_m q[m, k] = a_k (E^T b)_k
-        b = 1.0 / ((e @ a) * M)  # every sample gets mass 1/M
-    return e.mul_(a * M).mul_(b[:, None])
+    alternations allow. M and the sums span all ranks. kernels.sinkhorn_knopp: the torch path
+    writes E = exp(scores / temp) once and rescales it by two vectors (targets = diag(b) E diag(a));
+    factored=True (with the iBOT cross-entropy's kernels) keeps the targets as those vectors and
+    the scores, never written out."""
+    return kernels.sinkhorn_knopp(logits, temp, iters, all_reduce=_all_reduce, factored=factored, impl=impl)
 
 
 def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float | torch.Tensor) -> torch.Tensor:
@@ -113,12 +102,13 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, student_temp: float)
     return (ce * different).sum() / different.sum()
 
 
-def ibot_loss(student: torch.Tensor, teacher: torch.Tensor, crop_of_token: torch.Tensor, num_crops: int,
-              student_temp: float, fused: bool = False) -> torch.Tensor:
+def ibot_loss(student: torch.Tensor, teacher: torch.Tensor | kernels.FactoredTargets, crop_of_token: torch.Tensor,
+              num_crops: int, student_temp: float, fused: bool = False) -> torch.Tensor:
     """Cross-entropy on the masked patches only: student scores and teacher targets [M, K]
     for the M masked tokens, `crop_of_token` [M] the global crop each comes from. Each crop's
     tokens are averaged, then the crops (masked or not: `num_crops` in all) are averaged.
-    fused: the cross-entropy by kernels.soft_cross_entropy (Triton on CUDA, one pass a row each way)."""
+    fused: the cross-entropy by kernels.soft_cross_entropy (Triton on CUDA, one pass a row each way),
+    which also takes the targets as kernels.FactoredTargets (Sinkhorn's, never written out)."""
     if fused:
         ce = kernels.soft_cross_entropy(student, teacher, student_temp)  # [M]
     else:
@@ -335,7 +325,9 @@ class DINOv2(nn.Module):
             temp = self.teacher_temp_now
             if self.centering == "sinkhorn":
                 t_cls_p = sinkhorn_knopp(t_cls, temp, self.sinkhorn_iters)
-                t_patch_p = sinkhorn_knopp(t_patch, temp, self.sinkhorn_iters)
+                # with the fused cross-entropy: the targets as factors (Triton on CUDA), never written out
+                t_patch_p = sinkhorn_knopp(t_patch, temp, self.sinkhorn_iters, factored=self.fused_ce,
+                                           impl="auto" if self.fused_ce else "torch")
             else:
                 t_cls_p = softmax_center(t_cls, self.dino_center, temp)
                 t_patch_p = softmax_center(t_patch, self.ibot_center, temp)
@@ -520,5 +512,5 @@ def build_dinov2(cfg, device) -> DINOv2:
         koleo_weight=o.koleo_weight, mask_probability=o.mask_probability, mask_ratio=tuple(o.mask_ratio),
         weight_decay_end=o.weight_decay_end, freeze_last_layer=o.freeze_last_layer, layer_decay=o.layer_decay,
         patch_embed_lr_scale=o.patch_embed_lr_scale, attn_impl="triton" if triton else "sdpa",
-        pack_crops=o.pack_crops, fused_ce=o.fused_ce,
+        pack_crops=o.pack_crops, fused_ce=o.fused_ce and triton,
         )
