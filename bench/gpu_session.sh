@@ -406,14 +406,12 @@ K71)  # DINOv2's packed crops: our grouped launches (attention_qkv(seq_groups=..
   step 330 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 256 32 \
     --steps 12 --warmup 3 --variants engine-triton engine-torch --tag dinov2-grouped
   ;;
-K72)  # DINOv2's iBOT cross-entropy by kernels.soft_cross_entropy (written 2026-11-29, not yet measured): the kernels vs
-      # the torch form, then the DINOv2 steps with objective.dinov2.fused_ce true / false (two rounds, ViT-S batch 256
-      # where the loss is a large share, ViT-L batch 32)
-  step 150 python3 -m bench kernels --only soft-ce --tag soft-ce
-  for r in 1 2; do for f in true false; do
-    step 200 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 256 32 \
-      --steps 12 --warmup 3 --variants engine-triton --override objective.dinov2.fused_ce=$f --tag fused-ce-$f-r$r
-  done; done
+K72)  # DINOv2's iBOT Sinkhorn targets (kept as factors) and cross-entropy in our kernels (measured 2026-11-29): the
+      # kernels vs the torch form, the switch alone in one process (bench ab), the DINOv2 steps triton vs torch
+  step 150 python3 -m bench kernels --only soft-ce --tag sinkhorn-ce
+  step 150 python3 -m bench ab --recipe recipes/vit_s_dinov2.yaml --batch 256 --switch fused_ce
+  step 250 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 256 32 \
+    --steps 12 --warmup 3 --variants engine-triton engine-torch --tag dinov2-factored
   ;;
 K68)  # TMA descriptors built in autograd's backward thread after the kernels loaded in the main thread (kernels/
       # cuda_context.py): the GPU test, which runs its case in a subprocess with compiled kernels (so pytest itself keeps

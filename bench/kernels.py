@@ -9,7 +9,9 @@ DINOv2's packed crops (PACKED_SHAPES; left out of --tune runs): our grouped laun
 SDPA backend on each crop size as a dense batch; ms and TFLOP/s fwd+bwd, ratio vs the best backend per crop size.
 
 DINOv2's iBOT cross-entropy (SOFT_CE_SHAPES, in the MAE table as "soft_ce <shape>"): kernels.soft_cross_entropy vs
-the torch form, GB/s of the bytes the fused kernels move.
+the torch form, GB/s of the bytes the fused kernels move; and "sinkhorn+ce <shape>": Sinkhorn-Knopp's targets and the
+cross-entropy together, the targets kept as factors (triton), written out by torch into our kernels (triton-dense),
+all torch (torch).
 
 MAE masking and loss (GB/s of the bytes each op must move, fwd+bwd) vs the torch reference
 (argsort + gather + add; cat + gather + add; patchify + mean/var + MSE), and the card's
@@ -296,6 +298,46 @@ def bench_soft_ce(names, rows, errors, shapes=None, dtype=torch.bfloat16):
         del scores, targets, g
         if DEV == "cuda":
             torch.cuda.empty_cache()
+        bench_sinkhorn_ce(name, M, K, rows, errors, dtype)
+
+
+def bench_sinkhorn_ce(name, M, K, rows, errors, dtype=torch.bfloat16, iters=3):
+    """iBOT's targets and cross-entropy together, fwd+bwd, as the objective runs them: Sinkhorn-Knopp (3 alternations)
+    on the teacher's scores, then the cross-entropy of the student's against them. torch: both in torch (the
+    objective with SDPA/torch); triton-dense: torch's targets written out, our cross-entropy kernels (fused_ce before
+    2026-11-29's factored targets); triton: kernels.sinkhorn_knopp(factored=True) into our cross-entropy, the targets
+    never written. GB/s of the bytes the last must move (the teacher's scores read 9 times: max, 6 passes, forward,
+    backward; the student's read twice and d scores written)."""
+    import kernels
+
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    scores = (torch.randn(M, K, device=DEV, generator=gen) * 2).to(dtype).requires_grad_()
+    teacher = (torch.randn(M, K, device=DEV, generator=gen) * 0.3).to(dtype)  # cosine scores of a normalized head
+    temp = torch.tensor(0.07, device=DEV)  # a device tensor, as the objective's scheduled temperature
+    g = torch.randn(M, device=DEV, generator=gen)
+    plans = {"triton": ("triton", True, "triton"), "triton-dense": ("torch", False, "triton"),
+             "torch": ("torch", False, "torch")}
+
+    def run(plan):
+        sk_impl, factored, ce_impl = plans[plan]
+        t = kernels.sinkhorn_knopp(teacher, temp, iters, factored=factored, impl=sk_impl)
+        return torch.autograd.grad(kernels.soft_cross_entropy(scores, t, 0.1, impl=ce_impl), scores, g)
+
+    (d_torch,) = run("torch")
+    ce_torch = kernels.soft_cross_entropy(scores, kernels.sinkhorn_knopp(teacher, temp, iters, impl="torch"), 0.1,
+                                          impl="torch")
+    ft = kernels.sinkhorn_knopp(teacher, temp, iters, factored=True, impl="triton")
+    errors[f"sinkhorn+ce {name}"] = err = {"ce": _rel(kernels.soft_cross_entropy(scores, ft, 0.1, impl="triton"),
+                                                       ce_torch), "dscores": _rel(run("triton")[0], d_torch)}
+    del d_torch, ce_torch, ft
+    moved = M * K * (9 * teacher.element_size() + 3 * scores.element_size())
+    for plan in plans:
+        e, t = time_ms(lambda plan=plan: run(plan))
+        rows.append({"op": f"sinkhorn+ce {name}", "impl": plan, "shape": f"{M}x{K}", "ms": t, "eager_ms": e,
+                     "GB/s": moved / t / 1e6, "max_rel_err": max(err.values())})
+    del scores, teacher, g
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 def copy_bandwidth(nbytes: int = 1 << 30):

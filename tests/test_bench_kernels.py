@@ -245,7 +245,8 @@ def test_bench_soft_ce_rows(monkeypatch):
     import bench.kernels as bk
     from kernels import soft_ce
 
-    times = iter([2.0, 1.0, 6.0, 3.0])  # triton fwd+bwd, its forward; torch fwd+bwd, its forward
+    times = iter([2.0, 1.0, 6.0, 3.0, 4.0, 8.0, 12.0])  # triton fwd+bwd, its forward; torch's; then the three
+    # Sinkhorn + cross-entropy plans: triton, triton-dense, torch
 
     def fake_time(fn):
         fn()
@@ -255,9 +256,15 @@ def test_bench_soft_ce_rows(monkeypatch):
     monkeypatch.setattr(bk, "DEV", "cpu")
     monkeypatch.setattr(bk, "time_ms", fake_time)
     monkeypatch.setitem(soft_ce.LAUNCH, "block", 32)
+    from kernels import sinkhorn
+    monkeypatch.setattr(sinkhorn, "LAUNCH", dict(sinkhorn.LAUNCH, row_block=32, col_bk=32, col_bm=4, chunk_rows=2))
     rows, errors = [], {}
     bk.bench_soft_ce(["tiny"], rows, errors, shapes={"tiny": (5, 70)}, dtype=torch.float16)
-    tri, tor = rows
+    tri, tor, *sk = rows
+    assert [r["impl"] for r in sk] == ["triton", "triton-dense", "torch"]
+    assert all(r["op"] == "sinkhorn+ce tiny" for r in sk) and [r["ms"] for r in sk] == [4.0, 8.0, 12.0]
+    assert sk[0]["GB/s"] == 5 * 70 * (9 * 2 + 3 * 2) / 4.0 / 1e6
+    assert set(errors["sinkhorn+ce tiny"]) == {"ce", "dscores"} and sk[0]["max_rel_err"] < 1e-3, errors
     assert (tri["impl"], tor["impl"]) == ("triton", "torch") and tri["op"] == tor["op"] == "soft_ce tiny"
     assert (tri["ms"], tri["fwd_ms"], tri["bwd_ms"], tor["ms"]) == (2.0, 1.0, 1.0, 6.0)
     moved = 5 * 70 * (2 + 4) * 2 + 5 * 70 * 2  # scores and targets read each way, d scores written
