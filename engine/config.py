@@ -49,6 +49,10 @@ class ModelConfig:
     # the synthetic-data rate from 5,020 to 5,208 img/s; with 2 micro-batches per step, from 8.9 % to 1.5 %
     # and from 5,132 to 5,273 img/s (README)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "auto"] | None = "auto"
+    # The patch embedding as one matrix product over the patches (engine.models.PatchMatmul) instead of cuDNN's
+    # convolution, which ran a generic kernel on an H200 (2.7 ms a call at DINOv2 ViT-S's global crops); same
+    # parameters and checkpoints. Not yet timed as a step, so off by default (bench/gpu_session.sh K73 times it)
+    patch_matmul: bool = False
     activation_checkpointing: bool = False
     # Which blocks and what they keep: every k-th encoder block is checkpointed (1: all), and
     # "full" recomputes the whole block in backward while "save_matmuls" (selective) keeps the

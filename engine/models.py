@@ -1,8 +1,9 @@
 """Encoders: timm ViTs by name, with our attention plugged in through timm's `attn_layer`."""
 from __future__ import annotations
 
-import torch
 import timm
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,9 +29,10 @@ def attention_layer(kernels: str, device: torch.device | str):
 
 
 def create_encoder(name: str, *, img_size: int = 224, patch_size: int | None = None, drop_path: float = 0.0,
-                   attn_layer=None, **kwargs) -> nn.Module:
+                   attn_layer=None, patch_matmul: bool = False, **kwargs) -> nn.Module:
     """A timm ViT with no classifier head (num_classes=0). Its state dict loads unchanged into
-    `timm.create_model(name, num_classes=0, img_size=..., patch_size=...)`."""
+    `timm.create_model(name, num_classes=0, img_size=..., patch_size=...)`. patch_matmul: its patch
+    embedding runs as one matrix product over the patches (PatchMatmul), not as a convolution."""
     if name not in timm.list_models():
         vits = [n for n in timm.list_models("vit_*") if "patch" in n][:12]
         raise ValueError(f"unknown timm model {name!r}; e.g. {', '.join(vits)} (see timm.list_models('vit_*'))")
@@ -42,7 +44,48 @@ def create_encoder(name: str, *, img_size: int = 224, patch_size: int | None = N
     model = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, drop_path_rate=drop_path,
                               **extra)
     tensor_drop_paths(model)
+    if patch_matmul:
+        matmul_patch_embed(model)
     return model
+
+
+class PatchMatmul(nn.Conv2d):
+    """A ViT's patch embedding: a Conv2d whose kernel is its stride, without padding, dilation or groups. With
+    `matmul` (a bool the step may flip) it runs as what it is, one matrix product of the [patches, C x p x q] pixels
+    with the [C x p x q, dim] weight, plus the bias; the output is the convolution's [B, dim, H / p, W / q], as a
+    channels-last view, so timm's flatten / permute after it copy nothing. cuDNN picked a generic kernel for these
+    shapes on an H200 (implicit_convolve_sgemm, bf16: 2.7 ms a call at DINOv2 ViT-S's 512 global crops, 22 TFLOP/s;
+    bench/results/profiles/vit_s_dinov2-1gpu-prof-s-factored.txt). Rows and columns past the last whole patch are
+    dropped, as the convolution drops them. Parameters and state dict are the Conv2d's."""
+
+    matmul: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.matmul:
+            return super().forward(x)
+        B, C, H, W = x.shape
+        p, q = self.kernel_size
+        h, w = H // p, W // q
+        x = x[:, :, :h * p, :w * q]
+        if torch.is_autocast_enabled(x.device.type):  # cast before the patch copy, not after: half the bytes
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        patches = x.reshape(B, C, h, p, w, q).permute(0, 2, 4, 1, 3, 5).reshape(B * h * w, C * p * q)
+        out = F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)
+        return out.view(B, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+
+def matmul_patch_embed(model: nn.Module, on: bool = True) -> int:
+    """Every patch-embedding convolution of `model` (kernel = stride, no padding / dilation / groups) as PatchMatmul,
+    running as a matrix product when `on`; returns how many. The modules keep their parameters (state dicts
+    unchanged); others are left as they are."""
+    n = 0
+    for m in model.modules():
+        if (isinstance(m, nn.Conv2d) and m.kernel_size == m.stride and m.padding in ((0, 0), "valid")
+                and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"):
+            m.__class__ = PatchMatmul
+            m.matmul = on
+            n += 1
+    return n
 
 
 class DropPath(nn.Module):
