@@ -9,7 +9,8 @@ the compiled blocks and the batch. After --warmup steps with each setting, --blo
 each, the order alternating from round to round (true first, then false first), each block after one untimed step.
 The result has every block's mean step time, the means and the ratio (off / on: > 1 means the switch on is faster),
 and how many blocks of one setting were faster than every block of the other. JSON + PNG under bench/results/.
-The switch must be a bool attribute the objective reads at every step (e.g. DINOv2's fused_ce, pack_crops).
+The switch must be a bool attribute that the objective or its modules read at every step (DINOv2's fused_ce,
+pack_crops; PatchMatmul's matmul, built with --override model.patch_matmul=true); every module holding it is set.
 """
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--batch", type=int, default=None, help="per-GPU batch (default: the recipe's micro_batch)")
-    ap.add_argument("--switch", required=True, help="a bool attribute of the objective (e.g. fused_ce)")
+    ap.add_argument("--switch", required=True,
+                    help="a bool attribute of the objective or of its modules, set on every one that has it (e.g. "
+                         "fused_ce; matmul, the PatchMatmul patch embeddings', with --override model.patch_matmul=true)")
     ap.add_argument("--blocks", type=int, default=6, help="rounds; each times one block per setting")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per block")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps per setting before the rounds")
@@ -85,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     trainer = Trainer(cfg, args.out_dir or "/tmp/bench-ab-unused")
     model = trainer.model
-    if not isinstance(getattr(model, args.switch, None), bool):
-        ap.error(f"--switch {args.switch!r}: the {cfg.objective.name} objective has no bool attribute of that name")
-    start = getattr(model, args.switch)
+    holders = [m for m in model.modules() if isinstance(getattr(m, args.switch, None), bool)]
+    if not holders:
+        ap.error(f"--switch {args.switch!r}: neither the {cfg.objective.name} objective nor any of its modules has a "
+                 "bool attribute of that name")
+    start = [getattr(m, args.switch) for m in holders]
     batch0 = next(trainer.batches())
 
     def step():
@@ -95,14 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train_step([batch0])
 
     def set_switch(value: bool):
-        setattr(model, args.switch, value)
+        for m in holders:
+            setattr(m, args.switch, value)
 
     cuda = trainer.device.type == "cuda"
     times = interleave(step, set_switch, args.blocks, args.steps, args.warmup,
                        torch.cuda.synchronize if cuda else (lambda: None))
-    set_switch(start)
+    for m, value in zip(holders, start):
+        setattr(m, args.switch, value)
     row = {"recipe": args.recipe, "model": cfg.model.name, "batch": batch, "switch": args.switch,
-           "kernels": args.kernels, **summarize(times, batch)}
+           "modules_switched": len(holders), "kernels": args.kernels, **summarize(times, batch)}
     print_table([row], ["model", "batch", "switch", "on_img_s", "off_img_s", "speedup_on", "on_blocks_beating_all_off",
                         "off_blocks_beating_all_on"])
     path = write_result("ab", {"device": str(trainer.device), "blocks": args.blocks, "steps": args.steps,

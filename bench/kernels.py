@@ -8,6 +8,9 @@ installed, at ViT shapes; ratio vs the best SDPA backend. Error: max relative er
 DINOv2's packed crops (PACKED_SHAPES; left out of --tune runs): our grouped launches and our varlen launch vs every
 SDPA backend on each crop size as a dense batch; ms and TFLOP/s fwd+bwd, ratio vs the best backend per crop size.
 
+The patch embedding (PATCH_SHAPES, --only patch-embed): engine.models.PatchMatmul (one matrix product over the
+patches) vs the convolution under cuDNN's heuristics and under cudnn.benchmark, fwd+bwd, TFLOP/s.
+
 DINOv2's iBOT cross-entropy (SOFT_CE_SHAPES, in the MAE table as "soft_ce <shape>"): kernels.soft_cross_entropy vs
 the torch form, GB/s of the bytes the fused kernels move; and "sinkhorn+ce <shape>": Sinkhorn-Knopp's targets and the
 cross-entropy together, the targets kept as factors (triton), written out by torch into our kernels (triton-dense),
@@ -25,7 +28,7 @@ Options: --quick (fewer shapes), --tune (sweep the attention block configs and p
 --tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks, --tune-occupancy: the current
 configs under register caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax,
 neighbouring blocks, shallower pipelines under caps for one more program per SM),
---shapes a,b (attention shape names), --only mae|attention|packed|soft-ce (one part; --skip-mae = --only attention),
+--shapes a,b (attention shape names), --only mae|attention|packed|soft-ce|patch-embed (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
 from __future__ import annotations
@@ -63,6 +66,10 @@ PACKED_QUICK = ["dinov2-l-crops"]
 # DINOv2's iBOT cross-entropy (kernels.soft_cross_entropy): (masked patches, prototypes) -- ViT-S at batch 256
 # (512 global crops x 256 patches, half the crops masked at 10-50 %: ~20k) and ViT-L / g at batch 32
 SOFT_CE_SHAPES = {"ibot-b256": (20000, 65536), "ibot-b32": (2500, 65536)}
+# ViTs' patch embedding (engine.models.PatchMatmul vs the convolution): (images, image size, patch, dim) -- DINOv2 ViT-S at
+# batch 256 (the student's and teacher's 512 global crops, the student's 2,048 local crops), MAE ViT-B / ViT-L
+PATCH_SHAPES = {"dinov2-s-global": (512, 224, 14, 384), "dinov2-s-local": (2048, 98, 14, 384),
+                "mae-b": (512, 224, 16, 768), "mae-l": (256, 224, 16, 1024)}
 DEV = "cuda"  # a CPU smoke test of this script (TRITON_INTERPRET=1) sets "cpu"
 
 
@@ -338,6 +345,61 @@ def bench_sinkhorn_ce(name, M, K, rows, errors, dtype=torch.bfloat16, iters=3):
     del scores, teacher, g
     if DEV == "cuda":
         torch.cuda.empty_cache()
+
+
+def bench_patch_embed(names, rows, errors, shapes=None):
+    """The patch embedding, forward + backward to its weight and bias (images take no gradient), under bf16 autocast
+    on fp32 images as the engine runs it: the convolution with cuDNN's heuristics (torch's default), with
+    torch.backends.cudnn.benchmark (what a user might turn on), and PatchMatmul (one matrix product over the patches).
+    TFLOP/s of the product's 2 x 3 x patches x (C p q) x dim (forward, weight and bias gradients); error of the bf16
+    outputs and weight gradients against the fp32 convolution."""
+    from torch import nn
+
+    from engine.models import matmul_patch_embed
+
+    shapes = shapes or PATCH_SHAPES
+    bench_flag = torch.backends.cudnn.benchmark
+    for name in names:
+        n, size, p, dim = shapes[name]
+        gen = torch.Generator(device=DEV).manual_seed(0)
+        torch.manual_seed(0)
+        conv = nn.Conv2d(3, dim, p, stride=p).to(DEV)
+        mm = nn.Conv2d(3, dim, p, stride=p).to(DEV)
+        mm.load_state_dict(conv.state_dict())
+        matmul_patch_embed(mm)
+        x = torch.randn(n, 3, size, size, device=DEV, generator=gen)
+        g = torch.randn(n, dim, size // p, size // p, device=DEV, generator=gen)
+        amp = DEV == "cuda"
+
+        def run(m):
+            with torch.autocast(DEV, dtype=torch.bfloat16, enabled=amp):
+                y = m(x)
+            return torch.autograd.grad(y, (m.weight, m.bias), g.to(y.dtype))
+
+        k = min(n, 16)  # numerics on a slice, against the fp32 convolution
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=amp):
+            got = mm(x[:k])
+        want = conv(x[:k])
+        dgot = torch.autograd.grad(got, mm.weight, g[:k].to(got.dtype))[0]
+        dwant = torch.autograd.grad(want, conv.weight, g[:k])[0]
+        errors[f"patch_embed {name}"] = err = {"out": _rel(got.float(), want), "dweight": _rel(dgot, dwant)}
+        flops = 2 * 3 * n * (size // p) ** 2 * 3 * p * p * dim
+        for impl, module, cudnn_bench in (("conv", conv, False), ("conv-benchmark", conv, True), ("matmul", mm, False)):
+            torch.backends.cudnn.benchmark = cudnn_bench
+            try:
+                run(module)  # cudnn.benchmark picks its algorithm here, before any capture
+                e, t = time_ms(lambda module=module: run(module))
+            finally:
+                torch.backends.cudnn.benchmark = bench_flag
+            rows.append({"op": f"patch_embed {name}", "impl": impl, "shape": f"{n}x3x{size}x{size}/p{p}->{dim}",
+                         "ms": t, "eager_ms": e, "tflops": flops / t / 1e9, "max_rel_err": max(err.values())})
+        best_conv = min(r["ms"] for r in rows if r["op"] == f"patch_embed {name}" and r["impl"] != "matmul")
+        for r in rows:
+            if r["op"] == f"patch_embed {name}":
+                r["speedup_vs_best_conv"] = best_conv / r["ms"]
+        del x, g
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
 
 def copy_bandwidth(nbytes: int = 1 << 30):
@@ -935,9 +997,10 @@ def main(argv=None) -> int:
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
                          "only some ops: --mae-variants unmask (comma list of mask, unmask, loss)")
     ap.add_argument("--tag", default=None, help="suffix of the result file names")
-    ap.add_argument("--only", choices=("mae", "attention", "packed", "soft-ce"), default=None,
+    ap.add_argument("--only", choices=("mae", "attention", "packed", "soft-ce", "patch-embed"), default=None,
                     help="run one part: the MAE masking/loss ops, the attention shapes, DINOv2's packed crops "
-                         f"({', '.join(PACKED_SHAPES)}) or its iBOT cross-entropy ({', '.join(SOFT_CE_SHAPES)})")
+                         f"({', '.join(PACKED_SHAPES)}), its iBOT cross-entropy ({', '.join(SOFT_CE_SHAPES)}) or the "
+                         f"patch embedding ({', '.join(PATCH_SHAPES)})")
     args = ap.parse_args(argv or [])
     variant_ops = [v for v in args.mae_variants.split(",") if v]
     if set(variant_ops) - {"mask", "unmask", "loss"}:
@@ -947,6 +1010,7 @@ def main(argv=None) -> int:
     variants_on = args.tune or any(getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in VARIANT_FLAGS)
     run_packed = args.only == "packed" or (args.only is None and not args.skip_mae and not variants_on)
     run_soft_ce = args.only == "soft-ce" or (args.only is None and not args.skip_mae and not variants_on)
+    run_patch = args.only == "patch-embed" or (args.only is None and not args.skip_mae and not variants_on)
     if not torch.cuda.is_available():
         print("bench kernels needs a CUDA GPU (the Triton kernels are GPU kernels)", file=sys.stderr)
         return 2
@@ -995,6 +1059,10 @@ def main(argv=None) -> int:
         for r in mae_rows:
             r["speedup_vs_torch"] = torch_ms[r["op"]] / r["ms"]
     payload["mae"] = mae_rows
+    patch_rows = []
+    if run_patch:
+        bench_patch_embed(["dinov2-s-global"] if args.quick else list(PATCH_SHAPES), patch_rows, errors)
+    payload["patch_embed"] = patch_rows
     payload["errors"] = errors
 
     cols = ["shape", "triton_fwdbwd_tflops", "best_sdpa_fwdbwd_tflops", "best_sdpa_backend", "ratio_fwdbwd",
@@ -1019,6 +1087,11 @@ def main(argv=None) -> int:
         print_table(mae_rows, ["op", "impl", "shape", "ms", "fwd_ms", "bwd_ms", "eager_ms", "GB/s", "of_copy_bw",
                                "of_same_size_copy", "speedup_vs_torch"])
         print("same-size copies (GB/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in same_size.items()))
+    if patch_rows:
+        print(f"\npatch embedding fwd+bwd (weight, bias), bf16 autocast, {card_name()}: the convolution (cuDNN's "
+              "heuristics / cudnn.benchmark) vs PatchMatmul")
+        print_table(patch_rows, ["op", "impl", "shape", "ms", "eager_ms", "tflops", "speedup_vs_best_conv",
+                                 "max_rel_err"])
     path = write_result("kernels", payload, argv, tag=args.tag)
     if attn_rows:
         labels = [r["shape"] for r in attn_rows]
@@ -1033,4 +1106,10 @@ def main(argv=None) -> int:
         bar_plot(path.with_name(path.stem + "-mae.png"), ops,
                  {impl: [next((r["GB/s"] for r in mae_rows if r["op"] == op and r["impl"] == impl), 0.0) for op in ops]
                   for impl in ("triton", "torch")}, "GB/s (fwd+bwd)", f"MAE masking and loss, {card_name()}")
+    if patch_rows:
+        ops = sorted({r["op"] for r in patch_rows})
+        bar_plot(path.with_name(path.stem + "-patch.png"), ops,
+                 {impl: [next((r["tflops"] for r in patch_rows if r["op"] == op and r["impl"] == impl), 0.0)
+                         for op in ops] for impl in ("conv", "conv-benchmark", "matmul")},
+                 "TFLOP/s (fwd+bwd)", f"patch embedding, bf16, {card_name()}")
     return 0

@@ -48,7 +48,7 @@ def test_ab_runs_a_tiny_dinov2_on_cpu(tmp_path, monkeypatch):
     (path,) = tmp_path.glob("ab-*-quickstart-dinov2-fused-ce-t.json")
     rec = json.loads(path.read_text())
     (row,) = rec["rows"]
-    assert row["switch"] == "fused_ce" and row["batch"] == 2
+    assert row["switch"] == "fused_ce" and row["batch"] == 2 and row["modules_switched"] == 1
     assert len(row["on_block_ms"]) == len(row["off_block_ms"]) == 2 and row["speedup_on"] > 0
     assert rec["command"].startswith("python -m bench ab --recipe")
 
@@ -60,3 +60,14 @@ def test_ab_refuses_a_switch_the_objective_lacks(tmp_path, monkeypatch):
                  "--kernels", "torch", "--out-dir", str(tmp_path / "run"), "--override", "model.compile=false",
                  *DINOV2_TINY])
     assert not list(tmp_path.glob("ab-*.json"))
+
+
+def test_ab_switches_every_module_holding_the_attribute(tmp_path, monkeypatch):
+    """A switch on modules: PatchMatmul's matmul, in the student's and the teacher's patch embeddings at once."""
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    args = ["--recipe", str(RECIPES / "quickstart_dinov2.yaml"), "--batch", "2", "--switch", "matmul",
+            "--blocks", "1", "--steps", "1", "--warmup", "0", "--kernels", "torch", "--out-dir", str(tmp_path / "run"),
+            "--override", "model.compile=false", "model.patch_matmul=true", *DINOV2_TINY]
+    assert ab.main(args) == 0
+    (path,) = tmp_path.glob("ab-*-matmul.json")
+    assert json.loads(path.read_text())["rows"][0]["modules_switched"] == 2

@@ -270,3 +270,26 @@ def test_bench_soft_ce_rows(monkeypatch):
     moved = 5 * 70 * (2 + 4) * 2 + 5 * 70 * 2  # scores and targets read each way, d scores written
     assert tri["GB/s"] == moved / 2.0 / 1e6 and tri["GB/s"] / tor["GB/s"] == 3.0
     assert set(errors["tiny"]) == {"ce", "dscores"} and tri["max_rel_err"] < 2e-3, errors
+
+
+def test_bench_patch_embed_rows(monkeypatch):
+    """bench kernels' patch-embedding rows on CPU (fp32, no autocast, a stand-in timer): the three implementations,
+    TFLOP/s from the product's FLOPs, the speedup against the better convolution, a small error."""
+    import bench.kernels as bk
+
+    times = iter([3.0, 2.0, 0.5])  # conv, conv-benchmark, matmul
+
+    def fake_time(fn):
+        fn()
+        t = next(times)
+        return t + 0.5, t
+
+    monkeypatch.setattr(bk, "DEV", "cpu")
+    monkeypatch.setattr(bk, "time_ms", fake_time)
+    rows, errors = [], {}
+    bk.bench_patch_embed(["tiny"], rows, errors, shapes={"tiny": (3, 20, 4, 8)})
+    assert [r["impl"] for r in rows] == ["conv", "conv-benchmark", "matmul"]
+    flops = 2 * 3 * 3 * 25 * 3 * 16 * 8
+    assert rows[2]["tflops"] == flops / 0.5 / 1e9 and rows[2]["speedup_vs_best_conv"] == 4.0
+    assert rows[0]["speedup_vs_best_conv"] == 2.0 / 3.0
+    assert set(errors["patch_embed tiny"]) == {"out", "dweight"} and rows[2]["max_rel_err"] < 1e-5, errors
