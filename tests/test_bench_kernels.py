@@ -237,16 +237,10 @@ def test_bench_packed_rows(monkeypatch):
     assert set(errors["tiny"]["grouped"]) == {"out", "dqkv"} and row["max_rel_err"] < 2e-3, errors
 
 
-def test_bench_soft_ce_rows(monkeypatch):
-    """bench kernels' iBOT cross-entropy rows on CPU tensors (interpreted kernel, fp16, a stand-in timer): both
-    implementations timed, GB/s from the fused kernels' bytes, the error against fp32 small."""
-    import torch
-
-    import bench.kernels as bk
-    from kernels import soft_ce
-
-    times = iter([2.0, 1.0, 6.0, 3.0, 4.0, 8.0, 12.0])  # triton fwd+bwd, its forward; torch's; then the three
-    # Sinkhorn + cross-entropy plans: triton, triton-dense, torch
+def _stand_in_timer(monkeypatch, bk, times):
+    """bench.kernels on CPU tensors, each time_ms call running its function once and answering the next of `times`
+    (graphed; eager 0.5 more)."""
+    times = iter(times)
 
     def fake_time(fn):
         fn()
@@ -255,6 +249,18 @@ def test_bench_soft_ce_rows(monkeypatch):
 
     monkeypatch.setattr(bk, "DEV", "cpu")
     monkeypatch.setattr(bk, "time_ms", fake_time)
+
+
+def test_bench_soft_ce_rows(monkeypatch):
+    """bench kernels' iBOT cross-entropy rows on CPU tensors (interpreted kernel, fp16, a stand-in timer): both
+    implementations timed, GB/s from the fused kernels' bytes, the error against fp32 small."""
+    import torch
+
+    import bench.kernels as bk
+    from kernels import soft_ce
+
+    # triton fwd+bwd, its forward; torch's; then the three Sinkhorn + cross-entropy plans: triton, triton-dense, torch
+    _stand_in_timer(monkeypatch, bk, [2.0, 1.0, 6.0, 3.0, 4.0, 8.0, 12.0])
     monkeypatch.setitem(soft_ce.LAUNCH, "block", 32)
     from kernels import sinkhorn
     monkeypatch.setattr(sinkhorn, "LAUNCH", dict(sinkhorn.LAUNCH, row_block=32, col_bk=32, col_bm=4, chunk_rows=2))
@@ -277,15 +283,7 @@ def test_bench_patch_embed_rows(monkeypatch):
     TFLOP/s from the product's FLOPs, the speedup against the better convolution, a small error."""
     import bench.kernels as bk
 
-    times = iter([3.0, 2.0, 0.5])  # conv, conv-benchmark, matmul
-
-    def fake_time(fn):
-        fn()
-        t = next(times)
-        return t + 0.5, t
-
-    monkeypatch.setattr(bk, "DEV", "cpu")
-    monkeypatch.setattr(bk, "time_ms", fake_time)
+    _stand_in_timer(monkeypatch, bk, [3.0, 2.0, 0.5])  # conv, conv-benchmark, matmul
     rows, errors = [], {}
     bk.bench_patch_embed(["tiny"], rows, errors, shapes={"tiny": (3, 20, 4, 8)})
     assert [r["impl"] for r in rows] == ["conv", "conv-benchmark", "matmul"]
