@@ -60,14 +60,25 @@ def test_errors():
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_sums_span_ranks(small_tiles, impl):
+def test_sums_span_ranks(small_tiles, monkeypatch, impl):
     """Rows split over two ranks (one with no rows at all, as a rank with no masked patch) give the whole batch's
-    targets: the shift, M and the column sums go through all_reduce."""
+    targets: the shift, M and the column sums go through all_reduce. Two threads stand in for the ranks; the
+    interpreted kernels run one at a time (the interpreter is not thread-safe), and a failing rank aborts the other's
+    wait instead of leaving it blocked."""
+    lock = threading.Lock()
+    for name in ("_sk_rows_op", "_sk_cols_op"):
+        op = getattr(sinkhorn, name)
+
+        def locked(*args, _op=op):
+            with lock:
+                return _op(*args)
+
+        monkeypatch.setattr(sinkhorn, name, locked)
     torch.manual_seed(0)
     logits = torch.randn(30, 40)
     want = kernels.sinkhorn_knopp(logits, 0.2, 3, impl="torch")
     for parts in ((logits[:12], logits[12:]), (logits, logits[:0])):
-        barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+        barrier, slots, out, failed = threading.Barrier(2, timeout=120), [None, None], [None, None], []
 
         def all_reduce(t, op="sum", rank=0):
             slots[rank] = t.clone()
@@ -78,14 +89,20 @@ def test_sums_span_ranks(small_tiles, impl):
             return t
 
         def run(rank):
-            out[rank] = kernels.sinkhorn_knopp(parts[rank], 0.2, 3, impl=impl,
-                                               all_reduce=lambda t, op="sum": all_reduce(t, op, rank))
+            try:
+                out[rank] = kernels.sinkhorn_knopp(parts[rank], 0.2, 3, impl=impl,
+                                                   all_reduce=lambda t, op="sum": all_reduce(t, op, rank))
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                failed.append(e)
+                barrier.abort()
 
         threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        if failed:
+            raise failed[0]
         torch.testing.assert_close(torch.cat(out), want, rtol=2e-5, atol=1e-8)
 
 
