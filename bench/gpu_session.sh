@@ -422,6 +422,9 @@ K73)  # the patch embedding as one matrix product (model.patch_matmul, engine.mo
     --override model.patch_matmul=true --tag patch
   step 200 python3 -m bench ab --recipe recipes/vit_l_mae.yaml --batch 256 --switch matmul --warmup 10 \
     --override model.patch_matmul=true --tag patch
+  # DINOv2 ViT-B's recipes/README figure (461 img/s) predates the factored targets
+  step 150 python3 -m bench train --recipes recipes/vit_b_dinov2.yaml --batch 128 --steps 12 --warmup 3 \
+    --variants engine-triton engine-torch --tag dinov2-b-factored
   ;;
 K68)  # TMA descriptors built in autograd's backward thread after the kernels loaded in the main thread (kernels/
       # cuda_context.py): the GPU test, which runs its case in a subprocess with compiled kernels (so pytest itself keeps
