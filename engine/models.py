@@ -74,16 +74,16 @@ class PatchMatmul(nn.Conv2d):
         return out.view(B, h, w, self.out_channels).permute(0, 3, 1, 2)
 
 
-def matmul_patch_embed(model: nn.Module, on: bool = True) -> int:
+def matmul_patch_embed(model: nn.Module) -> int:
     """Every patch-embedding convolution of `model` (kernel = stride, no padding / dilation / groups) as PatchMatmul,
-    running as a matrix product when `on`; returns how many. The modules keep their parameters (state dicts
-    unchanged); others are left as they are."""
+    running as a matrix product; returns how many. The modules keep their parameters (state dicts unchanged); others
+    are left as they are."""
     n = 0
     for m in model.modules():
         if (isinstance(m, nn.Conv2d) and m.kernel_size == m.stride and m.padding in ((0, 0), "valid")
                 and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"):
             m.__class__ = PatchMatmul
-            m.matmul = on
+            m.matmul = True
             n += 1
     return n
 
