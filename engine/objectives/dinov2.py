@@ -268,12 +268,12 @@ class DINOv2(nn.Module):
         too: FSDP2's gather and gradient reduction, torch.compile, activation checkpointing."""
         C = groups[0].shape[-1]
         seq_groups = [(g.shape[0], g.shape[1]) for g in groups]  # each crop size's crops: one dense attention launch
-        lengths = [L for g in groups for L in [g.shape[1]] * g.shape[0]]
         cu, seq_len = self._packing_tensors(seq_groups, groups[0].device)
-        total, longest = sum(lengths), max(lengths)
+        crops = sum(n for n, _ in seq_groups)
+        total, longest = sum(n * L for n, L in seq_groups), max(L for n, L in seq_groups if n)
         x = torch.cat([g.reshape(-1, C) for g in groups])
         for block in enc.blocks:
-            keep = [self._keep(block.drop_path1, len(lengths), x), self._keep(block.drop_path2, len(lengths), x)]
+            keep = [self._keep(block.drop_path1, crops, x), self._keep(block.drop_path2, crops, x)]
             keep = [k if k is None else k.repeat_interleave(seq_len, output_size=total).unsqueeze(1) for k in keep]
             x = block(x, cu_seqlens=cu, max_seqlen=longest, keep1=keep[0], keep2=keep[1], attn_impl=self.attn_impl,
                       seq_groups=seq_groups)
