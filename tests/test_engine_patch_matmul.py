@@ -99,3 +99,20 @@ def test_compiles_whole_under_autocast():
         want = ref(x).flatten(2).transpose(1, 2)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_meta_tensors_and_the_default():
+    """engine.plan counts FLOPs on meta tensors, which have no autocast state: PatchMatmul runs there with the
+    convolution's shape and FLOPs. The setting is on by default (timed on an H200, engine/config.py)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = nn.Conv2d(3, 16, 4, stride=4, device="meta")
+    x = torch.empty(2, 3, 18, 17, device="meta")
+    with FlopCounterMode(display=False) as fc_conv:
+        want = conv(x)
+    matmul_patch_embed(conv)
+    with FlopCounterMode(display=False) as fc_mm:
+        out = conv(x)
+    assert out.shape == want.shape == (2, 16, 4, 4)
+    assert fc_mm.get_total_flops() == fc_conv.get_total_flops() > 0
+    assert load_config(RECIPES / "quickstart.yaml").model.patch_matmul is True
