@@ -168,14 +168,14 @@ class Trainer:
         self.compile_mode = resolve_compile_mode(
             cfg.model.compile_mode, compiled=cfg.model.compile, whole_model=regions is None and self.dist.world == 1,
             world=self.dist.world, device_type=self.device.type)
-        if cfg.model.compile:
+        if cfg.model.compile:  # model.compile_mode reaches every path (CUDA graph modes: validated MAE-only, 1 GPU)
             if regions is not None:  # the objective says what to compile (e.g. DINOv2: per block)
-                regions()
+                regions(mode=self.compile_mode)
             elif self.dist.world == 1:
                 self.model.compile(mode=self.compile_mode)  # one graph: fuses masking, embeddings and loss too
             else:
                 for block in self._blocks():  # per block, so FSDP2 can hook between blocks
-                    block.compile()
+                    block.compile(mode=self.compile_mode)
         self.graphs = cfg.model.compile and self.compile_mode in CUDA_GRAPH_MODES
         if self.graphs and self.dist.world > 1:
             raise ValueError(f"model.compile_mode={cfg.model.compile_mode} (CUDA graphs) runs the whole-model step on "
