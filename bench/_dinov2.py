@@ -21,8 +21,9 @@ import torch
 VARIANTS = ("engine-triton", "engine-torch", "naive")
 
 
-def _variant_config(base, variant: str, compile_: bool):
+def _variant_config(base, variant: str, compile_: bool, compile_mode: str = "auto"):
     cfg = copy.deepcopy(base)
+    cfg.model.compile_mode = compile_mode if compile_ and variant != "naive" else "auto"
     if variant == "engine-triton":
         cfg.model.kernels, cfg.model.compile, cfg.objective.dinov2.pack_crops = "triton", compile_, True
     elif variant == "engine-torch":
@@ -41,13 +42,14 @@ def _free(device: torch.device) -> None:
 
 
 def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None = None, *, batch: int | None = None,
-                 warmup: int = 5, compile_: bool = True, variants=VARIANTS) -> dict[str, Any]:
+                 warmup: int = 5, compile_: bool = True, variants=VARIANTS, compile_mode: str = "auto") -> dict[str, Any]:
     """Images/s, step time, MFU and peak memory per variant, and engine / naive ratios.
 
     recipe_cfg: a loaded dinov2 recipe (engine.config.Config); batch: per-GPU images
     (default: the recipe's micro_batch). Keys: `<variant>_img_s`, `<variant>_step_ms`,
     `<variant>_mfu` (CUDA), `<variant>_peak_mem_gib` (CUDA), `<variant>_error` when a variant
-    fails (the others still run), `engine-triton_vs_naive`, `engine-torch_vs_naive`,
+    fails (the others still run), `<variant>_compile_mode` (the engine variants' torch.compile mode: compile_mode,
+    their model.compile_mode, resolved), `engine-triton_vs_naive`, `engine-torch_vs_naive`,
     `tokens_per_image` (student + teacher)."""
     from bench.train import peak_flops, run_engine
     from engine.plan import measure_model
@@ -76,7 +78,7 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
         try:
             if variant == "engine-triton" and device.type != "cuda":
                 raise RuntimeError("Triton kernels need CUDA (the interpreter is for tests)")
-            cfg = _variant_config(base, variant, compile_)
+            cfg = _variant_config(base, variant, compile_, compile_mode)
             try:
                 r = run_engine(cfg, batch, steps, warmup)
             except Exception as e:
@@ -85,9 +87,11 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
                 # A compiler failure should not cost the figure: say so and measure it eager.
                 out[f"{variant}_compile_error"] = f"{type(e).__name__}: {str(e)[:400]}"
                 _free(device)
-                cfg.model.compile = False
+                cfg.model.compile, cfg.model.compile_mode = False, "auto"
                 r = run_engine(cfg, batch, steps, warmup)
             out[f"{variant}_compiled"] = cfg.model.compile
+            if "compile_mode" in r and variant != "naive":
+                out[f"{variant}_compile_mode"] = r["compile_mode"]
             out[f"{variant}_img_s"] = r["img_per_s"]
             out[f"{variant}_step_ms"] = r["step_ms"]
             if r.get("peak_mem_gib") is not None:

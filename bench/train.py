@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench._dinov2 import bench_dinov2
 
             row.update(bench_dinov2(base, batch=batch, steps=args.steps, warmup=args.warmup, device=device,
-                                    compile_=not args.no_compile, variants=args.variants))
+                                    compile_=not args.no_compile, variants=args.variants,
+                                    compile_mode=args.compile_mode))
         else:
             row["accum"] = args.accum  # the engine variants' micro-batches per step (DINOv2's bench has none)
             for variant in args.variants:

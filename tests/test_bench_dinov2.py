@@ -25,5 +25,21 @@ def test_bench_dinov2_tiny_on_cpu():
     for v in ("engine-torch", "naive"):
         assert out[f"{v}_img_s"] > 0 and out[f"{v}_step_ms"] > 0, out
     assert out["engine-torch_vs_naive"] > 0 and out["flops_per_image"] > 0
+    assert out["engine-torch_compile_mode"] == "eager" and "naive_compile_mode" not in out
     # student: 2 x (16 + 5) + 2 x (4 + 5) tokens, teacher 2 x (16 + 5)
     assert out["tokens_per_image"] == 2 * 21 * 2 + 2 * 9
+
+
+def test_compile_mode_reaches_the_engine_variants():
+    """bench train --compile-mode reaches DINOv2's engine variants (it was dropped: a max-autotune run measured torch's
+    default mode); the naive variant stays eager."""
+    from bench._dinov2 import _variant_config
+
+    base = load_config(RECIPES / "quickstart_dinov2.yaml", [])
+    mode = "max-autotune-no-cudagraphs"
+    for v in ("engine-triton", "engine-torch"):
+        cfg = _variant_config(base, v, True, mode)
+        assert (cfg.model.compile, cfg.model.compile_mode) == (True, mode)
+        assert _variant_config(base, v, False, mode).model.compile_mode == "auto"  # eager: no mode to pass
+    naive = _variant_config(base, "naive", True, mode)
+    assert (naive.model.compile, naive.model.compile_mode) == (False, "auto")
