@@ -11,9 +11,6 @@ SDPA backend on each crop size as a dense batch; ms and TFLOP/s fwd+bwd, ratio v
 The patch embedding (PATCH_SHAPES, --only patch-embed): engine.models.PatchMatmul (one matrix product over the
 patches) vs the convolution under cuDNN's heuristics and under cudnn.benchmark, fwd+bwd, TFLOP/s.
 
-The blocks' MLP (MLP_SHAPES, --only mlp): kernels.gelu_mlp (engine.models.FusedMlp) vs timm's Mlp eager and compiled
-by inductor, fwd+bwd (the DINOv2 teacher's: forward), TFLOP/s of the products.
-
 DINOv2's iBOT cross-entropy (SOFT_CE_SHAPES, in the MAE table as "soft_ce <shape>"): kernels.soft_cross_entropy vs
 the torch form, GB/s of the bytes the fused kernels move; and "sinkhorn+ce <shape>": Sinkhorn-Knopp's targets and the
 cross-entropy together, the targets kept as factors (triton), written out by torch into our kernels (triton-dense),
@@ -31,7 +28,7 @@ Options: --quick (fewer shapes), --tune (sweep the attention block configs and p
 --tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks, --tune-occupancy: the current
 configs under register caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax,
 neighbouring blocks, shallower pipelines under caps for one more program per SM),
---shapes a,b (attention shape names), --only mae|attention|packed|soft-ce|patch-embed|mlp (one part; --skip-mae = --only attention),
+--shapes a,b (attention shape names), --only mae|attention|packed|soft-ce|patch-embed (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
 from __future__ import annotations
@@ -73,11 +70,6 @@ SOFT_CE_SHAPES = {"ibot-b256": (20000, 65536), "ibot-b32": (2500, 65536)}
 # batch 256 (the student's and teacher's 512 global crops, the student's 2,048 local crops), MAE ViT-B / ViT-L
 PATCH_SHAPES = {"dinov2-s-global": (512, 224, 14, 384), "dinov2-s-local": (2048, 98, 14, 384),
                 "mae-b": (512, 224, 16, 768), "mae-l": (256, 224, 16, 1024)}
-# ViT blocks' MLPs (kernels.gelu_mlp vs timm's Mlp, eager and compiled): (tokens, dim, hidden, backward?) -- DINOv2
-# ViT-S at batch 256 (the student's packed crops, 256 x (2 x 261 + 8 x 54); the teacher's 2 x 261 a sample, no
-# gradient), MAE ViT-L at batch 256 (the encoder's 50 tokens a sample, the decoder's 197)
-MLP_SHAPES = {"dinov2-s-student": (244224, 384, 1536, True), "dinov2-s-teacher": (133632, 384, 1536, False),
-              "mae-l-enc": (12800, 1024, 4096, True), "mae-l-dec": (50432, 512, 2048, True)}
 DEV = "cuda"  # a CPU smoke test of this script (TRITON_INTERPRET=1) sets "cpu"
 
 
@@ -402,62 +394,6 @@ def bench_patch_embed(names, rows, errors, shapes=None):
         for r in rows:
             if r["op"] == f"patch_embed {name}":
                 r["speedup_vs_best_conv"] = best_conv / r["ms"]
-        del x, g
-        if DEV == "cuda":
-            torch.cuda.empty_cache()
-
-
-def bench_mlp(names, rows, errors, shapes=None):
-    """A ViT block's MLP under bf16 autocast on fp32 parameters, as the engine runs it: forward + backward to the input
-    and every parameter (forward only where the shape says so, the DINOv2 teacher's), kernels.gelu_mlp
-    (engine.models.FusedMlp) vs timm's Mlp eager and compiled by inductor (torch.compile's default mode, what the
-    engine's compiled blocks ran). TFLOP/s of the two products (x 3 with the backward); error of the bf16 output and
-    of fc1's bias gradient against timm's Mlp in fp32."""
-    from timm.layers import Mlp
-
-    from engine.models import fuse_mlps
-
-    shapes = shapes or MLP_SHAPES
-    for name in names:
-        M, C, F_, train = shapes[name]
-        gen = torch.Generator(device=DEV).manual_seed(0)
-        torch.manual_seed(0)
-        ref = Mlp(C, F_).to(DEV)
-        ours = Mlp(C, F_).to(DEV)
-        ours.load_state_dict(ref.state_dict())
-        fuse_mlps(ours, impl="triton")
-        compiled = torch.compile(ref)
-        x = torch.randn(M, C, device=DEV, generator=gen).requires_grad_(train)
-        g = torch.randn(M, C, device=DEV, generator=gen)
-        amp = DEV == "cuda"
-
-        def run(m):
-            with torch.autocast(DEV, dtype=torch.bfloat16, enabled=amp), torch.set_grad_enabled(train):
-                y = m(x)
-            if not train:
-                return y
-            return torch.autograd.grad(y, (x, *m.parameters()), g.to(y.dtype))
-
-        k = min(M, 4096)  # numerics on a slice, against the fp32 MLP
-        xs = x[:k].detach().requires_grad_(train)
-        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=amp):
-            got = ours(xs)
-        want = ref(xs)
-        err = {"out": _rel(got.float(), want)}
-        if train:
-            err["db1"] = _rel(torch.autograd.grad(got, ours.fc1.bias, g[:k].to(got.dtype))[0],
-                              torch.autograd.grad(want, ref.fc1.bias, g[:k])[0])
-        errors[f"mlp {name}"] = err
-        flops = 2 * 2 * M * C * F_ * (3 if train else 1)
-        for impl, module in (("torch", ref), ("torch-compiled", compiled), ("triton", ours)):
-            run(module)
-            e, t = time_ms(lambda module=module: run(module))
-            rows.append({"op": f"mlp {name}", "impl": impl, "shape": f"{M}x{C}->{F_}" + ("" if train else " fwd"),
-                         "ms": t, "eager_ms": e, "tflops": flops / t / 1e9, "max_rel_err": max(err.values())})
-        best = min(r["ms"] for r in rows if r["op"] == f"mlp {name}" and r["impl"] != "triton")
-        for r in rows:
-            if r["op"] == f"mlp {name}":
-                r["speedup_vs_best_torch"] = best / r["ms"]
         del x, g
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -1058,10 +994,10 @@ def main(argv=None) -> int:
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
                          "only some ops: --mae-variants unmask (comma list of mask, unmask, loss)")
     ap.add_argument("--tag", default=None, help="suffix of the result file names")
-    ap.add_argument("--only", choices=("mae", "attention", "packed", "soft-ce", "patch-embed", "mlp"), default=None,
+    ap.add_argument("--only", choices=("mae", "attention", "packed", "soft-ce", "patch-embed"), default=None,
                     help="run one part: the MAE masking/loss ops, the attention shapes, DINOv2's packed crops "
-                         f"({', '.join(PACKED_SHAPES)}), its iBOT cross-entropy ({', '.join(SOFT_CE_SHAPES)}), the "
-                         f"patch embedding ({', '.join(PATCH_SHAPES)}) or the blocks' MLP ({', '.join(MLP_SHAPES)})")
+                         f"({', '.join(PACKED_SHAPES)}), its iBOT cross-entropy ({', '.join(SOFT_CE_SHAPES)}) or the "
+                         f"patch embedding ({', '.join(PATCH_SHAPES)})")
     args = ap.parse_args(argv or [])
     variant_ops = [v for v in args.mae_variants.split(",") if v]
     if set(variant_ops) - {"mask", "unmask", "loss"}:
@@ -1072,7 +1008,6 @@ def main(argv=None) -> int:
     run_packed = args.only == "packed" or (args.only is None and not args.skip_mae and not variants_on)
     run_soft_ce = args.only == "soft-ce" or (args.only is None and not args.skip_mae and not variants_on)
     run_patch = args.only == "patch-embed" or (args.only is None and not args.skip_mae and not variants_on)
-    run_mlp = args.only == "mlp" or (args.only is None and not args.skip_mae and not variants_on)
     if not torch.cuda.is_available():
         print("bench kernels needs a CUDA GPU (the Triton kernels are GPU kernels)", file=sys.stderr)
         return 2
@@ -1125,10 +1060,6 @@ def main(argv=None) -> int:
     if run_patch:
         bench_patch_embed(["dinov2-s-global"] if args.quick else list(PATCH_SHAPES), patch_rows, errors)
     payload["patch_embed"] = patch_rows
-    mlp_rows = []
-    if run_mlp:
-        bench_mlp(["dinov2-s-student"] if args.quick else list(MLP_SHAPES), mlp_rows, errors)
-    payload["mlp"] = mlp_rows
     payload["errors"] = errors
 
     cols = ["shape", "triton_fwdbwd_tflops", "best_sdpa_fwdbwd_tflops", "best_sdpa_backend", "ratio_fwdbwd",
@@ -1158,11 +1089,6 @@ def main(argv=None) -> int:
               "heuristics / cudnn.benchmark) vs PatchMatmul")
         print_table(patch_rows, ["op", "impl", "shape", "ms", "eager_ms", "tflops", "speedup_vs_best_conv",
                                  "max_rel_err"])
-    if mlp_rows:
-        print(f"\nViT MLP fwd+bwd (input, weights, biases), bf16 autocast, {card_name()}: timm's Mlp eager / compiled "
-              "by inductor vs kernels.gelu_mlp")
-        print_table(mlp_rows, ["op", "impl", "shape", "ms", "eager_ms", "tflops", "speedup_vs_best_torch",
-                               "max_rel_err"])
     path = write_result("kernels", payload, argv, tag=args.tag)
     if attn_rows:
         labels = [r["shape"] for r in attn_rows]
@@ -1183,10 +1109,4 @@ def main(argv=None) -> int:
                  {impl: [next((r["tflops"] for r in patch_rows if r["op"] == op and r["impl"] == impl), 0.0)
                          for op in ops] for impl in ("conv", "conv-benchmark", "matmul")},
                  "TFLOP/s (fwd+bwd)", f"patch embedding, bf16, {card_name()}")
-    if mlp_rows:
-        ops = sorted({r["op"] for r in mlp_rows})
-        bar_plot(path.with_name(path.stem + "-mlp.png"), ops,
-                 {impl: [next((r["tflops"] for r in mlp_rows if r["op"] == op and r["impl"] == impl), 0.0)
-                         for op in ops] for impl in ("torch", "torch-compiled", "triton")},
-                 "TFLOP/s", f"ViT MLP, bf16, {card_name()}")
     return 0

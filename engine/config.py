@@ -55,11 +55,6 @@ class ModelConfig:
     # and a step 1.04x at both (bench ab --switch matmul: DINOv2 ViT-S b256 1,423 vs 1,364 img/s, MAE ViT-L b256
     # 3,112 vs 2,982, every block of one setting beating every block of the other)
     patch_matmul: bool = True
-    # The ViT blocks' MLPs (timm Mlp with exact GELU) through kernels.gelu_mlp (engine.models.FusedMlp): the GELU,
-    # fc1's bias and its gradient in our kernels around cuBLAS's products, which drops the backward's separate pass
-    # over the [tokens, hidden] gradient for fc1's bias. With our kernels only (model.kernels triton / auto on CUDA);
-    # same parameters and checkpoints. Off until timed on a GPU (bench ab --switch fused)
-    fused_mlp: bool = False
     activation_checkpointing: bool = False
     # Which blocks and what they keep: every k-th encoder block is checkpointed (1: all), and
     # "full" recomputes the whole block in backward while "save_matmuls" (selective) keeps the

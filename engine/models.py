@@ -4,7 +4,6 @@ from __future__ import annotations
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
 from torch import nn
 
 
@@ -86,47 +85,6 @@ def matmul_patch_embed(model: nn.Module) -> int:
                 and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"):
             m.__class__ = PatchMatmul
             m.matmul = True
-            n += 1
-    return n
-
-
-class FusedMlp(Mlp):
-    """timm's Mlp (fc1, exact GELU, fc2; no dropout, no norm) through kernels.gelu_mlp: the GELU, fc1's bias and its
-    gradient in our kernels around cuBLAS's products, so that the backward makes no separate pass over the [tokens,
-    hidden] gradient for fc1's bias (kernels/mlp.py). `fused` (a bool the step may flip: bench ab --switch fused)
-    turns it back into timm's forward. Parameters and state dict are the Mlp's. Under autocast the input and weights
-    are cast to the autocast dtype, as F.linear's autocast would; on meta tensors (engine.plan's FLOP counts) it runs
-    timm's forward, whose products the counter sees."""
-
-    fused: bool = True
-    impl: str = "auto"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dev = x.device.type
-        if not self.fused or dev == "meta":
-            return super().forward(x)
-        from kernels import gelu_mlp
-
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        return gelu_mlp(x.to(dt), self.fc1.weight.to(dt), self.fc1.bias, self.fc2.weight.to(dt), self.fc2.bias,
-                        impl=self.impl)
-
-
-def _fusable_mlp(m: nn.Module) -> bool:
-    return (type(m) is Mlp and isinstance(m.fc1, nn.Linear) and isinstance(m.fc2, nn.Linear)
-            and m.fc1.bias is not None and m.fc2.bias is not None and type(m.act) is nn.GELU
-            and m.act.approximate == "none" and isinstance(m.norm, nn.Identity)
-            and all(isinstance(d, nn.Dropout) and d.p == 0 or isinstance(d, nn.Identity) for d in (m.drop1, m.drop2)))
-
-
-def fuse_mlps(model: nn.Module, impl: str = "auto") -> int:
-    """Every timm Mlp of `model` with an exact GELU, biases, no dropout and no norm as FusedMlp; returns how many.
-    Others (SwiGLU, tanh GELU, dropout) are left as they are; parameters and state dicts are unchanged."""
-    n = 0
-    for m in model.modules():
-        if _fusable_mlp(m):
-            m.__class__ = FusedMlp
-            m.fused, m.impl = True, impl
             n += 1
     return n
 

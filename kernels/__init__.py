@@ -5,8 +5,7 @@ Every op takes `impl=`: "triton" (our kernels; also runs on CPU tensors under TR
 AUTO_TRITON_MAX_SEQLEN tokens, where it measured at least as fast as SDPA).
 Files: attn.py (attention), masking.py (mae_mask / mae_unmask), loss.py (mae_loss), soft_ce.py (soft_cross_entropy:
 DINOv2's iBOT cross-entropy against soft targets, dense or FactoredTargets), sinkhorn.py (sinkhorn_knopp: DINOv2's
-centering, the targets written out or kept as FactoredTargets), mlp.py (gelu_mlp: a ViT block's MLP, its GELU and
-fc1's bias gradient in our kernels around cuBLAS's products).
+centering, the targets written out or kept as FactoredTargets).
 """
 from kernels.attn import (
     attention,
@@ -19,7 +18,6 @@ from kernels.attn import (
 )
 from kernels.loss import mae_loss, mae_loss_reference, patchify
 from kernels.masking import keep_count, mae_mask, mae_mask_reference, mae_unmask, mae_unmask_reference
-from kernels.mlp import gelu_mlp, gelu_mlp_reference
 from kernels.sinkhorn import sinkhorn_knopp
 from kernels.soft_ce import FactoredTargets, soft_cross_entropy, soft_cross_entropy_reference
 
@@ -32,8 +30,6 @@ __all__ = [
     "attention_sdpa",
     "attention_triton",
     "attention_xformers",
-    "gelu_mlp",
-    "gelu_mlp_reference",
     "keep_count",
     "mae_loss",
     "mae_loss_reference",

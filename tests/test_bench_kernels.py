@@ -291,25 +291,3 @@ def test_bench_patch_embed_rows(monkeypatch):
     assert rows[2]["tflops"] == flops / 0.5 / 1e9 and rows[2]["speedup_vs_best_conv"] == 4.0
     assert rows[0]["speedup_vs_best_conv"] == 2.0 / 3.0
     assert set(errors["patch_embed tiny"]) == {"out", "dweight"} and rows[2]["max_rel_err"] < 1e-5, errors
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_bench_mlp_rows(monkeypatch, train):
-    """bench kernels' MLP rows on CPU (fp32, no autocast, a stand-in timer, torch.compile standing in as itself): timm's
-    Mlp eager and compiled and ours, TFLOP/s of the products (x 3 with the backward), the speedup against the better
-    torch row, a small error (fc1's bias gradient included when the shape trains)."""
-    import torch
-
-    import bench.kernels as bk
-    from kernels import mlp
-
-    _stand_in_timer(monkeypatch, bk, [3.0, 2.0, 0.5])  # torch, torch-compiled, triton
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
-    for k, v in {"bm": 4, "bn": 16, "min_chunk_rows": 8, "max_chunks": 5}.items():
-        monkeypatch.setitem(mlp.LAUNCH, k, v)
-    rows, errors = [], {}
-    bk.bench_mlp(["tiny"], rows, errors, shapes={"tiny": (37, 8, 24, train)})
-    assert [r["impl"] for r in rows] == ["torch", "torch-compiled", "triton"]
-    assert rows[2]["tflops"] == 2 * 2 * 37 * 8 * 24 * (3 if train else 1) / 0.5 / 1e9
-    assert rows[2]["speedup_vs_best_torch"] == 4.0 and rows[0]["speedup_vs_best_torch"] == 2.0 / 3.0
-    assert set(errors["mlp tiny"]) == ({"out", "db1"} if train else {"out"}) and rows[2]["max_rel_err"] < 1e-5

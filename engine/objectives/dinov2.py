@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from engine.models import attention_layer, create_encoder, fuse_mlps, use_triton
+from engine.models import attention_layer, create_encoder, use_triton
 from engine.objectives import register_objective
 from loaders.multicrop import MultiCropSpec
 
@@ -496,9 +496,6 @@ def build_dinov2(cfg, device) -> DINOv2:
               patch_matmul=m.patch_matmul, **(o.encoder_kwargs or {}))
     encoder = create_encoder(m.name, drop_path=m.drop_path, **kw)
     teacher = create_encoder(m.name, drop_path=0.0, **kw)
-    if m.fused_mlp and triton:
-        for enc in (encoder, teacher):
-            fuse_mlps(enc, impl="triton")
     augment = MultiCropSpec(
         global_size=mc.global_size, local_size=mc.local_size, global_crops=mc.global_crops,
         local_crops=mc.local_crops, global_scale=tuple(mc.global_scale), local_scale=tuple(mc.local_scale),

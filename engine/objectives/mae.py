@@ -15,7 +15,7 @@ from torch import nn
 from timm.models.vision_transformer import Block
 
 import kernels
-from engine.models import attention_layer, create_encoder, fuse_mlps, sincos_pos_embed, use_triton
+from engine.models import attention_layer, create_encoder, sincos_pos_embed, use_triton
 from engine.objectives import register_objective
 from loaders.augment import AugmentSpec
 
@@ -121,11 +121,7 @@ def build_mae(cfg, device) -> MaskedAutoencoder:
     a = cfg.data.augment
     augment = AugmentSpec(size=m.img_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
                           mean=tuple(a.mean), std=tuple(a.std))
-    triton = use_triton(m.kernels, device)
-    model = MaskedAutoencoder(encoder, mask_ratio=o.mask_ratio, decoder_dim=o.decoder_dim,
-                              decoder_depth=o.decoder_depth, decoder_heads=o.decoder_heads,
-                              norm_pix_loss=o.norm_pix_loss, impl="triton" if triton else "torch",
-                              attn_layer=attn, augment=augment, pred_layout=o.pred_layout)
-    if m.fused_mlp and triton:  # encoder and decoder blocks
-        fuse_mlps(model, impl="triton")
-    return model
+    return MaskedAutoencoder(encoder, mask_ratio=o.mask_ratio, decoder_dim=o.decoder_dim,
+                             decoder_depth=o.decoder_depth, decoder_heads=o.decoder_heads,
+                             norm_pix_loss=o.norm_pix_loss, impl="triton" if use_triton(m.kernels, device) else "torch",
+                             attn_layer=attn, augment=augment, pred_layout=o.pred_layout)
