@@ -115,6 +115,10 @@ class DINOv2Config:
     # cross-entropy by kernels.soft_cross_entropy, the [masked patches, prototypes] targets never written; the torch
     # form otherwise. H200, DINOv2 ViT-S batch 256: the step 1.28x with it (bench ab --switch fused_ce)
     fused_ce: bool = True
+    # The teacher's pass over the global crops replayed as a CUDA graph (engine.cuda_graphs.GraphedForward) on one
+    # CUDA device (not under FSDP2): no gradient, fixed shapes, so its ~25 compiled-block calls cost no host time.
+    # Off until timed (bench ab --switch teacher_graph)
+    teacher_graph: bool = False
     encoder_kwargs: Any = None  # extra timm.create_model kwargs (e.g. {reg_tokens: 4}); a mapping
 
 

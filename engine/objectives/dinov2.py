@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from engine.cuda_graphs import GraphedForward
 from engine.models import attention_layer, create_encoder, use_triton
 from engine.objectives import register_objective
 from loaders.multicrop import MultiCropSpec
@@ -66,6 +67,11 @@ def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and t.device.type != "meta":
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def sinkhorn_knopp(logits: torch.Tensor, temp: float | torch.Tensor, iters: int = 3, *,
@@ -183,7 +189,7 @@ class DINOv2(nn.Module):
                  mask_probability: float = 0.5, mask_ratio: tuple[float, float] = (0.1, 0.5),
                  weight_decay_end: float = 0.2, freeze_last_layer: float = 0.01, layer_decay: float = 0.9,
                  patch_embed_lr_scale: float = 0.2, attn_impl: str = "sdpa", pack_crops: bool = True,
-                 fused_ce: bool = False):
+                 fused_ce: bool = False, teacher_graph: bool = False):
         super().__init__()
         self.encoder = encoder  # the student backbone
         dim = encoder.embed_dim
@@ -219,6 +225,8 @@ class DINOv2(nn.Module):
         self.weight_decay_end, self.freeze_last_layer = weight_decay_end, freeze_last_layer
         self.layer_decay, self.patch_embed_lr_scale = layer_decay, patch_embed_lr_scale
         self.attn_impl, self.pack_crops, self.fused_ce = attn_impl, pack_crops, fused_ce
+        self.teacher_graph = teacher_graph  # a bool the step reads: bench ab --switch teacher_graph
+        self._teacher_graphed: GraphedForward | None = None
         # Set per step by on_step_start; a tensor, so a compiled forward does not recompile for it.
         self.register_buffer("teacher_temp_now", torch.tensor(teacher_temp_start), persistent=False)
         self.weight_decay_start: float | None = None  # set by param_groups
@@ -259,6 +267,16 @@ class DINOv2(nn.Module):
         for block in enc.blocks:
             x = block(x)
         return enc.norm(x)
+
+    def teacher_forward(self, glob: torch.Tensor) -> torch.Tensor:
+        """The teacher encoder over the global crops (no gradient), replayed as a CUDA graph with teacher_graph on one
+        CUDA device: its output is then the graph's, overwritten by the next step's replay."""
+        enc = self.teacher["encoder"]
+        if not (self.teacher_graph and GraphedForward.usable(glob) and _world() == 1):
+            return self.forward_dense(enc, glob)
+        if self._teacher_graphed is None:
+            self._teacher_graphed = GraphedForward(lambda x: self.forward_dense(enc, x), name="DINOv2 teacher")
+        return self._teacher_graphed(glob)
 
     def forward_packed(self, enc: nn.Module, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         """Several crop sizes in one pass: groups of embedded tokens [n_i, L_i, C] are packed
@@ -319,7 +337,7 @@ class DINOv2(nn.Module):
 
         # Teacher: global crops, unmasked; targets for the class token and the masked patches.
         with torch.no_grad():
-            t = self.forward_dense(self.teacher["encoder"], glob)
+            t = self.teacher_forward(glob)
             t_cls = self.teacher["dino_head"](t[:, 0])  # [G*B, K]
             t_patch = self._teacher_ibot_head()(t[:, prefix:].flatten(0, 1)[masked_at])  # [M, K']
             temp = self.teacher_temp_now
@@ -512,5 +530,5 @@ def build_dinov2(cfg, device) -> DINOv2:
         koleo_weight=o.koleo_weight, mask_probability=o.mask_probability, mask_ratio=tuple(o.mask_ratio),
         weight_decay_end=o.weight_decay_end, freeze_last_layer=o.freeze_last_layer, layer_decay=o.layer_decay,
         patch_embed_lr_scale=o.patch_embed_lr_scale, attn_impl="triton" if triton else "sdpa",
-        pack_crops=o.pack_crops, fused_ce=o.fused_ce and triton,
+        pack_crops=o.pack_crops, fused_ce=o.fused_ce and triton, teacher_graph=o.teacher_graph,
         )
