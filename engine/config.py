@@ -116,8 +116,9 @@ class DINOv2Config:
     # form otherwise. H200, DINOv2 ViT-S batch 256: the step 1.28x with it (bench ab --switch fused_ce)
     fused_ce: bool = True
     # The teacher's pass over the global crops replayed as a CUDA graph (engine.cuda_graphs.GraphedForward) on one
-    # CUDA device (not under FSDP2): no gradient, fixed shapes, so its ~25 compiled-block calls cost no host time.
-    # Off until timed (bench ab --switch teacher_graph)
+    # CUDA device (not under FSDP2): no gradient, fixed shapes, so its compiled-block calls cost no host time. For
+    # steps bound by the host (small batches, slow CPUs). On an H200 with 16 cores it gained little: DINOv2 ViT-L b32
+    # 1.01x, ViT-S b256 0.99x (bench ab --switch teacher_graph), so it stays off by default
     teacher_graph: bool = False
     encoder_kwargs: Any = None  # extra timm.create_model kwargs (e.g. {reg_tokens: 4}); a mapping
 
