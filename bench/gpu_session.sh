@@ -413,6 +413,15 @@ K72)  # DINOv2's iBOT Sinkhorn targets (kept as factors) and cross-entropy in ou
   step 250 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 256 32 \
     --steps 12 --warmup 3 --variants engine-triton engine-torch --tag dinov2-factored
   ;;
+K74)  # DINOv2 ViT-L b32 was host-bound (185 ms a step, 151 of device time; the profile below): the teacher's pass as a
+      # CUDA graph (objective.dinov2.teacher_graph), in one process. Measured 2026-11-29: 1.01x ViT-L, 0.99x ViT-S; off
+  step 150 python3 -m bench train --recipes recipes/vit_l_dinov2.yaml --batch 32 --steps 10 --warmup 3 \
+    --variants engine-triton --gpus 1 --profile --tag prof-l
+  step 150 python3 -m bench ab --recipe recipes/vit_l_dinov2.yaml --batch 32 --switch teacher_graph \
+    --override objective.dinov2.teacher_graph=true --tag teacher-graph
+  step 100 python3 -m bench ab --recipe recipes/vit_s_dinov2.yaml --batch 256 --switch teacher_graph \
+    --override objective.dinov2.teacher_graph=true --tag teacher-graph
+  ;;
 K73)  # the patch embedding as one matrix product (model.patch_matmul, engine.models.PatchMatmul): cuDNN ran
       # implicit_convolve_sgemm at 2.7 ms a call in the DINOv2 ViT-S profile. The op vs the convolution (cuDNN
       # heuristics and cudnn.benchmark), then the switch alone in one process at DINOv2 ViT-S and MAE ViT-L (CUDA
