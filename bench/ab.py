@@ -75,18 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.blocks, args.steps) < 1 or args.warmup < 0:
         ap.error("--blocks and --steps take positive counts, --warmup a count >= 0")
 
+    from bench.train import synthetic_trainer
     from engine.config import load_config
-    from engine.train import Trainer
 
     cfg = load_config(args.recipe, args.override)
     batch = args.batch or cfg.train.micro_batch or cfg.train.batch_size
-    cfg.data.shards = "synthetic"
-    cfg.train.batch_size, cfg.train.micro_batch, cfg.train.accum_steps = batch, None, 1
-    cfg.train.steps = 10**9
-    cfg.log.tensorboard = False
     cfg.model.kernels = args.kernels
-    torch.manual_seed(0)
-    trainer = Trainer(cfg, args.out_dir or "/tmp/bench-ab-unused")
+    trainer = synthetic_trainer(cfg, batch, args.out_dir or "/tmp/bench-ab-unused")
     model = trainer.model
     holders = [m for m in model.modules() if isinstance(getattr(m, args.switch, None), bool)]
     if not holders:

@@ -134,15 +134,11 @@ def run_naive(cfg, batch: int, steps: int, warmup: int, device: torch.device, co
 GRAPH_WARMUP = 10
 
 
-def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = None, accum: int = 1) -> dict[str, Any]:
-    """The engine's own training step (Trainer.train_step) on a synthetic batch of `batch`
-    per GPU; under torchrun every rank runs it (FSDP2) and images/s counts all ranks.
-    profile: a text file for rank 0's torch.profiler tables over 3 more steps (phases of
-    the step, top kernels by device time, top ops by host time). accum: micro-batches of `batch` per
-    step (gradient accumulation), the same synthetic batch each time."""
+def synthetic_trainer(cfg, batch: int, run_dir: str, *, world: int = 1, accum: int = 1):
+    """The engine's Trainer set up for timing its own step (bench train, bench ab): synthetic data, `batch` images per
+    GPU and micro-batch, `accum` micro-batches a step over `world` ranks, no step limit, no TensorBoard, seeded."""
     from engine.train import Trainer
 
-    world = int(__import__("os").environ.get("WORLD_SIZE", 1))
     cfg.data.shards = "synthetic"
     cfg.train.batch_size = batch * world * accum
     cfg.train.micro_batch = None
@@ -150,7 +146,17 @@ def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = N
     cfg.train.steps = 10**9
     cfg.log.tensorboard = False
     torch.manual_seed(0)
-    trainer = Trainer(cfg, "/tmp/bench-train-unused")
+    return Trainer(cfg, run_dir)
+
+
+def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = None, accum: int = 1) -> dict[str, Any]:
+    """The engine's own training step (Trainer.train_step) on a synthetic batch of `batch`
+    per GPU; under torchrun every rank runs it (FSDP2) and images/s counts all ranks.
+    profile: a text file for rank 0's torch.profiler tables over 3 more steps (phases of
+    the step, top kernels by device time, top ops by host time). accum: micro-batches of `batch` per
+    step (gradient accumulation), the same synthetic batch each time."""
+    world = int(__import__("os").environ.get("WORLD_SIZE", 1))
+    trainer = synthetic_trainer(cfg, batch, "/tmp/bench-train-unused", world=world, accum=accum)
     data = trainer.batches()
     batch0 = next(data)
     if trainer.device.type == "cuda":
