@@ -28,13 +28,12 @@ import triton
 import triton.language as tl
 
 from kernels import triton_version
-from kernels.soft_ce import FactoredTargets, _rows
+from kernels.soft_ce import _LOG2E, FactoredTargets, _rows
 
 # _sk_rows: elements of a row per step and warps (one program a row); _sk_cols: tile rows x prototypes, warps, and
 # rows per program (a chunk), at most max_chunks chunks
 LAUNCH = {"row_block": 4096, "row_warps": 8, "col_bm": 32, "col_bk": 256, "col_warps": 8, "chunk_rows": 1024,
           "max_chunks": 32}
-_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

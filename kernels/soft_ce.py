@@ -31,6 +31,7 @@ from kernels import triton_version
 
 # elements of a row per step and warps per program (one program a row)
 LAUNCH = {"block": 4096, "warps": 8}
+_LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2(e)); kernels/sinkhorn.py's passes use it too
 _NEG = tl.constexpr(-1.0e30)  # the running max's start: finite, so that exp(m_old - m_new) is never inf - inf
 
 
@@ -44,7 +45,7 @@ def _target(T, TR, TC, SHIFT, TINV, row, k, ok, t_row, FACTORED: tl.constexpr):
     """One step of row `row`'s targets: loaded, or (FACTORED) row[m] x col[k] x exp((logits[m, k] - shift) x tinv)."""
     if FACTORED:
         x = tl.load(T + row * t_row + k, mask=ok, other=0.0).to(tl.float32)
-        e = tl.exp2((x - tl.load(SHIFT)) * (tl.load(TINV) * 1.4426950408889634))
+        e = tl.exp2((x - tl.load(SHIFT)) * (tl.load(TINV) * _LOG2E))
         t = tl.where(ok, e * tl.load(TC + k, mask=ok, other=0.0), 0.0) * tl.load(TR + row)
     else:
         t = tl.load(T + row * t_row + k, mask=ok, other=0.0).to(tl.float32)

@@ -272,7 +272,7 @@ class DINOv2(nn.Module):
         """The teacher encoder over the global crops (no gradient), replayed as a CUDA graph with teacher_graph on one
         CUDA device: its output is then the graph's, overwritten by the next step's replay."""
         enc = self.teacher["encoder"]
-        if not (self.teacher_graph and GraphedForward.usable(glob) and _world() == 1):
+        if not (self.teacher_graph and _world() == 1):  # (GraphedForward runs non-CUDA inputs eagerly itself)
             return self.forward_dense(enc, glob)
         if self._teacher_graphed is None:
             self._teacher_graphed = GraphedForward(lambda x: self.forward_dense(enc, x), name="DINOv2 teacher")
