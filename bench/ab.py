@@ -9,7 +9,7 @@ the compiled blocks and the batch. After --warmup steps with each setting, --blo
 each, the order alternating from round to round (true first, then false first), each block after one untimed step.
 The result has every block's mean step time, the means and the ratio (off / on: > 1 means the switch on is faster),
 and how many blocks of one setting were faster than every block of the other. JSON + PNG under bench/results/.
-The switch must be a bool attribute that the objective or its modules read at every step (DINOv2's fused_ce,
+The switch must be a bool attribute that the objective or its modules read at every step (DINOv2's fused_ce, fused_dino,
 pack_crops; PatchMatmul's matmul, there unless model.patch_matmul=false); every module holding it is set.
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="per-GPU batch (default: the recipe's micro_batch)")
     ap.add_argument("--switch", required=True,
                     help="a bool attribute of the objective or of its modules, set on every one that has it (e.g. "
-                         "fused_ce; matmul, the PatchMatmul patch embeddings' (model.patch_matmul, default true))")
+                         "DINOv2's fused_ce or fused_dino; matmul, the PatchMatmul patch embeddings' "
+                         "(model.patch_matmul, default true))")
     ap.add_argument("--blocks", type=int, default=6, help="rounds; each times one block per setting")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per block")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps per setting before the rounds")

@@ -14,7 +14,8 @@ patches) vs the convolution under cuDNN's heuristics and under cudnn.benchmark, 
 DINOv2's iBOT cross-entropy (SOFT_CE_SHAPES, in the MAE table as "soft_ce <shape>"): kernels.soft_cross_entropy vs
 the torch form, GB/s of the bytes the fused kernels move; and "sinkhorn+ce <shape>": Sinkhorn-Knopp's targets and the
 cross-entropy together, the targets kept as factors (triton), written out by torch into our kernels (triton-dense),
-all torch (torch).
+all torch (torch). "dino-ce <shape>" (DINO_CE_SHAPES): DINO's class-token loss, fwd+bwd, the same three plans with
+kernels.crop_cross_entropy over every pair of crops against the objective's torch dino_loss.
 
 MAE masking and loss (GB/s of the bytes each op must move, fwd+bwd) vs the torch reference
 (argsort + gather + add; cat + gather + add; patchify + mean/var + MSE), and the card's
@@ -66,6 +67,9 @@ PACKED_QUICK = ["dinov2-l-crops"]
 # DINOv2's iBOT cross-entropy (kernels.soft_cross_entropy): (masked patches, prototypes) -- ViT-S at batch 256
 # (512 global crops x 256 patches, half the crops masked at 10-50 %: ~20k) and ViT-L / g at batch 32
 SOFT_CE_SHAPES = {"ibot-b256": (20000, 65536), "ibot-b32": (2500, 65536)}
+# DINO's class-token cross-entropy over crop pairs: (global crops G, all crops V, images B, prototypes K) -- DINOv2
+# ViT-S at batch 256 and ViT-L at batch 32, 2 global + 8 local crops
+DINO_CE_SHAPES = {"dino-b256": (2, 10, 256, 65536), "dino-b32": (2, 10, 32, 65536)}
 # ViTs' patch embedding (engine.models.PatchMatmul vs the convolution): (images, image size, patch, dim) -- DINOv2 ViT-S at
 # batch 256 (the student's and teacher's 512 global crops, the student's 2,048 local crops), MAE ViT-B / ViT-L
 PATCH_SHAPES = {"dinov2-s-global": (512, 224, 14, 384), "dinov2-s-local": (2048, 98, 14, 384),
@@ -342,6 +346,54 @@ def bench_sinkhorn_ce(name, M, K, rows, errors, dtype=torch.bfloat16, iters=3):
     del scores, teacher, g
     if DEV == "cuda":
         torch.cuda.empty_cache()
+
+
+def bench_dino_ce(names, rows, errors, shapes=None, dtype=torch.bfloat16, iters=3):
+    """DINO's class-token loss, fwd+bwd, as the objective runs it: Sinkhorn-Knopp (3 alternations) on the teacher's
+    [G * B, K] scores, then the cross-entropy of each of the student's V crops against the other crops' targets,
+    averaged over the pairs of different crops. torch: the objective's torch form (engine's dino_loss: fp32 copy,
+    log_softmax, an einsum); triton-dense: torch's targets written out, kernels.crop_cross_entropy; triton: Sinkhorn's
+    factored targets into kernels.crop_cross_entropy. GB/s of the bytes the last must move (the teacher's scores read 9
+    times: max, 6 passes, forward, backward; the student's read twice and d scores written)."""
+    import kernels
+    from engine.objectives.dinov2 import dino_loss
+
+    shapes = shapes or DINO_CE_SHAPES
+    for name in names:
+        G, V, B, K = shapes[name]
+        gen = torch.Generator(device=DEV).manual_seed(2)
+        scores = (torch.randn(V, B, K, device=DEV, generator=gen) * 0.3).to(dtype).requires_grad_()
+        teacher = (torch.randn(G * B, K, device=DEV, generator=gen) * 0.3).to(dtype)
+        temp = torch.tensor(0.07, device=DEV)
+        different = ~torch.eye(G, V, dtype=torch.bool, device=DEV)
+        plans = {"triton": ("triton", True), "triton-dense": ("torch", False), "torch": ("torch", False)}
+
+        def run(plan):  # (loss, d scores)
+            sk_impl, factored = plans[plan]
+            t = kernels.sinkhorn_knopp(teacher, temp, iters, factored=factored, impl=sk_impl)
+            if plan == "torch":
+                loss = dino_loss(scores, t.view(G, B, K), 0.1)
+            else:
+                ce = kernels.crop_cross_entropy(scores, t if factored else t.view(G, B, K), 0.1, impl="triton")
+                loss = (ce.mean(-1) * different).sum() / different.sum()
+            return loss.detach(), torch.autograd.grad(loss, scores)[0]
+
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # the torch form's einsum in full fp32 for the comparison
+        try:
+            (l_ours, d_ours), (l_torch, d_torch) = run("triton"), run("torch")
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        errors[f"dino-ce {name}"] = err = {"loss": _rel(l_ours, l_torch), "dscores": _rel(d_ours, d_torch)}
+        del l_ours, d_ours, l_torch, d_torch
+        moved = V * B * K * 3 * scores.element_size() + G * B * K * 9 * teacher.element_size()
+        for plan in plans:
+            e, t = time_ms(lambda plan=plan: run(plan))
+            rows.append({"op": f"dino-ce {name}", "impl": plan, "shape": f"{G}x{V}x{B}x{K}", "ms": t, "eager_ms": e,
+                         "GB/s": moved / t / 1e6, "max_rel_err": max(err.values())})
+        del scores, teacher
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
 
 def bench_patch_embed(names, rows, errors, shapes=None):
@@ -996,7 +1048,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default=None, help="suffix of the result file names")
     ap.add_argument("--only", choices=("mae", "attention", "packed", "soft-ce", "patch-embed"), default=None,
                     help="run one part: the MAE masking/loss ops, the attention shapes, DINOv2's packed crops "
-                         f"({', '.join(PACKED_SHAPES)}), its iBOT cross-entropy ({', '.join(SOFT_CE_SHAPES)}) or the "
+                         f"({', '.join(PACKED_SHAPES)}), its iBOT and DINO cross-entropies ({', '.join(SOFT_CE_SHAPES)}; "
+                         f"{', '.join(DINO_CE_SHAPES)}) or the "
                          f"patch embedding ({', '.join(PATCH_SHAPES)})")
     args = ap.parse_args(argv or [])
     variant_ops = [v for v in args.mae_variants.split(",") if v]
@@ -1044,6 +1097,7 @@ def main(argv=None) -> int:
         bench_mae(mae_rows, errors, variants=variant_ops)
     if run_soft_ce:
         bench_soft_ce(["ibot-b32"] if args.quick else list(SOFT_CE_SHAPES), mae_rows, errors)
+        bench_dino_ce(["dino-b32"] if args.quick else list(DINO_CE_SHAPES), mae_rows, errors)
     if mae_rows:
         same_size = {}  # the op's bytes moved as one copy (half read, half written), graphed like the ops
         for r in mae_rows:

@@ -112,8 +112,10 @@ class DINOv2Config:
     patch_embed_lr_scale: float = 0.2
     pack_crops: bool = True  # one student pass over all crops (attention per crop size; Triton kernels only)
     # With our kernels (model.kernels): iBOT's Sinkhorn targets kept as factors (kernels.sinkhorn_knopp) and its
-    # cross-entropy by kernels.soft_cross_entropy, the [masked patches, prototypes] targets never written; the torch
-    # form otherwise. H200, DINOv2 ViT-S batch 256: the step 1.28x with it (bench ab --switch fused_ce)
+    # cross-entropy by kernels.soft_cross_entropy, the [masked patches, prototypes] targets never written; DINO's
+    # class-token loss likewise by kernels.crop_cross_entropy over every pair of crops; the torch form otherwise.
+    # H200, DINOv2 ViT-S batch 256: the step 1.28x with iBOT's (bench ab --switch fused_ce), 1.04x more with DINO's
+    # (bench ab --switch fused_dino)
     fused_ce: bool = True
     # The teacher's pass over the global crops replayed as a CUDA graph (engine.cuda_graphs.GraphedForward) on one
     # CUDA device (not under FSDP2): no gradient, fixed shapes, so its compiled-block calls cost no host time. For

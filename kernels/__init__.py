@@ -4,7 +4,8 @@ Every op takes `impl=`: "triton" (our kernels; also runs on CPU tensors under TR
 "torch" (the reference), and "auto" (triton on CUDA, the reference/SDPA elsewhere; attention takes triton up to
 AUTO_TRITON_MAX_SEQLEN tokens, where it measured at least as fast as SDPA).
 Files: attn.py (attention), masking.py (mae_mask / mae_unmask), loss.py (mae_loss), soft_ce.py (soft_cross_entropy:
-DINOv2's iBOT cross-entropy against soft targets, dense or FactoredTargets), sinkhorn.py (sinkhorn_knopp: DINOv2's
+DINOv2's iBOT cross-entropy against soft targets, dense or FactoredTargets; crop_cross_entropy: its DINO class-token
+cross-entropy over every pair of crops), sinkhorn.py (sinkhorn_knopp: DINOv2's
 centering, the targets written out or kept as FactoredTargets).
 """
 from kernels.attn import (
@@ -19,7 +20,13 @@ from kernels.attn import (
 from kernels.loss import mae_loss, mae_loss_reference, patchify
 from kernels.masking import keep_count, mae_mask, mae_mask_reference, mae_unmask, mae_unmask_reference
 from kernels.sinkhorn import sinkhorn_knopp
-from kernels.soft_ce import FactoredTargets, soft_cross_entropy, soft_cross_entropy_reference
+from kernels.soft_ce import (
+    FactoredTargets,
+    crop_cross_entropy,
+    crop_cross_entropy_reference,
+    soft_cross_entropy,
+    soft_cross_entropy_reference,
+)
 
 __all__ = [
     "FactoredTargets",
@@ -30,6 +37,8 @@ __all__ = [
     "attention_sdpa",
     "attention_triton",
     "attention_xformers",
+    "crop_cross_entropy",
+    "crop_cross_entropy_reference",
     "keep_count",
     "mae_loss",
     "mae_loss_reference",

@@ -219,3 +219,199 @@ def soft_cross_entropy(scores: torch.Tensor, targets: torch.Tensor | FactoredTar
         return _soft_ce_op(scores, t.logits, t.row, t.col, t.shift.float().reshape(1), t.inv_temp.float().reshape(1),
                            1.0 / temp)[0]
     return _soft_ce_op(scores, targets.detach(), None, None, None, None, 1.0 / temp)[0]
+
+
+# ----------------------------------------------------------------------------- DINO's crop pairs
+# DINO's class-token loss compares every student crop v with every teacher (global) crop g of the same image b:
+# ce[g, v, b] = -sum_k targets[g, b, k] * log_softmax(scores[v, b] / temp)[k]. Written in torch (engine's dino_loss)
+# it makes an fp32 copy of the [V, B, K] scores, divides it, writes log_softmax and permutes it for the einsum, and
+# as many passes backward. Here one program takes one student row and the G target rows of its image: an online
+# log-sum-exp beside G sums of targets x scores / temp, ce = lse x sum(t) - sum(t x s) / temp for each g. Programs
+# run image by image (the V rows of an image next to each other), so each image's target rows are read from memory
+# once and from L2 by the other crops.
+
+
+@triton.jit
+def _crop_ce_fwd(S, T, TR, TC, SHIFT, TINV, CE, LSE, TSUM, V, B, K, s_row, t_row, inv_temp, G: tl.constexpr,
+                 GP: tl.constexpr, BLOCK: tl.constexpr, FACTORED: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // V
+    v = pid % V
+    offs = tl.arange(0, BLOCK)
+    g = tl.arange(0, GP)
+    rows = (tl.where(g < G, g, 0) * B + b)[:, None]  # [GP, 1] target rows (padding rows read row b, then dropped)
+    g_ok = (g < G)[:, None]
+    m = tl.full([BLOCK], _NEG, tl.float32)
+    l = tl.zeros([BLOCK], tl.float32)
+    ts = tl.zeros([GP, BLOCK], tl.float32)
+    tx = tl.zeros([GP, BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + offs
+        ok = k < K
+        x = tl.load(S + (v * B + b) * s_row + k, mask=ok, other=0.0).to(tl.float32) * inv_temp
+        t = _target(T, TR, TC, SHIFT, TINV, rows, k[None, :], g_ok & ok[None, :], t_row, FACTORED)
+        x_max = tl.where(ok, x, _NEG)
+        m_new = tl.maximum(m, x_max)
+        l = l * tl.exp(m - m_new) + tl.where(ok, tl.exp(x_max - m_new), 0.0)
+        m = m_new
+        ts += t
+        tx += t * x[None, :]
+    top = tl.max(m, 0)
+    lse = top + tl.log(tl.sum(l * tl.exp(m - top), 0))
+    tsum = tl.sum(ts, 1)  # [GP]
+    tl.store(LSE + v * B + b, lse)
+    tl.store(TSUM + g * B + b, tsum, mask=(g < G) & (v == 0))
+    tl.store(CE + (g * V + v) * B + b, lse * tsum - tl.sum(tx, 1), mask=g < G)
+
+
+@triton.jit
+def _crop_ce_bwd(GCE, S, T, TR, TC, SHIFT, TINV, LSE, TSUM, DS, V, B, K, s_row, t_row, ds_row, inv_temp,
+                 G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, FACTORED: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // V
+    v = pid % V
+    offs = tl.arange(0, BLOCK)
+    g = tl.arange(0, GP)
+    rows = (tl.where(g < G, g, 0) * B + b)[:, None]
+    g_ok = (g < G)[:, None]
+    # d scores[k] = (sum_g gce[g] (sum(t_g) softmax(s / temp)[k] - t_g[k])) / temp
+    gce = tl.load(GCE + (g * V + v) * B + b, mask=g < G, other=0.0).to(tl.float32) * inv_temp  # [GP]
+    a = tl.sum(gce * tl.load(TSUM + g * B + b, mask=g < G, other=0.0), 0)
+    lse = tl.load(LSE + v * B + b)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + offs
+        ok = k < K
+        x = tl.load(S + (v * B + b) * s_row + k, mask=ok, other=0.0).to(tl.float32) * inv_temp
+        t = _target(T, TR, TC, SHIFT, TINV, rows, k[None, :], g_ok & ok[None, :], t_row, FACTORED)
+        ds = a * tl.exp(x - lse) - tl.sum(gce[:, None] * t, 0)
+        tl.store(DS + (v * B + b) * ds_row + k, ds.to(DS.dtype.element_ty), mask=ok)
+
+
+def _crop_launch(K: int, G: int) -> tuple[int, int]:
+    """(GP, BLOCK): the target rows padded to a power of two, and a step of LAUNCH["block"] elements in all."""
+    gp = triton.next_power_of_2(G)
+    return gp, max(16, min(LAUNCH["block"] // gp, triton.next_power_of_2(K)))
+
+
+@torch.library.custom_op("vfm::crop_ce", mutates_args=())
+def _crop_ce_op(scores: torch.Tensor, targets: torch.Tensor, row: Factor, col: Factor, shift: Factor, tinv: Factor,
+                groups: int, inv_temp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce [G, V, B] fp32; lse [V * B], sum(targets) [G * B], both fp32 and saved for the backward). scores [V * B, K]
+    (crop-major rows), targets [G * B, K] (or the logits of FactoredTargets), G = groups."""
+    scores, targets = _rows(scores), _rows(targets)
+    G = groups
+    B = targets.shape[0] // G
+    V = scores.shape[0] // B if B else 0
+    K = scores.shape[1]
+    ce = torch.empty(G, V, B, device=scores.device, dtype=torch.float32)
+    lse = torch.empty(V * B, device=scores.device, dtype=torch.float32)
+    tsum = torch.empty(G * B, device=scores.device, dtype=torch.float32)
+    if V * B and K:
+        gp, block = _crop_launch(K, G)
+        *t, factored = _factors(targets, row, col, shift, tinv)
+        _crop_ce_fwd[(V * B,)](scores, *t, ce, lse, tsum, V, B, K, scores.stride(0), targets.stride(0), inv_temp,
+                               G=G, GP=gp, BLOCK=block, FACTORED=factored, num_warps=LAUNCH["warps"])
+    elif V * B:  # no classes: nothing to predict, no loss
+        ce.zero_()
+        lse.fill_(float("-inf"))
+        tsum.zero_()
+    return ce, lse, tsum
+
+
+@_crop_ce_op.register_fake
+def _(scores, targets, row, col, shift, tinv, groups, inv_temp):
+    B = targets.shape[0] // groups
+    V = scores.shape[0] // B if B else 0
+    return (scores.new_empty(groups, V, B, dtype=torch.float32), scores.new_empty(V * B, dtype=torch.float32),
+            scores.new_empty(groups * B, dtype=torch.float32))
+
+
+@torch.library.custom_op("vfm::crop_ce_bwd", mutates_args=())
+def _crop_ce_bwd_op(gce: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor, row: Factor, col: Factor,
+                    shift: Factor, tinv: Factor, lse: torch.Tensor, tsum: torch.Tensor, groups: int,
+                    inv_temp: float) -> torch.Tensor:
+    scores, targets = _rows(scores), _rows(targets)
+    G = groups
+    B = targets.shape[0] // G
+    V = scores.shape[0] // B if B else 0
+    K = scores.shape[1]
+    ds = torch.empty(scores.shape, device=scores.device, dtype=scores.dtype)
+    if V * B and K:
+        gp, block = _crop_launch(K, G)
+        *t, factored = _factors(targets, row, col, shift, tinv)
+        _crop_ce_bwd[(V * B,)](gce.contiguous(), scores, *t, lse, tsum, ds, V, B, K, scores.stride(0),
+                               targets.stride(0), ds.stride(0), inv_temp, G=G, GP=gp, BLOCK=block, FACTORED=factored,
+                               num_warps=LAUNCH["warps"])
+    return ds
+
+
+@_crop_ce_bwd_op.register_fake
+def _(gce, scores, targets, row, col, shift, tinv, lse, tsum, groups, inv_temp):
+    return scores.new_empty(scores.shape)
+
+
+def _crop_setup(ctx, inputs, output):
+    scores, targets, row, col, shift, tinv, groups, inv_temp = inputs
+    ctx.save_for_backward(scores, targets, row, col, shift, tinv, output[1], output[2])
+    ctx.groups, ctx.inv_temp = groups, inv_temp
+    ctx.set_materialize_grads(False)
+
+
+def _crop_backward(ctx, gce, glse, gtsum):
+    if gce is None:
+        return (None,) * 8
+    scores, targets, row, col, shift, tinv, lse, tsum = ctx.saved_tensors
+    ds = _crop_ce_bwd_op(gce, scores, targets, row, col, shift, tinv, lse, tsum, ctx.groups, ctx.inv_temp)
+    return (ds,) + (None,) * 7
+
+
+_crop_ce_op.register_autograd(_crop_backward, setup_context=_crop_setup)
+
+
+def crop_cross_entropy_reference(scores: torch.Tensor, targets: torch.Tensor, temp: float) -> torch.Tensor:
+    """[G, V, B] fp32: -(targets[g, b] * log_softmax(scores[v, b] / temp)).sum(-1) for every pair of crops; scores
+    [V, B, K], targets [G, B, K]."""
+    log_p = torch.log_softmax(scores.float() / temp, dim=-1)
+    return -torch.einsum("gbk,vbk->gvb", targets.float(), log_p)
+
+
+def crop_cross_entropy(scores: torch.Tensor, targets: torch.Tensor | FactoredTargets, temp: float, *,
+                       impl: str = "auto") -> torch.Tensor:
+    """DINO's class-token cross-entropy for every pair of crops of an image: [G, V, B] fp32,
+    ce[g, v, b] = -sum_k targets[g, b, k] * log_softmax(scores[v, b] / temp)[k]; differentiable w.r.t. scores.
+
+    scores [V, B, K] (the student's V crops of B images, crop-major, as DINOv2 lays them out), targets [G, B, K]
+    (the teacher's G global crops) or FactoredTargets over the [G * B, K] rows (Sinkhorn's, never written out).
+    impl: "triton" (one pass over each student row forward, one backward; the target rows of an image are shared by
+    its crops through L2), "torch" (the reference: fp32 copies, log_softmax and an einsum), "auto" (triton on CUDA
+    under a verified Triton)."""
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be [V, B, K] (crops, images, classes); got {tuple(scores.shape)}")
+    V, B, K = scores.shape
+    factored = isinstance(targets, FactoredTargets)
+    if factored:
+        M = targets.logits.shape[0]
+        if targets.logits.dim() != 2 or targets.logits.shape[1] != K or (B and M % B) or (not B and M):
+            raise ValueError(f"FactoredTargets over {tuple(targets.logits.shape)} rows do not fit scores "
+                             f"{tuple(scores.shape)}: they must be [G * B, K]")
+        if targets.row.shape != (M,) or targets.col.shape != (K,):
+            raise ValueError(f"FactoredTargets: row {tuple(targets.row.shape)} and col {tuple(targets.col.shape)} do "
+                             f"not fit their logits {tuple(targets.logits.shape)}")
+        G = M // B if B else 0
+    else:
+        if targets.dim() != 3 or targets.shape[1:] != scores.shape[1:]:
+            raise ValueError(f"targets must be [G, B, K] with scores' B and K; got {tuple(targets.shape)} for scores "
+                             f"{tuple(scores.shape)}")
+        G = targets.shape[0]
+    temp = float(temp)
+    if not temp > 0:
+        raise ValueError(f"temp must be > 0; got {temp}")
+    if triton_version.resolve(impl, scores) == "torch" or not (G and B and V):
+        dense = targets.dense().view(G, B, K) if factored else targets.detach()
+        return crop_cross_entropy_reference(scores, dense, temp)
+    flat = scores.reshape(V * B, K)
+    if factored:
+        t = FactoredTargets(*(x.detach() for x in targets))
+        return _crop_ce_op(flat, t.logits, t.row, t.col, t.shift.float().reshape(1), t.inv_temp.float().reshape(1),
+                           G, 1.0 / temp)[0]
+    return _crop_ce_op(flat, targets.detach().reshape(G * B, K), None, None, None, None, G, 1.0 / temp)[0]

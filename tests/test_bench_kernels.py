@@ -291,3 +291,24 @@ def test_bench_patch_embed_rows(monkeypatch):
     assert rows[2]["tflops"] == flops / 0.5 / 1e9 and rows[2]["speedup_vs_best_conv"] == 4.0
     assert rows[0]["speedup_vs_best_conv"] == 2.0 / 3.0
     assert set(errors["patch_embed tiny"]) == {"out", "dweight"} and rows[2]["max_rel_err"] < 1e-5, errors
+
+
+def test_bench_dino_ce_rows(monkeypatch):
+    """bench kernels' DINO class-token rows on CPU tensors (interpreted kernels, fp16, a stand-in timer): the three
+    plans timed in order, GB/s from the fused path's bytes, the fused loss and its gradient close to the objective's torch
+    dino_loss."""
+    import torch
+
+    import bench.kernels as bk
+    from kernels import sinkhorn, soft_ce
+
+    _stand_in_timer(monkeypatch, bk, [3.0, 6.0, 9.0])
+    monkeypatch.setitem(soft_ce.LAUNCH, "block", 32)
+    monkeypatch.setattr(sinkhorn, "LAUNCH", dict(sinkhorn.LAUNCH, row_block=32, col_bk=32, col_bm=4, chunk_rows=2))
+    rows, errors = [], {}
+    bk.bench_dino_ce(["tiny"], rows, errors, shapes={"tiny": (2, 4, 3, 50)}, dtype=torch.float16)
+    assert [r["impl"] for r in rows] == ["triton", "triton-dense", "torch"]
+    assert all(r["op"] == "dino-ce tiny" and r["shape"] == "2x4x3x50" for r in rows)
+    assert [r["ms"] for r in rows] == [3.0, 6.0, 9.0]
+    assert rows[0]["GB/s"] == (4 * 3 * 50 * 3 * 2 + 2 * 3 * 50 * 9 * 2) / 3.0 / 1e6
+    assert set(errors["dino-ce tiny"]) == {"loss", "dscores"} and rows[0]["max_rel_err"] < 1e-3, errors

@@ -119,13 +119,22 @@ def test_ibot_loss_averages_masked_tokens_per_crop():
 
 def test_fused_ibot_cross_entropy_matches(monkeypatch):
     """objective.dinov2.fused_ce (on by default with our kernels): iBOT's cross-entropy by kernels.soft_cross_entropy
-    against Sinkhorn's targets kept as factors (the Triton kernels forced here, interpreted on CPU) gives the torch
-    form's loss and gradients, through the whole objective too."""
+    against Sinkhorn's targets kept as factors, and DINO's class-token loss by kernels.crop_cross_entropy likewise (the
+    Triton kernels forced here, interpreted on CPU), give the torch form's losses and gradients, through the whole
+    objective too."""
     import functools
 
     import kernels
 
     monkeypatch.setattr(kernels, "soft_cross_entropy", functools.partial(kernels.soft_cross_entropy, impl="triton"))
+    crop_calls = []
+
+    def crop_cross_entropy(*args, **kw):  # forced onto the Triton kernels, and counted
+        crop_calls.append(1)
+        return real_crop(*args, impl="triton", **kw)
+
+    real_crop = kernels.crop_cross_entropy
+    monkeypatch.setattr(kernels, "crop_cross_entropy", crop_cross_entropy)
     real_sk, factored = kernels.sinkhorn_knopp, []
 
     def sinkhorn_knopp(*args, impl="auto", **kw):  # the Triton passes where the engine says auto
@@ -145,10 +154,12 @@ def test_fused_ibot_cross_entropy_matches(monkeypatch):
     assert tiny_model("model.kernels=torch")[0].fused_ce is False
     assert tiny_model("objective.dinov2.fused_ce=false", "model.kernels=triton")[0].fused_ce is False
     assert tiny_model("model.kernels=triton")[0].fused_ce is True  # the default with our kernels
-    out, grads = [], []
+    assert tiny_model("model.kernels=triton")[0].fused_dino is True
+    assert tiny_model("model.kernels=torch")[0].fused_dino is False
+    out, grads, dino_grads = [], [], []
     for fused in (True, False):
         model, _ = tiny_model("objective.dinov2.mask_probability=1.0")
-        model.fused_ce = fused
+        model.fused_ce = model.fused_dino = fused
         glob, loc = model.synthetic_batch(2, "cpu")
         torch.manual_seed(1)
         res = model([glob, loc])
@@ -156,9 +167,14 @@ def test_fused_ibot_cross_entropy_matches(monkeypatch):
         out.append(res)
         grads.append(model.ibot_head.prototypes.weight.grad.clone() if model.ibot_head is not None
                      else model.dino_head.prototypes.weight.grad.clone())
+        dino_grads.append(model.dino_head.prototypes.weight.grad.clone())
     assert out[0]["ibot"] > 0
-    # per step: the class tokens' targets written out, then iBOT's factored (fused) or written out (torch form)
-    assert factored == [False, True, False, False], factored
+    # per step: the class tokens' targets and iBOT's, both factored (fused) or both written out (torch form); DINO's
+    # loss through kernels.crop_cross_entropy in the fused step only
+    assert factored == [True, True, False, False], factored
+    assert len(crop_calls) == 1
+    torch.testing.assert_close(out[0]["dino"], out[1]["dino"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dino_grads[0], dino_grads[1], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(out[0]["ibot"], out[1]["ibot"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 

@@ -111,3 +111,73 @@ def test_soft_ce_factored_targets(monkeypatch, M, K, block):
     assert dg.dtype == torch.float16 and rel(dg, dw) < 2e-3
     with pytest.raises(ValueError, match="do not fit"):
         kernels.soft_cross_entropy(scores, t._replace(col=t.col[1:]), 0.1)
+
+
+# ----------------------------------------------------------------------------- crop_cross_entropy (DINO's pairs)
+@pytest.mark.parametrize("G,V,B,K,block", [(2, 5, 3, 37, 16), (1, 3, 2, 64, 64), (3, 4, 2, 100, 32), (2, 2, 1, 1, 16)])
+def test_crop_ce_matches_the_torch_form(monkeypatch, G, V, B, K, block):
+    """Every (teacher crop, student crop, image) triple: several steps a row with a ragged last one, one exact step,
+    a target count that is no power of two (G = 3, padded to 4 rows in the kernels), one class; values and gradients
+    for weights on every triple."""
+    monkeypatch.setitem(soft_ce.LAUNCH, "block", block)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    scores = (torch.randn(V, B, K, generator=g) * 3).requires_grad_()
+    targets = _targets(G * B, K, g).view(G, B, K)
+    got = kernels.crop_cross_entropy(scores, targets, 0.1, impl="triton")
+    want = soft_ce.crop_cross_entropy_reference(scores, targets, 0.1)
+    assert got.dtype == torch.float32 and got.shape == (G, V, B)
+    # the reference is the per-pair soft cross-entropy
+    pair = kernels.soft_cross_entropy(scores[1 % V].detach(), targets[G - 1], 0.1, impl="torch")
+    assert rel(want[G - 1, 1 % V].detach(), pair) < 1e-6
+    assert rel(got, want) < 1e-5, (got, want)
+    w = torch.randn(G, V, B, generator=g)
+    (dg,), (dw,) = torch.autograd.grad((got * w).sum(), scores), torch.autograd.grad((want * w).sum(), scores)
+    assert rel(dg, dw) < 1e-5 or dw.abs().max() < 1e-6
+
+
+def test_crop_ce_factored_16_bit_and_dino_weights(monkeypatch):
+    """fp16 scores, Sinkhorn's FactoredTargets over [G * B, K] rows (never written out) against their dense form;
+    DINO's weighting (pairs of different crops only) gives the engine's torch loss."""
+    monkeypatch.setitem(soft_ce.LAUNCH, "block", 32)
+    from engine.objectives.dinov2 import dino_loss
+
+    G, V, B, K = 2, 6, 3, 70
+    g = torch.Generator().manual_seed(11)
+    scores = (torch.randn(V, B, K, generator=g) * 2).half().requires_grad_()
+    t = kernels.sinkhorn_knopp(torch.randn(G * B, K, generator=g).half(), 0.07, 3, factored=True, impl="torch")
+    dense = t.dense().view(G, B, K)
+    got = kernels.crop_cross_entropy(scores, t, 0.1, impl="triton")
+    assert torch.equal(kernels.crop_cross_entropy(scores, t, 0.1, impl="torch"),
+                       soft_ce.crop_cross_entropy_reference(scores, dense, 0.1))
+    different = ~torch.eye(G, V, dtype=torch.bool)
+    loss = (got.mean(-1) * different).sum() / different.sum()
+    want = dino_loss(scores, dense, 0.1)
+    assert abs(loss.item() - want.item()) < 1e-4 * abs(want.item())
+    (dg,), (dw,) = torch.autograd.grad(loss, scores), torch.autograd.grad(want, scores)
+    assert dg.dtype == torch.float16 and rel(dg, dw) < 2e-3
+
+
+def test_crop_ce_dispatch_and_checks():
+    s, t = torch.randn(4, 3, 10), torch.rand(2, 3, 10)
+    ref = soft_ce.crop_cross_entropy_reference(s, t, 0.5)
+    for impl in ("auto", "torch", "triton"):  # auto on CPU tensors: the torch form
+        assert rel(kernels.crop_cross_entropy(s, t, 0.5, impl=impl), ref) < 1e-5, impl
+    with pytest.raises(ValueError, match=r"\[V, B, K\]"):
+        kernels.crop_cross_entropy(s[0], t, 0.5)
+    with pytest.raises(ValueError, match=r"\[G, B, K\]"):
+        kernels.crop_cross_entropy(s, t[:, :2], 0.5)
+    with pytest.raises(ValueError, match="> 0"):
+        kernels.crop_cross_entropy(s, t, -1.0)
+    f = kernels.FactoredTargets(torch.randn(5, 10), torch.rand(5), torch.rand(10), torch.zeros(1), torch.ones(1))
+    with pytest.raises(ValueError, match=r"\[G \* B, K\]"):  # 5 rows are no whole number of 3-image crops
+        kernels.crop_cross_entropy(s, f, 0.5)
+    assert kernels.crop_cross_entropy(s[:0], t, 0.5, impl="triton").shape == (2, 0, 3)
+
+
+def test_crop_ce_custom_ops_pass_opcheck():
+    s, t = torch.randn(6, 33, requires_grad=True), torch.rand(4, 33)  # V = 3, B = 2, G = 2
+    result = torch.library.opcheck(soft_ce._crop_ce_op, (s, t, None, None, None, None, 2, 2.0))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    row, col, shift, tinv = torch.rand(4), torch.rand(33), torch.tensor([0.5]), torch.tensor([3.0])
+    result = torch.library.opcheck(soft_ce._crop_ce_op, (s, t, row, col, shift, tinv, 2, 2.0))
+    assert all(v == "SUCCESS" for v in result.values()), result

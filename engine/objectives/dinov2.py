@@ -108,6 +108,16 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, student_temp: float)
     return (ce * different).sum() / different.sum()
 
 
+def dino_loss_fused(student: torch.Tensor, teacher: torch.Tensor | kernels.FactoredTargets,
+                    student_temp: float) -> torch.Tensor:
+    """dino_loss through kernels.crop_cross_entropy (Triton on CUDA): one pass over each student row forward and one
+    backward instead of fp32 copies, log_softmax and an einsum over [V, B, K]. teacher: [G, B, K] targets, or
+    Sinkhorn's FactoredTargets over the [G * B, K] rows (never written out)."""
+    ce = kernels.crop_cross_entropy(student, teacher, student_temp)  # [G, V, B]
+    different = ~torch.eye(ce.shape[0], ce.shape[1], dtype=torch.bool, device=ce.device)
+    return (ce.mean(-1) * different).sum() / different.sum()
+
+
 def ibot_loss(student: torch.Tensor, teacher: torch.Tensor | kernels.FactoredTargets, crop_of_token: torch.Tensor,
               num_crops: int, student_temp: float, fused: bool = False) -> torch.Tensor:
     """Cross-entropy on the masked patches only: student scores and teacher targets [M, K]
@@ -225,6 +235,9 @@ class DINOv2(nn.Module):
         self.weight_decay_end, self.freeze_last_layer = weight_decay_end, freeze_last_layer
         self.layer_decay, self.patch_embed_lr_scale = layer_decay, patch_embed_lr_scale
         self.attn_impl, self.pack_crops, self.fused_ce = attn_impl, pack_crops, fused_ce
+        # DINO's class-token loss by kernels.crop_cross_entropy, its Sinkhorn targets as factors: set with fused_ce,
+        # a bool of its own so that bench ab --switch fused_dino can time it alone
+        self.fused_dino = fused_ce
         self.teacher_graph = teacher_graph  # a bool the step reads: bench ab --switch teacher_graph
         self._teacher_graphed: GraphedForward | None = None
         # Set per step by on_step_start; a tensor, so a compiled forward does not recompile for it.
@@ -342,7 +355,8 @@ class DINOv2(nn.Module):
             t_patch = self._teacher_ibot_head()(t[:, prefix:].flatten(0, 1)[masked_at])  # [M, K']
             temp = self.teacher_temp_now
             if self.centering == "sinkhorn":
-                t_cls_p = sinkhorn_knopp(t_cls, temp, self.sinkhorn_iters)
+                t_cls_p = sinkhorn_knopp(t_cls, temp, self.sinkhorn_iters, factored=self.fused_dino,
+                                         impl="auto" if self.fused_dino else "torch")
                 # with the fused cross-entropy: the targets as factors (Triton on CUDA), never written out
                 t_patch_p = sinkhorn_knopp(t_patch, temp, self.sinkhorn_iters, factored=self.fused_ce,
                                            impl="auto" if self.fused_ce else "torch")
@@ -364,7 +378,11 @@ class DINOv2(nn.Module):
         s_cls = self.dino_head(s_cls_tokens)
         s_patch = self._student_ibot_head()(s_glob[:, prefix:].flatten(0, 1)[masked_at])
 
-        dino = dino_loss(s_cls.view(V, B, -1), t_cls_p.view(G, B, -1), self.student_temp)
+        if self.fused_dino:
+            t_cls_g = t_cls_p if isinstance(t_cls_p, kernels.FactoredTargets) else t_cls_p.view(G, B, -1)
+            dino = dino_loss_fused(s_cls.view(V, B, -1), t_cls_g, self.student_temp)
+        else:
+            dino = dino_loss(s_cls.view(V, B, -1), t_cls_p.view(G, B, -1), self.student_temp)
         ibot = ibot_loss(s_patch, t_patch_p, crop_of_token, G * B, self.student_temp, fused=self.fused_ce)
         koleo = sum(koleo_loss(c) for c in s_glob[:, 0].chunk(G))
         loss = self.dino_weight * dino + self.ibot_weight * ibot + self.koleo_weight * koleo
