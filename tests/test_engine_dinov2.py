@@ -212,6 +212,8 @@ def test_forward_feeds_the_ibot_head_exactly_the_masked_tokens(monkeypatch):
     with torch.no_grad():
         t = model.forward_dense(model.teacher["encoder"], images[0])[:, prefix:].flatten(0, 1)
         torch.testing.assert_close(seen["teacher"], t[masks.flatten()])
+        s = model.forward_dense(model.encoder, images[0], masks.view(G * B, grid, grid))[:, prefix:].flatten(0, 1)
+        torch.testing.assert_close(seen["student"], s[masks.flatten()])
         # the student's embedding holds the mask token exactly at the masked positions
         e = model.embed(model.encoder, images[0], masks)[:, prefix:]
         e0 = model.embed(model.encoder, images[0])[:, prefix:]

@@ -347,12 +347,15 @@ class DINOv2(nn.Module):
         B = glob.shape[0] // G
         masks, masked_at, crop_of_token = self.draw_masks(G * B, glob.shape[-1] // self.patch_size, glob.device)
         prefix = self.encoder.num_prefix_tokens
+        # the masked patches as rows of the [G * B * tokens, C] outputs, prefix tokens included: gathered from the
+        # outputs as they are (a flatten of [:, prefix:] would copy every patch token first, forward and backward)
+        rows_at = masked_at + prefix * (crop_of_token + 1)
 
         # Teacher: global crops, unmasked; targets for the class token and the masked patches.
         with torch.no_grad():
             t = self.teacher_forward(glob)
             t_cls = self.teacher["dino_head"](t[:, 0])  # [G*B, K]
-            t_patch = self._teacher_ibot_head()(t[:, prefix:].flatten(0, 1)[masked_at])  # [M, K']
+            t_patch = self._teacher_ibot_head()(t.flatten(0, 1)[rows_at])  # [M, K']
             temp = self.teacher_temp_now
             if self.centering == "sinkhorn":
                 t_cls_p = sinkhorn_knopp(t_cls, temp, self.sinkhorn_iters, factored=self.fused_dino,
@@ -376,7 +379,7 @@ class DINOv2(nn.Module):
             s_loc = self.forward_dense(enc, loc) if loc.shape[0] else s_glob[:0]
         s_cls_tokens = torch.cat([s_glob[:, 0], s_loc[:, 0]])  # [V*B, C], crop-major
         s_cls = self.dino_head(s_cls_tokens)
-        s_patch = self._student_ibot_head()(s_glob[:, prefix:].flatten(0, 1)[masked_at])
+        s_patch = self._student_ibot_head()(s_glob.flatten(0, 1)[rows_at])
 
         if self.fused_dino:
             t_cls_g = t_cls_p if isinstance(t_cls_p, kernels.FactoredTargets) else t_cls_p.view(G, B, -1)
