@@ -396,6 +396,15 @@ def bench_dino_ce(names, rows, errors, shapes=None, dtype=torch.bfloat16, iters=
             torch.cuda.empty_cache()
 
 
+def mae_plot_series(rows) -> tuple[list[str], dict[str, list[float]]]:
+    """The masking / loss / cross-entropy plot's bars: (ops, GB/s per implementation), every implementation the rows
+    hold in the order first timed (triton-dense and the --mae-variants too); 0 where an op has no such row."""
+    ops = sorted({r["op"] for r in rows})
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    return ops, {impl: [next((r["GB/s"] for r in rows if r["op"] == op and r["impl"] == impl), 0.0) for op in ops]
+                 for impl in impls}
+
+
 def bench_patch_embed(names, rows, errors, shapes=None):
     """The patch embedding, forward + backward to its weight and bias (images take no gradient), under bf16 autocast
     on fp32 images as the engine runs it: the convolution with cuDNN's heuristics (torch's default), with
@@ -1153,10 +1162,8 @@ def main(argv=None) -> int:
                  {k: [r[f"{k}_tflops"] for r in packed_rows] for k in ("grouped", "varlen", "best_sdpa")},
                  "TFLOP/s (fwd+bwd)", f"DINOv2 packed crops, attention bf16, {card_name()}")
     if mae_rows:
-        ops = sorted({r["op"] for r in mae_rows})
-        bar_plot(path.with_name(path.stem + "-mae.png"), ops,
-                 {impl: [next((r["GB/s"] for r in mae_rows if r["op"] == op and r["impl"] == impl), 0.0) for op in ops]
-                  for impl in ("triton", "torch")}, "GB/s (fwd+bwd)", f"MAE masking and loss, {card_name()}")
+        bar_plot(path.with_name(path.stem + "-mae.png"), *mae_plot_series(mae_rows), "GB/s (fwd+bwd)",
+                 f"MAE masking and loss, DINOv2's cross-entropies, {card_name()}")
     if patch_rows:
         ops = sorted({r["op"] for r in patch_rows})
         bar_plot(path.with_name(path.stem + "-patch.png"), ops,

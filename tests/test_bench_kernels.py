@@ -312,3 +312,16 @@ def test_bench_dino_ce_rows(monkeypatch):
     assert [r["ms"] for r in rows] == [3.0, 6.0, 9.0]
     assert rows[0]["GB/s"] == (4 * 3 * 50 * 3 * 2 + 2 * 3 * 50 * 9 * 2) / 3.0 / 1e6
     assert set(errors["dino-ce tiny"]) == {"loss", "dscores"} and rows[0]["max_rel_err"] < 1e-3, errors
+
+
+def test_mae_plot_series_draws_every_plan():
+    """The PNG beside bench kernels' masking / loss / cross-entropy table has a bar series for every implementation
+    timed, triton-dense included (it once drew triton and torch only), with 0 where an op lacks one."""
+    import bench.kernels as bk
+
+    rows = [{"op": "dino-ce b", "impl": "triton", "GB/s": 3.0}, {"op": "dino-ce b", "impl": "triton-dense", "GB/s": 2.0},
+            {"op": "dino-ce b", "impl": "torch", "GB/s": 1.0}, {"op": "mae_loss", "impl": "triton", "GB/s": 5.0},
+            {"op": "mae_loss", "impl": "torch", "GB/s": 0.5}]
+    ops, series = bk.mae_plot_series(rows)
+    assert ops == ["dino-ce b", "mae_loss"]
+    assert series == {"triton": [3.0, 5.0], "triton-dense": [2.0, 0.0], "torch": [1.0, 0.5]}
