@@ -34,6 +34,20 @@ def resolve_compile_mode(mode: str | None, *, compiled: bool, whole_model: bool,
     return "reduce-overhead" if eligible else None
 
 
+def compile_kwargs(mode: str | None, tuning: bool) -> dict:
+    """torch.compile's keywords for a resolved model.compile_mode and model.compile_tuning: {"mode": mode}, or with
+    tuning the mode's own inductor options plus coordinate_descent_tuning (torch.compile takes a mode or options,
+    not both; the max-autotune modes tune that way already)."""
+    if not tuning:
+        return {"mode": mode}
+    import torch._inductor
+
+    options = dict(torch._inductor.list_mode_options(mode or "default"))
+    if options.get("coordinate_descent_tuning"):
+        return {"mode": mode}
+    return {"options": {**options, "coordinate_descent_tuning": True}}
+
+
 @dataclass
 class ModelConfig:
     name: str = "vit_base_patch16_224"  # a timm ViT name
@@ -49,6 +63,12 @@ class ModelConfig:
     # the synthetic-data rate from 5,020 to 5,208 img/s; with 2 micro-batches per step, from 8.9 % to 1.5 %
     # and from 5,132 to 5,273 img/s (README)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "auto"] | None = "auto"
+    # Inductor's coordinate-descent tuning of its generated kernels' launch configs (block sizes, warps) on top of
+    # compile_mode, without max-autotune's GEMM search; only with model.compile. Costs compile time once (kept in
+    # inductor's cache). H200, in one process, two rounds each: DINOv2 ViT-S b256 163.5 / 164.4 vs 168.7 / 167.8 ms
+    # a step (1.026x; first compile 136 s vs 34 s), so the DINOv2 recipes turn it on; MAE ViT-L b256, CUDA graphs,
+    # 80.25 / 80.32 vs 80.96 / 80.88 ms (1.008x; 356 s vs 76 s), so off by default
+    compile_tuning: bool = False
     # The patch embedding as one matrix product over the patches (engine.models.PatchMatmul) instead of cuDNN's
     # convolution, which ran a generic kernel on an H200; same parameters and checkpoints. On an H200 (K73) the op
     # fwd+bwd took 1.55 vs 5.01 ms at DINOv2 ViT-S's global crops and 0.865 vs 4.13 at MAE ViT-L's batch (3.2-4.8x),

@@ -180,10 +180,11 @@ def _compile_note(cfg: Config, plan: Plan) -> str:
     mode = resolve_compile_mode(cfg.model.compile_mode, compiled=True, whole_model=cfg.objective.name == "mae",
                                 world=plan.world, device_type="cuda")
     auto = "auto -> " if cfg.model.compile_mode == "auto" else ""
+    tuned = ", coordinate-descent tuning" if cfg.model.compile_tuning else ""
     if mode in CUDA_GRAPH_MODES:
-        return f" ({auto}{mode}: CUDA graphs)"
+        return f" ({auto}{mode}: CUDA graphs{tuned})"
     why = "; auto uses CUDA graphs for a compiled MAE step on one GPU" if auto else ""
-    return f" ({auto}{mode or 'default'}{why})"
+    return f" ({auto}{mode or 'default'}{tuned}{why})"
 
 
 def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -> str:

@@ -162,20 +162,21 @@ class Trainer:
         if cfg.model.activation_checkpointing:
             checkpoint_blocks(self.model.encoder.blocks, cfg.model.ac_every, cfg.model.ac_policy)
         self.micro_batch, self.accum_steps = batch_geometry(cfg, self.dist.world)
-        from engine.config import CUDA_GRAPH_MODES, resolve_compile_mode
+        from engine.config import CUDA_GRAPH_MODES, compile_kwargs, resolve_compile_mode
 
         regions = getattr(self.model, "compile_regions", None)
         self.compile_mode = resolve_compile_mode(
             cfg.model.compile_mode, compiled=cfg.model.compile, whole_model=regions is None and self.dist.world == 1,
             world=self.dist.world, device_type=self.device.type)
         if cfg.model.compile:  # model.compile_mode reaches every path (CUDA graph modes: validated MAE-only, 1 GPU)
+            kw = compile_kwargs(self.compile_mode, cfg.model.compile_tuning)  # and model.compile_tuning
             if regions is not None:  # the objective says what to compile (e.g. DINOv2: per block)
-                regions(mode=self.compile_mode)
+                regions(**kw)
             elif self.dist.world == 1:
-                self.model.compile(mode=self.compile_mode)  # one graph: fuses masking, embeddings and loss too
+                self.model.compile(**kw)  # one graph: fuses masking, embeddings and loss too
             else:
                 for block in self._blocks():  # per block, so FSDP2 can hook between blocks
-                    block.compile(mode=self.compile_mode)
+                    block.compile(**kw)
         self.graphs = cfg.model.compile and self.compile_mode in CUDA_GRAPH_MODES
         if self.graphs and self.dist.world > 1:
             raise ValueError(f"model.compile_mode={cfg.model.compile_mode} (CUDA graphs) runs the whole-model step on "

@@ -82,6 +82,30 @@ def test_vit_g_dry_run_cli():
     assert "FLOP" in r.stdout and "80 GB H100" in r.stdout
 
 
+def test_compile_tuning_becomes_inductor_options():
+    """model.compile_tuning: the resolved mode's own inductor options plus coordinate_descent_tuning (torch.compile
+    takes a mode or options, not both); the max-autotune modes tune already and keep their mode; off: the mode. A
+    compile with those options runs (CPU here)."""
+    import torch
+
+    from engine.config import compile_kwargs
+
+    assert compile_kwargs(None, False) == {"mode": None}
+    assert compile_kwargs("reduce-overhead", False) == {"mode": "reduce-overhead"}
+    assert compile_kwargs(None, True) == {"options": {"coordinate_descent_tuning": True}}
+    assert compile_kwargs("default", True) == {"options": {"coordinate_descent_tuning": True}}
+    assert compile_kwargs("reduce-overhead", True) == {"options": {"triton.cudagraphs": True,
+                                                                   "coordinate_descent_tuning": True}}
+    for mode in ("max-autotune", "max-autotune-no-cudagraphs"):
+        assert compile_kwargs(mode, True) == {"mode": mode}
+    assert load_config(ROOT / "recipes" / "vit_b_mae.yaml", []).model.compile_tuning is False
+    assert load_config(ROOT / "recipes" / "vit_l_dinov2.yaml", []).model.compile_tuning is True
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU())
+    eager = m(torch.ones(2, 4))
+    m.compile(**compile_kwargs(None, True))
+    torch.testing.assert_close(m(torch.ones(2, 4)), eager)
+
+
 def test_auto_compile_mode_picks_cuda_graphs_only_where_they_apply():
     """model.compile_mode: auto (the default) is reduce-overhead for a compiled whole-model step on one
     CUDA device (gradient accumulation included), torch's default mode anywhere else; explicit modes stay."""
@@ -107,7 +131,8 @@ def test_auto_compile_mode_picks_cuda_graphs_only_where_they_apply():
         cfg = load_config(ROOT / "recipes" / "vit_b_mae.yaml", overrides)
         assert want in format_plan(cfg, make_plan(cfg)), overrides
     cfg = load_config(ROOT / "recipes" / "vit_l_dinov2.yaml", ["model.compile=true"])
-    assert "auto uses CUDA graphs for a compiled MAE step on one GPU" in format_plan(cfg, make_plan(cfg))
+    assert ("(auto -> default, coordinate-descent tuning; auto uses CUDA graphs for a compiled MAE step on one GPU)"
+            in format_plan(cfg, make_plan(cfg)))
 
 
 def test_cuda_graph_compile_mode_is_for_the_whole_model_mae_step():

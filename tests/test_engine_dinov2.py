@@ -381,18 +381,24 @@ def test_compiled_forward_does_not_recompile_per_step():
 
 def test_compile_mode_reaches_the_per_block_compile(tmp_path, monkeypatch):
     """model.compile_mode reaches DINOv2's per-block torch.compile (it was dropped there: a max-autotune setting ran
-    torch's default mode), every block of student and teacher."""
+    torch's default mode), every block of student and teacher; so does model.compile_tuning, as inductor options."""
     from torch import nn
 
     from engine.train import Trainer
 
     seen = []
-    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw.get("mode"))))
-    for mode, want in (("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"), ("auto", None)):
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, repr(kw))))
+    tuned = {"options": {"coordinate_descent_tuning": True}}
+    for mode, tuning, want in (("max-autotune-no-cudagraphs", True, {"mode": "max-autotune-no-cudagraphs"}),
+                               ("auto", True, tuned),  # the DINOv2 recipes' model.compile_tuning
+                               ("auto", False, {"mode": None}), ("default", False, {"mode": "default"})):
         seen.clear()
+        run = tmp_path / f"{mode}-{tuning}"
         cfg = load_config(RECIPES / "quickstart_dinov2.yaml", TINY + [
             "data.shards=synthetic", "train.steps=1", "train.batch_size=2", "log.tensorboard=false",
-            "log.progress=false", "model.compile=true", f"model.compile_mode={mode}", f"run.dir={tmp_path / mode}"])
-        Trainer(cfg, tmp_path / mode, out=open(os.devnull, "w"))
+            "log.progress=false", "model.compile=true", f"model.compile_mode={mode}",
+            f"model.compile_tuning={str(tuning).lower()}", f"run.dir={run}"])
+        Trainer(cfg, run, out=open(os.devnull, "w"))
         depth = cfg.objective.dinov2.encoder_kwargs["depth"]
-        assert depth >= 2 and len(seen) == 2 * depth and {m for _, m in seen} == {want}, seen
+        assert depth >= 2 and len(seen) == 2 * depth and {m for _, m in seen} == {repr(want)}, seen
+    assert load_config(RECIPES / "quickstart_dinov2.yaml", []).model.compile_tuning is True  # from _dinov2.yaml
