@@ -49,7 +49,8 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
     (default: the recipe's micro_batch). Keys: `<variant>_img_s`, `<variant>_step_ms`,
     `<variant>_mfu` (CUDA), `<variant>_peak_mem_gib` (CUDA), `<variant>_error` when a variant
     fails (the others still run), `<variant>_compile_mode` (the engine variants' torch.compile mode: compile_mode,
-    their model.compile_mode, resolved), `engine-triton_vs_naive`, `engine-torch_vs_naive`,
+    their model.compile_mode, resolved), `<variant>_compile_tuning` (model.compile_tuning in effect),
+    `engine-triton_vs_naive`, `engine-torch_vs_naive`,
     `tokens_per_image` (student + teacher)."""
     from bench.train import peak_flops, run_engine
     from engine.plan import measure_model
@@ -92,6 +93,7 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
             out[f"{variant}_compiled"] = cfg.model.compile
             if "compile_mode" in r and variant != "naive":
                 out[f"{variant}_compile_mode"] = r["compile_mode"]
+                out[f"{variant}_compile_tuning"] = r["compile_tuning"]
             out[f"{variant}_img_s"] = r["img_per_s"]
             out[f"{variant}_step_ms"] = r["step_ms"]
             if r.get("peak_mem_gib") is not None:

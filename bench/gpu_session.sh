@@ -413,6 +413,18 @@ K72)  # DINOv2's iBOT Sinkhorn targets (kept as factors) and cross-entropy in ou
   step 250 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 256 32 \
     --steps 12 --warmup 3 --variants engine-triton engine-torch --tag dinov2-factored
   ;;
+K75)  # DINO's class-token loss by kernels.crop_cross_entropy (measured 2026-11-29): the op with its Sinkhorn vs the torch
+      # dino_loss, the switch alone in one process (bench ab --switch fused_dino), then DINOv2 ViT-S with the session's
+      # defaults (model.compile_tuning from the DINOv2 recipes: a first compile of ~140 s). Measured: op 8.07x / 4.30x,
+      # steps 1.04x (ViT-S b256) / 1.01x (ViT-L b32), ViT-S 1,546 img/s. The compile-tuning A/B itself (four trainers
+      # built in turn in one process) and the step curves / copy profile were ad hoc scripts: the result JSONs
+      # (train-...-compile-tuning-*.json, train-probe-...-dinov2-*.json) hold their methods
+  step 200 python3 -m bench kernels --only soft-ce --tag dino-ce
+  step 190 python3 -m bench ab --recipe recipes/vit_s_dinov2.yaml --batch 256 --switch fused_dino
+  step 190 python3 -m bench ab --recipe recipes/vit_l_dinov2.yaml --batch 32 --switch fused_dino
+  step 300 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml --batch 256 --steps 20 --warmup 8 \
+    --variants engine-triton --tag dinov2-s-tuned
+  ;;
 K74)  # DINOv2 ViT-L b32 was host-bound (185 ms a step, 151 of device time; the profile below): the teacher's pass as a
       # CUDA graph (objective.dinov2.teacher_graph), in one process. Measured 2026-11-29: 1.01x ViT-L, 0.99x ViT-S; off
   step 150 python3 -m bench train --recipes recipes/vit_l_dinov2.yaml --batch 32 --steps 10 --warmup 3 \

@@ -170,7 +170,8 @@ def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = N
         warmup = max(warmup, GRAPH_WARMUP)
     sec = _time_steps(step, steps, warmup, trainer.device)
     out = {"img_per_s": batch * world * accum / sec, "step_ms": sec * 1e3, "device": str(trainer.device),
-           "world": world, "compile_mode": trainer.compile_mode if cfg.model.compile else "eager", "warmup": warmup,
+           "world": world, "compile_mode": trainer.compile_mode if cfg.model.compile else "eager",
+           "compile_tuning": bool(cfg.model.compile and cfg.model.compile_tuning), "warmup": warmup,
            "accum": accum}
     if trainer.device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30

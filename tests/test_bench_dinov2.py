@@ -26,6 +26,7 @@ def test_bench_dinov2_tiny_on_cpu():
         assert out[f"{v}_img_s"] > 0 and out[f"{v}_step_ms"] > 0, out
     assert out["engine-torch_vs_naive"] > 0 and out["flops_per_image"] > 0
     assert out["engine-torch_compile_mode"] == "eager" and "naive_compile_mode" not in out
+    assert out["engine-torch_compile_tuning"] is False  # the recipe asks for it, but nothing was compiled
     # student: 2 x (16 + 5) + 2 x (4 + 5) tokens, teacher 2 x (16 + 5)
     assert out["tokens_per_image"] == 2 * 21 * 2 + 2 * 9
 
