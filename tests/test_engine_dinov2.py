@@ -402,3 +402,26 @@ def test_compile_mode_reaches_the_per_block_compile(tmp_path, monkeypatch):
         depth = cfg.objective.dinov2.encoder_kwargs["depth"]
         assert depth >= 2 and len(seen) == 2 * depth and {m for _, m in seen} == {repr(want)}, seen
     assert load_config(RECIPES / "quickstart_dinov2.yaml", []).model.compile_tuning is True  # from _dinov2.yaml
+
+
+def test_fused_dino_loss_with_softmax_centering(monkeypatch):
+    """centering: softmax writes its class-token targets out; the fused DINO loss (kernels.crop_cross_entropy, Triton
+    forced and interpreted) takes them dense and gives the torch form's loss and head gradients."""
+    import functools
+
+    import kernels
+
+    monkeypatch.setattr(kernels, "crop_cross_entropy", functools.partial(kernels.crop_cross_entropy, impl="triton"))
+    out, grads = [], []
+    for fused in (True, False):
+        model, _ = tiny_model("objective.dinov2.centering=softmax")
+        model.fused_dino = fused
+        glob, loc = model.synthetic_batch(2, "cpu")
+        torch.manual_seed(1)
+        res = model([glob, loc])
+        res["loss"].backward()
+        out.append(res["dino"])
+        grads.append(model.dino_head.prototypes.weight.grad.clone())
+    assert out[0] > 0
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
