@@ -53,6 +53,22 @@ def _target(T, TR, TC, SHIFT, TINV, row, k, ok, t_row, FACTORED: tl.constexpr):
 
 
 @triton.jit
+def _lse_step(m, l, x, ok):
+    """One step of a per-lane online log-sum-exp: the running max m and sum of exp(x - m) l, with x's lanes (ok)."""
+    x_max = tl.where(ok, x, _NEG)
+    m_new = tl.maximum(m, x_max)
+    l = l * tl.exp(m - m_new) + tl.where(ok, tl.exp(x_max - m_new), 0.0)  # (a lane never loaded: exp(0), dropped)
+    return m_new, l
+
+
+@triton.jit
+def _lse_total(m, l):
+    """The log-sum-exp of the row from its lanes' running maxima and sums."""
+    top = tl.max(m, 0)
+    return top + tl.log(tl.sum(l * tl.exp(m - top), 0))
+
+
+@triton.jit
 def _soft_ce_fwd(S, T, TR, TC, SHIFT, TINV, CE, LSE, TSUM, K, s_row, t_row, inv_temp, BLOCK: tl.constexpr,
                  FACTORED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -66,14 +82,10 @@ def _soft_ce_fwd(S, T, TR, TC, SHIFT, TINV, CE, LSE, TSUM, K, s_row, t_row, inv_
         ok = k < K
         x = tl.load(S + row * s_row + k, mask=ok, other=0.0).to(tl.float32) * inv_temp
         t = _target(T, TR, TC, SHIFT, TINV, row, k, ok, t_row, FACTORED)
-        x_max = tl.where(ok, x, _NEG)
-        m_new = tl.maximum(m, x_max)
-        l = l * tl.exp(m - m_new) + tl.where(ok, tl.exp(x_max - m_new), 0.0)  # (a lane never loaded: exp(0), dropped)
-        m = m_new
+        m, l = _lse_step(m, l, x, ok)
         ts += t
         tx += t * x
-    top = tl.max(m, 0)
-    lse = top + tl.log(tl.sum(l * tl.exp(m - top), 0))
+    lse = _lse_total(m, l)
     tsum = tl.sum(ts, 0)
     tl.store(LSE + row, lse)
     tl.store(TSUM + row, tsum)
@@ -250,14 +262,10 @@ def _crop_ce_fwd(S, T, TR, TC, SHIFT, TINV, CE, LSE, TSUM, V, B, K, s_row, t_row
         ok = k < K
         x = tl.load(S + (v * B + b) * s_row + k, mask=ok, other=0.0).to(tl.float32) * inv_temp
         t = _target(T, TR, TC, SHIFT, TINV, rows, k[None, :], g_ok & ok[None, :], t_row, FACTORED)
-        x_max = tl.where(ok, x, _NEG)
-        m_new = tl.maximum(m, x_max)
-        l = l * tl.exp(m - m_new) + tl.where(ok, tl.exp(x_max - m_new), 0.0)
-        m = m_new
+        m, l = _lse_step(m, l, x, ok)
         ts += t
         tx += t * x[None, :]
-    top = tl.max(m, 0)
-    lse = top + tl.log(tl.sum(l * tl.exp(m - top), 0))
+    lse = _lse_total(m, l)
     tsum = tl.sum(ts, 1)  # [GP]
     tl.store(LSE + v * B + b, lse)
     tl.store(TSUM + g * B + b, tsum, mask=(g < G) & (v == 0))
@@ -287,6 +295,12 @@ def _crop_ce_bwd(GCE, S, T, TR, TC, SHIFT, TINV, LSE, TSUM, DS, V, B, K, s_row, 
         tl.store(DS + (v * B + b) * ds_row + k, ds.to(DS.dtype.element_ty), mask=ok)
 
 
+def _crop_dims(scores: torch.Tensor, targets: torch.Tensor, groups: int) -> tuple[int, int, int, int]:
+    """(G, V, B, K) of the ops' flat operands: scores [V * B, K] crop-major, targets [G * B, K], G = groups."""
+    B = targets.shape[0] // groups
+    return groups, scores.shape[0] // B if B else 0, B, scores.shape[1]
+
+
 def _crop_launch(K: int, G: int) -> tuple[int, int]:
     """(GP, BLOCK): the target rows padded to a power of two, and a step of LAUNCH["block"] elements in all."""
     gp = triton.next_power_of_2(G)
@@ -299,10 +313,7 @@ def _crop_ce_op(scores: torch.Tensor, targets: torch.Tensor, row: Factor, col: F
     """(ce [G, V, B] fp32; lse [V * B], sum(targets) [G * B], both fp32 and saved for the backward). scores [V * B, K]
     (crop-major rows), targets [G * B, K] (or the logits of FactoredTargets), G = groups."""
     scores, targets = _rows(scores), _rows(targets)
-    G = groups
-    B = targets.shape[0] // G
-    V = scores.shape[0] // B if B else 0
-    K = scores.shape[1]
+    G, V, B, K = _crop_dims(scores, targets, groups)
     ce = torch.empty(G, V, B, device=scores.device, dtype=torch.float32)
     lse = torch.empty(V * B, device=scores.device, dtype=torch.float32)
     tsum = torch.empty(G * B, device=scores.device, dtype=torch.float32)
@@ -320,10 +331,9 @@ def _crop_ce_op(scores: torch.Tensor, targets: torch.Tensor, row: Factor, col: F
 
 @_crop_ce_op.register_fake
 def _(scores, targets, row, col, shift, tinv, groups, inv_temp):
-    B = targets.shape[0] // groups
-    V = scores.shape[0] // B if B else 0
-    return (scores.new_empty(groups, V, B, dtype=torch.float32), scores.new_empty(V * B, dtype=torch.float32),
-            scores.new_empty(groups * B, dtype=torch.float32))
+    G, V, B, _K = _crop_dims(scores, targets, groups)
+    return (scores.new_empty(G, V, B, dtype=torch.float32), scores.new_empty(V * B, dtype=torch.float32),
+            scores.new_empty(G * B, dtype=torch.float32))
 
 
 @torch.library.custom_op("vfm::crop_ce_bwd", mutates_args=())
@@ -331,10 +341,7 @@ def _crop_ce_bwd_op(gce: torch.Tensor, scores: torch.Tensor, targets: torch.Tens
                     shift: Factor, tinv: Factor, lse: torch.Tensor, tsum: torch.Tensor, groups: int,
                     inv_temp: float) -> torch.Tensor:
     scores, targets = _rows(scores), _rows(targets)
-    G = groups
-    B = targets.shape[0] // G
-    V = scores.shape[0] // B if B else 0
-    K = scores.shape[1]
+    G, V, B, K = _crop_dims(scores, targets, groups)
     ds = torch.empty(scores.shape, device=scores.device, dtype=scores.dtype)
     if V * B and K:
         gp, block = _crop_launch(K, G)
