@@ -312,6 +312,24 @@ def bench_soft_ce(names, rows, errors, shapes=None, dtype=torch.bfloat16):
         bench_sinkhorn_ce(name, M, K, rows, errors, dtype)
 
 
+def _plan_rows(op, shape, plans, run, moved, rows, errors, value="ce"):
+    """Rows of one op timed under several plans (the Sinkhorn + cross-entropy benches): errors[op] from the "triton"
+    plan's (value, d scores) against the "torch" plan's, taken with TF32 off (the torch forms' products in full fp32),
+    then every plan timed fwd+bwd, GB/s of the `moved` bytes."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        (v_ours, d_ours), (v_torch, d_torch) = run("triton"), run("torch")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    errors[op] = err = {value: _rel(v_ours, v_torch), "dscores": _rel(d_ours, d_torch)}
+    del v_ours, d_ours, v_torch, d_torch
+    for plan in plans:
+        e, t = time_ms(lambda plan=plan: run(plan))
+        rows.append({"op": op, "impl": plan, "shape": shape, "ms": t, "eager_ms": e, "GB/s": moved / t / 1e6,
+                     "max_rel_err": max(err.values())})
+
+
 def bench_sinkhorn_ce(name, M, K, rows, errors, dtype=torch.bfloat16, iters=3):
     """iBOT's targets and cross-entropy together, fwd+bwd, as the objective runs them: Sinkhorn-Knopp (3 alternations)
     on the teacher's scores, then the cross-entropy of the student's against them. torch: both in torch (the
@@ -335,14 +353,8 @@ def bench_sinkhorn_ce(name, M, K, rows, errors, dtype=torch.bfloat16, iters=3):
         ce = kernels.soft_cross_entropy(scores, t, 0.1, impl=ce_impl)
         return ce.detach(), torch.autograd.grad(ce, scores, g)[0]
 
-    (ce_ours, d_ours), (ce_torch, d_torch) = run("triton"), run("torch")
-    errors[f"sinkhorn+ce {name}"] = err = {"ce": _rel(ce_ours, ce_torch), "dscores": _rel(d_ours, d_torch)}
-    del ce_ours, d_ours, ce_torch, d_torch
     moved = M * K * (9 * teacher.element_size() + 3 * scores.element_size())
-    for plan in plans:
-        e, t = time_ms(lambda plan=plan: run(plan))
-        rows.append({"op": f"sinkhorn+ce {name}", "impl": plan, "shape": f"{M}x{K}", "ms": t, "eager_ms": e,
-                     "GB/s": moved / t / 1e6, "max_rel_err": max(err.values())})
+    _plan_rows(f"sinkhorn+ce {name}", f"{M}x{K}", plans, run, moved, rows, errors)
     del scores, teacher, g
     if DEV == "cuda":
         torch.cuda.empty_cache()
@@ -378,19 +390,8 @@ def bench_dino_ce(names, rows, errors, shapes=None, dtype=torch.bfloat16, iters=
                 loss = (ce.mean(-1) * different).sum() / different.sum()
             return loss.detach(), torch.autograd.grad(loss, scores)[0]
 
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # the torch form's einsum in full fp32 for the comparison
-        try:
-            (l_ours, d_ours), (l_torch, d_torch) = run("triton"), run("torch")
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-        errors[f"dino-ce {name}"] = err = {"loss": _rel(l_ours, l_torch), "dscores": _rel(d_ours, d_torch)}
-        del l_ours, d_ours, l_torch, d_torch
         moved = V * B * K * 3 * scores.element_size() + G * B * K * 9 * teacher.element_size()
-        for plan in plans:
-            e, t = time_ms(lambda plan=plan: run(plan))
-            rows.append({"op": f"dino-ce {name}", "impl": plan, "shape": f"{G}x{V}x{B}x{K}", "ms": t, "eager_ms": e,
-                         "GB/s": moved / t / 1e6, "max_rel_err": max(err.values())})
+        _plan_rows(f"dino-ce {name}", f"{G}x{V}x{B}x{K}", plans, run, moved, rows, errors, value="loss")
         del scores, teacher
         if DEV == "cuda":
             torch.cuda.empty_cache()
