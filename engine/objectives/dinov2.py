@@ -74,15 +74,15 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def sinkhorn_knopp(logits: torch.Tensor, temp: float | torch.Tensor, iters: int = 3, *,
-                   factored: bool = False, impl: str = "torch"):
+def sinkhorn_knopp(logits: torch.Tensor, temp: float | torch.Tensor, iters: int = 3, *, fused: bool = False):
     """[M, K] teacher scores -> [M, K] targets: each row a distribution (sums to 1) while the
     K prototypes share the M samples (columns sum to M / K) as evenly as `iters`
     alternations allow. M and the sums span all ranks. kernels.sinkhorn_knopp: the torch path
     writes E = exp(scores / temp) once and rescales it by two vectors (targets = diag(b) E diag(a));
-    factored=True (with the iBOT cross-entropy's kernels) keeps the targets as those vectors and
-    the scores, never written out."""
-    return kernels.sinkhorn_knopp(logits, temp, iters, all_reduce=_all_reduce, factored=factored, impl=impl)
+    fused (with the cross-entropy kernels) keeps the targets as those vectors and the scores
+    (FactoredTargets, Triton passes on CUDA), never written out."""
+    return kernels.sinkhorn_knopp(logits, temp, iters, all_reduce=_all_reduce, factored=fused,
+                                  impl="auto" if fused else "torch")
 
 
 def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float | torch.Tensor) -> torch.Tensor:
@@ -358,11 +358,9 @@ class DINOv2(nn.Module):
             t_patch = self._teacher_ibot_head()(t.flatten(0, 1)[rows_at])  # [M, K']
             temp = self.teacher_temp_now
             if self.centering == "sinkhorn":
-                t_cls_p = sinkhorn_knopp(t_cls, temp, self.sinkhorn_iters, factored=self.fused_dino,
-                                         impl="auto" if self.fused_dino else "torch")
-                # with the fused cross-entropy: the targets as factors (Triton on CUDA), never written out
-                t_patch_p = sinkhorn_knopp(t_patch, temp, self.sinkhorn_iters, factored=self.fused_ce,
-                                           impl="auto" if self.fused_ce else "torch")
+                # with the fused cross-entropies: the targets as factors (Triton on CUDA), never written out
+                t_cls_p = sinkhorn_knopp(t_cls, temp, self.sinkhorn_iters, fused=self.fused_dino)
+                t_patch_p = sinkhorn_knopp(t_patch, temp, self.sinkhorn_iters, fused=self.fused_ce)
             else:
                 t_cls_p = softmax_center(t_cls, self.dino_center, temp)
                 t_patch_p = softmax_center(t_patch, self.ibot_center, temp)
