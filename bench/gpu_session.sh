@@ -413,6 +413,16 @@ K72)  # DINOv2's iBOT Sinkhorn targets (kept as factors) and cross-entropy in ou
   step 250 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 256 32 \
     --steps 12 --warmup 3 --variants engine-triton engine-torch --tag dinov2-factored
   ;;
+K76)  # session 23: the soft-ce rows on the GPU after session 22's review, with the new "softmax+ce" rows (DINO's softmax
+      # centering as factors, kernels.softmax_targets); the iBOT switch alone under centering: softmax (compile tuning
+      # off to save its ~100 s); MAE ViT-L re-timed with the day's defaults. Measured 2026-11-29: softmax+ce 7.78x /
+      # 7.50x, the ViT-S step 1.21x, MAE ViT-L 3,275 vs 3,022 img/s
+  step 200 python3 -m bench kernels --only soft-ce --tag s23-softmax
+  step 170 python3 -m bench ab --recipe recipes/vit_s_dinov2.yaml --batch 256 --switch fused_ce --blocks 4 --steps 5 \
+    --override objective.dinov2.centering=softmax model.compile_tuning=false --tag softmax-fused-ce
+  step 215 python3 -m bench train --recipes recipes/vit_l_mae.yaml --steps 20 --warmup 8 \
+    --variants engine-triton engine-torch --tag s23-mae-l
+  ;;
 K75)  # DINO's class-token loss by kernels.crop_cross_entropy (measured 2026-11-29): the op with its Sinkhorn vs the torch
       # dino_loss, the switch alone in one process (bench ab --switch fused_dino), then DINOv2 ViT-S with the session's
       # defaults (model.compile_tuning from the DINOv2 recipes: a first compile of ~140 s). Measured: op 8.07x / 4.30x,

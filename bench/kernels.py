@@ -14,7 +14,7 @@ patches) vs the convolution under cuDNN's heuristics and under cudnn.benchmark, 
 DINOv2's iBOT cross-entropy (SOFT_CE_SHAPES, in the MAE table as "soft_ce <shape>"): kernels.soft_cross_entropy vs
 the torch form, GB/s of the bytes the fused kernels move; and "sinkhorn+ce <shape>": Sinkhorn-Knopp's targets and the
 cross-entropy together, the targets kept as factors (triton), written out by torch into our kernels (triton-dense),
-all torch (torch). "dino-ce <shape>" (DINO_CE_SHAPES): DINO's class-token loss, fwd+bwd, the same three plans with
+all torch (torch); "softmax+ce <shape>" the same with DINO's softmax centering (kernels.softmax_targets). "dino-ce <shape>" (DINO_CE_SHAPES): DINO's class-token loss, fwd+bwd, the same three plans with
 kernels.crop_cross_entropy over every pair of crops against the objective's torch dino_loss.
 
 MAE masking and loss (GB/s of the bytes each op must move, fwd+bwd) vs the torch reference
@@ -310,6 +310,7 @@ def bench_soft_ce(names, rows, errors, shapes=None, dtype=torch.bfloat16):
         if DEV == "cuda":
             torch.cuda.empty_cache()
         bench_sinkhorn_ce(name, M, K, rows, errors, dtype)
+        bench_sinkhorn_ce(name, M, K, rows, errors, dtype, centering="softmax")
 
 
 def _plan_rows(op, shape, plans, run, moved, rows, errors, value="ce"):
@@ -330,31 +331,39 @@ def _plan_rows(op, shape, plans, run, moved, rows, errors, value="ce"):
                      "max_rel_err": max(err.values())})
 
 
-def bench_sinkhorn_ce(name, M, K, rows, errors, dtype=torch.bfloat16, iters=3):
+def bench_sinkhorn_ce(name, M, K, rows, errors, dtype=torch.bfloat16, iters=3, centering="sinkhorn"):
     """iBOT's targets and cross-entropy together, fwd+bwd, as the objective runs them: Sinkhorn-Knopp (3 alternations)
-    on the teacher's scores, then the cross-entropy of the student's against them. torch: both in torch (the
-    objective with SDPA/torch); triton-dense: torch's targets written out, our cross-entropy kernels (fused_ce before
-    2026-11-29's factored targets); triton: kernels.sinkhorn_knopp(factored=True) into our cross-entropy, the targets
-    never written. GB/s of the bytes the last must move (the teacher's scores read 9 times: max, 6 passes, forward,
-    backward; the student's read twice and d scores written)."""
+    on the teacher's scores, or with centering="softmax" DINO's softmax about a running center ("softmax+ce" rows),
+    then the cross-entropy of the student's against them. torch: both in torch (the objective with SDPA/torch);
+    triton-dense: torch's targets written out, our cross-entropy kernels (fused_ce before the factored targets);
+    triton: kernels.sinkhorn_knopp / softmax_targets (factored=True) into our cross-entropy, the targets never written.
+    GB/s of the bytes the last must move (the teacher's scores read 9 times under Sinkhorn: max, 6 passes, forward,
+    backward; 4 under softmax: min/max, the row sums, forward, backward; the student's read twice and d scores
+    written)."""
     import kernels
 
     gen = torch.Generator(device=DEV).manual_seed(1)
     scores = (torch.randn(M, K, device=DEV, generator=gen) * 2).to(dtype).requires_grad_()
     teacher = (torch.randn(M, K, device=DEV, generator=gen) * 0.3).to(dtype)  # cosine scores of a normalized head
+    center = torch.randn(1, K, device=DEV, generator=gen) * 0.05  # a running mean of such scores
     temp = torch.tensor(0.07, device=DEV)  # a device tensor, as the objective's scheduled temperature
     g = torch.randn(M, device=DEV, generator=gen)
     plans = {"triton": ("triton", True, "triton"), "triton-dense": ("torch", False, "triton"),
              "torch": ("torch", False, "torch")}
 
     def run(plan):  # (ce, d scores)
-        sk_impl, factored, ce_impl = plans[plan]
-        t = kernels.sinkhorn_knopp(teacher, temp, iters, factored=factored, impl=sk_impl)
+        impl, factored, ce_impl = plans[plan]
+        if centering == "sinkhorn":
+            t = kernels.sinkhorn_knopp(teacher, temp, iters, factored=factored, impl=impl)
+        elif factored:
+            t = kernels.softmax_targets(teacher, center, temp, factored=True, impl=impl)
+        else:  # the objective's torch form (engine.objectives.dinov2.softmax_center)
+            t = torch.softmax((teacher.float() - center) / temp, -1)
         ce = kernels.soft_cross_entropy(scores, t, 0.1, impl=ce_impl)
         return ce.detach(), torch.autograd.grad(ce, scores, g)[0]
 
-    moved = M * K * (9 * teacher.element_size() + 3 * scores.element_size())
-    _plan_rows(f"sinkhorn+ce {name}", f"{M}x{K}", plans, run, moved, rows, errors)
+    moved = M * K * ((9 if centering == "sinkhorn" else 4) * teacher.element_size() + 3 * scores.element_size())
+    _plan_rows(f"{centering}+ce {name}", f"{M}x{K}", plans, run, moved, rows, errors)
     del scores, teacher, g
     if DEV == "cuda":
         torch.cuda.empty_cache()

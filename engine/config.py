@@ -112,7 +112,7 @@ class DINOv2Config:
     teacher_temp: float = 0.07
     teacher_temp_start: float = 0.04  # warmed up linearly to teacher_temp ...
     teacher_temp_warmup: float = 0.3  # ... over this fraction of training
-    centering: Literal["sinkhorn", "softmax"] = "sinkhorn"
+    centering: Literal["sinkhorn", "softmax"] = "sinkhorn"  # either kept as factors under fused_ce (never written)
     sinkhorn_iters: int = 3
     center_momentum: float = 0.9  # running center, centering: softmax
     # EMA teacher: momentum follows a cosine from momentum_start to momentum_end.
@@ -135,7 +135,8 @@ class DINOv2Config:
     # cross-entropy by kernels.soft_cross_entropy, the [masked patches, prototypes] targets never written; DINO's
     # class-token loss likewise by kernels.crop_cross_entropy over every pair of crops; the torch form otherwise.
     # H200, DINOv2 ViT-S batch 256: the step 1.28x with iBOT's (bench ab --switch fused_ce), 1.04x more with DINO's
-    # (bench ab --switch fused_dino)
+    # (bench ab --switch fused_dino). Under centering: softmax the targets are factors too (kernels.softmax_targets):
+    # 1.21x a ViT-S step
     fused_ce: bool = True
     # The teacher's pass over the global crops replayed as a CUDA graph (engine.cuda_graphs.GraphedForward) on one
     # CUDA device (not under FSDP2): no gradient, fixed shapes, so its compiled-block calls cost no host time. For

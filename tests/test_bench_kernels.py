@@ -259,15 +259,20 @@ def test_bench_soft_ce_rows(monkeypatch):
     import bench.kernels as bk
     from kernels import soft_ce
 
-    # triton fwd+bwd, its forward; torch's; then the three Sinkhorn + cross-entropy plans: triton, triton-dense, torch
-    _stand_in_timer(monkeypatch, bk, [2.0, 1.0, 6.0, 3.0, 4.0, 8.0, 12.0])
+    # triton fwd+bwd, its forward; torch's; then the three Sinkhorn + cross-entropy plans: triton, triton-dense, torch;
+    # then the same three under softmax centering
+    _stand_in_timer(monkeypatch, bk, [2.0, 1.0, 6.0, 3.0, 4.0, 8.0, 12.0, 2.0, 5.0, 10.0])
     monkeypatch.setitem(soft_ce.LAUNCH, "block", 32)
     from kernels import sinkhorn
     monkeypatch.setattr(sinkhorn, "LAUNCH", dict(sinkhorn.LAUNCH, row_block=32, col_bk=32, col_bm=4, chunk_rows=2))
     rows, errors = [], {}
     bk.bench_soft_ce(["tiny"], rows, errors, shapes={"tiny": (5, 70)}, dtype=torch.float16)
     tri, tor, *sk = rows
-    assert [r["impl"] for r in sk] == ["triton", "triton-dense", "torch"]
+    sk, sm = sk[:3], sk[3:]
+    assert [r["impl"] for r in sk] == [r["impl"] for r in sm] == ["triton", "triton-dense", "torch"]
+    assert all(r["op"] == "softmax+ce tiny" for r in sm) and [r["ms"] for r in sm] == [2.0, 5.0, 10.0]
+    assert sm[0]["GB/s"] == 5 * 70 * (4 * 2 + 3 * 2) / 2.0 / 1e6
+    assert set(errors["softmax+ce tiny"]) == {"ce", "dscores"} and sm[0]["max_rel_err"] < 1e-3, errors
     assert all(r["op"] == "sinkhorn+ce tiny" for r in sk) and [r["ms"] for r in sk] == [4.0, 8.0, 12.0]
     assert sk[0]["GB/s"] == 5 * 70 * (9 * 2 + 3 * 2) / 4.0 / 1e6
     assert set(errors["sinkhorn+ce tiny"]) == {"ce", "dscores"} and sk[0]["max_rel_err"] < 1e-3, errors

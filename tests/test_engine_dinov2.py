@@ -404,24 +404,38 @@ def test_compile_mode_reaches_the_per_block_compile(tmp_path, monkeypatch):
     assert load_config(RECIPES / "quickstart_dinov2.yaml", []).model.compile_tuning is True  # from _dinov2.yaml
 
 
-def test_fused_dino_loss_with_softmax_centering(monkeypatch):
-    """centering: softmax writes its class-token targets out; the fused DINO loss (kernels.crop_cross_entropy, Triton
-    forced and interpreted) takes them dense and gives the torch form's loss and head gradients."""
+def test_fused_losses_with_softmax_centering(monkeypatch):
+    """centering: softmax. Fused, the class-token and iBOT targets are FactoredTargets (kernels.softmax_targets, its
+    Triton row pass forced and interpreted) and both cross-entropies run on the Triton kernels; the losses, the heads'
+    gradients and the running centers match the torch form's, which writes the targets out."""
     import functools
 
     import kernels
 
-    monkeypatch.setattr(kernels, "crop_cross_entropy", functools.partial(kernels.crop_cross_entropy, impl="triton"))
-    out, grads = [], []
+    for name in ("crop_cross_entropy", "soft_cross_entropy"):
+        monkeypatch.setattr(kernels, name, functools.partial(getattr(kernels, name), impl="triton"))
+    real, factored = kernels.softmax_targets, []
+
+    def softmax_targets(*args, **kw):
+        factored.append(kw.get("factored", False))
+        return real(*args, impl="triton", **kw)
+
+    monkeypatch.setattr(kernels, "softmax_targets", softmax_targets)
+    out, grads, centers = [], [], []
     for fused in (True, False):
-        model, _ = tiny_model("objective.dinov2.centering=softmax")
-        model.fused_dino = fused
+        model, _ = tiny_model("objective.dinov2.centering=softmax", "objective.dinov2.mask_probability=1.0")
+        model.fused_ce = model.fused_dino = fused
         glob, loc = model.synthetic_batch(2, "cpu")
-        torch.manual_seed(1)
-        res = model([glob, loc])
+        for step in range(2):  # the second step centers by a running center that is no longer zero
+            torch.manual_seed(1 + step)
+            res = model([glob, loc])
         res["loss"].backward()
-        out.append(res["dino"])
-        grads.append(model.dino_head.prototypes.weight.grad.clone())
-    assert out[0] > 0
-    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+        out.append(res)
+        grads.append([h.prototypes.weight.grad.clone() for h in (model.dino_head, model._student_ibot_head())])
+        centers.append([model.dino_center.clone(), model.ibot_center.clone()])
+    assert factored == [True, True, True, True], factored  # class tokens and masked patches, two steps, fused only
+    assert out[0]["dino"] > 0 and out[0]["ibot"] > 0 and centers[0][0].abs().sum() > 0
+    for key in ("dino", "ibot", "loss"):
+        torch.testing.assert_close(out[0][key], out[1][key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[0] + centers[0], grads[1] + centers[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

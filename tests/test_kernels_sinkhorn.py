@@ -112,3 +112,47 @@ def test_custom_ops_pass_opcheck():
                      (sinkhorn._sk_cols_op, (x, torch.rand(9), shift, tinv))):
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("M,K,temp,shifted", [(40, 300, 0.04, False), (7, 37, 0.5, False), (1, 5, 0.026, False),
+                                               (33, 100, 0.07, False), (12, 64, 0.015, True)])
+def test_softmax_targets_match_softmax(small_tiles, M, K, temp, shifted):
+    """DINO's softmax centering, dense and factored, torch and Triton, against F.softmax((x - center) / temp): cosine
+    scores in [-1, 1] and centers as far apart as they can be, down to temp 0.026 (exponents up to +-77 in one step);
+    and (shifted) scores near 1 against centers near -1 at temp 0.015, where exp((x - center) / temp) itself is e^133,
+    past fp32: the factors are taken about the midranges, so they stay near 1."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    if shifted:
+        logits = (0.95 + torch.rand(M, K, generator=g) * 0.05).half()
+        center = -0.95 - torch.rand(1, K, generator=g) * 0.05
+    else:
+        logits = (torch.rand(M, K, generator=g) * 2 - 1).half()
+        center = torch.rand(1, K, generator=g) * 2 - 1
+        center[0, 0], logits[0, 0] = -1.0, 1.0  # the widest spread: (max score - min center) / temp = 2 / temp
+    want = torch.softmax((logits.float() - center) / temp, -1)
+    for impl in ("torch", "triton"):
+        dense = kernels.softmax_targets(logits, center, torch.tensor(temp), impl=impl)
+        assert dense.dtype == torch.float32 and dense.shape == (M, K)
+        torch.testing.assert_close(dense, want, rtol=1e-4, atol=1e-7)
+        f = kernels.softmax_targets(logits, center.reshape(-1), temp, impl=impl, factored=True)
+        assert isinstance(f, kernels.FactoredTargets) and f.logits is logits and f.row.shape == (M,)
+        assert torch.isfinite(f.row).all() and torch.isfinite(f.col).all()
+        torch.testing.assert_close(f.dense(), want, rtol=1e-4, atol=1e-7)
+
+
+def test_softmax_targets_feed_the_cross_entropy_and_take_empty_ranks():
+    """Factored softmax targets through soft_cross_entropy equal the written-out ones; a rank with no masked patches
+    gets empty targets; a center of the wrong size is refused."""
+    g = torch.Generator().manual_seed(3)
+    logits, center = torch.rand(9, 50, generator=g) * 2 - 1, torch.rand(50, generator=g) * 0.4
+    scores = torch.randn(9, 50, generator=g)
+    f = kernels.softmax_targets(logits, center, 0.07, impl="triton", factored=True)
+    dense = kernels.softmax_targets(logits, center, 0.07, impl="torch")
+    torch.testing.assert_close(kernels.soft_cross_entropy(scores, f, 0.1, impl="triton"),
+                               kernels.soft_cross_entropy(scores, dense, 0.1, impl="torch"), rtol=1e-5, atol=1e-6)
+    empty = kernels.softmax_targets(logits[:0], center, 0.07, impl="triton", factored=True)
+    assert empty.row.shape == (0,) and torch.isfinite(empty.col).all()
+    with pytest.raises(ValueError, match="one value per column"):
+        kernels.softmax_targets(logits, center[:10], 0.07)
+    with pytest.raises(ValueError, match=r"\[M, K\]"):
+        kernels.softmax_targets(logits[0], center, 0.07)

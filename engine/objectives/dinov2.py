@@ -85,8 +85,11 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float | torch.Tensor, iters: int 
                                   impl="auto" if fused else "torch")
 
 
-def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float | torch.Tensor) -> torch.Tensor:
-    """DINO's centering: softmax((scores - running center) / temp)."""
+def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float | torch.Tensor, *, fused: bool = False):
+    """DINO's centering: softmax((scores - running center) / temp). fused (with the cross-entropy kernels): the
+    targets as FactoredTargets (kernels.softmax_targets: the row sums by one Triton pass on CUDA), never written out."""
+    if fused:
+        return kernels.softmax_targets(logits, center, temp, factored=True)
     return F.softmax((logits.float() - center) / temp, dim=-1)
 
 
@@ -362,8 +365,8 @@ class DINOv2(nn.Module):
                 t_cls_p = sinkhorn_knopp(t_cls, temp, self.sinkhorn_iters, fused=self.fused_dino)
                 t_patch_p = sinkhorn_knopp(t_patch, temp, self.sinkhorn_iters, fused=self.fused_ce)
             else:
-                t_cls_p = softmax_center(t_cls, self.dino_center, temp)
-                t_patch_p = softmax_center(t_patch, self.ibot_center, temp)
+                t_cls_p = softmax_center(t_cls, self.dino_center, temp, fused=self.fused_dino)
+                t_patch_p = softmax_center(t_patch, self.ibot_center, temp, fused=self.fused_ce)
                 update_center(self.dino_center, t_cls, self.center_momentum)
                 update_center(self.ibot_center, t_patch, self.center_momentum)
 
