@@ -422,6 +422,10 @@ K76)  # session 23: the soft-ce rows on the GPU after session 22's review, with 
     --override objective.dinov2.centering=softmax model.compile_tuning=false --tag softmax-fused-ce
   step 215 python3 -m bench train --recipes recipes/vit_l_mae.yaml --steps 20 --warmup 8 \
     --variants engine-triton engine-torch --tag s23-mae-l
+  # then DINOv2 ViT-B / ViT-L re-timed with the day's defaults (engine-triton only: ~130 s of compile each with tuning):
+  # 612 / 190 img/s. The step profiles (train-probe-...-s23-*-profile.json) came from an ad hoc script (see their command)
+  step 540 python3 -m bench train --recipes recipes/vit_b_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 128 32 \
+    --steps 20 --warmup 8 --variants engine-triton --tag s23-dinov2-bl
   ;;
 K75)  # DINO's class-token loss by kernels.crop_cross_entropy (measured 2026-11-29): the op with its Sinkhorn vs the torch
       # dino_loss, the switch alone in one process (bench ab --switch fused_dino), then DINOv2 ViT-S with the session's
