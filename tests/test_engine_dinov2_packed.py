@@ -81,10 +81,16 @@ def test_packed_drop_path_drops_whole_crops():
     torch.manual_seed(0)
     cfg = load_config(RECIPES / "quickstart_dinov2.yaml", TINY + ["model.drop_path=0.5"])
     model = build_objective(cfg, torch.device("cpu")).train()
-    keep = model._keep(model.encoder.blocks[1].drop_path1, 64, torch.zeros(1))
-    assert set(keep.tolist()) <= {0.0, 2.0} and 0 < keep.count_nonzero() < 64  # per crop: dropped or 1/(1-p)
+    keep = model._keep(model.encoder, 64, torch.zeros(1))  # [depth, 2 branches, crops], one draw for all
+    assert keep.shape == (2, 2, 64)
+    assert torch.equal(keep[0], torch.ones(2, 64))  # block 0 drops nothing (timm's rates rise from 0 to 0.5)
+    for branch in keep[1]:  # per crop: dropped or 1 / (1 - p)
+        assert set(branch.tolist()) <= {0.0, 2.0} and 0 < branch.count_nonzero() < 64
     model.eval()
-    assert model._keep(model.encoder.blocks[1].drop_path1, 64, torch.zeros(1)) is None
+    assert model._keep(model.encoder, 64, torch.zeros(1)) is None
+    no_drop = build_objective(load_config(RECIPES / "quickstart_dinov2.yaml", TINY + ["model.drop_path=0.0"]),
+                              torch.device("cpu")).train()
+    assert no_drop._keep(no_drop.encoder, 64, torch.zeros(1)) is None  # no branch drops: no multipliers at all
 
 
 def test_packing_tensors_are_kept_for_the_next_step():
@@ -127,3 +133,51 @@ def test_compiled_packed_block_with_grouped_attention():
         torch.testing.assert_close(g, gw, atol=1e-5, rtol=1e-5)
     assert not torch._dynamo.utils.counters["graph_break"]
     torch._dynamo.reset()
+
+
+def test_student_graph_runs_the_packed_stack_with_its_gradients(monkeypatch):
+    """objective.dinov2.student_graph: the student's blocks over the packed crops go through GraphedTraining (its
+    capture faked here: on a CPU the "graph" is the stack module run eagerly), with drop path on, over two micro-batches
+    of accumulated gradients; loss and gradients match the step without it, bit for bit in fp32."""
+    from engine.cuda_graphs import GraphedTraining
+    from engine.objectives.dinov2 import PackedStack
+
+    captures = []
+
+    def fake_capture(self, args):
+        captures.append([tuple(a.shape) for a in args])
+        return self.make()
+
+    monkeypatch.setattr(GraphedTraining, "usable", staticmethod(lambda args: True))
+    monkeypatch.setattr(GraphedTraining, "_capture", fake_capture)
+
+    def run(graph: bool):
+        torch.manual_seed(0)
+        cfg = load_config(RECIPES / "quickstart_dinov2.yaml", TINY + ["model.drop_path=0.3"] +
+                          [f"objective.dinov2.student_graph={str(graph).lower()}"])
+        model = build_objective(cfg, torch.device("cpu")).train()
+        assert model.student_graph is graph
+        glob, loc = model.synthetic_batch(2, "cpu")
+        losses = []
+        for step in range(4):  # warm-up calls, the capture, a replay
+            model.zero_grad(set_to_none=True)
+            for micro in range(2):
+                torch.manual_seed(10 * step + micro)
+                out = model([glob, loc])
+                (out["loss"] / 2).backward()
+                losses.append(out["loss"].detach())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return model, losses, grads
+
+    model, losses, grads = run(True)
+    (graphed,) = model._student_graphs.values()
+    # one capture: the packed tokens (2 images x (2 global crops x (16 patches + 5 prefix tokens) + 2 local x (4 + 5)))
+    # and the drop-path multipliers [depth, 2 branches, 8 crops]
+    assert isinstance(graphed.module, PackedStack) and captures == [[(2 * (2 * 21 + 2 * 9), 32), (2, 2, 8)]]
+    assert "blocks.0.attn.qkv.weight" in dict(graphed.module.named_parameters())
+    assert not any(k.startswith("_student_graphs") for k in model.state_dict())  # not a child of the model
+    _, want_losses, want = run(False)
+    assert torch.equal(torch.stack(losses), torch.stack(want_losses))
+    assert grads.keys() == want.keys() and "encoder.blocks.1.mlp.fc1.weight" in grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], want[n], rtol=0, atol=0, msg=n)

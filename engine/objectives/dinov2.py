@@ -20,6 +20,7 @@ The exported encoder (`export_encoder`) is the teacher's, as in the paper.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from engine.cuda_graphs import GraphedForward
+from engine.cuda_graphs import GraphedForward, GraphedTraining
 from engine.models import attention_layer, create_encoder, use_triton
 from engine.objectives import register_objective
 from loaders.multicrop import MultiCropSpec
@@ -202,7 +203,7 @@ class DINOv2(nn.Module):
                  mask_probability: float = 0.5, mask_ratio: tuple[float, float] = (0.1, 0.5),
                  weight_decay_end: float = 0.2, freeze_last_layer: float = 0.01, layer_decay: float = 0.9,
                  patch_embed_lr_scale: float = 0.2, attn_impl: str = "sdpa", pack_crops: bool = True,
-                 fused_ce: bool = False, teacher_graph: bool = False):
+                 fused_ce: bool = False, teacher_graph: bool = False, student_graph: bool = False):
         super().__init__()
         self.encoder = encoder  # the student backbone
         dim = encoder.embed_dim
@@ -243,6 +244,11 @@ class DINOv2(nn.Module):
         self.fused_dino = fused_ce
         self.teacher_graph = teacher_graph  # a bool the step reads: bench ab --switch teacher_graph
         self._teacher_graphed: GraphedForward | None = None
+        # The student's blocks over the packed crops as CUDA graphs, forward and backward (one CUDA device, blocks not
+        # checkpointed): a bool the step reads (bench ab --switch student_graph); a GraphedTraining per packing
+        self.student_graph = student_graph
+        self._student_graphs: dict[tuple, GraphedTraining] = {}
+        self._drop_probs: tuple | None = None  # (device, [depth, 2, 1] drop-path probabilities there)
         # Set per step by on_step_start; a tensor, so a compiled forward does not recompile for it.
         self.register_buffer("teacher_temp_now", torch.tensor(teacher_temp_start), persistent=False)
         self.weight_decay_start: float | None = None  # set by param_groups
@@ -304,14 +310,20 @@ class DINOv2(nn.Module):
         seq_groups = [(g.shape[0], g.shape[1]) for g in groups]  # each crop size's crops: one dense attention launch
         cu, seq_len = self._packing_tensors(seq_groups, groups[0].device)
         crops = sum(n for n, _ in seq_groups)
-        total, longest = sum(n * L for n, L in seq_groups), max(L for n, L in seq_groups if n)
+        longest = max(L for n, L in seq_groups if n)
         x = torch.cat([g.reshape(-1, C) for g in groups])
-        for block in enc.blocks:
-            keep = [self._keep(block.drop_path1, crops, x), self._keep(block.drop_path2, crops, x)]
-            keep = [k if k is None else k.repeat_interleave(seq_len, output_size=total).unsqueeze(1) for k in keep]
-            x = block(x, cu_seqlens=cu, max_seqlen=longest, keep1=keep[0], keep2=keep[1], attn_impl=self.attn_impl,
-                      seq_groups=seq_groups)
-        x = enc.norm(x)
+        keep = self._keep(enc, crops, x)
+        args = (x,) if keep is None else (x, keep)
+        checkpointed = any("forward" in vars(b) for b in enc.blocks)  # engine.train.checkpoint_blocks patches it
+        if self.student_graph and self.training and _world() == 1 and not checkpointed:  # (CPU: runs eagerly)
+            key = (tuple(seq_groups), x.device)
+            graphed = self._student_graphs.get(key)
+            if graphed is None:
+                stack = functools.partial(PackedStack, enc, cu, seq_len, longest, seq_groups, self.attn_impl)
+                graphed = self._student_graphs[key] = GraphedTraining(stack, name="DINOv2 student")
+            x = graphed(*args)
+        else:
+            x = packed_stack(enc.blocks, enc.norm, x, keep, cu, seq_len, longest, seq_groups, self.attn_impl)
         out, start = [], 0
         for g in groups:
             n = g.shape[0] * g.shape[1]
@@ -336,12 +348,19 @@ class DINOv2(nn.Module):
             self._packing = cached = (key, cu, seq_len)
         return cached[1], cached[2]
 
-    def _keep(self, drop: nn.Module, n: int, like: torch.Tensor) -> torch.Tensor | None:
-        """Per-crop drop-path multipliers (0 or 1 / keep probability), or None when off."""
-        p = getattr(drop, "drop_prob", 0.0)
-        if not self.training or p == 0.0:
+    def _keep(self, enc: nn.Module, n: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Per-crop drop-path multipliers of every block's two branches, [depth, 2, n] (0 or 1 / keep probability; 1
+        where a branch drops nothing), drawn at once; None when no branch drops or in eval mode."""
+        probs = [getattr(d, "drop_prob", 0.0) for b in enc.blocks for d in (b.drop_path1, b.drop_path2)]
+        if not self.training or not any(probs):
             return None
-        return torch.rand(n, device=like.device).ge(p).to(like.dtype) / (1 - p)
+        if self._drop_probs is None or self._drop_probs[0] != like.device:
+            p = torch.tensor(probs, dtype=torch.float32).view(-1, 2, 1)
+            if like.device.type == "cuda":  # pinned: queued behind the GPU's work, no sync (once)
+                p = p.pin_memory().to(like.device, non_blocking=True)
+            self._drop_probs = (like.device, p.to(like.device))
+        p = self._drop_probs[1]
+        return torch.rand(p.shape[0], 2, n, device=like.device).ge(p).to(like.dtype) / (1 - p).to(like.dtype)
 
     # ------------------------------------------------------------------ the step
     def forward(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -503,6 +522,32 @@ def make_packable(block: nn.Module) -> None:
     block.__class__ = sub
 
 
+def packed_stack(blocks, norm, x, keep, cu, seq_len, longest, seq_groups, attn_impl):
+    """The encoder's blocks and final norm over packed crops [T, C]; keep: [depth, 2, crops] drop-path multipliers of
+    each block's two branches (DINOv2._keep) or None, spread to the crops' tokens here."""
+    total = x.shape[0]
+    for i, block in enumerate(blocks):
+        k1 = k2 = None
+        if keep is not None:
+            k1, k2 = (keep[i, j].repeat_interleave(seq_len, output_size=total).unsqueeze(1) for j in (0, 1))
+        x = block(x, cu_seqlens=cu, max_seqlen=longest, keep1=k1, keep2=k2, attn_impl=attn_impl, seq_groups=seq_groups)
+    return norm(x)
+
+
+class PackedStack(nn.Module):
+    """packed_stack as a module over one packing (cu_seqlens, lengths, crop groups fixed), for GraphedTraining: its
+    parameters are the encoder's blocks' and norm's, shared. Not a child of the model (state dicts stay as they are)."""
+
+    def __init__(self, enc, cu, seq_len, longest, seq_groups, attn_impl):
+        super().__init__()
+        self.blocks, self.norm = enc.blocks, enc.norm
+        self.packing = (cu, seq_len, longest, seq_groups, attn_impl)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        cu, seq_len, longest, seq_groups, attn_impl = self.packing
+        return packed_stack(self.blocks, self.norm, x, keep, cu, seq_len, longest, seq_groups, attn_impl)
+
+
 def packed_block(block, x, cu, longest, keep1, keep2, attn_impl, seq_groups=None):
     """A timm block on packed tokens [T, C]: attention block-diagonal per crop, everything else per token;
     keep1/keep2 are per-token drop-path multipliers or None. With `seq_groups` ((crops, tokens) per crop size, in
@@ -553,4 +598,5 @@ def build_dinov2(cfg, device) -> DINOv2:
         weight_decay_end=o.weight_decay_end, freeze_last_layer=o.freeze_last_layer, layer_decay=o.layer_decay,
         patch_embed_lr_scale=o.patch_embed_lr_scale, attn_impl="triton" if triton else "sdpa",
         pack_crops=o.pack_crops, fused_ce=o.fused_ce and triton, teacher_graph=o.teacher_graph,
+        student_graph=o.student_graph,
         )
