@@ -426,6 +426,7 @@ K76)  # session 23: the soft-ce rows on the GPU after session 22's review, with 
   # 612 / 190 img/s. The step profiles (train-probe-...-s23-*-profile.json) came from an ad hoc script (see their command)
   step 540 python3 -m bench train --recipes recipes/vit_b_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 128 32 \
     --steps 20 --warmup 8 --variants engine-triton --tag s23-dinov2-bl
+  # The student-graph A/Bs (ab-...-student-graph*.json) ran on commit bdd4b49, whose switch was removed after
   ;;
 K75)  # DINO's class-token loss by kernels.crop_cross_entropy (measured 2026-11-29): the op with its Sinkhorn vs the torch
       # dino_loss, the switch alone in one process (bench ab --switch fused_dino), then DINOv2 ViT-S with the session's

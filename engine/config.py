@@ -143,10 +143,6 @@ class DINOv2Config:
     # steps bound by the host (small batches, slow CPUs). On an H200 with 16 cores it gained little: DINOv2 ViT-L b32
     # 1.01x, ViT-S b256 0.99x (bench ab --switch teacher_graph), so it stays off by default
     teacher_graph: bool = False
-    # The student's blocks over the packed crops replayed as CUDA graphs, forward and backward
-    # (engine.cuda_graphs.GraphedTraining, torch.cuda.make_graphed_callables), on one CUDA device, with the packed crops
-    # (our kernels), blocks not checkpointed (model.activation_checkpointing: ignored there) and not under FSDP2
-    student_graph: bool = False
     encoder_kwargs: Any = None  # extra timm.create_model kwargs (e.g. {reg_tokens: 4}); a mapping
 
 

@@ -20,7 +20,6 @@ The exported encoder (`export_encoder`) is the teacher's, as in the paper.
 """
 from __future__ import annotations
 
-import functools
 import math
 import random
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from engine.cuda_graphs import GraphedForward, GraphedTraining
+from engine.cuda_graphs import GraphedForward
 from engine.models import attention_layer, create_encoder, use_triton
 from engine.objectives import register_objective
 from loaders.multicrop import MultiCropSpec
@@ -203,7 +202,7 @@ class DINOv2(nn.Module):
                  mask_probability: float = 0.5, mask_ratio: tuple[float, float] = (0.1, 0.5),
                  weight_decay_end: float = 0.2, freeze_last_layer: float = 0.01, layer_decay: float = 0.9,
                  patch_embed_lr_scale: float = 0.2, attn_impl: str = "sdpa", pack_crops: bool = True,
-                 fused_ce: bool = False, teacher_graph: bool = False, student_graph: bool = False):
+                 fused_ce: bool = False, teacher_graph: bool = False):
         super().__init__()
         self.encoder = encoder  # the student backbone
         dim = encoder.embed_dim
@@ -244,10 +243,6 @@ class DINOv2(nn.Module):
         self.fused_dino = fused_ce
         self.teacher_graph = teacher_graph  # a bool the step reads: bench ab --switch teacher_graph
         self._teacher_graphed: GraphedForward | None = None
-        # The student's blocks over the packed crops as CUDA graphs, forward and backward (one CUDA device, blocks not
-        # checkpointed): a bool the step reads (bench ab --switch student_graph); a GraphedTraining per packing
-        self.student_graph = student_graph
-        self._student_graphs: dict[tuple, GraphedTraining] = {}
         self._drop_probs: tuple | None = None  # (device, [depth, 2, 1] drop-path probabilities there)
         # Set per step by on_step_start; a tensor, so a compiled forward does not recompile for it.
         self.register_buffer("teacher_temp_now", torch.tensor(teacher_temp_start), persistent=False)
@@ -297,7 +292,8 @@ class DINOv2(nn.Module):
         if not (self.teacher_graph and _world() == 1):  # (GraphedForward runs non-CUDA inputs eagerly itself)
             return self.forward_dense(enc, glob)
         if self._teacher_graphed is None:
-            self._teacher_graphed = GraphedForward(lambda x: self.forward_dense(enc, x), name="DINOv2 teacher")
+            self._teacher_graphed = GraphedForward(lambda x: self.forward_dense(enc, x), name="DINOv2 teacher",
+                                                   option="objective.dinov2.teacher_graph")
         return self._teacher_graphed(glob)
 
     def forward_packed(self, enc: nn.Module, groups: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -313,17 +309,7 @@ class DINOv2(nn.Module):
         longest = max(L for n, L in seq_groups if n)
         x = torch.cat([g.reshape(-1, C) for g in groups])
         keep = self._keep(enc, crops, x)
-        args = (x,) if keep is None else (x, keep)
-        checkpointed = any("forward" in vars(b) for b in enc.blocks)  # engine.train.checkpoint_blocks patches it
-        if self.student_graph and self.training and _world() == 1 and not checkpointed:  # (CPU: runs eagerly)
-            key = (tuple(seq_groups), x.device)
-            graphed = self._student_graphs.get(key)
-            if graphed is None:
-                stack = functools.partial(PackedStack, enc, cu, seq_len, longest, seq_groups, self.attn_impl)
-                graphed = self._student_graphs[key] = GraphedTraining(stack, name="DINOv2 student")
-            x = graphed(*args)
-        else:
-            x = packed_stack(enc.blocks, enc.norm, x, keep, cu, seq_len, longest, seq_groups, self.attn_impl)
+        x = packed_stack(enc.blocks, enc.norm, x, keep, cu, seq_len, longest, seq_groups, self.attn_impl)
         out, start = [], 0
         for g in groups:
             n = g.shape[0] * g.shape[1]
@@ -534,20 +520,6 @@ def packed_stack(blocks, norm, x, keep, cu, seq_len, longest, seq_groups, attn_i
     return norm(x)
 
 
-class PackedStack(nn.Module):
-    """packed_stack as a module over one packing (cu_seqlens, lengths, crop groups fixed), for GraphedTraining: its
-    parameters are the encoder's blocks' and norm's, shared. Not a child of the model (state dicts stay as they are)."""
-
-    def __init__(self, enc, cu, seq_len, longest, seq_groups, attn_impl):
-        super().__init__()
-        self.blocks, self.norm = enc.blocks, enc.norm
-        self.packing = (cu, seq_len, longest, seq_groups, attn_impl)
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        cu, seq_len, longest, seq_groups, attn_impl = self.packing
-        return packed_stack(self.blocks, self.norm, x, keep, cu, seq_len, longest, seq_groups, attn_impl)
-
-
 def packed_block(block, x, cu, longest, keep1, keep2, attn_impl, seq_groups=None):
     """A timm block on packed tokens [T, C]: attention block-diagonal per crop, everything else per token;
     keep1/keep2 are per-token drop-path multipliers or None. With `seq_groups` ((crops, tokens) per crop size, in
@@ -598,5 +570,4 @@ def build_dinov2(cfg, device) -> DINOv2:
         weight_decay_end=o.weight_decay_end, freeze_last_layer=o.freeze_last_layer, layer_decay=o.layer_decay,
         patch_embed_lr_scale=o.patch_embed_lr_scale, attn_impl="triton" if triton else "sdpa",
         pack_crops=o.pack_crops, fused_ce=o.fused_ce and triton, teacher_graph=o.teacher_graph,
-        student_graph=o.student_graph,
         )
