@@ -20,7 +20,8 @@ M and the sums span all ranks through `all_reduce(tensor, op)` (op "sum" or "max
 so the targets of a sharded batch are those of the whole batch.
 
 `softmax_targets` is DINO's other centering, softmax((logits - center) / temp) per row, in the same factored form:
-col = exp((shift - center) / temp), row = 1 / the row's sum, taken by one `_sk_rows` pass (no [M, K] matrix either).
+col = exp((mid(center) - center) / temp) with the shift at the logits' midrange, row = 1 / the row's sum, taken by one
+`_sk_rows` pass (no [M, K] matrix either).
 """
 from __future__ import annotations
 
@@ -174,7 +175,7 @@ def softmax_targets(logits: torch.Tensor, center: torch.Tensor, temp: float | to
                     impl: str = "auto") -> torch.Tensor | FactoredTargets:
     """[M, K] teacher scores -> softmax((logits - center) / temp) over each row (DINO's centering by a running center
     [K] or [1, K]). temp: a float or a device tensor (no host sync). factored: FactoredTargets (row = 1 / the row's sum,
-    col = exp((shift - center) / temp)) instead of the [M, K] fp32 matrix. impl: "triton" (the row sums by one pass over
+    col = exp((mid(center) - center) / temp), shift = mid(logits); mid: the midrange) instead of the [M, K] fp32 matrix. impl: "triton" (the row sums by one pass over
     the logits, never writing E), "torch", "auto" (triton on CUDA).
 
     Every factor and product is exp of a difference of midranges: exp((logits - mid(logits)) / temp) x exp((mid(center)

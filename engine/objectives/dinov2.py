@@ -243,7 +243,7 @@ class DINOv2(nn.Module):
         self.fused_dino = fused_ce
         self.teacher_graph = teacher_graph  # a bool the step reads: bench ab --switch teacher_graph
         self._teacher_graphed: GraphedForward | None = None
-        self._drop_probs: tuple | None = None  # (device, [depth, 2, 1] drop-path probabilities there)
+        self._drop_probs: tuple | None = None  # (device, dtype, [depth, 2, 1] drop-path probabilities p, 1 - p)
         # Set per step by on_step_start; a tensor, so a compiled forward does not recompile for it.
         self.register_buffer("teacher_temp_now", torch.tensor(teacher_temp_start), persistent=False)
         self.weight_decay_start: float | None = None  # set by param_groups
@@ -340,13 +340,14 @@ class DINOv2(nn.Module):
         probs = [getattr(d, "drop_prob", 0.0) for b in enc.blocks for d in (b.drop_path1, b.drop_path2)]
         if not self.training or not any(probs):
             return None
-        if self._drop_probs is None or self._drop_probs[0] != like.device:
+        if self._drop_probs is None or self._drop_probs[:2] != (like.device, like.dtype):
             p = torch.tensor(probs, dtype=torch.float32).view(-1, 2, 1)
+            pair = torch.stack([p, 1 - p])  # the drop and keep probabilities (kept branches are divided by it, as timm's)
             if like.device.type == "cuda":  # pinned: queued behind the GPU's work, no sync (once)
-                p = p.pin_memory().to(like.device, non_blocking=True)
-            self._drop_probs = (like.device, p.to(like.device))
-        p = self._drop_probs[1]
-        return torch.rand(p.shape[0], 2, n, device=like.device).ge(p).to(like.dtype) / (1 - p).to(like.dtype)
+                pair = pair.pin_memory().to(like.device, non_blocking=True)
+            self._drop_probs = (like.device, like.dtype, pair[0].to(like.device), pair[1].to(like.device, like.dtype))
+        _, _, p, keep = self._drop_probs
+        return torch.rand(p.shape[0], 2, n, device=like.device).ge(p).to(like.dtype) / keep
 
     # ------------------------------------------------------------------ the step
     def forward(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
