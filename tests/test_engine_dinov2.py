@@ -190,6 +190,46 @@ def test_block_masks():
     assert masks.shape == (8, 36) and (masks.sum(1) > 0).all() and (masks.sum(1) <= 11).all()
 
 
+def _block_mask_by_cells(h, w, ratio, rng, min_block=4, aspect=(0.3, 1 / 0.3)):
+    """The block masking written cell by cell (what block_mask did before its rows became bit masks)."""
+    mask, target, count, misses = [False] * (h * w), int(round(ratio * h * w)), 0, 0
+    while count < target and misses < 20:
+        left_over = target - count
+        area = rng.uniform(min(min_block, left_over), left_over)
+        a = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
+        bh = min(h, max(1, int(round(math.sqrt(area * a)))))
+        bw = min(w, max(1, int(round(math.sqrt(area / a)))))
+        top, left = rng.randint(0, h - bh), rng.randint(0, w - bw)
+        cells = [r * w + c for r in range(top, top + bh) for c in range(left, left + bw)]
+        new = sum(not mask[i] for i in cells)
+        if new == 0 or new > left_over:
+            misses += 1
+            continue
+        for i in cells:
+            mask[i] = True
+        count += new
+    return torch.tensor(mask).view(h, w)
+
+
+@pytest.mark.parametrize("h,w", [(16, 16), (14, 14), (37, 37), (5, 70), (3, 1), (8, 62), (8, 63)])
+def test_block_masks_as_row_bits_match_the_cell_by_cell_draw(h, w):
+    """block_mask draws on row bit masks: the same masks, from the same random numbers, as the cell-by-cell draw
+    (so seeded runs and resumed checkpoints mask as before), on both unpack paths (w < 63 vectorized, wider by rows)."""
+    for seed in range(40):
+        ratio = random.Random(seed + 1000).uniform(0.05, 0.6)
+        a, b = random.Random(seed), random.Random(seed)
+        assert torch.equal(D.block_mask(h, w, ratio, a), _block_mask_by_cells(h, w, ratio, b)), (seed, ratio)
+        assert a.random() == b.random()  # as many draws taken
+    torch.manual_seed(3)
+    got = D.sample_masks(40, h, w, 0.5, (0.1, 0.5))
+    torch.manual_seed(3)
+    rng = random.Random(int(torch.randint(0, 2**62, (1,))))
+    want = torch.stack([_block_mask_by_cells(h, w, rng.uniform(0.1, 0.5), rng).flatten() if rng.random() < 0.5
+                        else torch.zeros(h * w, dtype=torch.bool) for _ in range(40)])
+    assert got.shape == (40, h * w) and got.dtype == torch.bool and torch.equal(got, want)
+    assert 0 < got.any(1).sum() < 40 and D.sample_masks(0, h, w, 0.5, (0.1, 0.5)).shape == (0, h * w)
+
+
 def test_forward_feeds_the_ibot_head_exactly_the_masked_tokens(monkeypatch):
     model, _ = tiny_model()
     G, B, grid = 2, 3, 4
