@@ -182,7 +182,8 @@ def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = N
 
 def profile_steps(step, device: torch.device, path: str, title: str, n: int = 3) -> dict[str, float]:
     """Profile n steps; write the tables to `path` (rank 0) and return per-step milliseconds of
-    wall time, device busy time, and each train_step phase's host time."""
+    wall time, device busy time, each train_step phase's host time and (CUDA) the device's idle time between kernels;
+    the file also says which host ops the device waited on (device_gaps)."""
     import os
 
     from torch.profiler import ProfilerActivity, profile
@@ -208,13 +209,89 @@ def profile_steps(step, device: torch.device, path: str, title: str, n: int = 3)
     for e in host:
         if e.key.startswith("train_step/"):
             summary[e.key.split("/")[1] + "_host_ms"] = e.cpu_time_total / 1e3 / n
+    gaps = None
+    if cuda:  # where the device waits: idle gaps between kernels, by the host op that launched the kernel after each
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(trace)
+            with open(trace) as f:
+                gaps = device_gaps(json.load(f).get("traceEvents", []), n)
+        summary["device_idle_ms"] = gaps["idle_ms"]
     if int(os.environ.get("RANK", 0)) == 0:
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         with open(path, "w") as f:
             f.write(f"# {title}; per-step summary (ms): {summary}\n\n")
+            if gaps is not None:
+                f.write(gap_table(gaps) + "\n\n")
             f.write(events.table(sort_by=sort, row_limit=30) + "\n\n")
             f.write(events.table(sort_by="cpu_time_total", row_limit=30) + "\n")
     return summary
+
+
+_DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def device_gaps(events: list[dict], steps: int, min_gap_us: float = 5.0, top: int = 15) -> dict:
+    """Idle time of the device from a profiler's chrome-trace events: the gaps (> min_gap_us) between one device
+    activity's end (the latest so far) and the next one's start, each put down to the innermost host op that was running
+    on the launching thread when that next activity was launched (matched through the trace's correlation ids, from
+    runtime or driver launch events alike). Returns per-step milliseconds (span, busy, idle), the host ops with the
+    most idle time after them, and the largest gaps."""
+    import bisect
+    import collections
+
+    dev = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in _DEVICE_CATS), key=lambda e: e["ts"])
+    launch = {e["args"]["correlation"]: e for e in events  # cuda_runtime, cuda_driver (Triton, cuBLAS launch there)
+              if e.get("ph") == "X" and str(e.get("cat", "")).startswith("cuda_") and "correlation" in e.get("args", {})}
+    host = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "python_function"):
+            host[e.get("tid")].append(e)
+    for v in host.values():
+        v.sort(key=lambda e: e["ts"])
+    starts = {t: [e["ts"] for e in v] for t, v in host.items()}
+
+    def innermost(tid, ts) -> str:
+        ops, best = host.get(tid, []), None
+        i = bisect.bisect_right(starts.get(tid, []), ts)
+        for e in reversed(ops[max(0, i - 5000):i]):  # ops that began before ts; the shortest one still running
+            if e["ts"] + e["dur"] >= ts and (best is None or e["dur"] < best["dur"]):
+                best = e
+        return best["name"] if best else "(no host op recorded)"
+
+    if not dev:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "by_host_op": [], "largest": []}
+    end, gaps = dev[0]["ts"], []
+    for e in dev:
+        if e["ts"] > end + min_gap_us:
+            src = launch.get(e.get("args", {}).get("correlation"))
+            gaps.append({"gap_us": e["ts"] - end, "next": e["name"][:80],
+                         "host_op": innermost(src.get("tid"), src["ts"])[:80] if src else "(launch not found)"})
+        end = max(end, e["ts"] + e["dur"])
+    by_op = collections.defaultdict(lambda: [0.0, 0])
+    for g in gaps:
+        by_op[g["host_op"]][0] += g["gap_us"]
+        by_op[g["host_op"]][1] += 1
+    per = 1e3 * steps
+    return {"span_ms": (end - dev[0]["ts"]) / per, "busy_ms": sum(e["dur"] for e in dev) / per,
+            "idle_ms": sum(g["gap_us"] for g in gaps) / per,
+            "by_host_op": sorted(({"host_op": k, "idle_ms": v[0] / per, "gaps": v[1] / steps} for k, v in by_op.items()),
+                                 key=lambda r: -r["idle_ms"])[:top],
+            "largest": sorted(gaps, key=lambda g: -g["gap_us"])[:top]}
+
+
+def gap_table(gaps: dict) -> str:
+    """device_gaps as text: the per-step times, then where the idle time falls."""
+    lines = [f"# device per step: span {gaps['span_ms']:.2f} ms, busy {gaps['busy_ms']:.2f} ms (overlaps counted "
+             f"twice), idle {gaps['idle_ms']:.2f} ms in gaps between activities",
+             "# idle ms/step  gaps/step  host op running when the activity after the gap was launched"]
+    lines += [f"{r['idle_ms']:14.3f}  {r['gaps']:9.1f}  {r['host_op']}" for r in gaps["by_host_op"]]
+    lines += ["# largest gaps (us, the activity after it, its host op)"]
+    lines += [f"{g['gap_us']:14.1f}  {g['next']}  |  {g['host_op']}" for g in gaps["largest"]]
+    return "\n".join(lines)
 
 
 def run_scaling(args) -> int:
@@ -300,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, nargs="+", default=None,
                     help="scaling mode: run the first variant (engine-*) under torchrun on each GPU count")
     ap.add_argument("--profile", default=None, const="1", nargs="?",
-                    help="also profile 3 steps per run (scaling mode): phase times and top kernels/ops, "
-                         "tables under bench/results/profiles/")
+                    help="also profile 3 steps per run (scaling mode): phase times, top kernels/ops and the "
+                         "device's idle gaps by the host op it waited on, tables under bench/results/profiles/")
     ap.add_argument("--tag", default=None, help="name this run's result file apart (e.g. the overrides tried)")
     ap.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)  # internal: one torchrun worker
     args = ap.parse_args(argv)

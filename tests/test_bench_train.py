@@ -44,3 +44,40 @@ def test_engine_variant_accumulates_micro_batches(monkeypatch):
     out = run_engine(cfg, batch=4, steps=2, warmup=1, accum=3)
     assert out["accum"] == 3 and out["img_per_s"] > 0
     assert seen and set(seen) == {(3, 3, 4)}
+
+
+def test_device_gaps_put_idle_time_down_to_the_launching_host_op():
+    """device_gaps on a hand-made trace of 2 steps: kernels on two streams (overlapping: no gap), a gap before a kernel
+    launched through the runtime inside a nested host op (the innermost op is named), one before a copy launched through
+    the driver, one too short to count, and one whose launch is missing."""
+    from bench.train import device_gaps, gap_table
+
+    def op(name, ts, dur, tid=1, cat="cpu_op"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    def dev(name, ts, dur, corr, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    def launch(ts, corr, cat="cuda_runtime", tid=1):
+        return {"ph": "X", "cat": cat, "name": "launch", "ts": ts, "dur": 2, "tid": tid, "args": {"correlation": corr}}
+
+    events = [
+        op("train_step/forward", 0, 1000, cat="user_annotation"), op("aten::mm", 5, 10), launch(8, 1),
+        dev("gemm", 20, 100, 1),
+        dev("other_stream", 50, 100, 2), launch(30, 2),  # overlaps gemm and ends at 150
+        op("vfm::attn_fwd", 200, 300), op("aten::empty", 210, 5), launch(400, 3),
+        dev("_attn_fwd", 450, 50, 3),  # gap 150 -> 450: 300 us, launched inside vfm::attn_fwd (not aten::empty)
+        op("aten::copy_", 600, 50, tid=2), launch(640, 4, cat="cuda_driver", tid=2),
+        dev("Memcpy HtoD", 700, 10, 4, cat="gpu_memcpy"),  # gap 500 -> 700: 200 us, the driver launch on thread 2
+        dev("tiny_gap", 713, 7, 5),  # 3 us after: below min_gap_us
+        dev("orphan", 800, 20, 99),  # gap 80 us, no launch event
+    ]
+    g = device_gaps(events, steps=2)
+    assert g["span_ms"] == (820 - 20) / 2e3 and g["idle_ms"] == (300 + 200 + 80) / 2e3
+    assert g["busy_ms"] == (100 + 100 + 50 + 10 + 7 + 20) / 2e3
+    assert [(r["host_op"], r["idle_ms"], r["gaps"]) for r in g["by_host_op"]] == [
+        ("vfm::attn_fwd", 0.15, 0.5), ("aten::copy_", 0.1, 0.5), ("(launch not found)", 0.04, 0.5)]
+    assert [x["next"] for x in g["largest"]] == ["_attn_fwd", "Memcpy HtoD", "orphan"]
+    text = gap_table(g)
+    assert "idle 0.29 ms" in text and "vfm::attn_fwd" in text.splitlines()[2]
+    assert device_gaps([op("aten::mm", 0, 5)], steps=1)["idle_ms"] == 0.0  # no device activity (a CPU run)
