@@ -14,7 +14,8 @@ patches) vs the convolution under cuDNN's heuristics and under cudnn.benchmark, 
 DINOv2's iBOT cross-entropy (SOFT_CE_SHAPES, in the MAE table as "soft_ce <shape>"): kernels.soft_cross_entropy vs
 the torch form, GB/s of the bytes the fused kernels move; and "sinkhorn+ce <shape>": Sinkhorn-Knopp's targets and the
 cross-entropy together, the targets kept as factors (triton), written out by torch into our kernels (triton-dense),
-all torch (torch); "softmax+ce <shape>" the same with DINO's softmax centering (kernels.softmax_targets). "dino-ce <shape>" (DINO_CE_SHAPES): DINO's class-token loss, fwd+bwd, the same three plans with
+all torch (torch); "softmax+ce <shape>" the same with DINO's softmax centering (kernels.softmax_targets).
+"dino-ce <shape>" (DINO_CE_SHAPES): DINO's class-token loss, fwd+bwd, the same three plans with
 kernels.crop_cross_entropy over every pair of crops against the objective's torch dino_loss.
 
 MAE masking and loss (GB/s of the bytes each op must move, fwd+bwd) vs the torch reference
@@ -341,6 +342,7 @@ def bench_sinkhorn_ce(name, M, K, rows, errors, dtype=torch.bfloat16, iters=3, c
     backward; 4 under softmax: min/max, the row sums, forward, backward; the student's read twice and d scores
     written)."""
     import kernels
+    from engine.objectives.dinov2 import softmax_center
 
     gen = torch.Generator(device=DEV).manual_seed(1)
     scores = (torch.randn(M, K, device=DEV, generator=gen) * 2).to(dtype).requires_grad_()
@@ -357,8 +359,8 @@ def bench_sinkhorn_ce(name, M, K, rows, errors, dtype=torch.bfloat16, iters=3, c
             t = kernels.sinkhorn_knopp(teacher, temp, iters, factored=factored, impl=impl)
         elif factored:
             t = kernels.softmax_targets(teacher, center, temp, factored=True, impl=impl)
-        else:  # the objective's torch form (engine.objectives.dinov2.softmax_center)
-            t = torch.softmax((teacher.float() - center) / temp, -1)
+        else:  # the objective's torch form
+            t = softmax_center(teacher, center, temp)
         ce = kernels.soft_cross_entropy(scores, t, 0.1, impl=ce_impl)
         return ce.detach(), torch.autograd.grad(ce, scores, g)[0]
 

@@ -175,8 +175,9 @@ def softmax_targets(logits: torch.Tensor, center: torch.Tensor, temp: float | to
                     impl: str = "auto") -> torch.Tensor | FactoredTargets:
     """[M, K] teacher scores -> softmax((logits - center) / temp) over each row (DINO's centering by a running center
     [K] or [1, K]). temp: a float or a device tensor (no host sync). factored: FactoredTargets (row = 1 / the row's sum,
-    col = exp((mid(center) - center) / temp), shift = mid(logits); mid: the midrange) instead of the [M, K] fp32 matrix. impl: "triton" (the row sums by one pass over
-    the logits, never writing E), "torch", "auto" (triton on CUDA).
+    col = exp((mid(center) - center) / temp), shift = mid(logits); mid: the midrange) instead of the [M, K] fp32
+    matrix. impl: "triton" (the row sums by one pass over the logits, never writing E), "torch", "auto" (triton on
+    CUDA).
 
     Every factor and product is exp of a difference of midranges: exp((logits - mid(logits)) / temp) x exp((mid(center)
     - center) / temp), within exp(+-(range(logits) + range(center)) / (2 temp)), so no factor, target or row sum leaves

@@ -226,11 +226,16 @@ def soft_cross_entropy(scores: torch.Tensor, targets: torch.Tensor | FactoredTar
                          f"fit scores {tuple(scores.shape)}")
     if triton_version.resolve(impl, scores) == "torch":
         return soft_cross_entropy_reference(scores, targets.dense() if factored else targets.detach(), temp)
-    if factored:
+    return _soft_ce_op(scores, *_target_operands(targets), 1.0 / temp)[0]
+
+
+def _target_operands(targets: torch.Tensor | FactoredTargets) -> tuple:
+    """The custom ops' target operands (targets or logits, row, col, shift, inv_temp), detached: FactoredTargets' own,
+    shift and inv_temp as [1] fp32; written-out targets with the factor slots None."""
+    if isinstance(targets, FactoredTargets):
         t = FactoredTargets(*(x.detach() for x in targets))
-        return _soft_ce_op(scores, t.logits, t.row, t.col, t.shift.float().reshape(1), t.inv_temp.float().reshape(1),
-                           1.0 / temp)[0]
-    return _soft_ce_op(scores, targets.detach(), None, None, None, None, 1.0 / temp)[0]
+        return t.logits, t.row, t.col, t.shift.float().reshape(1), t.inv_temp.float().reshape(1)
+    return targets.detach(), None, None, None, None
 
 
 # ----------------------------------------------------------------------------- DINO's crop pairs
@@ -416,9 +421,5 @@ def crop_cross_entropy(scores: torch.Tensor, targets: torch.Tensor | FactoredTar
     if triton_version.resolve(impl, scores) == "torch" or not (G and B and V):
         dense = targets.dense().view(G, B, K) if factored else targets.detach()
         return crop_cross_entropy_reference(scores, dense, temp)
-    flat = scores.reshape(V * B, K)
-    if factored:
-        t = FactoredTargets(*(x.detach() for x in targets))
-        return _crop_ce_op(flat, t.logits, t.row, t.col, t.shift.float().reshape(1), t.inv_temp.float().reshape(1),
-                           G, 1.0 / temp)[0]
-    return _crop_ce_op(flat, targets.detach().reshape(G * B, K), None, None, None, None, G, 1.0 / temp)[0]
+    rows = targets if factored else targets.reshape(G * B, K)
+    return _crop_ce_op(scores.reshape(V * B, K), *_target_operands(rows), G, 1.0 / temp)[0]

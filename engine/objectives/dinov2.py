@@ -189,7 +189,7 @@ def _rows_to_bool(rows: list[int], w: int) -> torch.Tensor:
     if w < 63:  # one vectorized unpack through int64 (array: no per-element conversion by torch.tensor)
         return (torch.frombuffer(array.array("q", rows), dtype=torch.int64)[:, None] >> torch.arange(w)).bitwise_and_(
             1).bool()
-    return torch.tensor([[(r >> c) & 1 for c in range(w)] for r in rows], dtype=torch.bool).view(len(rows), w)
+    return torch.tensor([[(r >> c) & 1 for c in range(w)] for r in rows], dtype=torch.bool)
 
 
 def block_mask(h: int, w: int, ratio: float, rng: random.Random, min_block: int = 4,
@@ -365,8 +365,9 @@ class DINOv2(nn.Module):
             p = torch.tensor(probs, dtype=torch.float32).view(-1, 2, 1)
             pair = torch.stack([p, 1 - p])  # the drop and keep probabilities (kept branches are divided by it, as timm's)
             if like.device.type == "cuda":  # pinned: queued behind the GPU's work, no sync (once)
-                pair = pair.pin_memory().to(like.device, non_blocking=True)
-            self._drop_probs = (like.device, like.dtype, pair[0].to(like.device), pair[1].to(like.device, like.dtype))
+                pair = pair.pin_memory()
+            pair = pair.to(like.device, non_blocking=True)
+            self._drop_probs = (like.device, like.dtype, pair[0], pair[1].to(like.dtype))
         _, _, p, keep = self._drop_probs
         return torch.rand(p.shape[0], 2, n, device=like.device).ge(p).to(like.dtype) / keep
 
