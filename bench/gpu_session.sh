@@ -413,6 +413,14 @@ K72)  # DINOv2's iBOT Sinkhorn targets (kept as factors) and cross-entropy in ou
   step 250 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 256 32 \
     --steps 12 --warmup 3 --variants engine-triton engine-torch --tag dinov2-factored
   ;;
+K77)  # session 24: the MAE ops at the ViT-L recipe's micro batch (512) beside 256; the soft-ce plumbing after
+      # session 23's review (_target_operands); DINOv2 ViT-S b256 after the iBOT masks became row bit masks, profiled
+      # (bench train --profile's idle-gap table on a real trace)
+  step 200 python3 -m bench kernels --only mae --mae-batch 256 512 --tag s24-mae-b512
+  step 150 python3 -m bench kernels --only soft-ce --quick --tag s24-softce
+  step 330 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml --batch 256 --steps 12 --warmup 5 \
+    --variants engine-triton --gpus 1 --profile --tag s24-dino-s-prof
+  ;;
 K76)  # session 23: the soft-ce rows on the GPU after session 22's review, with the new "softmax+ce" rows (DINO's softmax
       # centering as factors, kernels.softmax_targets); the iBOT switch alone under centering: softmax (compile tuning
       # off to save its ~100 s); MAE ViT-L re-timed with the day's defaults. Measured 2026-11-29: softmax+ce 7.78x /

@@ -571,11 +571,12 @@ def _variant_rows(rows, op, shape, moved, variants, make):
             _mae_row(rows, op, name, shape, moved, fwdbwd, fwd)
 
 
-def bench_mae(rows, errors, B=256, variants=()):
+def bench_mae(rows, errors, B=256, variants=(), suffix=""):
     """MAE ViT-L shapes. The masking ops twice: with a learnable pos_embed (its gradient is a sum
     over the batch) and with MAE's fixed sin-cos one (no pos gradient: what the engine runs).
     variants: the ops ("mask", "unmask", "loss") also timed under the settings in MASK_VARIANTS, UNMASK_VARIANTS
-    and LOSS_VARIANTS (impl "triton:<setting>=<value>[,<setting>=<value>]")."""
+    and LOSS_VARIANTS (impl "triton:<setting>=<value>[,<setting>=<value>]").
+    suffix: appended to every op name and error key (" B512" for a second batch size in one run)."""
     import kernels
 
     dt = torch.bfloat16
@@ -592,22 +593,22 @@ def bench_mae(rows, errors, B=256, variants=()):
     r = kernels.mae_mask(tokens, pos, ratio, noise=noise, impl="torch")
     ga = torch.autograd.grad(a[0], (tokens, pos), gvis)
     gr = torch.autograd.grad(r[0], (tokens, pos), gvis)
-    errors["mae_mask"] = {"ids_equal": bool(torch.equal(a[1], r[1])), "vis": _rel(a[0], r[0]),
+    errors["mae_mask" + suffix] = {"ids_equal": bool(torch.equal(a[1], r[1])), "vis": _rel(a[0], r[0]),
                           "dtokens": _rel(ga[0], gr[0]), "dpos": _rel(ga[1], gr[1])}
     ids, mask = a[1].clone(), a[2].clone()
     del a, r, ga, gr  # no live autograd graph on the leaves while timing (CUDA-graph capture)
     fixed_pos = pos.detach()
     moved = 2 * B * K * C * 2 + B * N * 4 + B * N * C * 2 + B * K * C * 2  # read + write, fwd and bwd
     shape = f"B{B} N{N} C{C} keep{K}"
-    for op, pe, inputs, extra in (("mae_mask", pos, (tokens, pos), N * C * 2 * 2),
-                                  ("mae_mask fixed-pos", fixed_pos, (tokens,), 0)):
+    for op, pe, inputs, extra in (("mae_mask" + suffix, pos, (tokens, pos), N * C * 2 * 2),
+                                  ("mae_mask fixed-pos" + suffix, fixed_pos, (tokens,), 0)):
         for impl in ("triton", "torch"):
             def fwd(impl=impl, pe=pe):
                 return kernels.mae_mask(tokens, pe, ratio, noise=noise, impl=impl)[0]
             _mae_row(rows, op, impl, shape, moved + extra, _fwdbwd(fwd, inputs, gvis), fwd)
     if "mask" in variants:
-        for op, pe, inputs, extra in (("mae_mask", pos, (tokens, pos), N * C * 2 * 2),
-                                      ("mae_mask fixed-pos", fixed_pos, (tokens,), 0)):
+        for op, pe, inputs, extra in (("mae_mask" + suffix, pos, (tokens, pos), N * C * 2 * 2),
+                                      ("mae_mask fixed-pos" + suffix, fixed_pos, (tokens,), 0)):
             def make(pe=pe, inputs=inputs):
                 def fwd():
                     return kernels.mae_mask(tokens, pe, ratio, noise=noise, impl="triton")[0]
@@ -622,14 +623,15 @@ def bench_mae(rows, errors, B=256, variants=()):
     fr = kernels.mae_unmask(vis, ids, mt, dpos, impl="torch")
     ga = torch.autograd.grad(fa, (vis, mt, dpos), gfull)
     gr = torch.autograd.grad(fr, (vis, mt, dpos), gfull)
-    errors["mae_unmask"] = {"full": _rel(fa, fr), "dvis": _rel(ga[0], gr[0]), "dmask_token": _rel(ga[1], gr[1]),
-                            "dpos": _rel(ga[2], gr[2])}
+    errors["mae_unmask" + suffix] = {"full": _rel(fa, fr), "dvis": _rel(ga[0], gr[0]),
+                                     "dmask_token": _rel(ga[1], gr[1]), "dpos": _rel(ga[2], gr[2])}
     del fa, fr, ga, gr
     moved = (B * K * Cd * 2 + B * N * Cd * 2) * 2
     shape = f"B{B} N{N} C{Cd} keep{K}"
     # the engine passes mae_mask's bool mask (the split kernels); "triton:ids" is the op without it (each position's
     # row found by comparing with ids_keep)
-    for op, pe, inputs in (("mae_unmask", dpos, (vis, mt, dpos)), ("mae_unmask fixed-pos", dpos.detach(), (vis, mt))):
+    for op, pe, inputs in (("mae_unmask" + suffix, dpos, (vis, mt, dpos)),
+                           ("mae_unmask fixed-pos" + suffix, dpos.detach(), (vis, mt))):
         for impl in ("triton", "torch", "triton:ids"):
             def fwd(impl=impl, pe=pe):
                 return kernels.mae_unmask(vis, ids, mt, pe, mask=None if impl == "triton:ids" else mask,
@@ -640,11 +642,11 @@ def bench_mae(rows, errors, B=256, variants=()):
             def fwd():
                 return kernels.mae_unmask(vis, ids, mt, pe, mask=mask, impl="triton")
             return _fwdbwd(fwd, inputs, gfull), fwd
-        _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_VARIANTS, make)
-        _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, UNMASK_SPLIT_VARIANTS, make)
-        _variant_rows(rows, "mae_unmask fixed-pos", shape, moved, FIXED_WALK_PDL_VARIANTS, make)
-        _variant_rows(rows, "mae_unmask", shape, moved, [NO_PDL] + WALK_PDL_VARIANTS + [NO_UNMASK_EVICT] + SUM_MT_VARIANTS +
-                      LEARNABLE_WALK_VARIANTS,
+        _variant_rows(rows, "mae_unmask fixed-pos" + suffix, shape, moved, UNMASK_VARIANTS, make)
+        _variant_rows(rows, "mae_unmask fixed-pos" + suffix, shape, moved, UNMASK_SPLIT_VARIANTS, make)
+        _variant_rows(rows, "mae_unmask fixed-pos" + suffix, shape, moved, FIXED_WALK_PDL_VARIANTS, make)
+        _variant_rows(rows, "mae_unmask" + suffix, shape, moved,
+                      [NO_PDL] + WALK_PDL_VARIANTS + [NO_UNMASK_EVICT] + SUM_MT_VARIANTS + LEARNABLE_WALK_VARIANTS,
                       lambda: make(dpos, (vis, mt, dpos)))
         # each position's row read from the mask's rank kernel (same noise) instead of compared with ids_keep
         from kernels.masking import mae_rank
@@ -653,8 +655,8 @@ def bench_mae(rows, errors, B=256, variants=()):
 
         def fwd_rank():
             return kernels.mae_unmask(vis, ids, mt, dpos.detach(), rank=rank, impl="triton")
-        _mae_row(rows, "mae_unmask fixed-pos", "triton:rank", shape, moved, _fwdbwd(fwd_rank, (vis, mt), gfull),
-                 fwd_rank)
+        _mae_row(rows, "mae_unmask fixed-pos" + suffix, "triton:rank", shape, moved,
+                 _fwdbwd(fwd_rank, (vis, mt), gfull), fwd_rank)
     # --- loss
     imgs = torch.randn(B, 3, 224, 224, device=dev, dtype=dt)
     pred = torch.randn(B, N, p * p * 3, device=dev, dtype=dt, requires_grad=True)
@@ -665,7 +667,7 @@ def bench_mae(rows, errors, B=256, variants=()):
         lr = kernels.mae_loss(imgs, pred, mask, p, impl="torch", layout=layout)
         (ga,) = torch.autograd.grad(la, pred)
         (gr,) = torch.autograd.grad(lr, pred)
-        errors[key] = {"loss": abs(la.item() - lr.item()) / abs(lr.item()), "dpred": _rel(ga, gr)}
+        errors[key + suffix] = {"loss": abs(la.item() - lr.item()) / abs(lr.item()), "dpred": _rel(ga, gr)}
         del la, lr, ga, gr
     frac = mask.float().mean().item()
     px = imgs.numel() * 2
@@ -675,13 +677,13 @@ def bench_mae(rows, errors, B=256, variants=()):
                                 ("triton", "cpq", "triton:layout=cpq")):
         def fwd(impl=impl, layout=layout):
             return kernels.mae_loss(imgs, pred, mask, p, impl=impl, layout=layout)
-        _mae_row(rows, "mae_loss", label, shape, moved, _fwdbwd(fwd, (pred,), None), fwd)
+        _mae_row(rows, "mae_loss" + suffix, label, shape, moved, _fwdbwd(fwd, (pred,), None), fwd)
     if "loss" in variants:
         def make():
             def fwd():
                 return kernels.mae_loss(imgs, pred, mask, p, impl="triton")
             return _fwdbwd(fwd, (pred,), None), fwd
-        _variant_rows(rows, "mae_loss", shape, moved, LOSS_VARIANTS, make)
+        _variant_rows(rows, "mae_loss" + suffix, shape, moved, LOSS_VARIANTS, make)
 
 
 FWD_CFGS = [dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=w, num_stages=s)
@@ -1066,6 +1068,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mae-variants", nargs="?", const="mask,unmask,loss", default="",
                     help="also time the MAE kernels under other launch settings (MASK_VARIANTS, ...); optionally "
                          "only some ops: --mae-variants unmask (comma list of mask, unmask, loss)")
+    ap.add_argument("--mae-batch", type=int, nargs="+", default=[256], metavar="B",
+                    help="the MAE ops' batch sizes (default 256); rows of a size after the first carry it in their op "
+                         "name (\"mae_unmask B512\"). The ViT-L recipe's micro batch is 512")
     ap.add_argument("--tag", default=None, help="suffix of the result file names")
     ap.add_argument("--only", choices=("mae", "attention", "packed", "soft-ce", "patch-embed"), default=None,
                     help="run one part: the MAE masking/loss ops, the attention shapes, DINOv2's packed crops "
@@ -1076,6 +1081,8 @@ def main(argv=None) -> int:
     variant_ops = [v for v in args.mae_variants.split(",") if v]
     if set(variant_ops) - {"mask", "unmask", "loss"}:
         ap.error(f"--mae-variants takes mask, unmask, loss; got {args.mae_variants!r}")
+    if min(args.mae_batch) < 1 or len(set(args.mae_batch)) < len(args.mae_batch):
+        ap.error(f"--mae-batch takes distinct positive sizes; got {args.mae_batch}")
     run_attn = args.only in (None, "attention")
     run_mae = args.only in (None, "mae") and not args.skip_mae
     variants_on = args.tune or any(getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in VARIANT_FLAGS)
@@ -1115,7 +1122,8 @@ def main(argv=None) -> int:
     payload["copy_GBps"] = copy
     mae_rows = []
     if run_mae:
-        bench_mae(mae_rows, errors, variants=variant_ops)
+        for i, b in enumerate(args.mae_batch):
+            bench_mae(mae_rows, errors, B=b, variants=variant_ops, suffix=f" B{b}" if i else "")
     if run_soft_ce:
         bench_soft_ce(["ibot-b32"] if args.quick else list(SOFT_CE_SHAPES), mae_rows, errors)
         bench_dino_ce(["dino-b32"] if args.quick else list(DINO_CE_SHAPES), mae_rows, errors)

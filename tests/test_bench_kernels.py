@@ -330,3 +330,27 @@ def test_mae_plot_series_draws_every_plan():
     ops, series = bk.mae_plot_series(rows)
     assert ops == ["dino-ce b", "mae_loss"]
     assert series == {"triton": [3.0, 5.0], "triton-dense": [2.0, 0.0], "torch": [1.0, 0.5]}
+
+
+def test_bench_mae_rows_at_a_second_batch(monkeypatch):
+    """bench kernels' MAE rows on CPU tensors (interpreted kernels, a stand-in timer) as main() takes a batch size
+    after the first: every op name and error key carries the suffix, the shapes the batch; errors small."""
+    import bench.kernels as bk
+
+    _stand_in_timer(monkeypatch, bk, [1.0] * 30)
+    rows, errors = [], {}
+    bk.bench_mae(rows, errors, B=1, suffix=" B1")
+    ops = ["mae_mask", "mae_mask fixed-pos", "mae_unmask", "mae_unmask fixed-pos", "mae_loss"]
+    assert sorted({r["op"] for r in rows}) == sorted(op + " B1" for op in ops)
+    assert [r["impl"] for r in rows if r["op"] == "mae_unmask B1"] == ["triton", "torch", "triton:ids"]
+    assert all(r["shape"].startswith("B1 ") for r in rows) and len(rows) == 13
+    assert set(errors) == {"mae_mask B1", "mae_unmask B1", "mae_loss B1", "mae_loss cpq B1"}
+    assert errors["mae_mask B1"]["ids_equal"] and max(errors["mae_unmask B1"].values()) < 1e-2, errors
+
+
+def test_mae_batch_flag_rejects_repeats(capsys):
+    import bench.kernels as bk
+
+    with pytest.raises(SystemExit):
+        bk.main(["--mae-batch", "256", "256"])
+    assert "--mae-batch takes distinct positive sizes" in capsys.readouterr().err
