@@ -18,7 +18,7 @@ class Plan:
     total_params: int
     trainable_params: int
     flops_per_image: float  # forward + backward, training
-    act_bytes_per_image: float  # saved for backward, at fp32 on the meta device
+    act_bytes_per_image: float  # saved for backward per image, at fp32 on the meta device
     global_batch: int
     world: int
     micro_batch: int
@@ -30,6 +30,12 @@ class Plan:
     lr: float
     warmup_steps: int
     sources: list[str]
+    act_bytes_fixed: float = 0.0  # saved for backward whatever the batch (e.g. weight-normed head weights), fp32
+
+    def activation_bytes(self, micro: int, bf16: bool = True) -> float:
+        """Bytes saved for backward at a micro batch: the per-image part times the batch plus the part that does not
+        grow with it (halved for bf16 autocast)."""
+        return (self.act_bytes_fixed + self.act_bytes_per_image * micro) * (0.5 if bf16 else 1.0)
 
     def memory_per_gpu(self, world: int | None = None, bf16: bool = True, sharded: bool | None = None) -> dict[str, float]:
         """Bytes per GPU: fp32 weights + grads + AdamW moments (sharded over `world` under FSDP)
@@ -38,7 +44,7 @@ class Plan:
         sharded = world > 1 if sharded is None else sharded
         shard = world if sharded else 1
         states = (self.total_params * 4 + self.trainable_params * (4 + 8)) / shard
-        acts = self.act_bytes_per_image * self.micro_batch * (0.5 if bf16 else 1.0)
+        acts = self.activation_bytes(self.micro_batch, bf16)
         return {"states": states, "activations": acts, "total": states + acts}
 
 
@@ -106,46 +112,101 @@ def learning_rate(cfg: Config) -> float:
 
 
 def measure_model(cfg: Config) -> dict[str, float]:
-    """Parameters, training FLOPs and saved activations per image, on the meta device (no memory, no GPU)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Parameters, training FLOPs per image and saved activations, on the meta device (no memory, no GPU). The
+    activations are traced at batch 2 and 3: act_bytes is the per-image part (their difference), act_fixed_bytes what
+    does not grow with the batch (e.g. the heads' weight-normed last layers, 128 MiB at 65,536 prototypes): taken
+    per image, that part was counted once per image of the micro batch (16 GiB too many at DINOv2 ViT-S batch 256).
+    With model.activation_checkpointing, a checkpointed block keeps only its input, and one block's activations are
+    rebuilt at a time in backward (the largest is counted; policy "save_matmuls" is counted as "full")."""
     from engine.objectives import build_objective
 
     with torch.device("meta"):
         model = build_objective(cfg, torch.device("cpu"))
-        x = model.synthetic_batch(1, "meta")
-    saved = 0
-    params = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
-    seen: set[int] = set()
-
-    def pack(t: torch.Tensor):
-        # Count activations only: weights saved by linear layers (or views of them) are not.
-        nonlocal saved
-        base = t._base if t._base is not None else t
-        if id(base) not in params and id(base) not in seen:
-            seen.add(id(base))
-            saved += base.numel() * base.element_size()
-        return t
-
-    import random
-
-    state = random.getstate()  # data-dependent parts (DINOv2's iBOT masks) drawn the same every time
-    random.seed(0)
-    try:
-        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
-            torch.manual_seed(0)
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = model(x)
-            out["loss"].backward()
-    finally:
-        random.setstate(state)
+    m = cfg.model
+    ac = (m.ac_every, m.ac_policy) if m.activation_checkpointing else None
+    flops = _trace(model, 1, count_flops=True)[0]  # FLOPs without the recomputation (MFU counts the model's)
+    # batch 2 and 3, not 1 and 2: at batch 1 some views share a base (a single image's expand) and the trace is not
+    # yet linear in the batch
+    two, three = (_trace(model, b, ac=ac)[1] for b in (2, 3))
     return {
         "encoder_params": count_params(model.encoder),
         "total_params": count_params(model),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "flops": float(counter.get_total_flops()),
-        "act_bytes": float(saved),
+        "flops": flops,
+        "act_bytes": float(max(0, three - two)),
+        "act_fixed_bytes": float(max(0, 3 * two - 2 * three)),
     }
+
+
+def _trace(model, batch: int, count_flops: bool = False, ac: tuple[int, str] | None = None) -> tuple[float, int]:
+    """(training FLOPs of one step at `batch` images, or 0 without count_flops; bytes the step saves for backward)
+    on the meta device, random draws seeded (DINOv2's iBOT masks). ac: (every, policy) of activation checkpointing
+    on the encoder's blocks, as the trainer applies it: a checkpointed block counts its input, and the largest of
+    those blocks' own saved tensors once (the one being recomputed in backward)."""
+    import contextlib
+    import random
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        x = model.synthetic_batch(batch, "meta")
+    saved = 0
+    params = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
+    seen: set[int] = set()
+
+    def counter_hook(add):
+        def pack(t: torch.Tensor):
+            # Count activations only: weights saved by linear layers (or views of them) are not.
+            base = t._base if t._base is not None else t
+            if id(base) not in params and id(base) not in seen:
+                seen.add(id(base))
+                add(base.numel() * base.element_size())
+            return t
+        return pack
+
+    def add_saved(n: int) -> None:
+        nonlocal saved
+        saved += n
+
+    recompute = 0
+    patched = []
+    if ac:
+        every = ac[0]
+        for i, block in enumerate(model.encoder.blocks):
+            if i % every:
+                continue
+
+            def forward(*a, _inner=block.forward, **k):
+                nonlocal recompute
+                x_in = a[0] if a else None
+                if torch.is_tensor(x_in) and x_in.requires_grad:
+                    add_saved(x_in.numel() * x_in.element_size())
+                own = [0]
+                with torch.autograd.graph.saved_tensors_hooks(counter_hook(lambda n: own.__setitem__(0, own[0] + n)),
+                                                              lambda t: t):
+                    out = _inner(*a, **k)
+                recompute = max(recompute, own[0])
+                return out
+
+            patched.append((block, block.__dict__.get("forward")))
+            block.forward = forward
+    state = random.getstate()  # data-dependent parts (DINOv2's iBOT masks) drawn the same every time
+    random.seed(0)
+    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+    try:
+        with torch.random.fork_rng(devices=[]), counter:
+            torch.manual_seed(0)
+            with torch.autograd.graph.saved_tensors_hooks(counter_hook(add_saved), lambda t: t):
+                out = model(x)
+            out["loss"].backward()
+    finally:
+        random.setstate(state)
+        for block, forward in patched:
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+    return (float(counter.get_total_flops()) if count_flops else 0.0), saved + recompute
 
 
 def make_plan(cfg: Config, world: int = 1) -> Plan:
@@ -156,6 +217,7 @@ def make_plan(cfg: Config, world: int = 1) -> Plan:
     return Plan(
         model=cfg.model.name, encoder_params=m["encoder_params"], total_params=m["total_params"],
         trainable_params=m["trainable_params"], flops_per_image=m["flops"], act_bytes_per_image=m["act_bytes"],
+        act_bytes_fixed=m["act_fixed_bytes"],
         global_batch=cfg.train.batch_size, world=world,
         micro_batch=micro, accum_steps=accum, steps=steps, steps_per_epoch=spe,
         epochs=steps / spe if spe else None, num_samples=samples, lr=learning_rate(cfg), warmup_steps=warmup,
@@ -204,7 +266,8 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
         f"total compute   {_human(plan.flops_per_image * plan.global_batch * plan.steps, 'FLOP')}",
         f"data            {', '.join(plan.sources)}  backend {cfg.data.backend}"
         + (f"  ({plan.num_samples:,} samples)" if plan.num_samples else ""),
-        "memory / GPU    (fp32 weights+grads+AdamW, bf16 activations at the micro batch; no activation checkpointing)",
+        "memory / GPU    (fp32 weights+grads+AdamW, bf16 activations at the micro batch"
+        + (", blocks checkpointed" if cfg.model.activation_checkpointing else "") + ")",
     ]
     for n in gpu_counts:
         mem = plan.memory_per_gpu(world=n, sharded=n > 1)
@@ -213,7 +276,7 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
         except ValueError as e:
             lines.append(f"  {n} GPUs: {e}")
             continue
-        acts = plan.act_bytes_per_image * micro * 0.5
+        acts = plan.activation_bytes(micro)
         # FSDP with train.fsdp_reshard_after_forward false keeps every group's gathered bf16
         # parameters from forward to backward: a full bf16 copy of the model per GPU.
         gathered = plan.total_params * 2 if n > 1 and not cfg.train.fsdp_reshard_after_forward else 0

@@ -146,3 +146,71 @@ def test_cuda_graph_compile_mode_is_for_the_whole_model_mae_step():
     assert (cfg.model.compile_mode, cfg.train.accum_steps) == ("reduce-overhead", 2)
     with pytest.raises(ConfigError, match="whole-model MAE step"):
         load_config(ROOT / "recipes" / "quickstart_dinov2.yaml", base)
+
+
+def test_plan_activations_split_into_fixed_and_per_image():
+    """The plan's saved activations grow linearly with the batch from a fixed part (traced at batch 2 and 3, checked
+    at 4 and 6: MAE's shapes are linear in the batch), and DINOv2's fixed part holds its heads' weight-normed last layers
+    (batch-independent), which were once counted once per image."""
+    import torch
+
+    from engine.objectives import build_objective
+    from engine.plan import _trace, make_plan, measure_model
+
+    cfg = load_config(ROOT / "recipes" / "quickstart.yaml")
+    m = measure_model(cfg)
+    with torch.device("meta"):
+        model = build_objective(cfg, torch.device("cpu"))
+    assert m["act_bytes"] > 0
+    for b in (4, 6):
+        assert _trace(model, b)[1] == m["act_fixed_bytes"] + b * m["act_bytes"]
+    plan = make_plan(cfg)
+    assert plan.activation_bytes(10) == (plan.act_bytes_fixed + 10 * plan.act_bytes_per_image) / 2
+
+    # no iBOT masks: their random token counts would blur the split at this tiny size
+    dcfg = load_config(ROOT / "recipes" / "quickstart_dinov2.yaml", ["objective.dinov2.mask_probability=0.0"])
+    d, o = measure_model(dcfg), dcfg.objective.dinov2
+    head_weight = o.dino_prototypes * o.head_bottleneck_dim * 4  # fp32 on the meta device
+    assert d["act_fixed_bytes"] >= head_weight, d
+    assert d["act_bytes"] > 0
+
+
+def test_plan_counts_activation_checkpointing():
+    """With model.activation_checkpointing, a checkpointed block keeps its input and one block's activations are
+    rebuilt at a time: per image, the plan saves (depth - 1) blocks' own activations fewer and depth block inputs more
+    than without (each block's own bytes traced here on one block alone); more when only every other block is
+    checkpointed; the model's FLOPs unchanged; the dry run says the blocks are checkpointed."""
+    import torch
+
+    from engine.objectives import build_objective
+    from engine.plan import format_plan, make_plan, measure_model
+
+    qs = ROOT / "recipes" / "quickstart.yaml"
+    base = measure_model(load_config(qs))
+    ac = measure_model(load_config(qs, ["model.activation_checkpointing=true"]))
+    half = measure_model(load_config(qs, ["model.activation_checkpointing=true", "model.ac_every=2"]))
+    with torch.device("meta"):
+        model = build_objective(load_config(qs), torch.device("cpu"))
+    block, params = model.encoder.blocks[0], {id(p) for p in model.parameters()}
+    depth, dim, tokens = 12, 192, (64 // 8) ** 2 // 4 + 1  # ViT-T: the kept patches + the class token
+
+    def own_bytes(batch):
+        seen, total = set(), [0]
+
+        def pack(t):
+            b = t._base if t._base is not None else t
+            if id(b) not in params and id(b) not in seen:
+                seen.add(id(b))
+                total[0] += b.numel() * b.element_size()
+            return t
+        x = torch.randn(batch, tokens, dim, device="meta", requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x).sum().backward()
+        return total[0]
+
+    per_block, per_input = own_bytes(3) - own_bytes(2), tokens * dim * 4
+    assert base["act_bytes"] - ac["act_bytes"] == (depth - 1) * per_block - depth * per_input, (base, ac)
+    assert ac["act_bytes"] < half["act_bytes"] < base["act_bytes"]
+    assert ac["flops"] == base["flops"]  # the model's FLOPs: no recomputation counted
+    cfg = load_config(qs, ["model.activation_checkpointing=true"])
+    assert "blocks checkpointed" in format_plan(cfg, make_plan(cfg))
