@@ -413,13 +413,26 @@ K72)  # DINOv2's iBOT Sinkhorn targets (kept as factors) and cross-entropy in ou
   step 250 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 256 32 \
     --steps 12 --warmup 3 --variants engine-triton engine-torch --tag dinov2-factored
   ;;
-K77)  # session 24: the MAE ops at the ViT-L recipe's micro batch (512) beside 256; the soft-ce plumbing after
-      # session 23's review (_target_operands); DINOv2 ViT-S b256 after the iBOT masks became row bit masks, profiled
-      # (bench train --profile's idle-gap table on a real trace)
+K77)  # session 24 (measured 2026-11-30; one H200 unless said): the MAE ops at the ViT-L recipe's micro batch (512)
+      # beside 256 (unmask 74.2-74.6 % of copy at 512); the soft-ce plumbing after session 23's review; DINOv2 ViT-S
+      # b256 after the iBOT masks became row bit masks, profiled (1,552 img/s; the idle-gap table on a real trace);
+      # DINOv2 ViT-L at micro batch 32 vs 64 (176 vs 209 img/s: the recipe takes 64); ViT-g DINOv2's first GPU run
+      # (47.2 img/s, 27.0 GiB). Python's GC in the step came from an ad hoc script (kept in its result JSONs)
   step 200 python3 -m bench kernels --only mae --mae-batch 256 512 --tag s24-mae-b512
   step 150 python3 -m bench kernels --only soft-ce --quick --tag s24-softce
   step 330 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml --batch 256 --steps 12 --warmup 5 \
     --variants engine-triton --gpus 1 --profile --tag s24-dino-s-prof
+  step 560 python3 -m bench train --recipes recipes/vit_l_dinov2.yaml recipes/vit_l_dinov2.yaml --batch 32 64 \
+    --steps 20 --warmup 8 --variants engine-triton --tag s24-l-b32-b64
+  step 300 python3 -m bench train --recipes recipes/vit_g_dinov2.yaml --steps 8 --warmup 4 --variants engine-triton \
+    --override model.compile_tuning=false --tag s24-g
+  ;;
+F5)  # session 24, nvidia-h200-x2: DINOv2 ViT-L (micro batch 64) under FSDP2, 1 vs 2 GPUs, then profiled on 2.
+     # Measured 2026-11-30: 207 vs 411 img/s (1.98x) on a warm machine; 1.81x in a first, cold call
+  step 300 python3 -m bench train --recipes recipes/vit_l_dinov2.yaml --gpus 1 2 --steps 15 --warmup 8 \
+    --variants engine-triton --tag s24-fsdp-2
+  step 330 python3 -m bench train --recipes recipes/vit_l_dinov2.yaml --gpus 2 --steps 8 --warmup 5 \
+    --variants engine-triton --profile --tag s24-fsdp-prof
   ;;
 K76)  # session 23: the soft-ce rows on the GPU after session 22's review, with the new "softmax+ce" rows (DINO's softmax
       # centering as factors, kernels.softmax_targets); the iBOT switch alone under centering: softmax (compile tuning
