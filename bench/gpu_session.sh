@@ -427,7 +427,7 @@ K77)  # session 24 (measured 2026-11-30; one H200 unless said): the MAE ops at t
   step 300 python3 -m bench train --recipes recipes/vit_g_dinov2.yaml --steps 8 --warmup 4 --variants engine-triton \
     --override model.compile_tuning=false --tag s24-g
   ;;
-F5)  # session 24, nvidia-h200-x2: DINOv2 ViT-L (micro batch 64) under FSDP2, 1 vs 2 GPUs, then profiled on 2.
+F4)  # session 24, nvidia-h200-x2: DINOv2 ViT-L (micro batch 64) under FSDP2, 1 vs 2 GPUs, then profiled on 2.
      # Measured 2026-11-30: 207 vs 411 img/s (1.98x) on a warm machine; 1.81x in a first, cold call
   step 300 python3 -m bench train --recipes recipes/vit_l_dinov2.yaml --gpus 1 2 --steps 15 --warmup 8 \
     --variants engine-triton --tag s24-fsdp-2
