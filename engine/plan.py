@@ -270,23 +270,47 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
         + (", blocks checkpointed" if cfg.model.activation_checkpointing else "") + ")",
     ]
     for n in gpu_counts:
-        mem = plan.memory_per_gpu(world=n, sharded=n > 1)
         try:
             micro = batch_geometry(cfg, n)[0]
         except ValueError as e:
             lines.append(f"  {n} GPUs: {e}")
             continue
+        mem = plan.memory_per_gpu(world=n, sharded=n > 1)
         acts = plan.activation_bytes(micro)
-        # FSDP with train.fsdp_reshard_after_forward false keeps every group's gathered bf16
-        # parameters from forward to backward: a full bf16 copy of the model per GPU.
-        gathered = plan.total_params * 2 if n > 1 and not cfg.train.fsdp_reshard_after_forward else 0
+        gathered = _gathered_bytes(cfg, plan, n)
         total = mem["states"] + acts + gathered
-        fits = "fits" if total < 80 * 1e9 * 0.92 else "does NOT fit"
+        fits = "fits" if total < H100_USABLE else "does NOT fit"  # module attribute: tests may lower it
+        best = largest_micro_batch(cfg, plan, n)
+        hint = (f"; largest micro batch that fits: {best}" if best and best != micro else
+                "; no micro batch fits" if not best else "")
         lines.append(f"  {n} GPU{'s' if n > 1 else ' '}{' (FSDP)' if n > 1 else '       '}  states "
                      f"{mem['states'] / gib:6.1f} GiB + activations {acts / gib:7.1f} GiB (micro {micro})"
                      + (f" + gathered bf16 params {gathered / gib:.1f} GiB" if gathered else "") + " = "
-                     f"{total / gib:7.1f} GiB -> {fits} on an 80 GB H100")
+                     f"{total / gib:7.1f} GiB -> {fits} on an 80 GB H100{hint}")
     return "\n".join(lines)
+
+
+H100_USABLE = 80 * 1e9 * 0.92  # bytes of an 80 GB card the plan lets a run take (the rest: CUDA context, workspaces)
+
+
+def _gathered_bytes(cfg: Config, plan: Plan, n: int) -> float:
+    """FSDP with train.fsdp_reshard_after_forward false keeps every group's gathered bf16 parameters from forward to
+    backward: a full bf16 copy of the model per GPU."""
+    return plan.total_params * 2 if n > 1 and not cfg.train.fsdp_reshard_after_forward else 0
+
+
+def largest_micro_batch(cfg: Config, plan: Plan, n: int, budget: float | None = None) -> int | None:
+    """The largest micro batch per GPU on n GPUs that keeps the global batch (it divides train.batch_size / n) and
+    whose estimated memory stays under `budget` bytes (default H100_USABLE); None when not even 1 does (or n does not
+    divide the batch)."""
+    budget = H100_USABLE if budget is None else budget
+    if cfg.train.batch_size % n:
+        return None
+    per_gpu = cfg.train.batch_size // n
+    states = plan.memory_per_gpu(world=n, sharded=n > 1)["states"] + _gathered_bytes(cfg, plan, n)
+    fitting = [m for m in range(1, per_gpu + 1)
+               if per_gpu % m == 0 and states + plan.activation_bytes(m) < budget]
+    return max(fitting) if fitting else None
 
 
 # ----------------------------------------------------------------------------- recipe table

@@ -214,3 +214,21 @@ def test_plan_counts_activation_checkpointing():
     assert ac["flops"] == base["flops"]  # the model's FLOPs: no recomputation counted
     cfg = load_config(qs, ["model.activation_checkpointing=true"])
     assert "blocks checkpointed" in format_plan(cfg, make_plan(cfg))
+
+
+def test_plan_names_the_largest_micro_batch_that_fits(monkeypatch):
+    """largest_micro_batch: the largest divisor of the per-GPU batch whose estimate stays under the budget (the next
+    divisor up does not), None when even 1 does not fit; the dry run names it when it differs from the recipe's."""
+    import engine.plan as ep
+
+    cfg = load_config(ROOT / "recipes" / "quickstart.yaml")  # global batch 32
+    plan = ep.make_plan(cfg)
+    states = plan.memory_per_gpu(world=1)["states"]
+    budget = states + plan.activation_bytes(8) + 1
+    assert ep.largest_micro_batch(cfg, plan, 1, budget) == 8  # 16 needs more
+    assert ep.largest_micro_batch(cfg, plan, 4, budget) == 8  # 8 images a GPU, sharded states: all of them fit
+    assert ep.largest_micro_batch(cfg, plan, 3, budget) is None  # 3 GPUs do not divide 32
+    assert ep.largest_micro_batch(cfg, plan, 1, states) is None
+    monkeypatch.setattr(ep, "H100_USABLE", budget)
+    text = ep.format_plan(cfg, plan, [1])
+    assert "does NOT fit" in text and "largest micro batch that fits: 8" in text, text
