@@ -391,3 +391,35 @@ if __name__ == "__main__":
     import sys
 
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------- memory advice for a run
+def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bool = False) -> str | None:
+    """What to tell a user whose run at `world` GPUs of `capacity` bytes each will not fit (failed=False: a warning
+    before training, None when the plan's estimate fits) or ran out of memory (failed=True: always a message). It
+    names the estimate, the largest micro batch the estimate fits on this card (keeping the global batch) and
+    activation checkpointing where it is off. The estimate runs 5-19 % over measured peaks (README), so a warning
+    is a warning only."""
+    plan = make_plan(cfg, world)
+    micro = plan.micro_batch
+    states = plan.memory_per_gpu(world=world, sharded=world > 1)["states"] + _gathered_bytes(cfg, plan, world)
+    need = states + plan.activation_bytes(micro)
+    budget = capacity * 0.92 if capacity else None
+    if not failed and (budget is None or need < budget):
+        return None
+    gib = 2**30
+    card = f"{capacity / gib:.0f} GiB GPU" if capacity else "GPU"
+    head = (f"CUDA ran out of memory at micro batch {micro} on a {card}"
+            if failed else f"micro batch {micro} may not fit this {card}")
+    text = f"{head}: the plan estimates {need / gib:.1f} GiB per GPU ({states / gib:.1f} of weights, gradients and " \
+           f"optimizer state, {plan.activation_bytes(micro) / gib:.1f} of activations)."
+    hints = []
+    best = largest_micro_batch(cfg, plan, world, budget) if budget else None
+    if best and best < micro:
+        hints.append(f"train.micro_batch={best} (the largest the estimate fits here; the global batch stays "
+                     f"{cfg.train.batch_size} through accumulation)")
+    if not cfg.model.activation_checkpointing:
+        hints.append("model.activation_checkpointing=true")
+    if world == 1:
+        hints.append("more GPUs (torchrun: FSDP2 shards the weights and optimizer state)")
+    return text + (" Try " + ", or ".join(hints) + "." if hints else "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -62,12 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         print(format_plan(cfg, plan, tuple(args.gpus)))
         return 0
 
+    import torch
+
     from loaders import prepare_cuda
 
     prepare_cuda()  # 32 CUDA hardware queues (unless set): the GPU decoders' syncs stop queueing behind the step
     from engine.train import Trainer, TrainingStopped, teardown_distributed
 
     run_dir = Path(cfg.run.dir or Path("runs") / (cfg.run.name or "run"))
+    world, capacity = _gpu_memory(cfg)
+    if capacity and int(os.environ.get("RANK", 0)) == 0:
+        advice = _advice(cfg, world, capacity)
+        if advice:
+            print(f"warning: {advice}", file=sys.stderr)
     try:
         trainer = Trainer(cfg, run_dir)
         if trainer.dist.main:
@@ -76,10 +84,39 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingStopped, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except torch.OutOfMemoryError as e:
+        advice = _advice(cfg, world, capacity, failed=True) or "CUDA ran out of memory."
+        print(f"error: {advice} The run resumes from its newest checkpoint in {run_dir} with the same command "
+              f"(and any of these overrides).\n({str(e).splitlines()[0] if str(e) else 'torch.OutOfMemoryError'})",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     teardown_distributed()
     return 0
+
+
+def _gpu_memory(cfg) -> tuple[int, float | None]:
+    """(GPUs in this run, bytes of this rank's GPU), or (world, None) when the run is not on CUDA."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return world, None
+    try:
+        return world, float(torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory)
+    except Exception:  # noqa: BLE001 - the advice is optional; the trainer reports device problems itself
+        return world, None
+
+
+def _advice(cfg, world: int, capacity: float | None, failed: bool = False) -> str | None:
+    """engine.plan.memory_advice, or None if the plan cannot be made (the advice must never stop a run)."""
+    from engine.plan import memory_advice
+
+    try:
+        return memory_advice(cfg, world, capacity, failed=failed)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 if __name__ == "__main__":

@@ -232,3 +232,40 @@ def test_plan_names_the_largest_micro_batch_that_fits(monkeypatch):
     monkeypatch.setattr(ep, "H100_USABLE", budget)
     text = ep.format_plan(cfg, plan, [1])
     assert "does NOT fit" in text and "largest micro batch that fits: 8" in text, text
+
+
+def test_memory_advice_warns_and_names_a_micro_batch():
+    """engine.plan.memory_advice: None where the estimate fits the card; a warning naming the estimate, the largest
+    micro batch the estimate fits and activation checkpointing where it does not; always a message after an OOM."""
+    import engine.plan as ep
+
+    cfg = load_config(ROOT / "recipes" / "quickstart.yaml")  # micro batch 32 on one device
+    plan = ep.make_plan(cfg)
+    states = plan.memory_per_gpu(world=1)["states"]
+    assert ep.memory_advice(cfg, 1, 80e9) is None
+    capacity = (states + plan.activation_bytes(8) + 1) / 0.92
+    text = ep.memory_advice(cfg, 1, capacity)
+    assert text.startswith("micro batch 32 may not fit"), text
+    assert "train.micro_batch=8 " in text and "model.activation_checkpointing=true" in text, text
+    assert ep.largest_micro_batch(cfg, plan, 1, capacity * 0.92) == 8
+    after = ep.memory_advice(cfg, 1, 80e9, failed=True)
+    assert after.startswith("CUDA ran out of memory at micro batch 32") and "train.micro_batch" not in after, after
+
+
+def test_run_reports_an_out_of_memory_error_with_advice(monkeypatch, tmp_path, capsys):
+    """engine.run turns a CUDA out-of-memory error into a message with the plan's advice and exit status 1, not a
+    traceback."""
+    import torch
+
+    import engine.run
+    import engine.train
+
+    def oom(self, stop_after=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(engine.train.Trainer, "fit", oom)
+    rc = engine.run.main([str(ROOT / "recipes" / "quickstart.yaml"), "data.shards=synthetic", f"run.dir={tmp_path}/run",
+                          "log.progress=false"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "error: CUDA ran out of memory at micro batch 32" in err and "resumes from its newest checkpoint" in err
+    assert "Tried to allocate 2.00 GiB" in err and "Traceback" not in err
