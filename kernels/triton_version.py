@@ -8,6 +8,7 @@ saying so once. An explicit `impl="triton"` (or `model.kernels: triton`) still r
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 
@@ -42,11 +43,31 @@ def auto_ok() -> bool:
     return False
 
 
+_planning = False
+
+
+@contextlib.contextmanager
+def planning():
+    """While active, "auto" treats meta tensors as CUDA ones: engine.plan traces a run's memory on the meta device
+    through the ops a GPU run takes (our kernels' custom ops run there through their fake implementations)."""
+    global _planning
+    was, _planning = _planning, True
+    try:
+        yield
+    finally:
+        _planning = was
+
+
+def on_cuda(x) -> bool:
+    """x is a CUDA tensor, or a meta one while planning()."""
+    return x.is_cuda or (_planning and x.is_meta)
+
+
 def resolve(impl: str, x) -> str:
     """The masking and loss ops' `impl`: "triton" or "torch" as given, "auto" = triton for a CUDA tensor x under a
     verified Triton (auto_ok), else torch; anything else is an error."""
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     if impl == "auto":
-        return "triton" if x.is_cuda and auto_ok() else "torch"
+        return "triton" if on_cuda(x) and auto_ok() else "torch"
     return impl

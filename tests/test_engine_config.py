@@ -152,18 +152,15 @@ def test_plan_activations_split_into_fixed_and_per_image():
     """The plan's saved activations grow linearly with the batch from a fixed part (traced at batch 2 and 3, checked
     at 4 and 6: MAE's shapes are linear in the batch), and DINOv2's fixed part holds its heads' weight-normed last layers
     (batch-independent), which were once counted once per image."""
-    import torch
-
-    from engine.objectives import build_objective
-    from engine.plan import _trace, make_plan, measure_model
+    from engine.plan import _activation_model, _trace, make_plan, measure_model
 
     cfg = load_config(ROOT / "recipes" / "quickstart.yaml")
     m = measure_model(cfg)
-    with torch.device("meta"):
-        model = build_objective(cfg, torch.device("cpu"))
+    model, context = _activation_model(cfg)  # as a GPU run takes it (our kernels' ops on the meta device)
     assert m["act_bytes"] > 0
-    for b in (4, 6):
-        assert _trace(model, b)[1] == m["act_fixed_bytes"] + b * m["act_bytes"]
+    with context():
+        for b in (4, 6):
+            assert _trace(model, b)[1] == m["act_fixed_bytes"] + b * m["act_bytes"]
     plan = make_plan(cfg)
     assert plan.activation_bytes(10) == (plan.act_bytes_fixed + 10 * plan.act_bytes_per_image) / 2
 
@@ -182,15 +179,13 @@ def test_plan_counts_activation_checkpointing():
     checkpointed; the model's FLOPs unchanged; the dry run says the blocks are checkpointed."""
     import torch
 
-    from engine.objectives import build_objective
-    from engine.plan import format_plan, make_plan, measure_model
+    from engine.plan import _activation_model, format_plan, make_plan, measure_model
 
     qs = ROOT / "recipes" / "quickstart.yaml"
     base = measure_model(load_config(qs))
     ac = measure_model(load_config(qs, ["model.activation_checkpointing=true"]))
     half = measure_model(load_config(qs, ["model.activation_checkpointing=true", "model.ac_every=2"]))
-    with torch.device("meta"):
-        model = build_objective(load_config(qs), torch.device("cpu"))
+    model, context = _activation_model(load_config(qs))
     block, params = model.encoder.blocks[0], {id(p) for p in model.parameters()}
     depth, dim, tokens = 12, 192, (64 // 8) ** 2 // 4 + 1  # ViT-T: the kept patches + the class token
 
@@ -204,7 +199,7 @@ def test_plan_counts_activation_checkpointing():
                 total[0] += b.numel() * b.element_size()
             return t
         x = torch.randn(batch, tokens, dim, device="meta", requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with context(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             block(x).sum().backward()
         return total[0]
 
@@ -269,3 +264,29 @@ def test_run_reports_an_out_of_memory_error_with_advice(monkeypatch, tmp_path, c
     assert rc == 1
     assert "error: CUDA ran out of memory at micro batch 32" in err and "resumes from its newest checkpoint" in err
     assert "Tried to allocate 2.00 GiB" in err and "Traceback" not in err
+
+
+def test_planning_traces_the_gpu_path_on_meta_tensors():
+    """kernels.triton_version.planning(): "auto" takes our kernels for meta tensors inside it only, so the plan's
+    trace of attention keeps q, k, v, o and the LSE (a GPU run's) and not the [N, N] probabilities (the torch path's)."""
+    import torch
+
+    import kernels
+    from kernels import triton_version
+
+    x = torch.empty(2, 3, 40, 16, device="meta", requires_grad=True)
+
+    def saved_shapes():
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            kernels.attention(x, x, x)
+        return shapes
+
+    assert triton_version.resolve("auto", x) == "torch"
+    outside = saved_shapes()
+    with triton_version.planning():
+        assert triton_version.resolve("auto", x) == "triton"
+        inside = saved_shapes()
+    assert triton_version.resolve("auto", x) == "torch"  # restored
+    assert (2, 3, 40, 40) not in inside and (2, 3, 40) in inside, inside  # the LSE, no probabilities
+    assert sum(torch.Size(s).numel() for s in inside) < sum(torch.Size(s).numel() for s in outside), (inside, outside)
