@@ -1859,10 +1859,11 @@ AUTO_TRITON_MAX_SEQLEN = 1374
 
 
 def _triton_fits(x: torch.Tensor, seqlen: int | None = None) -> bool:
-    """What "auto" sends to our kernel: CUDA, half/bfloat16/float32, head dim <= 128, sequences up to
-    AUTO_TRITON_MAX_SEQLEN, a Triton the kernels were verified with (kernels/triton_version.py)."""
-    return (triton_version.on_cuda(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.shape[-1] <= 128
-            and (seqlen is None or seqlen <= AUTO_TRITON_MAX_SEQLEN) and triton_version.auto_ok())
+    """What "auto" sends to our kernel: CUDA (or meta under triton_version.planning()), half/bfloat16/float32, head
+    dim <= 128, sequences up to AUTO_TRITON_MAX_SEQLEN, a Triton the kernels were verified with
+    (kernels/triton_version.py)."""
+    return (triton_version.on_cuda(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and x.shape[-1] <= 128 and (seqlen is None or seqlen <= AUTO_TRITON_MAX_SEQLEN) and triton_version.auto_ok())
 
 
 def _xformers_available() -> bool:
