@@ -86,6 +86,8 @@ def test_packed_drop_path_drops_whole_crops():
     assert torch.equal(keep[0], torch.ones(2, 64))  # block 0 drops nothing (timm's rates rise from 0 to 0.5)
     for branch in keep[1]:  # per crop: dropped or 1 / (1 - p)
         assert set(branch.tolist()) <= {0.0, 2.0} and 0 < branch.count_nonzero() < 64
+    model.encoder.blocks[1].drop_path2.drop_prob = 0.0  # a changed rate is taken, not the cached probabilities
+    assert torch.equal(model._keep(model.encoder, 64, torch.zeros(1))[1, 1], torch.ones(64))
     model.eval()
     assert model._keep(model.encoder, 64, torch.zeros(1)) is None
     no_drop = build_objective(load_config(RECIPES / "quickstart_dinov2.yaml", TINY + ["model.drop_path=0.0"]),

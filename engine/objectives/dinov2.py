@@ -264,7 +264,8 @@ class DINOv2(nn.Module):
         self.fused_dino = fused_ce
         self.teacher_graph = teacher_graph  # a bool the step reads: bench ab --switch teacher_graph
         self._teacher_graphed: GraphedForward | None = None
-        self._drop_probs: tuple | None = None  # (device, dtype, [depth, 2, 1] drop-path probabilities p, 1 - p)
+        # ((device, dtype, the rates), [depth, 2, 1] drop-path probabilities p, 1 - p): see _keep
+        self._drop_probs: tuple | None = None
         # Set per step by on_step_start; a tensor, so a compiled forward does not recompile for it.
         self.register_buffer("teacher_temp_now", torch.tensor(teacher_temp_start), persistent=False)
         self.weight_decay_start: float | None = None  # set by param_groups
@@ -358,17 +359,18 @@ class DINOv2(nn.Module):
     def _keep(self, enc: nn.Module, n: int, like: torch.Tensor) -> torch.Tensor | None:
         """Per-crop drop-path multipliers of every block's two branches, [depth, 2, n] (0 or 1 / keep probability; 1
         where a branch drops nothing), drawn at once; None when no branch drops or in eval mode."""
-        probs = [getattr(d, "drop_prob", 0.0) for b in enc.blocks for d in (b.drop_path1, b.drop_path2)]
+        probs = tuple(getattr(d, "drop_prob", 0.0) for b in enc.blocks for d in (b.drop_path1, b.drop_path2))
         if not self.training or not any(probs):
             return None
-        if self._drop_probs is None or self._drop_probs[:2] != (like.device, like.dtype):
+        key = (like.device, like.dtype, probs)
+        if self._drop_probs is None or self._drop_probs[0] != key:  # rebuilt if a rate, the device or dtype changes
             p = torch.tensor(probs, dtype=torch.float32).view(-1, 2, 1)
             pair = torch.stack([p, 1 - p])  # the drop and keep probabilities (kept branches are divided by it, as timm's)
             if like.device.type == "cuda":  # pinned: queued behind the GPU's work, no sync (once)
                 pair = pair.pin_memory()
             pair = pair.to(like.device, non_blocking=True)
-            self._drop_probs = (like.device, like.dtype, pair[0], pair[1].to(like.dtype))
-        _, _, p, keep = self._drop_probs
+            self._drop_probs = (key, pair[0], pair[1].to(like.dtype))
+        _, p, keep = self._drop_probs
         return torch.rand(p.shape[0], 2, n, device=like.device).ge(p).to(like.dtype) / keep
 
     # ------------------------------------------------------------------ the step
