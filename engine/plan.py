@@ -316,13 +316,20 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
     return "\n".join(lines)
 
 
-H100_USABLE = 80 * 1e9 * 0.92  # bytes of an 80 GB card the plan lets a run take (the rest: CUDA context, workspaces)
+USABLE_FRACTION = 0.92  # of a card's memory the plan lets a run take (the rest: CUDA context, workspaces)
+H100_USABLE = 80 * 1e9 * USABLE_FRACTION
 
 
 def _gathered_bytes(cfg: Config, plan: Plan, n: int) -> float:
     """FSDP with train.fsdp_reshard_after_forward false keeps every group's gathered bf16 parameters from forward to
     backward: a full bf16 copy of the model per GPU."""
     return plan.total_params * 2 if n > 1 and not cfg.train.fsdp_reshard_after_forward else 0
+
+
+def _batch_free_bytes(cfg: Config, plan: Plan, n: int) -> float:
+    """Bytes per GPU on n GPUs that do not grow with the micro batch: weights, gradients and optimizer state (sharded
+    under FSDP), plus the gathered bf16 copy where it is kept."""
+    return plan.memory_per_gpu(world=n, sharded=n > 1)["states"] + _gathered_bytes(cfg, plan, n)
 
 
 def largest_micro_batch(cfg: Config, plan: Plan, n: int, budget: float | None = None) -> int | None:
@@ -333,7 +340,7 @@ def largest_micro_batch(cfg: Config, plan: Plan, n: int, budget: float | None = 
     if cfg.train.batch_size % n:
         return None
     per_gpu = cfg.train.batch_size // n
-    states = plan.memory_per_gpu(world=n, sharded=n > 1)["states"] + _gathered_bytes(cfg, plan, n)
+    states = _batch_free_bytes(cfg, plan, n)
     fitting = [m for m in range(1, per_gpu + 1)
                if per_gpu % m == 0 and states + plan.activation_bytes(m) < budget]
     return max(fitting) if fitting else None
@@ -428,9 +435,9 @@ def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bo
     warning is a warning only."""
     plan = make_plan(cfg, world)
     micro = plan.micro_batch
-    states = plan.memory_per_gpu(world=world, sharded=world > 1)["states"] + _gathered_bytes(cfg, plan, world)
+    states = _batch_free_bytes(cfg, plan, world)
     need = states + plan.activation_bytes(micro)
-    budget = capacity * 0.92 if capacity else None
+    budget = capacity * USABLE_FRACTION if capacity else None
     if not failed and (budget is None or need < budget):
         return None
     gib = 2**30
