@@ -579,6 +579,8 @@ def bench_mae(rows, errors, B=256, variants=(), suffix=""):
     suffix: appended to every op name and error key (" B512" for a second batch size in one run)."""
     import kernels
 
+    mask_op, unmask_op, loss_op = "mae_mask" + suffix, "mae_unmask" + suffix, "mae_loss" + suffix
+    mask_fixed, unmask_fixed = "mae_mask fixed-pos" + suffix, "mae_unmask fixed-pos" + suffix
     dt = torch.bfloat16
     N, C, Cd, p = 196, 1024, 512, 16
     ratio = 0.75
@@ -593,22 +595,22 @@ def bench_mae(rows, errors, B=256, variants=(), suffix=""):
     r = kernels.mae_mask(tokens, pos, ratio, noise=noise, impl="torch")
     ga = torch.autograd.grad(a[0], (tokens, pos), gvis)
     gr = torch.autograd.grad(r[0], (tokens, pos), gvis)
-    errors["mae_mask" + suffix] = {"ids_equal": bool(torch.equal(a[1], r[1])), "vis": _rel(a[0], r[0]),
-                          "dtokens": _rel(ga[0], gr[0]), "dpos": _rel(ga[1], gr[1])}
+    errors[mask_op] = {"ids_equal": bool(torch.equal(a[1], r[1])), "vis": _rel(a[0], r[0]),
+                       "dtokens": _rel(ga[0], gr[0]), "dpos": _rel(ga[1], gr[1])}
     ids, mask = a[1].clone(), a[2].clone()
     del a, r, ga, gr  # no live autograd graph on the leaves while timing (CUDA-graph capture)
     fixed_pos = pos.detach()
     moved = 2 * B * K * C * 2 + B * N * 4 + B * N * C * 2 + B * K * C * 2  # read + write, fwd and bwd
     shape = f"B{B} N{N} C{C} keep{K}"
-    for op, pe, inputs, extra in (("mae_mask" + suffix, pos, (tokens, pos), N * C * 2 * 2),
-                                  ("mae_mask fixed-pos" + suffix, fixed_pos, (tokens,), 0)):
+    for op, pe, inputs, extra in ((mask_op, pos, (tokens, pos), N * C * 2 * 2),
+                                  (mask_fixed, fixed_pos, (tokens,), 0)):
         for impl in ("triton", "torch"):
             def fwd(impl=impl, pe=pe):
                 return kernels.mae_mask(tokens, pe, ratio, noise=noise, impl=impl)[0]
             _mae_row(rows, op, impl, shape, moved + extra, _fwdbwd(fwd, inputs, gvis), fwd)
     if "mask" in variants:
-        for op, pe, inputs, extra in (("mae_mask" + suffix, pos, (tokens, pos), N * C * 2 * 2),
-                                      ("mae_mask fixed-pos" + suffix, fixed_pos, (tokens,), 0)):
+        for op, pe, inputs, extra in ((mask_op, pos, (tokens, pos), N * C * 2 * 2),
+                                      (mask_fixed, fixed_pos, (tokens,), 0)):
             def make(pe=pe, inputs=inputs):
                 def fwd():
                     return kernels.mae_mask(tokens, pe, ratio, noise=noise, impl="triton")[0]
@@ -623,15 +625,15 @@ def bench_mae(rows, errors, B=256, variants=(), suffix=""):
     fr = kernels.mae_unmask(vis, ids, mt, dpos, impl="torch")
     ga = torch.autograd.grad(fa, (vis, mt, dpos), gfull)
     gr = torch.autograd.grad(fr, (vis, mt, dpos), gfull)
-    errors["mae_unmask" + suffix] = {"full": _rel(fa, fr), "dvis": _rel(ga[0], gr[0]),
-                                     "dmask_token": _rel(ga[1], gr[1]), "dpos": _rel(ga[2], gr[2])}
+    errors[unmask_op] = {"full": _rel(fa, fr), "dvis": _rel(ga[0], gr[0]), "dmask_token": _rel(ga[1], gr[1]),
+                         "dpos": _rel(ga[2], gr[2])}
     del fa, fr, ga, gr
     moved = (B * K * Cd * 2 + B * N * Cd * 2) * 2
     shape = f"B{B} N{N} C{Cd} keep{K}"
     # the engine passes mae_mask's bool mask (the split kernels); "triton:ids" is the op without it (each position's
     # row found by comparing with ids_keep)
-    for op, pe, inputs in (("mae_unmask" + suffix, dpos, (vis, mt, dpos)),
-                           ("mae_unmask fixed-pos" + suffix, dpos.detach(), (vis, mt))):
+    for op, pe, inputs in ((unmask_op, dpos, (vis, mt, dpos)),
+                           (unmask_fixed, dpos.detach(), (vis, mt))):
         for impl in ("triton", "torch", "triton:ids"):
             def fwd(impl=impl, pe=pe):
                 return kernels.mae_unmask(vis, ids, mt, pe, mask=None if impl == "triton:ids" else mask,
@@ -642,10 +644,10 @@ def bench_mae(rows, errors, B=256, variants=(), suffix=""):
             def fwd():
                 return kernels.mae_unmask(vis, ids, mt, pe, mask=mask, impl="triton")
             return _fwdbwd(fwd, inputs, gfull), fwd
-        _variant_rows(rows, "mae_unmask fixed-pos" + suffix, shape, moved, UNMASK_VARIANTS, make)
-        _variant_rows(rows, "mae_unmask fixed-pos" + suffix, shape, moved, UNMASK_SPLIT_VARIANTS, make)
-        _variant_rows(rows, "mae_unmask fixed-pos" + suffix, shape, moved, FIXED_WALK_PDL_VARIANTS, make)
-        _variant_rows(rows, "mae_unmask" + suffix, shape, moved,
+        _variant_rows(rows, unmask_fixed, shape, moved, UNMASK_VARIANTS, make)
+        _variant_rows(rows, unmask_fixed, shape, moved, UNMASK_SPLIT_VARIANTS, make)
+        _variant_rows(rows, unmask_fixed, shape, moved, FIXED_WALK_PDL_VARIANTS, make)
+        _variant_rows(rows, unmask_op, shape, moved,
                       [NO_PDL] + WALK_PDL_VARIANTS + [NO_UNMASK_EVICT] + SUM_MT_VARIANTS + LEARNABLE_WALK_VARIANTS,
                       lambda: make(dpos, (vis, mt, dpos)))
         # each position's row read from the mask's rank kernel (same noise) instead of compared with ids_keep
@@ -655,7 +657,7 @@ def bench_mae(rows, errors, B=256, variants=(), suffix=""):
 
         def fwd_rank():
             return kernels.mae_unmask(vis, ids, mt, dpos.detach(), rank=rank, impl="triton")
-        _mae_row(rows, "mae_unmask fixed-pos" + suffix, "triton:rank", shape, moved,
+        _mae_row(rows, unmask_fixed, "triton:rank", shape, moved,
                  _fwdbwd(fwd_rank, (vis, mt), gfull), fwd_rank)
     # --- loss
     imgs = torch.randn(B, 3, 224, 224, device=dev, dtype=dt)
@@ -677,13 +679,13 @@ def bench_mae(rows, errors, B=256, variants=(), suffix=""):
                                 ("triton", "cpq", "triton:layout=cpq")):
         def fwd(impl=impl, layout=layout):
             return kernels.mae_loss(imgs, pred, mask, p, impl=impl, layout=layout)
-        _mae_row(rows, "mae_loss" + suffix, label, shape, moved, _fwdbwd(fwd, (pred,), None), fwd)
+        _mae_row(rows, loss_op, label, shape, moved, _fwdbwd(fwd, (pred,), None), fwd)
     if "loss" in variants:
         def make():
             def fwd():
                 return kernels.mae_loss(imgs, pred, mask, p, impl="triton")
             return _fwdbwd(fwd, (pred,), None), fwd
-        _variant_rows(rows, "mae_loss" + suffix, shape, moved, LOSS_VARIANTS, make)
+        _variant_rows(rows, loss_op, shape, moved, LOSS_VARIANTS, make)
 
 
 FWD_CFGS = [dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=w, num_stages=s)
