@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  python -m engine.run recipes/quickstart.yaml\n"
         "  python -m engine.run recipes/vit_b_mae.yaml data.shards=/data/shards train.batch_size=2048\n"
         "  python -m engine.run recipes/vit_g_mae.yaml --dry-run\n"
+        "  python -m engine.run recipes/vit_g_mae.yaml --dry-run model.ac_every=2 --gpus 1 2 8\n"
         "  python -m engine.run recipes/vit_b_mae.yaml recipes/data/us_only.yaml   # an overlay\n"
         "Override any key as section.key=value (values are YAML: 1e-4, true, [0.9, 0.95]).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # intermixed: overrides may follow the options too (`RECIPE --dry-run model.x=1`), not only precede them
+    args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         overlays = [a for a in args.overrides if "=" not in a and a.endswith((".yaml", ".yml"))]

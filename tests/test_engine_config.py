@@ -290,3 +290,15 @@ def test_planning_traces_the_gpu_path_on_meta_tensors():
     assert triton_version.resolve("auto", x) == "torch"  # restored
     assert (2, 3, 40, 40) not in inside and (2, 3, 40) in inside, inside  # the LSE, no probabilities
     assert sum(torch.Size(s).numel() for s in inside) < sum(torch.Size(s).numel() for s in outside), (inside, outside)
+
+
+def test_cli_takes_overrides_after_the_options(capsys):
+    """`RECIPE --dry-run key=value --gpus N` parses as `RECIPE key=value --dry-run --gpus N` (argparse's plain
+    parse stops the positionals at the first option and rejected the override)."""
+    import engine.run
+
+    argv = [str(ROOT / "recipes" / "quickstart.yaml"), "--dry-run", "train.micro_batch=2", "--gpus", "1", "2"]
+    assert engine.run.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(micro 2)" in out
+    assert "2 GPUs" in out and "8 GPUs" not in out
