@@ -4,6 +4,12 @@ the whole model under torch.compile, bf16 autocast, fused AdamW), in the same pr
 the same synthetic batch.
 
     python -m bench train --recipes recipes/vit_b_mae.yaml recipes/vit_l_mae.yaml --batch 512 256
+
+A recipe may carry overrides of its own after `::`, so that settings which cannot be switched at run time
+(activation checkpointing, a micro batch) are compared in one process:
+
+    python -m bench train --recipes recipes/vit_g_mae.yaml \
+        "recipes/vit_g_mae.yaml::model.activation_checkpointing=false" --variants engine-triton
 """
 from __future__ import annotations
 
@@ -22,6 +28,24 @@ RESULTS_PROFILE_DIR = Path(__file__).parent / "results" / "profiles"
 
 # Dense bf16 tensor-core peak by card (FLOP/s), for MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "GH200": 989e12}
+
+
+def load_entry(entry: str, overrides: list[str]):
+    """A `--recipes` entry, `PATH` or `PATH::key=value::key=value`, as a config: the shared --override first,
+    then the entry's own."""
+    from engine.config import load_config
+
+    path, *own = entry.split("::")
+    bad = [o for o in own if "=" not in o]
+    if bad:
+        raise SystemExit(f"error: {entry!r}: after '::' each part is key=value, not {bad[0]!r}")
+    return load_config(path, list(overrides) + own)
+
+
+def entry_label(entry: str, model: str) -> str:
+    """The model name, with an entry's own overrides (last key part and value) for a plot or a tag."""
+    own = entry.split("::")[1:]
+    return model + "".join(f" {o.split('=')[0].split('.')[-1]}={o.split('=', 1)[1]}" for o in own)
 
 
 def peak_flops() -> float | None:
@@ -303,12 +327,11 @@ def run_scaling(args) -> int:
     import sys
     import tempfile
 
-    from engine.config import load_config
     from engine.plan import measure_model
 
     rows = []
     for i, recipe in enumerate(args.recipes):
-        cfg = load_config(recipe, args.override)
+        cfg = load_entry(recipe, args.override)
         batch = args.batch[i] if args.batch else (cfg.train.micro_batch or cfg.train.batch_size)
         flops = measure_model(cfg)["flops"]
         base = None
@@ -332,7 +355,7 @@ def run_scaling(args) -> int:
                         row["profile_ms"] = res["profile"]
                         text = out + ".prof.txt"
                         if os.path.exists(text):
-                            dest = RESULTS_PROFILE_DIR / f"{Path(recipe).stem}-{n}gpu-{args.tag or 'default'}.txt"
+                            dest = RESULTS_PROFILE_DIR / f"{Path(recipe.split('::')[0]).stem}-{n}gpu-{args.tag or 'default'}.txt"
                             dest.parent.mkdir(parents=True, exist_ok=True)
                             shutil.copy(text, dest)
                             row["profile_tables"] = str(dest)
@@ -349,7 +372,7 @@ def run_scaling(args) -> int:
                 print_table([row], [k for k in row if k != "error"])
                 if "error" in row:
                     print(row["error"])
-    tag = "+".join(r.split("/")[-1].replace(".yaml", "") for r in args.recipes) + f"-{args.variants[0]}"
+    tag = "+".join(Path(r.split("::")[0]).stem for r in args.recipes) + f"-{args.variants[0]}"
     tag += f"-{args.tag}" if args.tag else ""
     write_result("train-scaling", {"rows": rows, "compile": not args.no_compile, "overrides": args.override},
                  sys.argv[2:], tag=tag)
@@ -359,7 +382,8 @@ def run_scaling(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", nargs="+", default=["recipes/vit_b_mae.yaml", "recipes/vit_l_mae.yaml"])
+    ap.add_argument("--recipes", nargs="+", default=["recipes/vit_b_mae.yaml", "recipes/vit_l_mae.yaml"],
+                    help="recipe files, each optionally with overrides of its own: PATH::key=value::key=value")
     ap.add_argument("--batch", type=int, nargs="+", default=None,
                     help="per-GPU batch for each recipe (default: the recipe's micro_batch)")
     ap.add_argument("--steps", type=int, default=20)
@@ -390,9 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         import json
         import os
 
-        from engine.config import load_config
-
-        cfg = load_config(args.recipes[0], args.override)
+        cfg = load_entry(args.recipes[0], args.override)
         cfg.model.compile = not args.no_compile
         cfg.model.compile_mode = args.compile_mode
         cfg.model.kernels = "triton" if args.variants[0] == "engine-triton" else "torch"
@@ -402,14 +424,13 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(res, open(args.worker_json, "w"))
         return 0
 
-    from engine.config import load_config
     from engine.plan import measure_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = peak_flops()
     rows = []
     for i, recipe in enumerate(args.recipes):
-        base = load_config(recipe, args.override)
+        base = load_entry(recipe, args.override)
         batch = args.batch[i] if args.batch else (base.train.micro_batch or base.train.batch_size)
         flops = measure_model(base)["flops"]
         row: dict[str, Any] = {"recipe": recipe, "model": base.model.name, "objective": base.objective.name,
@@ -423,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             row["accum"] = args.accum  # the engine variants' micro-batches per step (DINOv2's bench has none)
             for variant in args.variants:
-                cfg = load_config(recipe, args.override)
+                cfg = load_entry(recipe, args.override)
                 cfg.model.compile = not args.no_compile
                 try:
                     if variant == "naive":
@@ -460,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                    for r in rows) + (f"-{args.tag}" if args.tag else "")
     path = write_result("train", {"device": str(device), "peak_bf16_flops": peak, "compile": not args.no_compile,
                                   "steps": args.steps, "rows": rows}, argv if argv is not None else [], tag=tag)
-    bar_plot(path.with_suffix(".png"), [r["model"] for r in rows],
+    bar_plot(path.with_suffix(".png"), [entry_label(r["recipe"], r["model"]) for r in rows],
              {v: [r.get(f"{v}_img_s", 0.0) for r in rows] for v in args.variants}, "images / s",
              f"MAE training throughput on {card_name()}")
     return 0

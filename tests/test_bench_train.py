@@ -81,3 +81,30 @@ def test_device_gaps_put_idle_time_down_to_the_launching_host_op():
     text = gap_table(g)
     assert "idle 0.29 ms" in text and "vfm::attn_fwd" in text.splitlines()[2]
     assert device_gaps([op("aten::mm", 0, 5)], steps=1)["idle_ms"] == 0.0  # no device activity (a CPU run)
+
+
+def test_recipe_entries_carry_their_own_overrides(monkeypatch, tmp_path):
+    """`--recipes PATH PATH::key=value`: one process, the second entry with its own override on top of --override;
+    the rows keep the entries, the plot labels name the override."""
+    import json
+
+    import pytest
+
+    import bench.common
+    from bench.train import entry_label, load_entry, main
+
+    cfg = load_entry("recipes/quickstart.yaml::train.micro_batch=4::model.drop_path=0.1", ["train.micro_batch=8"])
+    assert cfg.train.micro_batch == 4 and cfg.model.drop_path == 0.1  # the entry's own override wins
+    assert entry_label("r.yaml::model.activation_checkpointing=false", "vit_g") == "vit_g activation_checkpointing=false"
+    with pytest.raises(SystemExit, match="key=value"):
+        load_entry("recipes/quickstart.yaml::oops", [])
+
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    assert main(["--recipes", "recipes/quickstart.yaml", "recipes/quickstart.yaml::train.micro_batch=2",
+                 "--variants", "engine-torch", "--steps", "1", "--warmup", "1", "--no-compile",
+                 "--override", "data.shards=synthetic", f"run.dir={tmp_path}/runs", "--tag", "t"]) == 0
+    (result,) = tmp_path.glob("train-*-t.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["recipe"] for r in rows] == ["recipes/quickstart.yaml", "recipes/quickstart.yaml::train.micro_batch=2"]
+    assert [r["batch"] for r in rows][1] == 2 and rows[0]["batch"] != 2
+    assert all(r["engine-torch_img_s"] > 0 for r in rows)
