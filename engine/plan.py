@@ -347,19 +347,40 @@ def largest_micro_batch(cfg: Config, plan: Plan, n: int, budget: float | None = 
 
 
 # ----------------------------------------------------------------------------- recipe table
-def _measured_throughput(results_glob: str) -> tuple[dict[str, float], str | None, float | None]:
-    """img/s per timm model name from bench train results (best engine variant), the card, and MFU."""
+def _row_objective(row: dict) -> str | None:
+    """The objective of a bench train row: recorded in `train` rows; for `train-scaling` rows, the recipe's."""
+    if row.get("objective"):
+        return row["objective"]
+    try:
+        from engine.config import load_config
+
+        return load_config(str(row["recipe"]).split("::")[0]).objective.name
+    except Exception:  # a recipe renamed or removed since: the row cannot be attributed
+        return None
+
+
+def _measured_throughput(results_glob: str) -> tuple[dict[tuple[str, str, int], float], str | None, float | None]:
+    """img/s by (objective, timm model name, micro batch per GPU) from bench train results (best engine variant
+    of one GPU), the card, and the mean MFU. Keyed so that a model two objectives share (MAE's and DINOv2's ViT-H)
+    and a recipe measured at several micro batches are told apart."""
     import glob
     import json
 
-    best: dict[str, float] = {}
+    best: dict[tuple[str, str, int], float] = {}
     card, mfus = None, []
+
+    def keep(row: dict, batch, img_s: float) -> None:
+        objective = _row_objective(row)
+        if objective and batch:
+            key = (objective, row["model"], int(batch))
+            best[key] = max(img_s, best.get(key, 0.0))
+
     for path in sorted(glob.glob(results_glob)):
         data = json.loads(open(path).read())
         if data.get("suite") == "train-scaling":  # its 1-GPU rows are single-GPU throughput too
             for row in data.get("rows", []):
                 if row.get("gpus") == 1 and row.get("img_s"):
-                    best[row["model"]] = max(row["img_s"], best.get(row["model"], 0.0))
+                    keep(row, row.get("batch_per_gpu"), row["img_s"])
                     mfus += [row["mfu"]] if row.get("mfu") else []
             continue
         if data.get("suite") != "train":
@@ -368,7 +389,7 @@ def _measured_throughput(results_glob: str) -> tuple[dict[str, float], str | Non
         for row in data.get("rows", []):
             vals = [row.get(k) for k in ("engine-triton_img_s", "engine-torch_img_s", "engine_img_s") if row.get(k)]
             if vals:
-                best[row["model"]] = max(max(vals), best.get(row["model"], 0.0))
+                keep(row, row.get("batch"), max(vals))
                 mfu = [row.get(k) for k in ("engine-triton_mfu", "engine-torch_mfu", "engine_mfu") if row.get(k)]
                 mfus += mfu
     return best, card, (sum(mfus) / len(mfus) if mfus else None)
@@ -377,7 +398,8 @@ def _measured_throughput(results_glob: str) -> tuple[dict[str, float], str | Non
 def recipe_table(recipes: list[str], results_glob: str = "bench/results/train-*.json",
                  peak: float = 989e12) -> str:
     """Markdown table of recipes: parameters, FLOPs/image, total compute, GPU-hours at the
-    throughput measured by `bench train` (or, for unmeasured models, at the mean measured MFU)."""
+    throughput measured by `bench train` for the recipe's objective, model and micro batch on one GPU (the best
+    such row), or, where none was measured, at the mean measured MFU."""
     measured, card, mfu = _measured_throughput(results_glob)
     head = ("| recipe | objective | model | encoder params | FLOPs / image (train) | images seen | total FLOP "
             "| img/s / GPU | GPU-hours |\n|---|---|---|---|---|---|---|---|---|")
@@ -386,8 +408,9 @@ def recipe_table(recipes: list[str], results_glob: str = "bench/results/train-*.
         cfg = load_config_for_table(recipe)
         plan = make_plan(cfg)
         images = plan.global_batch * plan.steps
-        if plan.model in measured:
-            rate, how = measured[plan.model], "measured"
+        key = (cfg.objective.name, plan.model, batch_geometry(cfg, 1)[0])  # measured at the recipe's micro batch
+        if key in measured:
+            rate, how = measured[key], "measured"
         elif mfu:
             rate, how = mfu * peak / plan.flops_per_image, "est."
         else:

@@ -119,7 +119,7 @@ def test_auto_compile_mode_picks_cuda_graphs_only_where_they_apply():
         assert resolve_compile_mode("auto", **(ok | change)) is None, change
     assert resolve_compile_mode("default", **ok) == "default" and resolve_compile_mode(None, **ok) is None
     assert resolve_compile_mode("max-autotune-no-cudagraphs", **(ok | {"world": 2})) == "max-autotune-no-cudagraphs"
-    # --dry-run says which the GPU run gets: the recipe's 16 micro-batches per step replay graphs too
+    # --dry-run says which the GPU run gets: the recipe's micro-batches per step (4 at 1024) replay graphs too
     from engine.plan import format_plan, make_plan
 
     cfg = load_config(ROOT / "recipes" / "vit_b_mae.yaml", [])
@@ -302,3 +302,34 @@ def test_cli_takes_overrides_after_the_options(capsys):
     out = capsys.readouterr().out
     assert "(micro 2)" in out
     assert "2 GPUs" in out and "8 GPUs" not in out
+
+
+def test_recipe_table_takes_throughput_by_objective_model_and_micro_batch(tmp_path):
+    """MAE's and DINOv2's ViT-H share a timm name, and a recipe may be measured at several micro batches: the table
+    takes only rows of the recipe's own objective and micro batch (one-GPU scaling rows included)."""
+    import json
+
+    from engine.plan import recipe_table
+
+    def result(name, suite, rows):
+        (tmp_path / name).write_text(json.dumps({"suite": suite, "card": "NVIDIA H200", "rows": rows}))
+
+    result("train-a.json", "train", [
+        {"recipe": "recipes/vit_h_mae.yaml", "model": "vit_huge_patch14_224", "objective": "mae", "batch": 256,
+         "engine-triton_img_s": 1384.0, "engine-triton_mfu": 0.4},
+        {"recipe": "recipes/vit_h_mae.yaml::train.micro_batch=512", "model": "vit_huge_patch14_224",
+         "objective": "mae", "batch": 512, "engine-triton_img_s": 9999.0},
+        {"recipe": "recipes/vit_h_dinov2.yaml", "model": "vit_huge_patch14_224", "objective": "dinov2", "batch": 32,
+         "engine-triton_img_s": 97.5, "engine-triton_mfu": 0.43}])
+    result("train-scaling-b.json", "train-scaling", [
+        {"recipe": "recipes/vit_l_dinov2.yaml", "model": "vit_large_patch14_reg4_dinov2", "gpus": 1,
+         "batch_per_gpu": 64, "img_s": 207.0, "mfu": 0.45},
+        {"recipe": "recipes/vit_l_dinov2.yaml", "model": "vit_large_patch14_reg4_dinov2", "gpus": 2,
+         "batch_per_gpu": 64, "img_s": 411.0}])
+    recipes = [str(ROOT / "recipes" / f"{r}.yaml") for r in ("vit_h_mae", "vit_h_dinov2", "vit_l_dinov2", "vit_b_mae")]
+    lines = {line.split("`")[1]: line for line in recipe_table(recipes, str(tmp_path / "train-*.json")).splitlines()
+             if line.startswith("| `")}
+    assert "1,384 (measured)" in lines["vit_h_mae.yaml"]  # not the 512 row: the recipe's micro batch is 256
+    assert "98 (measured)" in lines["vit_h_dinov2.yaml"]  # not MAE's figure under the same timm name
+    assert "207 (measured)" in lines["vit_l_dinov2.yaml"]  # the one-GPU scaling row, not the two-GPU one
+    assert "(est.)" in lines["vit_b_mae.yaml"]
