@@ -434,6 +434,61 @@ F4)  # session 24, nvidia-h200-x2: DINOv2 ViT-L (micro batch 64) under FSDP2, 1 
   step 330 python3 -m bench train --recipes recipes/vit_l_dinov2.yaml --gpus 2 --steps 8 --warmup 5 \
     --variants engine-triton --profile --tag s24-fsdp-prof
   ;;
+G25)  # session 25, nvidia-h200-x2: the giant recipes' activation checkpointing. The dry run (fixed in session 24) says
+      # MAE ViT-g fits without it (24.9 GiB at micro 64, ~53 at 256) and DINOv2 ViT-g at ac_every=2 (62 GiB, micro 32)
+      # or without it at micro 16 (59 GiB). Two processes at once, one per GPU; each compares in-process against a
+      # baseline row. GPU 0: MAE recipe (AC, 64) vs no AC at 256; GPU 1: no AC at 64 and at 128.
+  ( export CUDA_VISIBLE_DEVICES=0 PART=G25-gpu0
+    step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml \
+      "recipes/vit_g_mae.yaml::model.activation_checkpointing=false::train.micro_batch=256" \
+      --variants engine-triton --steps 6 --warmup 2 --tag s25-g-ac ) &
+  ( export CUDA_VISIBLE_DEVICES=1 PART=G25-gpu1
+    step 560 python3 -m bench train --recipes "recipes/vit_g_mae.yaml::model.activation_checkpointing=false" \
+      "recipes/vit_g_mae.yaml::model.activation_checkpointing=false::train.micro_batch=128" \
+      --variants engine-triton --steps 6 --warmup 2 --tag s25-g-noac ) &
+  wait
+  ;;
+G26)  # session 25, nvidia-h200-x2: DINOv2 ViT-g, the recipe (AC on every block, micro 32) against ac_every=2 (GPU 0),
+      # and without AC at micro 16 against AC at micro 64 (GPU 1); compile tuning off to save compile time
+  ( export CUDA_VISIBLE_DEVICES=0 PART=G26-gpu0
+    step 560 python3 -m bench train --recipes recipes/vit_g_dinov2.yaml "recipes/vit_g_dinov2.yaml::model.ac_every=2" \
+      --variants engine-triton --steps 8 --warmup 4 --override model.compile_tuning=false --tag s25-g-dino-ac2 ) &
+  ( export CUDA_VISIBLE_DEVICES=1 PART=G26-gpu1
+    step 560 python3 -m bench train \
+      "--recipes" "recipes/vit_g_dinov2.yaml::model.activation_checkpointing=false::train.micro_batch=16" \
+      "recipes/vit_g_dinov2.yaml::train.micro_batch=64" \
+      --variants engine-triton --steps 8 --warmup 4 --override model.compile_tuning=false --tag s25-g-dino-noac ) &
+  wait
+  ;;
+G27)  # session 25, nvidia-h200-x2: the ViT-H recipes (never measured before) with and without activation checkpointing:
+      # MAE (GPU 0: the recipe, AC at 64, vs no AC at 256) and DINOv2 (GPU 1: the recipe, AC at 32, vs no AC at 32)
+  ( export CUDA_VISIBLE_DEVICES=0 PART=G27-gpu0
+    step 560 python3 -m bench train --recipes recipes/vit_h_mae.yaml \
+      "recipes/vit_h_mae.yaml::model.activation_checkpointing=false::train.micro_batch=256" \
+      --variants engine-triton --steps 6 --warmup 2 --tag s25-h-ac ) &
+  ( export CUDA_VISIBLE_DEVICES=1 PART=G27-gpu1
+    step 560 python3 -m bench train --recipes recipes/vit_h_dinov2.yaml \
+      "recipes/vit_h_dinov2.yaml::model.activation_checkpointing=false" \
+      --variants engine-triton --steps 8 --warmup 4 --override model.compile_tuning=false --tag s25-h-dino-ac ) &
+  wait
+  ;;
+G28)  # session 25, nvidia-h200-x2: the giant recipes as changed after G25 / G26 (MAE: no AC, micro 256; DINOv2: AC on
+      # every 2nd block, micro 32) under FSDP2 on 2 GPUs
+  step 280 python3 -m bench train --recipes recipes/vit_g_mae.yaml --gpus 2 --steps 8 --warmup 3 \
+    --variants engine-triton --tag s25-g-mae-fsdp
+  step 280 python3 -m bench train --recipes recipes/vit_g_dinov2.yaml --gpus 2 --steps 8 --warmup 4 \
+    --variants engine-triton --override model.compile_tuning=false --tag s25-g-dino-fsdp
+  ;;
+G29)  # session 25, nvidia-h200-x2: the small MAE recipes' micro batch (ViT-T / ViT-S never measured before; ViT-B
+      # measured at 256 only): GPU 0 ViT-B at 256 / 512 / 1024, GPU 1 ViT-T and ViT-S at 512 / 2048
+  ( export CUDA_VISIBLE_DEVICES=0 PART=G29-gpu0
+    step 560 python3 -m bench train --recipes recipes/vit_b_mae.yaml recipes/vit_b_mae.yaml recipes/vit_b_mae.yaml \
+      --batch 256 512 1024 --variants engine-triton --steps 8 --warmup 3 --tag s25-b-batch ) &
+  ( export CUDA_VISIBLE_DEVICES=1 PART=G29-gpu1
+    step 560 python3 -m bench train --recipes recipes/vit_t_mae.yaml recipes/vit_t_mae.yaml recipes/vit_s_mae.yaml \
+      recipes/vit_s_mae.yaml --batch 512 2048 512 2048 --variants engine-triton --steps 8 --warmup 3 --tag s25-ts-batch ) &
+  wait
+  ;;
 K76)  # session 23: the soft-ce rows on the GPU after session 22's review, with the new "softmax+ce" rows (DINO's softmax
       # centering as factors, kernels.softmax_targets); the iBOT switch alone under centering: softmax (compile tuning
       # off to save its ~100 s); MAE ViT-L re-timed with the day's defaults. Measured 2026-11-29: softmax+ce 7.78x /
