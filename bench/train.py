@@ -341,16 +341,18 @@ def run_scaling(args) -> int:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                        "-m", "bench", "train", "--worker-json", out, "--recipes", recipe, "--batch", str(batch),
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", args.variants[0],
+                       "--accum", str(args.accum),
                        "--override", *args.override, "--compile-mode", args.compile_mode] + (
                            ["--no-compile"] if args.no_compile else [])
                 if args.profile:
                     cmd += ["--profile", "1"]
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 row = {"recipe": recipe, "model": cfg.model.name, "gpus": n, "batch_per_gpu": batch,
-                       "variant": args.variants[0]}
+                       "accum": args.accum, "variant": args.variants[0]}
                 if r.returncode == 0 and os.path.exists(out):
                     res = json.load(open(out))
-                    row.update(img_s=res["img_per_s"], step_ms=res["step_ms"], peak_mem_gib=res.get("peak_mem_gib"))
+                    row.update(img_s=res["img_per_s"], step_ms=res["step_ms"], peak_mem_gib=res.get("peak_mem_gib"),
+                               accum=res.get("accum"))  # as the workers ran it
                     if res.get("profile"):
                         row["profile_ms"] = res["profile"]
                         text = out + ".prof.txt"
@@ -388,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="per-GPU batch for each recipe (default: the recipe's micro_batch)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--accum", type=int, default=1,
-                    help="engine variants, one GPU: micro-batches of --batch per step (gradient accumulation)")
+                    help="engine variants: micro-batches of --batch per step (gradient accumulation; under --gpus "
+                         "the gradients are reduced once a step, on the last, as in a run)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=["engine-triton", "engine-torch", "naive"],
                     help="engine-triton (our kernels), engine-torch (SDPA + torch masking/loss), naive")
@@ -406,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default=None, help="name this run's result file apart (e.g. the overrides tried)")
     ap.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)  # internal: one torchrun worker
     args = ap.parse_args(argv)
-    if args.accum < 1 or (args.accum > 1 and args.gpus):
-        ap.error("--accum takes a positive count and applies to the one-GPU engine variants (not --gpus)")
+    if args.accum < 1:
+        ap.error("--accum takes a positive count of micro-batches per step")
     if args.gpus:
         return run_scaling(args)
     if args.worker_json:
@@ -418,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.model.compile = not args.no_compile
         cfg.model.compile_mode = args.compile_mode
         cfg.model.kernels = "triton" if args.variants[0] == "engine-triton" else "torch"
-        res = run_engine(cfg, args.batch[0], args.steps, args.warmup,
+        res = run_engine(cfg, args.batch[0], args.steps, args.warmup, accum=args.accum,
                          profile=args.worker_json + ".prof.txt" if args.profile else None)
         if int(os.environ.get("RANK", 0)) == 0:
             json.dump(res, open(args.worker_json, "w"))

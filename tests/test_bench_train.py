@@ -108,3 +108,21 @@ def test_recipe_entries_carry_their_own_overrides(monkeypatch, tmp_path):
     assert [r["recipe"] for r in rows] == ["recipes/quickstart.yaml", "recipes/quickstart.yaml::train.micro_batch=2"]
     assert [r["batch"] for r in rows][1] == 2 and rows[0]["batch"] != 2
     assert all(r["engine-torch_img_s"] > 0 for r in rows)
+
+
+def test_scaling_mode_accumulates_under_torchrun(monkeypatch, tmp_path):
+    """`--gpus N --accum K` (CPU ranks over gloo here): the torchrun workers run K micro-batches a step, as a run
+    does (gradients reduced once, on the last), so a scaling figure is not charged a reduction per micro-batch."""
+    import json
+
+    import bench.common
+    from bench.train import main
+
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    assert main(["--recipes", "recipes/quickstart.yaml", "--gpus", "2", "--accum", "2", "--batch", "4",
+                 "--steps", "1", "--warmup", "1", "--no-compile", "--variants", "engine-torch",
+                 "--override", "data.shards=synthetic", "--tag", "t"]) == 0
+    (result,) = tmp_path.glob("train-scaling-*-t.json")
+    (row,) = json.loads(result.read_text())["rows"]
+    assert "error" not in row, row.get("error")
+    assert row["gpus"] == 2 and row["accum"] == 2 and row["img_s"] > 0
