@@ -489,6 +489,11 @@ G29)  # session 25, nvidia-h200-x2: the small MAE recipes' micro batch (ViT-T / 
       recipes/vit_s_mae.yaml --batch 512 2048 512 2048 --variants engine-triton --steps 8 --warmup 3 --tag s25-ts-batch ) &
   wait
   ;;
+G30)  # session 25, nvidia-h200-x2: the MAE ViT-g recipe (no AC, micro 256) on 1 and 2 GPUs with 4 micro-batches a step
+      # (one gradient reduction a step, as a run at the global batch does), against G28's one micro-batch a step
+  step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --gpus 1 2 --accum 4 --steps 5 --warmup 3 \
+    --variants engine-triton --tag s25-g-mae-fsdp-accum4
+  ;;
 K76)  # session 23: the soft-ce rows on the GPU after session 22's review, with the new "softmax+ce" rows (DINO's softmax
       # centering as factors, kernels.softmax_targets); the iBOT switch alone under centering: softmax (compile tuning
       # off to save its ~100 s); MAE ViT-L re-timed with the day's defaults. Measured 2026-11-29: softmax+ce 7.78x /
