@@ -43,9 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _gpu_counts_last(argv: list[str]) -> list[str]:
+    """Move `--gpus N [N ...]` (its integers only) to the end, so that an override after it is not read as a count."""
+    head, tail, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--gpus":
+            tail.append(argv[i])
+            i += 1
+            while i < len(argv) and argv[i].isdigit():
+                tail.append(argv[i])
+                i += 1
+        else:
+            head.append(argv[i])
+            i += 1
+    return head + tail
+
+
 def main(argv: list[str] | None = None) -> int:
-    # intermixed: overrides may follow the options too (`RECIPE --dry-run model.x=1`), not only precede them
-    args = build_parser().parse_intermixed_args(argv)
+    # intermixed: overrides may follow the options too (`RECIPE --dry-run model.x=1 --gpus 1 8 train.y=2`)
+    args = build_parser().parse_intermixed_args(_gpu_counts_last(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         overlays = [a for a in args.overrides if "=" not in a and a.endswith((".yaml", ".yml"))]

@@ -293,11 +293,11 @@ def test_planning_traces_the_gpu_path_on_meta_tensors():
 
 
 def test_cli_takes_overrides_after_the_options(capsys):
-    """`RECIPE --dry-run key=value --gpus N` parses as `RECIPE key=value --dry-run --gpus N` (argparse's plain
-    parse stops the positionals at the first option and rejected the override)."""
+    """`RECIPE --dry-run --gpus N N key=value` parses as `RECIPE key=value --dry-run --gpus N N` (argparse's plain
+    parse stopped the positionals at the first option, and --gpus read the override as a count)."""
     import engine.run
 
-    argv = [str(ROOT / "recipes" / "quickstart.yaml"), "--dry-run", "train.micro_batch=2", "--gpus", "1", "2"]
+    argv = [str(ROOT / "recipes" / "quickstart.yaml"), "--dry-run", "--gpus", "1", "2", "train.micro_batch=2"]
     assert engine.run.main(argv) == 0
     out = capsys.readouterr().out
     assert "(micro 2)" in out
