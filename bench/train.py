@@ -234,7 +234,9 @@ def profile_steps(step, device: torch.device, path: str, title: str, n: int = 3)
         if e.key.startswith("train_step/"):
             summary[e.key.split("/")[1] + "_host_ms"] = e.cpu_time_total / 1e3 / n
     gaps = None
-    if cuda:  # where the device waits: idle gaps between kernels, by the host op that launched the kernel after each
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    if cuda and rank0:  # where the device waits: idle gaps between kernels, by the host op that launched the kernel
+        # after each (rank 0's trace only: the others' would be exported and parsed for nothing)
         import json
         import tempfile
 
@@ -244,7 +246,7 @@ def profile_steps(step, device: torch.device, path: str, title: str, n: int = 3)
             with open(trace) as f:
                 gaps = device_gaps(json.load(f).get("traceEvents", []), n)
         summary["device_idle_ms"] = gaps["idle_ms"]
-    if int(os.environ.get("RANK", 0)) == 0:
+    if rank0:
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         with open(path, "w") as f:
             f.write(f"# {title}; per-step summary (ms): {summary}\n\n")
