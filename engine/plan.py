@@ -134,18 +134,24 @@ def measure_model(cfg: Config) -> dict[str, float]:
     # measured on an H200 for DINOv2 ViT-S / B / L / g (the torch path's: 5-14 %) and 6 % under for MAE ViT-L b512,
     # whose compiled step holds a CUDA-graph pool besides.
     model, context = _activation_model(cfg)
-    with context():
-        # batch 2 and 3, not 1 and 2: at batch 1 some views share a base (a single image's expand) and the trace is
-        # not yet linear in the batch
-        two, three = (_trace(model, b, ac=ac)[1] for b in (2, 3))
+    per_image, fixed = _activation_parts(model, context, ac)
     return {
         "encoder_params": count_params(model.encoder),
         "total_params": count_params(model),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "flops": flops,
-        "act_bytes": float(max(0, three - two)),
-        "act_fixed_bytes": float(max(0, 3 * two - 2 * three)),
+        "act_bytes": per_image,
+        "act_fixed_bytes": fixed,
     }
+
+
+def _activation_parts(model, context, ac: tuple[int, str] | None) -> tuple[float, float]:
+    """(bytes saved for backward per image, bytes that do not grow with the batch), fp32 on the meta device, from
+    traces at batch 2 and 3 (not 1 and 2: at batch 1 some views share a base, a single image's expand, and the trace
+    is not yet linear in the batch)."""
+    with context():
+        two, three = (_trace(model, b, ac=ac)[1] for b in (2, 3))
+    return float(max(0, three - two)), float(max(0, 3 * two - 2 * three))
 
 
 def _activation_model(cfg: Config):
@@ -314,6 +320,48 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
                      + (f" + gathered bf16 params {gathered / gib:.1f} GiB" if gathered else "") + " = "
                      f"{total / gib:7.1f} GiB -> {fits} on an 80 GB H100{hint}")
     return "\n".join(lines)
+
+
+def checkpointing_advice(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1,)) -> list[str]:
+    """With model.activation_checkpointing on: for each GPU count where a lighter setting's estimate also fits an
+    80 GB H100 at the recipe's micro batch, the lightest such (none at all, else checkpointing every k-th block, the
+    largest k above the recipe's), as lines for the dry run. Each checkpointed block runs its forward twice, so a
+    lighter setting is faster where it fits (on an H200, 2026-11-30: MAE ViT-g / ViT-H 1.48x / 1.44x without it,
+    DINOv2 ViT-g 1.12x at every 2nd block instead of every block). Empty when checkpointing is off or nothing lighter
+    fits. Traces each candidate on the meta device (a few seconds each for a ViT-g), lightest first, and stops once
+    every GPU count has its answer."""
+    m = cfg.model
+    if not m.activation_checkpointing:
+        return []
+    model, context = _activation_model(cfg)
+    depth = len(model.encoder.blocks)
+    candidates = [None] + [(k, m.ac_policy) for k in (4, 3, 2) if k > m.ac_every and k < depth]
+    todo = {}
+    for n in gpu_counts:
+        try:
+            todo[n] = batch_geometry(cfg, n)[0]
+        except ValueError:
+            continue
+    lines = []
+    for ac in candidates:
+        if not todo:
+            break
+        per_image, fixed = _activation_parts(model, context, ac)
+        for n, micro in list(todo.items()):
+            acts = (fixed + per_image * micro) * 0.5  # bf16 autocast, as Plan.activation_bytes
+            total = _batch_free_bytes(cfg, plan, n) + acts
+            if total < H100_USABLE:
+                setting = ("without checkpointing: model.activation_checkpointing=false" if ac is None else
+                           f"checkpointing every {_ordinal(ac[0])} block ({len(range(0, depth, ac[0]))} of {depth}): "
+                           f"model.ac_every={ac[0]}")
+                lines.append((n, f"  {n} GPU{'s' if n > 1 else ' '}{' (FSDP)' if n > 1 else '       '}  "
+                                 f"{total / 1024**3:6.1f} GiB at micro {micro} {setting}"))
+                del todo[n]
+    return [line for _, line in sorted(lines)]
+
+
+def _ordinal(k: int) -> str:
+    return f"{k}{'nd' if k == 2 else 'rd' if k == 3 else 'th'}"
 
 
 USABLE_FRACTION = 0.92  # of a card's memory the plan lets a run take (the rest: CUDA context, workspaces)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from engine.plan import format_plan, make_plan
+        from engine.plan import checkpointing_advice, format_plan, make_plan
 
         try:
             plan = make_plan(cfg, world=1)
@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(format_plan(cfg, plan, tuple(args.gpus)))
+        lighter = checkpointing_advice(cfg, plan, tuple(args.gpus))
+        if lighter:  # each checkpointed block runs its forward twice: where less checkpointing fits, it is faster
+            print("lighter checkpointing that also fits (each checkpointed block's forward runs twice; faster):")
+            print("\n".join(lighter))
         return 0
 
     import torch

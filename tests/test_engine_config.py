@@ -333,3 +333,36 @@ def test_recipe_table_takes_throughput_by_objective_model_and_micro_batch(tmp_pa
     assert "98 (measured)" in lines["vit_h_dinov2.yaml"]  # not MAE's figure under the same timm name
     assert "207 (measured)" in lines["vit_l_dinov2.yaml"]  # the one-GPU scaling row, not the two-GPU one
     assert "(est.)" in lines["vit_b_mae.yaml"]
+
+
+def test_dry_run_names_lighter_checkpointing_that_fits(monkeypatch, capsys):
+    """checkpointing_advice: with checkpointing on, the lightest setting whose estimate fits at the recipe's micro
+    batch (none at all, else every k-th block, the largest k), per GPU count; nothing where only the recipe's fits,
+    nothing with checkpointing off. The dry run prints it."""
+    import engine.plan
+    import engine.run
+    from engine.plan import _batch_free_bytes, checkpointing_advice, make_plan, measure_model
+
+    qs = ROOT / "recipes" / "quickstart.yaml"
+    on = ["model.activation_checkpointing=true"]
+    cfg = load_config(qs, on)
+    plan = make_plan(cfg)
+    (line,) = checkpointing_advice(cfg, plan, (1,))
+    assert "without checkpointing: model.activation_checkpointing=false" in line and f"micro {plan.micro_batch}" in line
+
+    def total(overrides):  # the 1-GPU estimate at the recipe's micro batch, as the advice computes it
+        m = measure_model(load_config(qs, overrides))
+        return _batch_free_bytes(cfg, plan, 1) + (m["act_fixed_bytes"] + m["act_bytes"] * plan.micro_batch) / 2
+
+    every2, every3 = total(on + ["model.ac_every=2"]), total(on + ["model.ac_every=3"])
+    assert every2 < every3 < total([])
+    monkeypatch.setattr(engine.plan, "H100_USABLE", (every2 + every3) / 2)  # every 2nd block fits, every 3rd not
+    (line,) = checkpointing_advice(cfg, plan, (1,))
+    assert "every 2nd block (6 of 12): model.ac_every=2" in line
+    monkeypatch.setattr(engine.plan, "H100_USABLE", every2 * 0.99)
+    assert checkpointing_advice(cfg, plan, (1,)) == []
+    off = load_config(qs)
+    assert checkpointing_advice(off, make_plan(off), (1,)) == []
+    monkeypatch.setattr(engine.plan, "H100_USABLE", 80e9 * 0.92)
+    assert engine.run.main([str(qs), "--dry-run", "--gpus", "1", *on]) == 0
+    assert "lighter checkpointing that also fits" in capsys.readouterr().out
