@@ -322,17 +322,18 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
     return "\n".join(lines)
 
 
-def checkpointing_advice(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1,)) -> list[str]:
-    """With model.activation_checkpointing on: for each GPU count where a lighter setting's estimate also fits an
-    80 GB H100 at the recipe's micro batch, the lightest such (none at all, else checkpointing every k-th block, the
-    largest k above the recipe's), as lines for the dry run. Each checkpointed block runs its forward twice, so a
-    lighter setting is faster where it fits (on an H200, 2026-11-30: MAE ViT-g / ViT-H 1.48x / 1.44x without it,
-    DINOv2 ViT-g 1.12x at every 2nd block instead of every block). Empty when checkpointing is off or nothing lighter
-    fits. Traces each candidate on the meta device (a few seconds each for a ViT-g), lightest first, and stops once
-    every GPU count has its answer."""
+def lighter_checkpointing(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1,),
+                          budget: float | None = None) -> dict[int, str]:
+    """With model.activation_checkpointing on: for each GPU count where a lighter setting's estimate also fits
+    `budget` bytes (default: an 80 GB H100's usable part) at the recipe's micro batch, the lightest such (none at all,
+    else checkpointing every k-th block, the largest k above the recipe's), as a phrase naming the estimate and the
+    override. Each checkpointed block runs its forward twice, so a lighter setting is faster where it fits (on an
+    H200, 2026-11-30: MAE ViT-g / ViT-H 1.48x / 1.44x without it, DINOv2 ViT-g 1.12x at every 2nd block instead of
+    every block). Empty when checkpointing is off or nothing lighter fits. Traces each candidate on the meta device
+    (a few seconds each for a ViT-g), lightest first, and stops once every GPU count has its answer."""
     m = cfg.model
     if not m.activation_checkpointing:
-        return []
+        return {}
     model, context = _activation_model(cfg)
     depth = len(model.encoder.blocks)
     candidates = [None] + [(k, m.ac_policy) for k in (4, 3, 2) if k > m.ac_every and k < depth]
@@ -342,22 +343,20 @@ def checkpointing_advice(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = 
             todo[n] = batch_geometry(cfg, n)[0]
         except ValueError:
             continue
-    lines = []
+    found: dict[int, str] = {}
     for ac in candidates:
         if not todo:
             break
         per_image, fixed = _activation_parts(model, context, ac)
         for n, micro in list(todo.items()):
-            acts = (fixed + per_image * micro) * 0.5  # bf16 autocast, as Plan.activation_bytes
-            total = _batch_free_bytes(cfg, plan, n) + acts
-            if total < H100_USABLE:
+            total = _batch_free_bytes(cfg, plan, n) + (fixed + per_image * micro) * 0.5  # bf16, as activation_bytes
+            if total < (H100_USABLE if budget is None else budget):
                 setting = ("without checkpointing: model.activation_checkpointing=false" if ac is None else
                            f"checkpointing every {_ordinal(ac[0])} block ({len(range(0, depth, ac[0]))} of {depth}): "
                            f"model.ac_every={ac[0]}")
-                lines.append((n, f"  {n} GPU{'s' if n > 1 else ' '}{' (FSDP)' if n > 1 else '       '}  "
-                                 f"{total / 1024**3:6.1f} GiB at micro {micro} {setting}"))
+                found[n] = f"{total / 1024**3:.1f} GiB at micro {micro} {setting}"
                 del todo[n]
-    return [line for _, line in sorted(lines)]
+    return dict(sorted(found.items()))
 
 
 def _ordinal(k: int) -> str:

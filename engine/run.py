@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from engine.plan import checkpointing_advice, format_plan, make_plan
+        from engine.plan import format_plan, lighter_checkpointing, make_plan
 
         try:
             plan = make_plan(cfg, world=1)
@@ -79,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(format_plan(cfg, plan, tuple(args.gpus)))
-        lighter = checkpointing_advice(cfg, plan, tuple(args.gpus))
+        lighter = lighter_checkpointing(cfg, plan, tuple(args.gpus))
         if lighter:  # each checkpointed block runs its forward twice: where less checkpointing fits, it is faster
             print("lighter checkpointing that also fits (each checkpointed block's forward runs twice; faster):")
-            print("\n".join(lighter))
+            for n, text in lighter.items():
+                print(f"  {n} GPU{'s' if n > 1 else ' '}{' (FSDP)' if n > 1 else '       '}  {text}")
         return 0
 
     import torch
@@ -98,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         advice = _advice(cfg, world, capacity)
         if advice:
             print(f"warning: {advice}", file=sys.stderr)
+        elif cfg.model.activation_checkpointing:
+            lighter = _lighter_checkpointing(cfg, world, capacity)
+            if lighter:
+                print(f"note: activation checkpointing is on, but on this {capacity / 2**30:.0f} GiB GPU the plan "
+                      f"also fits {lighter} (each checkpointed block's forward runs twice, so that is faster)",
+                      file=sys.stderr)
     try:
         trainer = Trainer(cfg, run_dir)
         if trainer.dist.main:
@@ -137,6 +144,17 @@ def _advice(cfg, world: int, capacity: float | None, failed: bool = False) -> st
 
     try:
         return memory_advice(cfg, world, capacity, failed=failed)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _lighter_checkpointing(cfg, world: int, capacity: float) -> str | None:
+    """engine.plan.lighter_checkpointing for this run's GPU count and card; None if nothing lighter fits or the plan
+    cannot be made (a note must never stop a run)."""
+    from engine.plan import USABLE_FRACTION, lighter_checkpointing, make_plan
+
+    try:
+        return lighter_checkpointing(cfg, make_plan(cfg, world), (world,), capacity * USABLE_FRACTION).get(world)
     except Exception:  # noqa: BLE001
         return None
 

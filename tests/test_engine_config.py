@@ -336,18 +336,18 @@ def test_recipe_table_takes_throughput_by_objective_model_and_micro_batch(tmp_pa
 
 
 def test_dry_run_names_lighter_checkpointing_that_fits(monkeypatch, capsys):
-    """checkpointing_advice: with checkpointing on, the lightest setting whose estimate fits at the recipe's micro
+    """lighter_checkpointing: with checkpointing on, the lightest setting whose estimate fits at the recipe's micro
     batch (none at all, else every k-th block, the largest k), per GPU count; nothing where only the recipe's fits,
     nothing with checkpointing off. The dry run prints it."""
     import engine.plan
     import engine.run
-    from engine.plan import _batch_free_bytes, checkpointing_advice, make_plan, measure_model
+    from engine.plan import _batch_free_bytes, lighter_checkpointing, make_plan, measure_model
 
     qs = ROOT / "recipes" / "quickstart.yaml"
     on = ["model.activation_checkpointing=true"]
     cfg = load_config(qs, on)
     plan = make_plan(cfg)
-    (line,) = checkpointing_advice(cfg, plan, (1,))
+    (line,) = lighter_checkpointing(cfg, plan, (1,)).values()
     assert "without checkpointing: model.activation_checkpointing=false" in line and f"micro {plan.micro_batch}" in line
 
     def total(overrides):  # the 1-GPU estimate at the recipe's micro batch, as the advice computes it
@@ -357,12 +357,31 @@ def test_dry_run_names_lighter_checkpointing_that_fits(monkeypatch, capsys):
     every2, every3 = total(on + ["model.ac_every=2"]), total(on + ["model.ac_every=3"])
     assert every2 < every3 < total([])
     monkeypatch.setattr(engine.plan, "H100_USABLE", (every2 + every3) / 2)  # every 2nd block fits, every 3rd not
-    (line,) = checkpointing_advice(cfg, plan, (1,))
+    (line,) = lighter_checkpointing(cfg, plan, (1,)).values()
     assert "every 2nd block (6 of 12): model.ac_every=2" in line
     monkeypatch.setattr(engine.plan, "H100_USABLE", every2 * 0.99)
-    assert checkpointing_advice(cfg, plan, (1,)) == []
+    assert lighter_checkpointing(cfg, plan, (1,)) == {}
+    assert "ac_every=2" in lighter_checkpointing(cfg, plan, (1,), budget=(every2 + every3) / 2)[1]  # a card's budget
     off = load_config(qs)
-    assert checkpointing_advice(off, make_plan(off), (1,)) == []
+    assert lighter_checkpointing(off, make_plan(off), (1,)) == {}
     monkeypatch.setattr(engine.plan, "H100_USABLE", 80e9 * 0.92)
     assert engine.run.main([str(qs), "--dry-run", "--gpus", "1", *on]) == 0
     assert "lighter checkpointing that also fits" in capsys.readouterr().out
+
+
+def test_run_notes_lighter_checkpointing_for_the_card(monkeypatch, tmp_path, capsys):
+    """Before a GPU run with checkpointing on, engine.run notes a lighter setting that the plan fits on this card (the
+    card's size faked here; training stubbed), and says nothing with checkpointing off."""
+    import engine.run
+    import engine.train
+
+    monkeypatch.setattr(engine.run, "_gpu_memory", lambda cfg: (1, 24 * 2**30))
+    monkeypatch.setattr(engine.train.Trainer, "fit", lambda self, stop_after=None: None)
+    args = [str(ROOT / "recipes" / "quickstart.yaml"), "data.shards=synthetic", f"run.dir={tmp_path}/run",
+            "log.progress=false"]
+    assert engine.run.main(args + ["model.activation_checkpointing=true"]) == 0
+    err = capsys.readouterr().err
+    assert "note: activation checkpointing is on, but on this 24 GiB GPU the plan also fits" in err
+    assert "model.activation_checkpointing=false" in err
+    assert engine.run.main(args) == 0
+    assert "note: activation checkpointing" not in capsys.readouterr().err
