@@ -359,7 +359,8 @@ def run_scaling(args) -> int:
                         row["profile_ms"] = res["profile"]
                         text = out + ".prof.txt"
                         if os.path.exists(text):
-                            dest = RESULTS_PROFILE_DIR / f"{Path(recipe.split('::')[0]).stem}-{n}gpu-{args.tag or 'default'}.txt"
+                            stem = Path(recipe.split("::")[0]).stem
+                            dest = RESULTS_PROFILE_DIR / f"{stem}-{n}gpu-{args.tag or 'default'}.txt"
                             dest.parent.mkdir(parents=True, exist_ok=True)
                             shutil.copy(text, dest)
                             row["profile_tables"] = str(dest)

@@ -131,8 +131,9 @@ def measure_model(cfg: Config) -> dict[str, float]:
     # The activations as a GPU run keeps them: where model.kernels takes our kernels on CUDA, the model is built for
     # CUDA and traced through their custom ops (attention keeps q, k, v, o and the LSE, not the probabilities; the
     # fused cross-entropies keep no [rows, prototypes] fp32 copies). That estimate ran 1.3-4 % over the peaks
-    # measured on an H200 for DINOv2 ViT-S / B / L / g (the torch path's: 5-14 %) and 6 % under for MAE ViT-L b512,
-    # whose compiled step holds a CUDA-graph pool besides.
+    # measured on an H200 for DINOv2 ViT-S / B / L / g (the torch path's: 5-14 %). MAE steps of one micro-batch
+    # replaying CUDA graphs peak 5-12 % above it (ViT-T to ViT-g); with accumulation, as the recipes run on one GPU,
+    # and under FSDP2 the MAE estimate came within 3 % (README).
     model, context = _activation_model(cfg)
     per_image, fixed = _activation_parts(model, context, ac)
     return {
