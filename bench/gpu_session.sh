@@ -494,6 +494,13 @@ G30)  # session 25, nvidia-h200-x2: the MAE ViT-g recipe (no AC, micro 256) on 1
   step 560 python3 -m bench train --recipes recipes/vit_g_mae.yaml --gpus 1 2 --accum 4 --steps 5 --warmup 3 \
     --variants engine-triton --tag s25-g-mae-fsdp-accum4
   ;;
+G31)  # session 25, one H200 (run as a plain call, not through this script): engine.run on the quickstart recipe with
+      # activation checkpointing on (its note names a lighter setting), then MAE ViT-S at micro 512 vs 1024
+  step 120 python3 -m engine.run recipes/quickstart.yaml data.shards=synthetic model.activation_checkpointing=true \
+    run.dir=/tmp/qs log.progress=false --stop-after-steps 20
+  step 170 python3 -m bench train --recipes recipes/vit_s_mae.yaml recipes/vit_s_mae.yaml --batch 512 1024 \
+    --variants engine-triton --steps 8 --warmup 3 --tag s25-s-batch
+  ;;
 K76)  # session 23: the soft-ce rows on the GPU after session 22's review, with the new "softmax+ce" rows (DINO's softmax
       # centering as factors, kernels.softmax_targets); the iBOT switch alone under centering: softmax (compile tuning
       # off to save its ~100 s); MAE ViT-L re-timed with the day's defaults. Measured 2026-11-29: softmax+ce 7.78x /
