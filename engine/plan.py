@@ -501,8 +501,8 @@ if __name__ == "__main__":
 def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bool = False) -> str | None:
     """What to tell a user whose run at `world` GPUs of `capacity` bytes each will not fit (failed=False: a warning
     before training, None when the plan's estimate fits) or ran out of memory (failed=True: always a message). It
-    names the estimate, the largest micro batch the estimate fits on this card (keeping the global batch) and
-    activation checkpointing where it is off. The estimate came within -6 to +12 % of measured peaks (README), so a
+    names the estimate, the largest micro batch the estimate fits on this card (keeping the global batch),
+    activation checkpointing where it is off, and checkpointing every block where only every k-th is and that fits. The estimate came within -6 to +12 % of measured peaks (README), so a
     warning is a warning only."""
     plan = make_plan(cfg, world)
     micro = plan.micro_batch
@@ -524,6 +524,12 @@ def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bo
                      f"{cfg.train.batch_size} through accumulation)")
     if not cfg.model.activation_checkpointing:
         hints.append("model.activation_checkpointing=true")
+    elif cfg.model.ac_every > 1 and budget:  # checkpointing only every k-th block: every block may fit
+        model, context = _activation_model(cfg)
+        per_image, fixed = _activation_parts(model, context, (1, cfg.model.ac_policy))
+        every = states + (fixed + per_image * micro) * 0.5  # bf16, as Plan.activation_bytes
+        if every < budget:
+            hints.append(f"model.ac_every=1 (checkpointing every block: {every / gib:.1f} GiB at micro {micro})")
     if world == 1:
         hints.append("more GPUs (torchrun: FSDP2 shards the weights and optimizer state)")
     return text + (" Try " + ", or ".join(hints) + "." if hints else "")

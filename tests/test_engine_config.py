@@ -385,3 +385,21 @@ def test_run_notes_lighter_checkpointing_for_the_card(monkeypatch, tmp_path, cap
     assert "model.activation_checkpointing=false" in err
     assert engine.run.main(args) == 0
     assert "note: activation checkpointing" not in capsys.readouterr().err
+
+
+def test_memory_advice_names_checkpointing_every_block_where_that_fits():
+    """With checkpointing every 2nd block and a card where that does not fit but every block does, the warning names
+    model.ac_every=1 with its estimate; on a card too small for that as well, it does not."""
+    import engine.plan as ep
+
+    qs = ROOT / "recipes" / "quickstart.yaml"
+    cfg = load_config(qs, ["model.activation_checkpointing=true", "model.ac_every=2"])
+    plan = ep.make_plan(cfg)
+    states = plan.memory_per_gpu(world=1)["states"]
+    every = ep.make_plan(load_config(qs, ["model.activation_checkpointing=true"]))
+    need_every, need_half = states + every.activation_bytes(32), states + plan.activation_bytes(32)
+    assert need_every < need_half
+    text = ep.memory_advice(cfg, 1, (need_every + need_half) / 2 / 0.92)
+    assert text.startswith("micro batch 32 may not fit"), text
+    assert f"model.ac_every=1 (checkpointing every block: {need_every / 2**30:.1f} GiB at micro 32)" in text, text
+    assert "ac_every=1" not in ep.memory_advice(cfg, 1, need_every * 0.99 / 0.92)
