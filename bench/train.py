@@ -483,8 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["model", "batch"] + [f"{v}_img_s" for v in args.variants] + ["best_engine_vs_naive"]
     print()
     print_table(rows, cols)
-    tag = "+".join(r["model"].replace("vit_", "").split("_patch")[0] + ("-dinov2" if r["objective"] == "dinov2" else "")
-                   for r in rows) + (f"-{args.tag}" if args.tag else "")
+    names = [r["model"].replace("vit_", "").split("_patch")[0] + ("-dinov2" if r["objective"] == "dinov2" else "")
+             for r in rows]
+    # each model once (rows of one recipe at several settings named it once a row: "giant-giant")
+    tag = "+".join(dict.fromkeys(names)) + (f"-{args.tag}" if args.tag else "")
     path = write_result("train", {"device": str(device), "peak_bf16_flops": peak, "compile": not args.no_compile,
                                   "steps": args.steps, "rows": rows}, argv if argv is not None else [], tag=tag)
     bar_plot(path.with_suffix(".png"), [entry_label(r["recipe"], r["model"]) for r in rows],

@@ -104,6 +104,7 @@ def test_recipe_entries_carry_their_own_overrides(monkeypatch, tmp_path):
                  "--variants", "engine-torch", "--steps", "1", "--warmup", "1", "--no-compile",
                  "--override", "data.shards=synthetic", f"run.dir={tmp_path}/runs", "--tag", "t"]) == 0
     (result,) = tmp_path.glob("train-*-t.json")
+    assert result.name.endswith("-tiny-t.json"), result.name  # the model named once in the file name
     rows = json.loads(result.read_text())["rows"]
     assert [r["recipe"] for r in rows] == ["recipes/quickstart.yaml", "recipes/quickstart.yaml::train.micro_batch=2"]
     assert [r["batch"] for r in rows][1] == 2 and rows[0]["batch"] != 2
