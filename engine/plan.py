@@ -300,7 +300,8 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
         f"data            {', '.join(plan.sources)}  backend {cfg.data.backend}"
         + (f"  ({plan.num_samples:,} samples)" if plan.num_samples else ""),
         "memory / GPU    (fp32 weights+grads+AdamW, bf16 activations at the micro batch"
-        + (", blocks checkpointed" if cfg.model.activation_checkpointing else "") + ")",
+        + ((", blocks checkpointed" if cfg.model.ac_every == 1 else f", every {_ordinal(cfg.model.ac_every)} block "
+            "checkpointed") if cfg.model.activation_checkpointing else "") + ")",
     ]
     for n in gpu_counts:
         try:

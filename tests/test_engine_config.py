@@ -209,6 +209,8 @@ def test_plan_counts_activation_checkpointing():
     assert ac["flops"] == base["flops"]  # the model's FLOPs: no recomputation counted
     cfg = load_config(qs, ["model.activation_checkpointing=true"])
     assert "blocks checkpointed" in format_plan(cfg, make_plan(cfg))
+    cfg = load_config(qs, ["model.activation_checkpointing=true", "model.ac_every=2"])
+    assert "every 2nd block checkpointed" in format_plan(cfg, make_plan(cfg))
 
 
 def test_plan_names_the_largest_micro_batch_that_fits(monkeypatch):
