@@ -127,12 +127,17 @@ def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], ylab
         return None
     n = max(len(series), 1)
     width = 0.8 / n
-    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 1.2), 4))
+    # labels of several lines (a model and its settings) stand upright, each as wide as its longest line needs
+    multiline = any("\n" in label for label in labels)
+    longest = max((len(line) for label in labels for line in label.split("\n")), default=0)
+    per_label = max(1.2, 0.1 * longest + 0.3) if multiline else 1.2
+    fig, ax = plt.subplots(figsize=(max(6, len(labels) * per_label), 4 + 0.3 * multiline * max(
+        label.count("\n") for label in labels)))
     for i, (name, values) in enumerate(series.items()):
         xs = [x + (i - (n - 1) / 2) * width for x in range(len(labels))]
         ax.bar(xs, values, width, label=name)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, rotation=20, ha="right")
+    ax.set_xticklabels(labels, rotation=0 if multiline else 20, ha="center" if multiline else "right")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()

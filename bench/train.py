@@ -43,9 +43,9 @@ def load_entry(entry: str, overrides: list[str]):
 
 
 def entry_label(entry: str, model: str) -> str:
-    """The model name, with an entry's own overrides (last key part and value) for a plot or a tag."""
+    """The model name, with an entry's own overrides (last key part and value) a line each, for a plot's labels."""
     own = entry.split("::")[1:]
-    return model + "".join(f" {o.split('=')[0].split('.')[-1]}={o.split('=', 1)[1]}" for o in own)
+    return model + "".join(f"\n{o.split('=')[0].split('.')[-1]}={o.split('=', 1)[1]}" for o in own)
 
 
 def peak_flops() -> float | None:
@@ -489,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     tag = "+".join(dict.fromkeys(names)) + (f"-{args.tag}" if args.tag else "")
     path = write_result("train", {"device": str(device), "peak_bf16_flops": peak, "compile": not args.no_compile,
                                   "steps": args.steps, "rows": rows}, argv if argv is not None else [], tag=tag)
-    bar_plot(path.with_suffix(".png"), [entry_label(r["recipe"], r["model"]) for r in rows],
+    several = len({r["batch"] for r in rows}) > 1  # then each label says its batch
+    bar_plot(path.with_suffix(".png"),
+             [entry_label(r["recipe"], r["model"]) + (f"\nbatch {r['batch']}" if several else "") for r in rows],
              {v: [r.get(f"{v}_img_s", 0.0) for r in rows] for v in args.variants}, "images / s",
-             f"MAE training throughput on {card_name()}")
+             f"Training throughput on {card_name()}")
     return 0

@@ -95,7 +95,8 @@ def test_recipe_entries_carry_their_own_overrides(monkeypatch, tmp_path):
 
     cfg = load_entry("recipes/quickstart.yaml::train.micro_batch=4::model.drop_path=0.1", ["train.micro_batch=8"])
     assert cfg.train.micro_batch == 4 and cfg.model.drop_path == 0.1  # the entry's own override wins
-    assert entry_label("r.yaml::model.activation_checkpointing=false", "vit_g") == "vit_g activation_checkpointing=false"
+    assert entry_label("r.yaml::model.activation_checkpointing=false::train.micro_batch=8", "vit_g") == \
+        "vit_g\nactivation_checkpointing=false\nmicro_batch=8"
     with pytest.raises(SystemExit, match="key=value"):
         load_entry("recipes/quickstart.yaml::oops", [])
 
