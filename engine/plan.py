@@ -1,6 +1,7 @@
 """What a recipe will do, computed without a GPU or data: `--dry-run` prints this."""
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from dataclasses import dataclass
@@ -111,6 +112,24 @@ def learning_rate(cfg: Config) -> float:
     return cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * cfg.train.batch_size / 256
 
 
+def _dynamo_cleared(fn):
+    """Clear dynamo's caches after `fn` (a planning entry point that may trace _partitioned_blocks): the planning
+    backend's cache entries would otherwise count against the recompile limit of the run's own compile of the same
+    block code."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            import torch._dynamo
+
+            torch._dynamo.reset()
+    return wrapper
+
+
+@_dynamo_cleared
 def measure_model(cfg: Config) -> dict[str, float]:
     """Parameters, training FLOPs per image and saved activations, on the meta device (no memory, no GPU). The
     activations are traced at batch 2 and 3: act_bytes is the per-image part (their difference), act_fixed_bytes what
@@ -130,12 +149,12 @@ def measure_model(cfg: Config) -> dict[str, float]:
     flops = _trace(model, 1, count_flops=True)[0]
     # The activations as a GPU run keeps them: where model.kernels takes our kernels on CUDA, the model is built for
     # CUDA and traced through their custom ops (attention keeps q, k, v, o and the LSE, not the probabilities; the
-    # fused cross-entropies keep no [rows, prototypes] fp32 copies). That estimate ran 1.3-4 % over the peaks
-    # measured on an H200 for DINOv2 ViT-S / B / L / g (the torch path's: 5-14 %). MAE steps of one micro-batch
-    # replaying CUDA graphs peak 5-12 % above it (ViT-T to ViT-g); with accumulation, as the recipes run on one GPU,
-    # and under FSDP2 the MAE estimate came within 3 % (README).
+    # fused cross-entropies keep no [rows, prototypes] fp32 copies), and with model.compile each block runs as the
+    # compiler partitions it (_partitioned_blocks). Against H200 peaks: DINOv2 -3 to +3 %; MAE with accumulation (the
+    # recipes' case on one GPU) and under FSDP2 within 3 %; MAE steps of one micro-batch replaying CUDA graphs 5-12 %
+    # above it (README).
     model, context = _activation_model(cfg)
-    per_image, fixed = _activation_parts(model, context, ac)
+    per_image, fixed = _activation_parts(model, context, ac, compiled=m.compile)
     return {
         "encoder_params": count_params(model.encoder),
         "total_params": count_params(model),
@@ -146,21 +165,49 @@ def measure_model(cfg: Config) -> dict[str, float]:
     }
 
 
-def _activation_parts(model, context, ac: tuple[int, str] | None) -> tuple[float, float]:
+def _activation_parts(model, context, ac: tuple[int, str] | None, compiled: bool = False) -> tuple[float, float]:
     """(bytes saved for backward per image, bytes that do not grow with the batch), fp32 on the meta device, from
     traces at batch 2 and 3 (not 1 and 2: at batch 1 some views share a base, a single image's expand, and the trace
-    is not yet linear in the batch)."""
-    with context():
-        two, three = (_trace(model, b, ac=ac)[1] for b in (2, 3))
-    return float(max(0, three - two)), float(max(0, 3 * two - 2 * three))
+    is not yet linear in the batch). compiled: each encoder block runs as torch.compile partitions it for backward
+    (_partitioned_blocks), which is what a compiled run saves."""
+    def parts(blocks) -> tuple[float, float]:
+        with context(), blocks:
+            two, three = (_trace(model, b, ac=ac)[1] for b in (2, 3))
+        return float(max(0, three - two)), float(max(0, 3 * two - 2 * three))
+
+    if compiled:
+        try:
+            return parts(_partitioned_blocks(model))
+        except Exception:  # noqa: BLE001 - a block the compiler cannot take: the eager trace (it errs high)
+            pass
+    return parts(contextlib.nullcontext())
+
+
+@contextlib.contextmanager
+def _partitioned_blocks(model):
+    """The encoder's blocks compiled with the "aot_eager_decomp_partition" backend while inside: the forward and
+    backward graphs split by the min-cut partitioner that inductor uses, run eagerly (on the meta device too), so the
+    trace counts what a compiled block saves for backward. Eager timm blocks save more where the compiler recomputes
+    cheap pointwise work in backward instead: a SwiGLU MLP's gate (DINOv2 ViT-g: the estimate 59.0 GiB against 52.1
+    measured on an H200 at micro 16 without checkpointing; partitioned 54.3); GELU blocks save the same either way.
+    The callers clear dynamo's caches when done (_dynamo_cleared), so that a run's own compile afterwards (engine.run
+    plans first) starts clean; several traces in between share the compiled blocks."""
+    import torch._dynamo
+
+    blocks = list(getattr(getattr(model, "encoder", None), "blocks", []))
+    for block in blocks:
+        block.forward = torch.compile(block.forward, backend="aot_eager_decomp_partition", dynamic=True)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def _activation_model(cfg: Config):
     """(model on the meta device, a factory of the context to trace it under) for measure_model's activation traces:
     built for CUDA and traced under kernels.triton_version.planning() where model.kernels takes our kernels on CUDA,
     else the torch path as built for the CPU."""
-    import contextlib
-
     from engine.models import use_triton
     from engine.objectives import build_objective
     from kernels import triton_version
@@ -171,12 +218,22 @@ def _activation_model(cfg: Config):
     return model, triton_version.planning if gpu else contextlib.nullcontext
 
 
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    """(an identity of the tensor's storage, its bytes): views share their base's. Where a tensor has no storage to
+    ask (a subclass), its base tensor stands in."""
+    try:
+        storage = t.untyped_storage()
+        return storage._cdata, storage.nbytes()
+    except Exception:  # noqa: BLE001
+        base = t._base if t._base is not None else t
+        return id(base), base.numel() * base.element_size()
+
+
 def _trace(model, batch: int, count_flops: bool = False, ac: tuple[int, str] | None = None) -> tuple[float, int]:
     """(training FLOPs of one step at `batch` images, or 0 without count_flops; bytes the step saves for backward)
     on the meta device, random draws seeded (DINOv2's iBOT masks). ac: (every, policy) of activation checkpointing
     on the encoder's blocks, as the trainer applies it: a checkpointed block counts its input, and the largest of
     those blocks' own saved tensors once (the one being recomputed in backward)."""
-    import contextlib
     import random
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -184,16 +241,17 @@ def _trace(model, batch: int, count_flops: bool = False, ac: tuple[int, str] | N
     with torch.device("meta"):
         x = model.synthetic_batch(batch, "meta")
     saved = 0
-    params = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
+    params = {_storage_key(p)[0] for p in model.parameters()} | {_storage_key(b)[0] for b in model.buffers()}
     seen: set[int] = set()
 
     def counter_hook(add):
         def pack(t: torch.Tensor):
-            # Count activations only: weights saved by linear layers (or views of them) are not.
-            base = t._base if t._base is not None else t
-            if id(base) not in params and id(base) not in seen:
-                seen.add(id(base))
-                add(base.numel() * base.element_size())
+            # Count activations only, each storage once: weights saved by linear layers (or views of them) are not,
+            # and a view shares its base's bytes (a compiled graph saves views such as q, k, v of one qkv buffer)
+            key, nbytes = _storage_key(t)
+            if key not in params and key not in seen:
+                seen.add(key)
+                add(nbytes)
             return t
         return pack
 
@@ -324,6 +382,7 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
     return "\n".join(lines)
 
 
+@_dynamo_cleared
 def lighter_checkpointing(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1,),
                           budget: float | None = None) -> dict[int, str]:
     """With model.activation_checkpointing on: for each GPU count where a lighter setting's estimate also fits
@@ -349,7 +408,7 @@ def lighter_checkpointing(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] =
     for ac in candidates:
         if not todo:
             break
-        per_image, fixed = _activation_parts(model, context, ac)
+        per_image, fixed = _activation_parts(model, context, ac, compiled=m.compile)
         for n, micro in list(todo.items()):
             total = _batch_free_bytes(cfg, plan, n) + (fixed + per_image * micro) * 0.5  # bf16, as activation_bytes
             if total < (H100_USABLE if budget is None else budget):
@@ -499,12 +558,13 @@ if __name__ == "__main__":
 
 
 # ----------------------------------------------------------------------------- memory advice for a run
+@_dynamo_cleared
 def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bool = False) -> str | None:
     """What to tell a user whose run at `world` GPUs of `capacity` bytes each will not fit (failed=False: a warning
     before training, None when the plan's estimate fits) or ran out of memory (failed=True: always a message). It
     names the estimate, the largest micro batch the estimate fits on this card (keeping the global batch),
-    activation checkpointing where it is off, and checkpointing every block where only every k-th is and that fits. The estimate came within -6 to +12 % of measured peaks (README), so a
-    warning is a warning only."""
+    activation checkpointing where it is off, and checkpointing every block where only every k-th is and that fits.
+    The estimate came within a few per cent of measured peaks (README), so a warning is a warning only."""
     plan = make_plan(cfg, world)
     micro = plan.micro_batch
     states = _batch_free_bytes(cfg, plan, world)
@@ -527,7 +587,7 @@ def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bo
         hints.append("model.activation_checkpointing=true")
     elif cfg.model.ac_every > 1 and budget:  # checkpointing only every k-th block: every block may fit
         model, context = _activation_model(cfg)
-        per_image, fixed = _activation_parts(model, context, (1, cfg.model.ac_policy))
+        per_image, fixed = _activation_parts(model, context, (1, cfg.model.ac_policy), compiled=cfg.model.compile)
         every = states + (fixed + per_image * micro) * 0.5  # bf16, as Plan.activation_bytes
         if every < budget:
             hints.append(f"model.ac_every=1 (checkpointing every block: {every / gib:.1f} GiB at micro {micro})")

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe overrides, and overlay recipes applied in order (e.g. recipes/data/ladder_2m.yaml)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (parameters, FLOPs/image, memory per GPU with the largest micro batch and "
-                        "the lightest activation checkpointing that fit, steps, data) and exit; needs no GPU and no data")
+                        "the lightest activation checkpointing that fit, steps, data) and exit; needs no GPU and "
+                        "no data")
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 8], metavar="N",
                    help="GPU counts for the --dry-run memory estimate (default: 1 8)")
     p.add_argument("--stop-after-steps", type=int, default=None, metavar="K",

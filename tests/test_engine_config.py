@@ -61,7 +61,18 @@ def test_cli_bad_override_exits_nonzero(override):
     assert "error:" in r.stderr
 
 
-def test_every_recipe_dry_runs():
+@pytest.fixture
+def eager_plan_trace(monkeypatch):
+    """The plan's activation trace without compiled blocks (_partitioned_blocks), for tests of what a plan says
+    rather than of its memory figures: compiling every recipe's blocks costs seconds each."""
+    import contextlib
+
+    import engine.plan
+
+    monkeypatch.setattr(engine.plan, "_partitioned_blocks", lambda model: contextlib.nullcontext())
+
+
+def test_every_recipe_dry_runs(eager_plan_trace):
     """Every recipe validates and plans on a machine with no GPU and no data."""
     from engine.plan import format_plan, make_plan
 
@@ -106,7 +117,7 @@ def test_compile_tuning_becomes_inductor_options():
     torch.testing.assert_close(m(torch.ones(2, 4)), eager)
 
 
-def test_auto_compile_mode_picks_cuda_graphs_only_where_they_apply():
+def test_auto_compile_mode_picks_cuda_graphs_only_where_they_apply(eager_plan_trace):
     """model.compile_mode: auto (the default) is reduce-overhead for a compiled whole-model step on one
     CUDA device (gradient accumulation included), torch's default mode anywhere else; explicit modes stay."""
     from engine.config import resolve_compile_mode
@@ -306,7 +317,7 @@ def test_cli_takes_overrides_after_the_options(capsys):
     assert "2 GPUs" in out and "8 GPUs" not in out
 
 
-def test_recipe_table_takes_throughput_by_objective_model_and_micro_batch(tmp_path):
+def test_recipe_table_takes_throughput_by_objective_model_and_micro_batch(tmp_path, eager_plan_trace):
     """MAE's and DINOv2's ViT-H share a timm name, and a recipe may be measured at several micro batches: the table
     takes only rows of the recipe's own objective and micro batch (one-GPU scaling rows included)."""
     import json
@@ -405,3 +416,27 @@ def test_memory_advice_names_checkpointing_every_block_where_that_fits():
     assert text.startswith("micro batch 32 may not fit"), text
     assert f"model.ac_every=1 (checkpointing every block: {need_every / 2**30:.1f} GiB at micro 32)" in text, text
     assert "ac_every=1" not in ep.memory_advice(cfg, 1, need_every * 0.99 / 0.92)
+
+
+def test_plan_traces_compiled_blocks_as_the_compiler_partitions_them(monkeypatch):
+    """With model.compile, the activation trace runs the encoder's blocks partitioned as torch.compile does: a SwiGLU
+    block (DINOv2 ViT-g's) then saves clearly less than eager (the gate is recomputed in backward), more so than a
+    GELU block; if compiling fails, the eager trace stands."""
+    import torch
+
+    from engine.plan import measure_model
+    from tests.engine_helpers import DINOV2_TINY
+
+    def act(name, compiled):
+        cfg = load_config(ROOT / "recipes" / "quickstart_dinov2.yaml",
+                          DINOV2_TINY + [f"model.name={name}", f"model.compile={str(compiled).lower()}"])
+        return measure_model(cfg)["act_bytes"]
+
+    swiglu = act("vit_giant_patch14_reg4_dinov2", True) / act("vit_giant_patch14_reg4_dinov2", False)
+    gelu = act("vit_small_patch14_reg4_dinov2", True) / act("vit_small_patch14_reg4_dinov2", False)
+    assert swiglu < 0.9 and swiglu < gelu <= 1.0, (swiglu, gelu)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(torch, "compile", broken)
+    assert act("vit_giant_patch14_reg4_dinov2", True) == act("vit_giant_patch14_reg4_dinov2", False)
