@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 from dataclasses import dataclass
@@ -373,7 +374,7 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
         best = largest_micro_batch(cfg, plan, n)
         hint = (f"; largest micro batch that fits: {best}" if best and best != micro else
                 "; no micro batch fits" if not best else "")
-        lines.append(f"  {n} GPU{'s' if n > 1 else ' '}{' (FSDP)' if n > 1 else '       '}  states "
+        lines.append(f"  {gpu_label(n)}  states "
                      f"{mem['states'] / gib:6.1f} GiB + activations {acts / gib:7.1f} GiB (micro {micro})"
                      + (f" + gathered bf16 params {gathered / gib:.1f} GiB" if gathered else "") + " = "
                      f"{total / gib:7.1f} GiB -> {fits} on an 80 GB H100{hint}")
@@ -407,8 +408,9 @@ def lighter_checkpointing(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] =
         if not todo:
             break
         per_image, fixed = _activation_parts(model, context, ac, compiled=m.compile)
+        lighter = dataclasses.replace(plan, act_bytes_per_image=per_image, act_bytes_fixed=fixed)
         for n, micro in list(todo.items()):
-            total = _batch_free_bytes(cfg, plan, n) + (fixed + per_image * micro) * 0.5  # bf16, as activation_bytes
+            total = _batch_free_bytes(cfg, plan, n) + lighter.activation_bytes(micro)
             if total < (H100_USABLE if budget is None else budget):
                 setting = ("without checkpointing: model.activation_checkpointing=false" if ac is None else
                            f"checkpointing every {_ordinal(ac[0])} block ({len(range(0, depth, ac[0]))} of {depth}): "
@@ -416,6 +418,11 @@ def lighter_checkpointing(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] =
                 found[n] = f"{total / 1024**3:.1f} GiB at micro {micro} {setting}"
                 del todo[n]
     return dict(sorted(found.items()))
+
+
+def gpu_label(n: int) -> str:
+    """The dry run's name for a GPU count, padded so that its memory lines align: "1 GPU       ", "8 GPUs (FSDP)"."""
+    return f"{n} GPU{'s' if n > 1 else ' '}{' (FSDP)' if n > 1 else '       '}"
 
 
 def _ordinal(k: int) -> str:
@@ -450,6 +457,48 @@ def largest_micro_batch(cfg: Config, plan: Plan, n: int, budget: float | None = 
     fitting = [m for m in range(1, per_gpu + 1)
                if per_gpu % m == 0 and states + plan.activation_bytes(m) < budget]
     return max(fitting) if fitting else None
+
+
+# ----------------------------------------------------------------------------- memory advice for a run
+@_dynamo_cleared
+def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bool = False,
+                  plan: Plan | None = None) -> str | None:
+    """What to tell a user whose run at `world` GPUs of `capacity` bytes each will not fit (failed=False: a warning
+    before training, None when the plan's estimate fits) or ran out of memory (failed=True: always a message). It
+    names the estimate, the largest micro batch the estimate fits on this card (keeping the global batch),
+    activation checkpointing where it is off, and checkpointing every block where only every k-th is and that fits.
+    The estimate came within a few per cent of measured peaks (README), so a warning is a warning only. plan: the
+    plan for `world` GPUs where the caller has made it already."""
+    plan = plan or make_plan(cfg, world)
+    micro = plan.micro_batch
+    states = _batch_free_bytes(cfg, plan, world)
+    need = states + plan.activation_bytes(micro)
+    budget = capacity * USABLE_FRACTION if capacity else None
+    if not failed and (budget is None or need < budget):
+        return None
+    gib = 2**30
+    card = f"{capacity / gib:.0f} GiB GPU" if capacity else "GPU"
+    head = (f"CUDA ran out of memory at micro batch {micro} on a {card}"
+            if failed else f"micro batch {micro} may not fit this {card}")
+    text = f"{head}: the plan estimates {need / gib:.1f} GiB per GPU ({states / gib:.1f} of weights, gradients and " \
+           f"optimizer state, {plan.activation_bytes(micro) / gib:.1f} of activations)."
+    hints = []
+    best = largest_micro_batch(cfg, plan, world, budget) if budget else None
+    if best and best < micro:
+        hints.append(f"train.micro_batch={best} (the largest the estimate fits here; the global batch stays "
+                     f"{cfg.train.batch_size} through accumulation)")
+    if not cfg.model.activation_checkpointing:
+        hints.append("model.activation_checkpointing=true")
+    elif cfg.model.ac_every > 1 and budget:  # checkpointing only every k-th block: every block may fit
+        model, context = _activation_model(cfg)
+        per_image, fixed = _activation_parts(model, context, (1, cfg.model.ac_policy), compiled=cfg.model.compile)
+        every = states + dataclasses.replace(plan, act_bytes_per_image=per_image,
+                                             act_bytes_fixed=fixed).activation_bytes(micro)
+        if every < budget:
+            hints.append(f"model.ac_every=1 (checkpointing every block: {every / gib:.1f} GiB at micro {micro})")
+    if world == 1:
+        hints.append("more GPUs (torchrun: FSDP2 shards the weights and optimizer state)")
+    return text + (" Try " + ", or ".join(hints) + "." if hints else "")
 
 
 # ----------------------------------------------------------------------------- recipe table
@@ -554,41 +603,3 @@ if __name__ == "__main__":
 
     sys.exit(main())
 
-
-# ----------------------------------------------------------------------------- memory advice for a run
-@_dynamo_cleared
-def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bool = False) -> str | None:
-    """What to tell a user whose run at `world` GPUs of `capacity` bytes each will not fit (failed=False: a warning
-    before training, None when the plan's estimate fits) or ran out of memory (failed=True: always a message). It
-    names the estimate, the largest micro batch the estimate fits on this card (keeping the global batch),
-    activation checkpointing where it is off, and checkpointing every block where only every k-th is and that fits.
-    The estimate came within a few per cent of measured peaks (README), so a warning is a warning only."""
-    plan = make_plan(cfg, world)
-    micro = plan.micro_batch
-    states = _batch_free_bytes(cfg, plan, world)
-    need = states + plan.activation_bytes(micro)
-    budget = capacity * USABLE_FRACTION if capacity else None
-    if not failed and (budget is None or need < budget):
-        return None
-    gib = 2**30
-    card = f"{capacity / gib:.0f} GiB GPU" if capacity else "GPU"
-    head = (f"CUDA ran out of memory at micro batch {micro} on a {card}"
-            if failed else f"micro batch {micro} may not fit this {card}")
-    text = f"{head}: the plan estimates {need / gib:.1f} GiB per GPU ({states / gib:.1f} of weights, gradients and " \
-           f"optimizer state, {plan.activation_bytes(micro) / gib:.1f} of activations)."
-    hints = []
-    best = largest_micro_batch(cfg, plan, world, budget) if budget else None
-    if best and best < micro:
-        hints.append(f"train.micro_batch={best} (the largest the estimate fits here; the global batch stays "
-                     f"{cfg.train.batch_size} through accumulation)")
-    if not cfg.model.activation_checkpointing:
-        hints.append("model.activation_checkpointing=true")
-    elif cfg.model.ac_every > 1 and budget:  # checkpointing only every k-th block: every block may fit
-        model, context = _activation_model(cfg)
-        per_image, fixed = _activation_parts(model, context, (1, cfg.model.ac_policy), compiled=cfg.model.compile)
-        every = states + (fixed + per_image * micro) * 0.5  # bf16, as Plan.activation_bytes
-        if every < budget:
-            hints.append(f"model.ac_every=1 (checkpointing every block: {every / gib:.1f} GiB at micro {micro})")
-    if world == 1:
-        hints.append("more GPUs (torchrun: FSDP2 shards the weights and optimizer state)")
-    return text + (" Try " + ", or ".join(hints) + "." if hints else "")

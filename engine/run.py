@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from engine.plan import format_plan, lighter_checkpointing, make_plan
+        from engine.plan import format_plan, gpu_label, lighter_checkpointing, make_plan
 
         try:
             plan = make_plan(cfg, world=1)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if lighter:  # each checkpointed block runs its forward twice: where less checkpointing fits, it is faster
             print("lighter checkpointing that also fits (each checkpointed block's forward runs twice; faster):")
             for n, text in lighter.items():
-                print(f"  {n} GPU{'s' if n > 1 else ' '}{' (FSDP)' if n > 1 else '       '}  {text}")
+                print(f"  {gpu_label(n)}  {text}")
         return 0
 
     import torch
@@ -97,15 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.run.dir or Path("runs") / (cfg.run.name or "run"))
     world, capacity = _gpu_memory(cfg)
     if capacity and int(os.environ.get("RANK", 0)) == 0:
-        advice = _advice(cfg, world, capacity)
-        if advice:
-            print(f"warning: {advice}", file=sys.stderr)
-        elif cfg.model.activation_checkpointing:
-            lighter = _lighter_checkpointing(cfg, world, capacity)
-            if lighter:
-                print(f"note: activation checkpointing is on, but on this {capacity / 2**30:.0f} GiB GPU the plan "
-                      f"also fits {lighter} (each checkpointed block's forward runs twice, so that is faster)",
-                      file=sys.stderr)
+        notice = _memory_notice(cfg, world, capacity)
+        if notice:
+            print(notice, file=sys.stderr)
     try:
         trainer = Trainer(cfg, run_dir)
         if trainer.dist.main:
@@ -149,15 +143,24 @@ def _advice(cfg, world: int, capacity: float | None, failed: bool = False) -> st
         return None
 
 
-def _lighter_checkpointing(cfg, world: int, capacity: float) -> str | None:
-    """engine.plan.lighter_checkpointing for this run's GPU count and card; None if nothing lighter fits or the plan
-    cannot be made (a note must never stop a run)."""
-    from engine.plan import USABLE_FRACTION, lighter_checkpointing, make_plan
+def _memory_notice(cfg, world: int, capacity: float) -> str | None:
+    """Before a GPU run: a warning where the plan's estimate may not fit this card (engine.plan.memory_advice), else,
+    with activation checkpointing on, a note naming a lighter setting that fits (engine.plan.lighter_checkpointing),
+    from one plan; None otherwise, or if the plan cannot be made (a notice must never stop a run)."""
+    from engine.plan import USABLE_FRACTION, lighter_checkpointing, make_plan, memory_advice
 
     try:
-        return lighter_checkpointing(cfg, make_plan(cfg, world), (world,), capacity * USABLE_FRACTION).get(world)
+        plan = make_plan(cfg, world)
+        advice = memory_advice(cfg, world, capacity, plan=plan)
+        if advice:
+            return f"warning: {advice}"
+        if not cfg.model.activation_checkpointing:
+            return None
+        lighter = lighter_checkpointing(cfg, plan, (world,), capacity * USABLE_FRACTION).get(world)
     except Exception:  # noqa: BLE001
         return None
+    return (f"note: activation checkpointing is on, but on this {capacity / 2**30:.0f} GiB GPU the plan also fits "
+            f"{lighter} (each checkpointed block's forward runs twice, so that is faster)") if lighter else None
 
 
 if __name__ == "__main__":
