@@ -30,12 +30,17 @@ RESULTS_PROFILE_DIR = Path(__file__).parent / "results" / "profiles"
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "GH200": 989e12}
 
 
+def split_entry(entry: str) -> tuple[str, list[str]]:
+    """A `--recipes` entry, `PATH` or `PATH::key=value::key=value`, as (the recipe's path, its own overrides)."""
+    path, *own = entry.split("::")
+    return path, own
+
+
 def load_entry(entry: str, overrides: list[str]):
-    """A `--recipes` entry, `PATH` or `PATH::key=value::key=value`, as a config: the shared --override first,
-    then the entry's own."""
+    """A `--recipes` entry as a config: the shared --override first, then the entry's own."""
     from engine.config import load_config
 
-    path, *own = entry.split("::")
+    path, own = split_entry(entry)
     bad = [o for o in own if "=" not in o]
     if bad:
         raise SystemExit(f"error: {entry!r}: after '::' each part is key=value, not {bad[0]!r}")
@@ -44,7 +49,7 @@ def load_entry(entry: str, overrides: list[str]):
 
 def entry_label(entry: str, model: str) -> str:
     """The model name, with an entry's own overrides (last key part and value) a line each, for a plot's labels."""
-    own = entry.split("::")[1:]
+    own = split_entry(entry)[1]
     return model + "".join(f"\n{o.split('=')[0].split('.')[-1]}={o.split('=', 1)[1]}" for o in own)
 
 
@@ -359,7 +364,7 @@ def run_scaling(args) -> int:
                         row["profile_ms"] = res["profile"]
                         text = out + ".prof.txt"
                         if os.path.exists(text):
-                            stem = Path(recipe.split("::")[0]).stem
+                            stem = Path(split_entry(recipe)[0]).stem
                             dest = RESULTS_PROFILE_DIR / f"{stem}-{n}gpu-{args.tag or 'default'}.txt"
                             dest.parent.mkdir(parents=True, exist_ok=True)
                             shutil.copy(text, dest)
@@ -377,7 +382,7 @@ def run_scaling(args) -> int:
                 print_table([row], [k for k in row if k != "error"])
                 if "error" in row:
                     print(row["error"])
-    tag = "+".join(Path(r.split("::")[0]).stem for r in args.recipes) + f"-{args.variants[0]}"
+    tag = "+".join(Path(split_entry(r)[0]).stem for r in args.recipes) + f"-{args.variants[0]}"
     tag += f"-{args.tag}" if args.tag else ""
     write_result("train-scaling", {"rows": rows, "compile": not args.no_compile, "overrides": args.override},
                  sys.argv[2:], tag=tag)
