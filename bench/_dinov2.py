@@ -47,8 +47,8 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
 
     recipe_cfg: a loaded dinov2 recipe (engine.config.Config); batch: per-GPU images
     (default: the recipe's micro_batch). Keys: `<variant>_img_s`, `<variant>_step_ms`,
-    `<variant>_mfu` (CUDA), `<variant>_peak_mem_gib` (CUDA), `<variant>_error` when a variant
-    fails (the others still run), `<variant>_compile_mode` (the engine variants' torch.compile mode: compile_mode,
+    `<variant>_mfu` (CUDA), `<variant>_peak_mem_gib` and `<variant>_peak_reserved_gib` (CUDA), `<variant>_error` when
+    a variant fails (the others still run), `<variant>_compile_mode` (the engine variants' torch.compile mode: compile_mode,
     their model.compile_mode, resolved), `<variant>_compile_tuning` (model.compile_tuning in effect),
     `engine-triton_vs_naive`, `engine-torch_vs_naive`,
     `tokens_per_image` (student + teacher)."""
@@ -96,8 +96,9 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
                 out[f"{variant}_compile_tuning"] = r["compile_tuning"]
             out[f"{variant}_img_s"] = r["img_per_s"]
             out[f"{variant}_step_ms"] = r["step_ms"]
-            if r.get("peak_mem_gib") is not None:
-                out[f"{variant}_peak_mem_gib"] = r["peak_mem_gib"]
+            for key in ("peak_mem_gib", "peak_reserved_gib"):
+                if r.get(key) is not None:
+                    out[f"{variant}_{key}"] = r[key]
             if peak:
                 out[f"{variant}_mfu"] = r["img_per_s"] * flops / peak
         except Exception as e:  # one failing variant must not hide the others
