@@ -12,6 +12,15 @@ import torch
 from engine.config import Config
 from engine.models import count_params
 
+# What the activations take at a step's peak, as a multiple of the bytes saved for backward that the trace counts: the
+# backward's own working set (activation gradients, a checkpointed block's recompute) and the allocator's rounding and
+# fragmentation. Measured on an H200 (bench._probe_memory, 2026-11-30: the peak the allocator held, less weights,
+# gradients, AdamW moments and a graphed step's gradient sums, over the traced bytes): MAE ViT-B b1024 1.11, ViT-L b256
+# 1.09, ViT-L b512 1.10, ViT-g b256 1.09 (CUDA graphs, the private pool included); DINOv2 ViT-g b32 checkpointing every
+# 3rd block 1.16. The peak allocated (fragmentation excluded) of the DINOv2 recipes over their traced bytes: 1.02
+# (ViT-S b256) to 1.13 (ViT-g b16).
+ACTIVATION_WORKING_SET = 1.12
+
 
 @dataclass
 class Plan:
@@ -35,9 +44,11 @@ class Plan:
     act_bytes_fixed: float = 0.0  # saved for backward whatever the batch (e.g. weight-normed head weights), fp32
 
     def activation_bytes(self, micro: int, bf16: bool = True) -> float:
-        """Bytes saved for backward at a micro batch: the per-image part times the batch plus the part that does not
-        grow with it (halved for bf16 autocast)."""
-        return (self.act_bytes_fixed + self.act_bytes_per_image * micro) * (0.5 if bf16 else 1.0)
+        """Bytes the activations take at a step's peak at a micro batch: those saved for backward (the per-image part
+        times the batch plus the part that does not grow with it, halved for bf16 autocast) times
+        ACTIVATION_WORKING_SET."""
+        return (self.act_bytes_fixed + self.act_bytes_per_image * micro) * (0.5 if bf16 else 1.0) \
+            * ACTIVATION_WORKING_SET
 
     def memory_per_gpu(self, world: int | None = None, bf16: bool = True, sharded: bool | None = None) -> dict[str, float]:
         """Bytes per GPU: fp32 weights + grads + AdamW moments (sharded over `world` under FSDP)
@@ -356,7 +367,7 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
         f"total compute   {_human(plan.flops_per_image * plan.global_batch * plan.steps, 'FLOP')}",
         f"data            {', '.join(plan.sources)}  backend {cfg.data.backend}"
         + (f"  ({plan.num_samples:,} samples)" if plan.num_samples else ""),
-        "memory / GPU    (fp32 weights+grads+AdamW, bf16 activations at the micro batch"
+        "memory / GPU    (fp32 weights+grads+AdamW, bf16 activations at the micro batch with backward's working set"
         + ((", blocks checkpointed" if cfg.model.ac_every == 1 else f", every {_ordinal(cfg.model.ac_every)} block "
             "checkpointed") if cfg.model.activation_checkpointing else "") + ")",
     ]
@@ -369,14 +380,16 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
         mem = plan.memory_per_gpu(world=n, sharded=n > 1)
         acts = plan.activation_bytes(micro)
         gathered = _gathered_bytes(cfg, plan, n)
-        total = mem["states"] + acts + gathered
+        sums = _graph_sum_bytes(cfg, plan, n, micro)
+        total = mem["states"] + acts + gathered + sums
         fits = "fits" if total < H100_USABLE else "does NOT fit"  # module attribute: tests may lower it
         best = largest_micro_batch(cfg, plan, n)
         hint = (f"; largest micro batch that fits: {best}" if best and best != micro else
                 "; no micro batch fits" if not best else "")
         lines.append(f"  {gpu_label(n)}  states "
                      f"{mem['states'] / gib:6.1f} GiB + activations {acts / gib:7.1f} GiB (micro {micro})"
-                     + (f" + gathered bf16 params {gathered / gib:.1f} GiB" if gathered else "") + " = "
+                     + (f" + gathered bf16 params {gathered / gib:.1f} GiB" if gathered else "")
+                     + (f" + gradient sums {sums / gib:.1f} GiB" if sums else "") + " = "
                      f"{total / gib:7.1f} GiB -> {fits} on an 80 GB H100{hint}")
     return "\n".join(lines)
 
@@ -429,8 +442,11 @@ def _ordinal(k: int) -> str:
     return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
 
 
-USABLE_FRACTION = 0.92  # of a card's memory the plan lets a run take (the rest: CUDA context, workspaces)
-H100_USABLE = 80 * 1e9 * USABLE_FRACTION
+# Of a card's memory, what the plan lets a run take; the rest for the CUDA context, NCCL's buffers and run-to-run
+# spread (the allocator's fragmentation and workspaces are in ACTIVATION_WORKING_SET since 2026-11-30).
+USABLE_FRACTION = 0.92
+H100_MEMORY = 81559 * 2**20  # what an "80 GB" H100 (HBM3) has: 81,559 MiB in nvidia-smi, 79.6 GiB
+H100_USABLE = H100_MEMORY * USABLE_FRACTION
 
 
 def _gathered_bytes(cfg: Config, plan: Plan, n: int) -> float:
@@ -439,10 +455,28 @@ def _gathered_bytes(cfg: Config, plan: Plan, n: int) -> float:
     return plan.total_params * 2 if n > 1 and not cfg.train.fsdp_reshard_after_forward else 0
 
 
-def _batch_free_bytes(cfg: Config, plan: Plan, n: int) -> float:
+def _graph_sum_bytes(cfg: Config, plan: Plan, n: int, micro: int | None = None) -> float:
+    """A step replayed as CUDA graphs (model.compile_mode resolving to a graph mode: a compiled MAE step on one GPU)
+    with more than one micro-batch copies each micro-batch's gradients out of the graphs' memory into sums of its own
+    (Trainer._take_grads): one more fp32 copy of the trainable parameters. Measured (bench._probe_memory, MAE ViT-L at
+    micro 256 on an H200, 2026-11-30): held 23.5 GiB at two micro-batches a step against 22.3 at one, where the
+    parameters take 1.2 GiB. micro: the micro batch (default: the recipe's on n GPUs)."""
+    from engine.config import CUDA_GRAPH_MODES, resolve_compile_mode
+
+    mode = resolve_compile_mode(cfg.model.compile_mode, compiled=cfg.model.compile,
+                                whole_model=cfg.objective.name == "mae", world=n, device_type="cuda")
+    if mode not in CUDA_GRAPH_MODES or n > 1:
+        return 0.0
+    micro = batch_geometry(cfg, n)[0] if micro is None else micro
+    return plan.trainable_params * 4.0 if cfg.train.batch_size // n > micro else 0.0
+
+
+def _batch_free_bytes(cfg: Config, plan: Plan, n: int, micro: int | None = None) -> float:
     """Bytes per GPU on n GPUs that do not grow with the micro batch: weights, gradients and optimizer state (sharded
-    under FSDP), plus the gathered bf16 copy where it is kept."""
-    return plan.memory_per_gpu(world=n, sharded=n > 1)["states"] + _gathered_bytes(cfg, plan, n)
+    under FSDP), plus the gathered bf16 copy where it is kept, plus the gradient sums of a graphed step that
+    accumulates (micro: the micro batch, default the recipe's)."""
+    return (plan.memory_per_gpu(world=n, sharded=n > 1)["states"] + _gathered_bytes(cfg, plan, n)
+            + _graph_sum_bytes(cfg, plan, n, micro))
 
 
 def largest_micro_batch(cfg: Config, plan: Plan, n: int, budget: float | None = None) -> int | None:
@@ -453,9 +487,8 @@ def largest_micro_batch(cfg: Config, plan: Plan, n: int, budget: float | None = 
     if cfg.train.batch_size % n:
         return None
     per_gpu = cfg.train.batch_size // n
-    states = _batch_free_bytes(cfg, plan, n)
     fitting = [m for m in range(1, per_gpu + 1)
-               if per_gpu % m == 0 and states + plan.activation_bytes(m) < budget]
+               if per_gpu % m == 0 and _batch_free_bytes(cfg, plan, n, m) + plan.activation_bytes(m) < budget]
     return max(fitting) if fitting else None
 
 
@@ -480,8 +513,9 @@ def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bo
     card = f"{capacity / gib:.0f} GiB GPU" if capacity else "GPU"
     head = (f"CUDA ran out of memory at micro batch {micro} on a {card}"
             if failed else f"micro batch {micro} may not fit this {card}")
+    sums = " with the graphed step's gradient sums" if _graph_sum_bytes(cfg, plan, world) else ""
     text = f"{head}: the plan estimates {need / gib:.1f} GiB per GPU ({states / gib:.1f} of weights, gradients and " \
-           f"optimizer state, {plan.activation_bytes(micro) / gib:.1f} of activations)."
+           f"optimizer state{sums}, {plan.activation_bytes(micro) / gib:.1f} of activations)."
     hints = []
     best = largest_micro_batch(cfg, plan, world, budget) if budget else None
     if best and best < micro:

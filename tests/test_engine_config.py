@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import engine.plan as engine_plan
 from engine.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +174,9 @@ def test_plan_activations_split_into_fixed_and_per_image():
         for b in (4, 6):
             assert _trace(model, b)[1] == m["act_fixed_bytes"] + b * m["act_bytes"]
     plan = make_plan(cfg)
-    assert plan.activation_bytes(10) == (plan.act_bytes_fixed + 10 * plan.act_bytes_per_image) / 2
+    saved = (plan.act_bytes_fixed + 10 * plan.act_bytes_per_image) / 2  # bf16
+    assert plan.activation_bytes(10) == pytest.approx(saved * engine_plan.ACTIVATION_WORKING_SET, rel=1e-12)
+    assert engine_plan.ACTIVATION_WORKING_SET > 1  # the backward's working set comes on top of what is saved
 
     # no iBOT masks: their random token counts would blur the split at this tiny size
     dcfg = load_config(ROOT / "recipes" / "quickstart_dinov2.yaml", ["objective.dinov2.mask_probability=0.0"])
@@ -240,6 +243,60 @@ def test_plan_names_the_largest_micro_batch_that_fits(monkeypatch):
     monkeypatch.setattr(ep, "H100_USABLE", budget)
     text = ep.format_plan(cfg, plan, [1])
     assert "does NOT fit" in text and "largest micro batch that fits: 8" in text, text
+
+
+def test_plan_counts_the_graphed_steps_gradient_sums():
+    """A compiled MAE step replayed as CUDA graphs on one GPU with more than one micro-batch keeps its gradient sums
+    outside the graphs (Trainer._take_grads): one more fp32 copy of the trainable parameters, which the estimate adds
+    at every micro batch below the per-GPU batch and nowhere else (one micro-batch a step, FSDP, DINOv2, eager)."""
+    import engine.plan as ep
+
+    cfg = load_config(ROOT / "recipes" / "quickstart.yaml", ["model.compile=true", "train.micro_batch=8"])
+    plan = ep.make_plan(cfg)
+    sums = plan.trainable_params * 4
+    assert ep._graph_sum_bytes(cfg, plan, 1) == sums  # 4 micro-batches of 8
+    assert ep._graph_sum_bytes(cfg, plan, 1, micro=32) == 0  # the whole batch at once
+    assert ep._graph_sum_bytes(cfg, plan, 2) == 0  # FSDP: no graphs
+    for overrides in (["model.compile=false", "model.compile_mode=null"],
+                      ["model.compile=true", "model.compile_mode=default"]):
+        assert ep._graph_sum_bytes(load_config(ROOT / "recipes" / "quickstart.yaml", overrides
+                                               + ["train.micro_batch=8"]), plan, 1) == 0, overrides
+    base = ep._batch_free_bytes(cfg, plan, 1, micro=32)
+    assert ep._batch_free_bytes(cfg, plan, 1) == base + sums
+    assert "+ gradient sums" in ep.format_plan(cfg, plan, [1])
+    # the largest micro batch pays the sums below the whole batch: a budget that would fit 16 without them (not 32)
+    budget = min(base + plan.activation_bytes(16) + sums / 2, base + plan.activation_bytes(32) - 1)
+    assert base + plan.activation_bytes(16) < budget
+    assert ep.largest_micro_batch(cfg, plan, 1, budget) == 8
+    assert ep.largest_micro_batch(cfg, plan, 1, base + plan.activation_bytes(16) + sums + 1) >= 16
+    dino = load_config(ROOT / "recipes" / "quickstart_dinov2.yaml", ["model.compile=true"])
+    assert ep._graph_sum_bytes(dino, plan, 1, micro=1) == 0  # DINOv2 compiles per block: no whole-step graphs
+
+
+def test_memory_probe_finds_the_peak_and_who_holds_it():
+    """bench._probe_memory replays the allocator's history to the highest allocated total and groups what is live
+    then by the first frame of ours (or torch's optimizer, autograd, cudagraph trees) in each block's stack."""
+    from bench._probe_memory import live_at_peak, owner
+
+    def frames(*names):
+        return [{"filename": f, "line": 1, "name": "f"} for f in names]
+
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": frames("/x/site-packages/torch/optim/adam.py")},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": frames("<generated>", "/work/main/engine/train.py")},
+        {"action": "free_requested", "addr": 2, "size": 50},
+        {"action": "free_completed", "addr": 2, "size": 50},
+        {"action": "alloc", "addr": 3, "size": 30, "frames": frames("/work/main/kernels/attn.py")},
+        {"action": "alloc", "addr": 4, "size": 40, "frames": frames("/work/main/kernels/attn.py")},  # peak: 170
+        {"action": "free_completed", "addr": 4, "size": 40},
+        {"action": "alloc", "addr": 5, "size": 30, "frames": []},  # 160: below the peak
+        {"action": "free_completed", "addr": 5, "size": 30},
+    ]
+    best, groups, at = live_at_peak({"device_traces": [trace]})
+    assert (best, at) == (170, 5)
+    assert groups == {"torch/optim/adam.py:1 f": 100, "main/kernels/attn.py:1 f": 70}
+    assert owner(frames("<generated>", "/work/main/engine/train.py")) == "main/engine/train.py:1 f"
+    assert owner([]) == "(no stack)"
 
 
 def test_memory_advice_warns_and_names_a_micro_batch():
@@ -365,7 +422,8 @@ def test_dry_run_names_lighter_checkpointing_that_fits(monkeypatch, capsys):
 
     def total(overrides):  # the 1-GPU estimate at the recipe's micro batch, as the advice computes it
         m = measure_model(load_config(qs, overrides))
-        return _batch_free_bytes(cfg, plan, 1) + (m["act_fixed_bytes"] + m["act_bytes"] * plan.micro_batch) / 2
+        saved = (m["act_fixed_bytes"] + m["act_bytes"] * plan.micro_batch) / 2
+        return _batch_free_bytes(cfg, plan, 1) + saved * engine.plan.ACTIVATION_WORKING_SET
 
     every2, every3 = total(on + ["model.ac_every=2"]), total(on + ["model.ac_every=3"])
     assert every2 < every3 < total([])
@@ -377,7 +435,7 @@ def test_dry_run_names_lighter_checkpointing_that_fits(monkeypatch, capsys):
     assert "ac_every=2" in lighter_checkpointing(cfg, plan, (1,), budget=(every2 + every3) / 2)[1]  # a card's budget
     off = load_config(qs)
     assert lighter_checkpointing(off, make_plan(off), (1,)) == {}
-    monkeypatch.setattr(engine.plan, "H100_USABLE", 80e9 * 0.92)
+    monkeypatch.setattr(engine.plan, "H100_USABLE", engine.plan.H100_MEMORY * engine.plan.USABLE_FRACTION)
     assert engine.run.main([str(qs), "--dry-run", "--gpus", "1", *on]) == 0
     assert "lighter checkpointing that also fits" in capsys.readouterr().out
 
