@@ -501,6 +501,41 @@ G31)  # session 25, one H200 (run as a plain call, not through this script): eng
   step 170 python3 -m bench train --recipes recipes/vit_s_mae.yaml recipes/vit_s_mae.yaml --batch 512 1024 \
     --variants engine-triton --steps 8 --warmup 3 --tag s25-s-batch
   ;;
+G32)  # session 26, nvidia-h200-x2: GPU 0 DINOv2 ViT-g at the recipe's every 2nd block vs every 3rd (the dry run's
+      # suggestion on 1 GPU, 64.3 GiB estimated), one process; GPU 1 where the MAE steps' peak memory goes
+      # (bench._probe_memory: per-step peaks and the allocator's history at the peak), ViT-L at 1 and 2 micro-batches a
+      # step, then ViT-g at 1
+  ( export CUDA_VISIBLE_DEVICES=0 PART=G32-gpu0
+    step 570 python3 -m bench train --recipes recipes/vit_g_dinov2.yaml "recipes/vit_g_dinov2.yaml::model.ac_every=3" \
+      --variants engine-triton --steps 8 --warmup 4 --override model.compile_tuning=false --tag s26-g-dino-ac3 ) &
+  ( export CUDA_VISIBLE_DEVICES=1 PART=G32-gpu1
+    R=bench/results/memprobe-nvidia-h200-2026-11-30-s26
+    step 150 python3 -m bench._probe_memory recipes/vit_l_mae.yaml --batch 256 --accum 1 \
+      --override model.compile_tuning=false --out $R-l-b256-a1.json
+    step 150 python3 -m bench._probe_memory recipes/vit_l_mae.yaml --batch 256 --accum 2 \
+      --override model.compile_tuning=false --out $R-l-b256-a2.json
+    step 250 python3 -m bench._probe_memory recipes/vit_g_mae.yaml --batch 256 --accum 1 \
+      --override model.compile_tuning=false --out $R-g-b256-a1.json ) &
+  wait
+  ;;
+G33)  # session 26, nvidia-h200-x2: what the recipes' steps hold on the card (bench._probe_memory: peak reserved, held
+      # after empty_cache, by pool) against the dry run with the graphed step's gradient sums: GPU 0 DINOv2 ViT-g at
+      # every 3rd block and MAE ViT-B at micro 1024, GPU 1 MAE ViT-g and ViT-L at their recipes' micro batches, with
+      # accumulation as on one GPU
+  ( export CUDA_VISIBLE_DEVICES=0 PART=G33-gpu0
+    R=bench/results/memprobe-nvidia-h200-2026-11-30-s26
+    step 280 python3 -m bench._probe_memory recipes/vit_g_dinov2.yaml --batch 32 --accum 2 --steps 6 \
+      --override model.compile_tuning=false model.ac_every=3 --out $R-g-dino-ac3-b32-a2.json
+    step 200 python3 -m bench._probe_memory recipes/vit_b_mae.yaml --batch 1024 --accum 2 \
+      --override model.compile_tuning=false --out $R-b-b1024-a2.json ) &
+  ( export CUDA_VISIBLE_DEVICES=1 PART=G33-gpu1
+    R=bench/results/memprobe-nvidia-h200-2026-11-30-s26
+    step 250 python3 -m bench._probe_memory recipes/vit_g_mae.yaml --batch 256 --accum 4 \
+      --override model.compile_tuning=false --out $R-g-b256-a4.json
+    step 200 python3 -m bench._probe_memory recipes/vit_l_mae.yaml --batch 512 --accum 4 \
+      --override model.compile_tuning=false --out $R-l-b512-a4.json ) &
+  wait
+  ;;
 K76)  # session 23: the soft-ce rows on the GPU after session 22's review, with the new "softmax+ce" rows (DINO's softmax
       # centering as factors, kernels.softmax_targets); the iBOT switch alone under centering: softmax (compile tuning
       # off to save its ~100 s); MAE ViT-L re-timed with the day's defaults. Measured 2026-11-29: softmax+ce 7.78x /
