@@ -3,6 +3,10 @@ step, with the device's peak taken per step, against the dry run's estimate; on 
 whole run, replayed to the moment of the highest allocated total and grouped by where each live block was allocated.
 
     python -m bench._probe_memory recipes/vit_l_mae.yaml --batch 256 --accum 1 --steps 14 --out /tmp/mem.json
+    torchrun --standalone --nproc-per-node 2 -m bench._probe_memory recipes/vit_g_mae.yaml --accum 4 --out m.json
+
+Under torchrun (FSDP2) every rank runs the steps, the estimate is the dry run's for that many GPUs, and rank 0 reports
+its own device (and writes --out).
 
 Written to find why MAE steps replayed as CUDA graphs at one micro-batch a step peaked 5-12 % above the estimate
 while the same steps at four micro-batches did not (session 25). On the CPU it runs the steps and prints the
@@ -71,16 +75,18 @@ def main(argv=None) -> int:
     from engine.config import load_config
     from engine.plan import _batch_free_bytes, make_plan
 
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cfg = load_config(a.recipe, a.override)
     batch = a.batch or cfg.train.micro_batch or cfg.train.batch_size
-    plan_cfg = load_config(a.recipe, a.override + [f"train.batch_size={batch * a.accum}",
+    plan_cfg = load_config(a.recipe, a.override + [f"train.batch_size={batch * a.accum * world}",
                                                     f"train.micro_batch={batch}"])
-    plan = make_plan(plan_cfg, 1)
-    states, acts = _batch_free_bytes(plan_cfg, plan, 1), plan.activation_bytes(batch)
+    plan = make_plan(plan_cfg, world)
+    states, acts = _batch_free_bytes(plan_cfg, plan, world), plan.activation_bytes(batch)
     gib = 2**30
-    print(f"estimate: {(states + acts) / gib:.2f} GiB = states {states / gib:.2f} + activations {acts / gib:.2f} "
-          f"(micro {batch}, {a.accum} a step)")
-    trainer = synthetic_trainer(cfg, batch, "/tmp/probe-memory-unused", accum=a.accum)
+    say = print if rank == 0 else (lambda *_, **__: None)
+    say(f"estimate: {(states + acts) / gib:.2f} GiB = states {states / gib:.2f} + activations {acts / gib:.2f} "
+        f"(micro {batch}, {a.accum} a step, {world} GPU{'s' if world > 1 else ''})")
+    trainer = synthetic_trainer(cfg, batch, "/tmp/probe-memory-unused", world=world, accum=a.accum)
     cuda = trainer.device.type == "cuda"
     data = trainer.batches()
     batch0 = next(data)
@@ -102,8 +108,8 @@ def main(argv=None) -> int:
         else:
             row = {"step": s}
         rows.append(row)
-        print(json.dumps(row))
-    out = {"recipe": a.recipe, "overrides": a.override, "micro_batch": batch, "accum": a.accum,
+        say(json.dumps(row))
+    out = {"recipe": a.recipe, "overrides": a.override, "micro_batch": batch, "accum": a.accum, "world": world,
            "graphs": bool(trainer.graphs), "estimate_gib": (states + acts) / gib, "estimate_states_gib": states / gib,
            "estimate_activations_gib": acts / gib, "params": plan.total_params, "fp32_params_gib":
            plan.total_params * 4 / gib, "steps": rows}
@@ -116,8 +122,8 @@ def main(argv=None) -> int:
             pool = seg.get("segment_pool_id", (0, 0))
             pools["default" if tuple(pool) == (0, 0) else f"private {tuple(pool)}"] += seg["total_size"] / gib
         out["segments_by_pool_gib"] = dict(pools)
-        print(f"peak reserved {out['peak_reserved_gib']:.2f} GiB; held after empty_cache "
-              f"{out['held_after_empty_cache_gib']:.2f} GiB: {dict(pools)}")
+        say(f"peak reserved {out['peak_reserved_gib']:.2f} GiB; held after empty_cache "
+            f"{out['held_after_empty_cache_gib']:.2f} GiB: {dict(pools)}")
     if cuda and a.history:
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
@@ -125,18 +131,21 @@ def main(argv=None) -> int:
         out["history_peak_gib"] = best / gib
         out["history_peak_event"] = at
         out["live_at_peak_gib"] = {k: v / gib for k, v in list(groups.items())[:25]}
-        print(f"history peak {best / gib:.2f} GiB at event {at}; live then, by owner:")
+        say(f"history peak {best / gib:.2f} GiB at event {at}; live then, by owner:")
         for k, v in list(groups.items())[:25]:
-            print(f"  {v / gib:8.3f} GiB  {k}")
+            say(f"  {v / gib:8.3f} GiB  {k}")
     if cuda:
         out["card"] = torch.cuda.get_device_name(0)
     out["versions"] = {"torch": torch.__version__}
     out["command"] = "python -m bench._probe_memory " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    if a.out:
+    if a.out and rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
             json.dump(out, f, indent=2)
             f.write("\n")
+    from engine.train import teardown_distributed
+
+    teardown_distributed()
     return 0
 
 

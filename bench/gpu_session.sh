@@ -536,6 +536,24 @@ G33)  # session 26, nvidia-h200-x2: what the recipes' steps hold on the card (be
       --override model.compile_tuning=false --out $R-l-b512-a4.json ) &
   wait
   ;;
+G34)  # session 26, nvidia-h200-x2: what the giant recipes hold per GPU under FSDP2 on 2 GPUs (bench._probe_memory under
+      # torchrun) against the dry run for 2 GPUs: MAE ViT-g at micro 256 with 4 micro-batches a step, DINOv2 ViT-g at
+      # micro 32, every 3rd block checkpointed, 2 a step
+  R=bench/results/memprobe-nvidia-h200-2026-11-30-s26
+  TR="python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench._probe_memory"
+  step 280 $TR recipes/vit_g_mae.yaml --batch 256 --accum 4 --steps 8 --override model.compile_tuning=false \
+    --out $R-g-b256-a4-fsdp2.json
+  step 300 $TR recipes/vit_g_dinov2.yaml --batch 32 --accum 2 --steps 6 --override model.compile_tuning=false \
+    --out $R-g-dino-ac3-b32-a2-fsdp2.json
+  ;;
+G35)  # session 26, nvidia-h200-x2: DINOv2 ViT-g (the recipe: every 3rd block, micro 32) under FSDP2 on 2 GPUs with the
+      # allocator's default segments vs expandable segments (PYTORCH_CUDA_ALLOC_CONF): throughput and the peak held;
+      # G34 found 67.0 GiB held against 59.8 allocated with the default
+  T="python3 -m bench train --recipes recipes/vit_g_dinov2.yaml --gpus 2 --steps 6 --warmup 3 --variants engine-triton"
+  step 280 $T --override model.compile_tuning=false --tag s26-g-dino-fsdp2
+  step 280 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $T --override model.compile_tuning=false \
+    --tag s26-g-dino-fsdp2-expandable
+  ;;
 K76)  # session 23: the soft-ce rows on the GPU after session 22's review, with the new "softmax+ce" rows (DINO's softmax
       # centering as factors, kernels.softmax_targets); the iBOT switch alone under centering: softmax (compile tuning
       # off to save its ~100 s); MAE ViT-L re-timed with the day's defaults. Measured 2026-11-29: softmax+ce 7.78x /
