@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections import defaultdict
 
 import torch
@@ -81,18 +82,19 @@ def main(argv=None) -> int:
     plan_cfg = load_config(a.recipe, a.override + [f"train.batch_size={batch * a.accum * world}",
                                                     f"train.micro_batch={batch}"])
     plan = make_plan(plan_cfg, world)
-    states, acts = _batch_free_bytes(plan_cfg, plan, world), plan.activation_bytes(batch)
+    states, acts = _batch_free_bytes(plan_cfg, plan, world), plan.activation_bytes(batch, world=world)
     gib = 2**30
     say = print if rank == 0 else (lambda *_, **__: None)
     say(f"estimate: {(states + acts) / gib:.2f} GiB = states {states / gib:.2f} + activations {acts / gib:.2f} "
         f"(micro {batch}, {a.accum} a step, {world} GPU{'s' if world > 1 else ''})")
+    history = a.history and torch.cuda.is_available()
+    if history:  # from before the trainer is built, so that the replay sees every block live at the peak
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
+                                                 max_entries=3_000_000)
     trainer = synthetic_trainer(cfg, batch, "/tmp/probe-memory-unused", world=world, accum=a.accum)
     cuda = trainer.device.type == "cuda"
     data = trainer.batches()
     batch0 = next(data)
-    if cuda and a.history:
-        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
-                                                 max_entries=3_000_000)
     rows = []
     for s in range(a.steps):
         if cuda:
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
         out["segments_by_pool_gib"] = dict(pools)
         say(f"peak reserved {out['peak_reserved_gib']:.2f} GiB; held after empty_cache "
             f"{out['held_after_empty_cache_gib']:.2f} GiB: {dict(pools)}")
-    if cuda and a.history:
+    if cuda and history:
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         best, groups, at = live_at_peak(snap, torch.cuda.current_device())
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
     if cuda:
         out["card"] = torch.cuda.get_device_name(0)
     out["versions"] = {"torch": torch.__version__}
-    out["command"] = "python -m bench._probe_memory " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    args = argv if argv is not None else sys.argv[1:]
+    out["command"] = "python -m bench._probe_memory " + " ".join(args)
     if a.out and rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:

@@ -20,6 +20,10 @@ from engine.models import count_params
 # 3rd block 1.16. The peak allocated (fragmentation excluded) of the DINOv2 recipes over their traced bytes: 1.02
 # (ViT-S b256) to 1.13 (ViT-g b16).
 ACTIVATION_WORKING_SET = 1.12
+# The same under FSDP2: the allocator keeps more cached (freed all-gather and reduce-scatter buffers, blocks tied to the
+# communication streams). On 2 H200s (2026-11-30): MAE ViT-g b256 1.19, DINOv2 ViT-g b32 every 3rd block 1.22, where
+# their peaks allocated stayed under the one-GPU factor's estimate.
+FSDP_ACTIVATION_WORKING_SET = 1.22
 
 
 @dataclass
@@ -43,12 +47,12 @@ class Plan:
     sources: list[str]
     act_bytes_fixed: float = 0.0  # saved for backward whatever the batch (e.g. weight-normed head weights), fp32
 
-    def activation_bytes(self, micro: int, bf16: bool = True) -> float:
-        """Bytes the activations take at a step's peak at a micro batch: those saved for backward (the per-image part
-        times the batch plus the part that does not grow with it, halved for bf16 autocast) times
-        ACTIVATION_WORKING_SET."""
-        return (self.act_bytes_fixed + self.act_bytes_per_image * micro) * (0.5 if bf16 else 1.0) \
-            * ACTIVATION_WORKING_SET
+    def activation_bytes(self, micro: int, bf16: bool = True, world: int = 1) -> float:
+        """Bytes the activations take at a step's peak at a micro batch on `world` GPUs: those saved for backward (the
+        per-image part times the batch plus the part that does not grow with it, halved for bf16 autocast) times
+        ACTIVATION_WORKING_SET (one GPU) or FSDP_ACTIVATION_WORKING_SET."""
+        factor = ACTIVATION_WORKING_SET if world <= 1 else FSDP_ACTIVATION_WORKING_SET
+        return (self.act_bytes_fixed + self.act_bytes_per_image * micro) * (0.5 if bf16 else 1.0) * factor
 
     def memory_per_gpu(self, world: int | None = None, bf16: bool = True, sharded: bool | None = None) -> dict[str, float]:
         """Bytes per GPU: fp32 weights + grads + AdamW moments (sharded over `world` under FSDP)
@@ -57,7 +61,7 @@ class Plan:
         sharded = world > 1 if sharded is None else sharded
         shard = world if sharded else 1
         states = (self.total_params * 4 + self.trainable_params * (4 + 8)) / shard
-        acts = self.activation_bytes(self.micro_batch, bf16)
+        acts = self.activation_bytes(self.micro_batch, bf16, world)
         return {"states": states, "activations": acts, "total": states + acts}
 
 
@@ -379,7 +383,7 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
             lines.append(f"  {n} GPUs: {e}")
             continue
         mem = plan.memory_per_gpu(world=n, sharded=n > 1)
-        acts = plan.activation_bytes(micro)
+        acts = plan.activation_bytes(micro, world=n)
         gathered = _gathered_bytes(cfg, plan, n)
         sums = _graph_sum_bytes(cfg, plan, n, micro)
         total = mem["states"] + acts + gathered + sums
@@ -395,40 +399,69 @@ def format_plan(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1, 8)) -
     return "\n".join(lines)
 
 
+def _checkpointed_parts(cfg: Config, plan: Plan, model, context):
+    """c -> (bytes saved per image, fixed bytes) with c of the encoder's blocks checkpointed (c >= 1), for the model
+    of `cfg` traced as _activation_parts does. Each checkpointed block swaps its own saved tensors for its input, and
+    one block's own are rebuilt at a time in backward, so both parts are linear in c over equal blocks: the plan's
+    trace (the recipe's setting) and one more (every block, or every 2nd where the recipe checkpoints every block)
+    give every count. The second trace runs on the first call that needs it."""
+    depth, m = len(model.encoder.blocks), cfg.model
+    c_r, r = len(range(0, depth, m.ac_every)), (plan.act_bytes_per_image, plan.act_bytes_fixed)
+    k_x = 1 if m.ac_every != 1 else 2
+    c_x, x = len(range(0, depth, k_x)), []
+
+    def parts(c: int) -> tuple[float, float]:
+        if c == c_r:
+            return r
+        if not x:
+            x.extend(_activation_parts(model, context, (k_x, m.ac_policy), compiled=m.compile))
+        if c_x == c_r:  # one block: nothing to fit a line through
+            return tuple(x)
+        return tuple(vr + (c - c_r) * (vx - vr) / (c_x - c_r) for vr, vx in zip(r, x))
+    return parts
+
+
 @_dynamo_cleared
 def lighter_checkpointing(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] = (1,),
                           budget: float | None = None) -> dict[int, str]:
     """With model.activation_checkpointing on: for each GPU count where a lighter setting's estimate also fits
     `budget` bytes (default: an 80 GB H100's usable part) at the recipe's micro batch, the lightest such (none at all,
-    else checkpointing every k-th block, the largest k above the recipe's), as a phrase naming the estimate and the
-    override. Each checkpointed block runs its forward twice, so a lighter setting is faster where it fits (on an
-    H200, 2026-11-30: MAE ViT-g / ViT-H 1.48x / 1.44x without it, DINOv2 ViT-g 1.12x at every 2nd block instead of
-    every block). Empty when checkpointing is off or nothing lighter fits. Traces each candidate on the meta device
-    (a few seconds each for a ViT-g), lightest first, and stops once every GPU count has its answer."""
+    else checkpointing every k-th block, for each count of checkpointed blocks below the recipe's the largest k that
+    gives it), as a phrase naming the estimate and the override. Each checkpointed block runs its forward twice, so a
+    lighter setting is faster where it fits (on an H200, 2026-11-30: MAE ViT-g / ViT-H 1.48x / 1.44x without it,
+    DINOv2 ViT-g 1.12x at every 2nd block instead of every block, 1.05x more at every 3rd). Empty when checkpointing
+    is off or nothing lighter fits. Traces "none" on the meta device (a few seconds for a ViT-g), then, where that does
+    not fit, the every-k settings through _checkpointed_parts (one more trace for all of them)."""
     m = cfg.model
     if not m.activation_checkpointing:
         return {}
     model, context = _activation_model(cfg)
     depth = len(model.encoder.blocks)
-    candidates = [None] + [(k, m.ac_policy) for k in (4, 3, 2) if k > m.ac_every and k < depth]
     todo = {}
     for n in gpu_counts:
         try:
             todo[n] = batch_geometry(cfg, n)[0]
         except ValueError:
             continue
+    by_count: dict[int, int] = {}  # checkpointed blocks -> the largest k that checkpoints that many
+    for k in range(depth - 1, m.ac_every, -1):
+        by_count.setdefault(len(range(0, depth, k)), k)
+    checkpointed = _checkpointed_parts(cfg, plan, model, context)
     found: dict[int, str] = {}
-    for ac in candidates:
+    for c in [0] + sorted(by_count):  # lightest first
         if not todo:
             break
-        per_image, fixed = _activation_parts(model, context, ac, compiled=m.compile)
+        if c == 0:
+            per_image, fixed = _activation_parts(model, context, None, compiled=m.compile)
+        else:
+            per_image, fixed = checkpointed(c)
         lighter = dataclasses.replace(plan, act_bytes_per_image=per_image, act_bytes_fixed=fixed)
         for n, micro in list(todo.items()):
-            total = _batch_free_bytes(cfg, plan, n) + lighter.activation_bytes(micro)
+            total = _batch_free_bytes(cfg, plan, n) + lighter.activation_bytes(micro, world=n)
             if total < (H100_USABLE if budget is None else budget):
-                setting = ("without checkpointing: model.activation_checkpointing=false" if ac is None else
-                           f"checkpointing every {_ordinal(ac[0])} block ({len(range(0, depth, ac[0]))} of {depth}): "
-                           f"model.ac_every={ac[0]}")
+                k = by_count.get(c)
+                setting = ("without checkpointing: model.activation_checkpointing=false" if c == 0 else
+                           f"checkpointing every {_ordinal(k)} block ({c} of {depth}): model.ac_every={k}")
                 found[n] = f"{total / 1024**3:.1f} GiB at micro {micro} {setting}"
                 del todo[n]
     return dict(sorted(found.items()))
@@ -489,7 +522,7 @@ def largest_micro_batch(cfg: Config, plan: Plan, n: int, budget: float | None = 
         return None
     per_gpu = cfg.train.batch_size // n
     fitting = [m for m in range(1, per_gpu + 1)
-               if per_gpu % m == 0 and _batch_free_bytes(cfg, plan, n, m) + plan.activation_bytes(m) < budget]
+               if per_gpu % m == 0 and _batch_free_bytes(cfg, plan, n, m) + plan.activation_bytes(m, world=n) < budget]
     return max(fitting) if fitting else None
 
 
@@ -506,7 +539,7 @@ def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bo
     plan = plan or make_plan(cfg, world)
     micro = plan.micro_batch
     states = _batch_free_bytes(cfg, plan, world)
-    need = states + plan.activation_bytes(micro)
+    need = states + plan.activation_bytes(micro, world=world)
     budget = capacity * USABLE_FRACTION if capacity else None
     if not failed and (budget is None or need < budget):
         return None
@@ -516,7 +549,7 @@ def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bo
             if failed else f"micro batch {micro} may not fit this {card}")
     sums = " with the graphed step's gradient sums" if _graph_sum_bytes(cfg, plan, world) else ""
     text = f"{head}: the plan estimates {need / gib:.1f} GiB per GPU ({states / gib:.1f} of weights, gradients and " \
-           f"optimizer state{sums}, {plan.activation_bytes(micro) / gib:.1f} of activations)."
+           f"optimizer state{sums}, {plan.activation_bytes(micro, world=world) / gib:.1f} of activations)."
     hints = []
     best = largest_micro_batch(cfg, plan, world, budget) if budget else None
     if best and best < micro:
@@ -528,7 +561,7 @@ def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bo
         model, context = _activation_model(cfg)
         per_image, fixed = _activation_parts(model, context, (1, cfg.model.ac_policy), compiled=cfg.model.compile)
         every = states + dataclasses.replace(plan, act_bytes_per_image=per_image,
-                                             act_bytes_fixed=fixed).activation_bytes(micro)
+                                             act_bytes_fixed=fixed).activation_bytes(micro, world=world)
         if every < budget:
             hints.append(f"model.ac_every=1 (checkpointing every block: {every / gib:.1f} GiB at micro {micro})")
     if world == 1:

@@ -177,6 +177,8 @@ def test_plan_activations_split_into_fixed_and_per_image():
     saved = (plan.act_bytes_fixed + 10 * plan.act_bytes_per_image) / 2  # bf16
     assert plan.activation_bytes(10) == pytest.approx(saved * engine_plan.ACTIVATION_WORKING_SET, rel=1e-12)
     assert engine_plan.ACTIVATION_WORKING_SET > 1  # the backward's working set comes on top of what is saved
+    assert plan.activation_bytes(10, world=8) == pytest.approx(saved * engine_plan.FSDP_ACTIVATION_WORKING_SET)
+    assert plan.memory_per_gpu(world=8)["activations"] > plan.memory_per_gpu(world=1)["activations"]  # FSDP's cache
 
     # no iBOT masks: their random token counts would blur the split at this tiny size
     dcfg = load_config(ROOT / "recipes" / "quickstart_dinov2.yaml", ["objective.dinov2.mask_probability=0.0"])
@@ -438,6 +440,26 @@ def test_dry_run_names_lighter_checkpointing_that_fits(monkeypatch, capsys):
     monkeypatch.setattr(engine.plan, "H100_USABLE", engine.plan.H100_MEMORY * engine.plan.USABLE_FRACTION)
     assert engine.run.main([str(qs), "--dry-run", "--gpus", "1", *on]) == 0
     assert "lighter checkpointing that also fits" in capsys.readouterr().out
+
+
+def test_checkpointed_bytes_are_linear_in_the_checkpointed_block_count():
+    """_checkpointed_parts fits a line through two checkpointed traces (the plan's and one more): at every other count
+    of checkpointed blocks it gives what a trace of that every-k setting gives, from a recipe checkpointing every block
+    and from one checkpointing every 3rd."""
+    import pytest
+
+    from engine.plan import _activation_model, _activation_parts, _checkpointed_parts, make_plan
+
+    qs = ROOT / "recipes" / "quickstart.yaml"
+    for every in (1, 3):
+        cfg = load_config(qs, ["model.activation_checkpointing=true", f"model.ac_every={every}"])
+        model, context = _activation_model(cfg)
+        parts = _checkpointed_parts(cfg, make_plan(cfg), model, context)
+        for k in (2, 4, 5, 11):
+            if k == every:
+                continue
+            traced = _activation_parts(model, context, (k, cfg.model.ac_policy), compiled=cfg.model.compile)
+            assert parts(len(range(0, 12, k))) == pytest.approx(traced, rel=1e-9), (every, k)
 
 
 def test_run_notes_lighter_checkpointing_for_the_card(monkeypatch, tmp_path, capsys):
