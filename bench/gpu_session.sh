@@ -554,6 +554,20 @@ G35)  # session 26, nvidia-h200-x2: DINOv2 ViT-g (the recipe: every 3rd block, m
   step 280 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $T --override model.compile_tuning=false \
     --tag s26-g-dino-fsdp2-expandable
   ;;
+G36)  # session 26, nvidia-h200-x2: the smaller DINOv2 recipes' held memory against the dry run (bench._probe_memory, two
+      # micro-batches a step as on one GPU, compile tuning off): GPU 0 ViT-L at 64, GPU 1 ViT-S at 256 and ViT-B at 128
+  R=bench/results/memprobe-nvidia-h200-2026-11-30-s26
+  P="python3 -m bench._probe_memory"
+  ( export CUDA_VISIBLE_DEVICES=0 PART=G36-gpu0
+    step 280 $P recipes/vit_l_dinov2.yaml --batch 64 --accum 2 --steps 6 --override model.compile_tuning=false \
+      --out $R-l-dino-b64-a2.json ) &
+  ( export CUDA_VISIBLE_DEVICES=1 PART=G36-gpu1
+    step 200 $P recipes/vit_s_dinov2.yaml --batch 256 --accum 2 --steps 6 --override model.compile_tuning=false \
+      --out $R-s-dino-b256-a2.json
+    step 200 $P recipes/vit_b_dinov2.yaml --batch 128 --accum 2 --steps 6 --override model.compile_tuning=false \
+      --out $R-b-dino-b128-a2.json ) &
+  wait
+  ;;
 K76)  # session 23: the soft-ce rows on the GPU after session 22's review, with the new "softmax+ce" rows (DINO's softmax
       # centering as factors, kernels.softmax_targets); the iBOT switch alone under centering: softmax (compile tuning
       # off to save its ~100 s); MAE ViT-L re-timed with the day's defaults. Measured 2026-11-29: softmax+ce 7.78x /
