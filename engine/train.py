@@ -75,6 +75,29 @@ def pick_device(cfg: Config, d: Dist) -> torch.device:
     return torch.device("cpu")
 
 
+def expandable_segments_wanted(cfg: Config) -> bool:
+    """train.allocator resolved: expandable segments for DINOv2 without the teacher graph under "auto"."""
+    mode = cfg.train.allocator
+    if mode != "auto":
+        return mode == "expandable"
+    return cfg.objective.name == "dinov2" and not cfg.objective.dinov2.teacher_graph
+
+
+def set_allocator(cfg: Config, device: torch.device) -> bool | None:
+    """Set the CUDA caching allocator's expandable segments as train.allocator says (both ways: a process may build
+    several trainers, as bench train does); None where that is not ours to set (not CUDA, the user's environment names
+    expandable_segments, or a torch without the setter), else the setting taken."""
+    if device.type != "cuda":
+        return None
+    env = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if "expandable_segments" in env or setter is None:
+        return None
+    want = expandable_segments_wanted(cfg)
+    setter(f"expandable_segments:{want}")
+    return want
+
+
 def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -150,6 +173,7 @@ class Trainer:
         self.out = out
         self.dist = setup_distributed("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = pick_device(cfg, self.dist)
+        self.expandable_segments = set_allocator(cfg, self.device)
         precision = cfg.train.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"

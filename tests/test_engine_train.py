@@ -280,3 +280,34 @@ def test_cuda_graph_mode_compiles_the_whole_model_and_marks_each_step(tmp_path, 
     assert t.fit()["complete"] and len(marks) == 3
     t2 = make(tmp_path / "b", shards, "model.compile=true", "train.steps=2", "checkpoint.every_steps=10")
     assert modes[-1] == ("MaskedAutoencoder", {"mode": None}) and not t2.graphs
+
+
+def test_allocator_setting_follows_train_allocator(monkeypatch):
+    """train.allocator: auto takes expandable segments for DINOv2 (its iBOT tensors change size every step) unless the
+    teacher replays a CUDA graph, the default for MAE; set both ways on a CUDA device (a process may build several
+    trainers), left alone on the CPU and where the user's environment names expandable_segments."""
+    from engine.config import ConfigError
+    from engine.train import expandable_segments_wanted, set_allocator
+
+    mae = load_config(ROOT / "recipes" / "quickstart.yaml")
+    dino = load_config(ROOT / "recipes" / "quickstart_dinov2.yaml")
+    graphed = load_config(ROOT / "recipes" / "quickstart_dinov2.yaml", ["objective.dinov2.teacher_graph=true"])
+    assert mae.train.allocator == "auto"
+    assert not expandable_segments_wanted(mae) and expandable_segments_wanted(dino)
+    assert not expandable_segments_wanted(graphed)
+    assert expandable_segments_wanted(load_config(ROOT / "recipes" / "quickstart.yaml", ["train.allocator=expandable"]))
+    assert not expandable_segments_wanted(load_config(ROOT / "recipes" / "quickstart_dinov2.yaml",
+                                                      ["train.allocator=default"]))
+    with pytest.raises(ConfigError, match="train.allocator"):
+        load_config(ROOT / "recipes" / "quickstart.yaml", ["train.allocator=big"])
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append, raising=False)
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    cuda = torch.device("cuda", 0)
+    assert set_allocator(dino, cuda) is True and set_allocator(mae, cuda) is False
+    assert calls == ["expandable_segments:True", "expandable_segments:False"]
+    assert set_allocator(dino, torch.device("cpu")) is None
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert set_allocator(dino, cuda) is None and len(calls) == 2  # the user's choice stands
