@@ -112,9 +112,10 @@ def main(argv=None) -> int:
         rows.append(row)
         say(json.dumps(row))
     out = {"recipe": a.recipe, "overrides": a.override, "micro_batch": batch, "accum": a.accum, "world": world,
-           "graphs": bool(trainer.graphs), "expandable_segments": trainer.expandable_segments, "estimate_gib": (states + acts) / gib, "estimate_states_gib": states / gib,
-           "estimate_activations_gib": acts / gib, "params": plan.total_params, "fp32_params_gib":
-           plan.total_params * 4 / gib, "steps": rows}
+           "graphs": bool(trainer.graphs), "expandable_segments": trainer.expandable_segments,
+           "estimate_gib": (states + acts) / gib, "estimate_states_gib": states / gib,
+           "estimate_activations_gib": acts / gib, "params": plan.total_params,
+           "fp32_params_gib": plan.total_params * 4 / gib, "steps": rows}
     if cuda:
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / gib
         torch.cuda.empty_cache()  # what is left held: live tensors and the CUDA graphs' private pools
