@@ -206,7 +206,8 @@ def plot_curves(run: Run, path: Path) -> Path | None:
     plt = _plt()
     eval_rows = [(r["step"], np.nanmean([v for k, v in r.items() if k.startswith("eval/") and k.endswith("/auc") and v is not None]))
                  for r in rows if any(k.startswith("eval/") and k.endswith("/auc") for k in r)]
-    panels = 3 if eval_rows else 2
+    held = [(r["step"], r["gpu_mem_gib"]) for r in rows if r.get("gpu_mem_gib") is not None]
+    panels = 2 + bool(eval_rows) + bool(held)
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
     loss = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     ips = [(r["step"], r["img_per_s"]) for r in rows if r.get("img_per_s") is not None]
@@ -228,6 +229,16 @@ def plot_curves(run: Run, path: Path) -> Path | None:
         axes[2].plot(*zip(*eval_rows), marker="o", color="C2")
         axes[2].set_title("periodic eval: mean AUC")
         axes[2].set_xlabel("step")
+    if held:  # GPU runs: a hold that climbs at a steady allocation is the allocator's fragmentation
+        ax = axes[-1]
+        ax.plot(*zip(*held), lw=1, color="C4", label="held by the allocator")
+        alloc = [(r["step"], r["gpu_alloc_gib"]) for r in rows if r.get("gpu_alloc_gib") is not None]
+        if alloc:
+            ax.plot(*zip(*alloc), lw=1, ls="--", color="C5", label="allocated")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+        ax.set_title("GPU memory per GPU, peak (GiB)")
+        ax.set_xlabel("step")
     fig.suptitle(f"{run.name} — {run.model} ({run.objective})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -98,6 +98,19 @@ def set_allocator(cfg: Config, device: torch.device) -> bool | None:
     return want
 
 
+def memory_since_last_line(device: torch.device) -> dict[str, float]:
+    """For a log line on CUDA: the allocator's peak hold (gpu_mem_gib: what the card must hold for this run, the CUDA
+    graphs' pools and cached blocks included) and the peak of live tensors (gpu_alloc_gib) since the last line, in GiB;
+    then a fresh peak for the next line. Empty elsewhere. The hold is what to compare with the card and with the dry
+    run's estimate; a hold that keeps growing at a steady allocation is fragmentation (see train.allocator)."""
+    if device.type != "cuda":
+        return {}
+    out = {"gpu_mem_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+           "gpu_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
 def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -539,6 +552,7 @@ class Trainer:
                     data_wait = 0.0
                     if self.loader is not None:
                         row["skipped_samples"] = self.loader.skipped
+                    row.update(memory_since_last_line(self.device))
                     for key, total in self.terms.items():  # mean over the steps since the last line
                         row[key] = float(total) / max(1, self.step - last_log_step)
                     self.terms.clear()
@@ -557,8 +571,9 @@ class Trainer:
                                 if k not in ("step", "epoch", "time") and isinstance(v, (int, float)):
                                     writer.add_scalar(f"train/{k}", v, self.step)
                         if bar:
+                            mem = {"mem": f"{row['gpu_mem_gib']:.1f}G"} if "gpu_mem_gib" in row else {}
                             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
-                                            img_s=f"{row['img_per_s']:,.0f}")
+                                            img_s=f"{row['img_per_s']:,.0f}", **mem)
                     if run >= cfg.train.max_nonfinite:
                         self.save()
                         raise TrainingStopped(

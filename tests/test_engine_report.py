@@ -80,3 +80,37 @@ def test_load_run_counts_params_without_eval_and_skips_torn_lines(tmp_path):
     newest = load_run(fake_run(tmp_path, "ev", "vit_tiny_patch16_224", "mae", 1000))
     assert newest.evals["linear"]["step"] == "step_00000100"
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_curves_add_a_gpu_memory_panel_where_the_run_logged_it(tmp_path, monkeypatch):
+    """plot_curves: a run whose log lines carry gpu_mem_gib / gpu_alloc_gib (GPU runs) gets a fourth panel with both;
+    a CPU run's figure keeps three."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from engine.report import plot_curves
+
+    run_dir = fake_run(tmp_path, "gpu", "vit_tiny_patch16_224", "mae", 5_000_000)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()[:-1]]
+    for r in lines:
+        if "loss" in r:
+            r.update(gpu_mem_gib=40.0 + r["step"] / 10, gpu_alloc_gib=30.0)
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    figures = []
+    real = plt.subplots
+
+    def spy(*a, **k):
+        fig, axes = real(*a, **k)
+        figures.append(axes)
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", spy)
+    assert plot_curves(load_run(run_dir), tmp_path / "gpu.png").read_bytes()[:8] == PNG
+    axes = figures[-1]
+    assert len(axes) == 4 and axes[-1].get_title() == "GPU memory per GPU, peak (GiB)"
+    assert len(axes[-1].get_lines()) == 2  # held and allocated
+    assert plot_curves(load_run(fake_run(tmp_path, "cpu", "vit_tiny_patch16_224", "mae", 5_000_000)),
+                       tmp_path / "cpu.png") is not None
+    assert len(figures[-1]) == 3

@@ -311,3 +311,18 @@ def test_allocator_setting_follows_train_allocator(monkeypatch):
     assert set_allocator(dino, torch.device("cpu")) is None
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
     assert set_allocator(dino, cuda) is None and len(calls) == 2  # the user's choice stands
+
+
+def test_log_lines_carry_the_gpu_memory_since_the_last_line(monkeypatch):
+    """memory_since_last_line: on CUDA the allocator's peak hold and peak allocated since the last log line (GiB), then
+    a fresh peak; nothing on the CPU."""
+    from engine.train import memory_since_last_line
+
+    assert memory_since_last_line(torch.device("cpu")) == {}
+    peaks = {"reserved": 3 * 2**30, "allocated": 2**30}
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: peaks["reserved"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks["allocated"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peaks.update(reserved=0, allocated=0))
+    cuda = torch.device("cuda", 0)
+    assert memory_since_last_line(cuda) == {"gpu_mem_gib": 3.0, "gpu_alloc_gib": 1.0}
+    assert memory_since_last_line(cuda) == {"gpu_mem_gib": 0.0, "gpu_alloc_gib": 0.0}  # reset after each line
