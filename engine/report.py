@@ -235,8 +235,8 @@ def plot_curves(run: Run, path: Path) -> Path | None:
         alloc = [(r["step"], r["gpu_alloc_gib"]) for r in rows if r.get("gpu_alloc_gib") is not None]
         if alloc:
             ax.plot(*zip(*alloc), lw=1, ls="--", color="C5", label="allocated")
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=7)
+        ax.set_ylim(0, 1.15 * max(v for _, v in held + alloc))  # headroom: a flat hold would sit on the frame
+        ax.legend(fontsize=7, loc="lower right")
         ax.set_title("GPU memory per GPU, peak (GiB)")
         ax.set_xlabel("step")
     fig.suptitle(f"{run.name} — {run.model} ({run.objective})", fontsize=10)
