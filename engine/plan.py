@@ -444,8 +444,10 @@ def lighter_checkpointing(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] =
         except ValueError:
             continue
     by_count: dict[int, int] = {}  # checkpointed blocks -> the largest k that checkpoints that many
+    recipe_count = len(range(0, depth, m.ac_every))
     for k in range(depth - 1, m.ac_every, -1):
-        by_count.setdefault(len(range(0, depth, k)), k)
+        if len(range(0, depth, k)) < recipe_count:  # a larger k can checkpoint as many blocks: no lighter
+            by_count.setdefault(len(range(0, depth, k)), k)
     checkpointed = _checkpointed_parts(cfg, plan, model, context)
     found: dict[int, str] = {}
     for c in [0] + sorted(by_count):  # lightest first

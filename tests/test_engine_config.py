@@ -437,6 +437,13 @@ def test_dry_run_names_lighter_checkpointing_that_fits(monkeypatch, capsys):
     assert "ac_every=2" in lighter_checkpointing(cfg, plan, (1,), budget=(every2 + every3) / 2)[1]  # a card's budget
     off = load_config(qs)
     assert lighter_checkpointing(off, make_plan(off), (1,)) == {}
+    # every 5th block checkpoints as many of 12 as every 4th (0, 5, 10 / 0, 4, 8): not lighter, so not named
+    cfg4 = load_config(qs, on + ["model.ac_every=4"])
+    every4, every11 = total(on + ["model.ac_every=4"]), total(on + ["model.ac_every=11"])
+    assert every4 < every11
+    assert lighter_checkpointing(cfg4, make_plan(cfg4), (1,), budget=(every4 + every11) / 2) == {}
+    (line,) = lighter_checkpointing(cfg4, make_plan(cfg4), (1,), budget=every11 * 1.001).values()
+    assert "every 11th block (2 of 12): model.ac_every=11" in line
     monkeypatch.setattr(engine.plan, "H100_USABLE", engine.plan.H100_MEMORY * engine.plan.USABLE_FRACTION)
     assert engine.run.main([str(qs), "--dry-run", "--gpus", "1", *on]) == 0
     assert "lighter checkpointing that also fits" in capsys.readouterr().out
