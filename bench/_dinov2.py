@@ -48,8 +48,8 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
     recipe_cfg: a loaded dinov2 recipe (engine.config.Config); batch: per-GPU images
     (default: the recipe's micro_batch). Keys: `<variant>_img_s`, `<variant>_step_ms`,
     `<variant>_mfu` (CUDA), `<variant>_peak_mem_gib` and `<variant>_peak_reserved_gib` (CUDA), `<variant>_error` when
-    a variant fails (the others still run), `<variant>_compile_mode` (the engine variants' torch.compile mode: compile_mode,
-    their model.compile_mode, resolved), `<variant>_compile_tuning` (model.compile_tuning in effect),
+    a variant fails (the others still run), `<variant>_compile_mode` (the engine variants' torch.compile mode:
+    compile_mode, their model.compile_mode, resolved), `<variant>_compile_tuning` (model.compile_tuning in effect),
     `engine-triton_vs_naive`, `engine-torch_vs_naive`,
     `tokens_per_image` (student + teacher)."""
     from bench.train import peak_flops, run_engine

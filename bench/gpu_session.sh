@@ -554,8 +554,9 @@ G35)  # session 26, nvidia-h200-x2: DINOv2 ViT-g (the recipe: every 3rd block, m
   step 280 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $T --override model.compile_tuning=false \
     --tag s26-g-dino-fsdp2-expandable
   ;;
-G36)  # session 26, nvidia-h200-x2: the smaller DINOv2 recipes' held memory against the dry run (bench._probe_memory, two
-      # micro-batches a step as on one GPU, compile tuning off): GPU 0 ViT-L at 64, GPU 1 ViT-S at 256 and ViT-B at 128
+G36)  # session 26, nvidia-h200-x2: the smaller DINOv2 recipes' held memory against the dry run (bench._probe_memory,
+      # two micro-batches a step as on one GPU, compile tuning off): GPU 0 ViT-L at 64, GPU 1 ViT-S at 256 and ViT-B
+      # at 128
   R=bench/results/memprobe-nvidia-h200-2026-11-30-s26
   P="python3 -m bench._probe_memory"
   ( export CUDA_VISIBLE_DEVICES=0 PART=G36-gpu0
@@ -568,9 +569,9 @@ G36)  # session 26, nvidia-h200-x2: the smaller DINOv2 recipes' held memory agai
       --out $R-b-dino-b128-a2.json ) &
   wait
   ;;
-G37)  # session 26, nvidia-h200-x2: DINOv2 ViT-S (the recipe, micro 256; compile tuning off) with the allocator's default
-      # segments vs expandable segments, 20 timed steps each, crosswise on the two GPUs: G36 saw its held memory grow
-      # by ~7.5 GiB every other step (55 -> 78 GiB in 6 steps) at a steady 48.6 GiB allocated
+G37)  # session 26, nvidia-h200-x2: DINOv2 ViT-S (the recipe, micro 256; compile tuning off) with the allocator's
+      # default segments vs expandable segments, 20 timed steps each, crosswise on the two GPUs: G36 saw its held
+      # memory grow by ~7.5 GiB every other step (55 -> 78 GiB in 6 steps) at a steady 48.6 GiB allocated
   T="python3 -m bench train --recipes recipes/vit_s_dinov2.yaml --steps 20 --warmup 5 --variants engine-triton"
   E="env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
   ( export CUDA_VISIBLE_DEVICES=0 PART=G37-gpu0
@@ -584,8 +585,9 @@ G37)  # session 26, nvidia-h200-x2: DINOv2 ViT-S (the recipe, micro 256; compile
 G38)  # session 26, one H200: DINOv2 ViT-S with train.allocator auto (expandable segments, set by the Trainer at run
       # time): speed and held memory against G37's environment-variable runs; the probe's per-step hold
   R=bench/results/memprobe-nvidia-h200-2026-11-30-s26
-  step 200 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml "recipes/vit_s_dinov2.yaml::train.allocator=default" \
-    --steps 20 --warmup 5 --variants engine-triton --override model.compile_tuning=false --tag s26-s-dino-allocator
+  step 200 python3 -m bench train --recipes recipes/vit_s_dinov2.yaml \
+    "recipes/vit_s_dinov2.yaml::train.allocator=default" --steps 20 --warmup 5 --variants engine-triton \
+    --override model.compile_tuning=false --tag s26-s-dino-allocator
   step 200 python3 -m bench._probe_memory recipes/vit_s_dinov2.yaml --batch 256 --accum 2 --steps 6 \
     --override model.compile_tuning=false --out $R-s-dino-b256-a2-expandable.json
   ;;

@@ -371,7 +371,8 @@ def run_scaling(args) -> int:
                 if r.returncode == 0 and os.path.exists(out):
                     res = json.load(open(out))
                     row.update(img_s=res["img_per_s"], step_ms=res["step_ms"], peak_mem_gib=res.get("peak_mem_gib"),
-                               peak_reserved_gib=res.get("peak_reserved_gib"), accum=res.get("accum"))  # as the workers ran it
+                               peak_reserved_gib=res.get("peak_reserved_gib"),
+                               accum=res.get("accum"))  # as the workers ran it
                     if res.get("profile"):
                         row["profile_ms"] = res["profile"]
                         text = out + ".prof.txt"

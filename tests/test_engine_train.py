@@ -322,7 +322,8 @@ def test_log_lines_carry_the_gpu_memory_since_the_last_line(monkeypatch):
     peaks = {"reserved": 3 * 2**30, "allocated": 2**30}
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: peaks["reserved"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks["allocated"])
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peaks.update(reserved=0, allocated=0))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: peaks.update(reserved=0, allocated=0))
     cuda = torch.device("cuda", 0)
     assert memory_since_last_line(cuda) == {"gpu_mem_gib": 3.0, "gpu_alloc_gib": 1.0}
     assert memory_since_last_line(cuda) == {"gpu_mem_gib": 0.0, "gpu_alloc_gib": 0.0}  # reset after each line
