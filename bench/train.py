@@ -23,17 +23,12 @@ import torch
 from torch import nn
 
 from bench.common import bar_plot, card_name, print_table, write_result
+from engine.config import split_entry
 
 RESULTS_PROFILE_DIR = Path(__file__).parent / "results" / "profiles"
 
 # Dense bf16 tensor-core peak by card (FLOP/s), for MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "GH200": 989e12}
-
-
-def split_entry(entry: str) -> tuple[str, list[str]]:
-    """A `--recipes` entry, `PATH` or `PATH::key=value::key=value`, as (the recipe's path, its own overrides)."""
-    path, *own = entry.split("::")
-    return path, own
 
 
 def load_entry(entry: str, overrides: list[str]):

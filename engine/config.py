@@ -476,6 +476,13 @@ def apply_override(data: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+def split_entry(entry: str) -> tuple[str, list[str]]:
+    """A recipe entry as bench train's `--recipes` and its result rows write it, `PATH` or `PATH::key=value::...`, as
+    (the recipe's path, its own overrides)."""
+    path, *own = str(entry).split("::")
+    return path, own
+
+
 def load_config(recipe: str | Path | None, overrides: list[str] = (), overlays: list[str | Path] = ()) -> Config:
     """Recipe, then overlay recipes in order (e.g. a data-size or modality variant), then
     `key.sub=value` overrides."""

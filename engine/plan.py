@@ -573,13 +573,14 @@ def memory_advice(cfg: Config, world: int, capacity: float | None, *, failed: bo
 
 # ----------------------------------------------------------------------------- recipe table
 def _row_objective(row: dict) -> str | None:
-    """The objective of a bench train row: recorded in `train` rows; for `train-scaling` rows, the recipe's."""
+    """The objective of a bench train row: recorded in `train` rows; for `train-scaling` rows, the recipe's with the
+    entry's own overrides (`PATH::key=value`)."""
     if row.get("objective"):
         return row["objective"]
     try:
-        from engine.config import load_config
+        from engine.config import load_config, split_entry
 
-        return load_config(str(row["recipe"]).split("::")[0]).objective.name
+        return load_config(*split_entry(row["recipe"])).objective.name
     except Exception:  # a recipe renamed or removed since: the row cannot be attributed
         return None
 

@@ -405,6 +405,12 @@ def test_recipe_table_takes_throughput_by_objective_model_and_micro_batch(tmp_pa
     assert "98 (measured)" in lines["vit_h_dinov2.yaml"]  # not MAE's figure under the same timm name
     assert "207 (measured)" in lines["vit_l_dinov2.yaml"]  # the one-GPU scaling row, not the two-GPU one
     assert "(est.)" in lines["vit_b_mae.yaml"]
+    # a scaling row's objective is its recipe's with the entry's own overrides; an unknown recipe gets none
+    from engine.plan import _row_objective
+
+    assert _row_objective({"recipe": f"{ROOT}/recipes/quickstart.yaml"}) == "mae"
+    assert _row_objective({"recipe": f"{ROOT}/recipes/quickstart.yaml::objective.name=dinov2"}) == "dinov2"
+    assert _row_objective({"recipe": f"{ROOT}/recipes/gone.yaml"}) is None
 
 
 def test_dry_run_names_lighter_checkpointing_that_fits(monkeypatch, capsys):
