@@ -338,15 +338,22 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.0f} {unit}"
 
 
+def _gpu_compile_mode(cfg: Config, world: int) -> str | None:
+    """model.compile_mode as a GPU run on `world` GPUs resolves it (MAE compiles the whole step, DINOv2 per block)."""
+    from engine.config import resolve_compile_mode
+
+    return resolve_compile_mode(cfg.model.compile_mode, compiled=cfg.model.compile,
+                                whole_model=cfg.objective.name == "mae", world=world, device_type="cuda")
+
+
 def _compile_note(cfg: Config, plan: Plan) -> str:
     """The compile mode a GPU run of this plan gets (model.compile_mode auto resolved), and whether
     its step replays CUDA graphs (which is what keeps the data stall near zero)."""
-    from engine.config import CUDA_GRAPH_MODES, resolve_compile_mode
+    from engine.config import CUDA_GRAPH_MODES
 
     if not cfg.model.compile:
         return ""
-    mode = resolve_compile_mode(cfg.model.compile_mode, compiled=True, whole_model=cfg.objective.name == "mae",
-                                world=plan.world, device_type="cuda")
+    mode = _gpu_compile_mode(cfg, plan.world)
     auto = "auto -> " if cfg.model.compile_mode == "auto" else ""
     tuned = ", coordinate-descent tuning" if cfg.model.compile_tuning else ""
     if mode in CUDA_GRAPH_MODES:
@@ -446,8 +453,9 @@ def lighter_checkpointing(cfg: Config, plan: Plan, gpu_counts: tuple[int, ...] =
     by_count: dict[int, int] = {}  # checkpointed blocks -> the largest k that checkpoints that many
     recipe_count = len(range(0, depth, m.ac_every))
     for k in range(depth - 1, m.ac_every, -1):
-        if len(range(0, depth, k)) < recipe_count:  # a larger k can checkpoint as many blocks: no lighter
-            by_count.setdefault(len(range(0, depth, k)), k)
+        count = len(range(0, depth, k))
+        if count < recipe_count:  # a larger k can checkpoint as many blocks as the recipe's: not lighter
+            by_count.setdefault(count, k)
     checkpointed = _checkpointed_parts(cfg, plan, model, context)
     found: dict[int, str] = {}
     for c in [0] + sorted(by_count):  # lightest first
@@ -497,11 +505,9 @@ def _graph_sum_bytes(cfg: Config, plan: Plan, n: int, micro: int | None = None) 
     (Trainer._take_grads): one more fp32 copy of the trainable parameters. Measured (bench._probe_memory, MAE ViT-L at
     micro 256 on an H200, 2026-11-30): held 23.5 GiB at two micro-batches a step against 22.3 at one, where the
     parameters take 1.2 GiB. micro: the micro batch (default: the recipe's on n GPUs)."""
-    from engine.config import CUDA_GRAPH_MODES, resolve_compile_mode
+    from engine.config import CUDA_GRAPH_MODES
 
-    mode = resolve_compile_mode(cfg.model.compile_mode, compiled=cfg.model.compile,
-                                whole_model=cfg.objective.name == "mae", world=n, device_type="cuda")
-    if mode not in CUDA_GRAPH_MODES or n > 1:
+    if _gpu_compile_mode(cfg, n) not in CUDA_GRAPH_MODES or n > 1:
         return 0.0
     micro = batch_geometry(cfg, n)[0] if micro is None else micro
     return plan.trainable_params * 4.0 if cfg.train.batch_size // n > micro else 0.0
