@@ -166,9 +166,9 @@ def measure_model(cfg: Config) -> dict[str, float]:
     # The activations as a GPU run keeps them: where model.kernels takes our kernels on CUDA, the model is built for
     # CUDA and traced through their custom ops (attention keeps q, k, v, o and the LSE, not the probabilities; the
     # fused cross-entropies keep no [rows, prototypes] fp32 copies), and with model.compile each block runs as the
-    # compiler partitions it (_partitioned_blocks). Against H200 peaks: DINOv2 -3 to +3 %; MAE with accumulation (the
-    # recipes' case on one GPU) and under FSDP2 within 3 %; MAE steps of one micro-batch replaying CUDA graphs 5-12 %
-    # above it (README).
+    # compiler partitions it (_partitioned_blocks). These are the saved bytes; Plan.activation_bytes scales them by the
+    # backward's working set (ACTIVATION_WORKING_SET, FSDP_ACTIVATION_WORKING_SET), measured against what an H200
+    # held (README).
     model, context = _activation_model(cfg)
     per_image, fixed = _activation_parts(model, context, ac, compiled=m.compile)
     return {
