@@ -13,7 +13,6 @@ Images/s count source images (each = all its crops); MFU uses the two-pass FLOPs
 from __future__ import annotations
 
 import copy
-import gc
 from typing import Any
 
 import torch
@@ -34,11 +33,9 @@ def _variant_config(base, variant: str, compile_: bool, compile_mode: str = "aut
 
 
 def _free(device: torch.device) -> None:
-    gc.collect()
-    torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    from bench.train import release_memory
+
+    release_memory(device)
 
 
 def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None = None, *, batch: int | None = None,
@@ -96,7 +93,7 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
                 out[f"{variant}_compile_tuning"] = r["compile_tuning"]
             out[f"{variant}_img_s"] = r["img_per_s"]
             out[f"{variant}_step_ms"] = r["step_ms"]
-            for key in ("peak_mem_gib", "peak_reserved_gib"):
+            for key in ("peak_mem_gib", "peak_reserved_gib", "start_reserved_gib"):
                 if r.get(key) is not None:
                     out[f"{variant}_{key}"] = r[key]
             if peak:

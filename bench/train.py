@@ -156,12 +156,30 @@ def run_naive(cfg, batch: int, steps: int, warmup: int, device: torch.device, co
 
 def memory_figures(reserved0: int) -> dict[str, float]:
     """The step's memory on CUDA since the last reset_peak_memory_stats: the peak of live tensors (peak_mem_gib) and
-    the peak the allocator held from the card above `reserved0`, its hold when the variant began (peak_reserved_gib).
-    The second is what must fit on the card: a step replayed as CUDA graphs keeps the graphs' private pool, whose
-    tensors stop counting as allocated once recorded (bench._probe_memory, MAE ViT-g at one micro-batch on an H200:
-    12.0 GiB allocated in every step after the recording, 56.5 GiB held)."""
+    the peak the allocator held from the card above `reserved0`, its hold when the variant began (peak_reserved_gib;
+    start_reserved_gib is that hold). The second is what must fit on the card: a step replayed as CUDA graphs keeps
+    the graphs' private pool, whose tensors stop counting as allocated once recorded (bench._probe_memory, MAE ViT-g
+    at one micro-batch on an H200: 12.0 GiB allocated in every step after the recording, 56.5 GiB held). It is the
+    variant's own hold only when the variant starts from an empty allocator: `release_memory` between variants."""
     return {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "peak_reserved_gib": (torch.cuda.max_memory_reserved() - reserved0) / 2**30}
+            "peak_reserved_gib": (torch.cuda.max_memory_reserved() - reserved0) / 2**30,
+            "start_reserved_gib": reserved0 / 2**30}
+
+
+def release_memory(device: torch.device) -> None:
+    """Between two variants in one process: free what the last one left held, so that the next one's memory figures
+    are its own. torch.compile's cudagraph trees keep their memory pool (and the code caches their graphs) until
+    torch._dynamo.reset(). With a plain empty_cache between them, the MAE ViT-L variant after another reported a
+    peak_reserved_gib of 2.6 GiB for a step of 21.9 GiB allocated on an H200: only its growth past what the first had
+    left held (`train-nvidia-h200-2026-11-30-large-s27-vitl.json`)."""
+    import gc
+
+    gc.collect()
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 # Warm-up steps of an engine variant replaying CUDA graphs: with 3, MAE ViT-L with Triton kernels timed
@@ -478,14 +496,14 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"{variant}_step_ms"] = r["step_ms"]
                     if "compile_mode" in r:
                         row[f"{variant}_compile_mode"] = r["compile_mode"]
-                    for key in ("peak_mem_gib", "peak_reserved_gib"):
+                    for key in ("peak_mem_gib", "peak_reserved_gib", "start_reserved_gib"):
                         if key in r:
                             row[f"{variant}_{key}"] = r[key]
                     if peak:
                         row[f"{variant}_mfu"] = r["img_per_s"] * flops / peak
                 except Exception as e:  # one failing variant must not hide the others
                     row[f"{variant}_error"] = f"{type(e).__name__}: {str(e)[:400]}"
-                torch.cuda.empty_cache() if device.type == "cuda" else None
+                release_memory(device)
         ours = [row.get(f"{v}_img_s") for v in ("engine-triton", "engine-torch") if row.get(f"{v}_img_s")]
         if ours and row.get("naive_img_s"):
             row["best_engine_vs_naive"] = max(ours) / row["naive_img_s"]

@@ -100,6 +100,10 @@ def test_recipe_entries_carry_their_own_overrides(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="key=value"):
         load_entry("recipes/quickstart.yaml::oops", [])
 
+    import bench.train
+
+    released = []
+    monkeypatch.setattr(bench.train, "release_memory", lambda device: released.append(device.type))
     monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
     assert main(["--recipes", "recipes/quickstart.yaml", "recipes/quickstart.yaml::train.micro_batch=2",
                  "--variants", "engine-torch", "--steps", "1", "--warmup", "1", "--no-compile",
@@ -110,6 +114,28 @@ def test_recipe_entries_carry_their_own_overrides(monkeypatch, tmp_path):
     assert [r["recipe"] for r in rows] == ["recipes/quickstart.yaml", "recipes/quickstart.yaml::train.micro_batch=2"]
     assert [r["batch"] for r in rows][1] == 2 and rows[0]["batch"] != 2
     assert all(r["engine-torch_img_s"] > 0 for r in rows)
+    assert len(released) == 2  # after each variant: the next one's memory figures start from an empty allocator
+
+
+def test_release_memory_drops_compiled_code(monkeypatch):
+    """release_memory resets torch.compile's state (its cudagraph trees hold a memory pool until then): a function
+    compiled before it compiles again after it."""
+    from bench.train import release_memory
+
+    compiles = []
+
+    def backend(gm, inputs):
+        compiles.append(1)
+        return gm.forward
+
+    f = torch.compile(lambda x: x * 2 + 1, backend=backend)
+    x = torch.randn(8)
+    f(x)
+    f(x)
+    assert len(compiles) == 1
+    release_memory(torch.device("cpu"))
+    f(x)
+    assert len(compiles) == 2
 
 
 def test_scaling_mode_accumulates_under_torchrun(monkeypatch, tmp_path):
