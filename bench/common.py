@@ -81,11 +81,13 @@ def slug(text: str) -> str:
 ENV_RECORDED = ("CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_VISIBLE_DEVICES")
 
 
-def write_result(suite: str, payload: dict[str, Any], argv: list[str] | None = None, tag: str | None = None) -> Path:
+def write_result(suite: str, payload: dict[str, Any], argv: list[str] | None = None, tag: str | None = None,
+                 command_suite: str | None = None) -> Path:
     """Write bench/results/<suite>-<card>-<date>[-<tag>].json with card, versions and command.
-    `tag` tells runs of one suite apart on the same day (e.g. the models measured)."""
+    `tag` tells runs of one suite apart on the same day (e.g. the models measured); `command_suite` is the suite
+    whose command line wrote it where that differs from `suite` (bench train's scaling mode writes "train-scaling")."""
     card = card_name()
-    cmd = "python -m bench " + " ".join(shlex.quote(a) for a in [suite, *(argv or [])])
+    cmd = "python -m bench " + " ".join(shlex.quote(a) for a in [command_suite or suite, *(argv or [])])
     record = {
         "suite": suite,
         "card": card,

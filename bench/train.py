@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -350,13 +351,12 @@ def gap_table(gaps: dict) -> str:
     return "\n".join(lines)
 
 
-def run_scaling(args) -> int:
+def run_scaling(args, argv: list[str]) -> int:
     """Launch the engine on 1..N GPUs with torchrun (same per-GPU batch) and report images/s,
     MFU, peak memory and scaling efficiency = img/s(N) / (N x img/s(1))."""
     import json
     import os
     import subprocess
-    import sys
     import tempfile
 
     from engine.plan import measure_model
@@ -411,7 +411,7 @@ def run_scaling(args) -> int:
     tag = "+".join(Path(split_entry(r)[0]).stem for r in args.recipes) + f"-{args.variants[0]}"
     tag += f"-{args.tag}" if args.tag else ""
     write_result("train-scaling", {"rows": rows, "compile": not args.no_compile, "overrides": args.override},
-                 sys.argv[2:], tag=tag)
+                 argv, tag=tag, command_suite="train")
     return 0
 
 
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.accum < 1:
         ap.error("--accum takes a positive count of micro-batches per step")
     if args.gpus:
-        return run_scaling(args)
+        return run_scaling(args, list(sys.argv[1:] if argv is None else argv))
     if args.worker_json:
         import json
         import os

@@ -151,6 +151,9 @@ def test_scaling_mode_accumulates_under_torchrun(monkeypatch, tmp_path):
                  "--steps", "1", "--warmup", "1", "--no-compile", "--variants", "engine-torch",
                  "--override", "data.shards=synthetic", "--tag", "t"]) == 0
     (result,) = tmp_path.glob("train-scaling-*-t.json")
-    (row,) = json.loads(result.read_text())["rows"]
+    record = json.loads(result.read_text())
+    # the command that wrote it, runnable as recorded (the suite is "train-scaling", the command bench train's)
+    assert record["command"].startswith("python -m bench train --recipes recipes/quickstart.yaml --gpus 2 ")
+    (row,) = record["rows"]
     assert "error" not in row, row.get("error")
     assert row["gpus"] == 2 and row["accum"] == 2 and row["img_s"] > 0
