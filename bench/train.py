@@ -442,11 +442,12 @@ def main(argv: list[str] | None = None) -> int:
                          "device's idle gaps by the host op it waited on, tables under bench/results/profiles/")
     ap.add_argument("--tag", default=None, help="name this run's result file apart (e.g. the overrides tried)")
     ap.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)  # internal: one torchrun worker
+    argv = list(sys.argv[1:] if argv is None else argv)  # recorded with the results as the command
     args = ap.parse_args(argv)
     if args.accum < 1:
         ap.error("--accum takes a positive count of micro-batches per step")
     if args.gpus:
-        return run_scaling(args, list(sys.argv[1:] if argv is None else argv))
+        return run_scaling(args, argv)
     if args.worker_json:
         import json
         import os
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     # each model once (rows of one recipe at several settings named it once a row: "giant-giant")
     tag = "+".join(dict.fromkeys(names)) + (f"-{args.tag}" if args.tag else "")
     path = write_result("train", {"device": str(device), "peak_bf16_flops": peak, "compile": not args.no_compile,
-                                  "steps": args.steps, "rows": rows}, argv if argv is not None else [], tag=tag)
+                                  "steps": args.steps, "rows": rows}, argv, tag=tag)
     several = len({r["batch"] for r in rows}) > 1  # then each label says its batch
     bar_plot(path.with_suffix(".png"),
              [entry_label(r["recipe"], r["model"]) + (f"\nbatch {r['batch']}" if several else "") for r in rows],
