@@ -90,7 +90,9 @@ def set_allocator(cfg: Config, device: torch.device) -> bool | None:
     if device.type != "cuda":
         return None
     env = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")
-    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    # torch's own setter; torch.cuda.memory._set_allocator_settings calls it with a FutureWarning (torch 2.11 on)
+    setter = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+              or getattr(torch.cuda.memory, "_set_allocator_settings", None))
     if "expandable_segments" in env or setter is None:
         return None
     want = expandable_segments_wanted(cfg)

@@ -301,13 +301,18 @@ def test_allocator_setting_follows_train_allocator(monkeypatch):
     with pytest.raises(ConfigError, match="train.allocator"):
         load_config(ROOT / "recipes" / "quickstart.yaml", ["train.allocator=big"])
 
-    calls = []
-    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append, raising=False)
+    calls, deprecated = [], []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", deprecated.append, raising=False)
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         monkeypatch.delenv(name, raising=False)
     cuda = torch.device("cuda", 0)
     assert set_allocator(dino, cuda) is True and set_allocator(mae, cuda) is False
     assert calls == ["expandable_segments:True", "expandable_segments:False"]
+    assert deprecated == []  # torch's own setter, not the wrapper that warns it is deprecated
+    monkeypatch.delattr(torch._C, "_accelerator_setAllocatorSettings")
+    assert set_allocator(dino, cuda) is True and deprecated == ["expandable_segments:True"]  # an older torch
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
     assert set_allocator(dino, torch.device("cpu")) is None
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
     assert set_allocator(dino, cuda) is None and len(calls) == 2  # the user's choice stands
