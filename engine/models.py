@@ -4,6 +4,7 @@ from __future__ import annotations
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerScale
 from torch import nn
 
 
@@ -29,10 +30,12 @@ def attention_layer(kernels: str, device: torch.device | str):
 
 
 def create_encoder(name: str, *, img_size: int = 224, patch_size: int | None = None, drop_path: float = 0.0,
-                   attn_layer=None, patch_matmul: bool = False, **kwargs) -> nn.Module:
+                   attn_layer=None, patch_matmul: bool = False, fold_layerscale: bool = False,
+                   **kwargs) -> nn.Module:
     """A timm ViT with no classifier head (num_classes=0). Its state dict loads unchanged into
     `timm.create_model(name, num_classes=0, img_size=..., patch_size=...)`. patch_matmul: its patch
-    embedding runs as one matrix product over the patches (PatchMatmul), not as a convolution."""
+    embedding runs as one matrix product over the patches (PatchMatmul), not as a convolution. fold_layerscale: each
+    block's LayerScale is applied by the linear layer before it (`fold_layer_scale`)."""
     if name not in timm.list_models():
         vits = [n for n in timm.list_models("vit_*") if "patch" in n][:12]
         raise ValueError(f"unknown timm model {name!r}; e.g. {', '.join(vits)} (see timm.list_models('vit_*'))")
@@ -46,6 +49,8 @@ def create_encoder(name: str, *, img_size: int = 224, patch_size: int | None = N
     tensor_drop_paths(model)
     if patch_matmul:
         matmul_patch_embed(model)
+    if fold_layerscale:
+        fold_layer_scale(model)
     return model
 
 
@@ -85,6 +90,60 @@ def matmul_patch_embed(model: nn.Module) -> int:
                 and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"):
             m.__class__ = PatchMatmul
             m.matmul = True
+            n += 1
+    return n
+
+
+class FoldedLayerScale(nn.Module):
+    """Marker base of the two halves of a LayerScale folded into the linear layer before it (`fold_layer_scale`)."""
+
+    fold_layerscale: bool = True
+
+
+class LayerScaleLinear(nn.Linear, FoldedLayerScale):
+    """A block's last linear layer (attention's proj, the MLP's fc2) with the block's LayerScale gamma folded in:
+    with `fold_layerscale` (a bool the step may flip) it computes x W'^T + b' with W' = gamma W (row-wise) and
+    b' = gamma b, which is LayerScale(Linear(x)) exactly in real arithmetic. The gradient of gamma then comes from
+    [out, in] weight-sized products (sum of dW' * W over a row, plus db' * b) instead of a reduction of
+    dy * Linear(x) over every token, and the [tokens, C] multiply by gamma goes. Gamma stays the LayerScale's
+    parameter (read through `_scale`, not registered here), so parameters and state dicts are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fold_layerscale:
+            return super().forward(x)
+        g = self._scale.gamma
+        w = self.weight * g.to(self.weight.dtype).unsqueeze(1)
+        b = None if self.bias is None else self.bias * g.to(self.bias.dtype)
+        return F.linear(x, w, b)
+
+
+class LayerScaleFolded(FoldedLayerScale, LayerScale):
+    """timm's LayerScale whose gamma a LayerScaleLinear applies: the identity while `fold_layerscale` is on, the
+    plain multiply when off (its class is swapped in place, so `gamma` and `inplace` are the module's own)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fold_layerscale:
+            return x
+        return x.mul_(self.gamma) if self.inplace else x * self.gamma
+
+
+def fold_layer_scale(model: nn.Module) -> int:
+    """Fold every block's LayerScale (timm's ls1 / ls2, as in the DINOv2 ViTs) into the linear layer before it:
+    ls1 into the attention's proj, ls2 into the MLP's fc2 (what follows them, dropout, commutes with a per-channel
+    scale). Returns how many were folded; blocks without LayerScale or without those layers are left as they are.
+    Parameters, their names and state dicts are unchanged; deepcopy keeps each copy's pair together. The step's
+    switch: `fold_layerscale` on the modules (bench ab --switch fold_layerscale)."""
+    n = 0
+    for block in getattr(model, "blocks", []):
+        for ls_name, owner, lin_name in (("ls1", getattr(block, "attn", None), "proj"),
+                                         ("ls2", getattr(block, "mlp", None), "fc2")):
+            ls = getattr(block, ls_name, None)
+            lin = getattr(owner, lin_name, None) if owner is not None else None
+            if type(ls) is not LayerScale or type(lin) is not nn.Linear or ls.gamma.shape != (lin.out_features,):
+                continue
+            ls.__class__ = LayerScaleFolded
+            lin.__class__ = LayerScaleLinear
+            lin.__dict__["_scale"] = ls  # a plain attribute: gamma stays registered under the LayerScale only
             n += 1
     return n
 

@@ -575,7 +575,7 @@ def build_dinov2(cfg, device) -> DINOv2:
     triton = use_triton(m.kernels, device)
     attn = attention_layer(m.kernels, device)
     kw = dict(img_size=m.img_size, patch_size=m.patch_size, attn_layer=attn, dynamic_img_size=True,
-              patch_matmul=m.patch_matmul, **(o.encoder_kwargs or {}))
+              patch_matmul=m.patch_matmul, fold_layerscale=m.fold_layerscale, **(o.encoder_kwargs or {}))
     encoder = create_encoder(m.name, drop_path=m.drop_path, **kw)
     teacher = create_encoder(m.name, drop_path=0.0, **kw)
     augment = MultiCropSpec(

@@ -117,7 +117,8 @@ def build_mae(cfg, device) -> MaskedAutoencoder:
     m, o = cfg.model, cfg.objective.mae
     attn = attention_layer(m.kernels, device)
     encoder = create_encoder(m.name, img_size=m.img_size, patch_size=m.patch_size, drop_path=m.drop_path,
-                             attn_layer=attn, patch_matmul=m.patch_matmul)
+                             attn_layer=attn, patch_matmul=m.patch_matmul,
+                             fold_layerscale=m.fold_layerscale)
     a = cfg.data.augment
     augment = AugmentSpec(size=m.img_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
                           mean=tuple(a.mean), std=tuple(a.std))
