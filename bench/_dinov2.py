@@ -32,12 +32,6 @@ def _variant_config(base, variant: str, compile_: bool, compile_mode: str = "aut
     return cfg
 
 
-def _free(device: torch.device) -> None:
-    from bench.train import release_memory
-
-    release_memory(device)
-
-
 def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None = None, *, batch: int | None = None,
                  warmup: int = 5, compile_: bool = True, variants=VARIANTS, compile_mode: str = "auto") -> dict[str, Any]:
     """Images/s, step time, MFU and peak memory per variant, and engine / naive ratios.
@@ -49,7 +43,7 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
     compile_mode, their model.compile_mode, resolved), `<variant>_compile_tuning` (model.compile_tuning in effect),
     `engine-triton_vs_naive`, `engine-torch_vs_naive`,
     `tokens_per_image` (student + teacher)."""
-    from bench.train import peak_flops, run_engine
+    from bench.train import peak_flops, release_memory, run_engine
     from engine.plan import measure_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -72,7 +66,7 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
         "crops": f"{mc.global_crops}x{mc.global_size} + {mc.local_crops}x{mc.local_size}",
     }
     for variant in variants:
-        _free(device)
+        release_memory(device)
         try:
             if variant == "engine-triton" and device.type != "cuda":
                 raise RuntimeError("Triton kernels need CUDA (the interpreter is for tests)")
@@ -84,7 +78,7 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
                     raise
                 # A compiler failure should not cost the figure: say so and measure it eager.
                 out[f"{variant}_compile_error"] = f"{type(e).__name__}: {str(e)[:400]}"
-                _free(device)
+                release_memory(device)
                 cfg.model.compile, cfg.model.compile_mode = False, "auto"
                 r = run_engine(cfg, batch, steps, warmup)
             out[f"{variant}_compiled"] = cfg.model.compile
@@ -100,7 +94,7 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
                 out[f"{variant}_mfu"] = r["img_per_s"] * flops / peak
         except Exception as e:  # one failing variant must not hide the others
             out[f"{variant}_error"] = f"{type(e).__name__}: {str(e)[:400]}"
-        _free(device)
+        release_memory(device)
     for variant in ("engine-triton", "engine-torch"):
         if out.get(f"{variant}_img_s") and out.get("naive_img_s"):
             out[f"{variant}_vs_naive"] = out[f"{variant}_img_s"] / out["naive_img_s"]

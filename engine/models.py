@@ -138,7 +138,7 @@ def fold_layer_scale(model: nn.Module) -> int:
         for ls_name, owner, lin_name in (("ls1", getattr(block, "attn", None), "proj"),
                                          ("ls2", getattr(block, "mlp", None), "fc2")):
             ls = getattr(block, ls_name, None)
-            lin = getattr(owner, lin_name, None) if owner is not None else None
+            lin = getattr(owner, lin_name, None)
             if type(ls) is not LayerScale or type(lin) is not nn.Linear or ls.gamma.shape != (lin.out_features,):
                 continue
             ls.__class__ = LayerScaleFolded
