@@ -667,3 +667,55 @@ def test_tma_descriptors_from_autograds_thread_on_gpu():
     r = subprocess.run([sys.executable, "-c", _THREAD_CASE], env=env, cwd=root, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("n,d,heads,extra", [(197, 64, 4, {}), (197, 64, 4, {"TAIL_G": 4}), (261, 40, 4, {"TAIL_G": 2})])
+@pytest.mark.parametrize("pds", [1, 2, 3])
+def test_stored_fringe(monkeypatch, n, d, heads, extra, pds):
+    """PDS (config key): the dQ pass stores the fringe's P / dS and the dK/dV pass reads them; gradients match the
+    reference, and poisoning the buffers between the passes changes dK / dV (they are read, not recomputed)."""
+    used = []
+    real = attn._fringe_buffers
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        used.append(out)
+        return out
+    monkeypatch.setattr(attn, "_fringe_buffers", spy)
+    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
+    cfg = KV_Q | extra | {"PDS": pds}
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=cfg))
+    assert used[-1][2:] == (bool(pds & 1), bool(pds & 2))
+    o, lse = attn.attention_fwd(q.detach(), k.detach(), v.detach(), d ** -0.5, config=SMALL_FWD)
+    do = torch.randn_like(o)
+    good = attn.attention_bwd(do, q.detach(), k.detach(), v.detach(), o, lse, d ** -0.5, config=cfg)
+    launch = attn._attn_bwd_kv_q
+
+    class Poisoned:  # the dK/dV pass launched after the fringe buffers were filled with NaN
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                if not kw["DQ_PASS"]:
+                    for buf, on in zip(used[-1][:2], used[-1][2:]):
+                        if on:
+                            buf.fill_(float("nan"))
+                return launch[grid](*args, **kw)
+            return run
+    monkeypatch.setattr(attn, "_attn_bwd_kv_q", Poisoned())
+    bad = attn.attention_bwd(do, q.detach(), k.detach(), v.detach(), o, lse, d ** -0.5, config=cfg)
+    assert torch.equal(bad[0], good[0])  # dQ comes from the dQ pass alone
+    assert torch.isnan(bad[1]).any() and torch.isnan(bad[2]).any()
+
+
+def test_stored_fringe_falls_back():
+    """PDS stays off where the fringe cannot be stored for the other pass: packed inputs, a split head dim, a grouped
+    dQ tail, no tail, or passes whose full blocks end at different rows."""
+    q = torch.empty(2, 3, 261, 64)
+    kv = dict(BLOCK_M=32, BLOCK_N=64)
+    dq = dict(BLOCK_M=64, BLOCK_N=32)
+    assert attn._fringe_buffers(3, q, 6, 261, False, False, {}, dq, kv)[2:] == (True, True)
+    assert attn._fringe_buffers(1, q, 6, 261, False, False, {}, dq, kv)[2:] == (True, False)
+    assert attn._fringe_buffers(3, q, 6, 261, True, False, {}, dq, kv)[2:] == (False, False)
+    assert attn._fringe_buffers(3, q, 6, 261, False, True, {}, dq, kv)[2:] == (False, False)
+    assert attn._fringe_buffers(3, q, 6, 261, False, False, {"TAIL_G": 4}, dq, kv)[2:] == (False, False)
+    assert attn._fringe_buffers(3, q, 6, 256, False, False, {}, dq, kv)[2:] == (False, False)
+    assert attn._fringe_buffers(3, q, 6, 50, False, False, {}, dict(BLOCK_M=64, BLOCK_N=64), dict(BLOCK_M=32, BLOCK_N=32))[2:] == (False, False)
