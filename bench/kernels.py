@@ -27,9 +27,9 @@ MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms)
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
---tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks, --tune-occupancy, --tune-pds: the
-current configs under register caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean
-softmax, neighbouring blocks, shallower pipelines under caps for one more program per SM, the fringe's P / dS stored),
+--tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks, --tune-occupancy: the current
+configs under register caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax,
+neighbouring blocks, shallower pipelines under caps for one more program per SM),
 --shapes a,b (attention shape names), --only mae|attention|packed|soft-ce|patch-embed (one part; --skip-mae = --only attention),
 --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -766,8 +766,7 @@ def _compile_worker(job):
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
     configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-lean /
-    --tune-blocks / --tune-occupancy / --tune-pds: the variants of the current configs) or just the ones each shape
-    will use."""
+    --tune-blocks / --tune-occupancy: the variants of the current configs) or just the ones each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
@@ -956,29 +955,6 @@ def block_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return _unique(fwds), _unique(kvs + dqs)
 
 
-def pds_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
-    """The shape's current forward; the backward as it is, then with the fringe's P / dS stored by the dQ pass for the
-    dK/dV pass (PDS: 1 the tail keys, 2 the tail query rows, 3 both; kernels.attn._fringe_buffers): as it is, with the
-    dQ pass under a 96-register cap (offline for sm_90 the stores take it from 90 to 100-119 registers, one program
-    fewer per SM; capped, it fits 96 without spills), and with the tail keys read by one program per head instead of
-    the dK/dV pass's tail groups (their 3D tiles spill under the 128 cap with PDS). Where the dQ pass groups its
-    tails (PDS then stays off), the same again with the dQ pass ungrouped."""
-    from kernels import attn
-
-    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
-    if bwd.get("SPLIT") != attn.KV_Q:
-        return [fwd], [bwd]
-    ungroup = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW")}
-    dq = attn._kv_q_dq_config(bwd)
-    bases = [bwd] + ([bwd | {"DQ": {k: v for k, v in ungroup(dq).items() if k != "maxnreg"}}] if dq.get("TAIL_G") else [])
-    out = []
-    for b in bases:
-        capped = b | {"DQ": attn._kv_q_dq_config(b) | {"maxnreg": min(96, attn._kv_q_dq_config(b).get("maxnreg", 96))}}
-        out += [b] + [b | {"PDS": p} for p in (1, 2, 3)] + [capped | {"PDS": p} for p in (1, 2, 3)]
-        out += [ungroup(capped) | {"PDS": p} for p in (1, 3)]
-    return [fwd], _unique(out)
-
-
 # the variant sweeps' flags, in the order the first one given wins: (flag, VARIANT_SWEEPS key, --help after "instead
 # of the block sweep, time each shape's current")
 VARIANT_FLAGS = [
@@ -999,8 +975,6 @@ VARIANT_FLAGS = [
      "(NEIGHBOUR_BLOCKS), every other knob kept"),
     ("--tune-occupancy", "occupancy", "configs with the forward and the dQ pass one stage shallower under register caps "
      "that fit one more program per SM (OCCUPANCY)"),
-    ("--tune-pds", "pds", "backward config with the dQ pass storing the fringe's P / dS (the tail keys', the tail "
-     "query rows', both: PDS) for the dK/dV pass to read instead of recomputing"),
 ]
 
 
@@ -1015,7 +989,7 @@ def _unique(cfgs: list[dict]) -> list[dict]:
 
 VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
                   "tailg": tail_group_variants, "lean": lean_variants, "blocks": block_variants,
-                  "occupancy": occupancy_variants, "pds": pds_variants}
+                  "occupancy": occupancy_variants}
 
 
 def tune_attention(names, variants=None):

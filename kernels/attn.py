@@ -462,57 +462,27 @@ def _bwd_dkdv_step_g(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, 
 
 
 @triton.jit
-def _bwd_dkdv_step_g_stored(Q, DO, qo, doo, sq_n, sdo_n, F, f_off, f_plane, f_sr, f_sc, cols, cols_ok, dk, dv,
-                            start_m, seqlen, offs_d, mask_d, BM: tl.constexpr, MASK_M: tl.constexpr,
-                            EVEN_D: tl.constexpr):
-    """_bwd_dkdv_step_g with P^T / dS^T read from the fringe buffer F (f_off: a [G] vector of head offsets), as
-    _bwd_dkdv_step_stored."""
-    rows = start_m + tl.arange(0, BM)
-    rows_ok = rows < seqlen
-    q = _load_rows3(Q, qo, rows, sq_n, offs_d, rows_ok, mask_d, MASK_M, not EVEN_D)
-    do = _load_rows3(DO, doo, rows, sdo_n, offs_d, rows_ok, mask_d, MASK_M, not EVEN_D)
-    ptrs = F + f_off[:, None, None] + cols[None, :, None] * f_sc + rows[None, None, :] * f_sr
-    ok = cols_ok[None, :, None] & rows_ok[None, None, :]
-    pt = tl.load(ptrs, mask=ok, other=0.0)
-    dst = tl.load(ptrs + f_plane, mask=ok, other=0.0)
-    dv += tl.dot(pt.to(do.dtype), do)
-    dk += tl.dot(dst.to(q.dtype), q)
-    return dk, dv
-
-
-@triton.jit
 def _bwd_dkdv_tail_group(Q, K, V, DO, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                          sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h, start_n, seqlen,
                          qk_scale, sm_scale, offs_d, mask_d, G: tl.constexpr, TN: tl.constexpr, WALK: tl.constexpr,
-                         TAIL_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                         F=None, f_off=None, f_plane=0, f_sr=0, f_sc=0, STORED: tl.constexpr = 0):
-    """dK, dV of key rows [start_n, start_n + TN) of the G heads bh; every query tile streams past. STORED as in
-    _bwd_dkdv_block (f_off: a [G] vector)."""
+                         TAIL_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """dK, dV of key rows [start_n, start_n + TN) of the G heads bh; every query tile streams past."""
     cols = start_n + tl.arange(0, TN)
     cols_ok = cols < seqlen
     qo = _group_offs(bh, H, sq_b, sq_h)
     doo = _group_offs(bh, H, sdo_b, sdo_h)
     lo = _group_offs(bh, H, sl_b, sl_h)
-    if STORED < 2:
-        k = _load_rows3(K, _group_offs(bh, H, sk_b, sk_h), cols, sk_n, offs_d, cols_ok, mask_d, True, not EVEN_D)
-        v = _load_rows3(V, _group_offs(bh, H, sv_b, sv_h), cols, sv_n, offs_d, cols_ok, mask_d, True, not EVEN_D)
+    k = _load_rows3(K, _group_offs(bh, H, sk_b, sk_h), cols, sk_n, offs_d, cols_ok, mask_d, True, not EVEN_D)
+    v = _load_rows3(V, _group_offs(bh, H, sv_b, sv_h), cols, sv_n, offs_d, cols_ok, mask_d, True, not EVEN_D)
     dk = tl.zeros([G, TN, BLOCK_D], tl.float32)
     dv = tl.zeros([G, TN, BLOCK_D], tl.float32)
     m_full = (seqlen // WALK) * WALK
     for start_m in range(0, m_full, WALK):
-        if STORED == 2:
-            dk, dv = _bwd_dkdv_step_g_stored(Q, DO, qo, doo, sq_n, sdo_n, F, f_off, f_plane, f_sr, f_sc, cols,
-                                             cols_ok, dk, dv, start_m, seqlen, offs_d, mask_d, WALK, False, EVEN_D)
-        else:
-            dk, dv = _bwd_dkdv_step_g(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
-                                      qk_scale, offs_d, mask_d, WALK, False, EVEN_D)
+        dk, dv = _bwd_dkdv_step_g(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
+                                  qk_scale, offs_d, mask_d, WALK, False, EVEN_D)
     for start_m in range(m_full, seqlen, TAIL_M):
-        if STORED > 0:
-            dk, dv = _bwd_dkdv_step_g_stored(Q, DO, qo, doo, sq_n, sdo_n, F, f_off, f_plane, f_sr, f_sc, cols,
-                                             cols_ok, dk, dv, start_m, seqlen, offs_d, mask_d, TAIL_M, True, EVEN_D)
-        else:
-            dk, dv = _bwd_dkdv_step_g(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
-                                      qk_scale, offs_d, mask_d, TAIL_M, True, EVEN_D)
+        dk, dv = _bwd_dkdv_step_g(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
+                                  qk_scale, offs_d, mask_d, TAIL_M, True, EVEN_D)
     _store_rows3(DK, _group_offs(bh, H, sdk_b, sdk_h), cols, sdk_n, offs_d, (dk * sm_scale).to(DK.dtype.element_ty),
                  cols_ok, mask_d, not EVEN_D)
     _store_rows3(DV, _group_offs(bh, H, sdv_b, sdv_h), cols, sdv_n, offs_d, dv.to(DV.dtype.element_ty), cols_ok,
@@ -816,38 +786,6 @@ def _row_base(b64, h64, tok, s_b, s_h, s_n, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _fringe_store(F, off, plane, s_r, s_c, rows, cols, ok, p, ds):
-    """P and dS of a [rows, cols] score tile into a fringe buffer (PDS; see _attn_bwd_kv_q): element (r, c) at
-    off + r * s_r + c * s_c, dS one plane further; ok: the [rows, cols] mask."""
-    ptrs = F + off + rows[:, None] * s_r + cols[None, :] * s_c
-    tl.store(ptrs, p.to(F.dtype.element_ty), mask=ok)
-    tl.store(ptrs + plane, ds.to(F.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _fringe_load_t(F, off, plane, s_r, s_c, rows, cols, ok):
-    """(P^T, dS^T) [cols, rows] from a fringe buffer written by _fringe_store; ok: the [cols, rows] mask (zeros
-    outside it)."""
-    ptrs = F + off + cols[:, None] * s_c + rows[None, :] * s_r
-    return tl.load(ptrs, mask=ok, other=0.0), tl.load(ptrs + plane, mask=ok, other=0.0)
-
-
-@triton.jit
-def _bwd_dkdv_step_stored(Q, DO, qo, doo, sq_n, sdo_n, F, f_off, f_plane, f_sr, f_sc, cols, cols_ok, dk, dv, start_m,
-                          seqlen, offs_d, mask_d, BM: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr,
-                          QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False):
-    """_bwd_dkdv_step with P^T and dS^T read from the dQ pass's fringe buffer instead of recomputed: two products
-    a step instead of four, no exp2, no LSE / delta."""
-    rows = start_m + tl.arange(0, BM)
-    q, do = _walk_pair(Q, DO, qo, doo, sq_n, sdo_n, QD, DOD, b, h, start_m, seqlen, offs_d, mask_d, BM, MASK_M, EVEN_D,
-                       TMA)
-    pt, dst = _fringe_load_t(F, f_off, f_plane, f_sr, f_sc, rows, cols, cols_ok[:, None] & (rows < seqlen)[None, :])
-    dv += tl.dot(pt.to(do.dtype), do)
-    dk += tl.dot(dst.to(q.dtype), q)
-    return dk, dv
-
-
-@triton.jit
 def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen, qk_scale,
                    offs_d, mask_d, BM: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr,
                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False):
@@ -874,33 +812,21 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                     BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
-                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False,
-                    F=None, f_off=0, f_plane=0, f_sr=0, f_sc=0, STORED: tl.constexpr = 0):
-    """dK, dV of one key tile: K and V stay resident, every query tile streams past. STORED (PDS): 1 = the tail
-    query rows' P / dS come from the fringe buffer F, 2 = every step's do (_bwd_dkdv_step_stored)."""
+                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False):
+    """dK, dV of one key tile: K and V stay resident, every query tile streams past."""
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
-    if STORED < 2:
-        k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
-        v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
+    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
     dk = tl.zeros([BN, BLOCK_D], tl.float32)
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
     m_full = (seqlen // BLOCK_M) * BLOCK_M
     for start_m in tl.range(0, m_full, BLOCK_M, warp_specialize=WS):
-        if STORED == 2:
-            dk, dv = _bwd_dkdv_step_stored(Q, DO, qo, doo, sq_n, sdo_n, F, f_off, f_plane, f_sr, f_sc, cols, cols_ok,
-                                           dk, dv, start_m, seqlen, offs_d, mask_d, BLOCK_M, False, EVEN_D, QD, DOD, b,
-                                           h, TMA)
-        else:
-            dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
-                                    qk_scale, offs_d, mask_d, BLOCK_M, False, EVEN_D, QD, DOD, b, h, TMA)
+        dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
+                                qk_scale, offs_d, mask_d, BLOCK_M, False, EVEN_D, QD, DOD, b, h, TMA)
     for start_m in range(m_full, seqlen, TAIL_M):
-        if STORED > 0:
-            dk, dv = _bwd_dkdv_step_stored(Q, DO, qo, doo, sq_n, sdo_n, F, f_off, f_plane, f_sr, f_sc, cols, cols_ok,
-                                           dk, dv, start_m, seqlen, offs_d, mask_d, TAIL_M, True, EVEN_D)
-        else:
-            dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
-                                    qk_scale, offs_d, mask_d, TAIL_M, True, EVEN_D)
+        dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
+                                qk_scale, offs_d, mask_d, TAIL_M, True, EVEN_D)
     _store_tile(DK + dko + cols[:, None] * sdk_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
                 cols_ok, mask_d, MASK_N, not EVEN_D)
     _store_tile(DV + dvo + cols[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -910,11 +836,7 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
 @triton.jit
 def _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale, offs_d, mask_d,
                  BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                 KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False,
-                 rows=None, rows_ok=None, FQ=None, fq_off=0, FK=None, fk_off=0, f_n=0, fq_plane=0, fk_plane=0,
-                 STORE_Q: tl.constexpr = False, STORE_K: tl.constexpr = False):
-    """dq plus this key tile's share; STORE_Q / STORE_K (PDS): P and dS also go to the fringe buffers, query-row-major
-    into FQ (element (r, c) at fq_off + r * f_n + c) and key-major into FK (at fk_off + c * f_n + r)."""
+                 KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
     k, v = _walk_pair(K, V, ko, vo, sk_n, sv_n, KD, VD, b, h, start_n, seqlen, offs_d, mask_d, BN, MASK_N, EVEN_D, TMA)
@@ -922,12 +844,7 @@ def _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqle
     if MASK_N:  # padded keys (k = 0) get p = exp2(-lse): inf when every real score is below -128
         p = tl.where(cols_ok[None, :], p, 0.0)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    dq = dq + tl.dot(ds.to(k.dtype), k)
-    if STORE_Q:
-        _fringe_store(FQ, fq_off, fq_plane, f_n, 1, rows, cols, rows_ok[:, None] & cols_ok[None, :], p, ds)
-    if STORE_K:
-        _fringe_store(FK, fk_off, fk_plane, 1, f_n, rows, cols, rows_ok[:, None] & cols_ok[None, :], p, ds)
-    return dq
+    return dq + tl.dot(ds.to(k.dtype), k)
 
 
 @triton.jit
@@ -935,11 +852,8 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                   BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
-                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False,
-                  FQ=None, fq_off=0, FK=None, fk_off=0, f_n=0, fq_plane=0, fk_plane=0,
-                  STORE_Q: tl.constexpr = False, STORE_K: tl.constexpr = False):
-    """dQ of one query tile (and its delta = rowsum(dO * O), stored for the dK/dV pass); STORE_Q: every step's P / dS
-    into the fringe buffer FQ (a tail query tile), STORE_K: the tail keys' into FK (see _bwd_dq_step)."""
+                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False):
+    """dQ of one query tile (and its delta = rowsum(dO * O), stored for the dK/dV pass)."""
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
@@ -956,12 +870,10 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
     n_full = (seqlen // BLOCK_N) * BLOCK_N
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
-                          offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA,
-                          rows, rows_ok, FQ, fq_off, FK, fk_off, f_n, fq_plane, fk_plane, STORE_Q, False)
+                          offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA)
     for start_n in range(n_full, seqlen, TAIL_N):
         dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
-                          offs_d, mask_d, TAIL_N, True, EVEN_D, None, None, 0, 0, False,
-                          rows, rows_ok, FQ, fq_off, FK, fk_off, f_n, fq_plane, fk_plane, STORE_Q, STORE_K)
+                          offs_d, mask_d, TAIL_N, True, EVEN_D)
     _store_tile(DQ + dqo + rows[:, None] * sdq_n + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
                 rows_ok, mask_d, MASK_M, not EVEN_D)
 
@@ -1082,9 +994,9 @@ def _bwd_tail_group(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, s
                     sdv_n, sl_b, sl_h, pid, seqlen, qk_scale, sm_scale, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, G: tl.constexpr,
-                    WALK: tl.constexpr, F=None, f_off=None, f_plane=0, f_sr=0, f_sc=0, STORED: tl.constexpr = 0):
+                    WALK: tl.constexpr):
     """A grouped tail program of _attn_bwd_kv_q (strides already multiplied by ALIGN); pid: its tile index, counted
-    on from the full blocks'. F ... STORED: the dK/dV pass's fringe reads (_bwd_dkdv_tail_group)."""
+    on from the full blocks'."""
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     if DQ_PASS:
@@ -1098,12 +1010,12 @@ def _bwd_tail_group(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, s
         _bwd_dkdv_tail_group(Q, K, V, DO, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h,
                              sv_n, sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h,
                              n_full * BLOCK_N + (pid - n_full) * TAIL_N, seqlen, qk_scale, sm_scale, offs_d, mask_d,
-                             G, TAIL_N, WALK, TAIL_M, BLOCK_D, EVEN_D, F, f_off, f_plane, f_sr, f_sc, STORED)
+                             G, TAIL_N, WALK, TAIL_M, BLOCK_D, EVEN_D)
 
 
 @triton.jit
 def _attn_bwd_kv_q(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU, PK, PQ, QD, KD, VD, DOD, QD2, KD2, VD2, DOD2,
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU, QD, KD, VD, DOD, QD2, KD2, VD2, DOD2,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sdo_b, sdo_h, sdo_n,
     sdq_b, sdq_h, sdq_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h,
     H, N, qk_scale, sm_scale,
@@ -1111,14 +1023,8 @@ def _attn_bwd_kv_q(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
     D2: tl.constexpr = 0, TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
-    TAIL_GD: tl.constexpr = 16, PDS_K: tl.constexpr = False, PDS_Q: tl.constexpr = False,
+    TAIL_GD: tl.constexpr = 16,
 ):
-    # PDS_K / PDS_Q (config key PDS; dense inputs, unsplit head dims, no dQ-pass tail groups): the fringe of the score
-    # matrix, the keys past the last full key block (PDS_K) and the query rows past the last full query block (PDS_Q),
-    # is computed once, by the dQ pass, which stores its P and dS (16-bit) in the buffers PK ([B * H, 2, N - n0, N],
-    # key-major) and PQ ([B * H, 2, N - m0, N], query-row-major); the dK/dV pass reads them instead of recomputing
-    # (_bwd_dkdv_step_stored): the key-tail programs every step from PK, the full key blocks their tail query step
-    # from PQ. Both passes' full blocks end at the same n0 / m0 (the host checks).
     # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense inputs), walking
     # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids)
     # TMA: the full tiles each pass walks (K / V in the dQ pass, Q / dO in the dK/dV pass) come through the
@@ -1138,38 +1044,15 @@ def _attn_bwd_kv_q(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     tok = start.to(tl.int64)
-    ntk = N - (N // BLOCK_N) * BLOCK_N  # the fringe's tail keys and tail query rows (PDS)
-    ntq = N - (N // BLOCK_M) * BLOCK_M
-    fk_plane = ntk * N
-    fq_plane = ntq * N
-    if PDS_K:  # the key-tail programs' reads: every step from PK
-        ST: tl.constexpr = 2
-        TF = PK
-        t_nt = ntk
-        t_sr = 1
-        t_sc = N
-    else:  # PQ for their tail query step, or nothing
-        ST: tl.constexpr = 1 if PDS_Q else 0
-        TF = PQ
-        t_nt = ntq
-        t_sr = N
-        t_sc = 1
-    t_plane = t_nt * N
     if TAIL_G > 1 and is_g:
-        g_bh = tl.program_id(1) * TAIL_G + tl.arange(0, TAIL_G)
-        g_off = g_bh.to(tl.int64) * (2 * t_plane) - (N - t_nt) * N
-        _bwd_tail_group(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, g_bh, H,
+        _bwd_tail_group(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, tl.program_id(1) * TAIL_G + tl.arange(0, TAIL_G), H,
                         sq_b * ALIGN, sq_h * ALIGN, sq_n * ALIGN, sk_b * ALIGN, sk_h * ALIGN, sk_n * ALIGN,
                         sv_b * ALIGN, sv_h * ALIGN, sv_n * ALIGN, so_b * ALIGN, so_h * ALIGN, so_n * ALIGN,
                         sdo_b * ALIGN, sdo_h * ALIGN, sdo_n * ALIGN, sdq_b * ALIGN, sdq_h * ALIGN, sdq_n * ALIGN,
                         sdk_b * ALIGN, sdk_h * ALIGN, sdk_n * ALIGN, sdv_b * ALIGN, sdv_h * ALIGN, sdv_n * ALIGN,
                         sl_b, sl_h, pid, seqlen, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N,
-                        TAIL_GD, TAIL_GD == HEAD_DIM, DQ_PASS, TAIL_G, TAIL_GW, TF, g_off, t_plane, t_sr, t_sc, ST)
+                        TAIL_GD, TAIL_GD == HEAD_DIM, DQ_PASS, TAIL_G, TAIL_GW)
     else:
-        bh64 = pid_bh.to(tl.int64)
-        fk_off = bh64 * (2 * fk_plane) - (N - ntk) * N  # element (r, c) at fk_off + c * N + r, c >= N - ntk
-        fq_off = bh64 * (2 * fq_plane) - (N - ntq) * N  # element (r, c) at fq_off + r * N + c, r >= N - ntq
-        t_off = bh64 * (2 * t_plane) - (N - t_nt) * N
         qo, sq_n = _row_base(b64, h64, tok, sq_b, sq_h, sq_n, ALIGN)
         ko, sk_n = _row_base(b64, h64, tok, sk_b, sk_h, sk_n, ALIGN)
         vo, sv_n = _row_base(b64, h64, tok, sv_b, sv_h, sv_n, ALIGN)
@@ -1199,15 +1082,13 @@ def _attn_bwd_kv_q(
             elif pid < m_full:
                 _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                               sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
-                              offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA,
-                              PQ, fq_off, PK, fk_off, N, fq_plane, fk_plane, False, PDS_K)
+                              offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
             else:
                 row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
                 if row0 < seqlen:
                     _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
-                                  offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA,
-                                  PQ, fq_off, PK, fk_off, N, fq_plane, fk_plane, PDS_Q, PDS_K)
+                                  offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
         else:
             dko, sdk_n = _row_base(b64, h64, tok, sdk_b, sdk_h, sdk_n, ALIGN)
             dvo, sdv_n = _row_base(b64, h64, tok, sdv_b, sdv_h, sdv_n, ALIGN)
@@ -1229,14 +1110,14 @@ def _attn_bwd_kv_q(
                 _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
                                 offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
-                                TMA, PQ, fq_off, fq_plane, N, 1, 1 if PDS_Q else 0)
+                                TMA)
             else:
                 start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
                 if start_n < seqlen:
                     _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
                                     offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
-                                    TMA, TF, t_off, t_plane, t_sr, t_sc, ST)
+                                    TMA)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -1563,28 +1444,6 @@ def _descs(use: bool, xs, rows: int, cols: int, cols2: int = 0):
     return [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, c]) for c in blocks for x in xs], True
 
 
-PDS_KEYS, PDS_QUERIES = 1, 2  # bits of a two-pass backward config's PDS key (see _fringe_buffers)
-
-
-def _fringe_buffers(pds: int, q: torch.Tensor, bh: int, n: int, packed: bool, split: bool, dq_group: dict,
-                    dq_cfg: dict, kv_cfg: dict) -> tuple:
-    """(PK, PQ, PDS_K, PDS_Q) for _attn_bwd_kv_q: the buffers in which the dQ pass stores the fringe's P and dS (the
-    scores of the keys past the last full key block with PDS & PDS_KEYS, of the query rows past the last full query
-    block with PDS & PDS_QUERIES) for the dK/dV pass to read, and whether each is on. Off (dummy pointers) where the
-    inputs are packed, the head dim is split, the dQ pass groups its tails, there is no such tail, or the two passes'
-    full blocks end at different rows (its P / dS would not cover the dK/dV pass's tail)."""
-    def end(block):
-        return n // block * block
-
-    use_k = bool(pds & PDS_KEYS) and end(kv_cfg["BLOCK_N"]) < n and end(kv_cfg["BLOCK_N"]) == end(dq_cfg["BLOCK_N"])
-    use_q = bool(pds & PDS_QUERIES) and end(kv_cfg["BLOCK_M"]) < n and end(kv_cfg["BLOCK_M"]) == end(dq_cfg["BLOCK_M"])
-    if packed or split or dq_group:
-        use_k = use_q = False
-    pk = torch.empty(bh, 2, n - end(kv_cfg["BLOCK_N"]), n, device=q.device, dtype=q.dtype) if use_k else q
-    pq = torch.empty(bh, 2, n - end(kv_cfg["BLOCK_M"]), n, device=q.device, dtype=q.dtype) if use_q else q
-    return pk, pq, use_k, use_q
-
-
 def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None, out=None):
     """(o, lse); `out` may hand in both: o with any strides and a unit last stride, lse contiguous ([B, H, N] dense,
     [H, T] packed)."""
@@ -1636,19 +1495,18 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
     split = cfg.pop("SPLIT")
     split_d = cfg.pop("SPLIT_D", False)
     tma = cfg.pop("TMA", False)
-    pds = cfg.pop("PDS", 0)
     sl = _lse_strides(H, N, packed)
     cu = cu_seqlens.to(torch.int32) if packed else q
     bd = _pow2(D)
     if split == KV_Q:  # dQ pass (stores delta), then the dK/dV pass that reads it: stream order
         dq_cfg = _kv_q_dq_config(cfg)
         dq_cfg.pop("SPLIT_D", None)
-        dq_cfg.pop("PDS", None)
         tma_dq = dq_cfg.pop("TMA", False)
         cfg.pop("DQ", None)
         cfg.pop("TRANS", None)
         delta = torch.empty_like(lse)
         align, strides = _align(sq, sk, sv, so, sdo, sdq, sdk, sdv)
+        head = (q, k, v, o, do, dq, dk, dv, lse, delta, cu)
         rest = (*strides, *sl, H, N, scale * LOG2E, scale)
         # SPLIT_D (the config's top level) applies to both passes; TMA, like WS, to the pass whose blocks carry it
         dims = _head_dim_meta(D, split_d)
@@ -1656,9 +1514,6 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         descs, tma_q = _descs(tma_dq and not packed, (k, v), dq_cfg["BLOCK_N"], dims["BLOCK_D"], dims["D2"])
         kd, vd, kd2, vd2 = descs + [None] * (4 - len(descs))
         group = _tail_group(dq_cfg, maxn, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], B * H, packed, D)
-        pk, pq, pds_k, pds_q = _fringe_buffers(pds, q, B * H, maxn, packed, dims["D2"] > 0, group, dq_cfg, cfg)
-        head = (q, k, v, o, do, dq, dk, dv, lse, delta, cu, pk, pq)
-        meta.update(PDS_K=pds_k, PDS_Q=pds_q)
         _attn_bwd_kv_q[_grid(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed, B * H, group)](
             *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **group,
             **dq_cfg)
@@ -1674,7 +1529,6 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
     cfg.setdefault("TRANS", False)
     cfg.pop("TAIL_G", None)  # the one-kernel layouts take no tail groups
     cfg.pop("TAIL_GW", None)
-    cfg.pop("PDS", None)
     bn = cfg["BLOCK_N"]
     if split:
         mode = 1
