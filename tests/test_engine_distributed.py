@@ -87,7 +87,8 @@ def test_fsdp_block_groups_train_like_per_block(tmp_path):
 
 def test_dinov2_packed_student_pass_under_fsdp(tmp_path):
     """Packing calls each (FSDP2-sharded) block as a module, so the one-pass student works on
-    several ranks and matches one pass per crop size."""
+    several ranks and matches one pass per crop size; LayerScale folded into the sharded blocks' proj / fc2
+    (model.fold_layerscale) gives the losses of the plain LayerScale."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT),
            "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -97,3 +98,7 @@ def test_dinov2_packed_student_pass_under_fsdp(tmp_path):
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["packed"]["packed_calls"] == 2 and res["per_size"]["packed_calls"] == 0
     assert res["packed"]["losses"] == pytest.approx(res["per_size"]["losses"], rel=1e-4)
+    # student and teacher: 2 blocks x (proj, fc2) each
+    assert res["packed"]["folded"] == 8 and res["unfolded"]["folded"] == 0
+    assert res["unfolded"]["losses"] == pytest.approx(res["packed"]["losses"], rel=1e-4)
+    assert res["unfolded"]["losses"][1] != res["unfolded"]["losses"][0]
