@@ -351,6 +351,13 @@ def gap_table(gaps: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_stem(recipes: list[str], i: int) -> str:
+    """The profile table's file stem for the i-th recipe entry: the recipe file's stem, and where several entries share
+    it (one recipe with different `::` overrides), its position too (1-based), so that no table overwrites another."""
+    stems = [Path(split_entry(r)[0]).stem for r in recipes]
+    return stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}-{i + 1}"
+
+
 def run_scaling(args, argv: list[str]) -> int:
     """Launch the engine on 1..N GPUs with torchrun (same per-GPU batch) and report images/s,
     MFU, peak memory and scaling efficiency = img/s(N) / (N x img/s(1))."""
@@ -390,8 +397,8 @@ def run_scaling(args, argv: list[str]) -> int:
                         row["profile_ms"] = res["profile"]
                         text = out + ".prof.txt"
                         if os.path.exists(text):
-                            stem = Path(split_entry(recipe)[0]).stem
-                            dest = RESULTS_PROFILE_DIR / f"{stem}-{n}gpu-{args.tag or 'default'}.txt"
+                            name = f"{profile_stem(args.recipes, i)}-{n}gpu-{args.tag or 'default'}.txt"
+                            dest = RESULTS_PROFILE_DIR / name
                             dest.parent.mkdir(parents=True, exist_ok=True)
                             shutil.copy(text, dest)
                             row["profile_tables"] = str(dest)

@@ -157,3 +157,13 @@ def test_scaling_mode_accumulates_under_torchrun(monkeypatch, tmp_path):
     (row,) = record["rows"]
     assert "error" not in row, row.get("error")
     assert row["gpus"] == 2 and row["accum"] == 2 and row["img_s"] > 0
+
+
+def test_profile_stem_keeps_one_recipes_variants_apart():
+    """Scaling mode's profile tables: one recipe given twice with different `::` overrides gets one table each."""
+    from bench.train import profile_stem
+
+    recipes = ["recipes/vit_l_dinov2.yaml::model.fold_layerscale=false", "recipes/vit_l_dinov2.yaml",
+               "recipes/vit_s_dinov2.yaml"]
+    assert [profile_stem(recipes, i) for i in range(3)] == ["vit_l_dinov2-1", "vit_l_dinov2-2", "vit_s_dinov2"]
+    assert profile_stem(["recipes/vit_b_mae.yaml"], 0) == "vit_b_mae"
