@@ -65,6 +65,25 @@ def test_fold_gives_timms_outputs_and_gradients(name):
     torch.testing.assert_close(model(x), out_ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("policy", ["full", "save_matmuls"])
+def test_fold_under_activation_checkpointing(policy):
+    """The folded blocks recomputed in backward (model.activation_checkpointing, every block, both policies): the
+    outputs and every gradient as timm's blocks without checkpointing."""
+    from engine.train import checkpoint_blocks
+
+    ref = _dinov2_vit()
+    model = copy.deepcopy(ref)
+    fold_layer_scale(model)
+    assert checkpoint_blocks(model.blocks, 1, policy) == len(model.blocks)
+    x = torch.randn(2, 3, 28, 28)
+    g = torch.randn(2, ref.num_features)
+    out_ref, g_ref = _grads(ref, x, g)
+    out, g_fold = _grads(model, x, g)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for n in g_ref:
+        torch.testing.assert_close(g_fold[n], g_ref[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_parameters_state_dict_and_copies_are_unchanged():
     """The same parameter names and objects (gamma registered once, under its LayerScale), a state dict that loads
     strictly into timm's model, and a deepcopy (DINOv2's teacher) whose linear layers read their own copy's gamma."""
