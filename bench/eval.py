@@ -54,7 +54,8 @@ def write_synthetic(root: Path, tasks: list[str], size: int, cap: int | None, se
                 arrays[f"{split}_labels"] = rng.integers(0, 2, (n, info.num_classes), dtype=np.uint8)
             else:
                 # every class present in every split so the AUC is defined
-                arrays[f"{split}_labels"] = (np.arange(n) % info.num_classes)[rng.permutation(n)].reshape(-1, 1).astype(np.uint8)
+                arrays[f"{split}_labels"] = ((np.arange(n) % info.num_classes)[rng.permutation(n)]
+                                             .reshape(-1, 1).astype(np.uint8))
         np.savez(path, **arrays)
     return counts
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.evaluation.medmnist import ALL_TASKS
     from engine.evaluation.probe import ProbeConfig
 
-    p = argparse.ArgumentParser(prog="python -m bench eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=list(ALL_TASKS))
     p.add_argument("--max-per-split", type=int, help="cap every split (quick runs)")
     p.add_argument("--model", default="vit_base_patch16_224")
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "task": task, "images": n, "load_s": r["load_s"], "extract_s": r["extract_s"],
             "extract_img_per_s": n / r["extract_s"] if r["extract_s"] else float("nan"),
-            "linear_s" if methods[0] == "linear" else "knn_s": r["fit_s"], "auc": r["auc"], "epochs": r.get("epochs_run", ""),
+            "linear_s" if methods[0] == "linear" else "knn_s": r["fit_s"], "auc": r["auc"],
+            "epochs": r.get("epochs_run", ""),
         }
         if len(methods) == 2:
             row["knn_s"] = results["knn"][task]["fit_s"]
@@ -162,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     ext_all = sum(r["extract_s"] for r in rows)
     ext_ips = n_all / ext_all
     ratio = ext_ips / base_ips
-    cols = ["task", "images", "load_s", "extract_s", "extract_img_per_s", *([m + "_s" for m in methods]), "epochs", "auc"]
+    cols = ["task", "images", "load_s", "extract_s", "extract_img_per_s", *([m + "_s" for m in methods]), "epochs",
+            "auc"]
     print_table(rows, cols)
     print()
     print_table(
-        [{"what": "plain forward (baseline)", "img_per_s": base_ips}, {"what": "feature extraction, all tasks", "img_per_s": ext_ips},
+        [{"what": "plain forward (baseline)", "img_per_s": base_ips},
+         {"what": "feature extraction, all tasks", "img_per_s": ext_ips},
          {"what": "ratio (target >= 0.8)", "img_per_s": ratio}],
         ["what", "img_per_s"],
     )
@@ -178,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "img_size": args.img_size, "params": params, "stored_size": args.size,
         "batch_size": bs, "compile": bool(args.compile and cuda), "methods": methods, "bootstrap": args.bootstrap,
         "max_per_split": args.max_per_split, "images": n_all,
-        "baseline": {"what": "model(x) on a resident normalized batch, bf16 autocast", "img_per_s": base_ips, "ms_per_batch": base_ms},
+        "baseline": {"what": "model(x) on a resident normalized batch, bf16 autocast", "img_per_s": base_ips,
+                     "ms_per_batch": base_ms},
         "extraction": {"img_per_s": ext_ips, "seconds": ext_all},
         "ratio_extraction_vs_forward": ratio,
         "probe_seconds": probe_s,
@@ -189,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     path = write_result("eval", payload, argv if argv is not None else sys.argv[1:])
     bar_plot(
         path.with_suffix(".png"), [r["task"] for r in rows],
-        {"feature extraction": [r["extract_img_per_s"] for r in rows], "plain forward (baseline)": [base_ips] * len(rows)},
+        {"feature extraction": [r["extract_img_per_s"] for r in rows],
+         "plain forward (baseline)": [base_ips] * len(rows)},
         "images / s", f"MedMNIST feature extraction, {args.model} @ {args.img_size}px — {card_name()}",
     )
     if not args.workdir:

@@ -348,7 +348,8 @@ def measure_throughput(loader, *, seconds: float, warmup: int, device: torch.dev
     cores = (cpu_seconds() - cpu0) / wall
     epoch = epoch_boundaries(arrivals, [i - warmup for i in starts if i > warmup])
     out = {"img_s": n / wall, "images": n, "batches": count, "wall_s": wall, "cpu_cores": cores,
-           "gpu_busy": busy.mean, "startup_s": startup, "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
+           "gpu_busy": busy.mean, "startup_s": startup, "shape": list(x.shape),
+           "dtype": str(x.dtype).replace("torch.", "")}
     out |= epoch
     if meter is not None:  # the consumer's and the producer thread's waits, ms per batch
         out["prefetch"] = type(meter).per_item(m0, meter.snapshot())
@@ -590,7 +591,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--crop", type=int, default=224, help="output size of the random resized crop")
     p.add_argument("--seconds", type=float, default=6.0, help="measured time per backend and size")
     p.add_argument("--warmup", type=int, default=10, help="batches before the clock starts")
-    p.add_argument("--images", type=int, default=None, help="rows per shard set (default: 100000 at <=256 px, else 64000: epochs of ~3 s at the "
+    p.add_argument("--images", type=int, default=None,
+                   help="rows per shard set (default: 100000 at <=256 px, else 64000: epochs of ~3 s at the "
                         "GPU backends' rates; each row's epoch_boundary_ms says what a boundary costs)")
     p.add_argument("--distinct", type=int, default=128, help="distinct images among the rows")
     p.add_argument("--dali-threads", default="4",
@@ -613,7 +615,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dali-pipelines", default="1",
                    help="DALI pipelines fed in turn (DaliLoader pipelines; each with --dali-threads threads); a comma "
                         "list sweeps it")
-    p.add_argument("--dali-queue", default="3", help="DALI's prefetch_queue_depth (the loader's default: 3); a comma list sweeps it")
+    p.add_argument("--dali-queue", default="3",
+                   help="DALI's prefetch_queue_depth (the loader's default: 3); a comma list sweeps it")
     p.add_argument("--dali-dynamic", default="",
                    help="DALI's execution model: 1 dynamic, 0 legacy (buffers allocated once); empty: DALI's default; "
                         "a comma list sweeps it")
@@ -628,7 +631,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="DALI's stream_policy (single, backend, operator); a comma list sweeps it (default: DALI's)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available")
-    p.add_argument("--data-dir", default=None, help="where to build the shards (default: a temp dir, removed); kept when given, and a set an "
+    p.add_argument("--data-dir", default=None,
+                   help="where to build the shards (default: a temp dir, removed); kept when given, and a set an "
                         "earlier run left there with the same size, rows and distinct images is reused")
     p.add_argument("--stall", action="store_true", help="also measure the MAE training data stall per backend")
     p.add_argument("--multicrop", action="store_true",
@@ -638,7 +642,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="also measure the workers alone and each GPU backend's device half alone (what bounds it)")
     p.add_argument("--stall-engine", action="store_true",
                    help="also the stall of engine.run's own training loop (engine.train.Trainer: the MAE recipe of "
-                        "--model, micro-batch --batch-size, --stall-accum per step, --compile; --compile-mode if given, else "
+                        "--model, micro-batch --batch-size, --stall-accum per step, --compile; "
+                        "--compile-mode if given, else "
                         "the engine's default, auto: CUDA graphs on one GPU) with each of "
                         "--stall-backends that the engine has (not pil) against data.shards=synthetic; dali and nvjpeg "
                         "run the first combination of their settings lists (as data.options)")
@@ -717,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         payload["ratios"] = ratios(payload["throughput"])
-        tag = "-".join(t for t, on in (("multicrop", a.multicrop), ("breakdown", a.breakdown), (a.tag, a.tag)) if on) or None
+        tag = "-".join(t for t, on in (("multicrop", a.multicrop), ("breakdown", a.breakdown), (a.tag, a.tag))
+                       if on) or None
         out_path[:] = [write_result("loaders", payload, argv, tag=tag)]
 
     def guarded(what: str, fn: Callable[[], dict]) -> dict:
@@ -805,7 +811,8 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
         if step is None:
             raise RuntimeError("no MAE step could run: " + " | ".join(failures))
         step_box["step"] = step
-        rate = timed_steps(step, itertools.repeat((fixed, fixed.shape[0])), a.stall_steps, max(1, a.warmup // 2), device)
+        rate = timed_steps(step, itertools.repeat((fixed, fixed.shape[0])), a.stall_steps, max(1, a.warmup // 2),
+                           device)
         return {"model": a.model, "step": kind, "synthetic_img_s": rate, "compile": a.compile,
                 "compile_mode": a.compile_mode,
                 "spec": str(AugmentSpec(size=a.crop)), "fallbacks": failures}
@@ -887,7 +894,8 @@ def stall(a, payload, device, dtype, cache_dir, guarded, save, options) -> None:
         label = (row["backend"] if ahead is None else f"{row['backend']} max_ahead={ahead}") + f" {prio}" + \
             (f" gil={gil}" if gil else "") + (f" loader={lprio}" if lprio else "") + \
             (f" exec_dynamic={row['options']['exec_dynamic']}" if "exec_dynamic" in row.get("options", {}) else "") + \
-            (f" decode_ahead={row['options']['decode_ahead']}" if len(settings["nvjpeg"]) > 1 and backend == "nvjpeg" else "")
+            (f" decode_ahead={row['options']['decode_ahead']}"
+             if len(settings["nvjpeg"]) > 1 and backend == "nvjpeg" else "")
         for pair in row.get("pairs", [row]):
             if "prefetch" in pair:
                 m = pair["prefetch"]
@@ -931,7 +939,8 @@ def engine_options(a, device: torch.device, run_dir: Path, shards: str, backend:
         out += [f"data.shards={shards}", f"data.backend={backend}", f"data.workers={int(a.workers.split(',')[0])}",
                 f"data.cache_dir={run_dir.parent / 'engine-cache'}"]
         if backend == "nvjpeg":
-            out.append(f"data.options={{nvjpeg: {{decode_ahead: {str(nvjpeg_options(a)[0]['decode_ahead']).lower()}}}}}")
+            out.append(f"data.options={{nvjpeg: {{decode_ahead: "
+                       f"{str(nvjpeg_options(a)[0]['decode_ahead']).lower()}}}}}")
         if backend == "dali":
             extra = dali_engine_options(dali_options(a)[0])
             if extra:
@@ -1034,10 +1043,12 @@ def dali_options(a) -> list[dict[str, Any]]:
     dynamic = [bool(int(x)) for x in a.dali_dynamic.split(",") if x.strip()] or [None]
     streams = [x.strip() for x in a.dali_streams.split(",") if x.strip()] or [None]
     huffman = [int(x) for x in a.dali_huffman.split(",") if x.strip()] or [None]
-    return [{"dali_threads": int(t), "hw_decoder_load": float(h), "no_copy": bool(int(c)), "prefetch_queue_depth": int(q)}
+    return [{"dali_threads": int(t), "hw_decoder_load": float(h), "no_copy": bool(int(c)),
+             "prefetch_queue_depth": int(q)}
             | ({} if d is None else {"exec_dynamic": d}) | ({} if sp is None else {"stream_policy": sp})
             | ({"stage_inputs": True} if int(st) else {}) | ({"decode_crop": True} if int(dc) else {})
-            | ({} if hu is None else {"hybrid_huffman_threshold": hu}) | ({} if int(pl) == 1 else {"pipelines": int(pl)})
+            | ({} if hu is None else {"hybrid_huffman_threshold": hu})
+            | ({} if int(pl) == 1 else {"pipelines": int(pl)})
             for t, h, c, q, d, sp, st, dc, hu, pl in itertools.product(
                 a.dali_threads.split(","), a.hw_decoder_load.split(","), a.dali_no_copy.split(","),
                 a.dali_queue.split(","), dynamic, streams, a.dali_stage.split(","), a.dali_decode_crop.split(","),
@@ -1056,7 +1067,8 @@ def variants(a, backends: list[str]) -> list[tuple[str, str, dict[str, dict]]]:
     for backend in backends:
         if backend == "nvjpeg":
             combos = nvjpeg_options(a)
-            out += [(backend, "nvjpeg" if len(combos) == 1 else "nvjpeg ahead" if o["decode_ahead"] else "nvjpeg inline",
+            out += [(backend,
+                     "nvjpeg" if len(combos) == 1 else "nvjpeg ahead" if o["decode_ahead"] else "nvjpeg inline",
                      {"nvjpeg": o}) for o in combos]
             continue
         if backend != "dali":
@@ -1111,7 +1123,8 @@ def breakdown(a, payload, device, dtype, cache_dir, guarded, save, options) -> N
         payload["breakdown"].append(row)
         print(f"breakdown {size}px workers only ({w}): " + (f"{row['img_s']:,.0f} img/s, {row['cpu_cores']:.1f} cores"
                                                           if "img_s" in row else row["error"]), flush=True)
-        variants = [("dali", {"dali": o}) for o in dali_options(a)] + [("nvjpeg", {"nvjpeg": o}) for o in nvjpeg_options(a)]
+        variants = ([("dali", {"dali": o}) for o in dali_options(a)]
+                    + [("nvjpeg", {"nvjpeg": o}) for o in nvjpeg_options(a)])
         for backend, opts in variants:
             if "raw" not in box or backend not in a.backends:
                 continue
@@ -1174,7 +1187,8 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     out = {}
     for r in rows:
         if r["backend"] != BASELINE and "img_s" in r and base.get((r["size"], r["workers"])):
-            out[f"{r.get('variant', r['backend'])}/{BASELINE} {r['size']}px w{r['workers']}"] = r["img_s"] / base[(r["size"], r["workers"])]
+            out[f"{r.get('variant', r['backend'])}/{BASELINE} {r['size']}px w{r['workers']}"] = \
+                r["img_s"] / base[(r["size"], r["workers"])]
     return out
 
 
@@ -1212,7 +1226,8 @@ def plot(json_path: Path, payload: dict) -> None:
     labels = sorted({f"{r['size']}px w{r['workers']}" for r in rows})
     series: dict[str, list[float]] = {}
     for r in rows:
-        series.setdefault(r.get("variant", r["backend"]), [0.0] * len(labels))[labels.index(f"{r['size']}px w{r['workers']}")] = r["img_s"]
+        series.setdefault(r.get("variant", r["backend"]),
+                          [0.0] * len(labels))[labels.index(f"{r['size']}px w{r['workers']}")] = r["img_s"]
     if series:
         bar_plot(json_path.with_suffix(".png"), labels, series, "images/s to the device",
                  f"loader throughput on {card_name()}")

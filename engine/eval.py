@@ -34,7 +34,15 @@ from engine.evaluation.features import (
     file_fingerprint,
     weights_fingerprint,
 )
-from engine.evaluation.medmnist import ALL_TASKS, SPLITS, MissingDataError, check_available, load_images, load_task, subsample
+from engine.evaluation.medmnist import (
+    ALL_TASKS,
+    SPLITS,
+    MissingDataError,
+    check_available,
+    load_images,
+    load_task,
+    subsample,
+)
 from engine.evaluation.metrics import task_metrics
 from engine.evaluation.probe import ProbeConfig, knn_predict, predict, train_linear_probe
 
@@ -67,7 +75,12 @@ def _read_config(run_dir: Path) -> dict:
 
 
 def resolve_checkpoint(
-    path: str | Path, *, model: str | None = None, img_size: int | None = None, patch_size: int | None = None, step: str | None = None
+    path: str | Path,
+    *,
+    model: str | None = None,
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    step: str | None = None,
 ) -> Checkpoint:
     """A run dir, a step dir or a weights file → what to load and how."""
     path = Path(path)
@@ -104,7 +117,9 @@ def resolve_checkpoint(
     size = img_size or mcfg.get("img_size") or (224 if run_dir is not None else None)
     objective = (config.get("objective", {}) or {}).get("name")
     patch = patch_size or mcfg.get("patch_size")
-    return Checkpoint(weights, name, int(size) if size else None, int(patch) if patch else None, run_dir, step, objective, config)
+    return Checkpoint(
+        weights, name, int(size) if size else None, int(patch) if patch else None, run_dir, step, objective, config
+    )
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -310,7 +325,8 @@ def evaluate_tasks(
                 log(
                     f"{task:15s} {method:6s} AUC {m['auc']:.4f}"
                     + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-                    + f"  ACC {m['acc']:.4f}  (features {'cached' if cached else f'{extract_s:.1f}s'}, fit {fit_s:.1f}s)"
+                    + f"  ACC {m['acc']:.4f}  (features {'cached' if cached else f'{extract_s:.1f}s'}, "
+                      f"fit {fit_s:.1f}s)"
                 )
     return results
 
@@ -390,7 +406,10 @@ def markdown_table(record: dict) -> str:
         return f"{pair[0]:.3f}–{pair[1]:.3f}"
 
     for task, m in record["tasks"].items():
-        lines.append(f"| {task} | {_fmt(m['auc'])} | {ci(m.get('auc_ci'))} | {_fmt(m['acc'])} | {ci(m.get('acc_ci'))} | {m['n_test']} |")
+        lines.append(
+            f"| {task} | {_fmt(m['auc'])} | {ci(m.get('auc_ci'))} | {_fmt(m['acc'])} | {ci(m.get('acc_ci'))} "
+            f"| {m['n_test']} |"
+        )
     lines.append(f"| **mean** | **{_fmt(record['mean_auc'])}** | | **{_fmt(record['mean_acc'])}** | | |")
     return "\n".join(lines) + "\n"
 
@@ -404,16 +423,22 @@ def _nanmean(values: list[float]) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m engine.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoint", help="run directory, step directory, or .safetensors/.pth file")
     p.add_argument("--data", required=True, help="folder with the MedMNIST .npz files")
     p.add_argument("--tasks", nargs="+", default=["all"], help=f"tasks (default all 12: {' '.join(ALL_TASKS)})")
     p.add_argument("--method", choices=["linear", "knn", "both"], default="linear")
     p.add_argument("--model", help="timm model name (required for a bare weights file)")
     p.add_argument("--img-size", type=int, help="model input size (default: recipe's model.img_size, else the model's)")
-    p.add_argument("--patch-size", type=int, help="patch size if not the model name's (default: recipe's model.patch_size)")
+    p.add_argument(
+        "--patch-size", type=int, help="patch size if not the model name's (default: recipe's model.patch_size)"
+    )
     p.add_argument("--step", help="step directory name or number in a run dir (default: checkpoints/LATEST)")
-    p.add_argument("--size", default="auto", help="MedMNIST image size to read: 28, 64, 128, 224, or auto (largest present)")
+    p.add_argument(
+        "--size", default="auto", help="MedMNIST image size to read: 28, 64, 128, 224, or auto (largest present)"
+    )
     p.add_argument("--out", help="output folder (default RUN_DIR/eval, or <file>_eval beside a weights file)")
     p.add_argument("--cache-dir", help="feature cache (default OUT/cache)")
     p.add_argument("--no-cache", action="store_true")
@@ -450,7 +475,9 @@ def run(args: argparse.Namespace) -> int:
     tasks = list(ALL_TASKS) if args.tasks in (["all"], ["ALL"]) else args.tasks
     methods = ["linear", "knn"] if args.method == "both" else [args.method]
     size = args.size if args.size == "auto" else int(args.size)
-    ckpt = resolve_checkpoint(args.checkpoint, model=args.model, img_size=args.img_size, patch_size=args.patch_size, step=args.step)
+    ckpt = resolve_checkpoint(
+        args.checkpoint, model=args.model, img_size=args.img_size, patch_size=args.patch_size, step=args.step
+    )
     check_available(args.data, tasks, size)  # fail before loading a large model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -472,8 +499,8 @@ def run(args: argparse.Namespace) -> int:
     cache = None
     if not args.no_cache:
         key = cache_key(
-            weights=file_fingerprint(ckpt.weights), model=ckpt.model, img_size=img_size, patch=ckpt.patch_size, mean=mean, std=std,
-            bf16=device.type == "cuda", pool="mean-patch-tokens",
+            weights=file_fingerprint(ckpt.weights), model=ckpt.model, img_size=img_size, patch=ckpt.patch_size,
+            mean=mean, std=std, bf16=device.type == "cuda", pool="mean-patch-tokens",
         )
         meta = {"weights": str(ckpt.weights), "model": ckpt.model, "img_size": img_size, "mean": mean, "std": std}
         cache = FeatureCache(Path(args.cache_dir) if args.cache_dir else out / "cache", key, meta)
@@ -481,7 +508,10 @@ def run(args: argparse.Namespace) -> int:
     params = sum(p.numel() for p in encoder.parameters())
     print(f"{ckpt.model} ({params / 1e6:.1f}M params) from {ckpt.weights} at {img_size}px on {device}", file=sys.stderr)
     t0 = time.perf_counter()
-    probe = ProbeConfig(lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.probe_batch_size, patience=args.patience, seed=args.seed)
+    probe = ProbeConfig(
+        lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.probe_batch_size,
+        patience=args.patience, seed=args.seed,
+    )
     results = evaluate_tasks(
         encoder, args.data, tasks, methods=methods, img_size=img_size, device=device, batch_size=args.batch_size,
         cache=cache, mean=mean, std=std, size=size, max_train=args.max_train, max_eval=args.max_eval, probe=probe,

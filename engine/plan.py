@@ -54,7 +54,8 @@ class Plan:
         factor = ACTIVATION_WORKING_SET if world <= 1 else FSDP_ACTIVATION_WORKING_SET
         return (self.act_bytes_fixed + self.act_bytes_per_image * micro) * (0.5 if bf16 else 1.0) * factor
 
-    def memory_per_gpu(self, world: int | None = None, bf16: bool = True, sharded: bool | None = None) -> dict[str, float]:
+    def memory_per_gpu(self, world: int | None = None, bf16: bool = True,
+                       sharded: bool | None = None) -> dict[str, float]:
         """Bytes per GPU: fp32 weights + grads + AdamW moments (sharded over `world` under FSDP)
         plus the activations the micro batch keeps for backward (halved for bf16 autocast)."""
         world = world or self.world
@@ -649,7 +650,8 @@ def recipe_table(recipes: list[str], results_glob: str = "bench/results/train-*.
             rate, how = None, ""
         hours = f"{images / rate / 3600:,.0f}" if rate else "—"
         rate_s = f"{rate:,.0f} ({how})" if rate else "—"
-        lines.append(f"| `{Path(recipe).name}` | {cfg.objective.name} | {plan.model} | {plan.encoder_params / 1e6:,.1f} M "
+        lines.append(f"| `{Path(recipe).name}` | {cfg.objective.name} | {plan.model} | "
+                     f"{plan.encoder_params / 1e6:,.1f} M "
                      f"| {_human(plan.flops_per_image, 'FLOP')} | {images / 1e6:,.0f} M | "
                      f"{_human(plan.flops_per_image * images, 'FLOP')} | {rate_s} | {hours} |")
     note = (f"\nThroughput: `python -m bench train` on {card}" + (f", mean MFU {mfu:.1%}" if mfu else "")

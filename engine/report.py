@@ -133,13 +133,15 @@ def scaling(runs: list[Run], method: str) -> dict:
             by_obj.setdefault(r.objective, []).append(r)
     order = {"mae": 0, "dinov2": 1}
     for obj, group in sorted(by_obj.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])):
-        tasks = sorted(set.intersection(*(set(t for t in r.evals[method]["tasks"] if not math.isnan(_auc(r.evals[method], t))) for r in group)))
+        tasks = sorted(set.intersection(*(set(t for t in r.evals[method]["tasks"]
+                                              if not math.isnan(_auc(r.evals[method], t))) for r in group)))
         all_tasks = sorted(set.union(*(set(r.evals[method]["tasks"]) for r in group)))
         points = []
         for r in sorted(group, key=lambda r: r.params):
             rec = r.evals[method]
             mean = float(np.mean([_auc(rec, t) for t in tasks])) if tasks else math.nan
-            points.append({"run": r.name, "model": r.model, "params": r.params, "step": rec.get("step"), "mean_auc": mean, "tasks": {t: _auc(rec, t) for t in all_tasks}})
+            points.append({"run": r.name, "model": r.model, "params": r.params, "step": rec.get("step"),
+                           "mean_auc": mean, "tasks": {t: _auc(rec, t) for t in all_tasks}})
         fits = {"mean": power_law_fit([p["params"] for p in points], [p["mean_auc"] for p in points])}
         for t in all_tasks:
             fits[t] = power_law_fit([p["params"] for p in points], [p["tasks"][t] for p in points])
@@ -171,7 +173,8 @@ def plot_scaling(result: dict, path: Path) -> Path:
         ys = [p["mean_auc"] for p in data["points"]]
         ax.scatter(xs, ys, color=color, marker=markers.get(obj, "^"), zorder=3, label=f"{obj} runs")
         for p in data["points"]:
-            ax.annotate(p["model"] or p["run"], (p["params"], p["mean_auc"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(p["model"] or p["run"], (p["params"], p["mean_auc"]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
         fit = data["fits"].get("mean")
         if fit:
             grid = np.logspace(np.log10(min(xs)) - 0.1, np.log10(max(xs)) + 0.1, 50)
@@ -204,7 +207,8 @@ def plot_curves(run: Run, path: Path) -> Path | None:
     if not rows:
         return None
     plt = _plt()
-    eval_rows = [(r["step"], np.nanmean([v for k, v in r.items() if k.startswith("eval/") and k.endswith("/auc") and v is not None]))
+    eval_rows = [(r["step"], np.nanmean([v for k, v in r.items()
+                                         if k.startswith("eval/") and k.endswith("/auc") and v is not None]))
                  for r in rows if any(k.startswith("eval/") and k.endswith("/auc") for k in r)]
     held = [(r["step"], r["gpu_mem_gib"]) for r in rows if r.get("gpu_mem_gib") is not None]
     panels = 2 + bool(eval_rows) + bool(held)
@@ -277,8 +281,9 @@ def _record_mean(rec: dict) -> float:
 
 def report_markdown(runs: list[Run], result: dict, curves: dict[str, str | None]) -> str:
     method = result["method"]
-    lines = ["# Scaling report", "", f"Probe: **{method}**. AUC = c · params^slope fitted in log-log per objective.", "",
-             "## Runs", "", "| run | model | objective | params | step | mean AUC | curves |", "|---|---|---|---|---|---|---|"]
+    lines = ["# Scaling report", "", f"Probe: **{method}**. AUC = c · params^slope fitted in log-log per objective.",
+             "", "## Runs", "", "| run | model | objective | params | step | mean AUC | curves |",
+             "|---|---|---|---|---|---|---|"]
     for r in runs:
         rec = r.evals.get(method)
         lines.append(
@@ -292,7 +297,8 @@ def report_markdown(runs: list[Run], result: dict, curves: dict[str, str | None]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m engine.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", default="report", help="output folder (default ./report)")
     p.add_argument("--method", choices=["linear", "knn"], default="linear")
@@ -324,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     for d in result["objectives"].values():
         if d["note"]:
             print(d["note"], file=sys.stderr)
-    print(f"wrote {out}/report.md, scaling.png, scaling.json and {sum(1 for c in curves.values() if c)} curve plot(s)", file=sys.stderr)
+    print(f"wrote {out}/report.md, scaling.png, scaling.json and {sum(1 for c in curves.values() if c)} curve plot(s)",
+          file=sys.stderr)
     return 0
 
 

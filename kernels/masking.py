@@ -372,7 +372,8 @@ def _col_block(C: int, cap: int) -> int:
 LAUNCH = {"gather": (4, 4), "unmask": (8, 4), "sum_mt": (512, 16), "rank_sort": 4,
           # with the mask: (visible rows per scatter program, positions per fill program, warps)
           "unmask_split": (8, 16, 4),
-          # samples a step of the unmask's backward walk: with the pos_embed's accumulator too, with the mask token's alone
+          # samples a step of the unmask's backward walk: with the pos_embed's accumulator too, with the mask token's
+          # alone
           "unmask_walk": (4, 8)}
 UNMASK_SPLIT = True  # mae_unmask(mask=...): the split forward (False: the mask is ignored, the ids compared)
 # The unmask forward issues its pos_embed / mask-token loads before the ids compare (bench variant UNMASK_HOIST=False:
@@ -391,8 +392,8 @@ UNMASK_HOIST = True
 # was slower still (0.0278-0.0281) and was dropped
 RANK_BY = "sort"
 WALK_PROGRAMS = 512  # programs the backward walks aim for (tests lower it to get long walks)
-# Whether the backward walks launch with PDL. The unmask's does not with a learnable pos_embed (with a fixed one it does:
-# UNMASK_FIXED_WALK_PDL below): launched by PDL straight after the unmask forward
+# Whether the backward walks launch with PDL. The unmask's does not with a learnable pos_embed (with a fixed one it
+# does: UNMASK_FIXED_WALK_PDL below): launched by PDL straight after the unmask forward
 # its one wave of programs (~4.5 per SM) was slower with a learnable pos_embed, fwd+bwd 0.0547 / 0.0548 ms vs 0.0502 /
 # 0.0504 launched plainly, and the same either way with a fixed one (0.0487 / 0.0490 vs 0.0490 / 0.0489; H200, two runs,
 # `...-2026-11-29-mae-walk-pdl-{1,2}.json`). Suspected: placed onto SMs as the forward drains, up to 8 of its

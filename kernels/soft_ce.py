@@ -153,7 +153,8 @@ def _(scores, targets, row, col, shift, tinv, inv_temp):
 
 @torch.library.custom_op("vfm::soft_ce_bwd", mutates_args=())
 def _soft_ce_bwd_op(gce: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor, row: Factor, col: Factor,
-                    shift: Factor, tinv: Factor, lse: torch.Tensor, tsum: torch.Tensor, inv_temp: float) -> torch.Tensor:
+                    shift: Factor, tinv: Factor, lse: torch.Tensor, tsum: torch.Tensor,
+                    inv_temp: float) -> torch.Tensor:
     scores, targets = _rows(scores), _rows(targets)
     M, K = scores.shape
     ds = torch.empty(M, K, device=scores.device, dtype=scores.dtype)
@@ -212,8 +213,8 @@ def soft_cross_entropy(scores: torch.Tensor, targets: torch.Tensor | FactoredTar
                        impl: str = "auto") -> torch.Tensor:
     """[M] fp32: -sum_k targets[m, k] * log_softmax(scores[m] / temp)[k]; differentiable w.r.t. scores (targets take no
     gradient). targets: [M, K], or FactoredTargets (generated in the kernels as they are read: the [M, K] fp32 matrix
-    is never written). impl: "triton" (one pass over each row forward, one backward), "torch" (the reference), "auto" (triton
-    on CUDA under a verified Triton)."""
+    is never written). impl: "triton" (one pass over each row forward, one backward), "torch" (the reference), "auto"
+    (triton on CUDA under a verified Triton)."""
     if scores.dim() != 2 or targets.shape != scores.shape:
         raise ValueError(f"scores and targets must be [M, K] of one shape; got {tuple(scores.shape)} and "
                          f"{tuple(targets.shape)}")

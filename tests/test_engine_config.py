@@ -162,8 +162,8 @@ def test_cuda_graph_compile_mode_is_for_the_whole_model_mae_step():
 
 def test_plan_activations_split_into_fixed_and_per_image():
     """The plan's saved activations grow linearly with the batch from a fixed part (traced at batch 2 and 3, checked
-    at 4 and 6: MAE's shapes are linear in the batch), and DINOv2's fixed part holds its heads' weight-normed last layers
-    (batch-independent), which were once counted once per image."""
+    at 4 and 6: MAE's shapes are linear in the batch), and DINOv2's fixed part holds its heads' weight-normed last
+    layers (batch-independent), which were once counted once per image."""
     from engine.plan import _activation_model, _trace, make_plan, measure_model
 
     cfg = load_config(ROOT / "recipes" / "quickstart.yaml")
@@ -340,7 +340,8 @@ def test_run_reports_an_out_of_memory_error_with_advice(monkeypatch, tmp_path, c
 
 def test_planning_traces_the_gpu_path_on_meta_tensors():
     """kernels.triton_version.planning(): "auto" takes our kernels for meta tensors inside it only, so the plan's
-    trace of attention keeps q, k, v, o and the LSE (a GPU run's) and not the [N, N] probabilities (the torch path's)."""
+    trace of attention keeps q, k, v, o and the LSE (a GPU run's) and not the [N, N] probabilities (the torch
+    path's)."""
     import torch
 
     import kernels

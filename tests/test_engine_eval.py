@@ -92,10 +92,14 @@ def make_run_dir(root: Path, model, step=10, objective="mae", img_size=IMG, patc
     (run / "config.yaml").write_text(
         f"model:\n  name: vit_tiny_patch16_224\n  img_size: {img_size}\n"
         + (f"  patch_size: {patch_size}\n" if patch_size else "")
-        + f"objective:\n  name: {objective}\ndata:\n  augment:\n    scale: [0.2, 1.0]\n    mean: [0.5, 0.5, 0.5]\n    std: [0.25, 0.25, 0.25]\n"
+        + f"objective:\n  name: {objective}\ndata:\n  augment:\n    scale: [0.2, 1.0]\n    mean: [0.5, 0.5, 0.5]\n"
+          "    std: [0.25, 0.25, 0.25]\n"
     )
     (run / "metrics.jsonl").write_text(
-        "\n".join(json.dumps({"step": s, "epoch": s // 5, "loss": 1.0 / s, "lr": 1e-3, "img_per_s": 100.0 + s, "time": s}) for s in range(1, 11))
+        "\n".join(
+            json.dumps({"step": s, "epoch": s // 5, "loss": 1.0 / s, "lr": 1e-3, "img_per_s": 100.0 + s, "time": s})
+            for s in range(1, 11)
+        )
         + "\n"
     )
     return run
@@ -169,7 +173,8 @@ def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_n():
 
     def make(n):
         y = torch.randint(0, 2, (n,), generator=g)
-        s = torch.stack([1 - (y + torch.randn(n, generator=g)).sigmoid(), (y + torch.randn(n, generator=g)).sigmoid()], 1)
+        s = torch.stack([1 - (y + torch.randn(n, generator=g)).sigmoid(), (y + torch.randn(n, generator=g)).sigmoid()],
+                        1)
         return s, y
 
     s, y = make(200)
@@ -214,7 +219,8 @@ def test_missing_files_are_named(data_dir, tmp_path, capsys):
     with pytest.raises(medmnist.MissingDataError) as err:
         medmnist.check_available(data_dir, ["pathmnist", "octmnist", "tissuemnist"])
     msg = str(err.value)
-    assert "octmnist.npz" in msg and "tissuemnist.npz" in msg and "pathmnist" not in msg.split("missing")[1].split(":")[0]
+    assert ("octmnist.npz" in msg and "tissuemnist.npz" in msg
+            and "pathmnist" not in msg.split("missing")[1].split(":")[0])
     from engine.eval import main
 
     import timm
@@ -280,7 +286,8 @@ def test_linear_probe_and_knn_on_separable_features():
         return centers[y] + torch.randn(n, 16, generator=g), y
 
     (xtr, ytr), (xv, yv), (xt, yt) = make(300), make(60), make(90)
-    head, info = train_linear_probe(xtr, ytr, xv, yv, num_classes=3, multilabel=False, cfg=ProbeConfig(epochs=30, batch_size=64))
+    head, info = train_linear_probe(xtr, ytr, xv, yv, num_classes=3, multilabel=False,
+                                    cfg=ProbeConfig(epochs=30, batch_size=64))
     assert isinstance(head[0], torch.nn.BatchNorm1d) and not head[0].affine
     assert info["val_auc"] > 0.95 and 1 <= info["best_epoch"] <= info["epochs_run"] <= 30
     scores = knn_predict(xtr, ytr, xt, num_classes=3, multilabel=False, k=20)
@@ -454,6 +461,7 @@ def test_evaluate_encoder_on_fsdp2_sharded_encoder(data_dir):
         port = s.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(data_dir)], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(data_dir)], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "RESULT True" in out.stdout, out.stdout

@@ -16,13 +16,16 @@ def fake_run(root: Path, name: str, model: str, objective: str, params: int, ste
     run = root / name
     (run / "eval").mkdir(parents=True)
     (run / "config.yaml").write_text(f"model:\n  name: {model}\n  img_size: 224\nobjective:\n  name: {objective}\n")
-    rows = [{"step": s, "epoch": s // 10, "loss": 2.0 / (1 + s), "lr": 1e-3, "img_per_s": 900.0 + s, "data_wait_ms": 0.1 * (s % 5), "time": float(s)} for s in range(1, 31)]
+    rows = [{"step": s, "epoch": s // 10, "loss": 2.0 / (1 + s), "lr": 1e-3, "img_per_s": 900.0 + s,
+             "data_wait_ms": 0.1 * (s % 5), "time": float(s)} for s in range(1, 31)]
     rows.append({"step": 30, "epoch": 3, "eval/pathmnist/auc": 0.7, "eval/chestmnist/auc": 0.6})
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"step\": 31, \"lo")  # torn last line
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows)
+                                       + "\n{\"step\": 31, \"lo")  # torn last line
     if with_eval:
         tasks = {t: {"auc": 0.5 * params**s, "acc": 0.5, "n_test": 10} for t, s in TASK_SLOPES.items()}
         for st, scale in ((step // 2, 0.9), (step, 1.0)):  # an older eval must be ignored
-            rec = {"method": "linear", "model": model, "objective": objective, "params": params, "step": f"step_{st:08d}",
+            rec = {"method": "linear", "model": model, "objective": objective, "params": params,
+                   "step": f"step_{st:08d}",
                    "tasks": {t: {**m, "auc": m["auc"] * scale} for t, m in tasks.items()},
                    "mean_auc": None}
             (run / "eval" / f"linear_step_{st:08d}.json").write_text(json.dumps(rec))

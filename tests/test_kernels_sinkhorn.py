@@ -108,7 +108,8 @@ def test_sums_span_ranks(small_tiles, monkeypatch, impl):
 
 def test_custom_ops_pass_opcheck():
     x, shift, tinv = torch.randn(9, 21), torch.tensor([2.5]), torch.tensor([4.0])
-    for op, args in ((sinkhorn._sk_rows_op, (x, torch.rand(21), shift, tinv)), (sinkhorn._sk_rows_op, (x, None, shift, tinv)),
+    for op, args in ((sinkhorn._sk_rows_op, (x, torch.rand(21), shift, tinv)),
+                     (sinkhorn._sk_rows_op, (x, None, shift, tinv)),
                      (sinkhorn._sk_cols_op, (x, torch.rand(9), shift, tinv))):
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), result

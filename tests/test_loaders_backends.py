@@ -81,7 +81,8 @@ def test_crop_list_groups_sizes_and_expands_gray():
     g = torch.Generator().manual_seed(1)
     images = [torch.randint(0, 256, s, dtype=torch.uint8, generator=g) for s in
               [(3, 40, 50), (1, 30, 30), (3, 40, 50), (3, 30, 30), (1, 40, 50)]]
-    crops = torch.tensor([[0, 0, 40, 50, 0], [2, 3, 20, 25, 1], [5, 5, 30, 30, 1], [0, 0, 30, 30, 0], [1, 1, 38, 20, 0]])
+    crops = torch.tensor([[0, 0, 40, 50, 0], [2, 3, 20, 25, 1], [5, 5, 30, 30, 1], [0, 0, 30, 30, 0],
+                          [1, 1, 38, 20, 0]])
     out = resized_crop_list(images, crops, 24)
     assert out.shape == (5, 3, 24, 24)
     for i, img in enumerate(images):
@@ -228,7 +229,8 @@ def test_same_order_across_streaming_backends():
     assert all(o == first for o in orders.values())
 
 
-@pytest.mark.parametrize("backend", ["nvjpeg", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="no dali")),
+@pytest.mark.parametrize("backend", ["nvjpeg",
+                                     pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="no dali")),
                                      pytest.param("ffcv", marks=pytest.mark.skipif(not HAVE_FFCV, reason="no ffcv"))])
 def test_gpu_backends_reject_specs_they_do_not_implement(backend, shards):
     class OtherSpec:
@@ -238,7 +240,8 @@ def test_gpu_backends_reject_specs_they_do_not_implement(backend, shards):
         make_loader(backend, shards[0], shards[2], augment=OtherSpec())
 
 
-@pytest.mark.parametrize("backend", ["nvjpeg", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="no dali"))])
+@pytest.mark.parametrize("backend",
+                         ["nvjpeg", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="no dali"))])
 def test_stream_priority_is_checked_before_any_work(backend, shards):
     """The GPU backends' `stream_priority`: normal and high build (high maps to the device's highest
     CUDA priority, 0 without CUDA); any other name fails with the valid ones listed."""
@@ -338,7 +341,8 @@ def test_ffcv_refuses_stream_mixing(shards):
 def test_fast_shard_reader_matches_streaming(shards):
     from streaming import StreamingDataset
 
-    from loaders.backends.encoded import ShardMaps, as_torch, collate_encoded, encoded_views, make_encoded_dataset, select
+    from loaders.backends.encoded import (ShardMaps, as_torch, collate_encoded, encoded_views, make_encoded_dataset,
+                                          select)
 
     ds = make_encoded_dataset(as_stream_specs(shards[0]), batch_size=4, shuffle=False, seed=0, cache_dir=None,
                               num_canonical_nodes=None, augment=SPEC, decode_png=False)

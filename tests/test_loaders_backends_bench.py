@@ -146,7 +146,8 @@ def test_repeats_report_the_median_run_and_nvjpeg_variants(tmp_path):
     threads = default_threads()  # DaliLoader's default: passed only when it differs
     assert dali_opts(engine).get("dali_threads", 2) == 2 and ("dali_threads" in dali_opts(engine)) == (threads != 2)
     plain = dali_opts(bench.loaders.engine_options(one, torch.device("cpu"), tmp_path, "/s", "dali"))
-    assert plain == ({} if threads == 4 else {"dali_threads": 4})  # the bench's 4 threads, where that is not the default
+    # the bench's 4 threads, where that is not the default
+    assert plain == ({} if threads == 4 else {"dali_threads": 4})
     huff = bench.loaders.parse(["--dali-huffman", "0,1000000", "--hw-decoder-load", "0.9"])
     assert [label for _, label, _ in bench.loaders.variants(huff, ["dali"])] == [
         "dali t4 hw0.9 nocopy q3 huff0", "dali t4 hw0.9 nocopy q3 huff1000000"]

@@ -106,7 +106,8 @@ def check_available(data_dir: str | Path, tasks: list[str], size: int | str = "a
     """Resolve every task's file up front so a missing one fails before any feature work."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise MissingDataError(f"MedMNIST data folder {data_dir} does not exist; " + missing_message(data_dir, tasks, size))
+        raise MissingDataError(f"MedMNIST data folder {data_dir} does not exist; "
+                               + missing_message(data_dir, tasks, size))
     out, missing = {}, []
     for task in tasks:
         try:
@@ -142,7 +143,8 @@ def load_images(path: str | Path, split: str, expected: int | None = None) -> np
         _check_keys(path, npz)
         images = np.ascontiguousarray(npz[f"{split}_images"])
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise ValueError(f"{path}: {split}_images must be uint8 [N,H,W] or [N,H,W,C], got {images.dtype} {images.shape}")
+        raise ValueError(f"{path}: {split}_images must be uint8 [N,H,W] or [N,H,W,C], "
+                         f"got {images.dtype} {images.shape}")
     if expected is not None and len(images) != expected:
         raise ValueError(f"{path}: {split} has {len(images)} images but {expected} labels")
     return images

@@ -236,7 +236,8 @@ class DINOv2(nn.Module):
 
         # The teacher: same architecture without drop path, never trained by gradients.
         teacher_encoder.load_state_dict(encoder.state_dict())
-        self.teacher = nn.ModuleDict({"encoder": teacher_encoder, "dino_head": ProjectionHead(dim, dino_prototypes, **head)})
+        self.teacher = nn.ModuleDict({"encoder": teacher_encoder,
+                                      "dino_head": ProjectionHead(dim, dino_prototypes, **head)})
         self.teacher["dino_head"].load_state_dict(self.dino_head.state_dict())
         if self.ibot_head is not None:
             self.teacher["ibot_head"] = ProjectionHead(dim, ibot_prototypes, **head)
@@ -365,7 +366,8 @@ class DINOv2(nn.Module):
         key = (like.device, like.dtype, probs)
         if self._drop_probs is None or self._drop_probs[0] != key:  # rebuilt if a rate, the device or dtype changes
             p = torch.tensor(probs, dtype=torch.float32).view(-1, 2, 1)
-            pair = torch.stack([p, 1 - p])  # the drop and keep probabilities (kept branches are divided by it, as timm's)
+            # the drop and keep probabilities (kept branches are divided by it, as timm's)
+            pair = torch.stack([p, 1 - p])
             if like.device.type == "cuda":  # pinned: queued behind the GPU's work, no sync (once)
                 pair = pair.pin_memory()
             pair = pair.to(like.device, non_blocking=True)
