@@ -30,8 +30,8 @@ Options: --quick (fewer shapes), --tune (sweep the attention block configs and p
 --tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks, --tune-occupancy: the current
 configs under register caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax,
 neighbouring blocks, shallower pipelines under caps for one more program per SM),
---shapes a,b (attention shape names), --only mae|attention|packed|soft-ce|patch-embed (one part; --skip-mae = --only attention),
---mae-variants (also the kernels' alternative paths), --tag (result file suffix).
+--shapes a,b (attention shape names), --only mae|attention|packed|soft-ce|patch-embed (one part; --skip-mae = --only
+attention), --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ SOFT_CE_SHAPES = {"ibot-b256": (20000, 65536), "ibot-b32": (2500, 65536)}
 # DINO's class-token cross-entropy over crop pairs: (global crops G, all crops V, images B, prototypes K) -- DINOv2
 # ViT-S at batch 256 and ViT-L at batch 32, 2 global + 8 local crops
 DINO_CE_SHAPES = {"dino-b256": (2, 10, 256, 65536), "dino-b32": (2, 10, 32, 65536)}
-# ViTs' patch embedding (engine.models.PatchMatmul vs the convolution): (images, image size, patch, dim) -- DINOv2 ViT-S at
-# batch 256 (the student's and teacher's 512 global crops, the student's 2,048 local crops), MAE ViT-B / ViT-L
+# ViTs' patch embedding (engine.models.PatchMatmul vs the convolution): (images, image size, patch, dim) -- DINOv2
+# ViT-S at batch 256 (the student's and teacher's 512 global crops, the student's 2,048 local crops), MAE ViT-B / ViT-L
 PATCH_SHAPES = {"dinov2-s-global": (512, 224, 14, 384), "dinov2-s-local": (2048, 98, 14, 384),
                 "mae-b": (512, 224, 16, 768), "mae-l": (256, 224, 16, 1024)}
 DEV = "cuda"  # a CPU smoke test of this script (TRITON_INTERPRET=1) sets "cpu"
@@ -196,7 +196,8 @@ def bench_attention(names, rows, errors):
         row["max_rel_err"] = max(err.values())
         rows.append(row)
         print(f"  {name}: triton {row.get('triton_fwdbwd_tflops', 0):.0f} vs best sdpa ({row['best_sdpa_backend']}) "
-              f"{best:.0f} TFLOP/s fwd+bwd -> x{row['ratio_fwdbwd']:.2f}; err {row['max_rel_err']:.1e}", file=sys.stderr)
+              f"{best:.0f} TFLOP/s fwd+bwd -> x{row['ratio_fwdbwd']:.2f}; err {row['max_rel_err']:.1e}",
+              file=sys.stderr)
         del q, k, v, do
         torch.cuda.empty_cache()
 
@@ -306,7 +307,8 @@ def bench_soft_ce(names, rows, errors, shapes=None, dtype=torch.bfloat16):
             with torch.no_grad():
                 f = time_ms(lambda impl=impl: kernels.soft_cross_entropy(scores, targets, 0.1, impl=impl))[1]
             rows.append({"op": f"soft_ce {name}", "impl": impl, "shape": f"{M}x{K}", "ms": t, "eager_ms": e,
-                         "fwd_ms": f, "bwd_ms": t - f, "GB/s": moved / t / 1e6, "max_rel_err": max(errors[name].values())})
+                         "fwd_ms": f, "bwd_ms": t - f, "GB/s": moved / t / 1e6,
+                         "max_rel_err": max(errors[name].values())})
         del scores, targets, g
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -502,13 +504,15 @@ NO_PDL = ("pdl", "ENABLED", False)
 NO_UNMASK_EVICT = ("masking", "UNMASK_EVICT", False)  # the unmask's loads without L2 eviction hints
 MASK_VARIANTS = [NO_PDL] + [("masking", "gather", v) for v in [(2, 4), (8, 8)]] + \
     [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + [("masking", "RANK_BY", "count")] + \
-    [("masking", "rank_sort", v) for v in (1, 2, 8)] + [("masking", "GATHER_WALK_PDL", False), ("masking", "MASK_EVICT", True)]
+    [("masking", "rank_sort", v) for v in (1, 2, 8)] + \
+    [("masking", "GATHER_WALK_PDL", False), ("masking", "MASK_EVICT", True)]
 # the unmask's alternatives measured on the H200 and dropped from the code (kernels/masking.py says which) ran as
 # variants here; what stays: the forward's loads in the old order, 256 / 1,024 walk programs, and other shapes of the
 # mask-token sum after the walk (SUM_MT_VARIANTS, partial rows x columns a program: 128 x 32 takes three dependent
 # steps at MAE-L, 256 x 16 two, 512 x 8 one with twice the programs)
 SUM_MT_VARIANTS = [("masking", "sum_mt", v) for v in [(128, 32), (512, 8), (256, 16)]]
-UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + \
+UNMASK_VARIANTS = [NO_PDL, ("masking", "UNMASK_HOIST", False)] + \
+    [("masking", "WALK_PROGRAMS", v) for v in (256, 1024)] + \
     SUM_MT_VARIANTS + [NO_UNMASK_EVICT, ("masking", "UNMASK_NATIVE_ADD", False)]
 # the learnable-pos unmask backward's walk launched with PDL (the default launches that one plainly)
 WALK_PDL = ("masking", "UNMASK_WALK_PDL", True)
@@ -905,8 +909,8 @@ def lean_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
 
 
 # (num_stages, maxnreg) pairs for --tune-occupancy: one stage fewer (less shared memory a program) under a register
-# cap low enough for one more 4-warp program per SM (offline for sm_90: the d = 64 forward's full blocks fit 96 registers
-# and its dQ pass 84 without spills)
+# cap low enough for one more 4-warp program per SM (offline for sm_90: the d = 64 forward's full blocks fit 96
+# registers and its dQ pass 84 without spills)
 OCCUPANCY = {"fwd": [(2, 96), (2, 104)], "dq": [(2, 84), (2, 88), (3, 84)]}
 
 
@@ -973,8 +977,8 @@ VARIANT_FLAGS = [
      "argument, a reciprocal per row)"),
     ("--tune-blocks", "blocks", "configs with their blocks, warps and pipeline depth swapped for neighbours "
      "(NEIGHBOUR_BLOCKS), every other knob kept"),
-    ("--tune-occupancy", "occupancy", "configs with the forward and the dQ pass one stage shallower under register caps "
-     "that fit one more program per SM (OCCUPANCY)"),
+    ("--tune-occupancy", "occupancy", "configs with the forward and the dQ pass one stage shallower under register "
+     "caps that fit one more program per SM (OCCUPANCY)"),
 ]
 
 
@@ -1076,8 +1080,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default=None, help="suffix of the result file names")
     ap.add_argument("--only", choices=("mae", "attention", "packed", "soft-ce", "patch-embed"), default=None,
                     help="run one part: the MAE masking/loss ops, the attention shapes, DINOv2's packed crops "
-                         f"({', '.join(PACKED_SHAPES)}), its iBOT and DINO cross-entropies ({', '.join(SOFT_CE_SHAPES)}; "
-                         f"{', '.join(DINO_CE_SHAPES)}) or the "
+                         f"({', '.join(PACKED_SHAPES)}), its iBOT and DINO cross-entropies "
+                         f"({', '.join(SOFT_CE_SHAPES)}; {', '.join(DINO_CE_SHAPES)}) or the "
                          f"patch embedding ({', '.join(PATCH_SHAPES)})")
     args = ap.parse_args(argv or [])
     variant_ops = [v for v in args.mae_variants.split(",") if v]
@@ -1158,9 +1162,9 @@ def main(argv=None) -> int:
         print_table([{"shape": r["shape"], **{o: r.get(f"{o}_fwdbwd_tflops", "") for o in others}} for r in attn_rows],
                     ["shape", *others])
     if packed_rows:
-        print(f"\nDINOv2's packed crops, attention fwd+bwd, bf16, {card_name()} (ms from CUDA-graph replays; grouped: one "
-              "dense launch per crop size, the engine's path; varlen: one launch over cu_seqlens; SDPA: each crop size "
-              "a dense batch, best backend per size)")
+        print(f"\nDINOv2's packed crops, attention fwd+bwd, bf16, {card_name()} (ms from CUDA-graph replays; grouped: "
+              "one dense launch per crop size, the engine's path; varlen: one launch over cu_seqlens; SDPA: each crop "
+              "size a dense batch, best backend per size)")
         print_table(packed_rows, ["shape", "crops", "tokens", "grouped_ms", "varlen_ms", "best_sdpa_ms",
                                   "ratio_vs_best_sdpa", "grouped_vs_varlen", "grouped_tflops", "grouped_eager_ms",
                                   "max_rel_err"])

@@ -302,7 +302,8 @@ def device_gaps(events: list[dict], steps: int, min_gap_us: float = 5.0, top: in
 
     dev = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in _DEVICE_CATS), key=lambda e: e["ts"])
     launch = {e["args"]["correlation"]: e for e in events  # cuda_runtime, cuda_driver (Triton, cuBLAS launch there)
-              if e.get("ph") == "X" and str(e.get("cat", "")).startswith("cuda_") and "correlation" in e.get("args", {})}
+              if e.get("ph") == "X" and str(e.get("cat", "")).startswith("cuda_")
+              and "correlation" in e.get("args", {})}
     host = collections.defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "python_function"):
@@ -335,7 +336,8 @@ def device_gaps(events: list[dict], steps: int, min_gap_us: float = 5.0, top: in
     per = 1e3 * steps
     return {"span_ms": (end - dev[0]["ts"]) / per, "busy_ms": sum(e["dur"] for e in dev) / per,
             "idle_ms": sum(g["gap_us"] for g in gaps) / per,
-            "by_host_op": sorted(({"host_op": k, "idle_ms": v[0] / per, "gaps": v[1] / steps} for k, v in by_op.items()),
+            "by_host_op": sorted(({"host_op": k, "idle_ms": v[0] / per, "gaps": v[1] / steps}
+                                  for k, v in by_op.items()),
                                  key=lambda r: -r["idle_ms"])[:top],
             "largest": sorted(gaps, key=lambda g: -g["gap_us"])[:top]}
 

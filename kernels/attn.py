@@ -597,7 +597,8 @@ def _attn_bwd_delta(
         offs_d = tl.arange(0, BLOCK_D)
         msk = (offs_m < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
         o = tl.load(O + b64 * so_b + h64 * so_h + (tok + offs_m[:, None]) * so_n + offs_d[None, :], mask=msk, other=0.0)
-        do = tl.load(DO + b64 * sd_b + h64 * sd_h + (tok + offs_m[:, None]) * sd_n + offs_d[None, :], mask=msk, other=0.0)
+        do = tl.load(DO + b64 * sd_b + h64 * sd_h + (tok + offs_m[:, None]) * sd_n + offs_d[None, :], mask=msk,
+                     other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + b64 * sl_b + h64 * sl_h + tok + offs_m, delta, mask=offs_m < seqlen)
 
@@ -747,13 +748,15 @@ def _attn_bwd(
         if pid_n < n_full:
             _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA, qo, ko, vo, oo, doo, dqo, dko, dvo, ao, lo,
                           sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, sdk_n, sdv_n, sa_n, pid_n * BLOCK_N, seqlen,
-                          qk_scale, sm_scale, offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, 1, EVEN_D, TRANS)
+                          qk_scale, sm_scale, offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, 1, EVEN_D,
+                          TRANS)
         else:
             start_n = n_full * BLOCK_N + (pid_n - n_full) * TAIL_N
             if start_n < seqlen:
                 _bwd_kv_block(Q, K, V, O, DO, DQ, DK, DV, DQACC, LSE, DELTA, qo, ko, vo, oo, doo, dqo, dko, dvo, ao,
                               lo, sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, sdk_n, sdv_n, sa_n, start_n, seqlen,
-                              qk_scale, sm_scale, offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, 1, EVEN_D, TRANS)
+                              qk_scale, sm_scale, offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, 1, EVEN_D,
+                              TRANS)
     else:
         n_full = (seqlen // BLOCK_N) * BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
@@ -1207,12 +1210,13 @@ TUNED: dict = {
     (50, 64): (_cfg(64, 64, 64, 64, 4, 2), _cfg(64, 64, 64, 64, 4, 1, split=False)),
     # N = 197 / 261: both backward passes load their walked tiles by TMA, at 3 stages instead of 4 (--tune-tma,
     # ...-2026-11-29-tune-tma{,-2}.json): bwd 0.3112 / 0.3101 ms vs 0.3251 / 0.3242 (N = 197), 0.6717 / 0.6740 vs
-    # 0.6939 / 0.6976 (N = 261); TMA forwards were slower at every d = 64 shape (N = 197: 0.1316-0.1330 vs 0.1153-0.1163)
-    # then tail groups (--tune-tail-groups, ...-2026-11-29-tune-tailg-caps.json): the forward's and the dK/dV pass's
-    # tail rows of 4 heads in one program, under a 128-register cap (without it the grouped tail's tiles raise the
-    # whole kernel's registers, 121 -> 158 in the forward, and fewer programs fit an SM: slower, ...-tune-tailg.json):
-    # N = 197 fwd 0.1081 ms vs 0.1152, bwd 0.2972 vs 0.3112; N = 261 fwd 0.2232 vs 0.2374, bwd 0.6528 vs 0.6692.
-    # Grouped dQ-pass tails were slower at d = 64 with or without caps (N = 197: 0.3144-0.3208 ms vs 0.3112)
+    # 0.6939 / 0.6976 (N = 261); TMA forwards were slower at every d = 64 shape (N = 197: 0.1316-0.1330 vs
+    # 0.1153-0.1163) then tail groups (--tune-tail-groups, ...-2026-11-29-tune-tailg-caps.json): the forward's and the
+    # dK/dV pass's tail rows of 4 heads in one program, under a 128-register cap (without it the grouped tail's tiles
+    # raise the whole kernel's registers, 121 -> 158 in the forward, and fewer programs fit an SM: slower,
+    # ...-tune-tailg.json): N = 197 fwd 0.1081 ms vs 0.1152, bwd 0.2972 vs 0.3112; N = 261 fwd 0.2232 vs 0.2374, bwd
+    # 0.6528 vs 0.6692. Grouped dQ-pass tails were slower at d = 64 with or without caps (N = 197: 0.3144-0.3208 ms vs
+    # 0.3112)
     (197, 64): (_cfg(64, 64, 16, 16, 4, 3, regs=128, tail_g=4),
                 _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True, regs=128, tail_g=4)),
     # the MAE ViT-L decoder (16 heads of 32): here the TMA forward wins too, 0.1600 ms vs 0.1725, and the backward
@@ -1242,7 +1246,8 @@ TUNED: dict = {
     # groups of 2 under a 128 cap 0.1053 ms vs 0.1088, bwd with groups of 4 on the dK/dV pass and of 2 on the dQ pass
     # (capped at 128) 0.2944 vs 0.3205
     (65, 88): (_cfg(64, 32, 16, 16, 4, 3, split_d=True, regs=128, tail_g=2),
-               _cfg(32, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 32, 16, 16, 4, 2, False, 2, 128), split_d=True, tail_g=4)),
+               _cfg(32, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 32, 16, 16, 4, 2, False, 2, 128), split_d=True,
+                    tail_g=4)),
     # N = 1374: 1374 = 21 x 64 + 30, so one 32-row tail step instead of two 16-row ones (re-tuned with the
     # neighbours of the first winner, ...-tune-1374.json: fwd 0.2434 vs 0.2464 ms, bwd 0.7050 vs 0.7065); the
     # dK/dV pass capped at 168 registers per thread (3 programs per SM): bwd 0.690 vs 0.717 ms and 0.7045 vs
@@ -1863,7 +1868,8 @@ def _triton_fits(x: torch.Tensor, seqlen: int | None = None) -> bool:
     dim <= 128, sequences up to AUTO_TRITON_MAX_SEQLEN, a Triton the kernels were verified with
     (kernels/triton_version.py)."""
     return (triton_version.on_cuda(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and x.shape[-1] <= 128 and (seqlen is None or seqlen <= AUTO_TRITON_MAX_SEQLEN) and triton_version.auto_ok())
+            and x.shape[-1] <= 128 and (seqlen is None or seqlen <= AUTO_TRITON_MAX_SEQLEN)
+            and triton_version.auto_ok())
 
 
 def _xformers_available() -> bool:

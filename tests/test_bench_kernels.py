@@ -300,8 +300,8 @@ def test_bench_patch_embed_rows(monkeypatch):
 
 def test_bench_dino_ce_rows(monkeypatch):
     """bench kernels' DINO class-token rows on CPU tensors (interpreted kernels, fp16, a stand-in timer): the three
-    plans timed in order, GB/s from the fused path's bytes, the fused loss and its gradient close to the objective's torch
-    dino_loss."""
+    plans timed in order, GB/s from the fused path's bytes, the fused loss and its gradient close to the objective's
+    torch dino_loss."""
     import torch
 
     import bench.kernels as bk
@@ -324,7 +324,8 @@ def test_mae_plot_series_draws_every_plan():
     timed, triton-dense included (it once drew triton and torch only), with 0 where an op lacks one."""
     import bench.kernels as bk
 
-    rows = [{"op": "dino-ce b", "impl": "triton", "GB/s": 3.0}, {"op": "dino-ce b", "impl": "triton-dense", "GB/s": 2.0},
+    rows = [{"op": "dino-ce b", "impl": "triton", "GB/s": 3.0},
+            {"op": "dino-ce b", "impl": "triton-dense", "GB/s": 2.0},
             {"op": "dino-ce b", "impl": "torch", "GB/s": 1.0}, {"op": "mae_loss", "impl": "triton", "GB/s": 5.0},
             {"op": "mae_loss", "impl": "torch", "GB/s": 0.5}]
     ops, series = bk.mae_plot_series(rows)

@@ -564,7 +564,8 @@ def test_probe_attn_smoke(capsys):
     and both backward passes and prints the dQ norm; an unknown shape is refused by argparse."""
     from bench import _probe_attn
 
-    assert _probe_attn.main(["--device", "cpu", "--shapes", "mae-l-enc-n50-d64,mae-g-enc-n65-d88", "--warmup", "0"]) == 0
+    assert _probe_attn.main(["--device", "cpu", "--shapes", "mae-l-enc-n50-d64,mae-g-enc-n65-d88",
+                             "--warmup", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [l.split(":")[0] for l in lines] == ["mae-l-enc-n50-d64 ours", "mae-g-enc-n65-d88 ours"]
     assert all(0 < float(l.rsplit(" ", 1)[1]) < float("inf") for l in lines)
