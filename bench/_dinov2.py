@@ -33,7 +33,8 @@ def _variant_config(base, variant: str, compile_: bool, compile_mode: str = "aut
 
 
 def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None = None, *, batch: int | None = None,
-                 warmup: int = 5, compile_: bool = True, variants=VARIANTS, compile_mode: str = "auto") -> dict[str, Any]:
+                 warmup: int = 5, compile_: bool = True, variants=VARIANTS,
+                 compile_mode: str = "auto") -> dict[str, Any]:
     """Images/s, step time, MFU and peak memory per variant, and engine / naive ratios.
 
     recipe_cfg: a loaded dinov2 recipe (engine.config.Config); batch: per-GPU images

@@ -62,7 +62,8 @@ class ModelConfig:
     # in engine.run on an H200 (ViT-B, batch 256, dali) it took the data stall from 18.8 % to -0.1 % and
     # the synthetic-data rate from 5,020 to 5,208 img/s; with 2 micro-batches per step, from 8.9 % to 1.5 %
     # and from 5,132 to 5,273 img/s (README)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "auto"] | None = "auto"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
+                          "auto"] | None = "auto"
     # Inductor's coordinate-descent tuning of its generated kernels' launch configs (block sizes, warps) on top of
     # compile_mode, without max-autotune's GEMM search; only with model.compile. Costs compile time once (kept in
     # inductor's cache). H200, in one process, two rounds each: DINOv2 ViT-S b256 163.5 / 164.4 vs 168.7 / 167.8 ms

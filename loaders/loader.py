@@ -20,7 +20,8 @@ from loaders.augment import AugmentSpec
 
 log = logging.getLogger("loaders")
 
-REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "azure-dl://", "hf://", "sftp://", "dbfs:", "http://", "https://")
+REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "azure-dl://", "hf://", "sftp://", "dbfs:", "http://",
+                  "https://")
 
 
 @dataclass

@@ -61,7 +61,8 @@ def write_shards(out: str) -> list[str]:
                 put(w, grad, f"grad/{i}", quality=98)
             elif i < N_GRAD + N_CONST:
                 colour = CONST_COLOURS[i % len(CONST_COLOURS)]
-                put(w, np.broadcast_to(np.array(colour, np.uint8), (40, 56, 3)).copy(), f"const/{i % len(CONST_COLOURS)}/{i}")
+                put(w, np.broadcast_to(np.array(colour, np.uint8), (40, 56, 3)).copy(),
+                    f"const/{i % len(CONST_COLOURS)}/{i}")
             else:
                 k = i - N_GRAD - N_CONST
                 shape = (70, 90) if k % 2 else (64, 64, 3)

@@ -37,7 +37,8 @@ def test_train_writes_metrics_config_and_checkpoint(tmp_path, shards):
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all(math.isfinite(r["loss"]) and r["img_per_s"] > 0 for r in rows)
     # host ms per step spent waiting in next(batch): present, and a fraction of the logging interval
-    assert all(0 <= r["data_wait_ms"] * 2 <= (r["time"] - prev) * 1e3 for r, prev in zip(rows, [0] + [x["time"] for x in rows]))
+    assert all(0 <= r["data_wait_ms"] * 2 <= (r["time"] - prev) * 1e3
+               for r, prev in zip(rows, [0] + [x["time"] for x in rows]))
     assert (run / "config.yaml").is_file()
     latest = (run / "checkpoints" / "LATEST").read_text().strip()
     assert latest == "step_00000006"

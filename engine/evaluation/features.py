@@ -37,7 +37,8 @@ def preprocess(
     h, w = x.shape[-2:]
     if (h, w) != (img_size, img_size):
         # resize before expanding gray to 3 channels: a third of the work
-        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=max(h, w) > img_size)
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False,
+                          antialias=max(h, w) > img_size)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     elif x.shape[1] == 4:  # RGBA

@@ -111,7 +111,8 @@ def train_linear_probe(
             auc = auc_score(probs, val_y, multilabel) if len(val_x) else math.nan
             if math.isnan(auc):
                 with torch.no_grad():
-                    logits = torch.logit(probs.clamp(1e-7, 1 - 1e-7)) if multilabel else torch.log(probs.clamp_min(1e-12))
+                    logits = (torch.logit(probs.clamp(1e-7, 1 - 1e-7)) if multilabel
+                              else torch.log(probs.clamp_min(1e-12)))
                     score = -float(_loss(logits, val_y, multilabel)) if len(val_x) else -float(loss)
             else:
                 score = auc

@@ -47,7 +47,8 @@ def _make_dataset_class():
             self.aug_epoch = 0  # set by the loader before each epoch; workers inherit it
 
         def __iter__(self):
-            fast_epoch_barrier(self)  # the epoch start's barrier polls every ms, not every 50 (loaders.backends.barrier)
+            # the epoch start's barrier polls every ms, not every 50 (loaders.backends.barrier)
+            fast_epoch_barrier(self)
             yield from super().__iter__()
 
         def get_item(self, idx: int, retry: int = 7) -> dict[str, Any]:

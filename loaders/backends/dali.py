@@ -279,9 +279,9 @@ class DaliLoader(EncodedLoader):
         # 34-40k img/s with one pipeline and 46-57k with two (bench._dali_pipes, a thread per pipeline). In the loader
         # (2 workers, 256 px, all rounds of five calls; loaders-*-2026-11-29-{pipelines,final,pipes-threads*}.json):
         # 1 x 4 threads 31.3k median of 14 rounds at 3.5 cores, 2 x 4 34.1k of 13 at 4.2, 2 x 2 36.7k at 4.1, 2 x 1
-        # 32.3k at 3.3 (one round of seven fell to 19.0k); at 512 px no gain (the hardware decoder's bound). Two pipelines
-        # cost ~0.7 cores more, past the 4 that 256 px may take here, so the default stays 1. Each pipeline holds its
-        # own prefetched outputs (prefetch_queue_depth batches of GPU memory each)
+        # 32.3k at 3.3 (one round of seven fell to 19.0k); at 512 px no gain (the hardware decoder's bound). Two
+        # pipelines cost ~0.7 cores more, past the 4 that 256 px may take here, so the default stays 1. Each pipeline
+        # holds its own prefetched outputs (prefetch_queue_depth batches of GPU memory each)
         self.pipelines = pipelines
         self.exec_dynamic = exec_dynamic  # DALI's execution model (see build_pipeline)
         self.dali_stream_policy = stream_policy  # DALI's CUDA streams (see build_pipeline)

@@ -187,8 +187,9 @@ class FFCVBackendLoader(Loader):
             raise TypeError(f"the ffcv backend implements AugmentSpec only, got {type(augment).__name__}; "
                             "use backend='dali', 'nvjpeg' or 'cpu' for multi-crop specs")
         super().__init__(dataset=None, batch_size=batch_size, augment=augment, device=device, dtype=dtype)
-        self.rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            else int(os.environ.get("RANK", 0))
+        self.rank = (torch.distributed.get_rank()
+                     if torch.distributed.is_available() and torch.distributed.is_initialized()
+                     else int(os.environ.get("RANK", 0)))
         self.root = beton_for(streams, cache_dir=cache_dir, num_workers=num_workers, rank=self.rank)
         table = json.loads((self.root / "table.json").read_text())
         self.uids, self.modalities, self.sources = table["uid"], table["modality"], table["source"]

@@ -42,7 +42,8 @@ def crop_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_si
     return w.to(dtype)
 
 
-def resized_crop_batch(images: torch.Tensor, crops: torch.Tensor, size: int, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def resized_crop_batch(images: torch.Tensor, crops: torch.Tensor, size: int,
+                       compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """images uint8/float [B, C, H, W]; crops int [B, 5] = (top, left, h, w, flip) ->
     float [B, C, size, size], each image's window resized (antialiased bilinear) and flipped."""
     b, c, h, w = images.shape
