@@ -66,8 +66,8 @@ def bench_dinov2(recipe_cfg, steps: int = 20, device: torch.device | str | None 
         "tokens_per_image": mc.global_crops * glob_tokens * 2 + mc.local_crops * loc_tokens,
         "crops": f"{mc.global_crops}x{mc.global_size} + {mc.local_crops}x{mc.local_size}",
     }
+    release_memory(device)  # each variant starts from a released allocator (the loop releases after each)
     for variant in variants:
-        release_memory(device)
         try:
             if variant == "engine-triton" and device.type != "cuda":
                 raise RuntimeError("Triton kernels need CUDA (the interpreter is for tests)")
