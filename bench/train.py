@@ -112,16 +112,35 @@ class NaiveMAE(nn.Module):
         return {"loss": (loss * mask).sum() / mask.sum()}
 
 
-def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
+def _time_steps(step, steps: int, warmup: int, device: torch.device, each: list[float] | None = None) -> float:
+    """Mean seconds a step over `steps` steps after `warmup`. each: filled with every timed step's milliseconds (on
+    CUDA the device time between events recorded after consecutive steps, so that no step waits on the host to read
+    its time; on the CPU the wall time), to tell a slow start from a slow run."""
+    cuda = device.type == "cuda"
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
+    marks = []
     t0 = time.perf_counter()
+    if cuda and each is not None:
+        marks.append(torch.cuda.Event(enable_timing=True))
+        marks[0].record()
+    last = t0
     for _ in range(steps):
         step()
-    if device.type == "cuda":
+        if each is not None:
+            if cuda:
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
+            else:
+                now = time.perf_counter()
+                each.append((now - last) * 1e3)
+                last = now
+    if cuda:
         torch.cuda.synchronize()
+    if marks:
+        each.extend(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
     return (time.perf_counter() - t0) / steps
 
 
@@ -203,6 +222,38 @@ def synthetic_trainer(cfg, batch: int, run_dir: str, *, world: int = 1, accum: i
     return Trainer(cfg, run_dir)
 
 
+class GcPauses:
+    """Python's cyclic collections while active (a context manager over `gc.callbacks`): each as (step, generation,
+    ms), the step being `self.step` when it ran (the caller counts its steps there); those under min_ms only counted.
+    A generation-2 pass over a process that has just compiled a model's graphs can stall a step by hundreds of ms."""
+
+    def __init__(self, min_ms: float = 1.0):
+        self.step, self.min_ms = 0, min_ms
+        self.pauses: list[tuple[int, int, float]] = []
+        self.counts = [0, 0, 0]
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._t0) * 1e3
+        self.counts[info["generation"]] += 1
+        if ms >= self.min_ms:
+            self.pauses.append((self.step, info["generation"], round(ms, 2)))
+
+    def __enter__(self) -> "GcPauses":
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+
 def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = None, accum: int = 1) -> dict[str, Any]:
     """The engine's own training step (Trainer.train_step) on a synthetic batch of `batch`
     per GPU; under torchrun every rank runs it (FSDP2) and images/s counts all ranks.
@@ -217,14 +268,23 @@ def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = N
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
+    gc_pauses = GcPauses()
+
     def step():
         trainer.set_lr()
         trainer.train_step([batch0] * accum)
+        gc_pauses.step += 1
 
     if trainer.graphs:  # compile, cudagraph warm-up and recording must all fall before the clock starts
         warmup = max(warmup, GRAPH_WARMUP)
-    sec = _time_steps(step, steps, warmup, trainer.device)
-    out = {"img_per_s": batch * world * accum / sec, "step_ms": sec * 1e3, "device": str(trainer.device),
+    each: list[float] = []
+    with gc_pauses:
+        sec = _time_steps(step, steps, warmup, trainer.device, each)
+    # the collections of the timed steps (step counts from the first warm-up step, 1-based: warmup + 1 is the first
+    # timed one) and how many of each generation ran in all
+    gc_timed = [p for p in gc_pauses.pauses if p[0] >= warmup]
+    out = {"img_per_s": batch * world * accum / sec, "step_ms": sec * 1e3, "step_ms_each": each,
+           "gc_pauses": gc_timed, "gc_counts": gc_pauses.counts, "device": str(trainer.device),
            "world": world, "compile_mode": trainer.compile_mode if cfg.model.compile else "eager",
            "compile_tuning": bool(cfg.model.compile and cfg.model.compile_tuning), "warmup": warmup,
            "accum": accum}
@@ -232,6 +292,10 @@ def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = N
         out.update(memory_figures(reserved0))
     if profile:
         out["profile"] = profile_steps(step, trainer.device, profile, f"{world} rank(s), batch {batch} per rank")
+    if world > 1 and torch.distributed.is_initialized():  # every rank's figures: a rank that waits on another
+        ranks: list[Any] = [None] * world  # shows long collectives, the one it waits on a busy device
+        torch.distributed.all_gather_object(ranks, {k: out.get(k) for k in ("profile", "gc_pauses", "gc_counts")})
+        out["ranks"] = ranks
     return out
 
 
@@ -395,8 +459,12 @@ def run_scaling(args, argv: list[str]) -> int:
                     row.update(img_s=res["img_per_s"], step_ms=res["step_ms"], peak_mem_gib=res.get("peak_mem_gib"),
                                peak_reserved_gib=res.get("peak_reserved_gib"),
                                accum=res.get("accum"))  # as the workers ran it
+                    row["step_ms_each"] = [round(t, 2) for t in res.get("step_ms_each", [])]
+                    ranks = res.get("ranks") or [res]  # one rank: its own figures
+                    row["gc_pauses_ranks"] = [r.get("gc_pauses") for r in ranks]
                     if res.get("profile"):
                         row["profile_ms"] = res["profile"]
+                        row["profile_ms_ranks"] = [r.get("profile") for r in ranks]
                         text = out + ".prof.txt"
                         if os.path.exists(text):
                             name = f"{profile_stem(args.recipes, i)}-{n}gpu-{args.tag or 'default'}.txt"
@@ -414,7 +482,8 @@ def run_scaling(args, argv: list[str]) -> int:
                 else:
                     row["error"] = (r.stderr or r.stdout)[-1500:]
                 rows.append(row)
-                print_table([row], [k for k in row if k != "error"])
+                lists = ("error", "step_ms_each", "profile_ms_ranks", "gc_pauses_ranks")
+                print_table([row], [k for k in row if k not in lists])
                 if "error" in row:
                     print(row["error"])
     tag = "+".join(Path(split_entry(r)[0]).stem for r in args.recipes) + f"-{args.variants[0]}"

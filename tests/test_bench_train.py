@@ -140,16 +140,19 @@ def test_release_memory_drops_compiled_code(monkeypatch):
 
 def test_scaling_mode_accumulates_under_torchrun(monkeypatch, tmp_path):
     """`--gpus N --accum K` (CPU ranks over gloo here): the torchrun workers run K micro-batches a step, as a run
-    does (gradients reduced once, on the last), so a scaling figure is not charged a reduction per micro-batch."""
+    does (gradients reduced once, on the last), so a scaling figure is not charged a reduction per micro-batch.
+    The row also holds every timed step's time and, with --profile, each rank's profile summary."""
     import json
 
     import bench.common
+    import bench.train
     from bench.train import main
 
     monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bench.train, "RESULTS_PROFILE_DIR", tmp_path / "profiles")
     assert main(["--recipes", "recipes/quickstart.yaml", "--gpus", "2", "--accum", "2", "--batch", "4",
-                 "--steps", "1", "--warmup", "1", "--no-compile", "--variants", "engine-torch",
-                 "--override", "data.shards=synthetic", "--tag", "t"]) == 0
+                 "--steps", "3", "--warmup", "1", "--no-compile", "--variants", "engine-torch",
+                 "--override", "data.shards=synthetic", "--tag", "t", "--profile"]) == 0
     (result,) = tmp_path.glob("train-scaling-*-t.json")
     record = json.loads(result.read_text())
     # the command that wrote it, runnable as recorded (the suite is "train-scaling", the command bench train's)
@@ -157,6 +160,14 @@ def test_scaling_mode_accumulates_under_torchrun(monkeypatch, tmp_path):
     (row,) = record["rows"]
     assert "error" not in row, row.get("error")
     assert row["gpus"] == 2 and row["accum"] == 2 and row["img_s"] > 0
+    each = row["step_ms_each"]
+    assert len(each) == 3 and min(each) > 0
+    # the mean step time is the timed span over the steps: the steps' own times add up to at most that
+    assert sum(each) <= 3 * row["step_ms"] + 0.1
+    ranks = row["profile_ms_ranks"]
+    assert len(ranks) == 2 and all(r["wall_ms"] > 0 and r["backward_host_ms"] > 0 for r in ranks)
+    assert len(row["gc_pauses_ranks"]) == 2 and all(isinstance(p, list) for p in row["gc_pauses_ranks"])
+    assert (tmp_path / "profiles" / "quickstart-2gpu-t.txt").exists()
 
 
 def test_profile_stem_keeps_one_recipes_variants_apart():
@@ -167,3 +178,29 @@ def test_profile_stem_keeps_one_recipes_variants_apart():
                "recipes/vit_s_dinov2.yaml"]
     assert [profile_stem(recipes, i) for i in range(3)] == ["vit_l_dinov2-1", "vit_l_dinov2-2", "vit_s_dinov2"]
     assert profile_stem(["recipes/vit_b_mae.yaml"], 0) == "vit_b_mae"
+
+
+def test_gc_pauses_are_put_down_to_the_step_they_ran_in():
+    """GcPauses: every collection while active is counted by generation; those of at least min_ms are listed with the
+    step the caller had counted when they ran; none are seen after it exits."""
+    import gc
+
+    from bench.train import GcPauses
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+    with GcPauses(min_ms=0.0) as g:
+        g.step = 3
+        for _ in range(2000):
+            Cycle()
+        gc.collect()
+        g.step = 5
+        gc.collect(1)
+    assert g.counts[2] >= 1 and g.counts[1] >= 1
+    assert (3, 2) in [(s, gen) for s, gen, _ in g.pauses] and (5, 1) in [(s, gen) for s, gen, _ in g.pauses]
+    assert all(ms >= 0 for _, _, ms in g.pauses)
+    n = len(g.pauses)
+    gc.collect()
+    assert len(g.pauses) == n
