@@ -181,6 +181,18 @@ def checkpoint_blocks(blocks, every: int = 1, policy: str = "full") -> int:
     return n
 
 
+
+def freeze_gc() -> None:
+    """One full collection, then every object Python's collector still tracks moved to its permanent generation
+    (gc.freeze), where its passes no longer walk them. Called once a run's graphs are compiled (train.gc_freeze_after):
+    a full pass over what torch.compile leaves alive took 260-420 ms on a DINOv2 ViT-L rank (H200 host, 2026-11-30),
+    and ran every ~60 steps. Collecting first keeps the garbage of compilation out of the frozen set; what is frozen
+    and dies later is still freed by reference counting, only cycles among it stay."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, *, out=sys.stderr):
         self.cfg = cfg
@@ -234,6 +246,11 @@ class Trainer:
                                            fused=True)
         self.params = [p for g in groups for p in g["params"]]
         self.step = 0
+        self.steps_here = 0  # steps taken by this process (a resumed run counts from its resumed step)
+        freeze = cfg.train.gc_freeze_after
+        self.gc_freeze_after = (3 if self.device.type == "cuda" else 0) if freeze is None else freeze
+        if self.gc_freeze_after < 0:
+            raise ValueError(f"train.gc_freeze_after={freeze}: a count of steps (0 = off, null = auto)")
         self.nonfinite_total = torch.zeros((), device=self.device)
         self.nonfinite_run = torch.zeros((), device=self.device)  # consecutive, current
         self.nonfinite_run_max = torch.zeros((), device=self.device)  # longest run since last log
@@ -439,6 +456,9 @@ class Trainer:
         if hooks:
             hooks(self.step, self.total_steps)
         self.step += 1
+        self.steps_here += 1
+        if self.steps_here == self.gc_freeze_after:
+            freeze_gc()
         return torch.where(bad > 0, torch.zeros_like(loss), loss), 1.0 - bad, grad_norm
 
     # ------------------------------------------------------------------ periodic evaluation

@@ -333,3 +333,45 @@ def test_log_lines_carry_the_gpu_memory_since_the_last_line(monkeypatch):
     cuda = torch.device("cuda", 0)
     assert memory_since_last_line(cuda) == {"gpu_mem_gib": 3.0, "gpu_alloc_gib": 1.0}
     assert memory_since_last_line(cuda) == {"gpu_mem_gib": 0.0, "gpu_alloc_gib": 0.0}  # reset after each line
+
+
+def test_gc_is_frozen_once_after_the_set_step(tmp_path, shards, monkeypatch):
+    """train.gc_freeze_after=K: after the process's K-th step, one collection and gc.freeze(), once; auto (null) is off
+    on the CPU, 3 on CUDA; a negative count is refused. Garbage in cycles is collected first, not frozen."""
+    import gc
+    import weakref
+
+    import engine.train
+
+    assert make(tmp_path / "a", shards).gc_freeze_after == 0
+    with pytest.raises(ValueError, match="gc_freeze_after"):
+        make(tmp_path / "b", shards, "train.gc_freeze_after=-1")
+    t = make(tmp_path / "c", shards, "train.gc_freeze_after=2")
+    calls = []
+    real = engine.train.freeze_gc
+    monkeypatch.setattr(engine.train, "freeze_gc", lambda: (calls.append(t.steps_here), real()))
+    batch = next(t.batches())
+
+    class Node:
+        pass
+
+    gc.unfreeze()
+    try:
+        t.train_step([batch])
+        assert gc.get_freeze_count() == 0 and calls == []
+        t.train_step([batch])
+        assert calls == [2] and gc.get_freeze_count() > 0
+        for _ in range(2):
+            t.train_step([batch])
+        assert calls == [2]  # once, not at every step after
+        gc.unfreeze()
+        gc.disable()  # no automatic pass: only freeze_gc's own collection can free the cycle
+        garbage = Node()
+        garbage.me = garbage
+        dead = weakref.ref(garbage)
+        del garbage
+        real()
+        assert dead() is None
+    finally:
+        gc.enable()
+        gc.unfreeze()
