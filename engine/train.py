@@ -22,6 +22,7 @@ from torch import nn
 
 from engine import checkpoint as ckpt
 from engine.config import Config, dump_config
+from engine.optim import ShardLocalAdamW, clip_grad_norm
 from engine.plan import batch_geometry, estimate_samples, learning_rate, schedule_lengths
 
 
@@ -242,8 +243,10 @@ class Trainer:
         self.total_steps, self.steps_per_epoch, self.warmup_steps = schedule_lengths(cfg, num_samples)
         self.peak_lr = learning_rate(cfg)
         groups = self.model.param_groups(cfg.optim.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                           fused=True)
+        # torch's fused AdamW; under FSDP2 stepped on the local shards (engine.optim: torch 2.10 / 2.11 leak a
+        # DTensorSpec per parameter per step through DTensor's dispatch of the fused op)
+        self.optimizer = ShardLocalAdamW(groups, lr=self.peak_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                         fused=True)
         self.params = [p for g in groups for p in g["params"]]
         self.step = 0
         self.steps_here = 0  # steps taken by this process (a resumed run counts from its resumed step)
@@ -440,9 +443,8 @@ class Trainer:
             hooks(self.step, self.total_steps)
         clip = self.cfg.optim.clip_grad
         with phase("train_step/grad_norm"):
-            grad_norm = nn.utils.clip_grad_norm_(self.params, clip if clip else float("inf"), foreach=True)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a DTensor
-                grad_norm = grad_norm.full_tensor()
+            # torch's clip_grad_norm_ (under FSDP2 on the local shards, engine.optim)
+            grad_norm = clip_grad_norm(self.params, clip if clip else float("inf"))
         bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
         self.optimizer.grad_scale = None
         self.optimizer.found_inf = bad  # fused AdamW skips the update where this is 1

@@ -31,6 +31,7 @@ from torch import nn
 import kernels
 from engine.cuda_graphs import GraphedForward
 from engine.models import attention_layer, create_encoder, use_triton
+from engine.optim import paired_locals
 from engine.objectives import register_objective
 from loaders.multicrop import MultiCropSpec
 
@@ -505,7 +506,8 @@ class DINOv2(nn.Module):
         teacher += [self.teacher["ibot_head"]] if self.ibot_head is not None else []
         s = [p for mod in student for p in mod.parameters()]
         t = [p for mod in teacher for p in mod.parameters()]
-        torch._foreach_lerp_(t, [p.detach() for p in s], 1.0 - m)
+        t, s = paired_locals(t, [p.detach() for p in s])  # under FSDP2: each rank's shards, no DTensor dispatch
+        torch._foreach_lerp_(t, s, 1.0 - m)
 
 
 def cosine(start: float, end: float, progress: float) -> float:
