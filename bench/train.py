@@ -222,38 +222,6 @@ def synthetic_trainer(cfg, batch: int, run_dir: str, *, world: int = 1, accum: i
     return Trainer(cfg, run_dir)
 
 
-class GcPauses:
-    """Python's cyclic collections while active (a context manager over `gc.callbacks`): each as (step, generation,
-    ms), the step being `self.step` when it ran (the caller counts its steps there); those under min_ms only counted.
-    A generation-2 pass over a process that has just compiled a model's graphs can stall a step by hundreds of ms."""
-
-    def __init__(self, min_ms: float = 1.0):
-        self.step, self.min_ms = 0, min_ms
-        self.pauses: list[tuple[int, int, float]] = []
-        self.counts = [0, 0, 0]
-        self._t0 = 0.0
-
-    def _callback(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._t0 = time.perf_counter()
-            return
-        ms = (time.perf_counter() - self._t0) * 1e3
-        self.counts[info["generation"]] += 1
-        if ms >= self.min_ms:
-            self.pauses.append((self.step, info["generation"], round(ms, 2)))
-
-    def __enter__(self) -> "GcPauses":
-        import gc
-
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import gc
-
-        gc.callbacks.remove(self._callback)
-
-
 def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = None, accum: int = 1) -> dict[str, Any]:
     """The engine's own training step (Trainer.train_step) on a synthetic batch of `batch`
     per GPU; under torchrun every rank runs it (FSDP2) and images/s counts all ranks.
@@ -267,6 +235,8 @@ def run_engine(cfg, batch: int, steps: int, warmup: int, profile: str | None = N
     batch0 = next(data)
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+    from engine.train import GcPauses
 
     gc_pauses = GcPauses()
 

@@ -222,10 +222,14 @@ def plot_curves(run: Run, path: Path) -> Path | None:
     if ips:
         axes[1].plot(*zip(*ips), lw=1, color="C1")
     waits = [(r["step"], r["data_wait_ms"]) for r in rows if r.get("data_wait_ms") is not None]
-    if waits:  # host time per step waiting for a batch: where a data stall shows
+    gcs = [(r["step"], r["gc_ms"]) for r in rows if r.get("gc_ms") is not None]
+    if waits or gcs:  # host time per step waiting for a batch (a data stall) or in Python's collector
         twin = axes[1].twinx()
-        twin.plot(*zip(*waits), lw=1, ls="--", color="C3")
-        twin.set_ylabel("data wait (ms/step, dashed)", color="C3", fontsize=8)
+        if waits:
+            twin.plot(*zip(*waits), lw=1, ls="--", color="C3")
+        if gcs:
+            twin.plot(*zip(*gcs), lw=1, ls=":", color="C6")
+        twin.set_ylabel("host ms/step: data wait (dashed), GC (dotted)", color="C3", fontsize=8)
         twin.set_ylim(bottom=0)
     axes[1].set_title("throughput (images/s)")
     axes[1].set_xlabel("step")

@@ -183,6 +183,49 @@ def checkpoint_blocks(blocks, every: int = 1, policy: str = "full") -> int:
 
 
 
+class GcPauses:
+    """Python's cyclic collections while active (a context manager over `gc.callbacks`): their total and longest time
+    since the last `take()`, a count per generation, and each of at least min_ms as (step, generation, ms), the step
+    being `self.step` when it ran (the caller counts its steps there). A generation-2 pass over a process that has
+    just compiled a model's graphs can stall a step by hundreds of ms (`train.gc_freeze_after`)."""
+
+    def __init__(self, min_ms: float = 1.0):
+        self.step, self.min_ms = 0, min_ms
+        self.pauses: list[tuple[int, int, float]] = []
+        self.counts = [0, 0, 0]
+        self.total_ms = self.max_ms = 0.0
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._t0) * 1e3
+        self.counts[info["generation"]] += 1
+        self.total_ms += ms
+        self.max_ms = max(self.max_ms, ms)
+        if ms >= self.min_ms:
+            self.pauses.append((self.step, info["generation"], round(ms, 2)))
+
+    def take(self) -> tuple[float, float]:
+        """(total ms, longest ms) of the collections since the last take, and start counting anew."""
+        out = (self.total_ms, self.max_ms)
+        self.total_ms = self.max_ms = 0.0
+        return out
+
+    def __enter__(self) -> "GcPauses":
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import gc
+
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+
 def freeze_gc() -> None:
     """One full collection, then every object Python's collector still tracks moved to its permanent generation
     (gc.freeze), where its passes no longer walk them. Called once a run's graphs are compiled (train.gc_freeze_after):
@@ -541,6 +584,7 @@ class Trainer:
         meter = getattr(self.loader, "meter", None)
         throttle_seen = meter.throttle_s if meter is not None else 0.0
         data_wait = 0.0
+        gc_clock = GcPauses(min_ms=float("inf")).__enter__()  # time in Python's collector, per log line
         try:
             self.model.train()
             while self.step < stop_at:
@@ -574,6 +618,9 @@ class Trainer:
                         throttle_seen = meter.throttle_s
                     row["data_wait_ms"] = max(0.0, data_wait) * 1e3 / max(1, self.step - last_log_step)
                     data_wait = 0.0
+                    gc_total, gc_longest = gc_clock.take()
+                    row["gc_ms"] = gc_total / max(1, self.step - last_log_step)
+                    row["gc_max_ms"] = gc_longest
                     if self.loader is not None:
                         row["skipped_samples"] = self.loader.skipped
                     row.update(memory_since_last_line(self.device))
@@ -615,6 +662,7 @@ class Trainer:
             self.save()
             raise
         finally:
+            gc_clock.__exit__()
             if self.loader is not None:
                 self.loader.close()  # persistent decode workers (nvjpeg, dali) end with the run
             if bar:

@@ -179,28 +179,3 @@ def test_profile_stem_keeps_one_recipes_variants_apart():
     assert [profile_stem(recipes, i) for i in range(3)] == ["vit_l_dinov2-1", "vit_l_dinov2-2", "vit_s_dinov2"]
     assert profile_stem(["recipes/vit_b_mae.yaml"], 0) == "vit_b_mae"
 
-
-def test_gc_pauses_are_put_down_to_the_step_they_ran_in():
-    """GcPauses: every collection while active is counted by generation; those of at least min_ms are listed with the
-    step the caller had counted when they ran; none are seen after it exits."""
-    import gc
-
-    from bench.train import GcPauses
-
-    class Cycle:
-        def __init__(self):
-            self.me = self
-
-    with GcPauses(min_ms=0.0) as g:
-        g.step = 3
-        for _ in range(2000):
-            Cycle()
-        gc.collect()
-        g.step = 5
-        gc.collect(1)
-    assert g.counts[2] >= 1 and g.counts[1] >= 1
-    assert (3, 2) in [(s, gen) for s, gen, _ in g.pauses] and (5, 1) in [(s, gen) for s, gen, _ in g.pauses]
-    assert all(ms >= 0 for _, _, ms in g.pauses)
-    n = len(g.pauses)
-    gc.collect()
-    assert len(g.pauses) == n

@@ -29,6 +29,7 @@ def params(trainer):
 
 
 def test_train_writes_metrics_config_and_checkpoint(tmp_path, shards):
+    callbacks = len(__import__("gc").callbacks)
     t = make(tmp_path, shards)
     result = t.fit()
     assert result["complete"] and t.step == 6
@@ -36,6 +37,10 @@ def test_train_writes_metrics_config_and_checkpoint(tmp_path, shards):
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all(math.isfinite(r["loss"]) and r["img_per_s"] > 0 for r in rows)
+    # time in Python's collector: per step since the last line, and its longest pause (a step makes enough objects
+    # for young collections to run), with the callback gone after the run
+    assert all(r["gc_ms"] >= 0 and r["gc_max_ms"] >= 0 for r in rows) and sum(r["gc_max_ms"] for r in rows) > 0
+    assert callbacks == len(__import__("gc").callbacks)
     # host ms per step spent waiting in next(batch): present, and a fraction of the logging interval
     assert all(0 <= r["data_wait_ms"] * 2 <= (r["time"] - prev) * 1e3
                for r, prev in zip(rows, [0] + [x["time"] for x in rows]))
@@ -375,3 +380,31 @@ def test_gc_is_frozen_once_after_the_set_step(tmp_path, shards, monkeypatch):
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_gc_pauses_are_put_down_to_the_step_they_ran_in():
+    """GcPauses: every collection while active is counted by generation and timed (take(): total and longest since the
+    last take); those of at least min_ms are listed with the step the caller had counted; none are seen after exit."""
+    import gc
+
+    from engine.train import GcPauses
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+    with GcPauses(min_ms=0.0) as g:
+        g.step = 3
+        for _ in range(2000):
+            Cycle()
+        gc.collect()
+        g.step = 5
+        gc.collect(1)
+    assert g.counts[2] >= 1 and g.counts[1] >= 1
+    assert (3, 2) in [(s, gen) for s, gen, _ in g.pauses] and (5, 1) in [(s, gen) for s, gen, _ in g.pauses]
+    assert all(ms >= 0 for _, _, ms in g.pauses)
+    total, longest = g.take()
+    assert total >= longest >= max(ms for _, _, ms in g.pauses) - 0.01 and g.take() == (0.0, 0.0)
+    n = len(g.pauses)
+    gc.collect()
+    assert len(g.pauses) == n and g.total_ms == 0.0  # after exit: nothing seen
