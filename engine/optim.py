@@ -84,6 +84,8 @@ class ShardLocalAdamW(torch.optim.AdamW):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 local = _local(p)
+                if state["step"].device != local.device:  # as torch's load_state_dict puts it for a fused step
+                    state["step"] = state["step"].to(device=local.device, dtype=torch.float32)
                 lists = by_device.setdefault((local.device, local.dtype), ([], [], [], [], []))
                 for dest, t in zip(lists, (local, _local(p.grad), _local(state["exp_avg"]),
                                            _local(state["exp_avg_sq"]), state["step"])):

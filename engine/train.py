@@ -182,7 +182,6 @@ def checkpoint_blocks(blocks, every: int = 1, policy: str = "full") -> int:
     return n
 
 
-
 class GcPauses:
     """Python's cyclic collections while active (a context manager over `gc.callbacks`): their total and longest time
     since the last `take()`, a count per generation, and each of at least min_ms as (step, generation, ms), the step
@@ -236,6 +235,7 @@ def freeze_gc() -> None:
 
     gc.collect()
     gc.freeze()
+
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, *, out=sys.stderr):

@@ -1,6 +1,7 @@
 """Two ranks on the CPU (gloo): FSDP2 training, sharded checkpoints, and resuming on one rank."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,15 @@ def test_two_ranks_then_resume_on_one(tmp_path):
         assert torch.equal(saved[k], v), k
     assert t.loader.state_dict()["dataset"]["sample_in_epoch"] == 3 * 8  # global samples consumed
     del t
+
+    # Resumed on 2 ranks, the run is a's exactly: the sharded optimizer state loads into the optimizer's step on the
+    # shards (engine.optim.ShardLocalAdamW) and steps on as if never stopped.
+    c = tmp_path / "c"
+    shutil.copytree(b, c)
+    run(common + [f"run.dir={c}"], nproc=2)
+    ea, ec = (load_file(str(d / "checkpoints" / "step_00000006" / "encoder.safetensors")) for d in (a, c))
+    assert all(torch.equal(ea[k], ec[k]) for k in ea)
+    assert last_row(c)["loss"] == last_row(a)["loss"] and last_row(c)["step"] == 6
 
     r = run(common + [f"run.dir={b}"])  # resume on 1 rank
     assert "saved by 2 ranks, now 1" in r.stderr

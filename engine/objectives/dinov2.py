@@ -31,8 +31,8 @@ from torch import nn
 import kernels
 from engine.cuda_graphs import GraphedForward
 from engine.models import attention_layer, create_encoder, use_triton
-from engine.optim import paired_locals
 from engine.objectives import register_objective
+from engine.optim import paired_locals
 from loaders.multicrop import MultiCropSpec
 
 
