@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.optim import ShardLocalAdamW, clip_grad_norm, paired_locals
+from engine.train import teardown_distributed
 
 
 def main(out: str) -> None:
@@ -94,7 +95,7 @@ def main(out: str) -> None:
                    "specs": [specs[::2], specs[1::2]],
                    "norms": [norms[::2], norms[1::2]], "clip": [clip_ref, clip_ours, clipped_norm],
                    "clip_close": clip_close, "ema_local": ema_local, "ema_equal": ema_same}, open(out, "w"))
-    dist.destroy_process_group()
+    teardown_distributed()  # a barrier first: gloo aborts a rank that exits while the other still talks
 
 
 if __name__ == "__main__":
