@@ -56,7 +56,8 @@ class ShardLocalAdamW(torch.optim.AdamW):
 
     def _takes_local_step(self) -> bool:
         if self._sharded is None:
-            self._sharded = any(_local(p) is not p for g in self.param_groups for p in g["params"])
+            self._sharded = DTensor is not None and any(isinstance(p, DTensor) for g in self.param_groups
+                                                        for p in g["params"])
         return self._sharded and all(
             g.get("fused") and not g.get("amsgrad") and not g.get("maximize") and not g.get("differentiable")
             for g in self.param_groups)

@@ -8,6 +8,7 @@ input (the way AMP's GradScaler skips steps), so skipping costs no host sync eit
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -213,14 +214,10 @@ class GcPauses:
         return out
 
     def __enter__(self) -> "GcPauses":
-        import gc
-
         gc.callbacks.append(self._callback)
         return self
 
     def __exit__(self, *exc) -> None:
-        import gc
-
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
 
@@ -231,8 +228,6 @@ def freeze_gc() -> None:
     a full pass over what torch.compile leaves alive took 260-420 ms on a DINOv2 ViT-L rank (H200 host, 2026-11-30),
     and ran every ~60 steps. Collecting first keeps the garbage of compilation out of the frozen set; what is frozen
     and dies later is still freed by reference counting, only cycles among it stay."""
-    import gc
-
     gc.collect()
     gc.freeze()
 
