@@ -1043,11 +1043,19 @@ T2)  # engine.run's data stall with accumulation (2 x 256 per step, the real rec
   step 260 $S --compile-mode reduce-overhead --tag engine-stall-accum-graphs
   step 220 $S --tag engine-stall-accum-default
   ;;
-G1)  # (nvidia-h200-x2; written 2026-11-30, not yet run) DINOv2 ViT-L under FSDP2 on 2 GPUs for 300 steps after the
-     # DTensor-leak fix (engine.optim) with train.gc_freeze_after at its default: each rank's gen-2 pauses
-     # (gc_pauses_ranks) should stay short and flat, not grow as in ...-s29-gc-freeze.json (22 -> 110 ms)
-  step 420 python3 -m bench train --recipes recipes/vit_l_dinov2.yaml --gpus 2 --steps 300 --warmup 8 \
+G1)  # (nvidia-h200-x2) DINOv2 ViT-L under FSDP2 on 2 GPUs for 300 steps after the DTensor-leak fix (engine.optim),
+     # train.gc_freeze_after at its default, then the same with torch's own DTensor paths put back
+     # (bench/torch_dtensor_paths, BIOVFM_PREFIX=1): each rank's gen-2 pauses (gc_pauses_ranks) should stay short and
+     # flat with the fix and grow without it, as in ...-s29-gc-freeze.json (22 -> 110 ms). G2 right after, on the warm
+     # machine: the fix again, with the compile cache warm as the second run's was.
+  step 300 python3 -m bench train --recipes recipes/vit_l_dinov2.yaml --gpus 2 --steps 300 --warmup 8 \
     --variants engine-triton --tag s30-leak-fixed
+  step 280 env BIOVFM_PREFIX=1 PYTHONPATH=bench/torch_dtensor_paths:$PYTHONPATH python3 -m bench train \
+    --recipes recipes/vit_l_dinov2.yaml --gpus 2 --steps 300 --warmup 8 --variants engine-triton --tag s30-leak-torch
+  ;;
+G2)
+  step 280 python3 -m bench train --recipes recipes/vit_l_dinov2.yaml --gpus 2 --steps 300 --warmup 8 \
+    --variants engine-triton --tag s30-leak-fixed-2
   ;;
 M)
   step 200 env CUDA_VISIBLE_DEVICES=0 python3 -m bench loaders --backends dali,nvjpeg,pil --sizes 256 --workers 4 --seconds 5 --warmup 2 --images 8000 --multicrop

@@ -4,8 +4,9 @@ Under FSDP2 the parameters, their gradients and AdamW's moments are DTensors, an
 its one fused op through DTensor's dispatch. In torch 2.10 and 2.11 that dispatch keeps one `DTensorSpec` alive per
 parameter per step (pytorch/pytorch#188174): host memory grows without bound, and Python's full collections, which
 walk every one of them, grow longer step after step (DINOv2 ViT-L under FSDP2 on two H200s, torch 2.11: 22 ms at step
-55 to 110 ms at step 153, `bench/results/train-scaling-...-s29-gc-freeze.json`). Measured on the CPU under two gloo
-ranks (`bench/results/train-probe-cpu-2026-11-30-s29-dtensor-leak.json`, 20 parameters): torch 2.11 fused +20 specs a
+49 to 250 ms at step 283, `bench/results/train-scaling-...-s30-leak-torch.json`; none of 1 ms or more with this module,
+`...-s30-leak-fixed.json`). Measured on the CPU under two gloo ranks
+(`bench/results/train-probe-cpu-2026-11-30-s29-dtensor-leak.json`, 20 parameters): torch 2.11 fused +20 specs a
 step, foreach and torch 2.14 none. Its foreach ops over DTensors (clip_grad_norm_, DINOv2's teacher EMA) keep each
 call's argument specs in tuples; `clip_grad_norm` and `paired_locals` below run those on the shards too.
 

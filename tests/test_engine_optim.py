@@ -82,3 +82,22 @@ def test_fsdp2_step_runs_on_the_shards_and_matches_torch(tmp_path):
     after_torch, after_ours = res["specs"]
     assert all(o <= t for t, o in zip(after_torch[2:], after_ours[2:])), res["specs"]  # ours adds none
     assert after_ours[-1] <= after_ours[2] + (after_torch[-1] - after_torch[2]), res["specs"]
+
+
+
+@pytest.mark.parametrize("prefix", ["0", "1"])
+def test_bench_torch_dtensor_paths_switch(prefix):
+    """bench/torch_dtensor_paths (gpu_session.sh G1's A/B): with BIOVFM_PREFIX=1 the names engine.train and DINOv2 use
+    are torch's DTensor paths again (the optimizer never takes the local step); without it, engine.optim's."""
+    code = ("import engine.train as t, engine.objectives.dinov2 as d; "
+            "print(t.clip_grad_norm.__name__, t.ShardLocalAdamW._takes_local_step.__name__, d.paired_locals.__name__, "
+            "t.ShardLocalAdamW._takes_local_step(None) if t.ShardLocalAdamW._takes_local_step.__name__ == '<lambda>' "
+            "else '-')")
+    env = {**os.environ, "BIOVFM_PREFIX": prefix,
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "torch_dtensor_paths"), str(ROOT)])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, check=True)
+    last = out.stdout.strip().splitlines()[-1]
+    if prefix == "1":
+        assert "patched back" in out.stdout and last == "_torch_clip <lambda> <lambda> False"
+    else:
+        assert last == "clip_grad_norm _takes_local_step paired_locals -"
