@@ -27,9 +27,10 @@ MAE rows: fwd+bwd ms (graphed), the forward alone (fwd_ms) and the rest (bwd_ms)
 both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", what the engine runs).
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
---tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-lean, --tune-blocks, --tune-occupancy: the current
-configs under register caps, warp specialization, a split head dim, TMA loads, tail groups, the forward's lean softmax,
-neighbouring blocks, shallower pipelines under caps for one more program per SM),
+--tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-tail-split, --tune-lean, --tune-blocks,
+--tune-occupancy: the current configs under register caps, warp specialization, a split head dim, TMA loads, tail
+groups, split grouped tails, the forward's lean softmax, neighbouring blocks, shallower pipelines under caps for one
+more program per SM),
 --shapes a,b (attention shape names), --only mae|attention|packed|soft-ce|patch-embed (one part; --skip-mae = --only
 attention), --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -769,8 +770,9 @@ def _compile_worker(job):
 
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
-    configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-lean /
-    --tune-blocks / --tune-occupancy: the variants of the current configs) or just the ones each shape will use."""
+    configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-tail-split /
+    --tune-lean / --tune-blocks / --tune-occupancy: the variants of the current configs) or just the ones each shape
+    will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
@@ -898,6 +900,29 @@ def tail_group_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return _unique(fwds), _unique([kv | {"DQ": d} for kv in kvs for d in dqs])
 
 
+def tail_split_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
+    """For a head dim the full blocks split (SPLIT_D; d = 80 / 88): the shape's current configs, then tail groups of
+    2 and 4 heads with the grouped tail padded (128 columns) and split like the full blocks (TAIL_GS: 64 + 32 at
+    d = 88) on the forward; the two-pass backward with each of those on the dK/dV pass crossed with each on the dQ
+    pass, the dQ pass's also under a 168-register cap (offline for sm_90 under Triton 3.6, d = 88: its tail groups
+    take the pass from 168 registers to 255, padded or split, so 2 programs fit an SM instead of 3; capped at 168 it
+    spills 8 bytes). Other head dims: the current configs only."""
+    from kernels import attn
+
+    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
+    if attn._split_dims(D) is None or not fwd.get("SPLIT_D"):
+        return [fwd], [bwd]
+    base = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW", "TAIL_GS")}
+    groups = [{}] + [{"TAIL_G": g} | ({"TAIL_GS": True} if gs else {}) for g in TAIL_GROUPS for gs in (False, True)]
+    fwds = [attn._fwd_config(N, D)] + [base(fwd) | t for t in groups]
+    if bwd.get("SPLIT") != attn.KV_Q:
+        return _unique(fwds), [bwd]
+    dq = base(attn._kv_q_dq_config(bwd))
+    dqs = [dq | t for t in groups] + [dq | t | {"maxnreg": 168} for t in groups[1:]]
+    return _unique(fwds), _unique([attn._bwd_config(N, D)] + [base(bwd) | a | {"DQ": b} for a in groups
+                                                               for b in dqs])
+
+
 def lean_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     """The shape's current forward config with the plain softmax and with LEAN (the row max of the raw scores, the
     scale folded into exp2's argument, a reciprocal per row for the output; kernels.attn._attn_fwd); the backward
@@ -973,6 +998,8 @@ VARIANT_FLAGS = [
      "3-stage pipeline depths"),
     ("--tune-tail-groups", "tailg", "configs without and with tail groups (TAIL_G: the rows past the last full block "
      "of G heads in one program) on the forward and on each pass of the two-pass backward"),
+    ("--tune-tail-split", "tailsplit", "configs with tail groups whose tail holds a split head dim padded or split "
+     "like the full blocks (TAIL_GS; d = 80 / 88) on the forward and on each pass of the two-pass backward"),
     ("--tune-lean", "lean", "forward config with the plain softmax and with LEAN (the scale folded into exp2's "
      "argument, a reciprocal per row)"),
     ("--tune-blocks", "blocks", "configs with their blocks, warps and pipeline depth swapped for neighbours "
@@ -992,15 +1019,16 @@ def _unique(cfgs: list[dict]) -> list[dict]:
 
 
 VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
-                  "tailg": tail_group_variants, "lean": lean_variants, "blocks": block_variants,
-                  "occupancy": occupancy_variants}
+                  "tailg": tail_group_variants, "tailsplit": tail_split_variants, "lean": lean_variants,
+                  "blocks": block_variants, "occupancy": occupancy_variants}
 
 
 def tune_attention(names, variants=None):
     """Time every block config of the forward and both backward layouts (or, with `variants` a key of
-    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "lean" / "blocks" / "occupancy", the current configs
-    under register caps / with warp specialization / with the head dim split / with TMA loads / with tail groups / with
-    the lean softmax / with neighbouring blocks / shallower under caps); print the best per shape."""
+    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "tailsplit" / "lean" / "blocks" / "occupancy", the
+    current configs under register caps / with warp specialization / with the head dim split / with TMA loads / with
+    tail groups / with split grouped tails / with the lean softmax / with neighbouring blocks / shallower under caps);
+    print the best per shape."""
     from kernels import attn
 
     out = {}

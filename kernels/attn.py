@@ -24,7 +24,8 @@ Backward, three layouts chosen per shape (see `_bwd_config`; config key SPLIT = 
 Head dims that are not a power of two (88) are padded in-kernel to the next power of two, or split in two
 power-of-two pieces (config key SPLIT_D). On Hopper and later the config key TMA loads the full tiles a loop walks
 through tensor descriptors (the default in the backward passes at d = 32 / 64 / 88; see kernels/README.md). The config
-key TAIL_G puts the rows past the last full block of several heads in one program (see _grouped_pids).
+key TAIL_G puts the rows past the last full block of several heads in one program (see _grouped_pids); with TAIL_GS
+that grouped tail splits the head dim as the full blocks do instead of padding it.
 """
 from __future__ import annotations
 
@@ -490,6 +491,178 @@ def _bwd_dkdv_tail_group(Q, K, V, DO, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, sq_
 
 
 @triton.jit
+def _fwd_kv_step_g2(q, q2, m_i, l_i, acc, acc2, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale, offs_d, offs_d2,
+                    mask_d2, BN: tl.constexpr, MASK_N: tl.constexpr, LEAN: tl.constexpr = False):
+    # _fwd_kv_step_g with the head dim in two pieces (TAIL_GD2): columns offs_d (all valid), offs_d2 (masked)
+    cols = start_n + tl.arange(0, BN)
+    cols_ok = cols < seqlen
+    k = _load_rows3(K, ko, cols, sk_n, offs_d, cols_ok, offs_d, MASK_N, False)
+    k2 = _load_rows3(K, ko, cols, sk_n, offs_d2, cols_ok, mask_d2, MASK_N, True)
+    v = _load_rows3(V, vo, cols, sv_n, offs_d, cols_ok, offs_d, MASK_N, False)
+    v2 = _load_rows3(V, vo, cols, sv_n, offs_d2, cols_ok, mask_d2, MASK_N, True)
+    qk = tl.dot(q2, tl.permute(k2, (0, 2, 1)), tl.dot(q, tl.permute(k, (0, 2, 1))))
+    m_new, p = _softmax_step(qk, m_i, qk_scale, cols_ok[None, None, :], MASK_N, 2, LEAN)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 2)
+    p = p.to(v.dtype)
+    acc = acc * alpha[:, :, None] + tl.dot(p, v)
+    acc2 = acc2 * alpha[:, :, None] + tl.dot(p, v2)
+    return m_new, l_i, acc, acc2
+
+
+@triton.jit
+def _fwd_tail_group2(Q, K, V, O, LSE, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                     sl_b, sl_h, row0, seqlen, qk_scale, offs_d, offs_d2, mask_d2, G: tl.constexpr, TM: tl.constexpr,
+                     WALK: tl.constexpr, TAIL_N: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                     LEAN: tl.constexpr = False):
+    """_fwd_tail_group with the head dim in two pieces, D1 + D2 columns (d = 88: 64 + 32 instead of 128)."""
+    rows = row0 + tl.arange(0, TM)
+    rows_ok = rows < seqlen
+    ko = _group_offs(bh, H, sk_b, sk_h)
+    vo = _group_offs(bh, H, sv_b, sv_h)
+    qo = _group_offs(bh, H, sq_b, sq_h)
+    q = _load_rows3(Q, qo, rows, sq_n, offs_d, rows_ok, offs_d, True, False)
+    q2 = _load_rows3(Q, qo, rows, sq_n, offs_d2, rows_ok, mask_d2, True, True)
+    m_i = tl.full([G, TM], float("-inf"), tl.float32)
+    l_i = tl.zeros([G, TM], tl.float32)
+    acc = tl.zeros([G, TM, D1], tl.float32)
+    acc2 = tl.zeros([G, TM, D2], tl.float32)
+    n_full = (seqlen // WALK) * WALK
+    for start_n in range(0, n_full, WALK):
+        m_i, l_i, acc, acc2 = _fwd_kv_step_g2(q, q2, m_i, l_i, acc, acc2, K, V, ko, vo, start_n, seqlen, sk_n, sv_n,
+                                              qk_scale, offs_d, offs_d2, mask_d2, WALK, False, LEAN)
+    for start_n in range(n_full, seqlen, TAIL_N):
+        m_i, l_i, acc, acc2 = _fwd_kv_step_g2(q, q2, m_i, l_i, acc, acc2, K, V, ko, vo, start_n, seqlen, sk_n, sv_n,
+                                              qk_scale, offs_d, offs_d2, mask_d2, TAIL_N, True, LEAN)
+    acc = _normalise(acc, l_i, 2, LEAN)
+    acc2 = _normalise(acc2, l_i, 2, LEAN)
+    oo = _group_offs(bh, H, so_b, so_h)
+    _store_rows3(O, oo, rows, so_n, offs_d, acc.to(O.dtype.element_ty), rows_ok, offs_d, False)
+    _store_rows3(O, oo, rows, so_n, offs_d2, acc2.to(O.dtype.element_ty), rows_ok, mask_d2, True)
+    lo = _group_offs(bh, H, sl_b, sl_h)
+    tl.store(LSE + lo[:, None] + rows[None, :], m_i + tl.math.log2(l_i), mask=rows_ok[None, :])
+
+
+@triton.jit
+def _bwd_dq_step_g2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq2, start_n, seqlen, qk_scale, offs_d,
+                    offs_d2, mask_d2, BN: tl.constexpr, MASK_N: tl.constexpr):
+    cols = start_n + tl.arange(0, BN)
+    cols_ok = cols < seqlen
+    k = _load_rows3(K, ko, cols, sk_n, offs_d, cols_ok, offs_d, MASK_N, False)
+    k2 = _load_rows3(K, ko, cols, sk_n, offs_d2, cols_ok, mask_d2, MASK_N, True)
+    v = _load_rows3(V, vo, cols, sv_n, offs_d, cols_ok, offs_d, MASK_N, False)
+    v2 = _load_rows3(V, vo, cols, sv_n, offs_d2, cols_ok, mask_d2, MASK_N, True)
+    qk = tl.dot(q2, tl.permute(k2, (0, 2, 1)), tl.dot(q, tl.permute(k, (0, 2, 1))))
+    p = tl.math.exp2(qk * qk_scale - lse[:, :, None])
+    if MASK_N:
+        p = tl.where(cols_ok[None, None, :], p, 0.0)
+    dp = tl.dot(do2, tl.permute(v2, (0, 2, 1)), tl.dot(do, tl.permute(v, (0, 2, 1))))
+    ds = (p * (dp - delta[:, :, None])).to(k.dtype)
+    return dq + tl.dot(ds, k), dq2 + tl.dot(ds, k2)
+
+
+@triton.jit
+def _bwd_dq_tail_group2(Q, K, V, O, DO, DQ, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                        so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, sl_b, sl_h, row0, seqlen,
+                        qk_scale, sm_scale, offs_d, offs_d2, mask_d2, G: tl.constexpr, TM: tl.constexpr,
+                        WALK: tl.constexpr, TAIL_N: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """_bwd_dq_tail_group with the head dim in two pieces, D1 + D2 columns."""
+    rows = row0 + tl.arange(0, TM)
+    rows_ok = rows < seqlen
+    ko = _group_offs(bh, H, sk_b, sk_h)
+    vo = _group_offs(bh, H, sv_b, sv_h)
+    qo = _group_offs(bh, H, sq_b, sq_h)
+    doo = _group_offs(bh, H, sdo_b, sdo_h)
+    oo = _group_offs(bh, H, so_b, so_h)
+    q = _load_rows3(Q, qo, rows, sq_n, offs_d, rows_ok, offs_d, True, False)
+    q2 = _load_rows3(Q, qo, rows, sq_n, offs_d2, rows_ok, mask_d2, True, True)
+    do = _load_rows3(DO, doo, rows, sdo_n, offs_d, rows_ok, offs_d, True, False)
+    do2 = _load_rows3(DO, doo, rows, sdo_n, offs_d2, rows_ok, mask_d2, True, True)
+    o = _load_rows3(O, oo, rows, so_n, offs_d, rows_ok, offs_d, True, False)
+    o2 = _load_rows3(O, oo, rows, so_n, offs_d2, rows_ok, mask_d2, True, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 2) + tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 2)
+    lp = _group_offs(bh, H, sl_b, sl_h)[:, None] + rows[None, :]
+    lse = tl.load(LSE + lp, mask=rows_ok[None, :], other=float("inf"))
+    tl.store(DELTA + lp, delta, mask=rows_ok[None, :])
+    dq = tl.zeros([G, TM, D1], tl.float32)
+    dq2 = tl.zeros([G, TM, D2], tl.float32)
+    n_full = (seqlen // WALK) * WALK
+    for start_n in range(0, n_full, WALK):
+        dq, dq2 = _bwd_dq_step_g2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq2, start_n, seqlen,
+                                  qk_scale, offs_d, offs_d2, mask_d2, WALK, False)
+    for start_n in range(n_full, seqlen, TAIL_N):
+        dq, dq2 = _bwd_dq_step_g2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq2, start_n, seqlen,
+                                  qk_scale, offs_d, offs_d2, mask_d2, TAIL_N, True)
+    dqo = _group_offs(bh, H, sdq_b, sdq_h)
+    _store_rows3(DQ, dqo, rows, sdq_n, offs_d, (dq * sm_scale).to(DQ.dtype.element_ty), rows_ok, offs_d, False)
+    _store_rows3(DQ, dqo, rows, sdq_n, offs_d2, (dq2 * sm_scale).to(DQ.dtype.element_ty), rows_ok, mask_d2, True)
+
+
+@triton.jit
+def _bwd_dkdv_step_g2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, dk, dk2, dv, dv2, start_m, seqlen,
+                      qk_scale, offs_d, offs_d2, mask_d2, BM: tl.constexpr, MASK_M: tl.constexpr):
+    rows = start_m + tl.arange(0, BM)
+    rows_ok = rows < seqlen
+    q = _load_rows3(Q, qo, rows, sq_n, offs_d, rows_ok, offs_d, MASK_M, False)
+    q2 = _load_rows3(Q, qo, rows, sq_n, offs_d2, rows_ok, mask_d2, MASK_M, True)
+    do = _load_rows3(DO, doo, rows, sdo_n, offs_d, rows_ok, offs_d, MASK_M, False)
+    do2 = _load_rows3(DO, doo, rows, sdo_n, offs_d2, rows_ok, mask_d2, MASK_M, True)
+    lp = lo[:, None] + rows[None, :]
+    if MASK_M:
+        lse = tl.load(LSE + lp, mask=rows_ok[None, :], other=float("inf"))  # padded queries: p = 0
+        delta = tl.load(DELTA + lp, mask=rows_ok[None, :], other=0.0)
+    else:
+        lse = tl.load(LSE + lp)
+        delta = tl.load(DELTA + lp)
+    kq = tl.dot(k2, tl.permute(q2, (0, 2, 1)), tl.dot(k, tl.permute(q, (0, 2, 1))))
+    pt = tl.math.exp2(kq * qk_scale - lse[:, None, :])
+    ptc = pt.to(do.dtype)
+    dv += tl.dot(ptc, do)
+    dv2 += tl.dot(ptc, do2)
+    vdo = tl.dot(v2, tl.permute(do2, (0, 2, 1)), tl.dot(v, tl.permute(do, (0, 2, 1))))
+    dst = (pt * (vdo - delta[:, None, :])).to(q.dtype)
+    dk += tl.dot(dst, q)
+    dk2 += tl.dot(dst, q2)
+    return dk, dk2, dv, dv2
+
+
+@triton.jit
+def _bwd_dkdv_tail_group2(Q, K, V, DO, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                          sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h, start_n, seqlen,
+                          qk_scale, sm_scale, offs_d, offs_d2, mask_d2, G: tl.constexpr, TN: tl.constexpr,
+                          WALK: tl.constexpr, TAIL_M: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """_bwd_dkdv_tail_group with the head dim in two pieces, D1 + D2 columns."""
+    cols = start_n + tl.arange(0, TN)
+    cols_ok = cols < seqlen
+    qo = _group_offs(bh, H, sq_b, sq_h)
+    doo = _group_offs(bh, H, sdo_b, sdo_h)
+    lo = _group_offs(bh, H, sl_b, sl_h)
+    ko = _group_offs(bh, H, sk_b, sk_h)
+    vo = _group_offs(bh, H, sv_b, sv_h)
+    k = _load_rows3(K, ko, cols, sk_n, offs_d, cols_ok, offs_d, True, False)
+    k2 = _load_rows3(K, ko, cols, sk_n, offs_d2, cols_ok, mask_d2, True, True)
+    v = _load_rows3(V, vo, cols, sv_n, offs_d, cols_ok, offs_d, True, False)
+    v2 = _load_rows3(V, vo, cols, sv_n, offs_d2, cols_ok, mask_d2, True, True)
+    dk = tl.zeros([G, TN, D1], tl.float32)
+    dk2 = tl.zeros([G, TN, D2], tl.float32)
+    dv = tl.zeros([G, TN, D1], tl.float32)
+    dv2 = tl.zeros([G, TN, D2], tl.float32)
+    m_full = (seqlen // WALK) * WALK
+    for start_m in range(0, m_full, WALK):
+        dk, dk2, dv, dv2 = _bwd_dkdv_step_g2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, dk, dk2, dv,
+                                             dv2, start_m, seqlen, qk_scale, offs_d, offs_d2, mask_d2, WALK, False)
+    for start_m in range(m_full, seqlen, TAIL_M):
+        dk, dk2, dv, dv2 = _bwd_dkdv_step_g2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, dk, dk2, dv,
+                                             dv2, start_m, seqlen, qk_scale, offs_d, offs_d2, mask_d2, TAIL_M, True)
+    dko = _group_offs(bh, H, sdk_b, sdk_h)
+    dvo = _group_offs(bh, H, sdv_b, sdv_h)
+    _store_rows3(DK, dko, cols, sdk_n, offs_d, (dk * sm_scale).to(DK.dtype.element_ty), cols_ok, offs_d, False)
+    _store_rows3(DK, dko, cols, sdk_n, offs_d2, (dk2 * sm_scale).to(DK.dtype.element_ty), cols_ok, mask_d2, True)
+    _store_rows3(DV, dvo, cols, sdv_n, offs_d, dv.to(DV.dtype.element_ty), cols_ok, offs_d, False)
+    _store_rows3(DV, dvo, cols, sdv_n, offs_d2, dv2.to(DV.dtype.element_ty), cols_ok, mask_d2, True)
+
+
+@triton.jit
 def _grouped_pids(H, N, BLOCK: tl.constexpr, TAIL_G: tl.constexpr):
     """(tile, b * h, grouped tail?) of this program in the grid of TAIL_G > 1: (full blocks x TAIL_G + tail tiles,
     B * H / TAIL_G), each group of TAIL_G heads' full blocks head by head, then its grouped tail tiles (whose tile
@@ -512,7 +685,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False, D2: tl.constexpr = 0,
     TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16, TAIL_GD: tl.constexpr = 16,
-    LEAN: tl.constexpr = False,
+    LEAN: tl.constexpr = False, TAIL_GD2: tl.constexpr = 0,
 ):
     # TMA: the full key tiles are loaded through the tensor descriptors KD / VD (dense inputs; block
     # [1, 1, BLOCK_N, BLOCK_D]); otherwise KD / VD are unused.
@@ -520,7 +693,8 @@ def _attn_fwd(
     # it changes nothing (no specialized region with pointer loads or host descriptors; kernels/README.md)
     # D2 > 0 (SPLIT_D): the head dim in two pieces, BLOCK_D columns then D2 (d = 88: 64 + 32 instead of 128)
     # TAIL_G > 1: the tail rows of TAIL_G heads in one program (dense inputs), walking TAIL_GW keys a step, the head dim
-    # whole, padded to TAIL_GD columns (also where the full blocks split it: D2 > 0)
+    # whole, padded to TAIL_GD columns (also where the full blocks split it: D2 > 0), or with TAIL_GD2 > 0 in two
+    # pieces, TAIL_GD then TAIL_GD2 columns (config key TAIL_GS)
     # LEAN (qk_scale > 0): fewer instructions per score. Each step takes the row max of the raw scores and scales it
     # once per row, so the scale folds into exp2's argument (one FMA per score instead of a multiply beside it), and
     # the output is normalised by one reciprocal per row and a multiply per element instead of a division each
@@ -551,7 +725,13 @@ def _attn_fwd(
     offs_d2 = BLOCK_D + tl.arange(0, max(D2, 16))
     mask_d2 = offs_d2 < HEAD_DIM
     m_full = seqlen // BLOCK_M
-    if TAIL_G > 1 and is_g:
+    if TAIL_G > 1 and is_g and TAIL_GD2 > 0:
+        offs_g2 = TAIL_GD + tl.arange(0, TAIL_GD2)
+        _fwd_tail_group2(Q, K, V, O, LSE, tl.program_id(1) * TAIL_G + tl.arange(0, TAIL_G), H, sq_b, sq_h, sq_n,
+                         sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sl_b, sl_h,
+                         m_full * BLOCK_M + (pid_m - m_full) * TAIL_M, seqlen, qk_scale, tl.arange(0, TAIL_GD),
+                         offs_g2, offs_g2 < HEAD_DIM, TAIL_G, TAIL_M, TAIL_GW, TAIL_N, TAIL_GD, TAIL_GD2, LEAN)
+    elif TAIL_G > 1 and is_g:
         _fwd_tail_group(Q, K, V, O, LSE, tl.program_id(1) * TAIL_G + tl.arange(0, TAIL_G), H, sq_b, sq_h, sq_n,
                         sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sl_b, sl_h,
                         m_full * BLOCK_M + (pid_m - m_full) * TAIL_M, seqlen, qk_scale, tl.arange(0, TAIL_GD),
@@ -997,12 +1177,26 @@ def _bwd_tail_group(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, s
                     sdv_n, sl_b, sl_h, pid, seqlen, qk_scale, sm_scale, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, G: tl.constexpr,
-                    WALK: tl.constexpr):
+                    WALK: tl.constexpr, D2: tl.constexpr = 0):
     """A grouped tail program of _attn_bwd_kv_q (strides already multiplied by ALIGN); pid: its tile index, counted
-    on from the full blocks'."""
+    on from the full blocks'. D2 > 0: the head dim in two pieces, BLOCK_D then D2 columns."""
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    if DQ_PASS:
+    offs_d2 = BLOCK_D + tl.arange(0, max(D2, 16))
+    mask_d2 = offs_d2 < HEAD_DIM
+    if D2 > 0 and DQ_PASS:
+        m_full = seqlen // BLOCK_M
+        _bwd_dq_tail_group2(Q, K, V, O, DO, DQ, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                            so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, sl_b, sl_h,
+                            m_full * BLOCK_M + (pid - m_full) * TAIL_M, seqlen, qk_scale, sm_scale, offs_d, offs_d2,
+                            mask_d2, G, TAIL_M, WALK, TAIL_N, BLOCK_D, D2)
+    elif D2 > 0:
+        n_full = seqlen // BLOCK_N
+        _bwd_dkdv_tail_group2(Q, K, V, DO, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h,
+                              sv_n, sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h,
+                              n_full * BLOCK_N + (pid - n_full) * TAIL_N, seqlen, qk_scale, sm_scale, offs_d, offs_d2,
+                              mask_d2, G, TAIL_N, WALK, TAIL_M, BLOCK_D, D2)
+    elif DQ_PASS:
         m_full = seqlen // BLOCK_M
         _bwd_dq_tail_group(Q, K, V, O, DO, DQ, LSE, DELTA, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                            so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, sl_b, sl_h,
@@ -1026,10 +1220,11 @@ def _attn_bwd_kv_q(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
     D2: tl.constexpr = 0, TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
-    TAIL_GD: tl.constexpr = 16,
+    TAIL_GD: tl.constexpr = 16, TAIL_GD2: tl.constexpr = 0,
 ):
     # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense inputs), walking
-    # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids)
+    # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids), or with TAIL_GD2 > 0 in two
+    # pieces, TAIL_GD then TAIL_GD2 columns (config key TAIL_GS)
     # TMA: the full tiles each pass walks (K / V in the dQ pass, Q / dO in the dK/dV pass) come through the
     # tensor descriptors KD / VD / QD / DOD (dense inputs; block [1, 1, sub-tile, BLOCK_D]; with D2 > 0 the second
     # piece through QD2 ... DOD2, block [1, 1, sub-tile, D2])
@@ -1054,7 +1249,7 @@ def _attn_bwd_kv_q(
                         sdo_b * ALIGN, sdo_h * ALIGN, sdo_n * ALIGN, sdq_b * ALIGN, sdq_h * ALIGN, sdq_n * ALIGN,
                         sdk_b * ALIGN, sdk_h * ALIGN, sdk_n * ALIGN, sdv_b * ALIGN, sdv_h * ALIGN, sdv_n * ALIGN,
                         sl_b, sl_h, pid, seqlen, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N,
-                        TAIL_GD, TAIL_GD == HEAD_DIM, DQ_PASS, TAIL_G, TAIL_GW)
+                        TAIL_GD, TAIL_GD == HEAD_DIM, DQ_PASS, TAIL_G, TAIL_GW, TAIL_GD2)
     else:
         qo, sq_n = _row_base(b64, h64, tok, sq_b, sq_h, sq_n, ALIGN)
         ko, sk_n = _row_base(b64, h64, tok, sk_b, sk_h, sk_n, ALIGN)
@@ -1156,7 +1351,7 @@ KV_Q = "kv+q"  # backward SPLIT value of the two-pass layout (_attn_bwd_kv_q)
 
 
 def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=None, split_d=False, tma=False,
-         tail_g=0):
+         tail_g=0, tail_gs=False):
     """Block config; backward ones carry SPLIT (False, True or KV_Q). For KV_Q the top-level
     blocks drive the dK/dV pass (BLOCK_N key tile per program, BLOCK_M query sub-tiles) and
     `dq` = (bm, bn, tm, tn, warps, stages) the dQ pass (BLOCK_M query tile per program, BLOCK_N
@@ -1169,7 +1364,8 @@ def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=N
     top-level key drives the dK/dV pass and the "DQ" blocks' own key the dQ pass (`dq` takes it as a 7th entry).
     `tail_g` (TAIL_G): the tail rows of that many heads share one program (dense inputs with an unsplit head dim
     whose length is not a multiple of the block; see _grouped_pids), per pass as TMA (`dq`'s 8th entry; its 9th: the
-    dQ pass's register cap)."""
+    dQ pass's register cap). `tail_gs` (TAIL_GS): on every pass with tail groups, the grouped tail splits the head dim
+    as the full blocks do (with split_d) instead of padding it."""
     c = dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=warps, num_stages=stages)
     if split_d:
         c["SPLIT_D"] = True
@@ -1177,13 +1373,15 @@ def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=N
         c["TMA"] = True
     if tail_g > 1:
         c["TAIL_G"] = tail_g
+        if tail_gs:
+            c["TAIL_GS"] = True
     if regs is not None:
         c["maxnreg"] = regs
     if split == KV_Q:
         c["SPLIT"] = split
         if dq is not None:
             c["DQ"] = _cfg(*dq[:6], tma=len(dq) > 6 and dq[6], tail_g=dq[7] if len(dq) > 7 else 0,
-                           regs=dq[8] if len(dq) > 8 else None)
+                           regs=dq[8] if len(dq) > 8 else None, tail_gs=tail_gs)
     elif split is not None:
         c.update(SPLIT=split, TRANS=trans)
     return c
@@ -1232,22 +1430,31 @@ TUNED: dict = {
     # then TMA on both backward passes (two descriptors per tensor: 64 and 32 columns), the dK/dV pass at 3 stages
     # (--tune-tma, ...-2026-11-29-tune-tma-split.json): bwd 0.5651 ms vs 0.6001. At d = 80 (64 + 16) and at the
     # MAE ViT-g encoder's N = 65 every TMA variant was slower (d = 80: 0.819-0.987 ms vs 0.760)
-    (257, 88): (_cfg(128, 64, 16, 16, 4, 3, split_d=True),
+    # then split grouped tails (TAIL_GS: the grouped tail holds the head dim as 64 + 32 columns like the full blocks,
+    # not padded to 128; --tune-tail-split, ...-2026-11-30-s30-tune-tail-split.json): the forward's tail rows of 2
+    # heads in one program, 0.1914 ms vs 0.1990 (padded groups: 0.1974-0.1996); every grouped backward still lost
+    # (best 0.5736 with the dQ pass's groups under a 168 cap vs 0.5636). What the tail costs at all: N = 256 with the
+    # same configs runs 0.596 ms fwd+bwd vs 0.762 at 257 (...-s30-tail-bound.json)
+    (257, 88): (_cfg(128, 64, 16, 16, 4, 3, split_d=True, tail_g=2, tail_gs=True),
                 _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 64, 16, 16, 4, 2, True), split_d=True, tma=True)),
     # ViT-H/14's d = 80 as 64 + 16 (...-tune-split-2.json): fwd 0.2302 ms vs 0.3082 padded, bwd 0.7520 vs 0.8448,
     # fwd+bwd 1.17x cuDNN; then tail groups of 4 heads (the tail padded to 128 columns; ...-tune-tailg-split.json) on
     # the forward, 0.2233 ms vs 0.2325, and the dQ pass, bwd 0.7473 vs 0.7577. At d = 88 (N = 257) no variant gained
-    # more than 1 % (fwd 0.2020 vs 0.2036) and every grouped backward lost: unchanged
-    (257, 80): (_cfg(128, 64, 16, 16, 4, 3, split_d=True, tail_g=4),
-                _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 64, 16, 16, 4, 3, False, 4), split_d=True)),
+    # more than 1 % (fwd 0.2020 vs 0.2036) and every grouped backward lost: unchanged. Then split grouped tails (64 +
+    # 16 columns, not 128; ...-s30-tune-tail-split.json): fwd 0.2029 ms vs 0.2149 padded, bwd (the dQ pass's groups
+    # split) 0.7299 vs 0.7469
+    (257, 80): (_cfg(128, 64, 16, 16, 4, 3, split_d=True, tail_g=4, tail_gs=True),
+                _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 64, 16, 16, 4, 3, False, 4), split_d=True,
+                     tail_gs=True)),
     # the MAE ViT-g/14 encoder (64 kept patches + class token, d = 88; ...-tune-split-n65.json): fwd 0.1089 ms vs
     # 0.317 with 128-row query blocks (one half-empty program per head), bwd 0.320; fwd+bwd 1.05x cuDNN. Then tail
     # groups (one row past 64: the tail program was half of each pass's programs; ...-tune-tailg-split.json): fwd with
     # groups of 2 under a 128 cap 0.1053 ms vs 0.1088, bwd with groups of 4 on the dK/dV pass and of 2 on the dQ pass
-    # (capped at 128) 0.2944 vs 0.3205
-    (65, 88): (_cfg(64, 32, 16, 16, 4, 3, split_d=True, regs=128, tail_g=2),
-               _cfg(32, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 32, 16, 16, 4, 2, False, 2, 128), split_d=True,
-                    tail_g=4)),
+    # (capped at 128) 0.2944 vs 0.3205. Then split grouped tails (...-s30-tune-tail-split.json): fwd 0.0980 ms vs
+    # 0.1019 padded; bwd with the groups split on both passes, the dQ pass's of 4 heads, 0.2742 vs 0.2925
+    (65, 88): (_cfg(64, 32, 16, 16, 4, 3, split_d=True, regs=128, tail_g=2, tail_gs=True),
+               _cfg(32, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 32, 16, 16, 4, 2, False, 4, 128), split_d=True,
+                    tail_g=4, tail_gs=True)),
     # N = 1374: 1374 = 21 x 64 + 30, so one 32-row tail step instead of two 16-row ones (re-tuned with the
     # neighbours of the first winner, ...-tune-1374.json: fwd 0.2434 vs 0.2464 ms, bwd 0.7050 vs 0.7065); the
     # dK/dV pass capped at 168 registers per thread (3 programs per SM): bwd 0.690 vs 0.717 ms and 0.7045 vs
@@ -1364,20 +1571,28 @@ def _n_tiles(n: int, block: int, tail: int, packed: bool) -> int:
     return n // block + triton.cdiv(n % block, tail)
 
 
-def _tail_group(cfg: dict, n: int, block: int, walk: int, bh: int, packed: bool, d: int) -> dict:
-    """The TAIL_G / TAIL_GW / TAIL_GD launch keywords a config's TAIL_G (and TAIL_GW, popped from `cfg`) come to for n
-    rows in blocks of `block` walking tiles of `walk`, head dim d: G = the largest power of two <= TAIL_G dividing
-    B * H; nothing (one tail program per head) when that is 1, the inputs are packed (lengths differ) or n has no
-    tail rows. TAIL_GW, the grouped tail's walk step, defaults to walk / G rows (at least 16): the same bytes per tile
-    as the full blocks' walk, so the grouped tail asks for no more shared memory than they do. TAIL_GD: the grouped
-    tail's head dim, padded to a power of two (where the full blocks split it, SPLIT_D, the tail still pads)."""
-    g, gw = cfg.pop("TAIL_G", 0), cfg.pop("TAIL_GW", None)
+def _tail_group(cfg: dict, n: int, block: int, walk: int, bh: int, packed: bool, d: int, split_d: bool = False) -> dict:
+    """The TAIL_G / TAIL_GW / TAIL_GD (/ TAIL_GD2) launch keywords a config's TAIL_G (and TAIL_GW, TAIL_GS, popped from
+    `cfg`) come to for n rows in blocks of `block` walking tiles of `walk`, head dim d: G = the largest power of two
+    <= TAIL_G dividing B * H; nothing (one tail program per head) when that is 1, the inputs are packed (lengths
+    differ) or n has no tail rows. TAIL_GW, the grouped tail's walk step, defaults to walk / G rows (at least 16): the
+    same bytes per tile as the full blocks' walk, so the grouped tail asks for no more shared memory than they do.
+    TAIL_GD: the grouped tail's head dim, padded to a power of two (128 columns at d = 88), unless TAIL_GS is set
+    where the full blocks split it (split_d, SPLIT_D): then the tail splits it alike, TAIL_GD + TAIL_GD2 columns
+    (64 + 32 at d = 88)."""
+    g, gw, gs = cfg.pop("TAIL_G", 0), cfg.pop("TAIL_GW", None), cfg.pop("TAIL_GS", False)
     if g < 2 or packed or n % block == 0:
         return {}
     g = 1 << (g.bit_length() - 1)
     while g > 1 and bh % g:
         g //= 2
-    return dict(TAIL_G=g, TAIL_GW=gw or max(16, walk // g), TAIL_GD=_pow2(d)) if g > 1 else {}
+    if g < 2:
+        return {}
+    out = dict(TAIL_G=g, TAIL_GW=gw or max(16, walk // g), TAIL_GD=_pow2(d))
+    pieces = _split_dims(d) if gs and split_d else None
+    if pieces is not None:
+        out.update(TAIL_GD=pieces[0], TAIL_GD2=pieces[1])
+    return out
 
 
 def _grid(n: int, block: int, tail: int, packed: bool, bh: int, group: dict) -> tuple:
@@ -1469,7 +1684,7 @@ def attention_fwd(q, k, v, scale, cu_seqlens=None, max_seqlen=None, config=None,
     dims = _head_dim_meta(D, cfg.pop("SPLIT_D", False))
     tma = cfg.pop("TMA", False) and not packed and dims["D2"] == 0
     lean = cfg.pop("LEAN", FWD_LEAN) and scale > 0  # the row max of raw scores scales only by a positive number
-    group = _tail_group(cfg, maxn, cfg["BLOCK_M"], cfg["BLOCK_N"], B * H, packed, D)
+    group = _tail_group(cfg, maxn, cfg["BLOCK_M"], cfg["BLOCK_N"], B * H, packed, D, dims["D2"] > 0)
     cu = cu_seqlens.to(torch.int32) if packed else q  # dummy pointer when dense
     if B * H > 0 and maxn > 0:
         grid = _grid(maxn, cfg["BLOCK_M"], cfg["TAIL_M"], packed, B * H, group)
@@ -1518,13 +1733,13 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, **dims)
         descs, tma_q = _descs(tma_dq and not packed, (k, v), dq_cfg["BLOCK_N"], dims["BLOCK_D"], dims["D2"])
         kd, vd, kd2, vd2 = descs + [None] * (4 - len(descs))
-        group = _tail_group(dq_cfg, maxn, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], B * H, packed, D)
+        group = _tail_group(dq_cfg, maxn, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], B * H, packed, D, dims["D2"] > 0)
         _attn_bwd_kv_q[_grid(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed, B * H, group)](
             *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **group,
             **dq_cfg)
         descs, tma_kv = _descs(tma and not packed, (q, do), cfg["BLOCK_M"], dims["BLOCK_D"], dims["D2"])
         qd, dod, qd2, dod2 = descs + [None] * (4 - len(descs))
-        group = _tail_group(cfg, maxn, cfg["BLOCK_N"], cfg["BLOCK_M"], B * H, packed, D)
+        group = _tail_group(cfg, maxn, cfg["BLOCK_N"], cfg["BLOCK_M"], B * H, packed, D, dims["D2"] > 0)
         _attn_bwd_kv_q[_grid(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed, B * H, group)](
             *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **group,
             **cfg)
@@ -1534,6 +1749,7 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
     cfg.setdefault("TRANS", False)
     cfg.pop("TAIL_G", None)  # the one-kernel layouts take no tail groups
     cfg.pop("TAIL_GW", None)
+    cfg.pop("TAIL_GS", None)
     bn = cfg["BLOCK_N"]
     if split:
         mode = 1

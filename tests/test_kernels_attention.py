@@ -343,6 +343,55 @@ def test_tail_groups_with_a_split_head_dim(monkeypatch):
     assert seen == [4] * 6
 
 
+def _tail_group_pieces(monkeypatch):
+    """Record, per pass launched, the grouped tail's head-dim columns (TAIL_GD, TAIL_GD2; () without groups)."""
+    seen, real = [], attn._tail_group
+
+    def spy(*a, **kw):
+        group = real(*a, **kw)
+        seen.append((group["TAIL_GD"], group.get("TAIL_GD2", 0)) if group else ())
+        return group
+    monkeypatch.setattr(attn, "_tail_group", spy)
+    return seen
+
+
+@pytest.mark.parametrize("n,d,heads", [(70, 88, 4), (37, 80, 4), (65, 88, 8), (21, 88, 2)])
+def test_split_grouped_tails(monkeypatch, n, d, heads):
+    """TAIL_GS (config key): where the full blocks split the head dim (SPLIT_D), the grouped tail splits it alike
+    (d = 88: 64 + 32 columns, not 128; d = 80: 64 + 16) on the forward and on each backward pass: the reference
+    result, tails of 6 / 5 / 1 rows and a sequence shorter than a block (all tail tiles); per pass as TAIL_G."""
+    seen = _tail_group_pieces(monkeypatch)
+    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
+    gs = {"TAIL_G": 4, "SPLIT_D": True, "TAIL_GS": True}
+    bwd = KV_Q | gs | {"DQ": KV_Q["DQ"] | {"TAIL_G": 4, "TAIL_GS": True}}
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | gs, bwd_config=bwd))
+    assert seen == [(64, _pow2_split(d))] * 3
+    seen.clear()
+    # the split tail on the dQ pass only; the dK/dV pass's grouped tail padded; the forward's per head
+    bwd = KV_Q | {"SPLIT_D": True, "TAIL_G": 4, "DQ": KV_Q["DQ"] | {"TAIL_G": 4, "TAIL_GS": True}}
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"SPLIT_D": True}, bwd_config=bwd))
+    assert seen == [(), (64, _pow2_split(d)), (128, 0)]
+
+
+def _pow2_split(d):
+    return attn._split_dims(d)[1]
+
+
+def test_split_grouped_tail_needs_a_split_head_dim(monkeypatch):
+    """TAIL_GS without SPLIT_D (or at a head dim that does not split) pads the grouped tail as before."""
+    seen = _tail_group_pieces(monkeypatch)
+    q, k, v = (torch.randn(1, 4, 70, 88, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_G": 4, "TAIL_GS": True},
+                           bwd_config=KV_Q | {"TAIL_G": 4, "TAIL_GS": True}))
+    q, k, v = (torch.randn(1, 4, 37, 64, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_G": 4, "TAIL_GS": True, "SPLIT_D": True},
+                           bwd_config=KV_Q | {"TAIL_G": 4, "TAIL_GS": True, "SPLIT_D": True}))
+    assert seen == [(128, 0), (), (128, 0), (64, 0), (), (64, 0)]
+    assert attn._tail_group({"TAIL_G": 4, "TAIL_GS": True}, 257, 128, 64, 16, False, 88, True) == {
+        "TAIL_G": 4, "TAIL_GW": 16, "TAIL_GD": 64, "TAIL_GD2": 32}
+    assert attn._tail_group({"TAIL_G": 4, "TAIL_GS": True}, 256, 128, 64, 16, False, 88, True) == {}
+
+
 def test_tail_group_launch_geometry():
     """_tail_group / _grid: G heads' full blocks, then their tail tiles, in one grid column per group; the grouped
     tail's walk step defaults to the full walk's bytes (walk / G rows, at least 16)."""
