@@ -40,6 +40,27 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+K79)  # session 30: the split grouped tails (K78) under Triton 3.8.0, torch 2.14's, which a fresh install takes. Needs
+      # /tmp/site38: the cp312 triton 3.8.0 wheel's package less proton, CUPTI, ptxas-blackwell, nvdisasm and cuobjdump
+      # (keep backends/amd: 3.8's backend discovery imports it), tar | xz (100 MB), carried in three 34 MB parts
+      # (.whl/t38.part.a{a,b,c}) to /tmp/w38 on one warm machine, then unpacked. Then the stock Triton 3.6 run of every
+      # attention default (the "Where it stands" table in kernels/README.md). Run three times on 2026-11-30 (the first
+      # two with a cp311 package, then without backends/amd: their 3.8 steps failed): ...-s30-defaults{,-2,-3}.json
+  if [ ! -d /tmp/site38/triton ] && ls /tmp/w38/t38.part.* >/dev/null 2>&1; then
+    mkdir -p /tmp/site38 && cat /tmp/w38/t38.part.* | xz -d | tar x -C /tmp/site38
+  fi
+  [ -d /tmp/site38/triton ] || { echo "no /tmp/site38: see K79's comment"; exit 3; }
+  PYTHONPATH=/tmp/site38:. step 300 python3 -m bench kernels --only attention --tune-tail-split \
+    --shapes vit-g-n257-d88,vit-h-n257-d80,mae-g-enc-n65-d88 --tag s30-triton38-tune-tail-split
+  step 240 python3 -m bench kernels --only attention --tag s30-defaults
+  ;;
+K78)  # session 30: split grouped tails (TAIL_GS: where the full blocks split the head dim, the grouped tail splits it
+      # alike, 64 + 32 columns at d = 88 instead of 128) on the forward and both backward passes; first what the tail
+      # rows cost at all (each shape's defaults at N and at its full blocks' length: the bound on any tail scheme)
+  step 150 python3 -m bench._probe_tail_bound --tag s30-tail-bound
+  step 400 python3 -m bench kernels --only attention --tune-tail-split --tag s30-tune-tail-split \
+    --shapes vit-g-n257-d88,vit-h-n257-d80,mae-g-enc-n65-d88
+  ;;
 S)
   ( export CUDA_VISIBLE_DEVICES=0 PART=S-gpu0
     step 330 python3 -m bench loaders --backends dali,nvjpeg,cpu,pil --workers 4 --seconds 6 --stall

@@ -1484,6 +1484,11 @@ TAIL_GROUP_MAX_N = 320
 # columns: 0.2121 / 0.7344 grouped vs 0.2281 / 0.7473 under 3.8). 3.7 is unmeasured and taken as 3.8.
 NEWER_TRITON = triton_version.TRITON >= (3, 7)  # 3.7 unmeasured, taken as 3.8 (here and in TUNED_NEWER_TRITON)
 POW2_TAIL_GROUPS = not NEWER_TRITON
+# Split grouped tails (TAIL_GS) lose badly under Triton 3.8 (session 30, --tune-tail-split under 3.8 on the H200,
+# ...-2026-11-30-s30-triton38-tune-tail-split.json; TUNED's 3.6 winners there): d = 88 forward 0.2164 ms vs 0.1925 with
+# padded groups of 4, d = 80 backward 0.7784 vs 0.7012, the MAE ViT-g encoder backward 0.4286 vs 0.2831. Off from 3.7,
+# the defaults drop the key (their padded groups stay), and TUNED_NEWER_TRITON holds 3.8's own winners for those shapes.
+SPLIT_TAIL_GROUPS = not NEWER_TRITON
 
 
 # Shapes whose blocks differ under Triton 3.7 and later (measured under 3.8, torch 2.14's; 3.7 is taken as 3.8, as
@@ -1493,8 +1498,19 @@ POW2_TAIL_GROUPS = not NEWER_TRITON
 # 2 stages), fwd+bwd 1.21x cuDNN vs 1.15x. Under 3.6 the same change is slower (0.5853 vs 0.5641,
 # ...-2026-11-29-tune-blocks-2.json), so TUNED keeps its own. The other shapes' neighbours under 3.8 (N = 197, 261,
 # 1374, the MAE decoder, d = 80, the MAE ViT-g encoder) gained nothing (...-triton38-tune-blocks-<shape>.json).
+# The split head dims' tail groups under 3.8 (session 30, ...-s30-triton38-tune-tail-split.json, ms; padded, never
+# split, see SPLIT_TAIL_GROUPS): d = 88's forward with groups of 4, 0.1925 vs 0.2031 per head (its backward's groups
+# gained nothing: 0.5564 vs 0.5572); d = 80's backward with groups of 4 on both passes, 0.7012 vs 0.7254 (dQ pass
+# only); the MAE ViT-g encoder per head on the forward (0.1043 vs 0.1044 in groups of 2) and on the dQ pass, 0.2831 vs
+# 0.2898 (groups of 2)
 TUNED_NEWER_TRITON: dict = {
-    (257, 88): (None, _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 4, True), split_d=True, tma=True)),
+    (257, 88): (_cfg(128, 64, 16, 16, 4, 3, split_d=True, tail_g=4),
+                _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 4, True), split_d=True, tma=True)),
+    (257, 80): (_cfg(128, 64, 16, 16, 4, 3, split_d=True, tail_g=4),
+                _cfg(64, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 64, 16, 16, 4, 3, False, 4), split_d=True, tail_g=4)),
+    (65, 88): (_cfg(64, 32, 16, 16, 4, 3, split_d=True, regs=128),
+               _cfg(32, 64, 16, 16, 4, 2, split=KV_Q, dq=(64, 32, 16, 16, 4, 2, False, 0, 128), split_d=True,
+                    tail_g=4)),
 }
 
 
@@ -1505,15 +1521,20 @@ def _newer(n: int, d: int, i: int):
 
 def _for_this_triton(cfg: dict, d: int) -> dict:
     """A default config as this Triton runs it best: without tail groups at power-of-two head dims where
-    POW2_TAIL_GROUPS is off (both passes of a two-pass backward), else unchanged. The register caps stay: per-head
-    tails under Triton 3.8 still run faster with them (N = 197 forward 0.1106 vs 0.1141 ms, backward 0.3110 vs
-    0.3140)."""
-    if POW2_TAIL_GROUPS or _pow2(d) != d:
+    POW2_TAIL_GROUPS is off, without split grouped tails (TAIL_GS; the padded groups stay) where SPLIT_TAIL_GROUPS is
+    off (both passes of a two-pass backward), else unchanged. The register caps stay: per-head tails under Triton 3.8
+    still run faster with them (N = 197 forward 0.1106 vs 0.1141 ms, backward 0.3110 vs 0.3140)."""
+    drop = ()
+    if not POW2_TAIL_GROUPS and _pow2(d) == d:
+        drop += ("TAIL_G", "TAIL_GW", "TAIL_GS")
+    if not SPLIT_TAIL_GROUPS:
+        drop += ("TAIL_GS",)
+    if not drop:
         return cfg
-    drop = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW")}
-    out = drop(cfg)
+    strip = lambda c: {k: v for k, v in c.items() if k not in drop}
+    out = strip(cfg)
     if isinstance(out.get("DQ"), dict):
-        out["DQ"] = drop(out["DQ"])
+        out["DQ"] = strip(out["DQ"])
     return out
 
 

@@ -90,9 +90,11 @@ def test_newer_triton_configs(monkeypatch, shape):
         for i, (get, tuned) in enumerate(((attn._fwd_config, attn._fwd_tuned), (attn._bwd_config, attn._bwd_tuned))):
             want = newer[i] if on and newer[i] is not None else tuned(n, d)
             assert get(n, d) == attn._for_this_triton(want, d)
-        for other in ((197, 64), (261, 64), (1374, 64), (65, 88)):  # shapes it does not list: unchanged
+        for other in ((197, 64), (261, 64), (1374, 64), (50, 64)):  # shapes it does not list: unchanged
             assert attn._bwd_config(*other) == attn._for_this_triton(attn._bwd_tuned(*other), other[1])
-    assert newer[1]["DQ"] != attn.TUNED[shape][1]["DQ"]  # d = 88: the dQ pass's blocks differ
+    if shape == (257, 88):
+        assert newer[1]["DQ"] != attn.TUNED[shape][1]["DQ"]  # d = 88: the dQ pass's blocks differ
+    assert not any(c.get("TAIL_GS") for c in (newer[0] or {}, newer[1], newer[1].get("DQ") or {}))
     fwd = newer[0] or attn.TUNED[shape][0]
     q, k, v = (torch.randn(1, 1, 197, d, requires_grad=True) for _ in range(3))
     assert_close(*run_both(q, k, v, fwd_config=fwd, bwd_config=newer[1]))
@@ -145,6 +147,27 @@ def test_defaults_follow_the_triton_version(monkeypatch, groups):
             assert (fwd, bwd) == (tf, tb)
     assert attn._fwd_config(257, 80)["TAIL_G"] == 4 and attn._bwd_config(257, 80)["DQ"]["TAIL_G"] == 4
     assert attn._fwd_config(1374, 64) == attn.TUNED[(1374, 64)][0]  # nothing to drop
+
+
+@pytest.mark.parametrize("newer", [False, True])
+def test_split_tail_groups_follow_the_triton_version(monkeypatch, newer):
+    """SPLIT_TAIL_GROUPS (on under Triton < 3.7, where split grouped tails were measured to win): under 3.6 the split
+    head dims' defaults are TUNED's, split tails included; off (3.8, where they lose), no default carries TAIL_GS on
+    any pass and the padded groups stay; under 3.8 the TUNED_NEWER_TRITON configs take over for those shapes."""
+    monkeypatch.setattr(attn, "NEWER_TRITON", newer)
+    monkeypatch.setattr(attn, "SPLIT_TAIL_GROUPS", not newer)
+    gs = lambda c: [x.get("TAIL_GS", False) for x in (c, c.get("DQ") or {})]
+    for shape in ((257, 88), (257, 80), (65, 88)):
+        fwd, bwd = attn._fwd_config(*shape), attn._bwd_config(*shape)
+        if newer:
+            assert (fwd, bwd) == attn.TUNED_NEWER_TRITON[shape] and not any(gs(fwd) + gs(bwd))
+        else:
+            assert (fwd, bwd) == attn.TUNED[shape] and any(gs(fwd) + gs(bwd))
+    monkeypatch.setattr(attn, "NEWER_TRITON", False)
+    monkeypatch.setattr(attn, "SPLIT_TAIL_GROUPS", False)  # TUNED's configs with the split tails dropped
+    fwd, bwd = attn._fwd_config(65, 88), attn._bwd_config(65, 88)
+    assert not any(gs(fwd) + gs(bwd)) and fwd["TAIL_G"] == 2 and bwd["TAIL_G"] == bwd["DQ"]["TAIL_G"] == 4
+    assert {k: v for k, v in fwd.items()} == {k: v for k, v in attn.TUNED[(65, 88)][0].items() if k != "TAIL_GS"}
 
 
 def test_split_dims():
