@@ -355,6 +355,20 @@ def _store_rows3(P, off, rows, s_n, offs_d, x, rows_ok, mask_d, MASK_C: tl.const
 
 
 @triton.jit
+def _load_rows3_pair(P, off, rows, s_n, offs_d, offs_d2, rows_ok, mask_d2, MASK_R: tl.constexpr):
+    """_load_rows3 of a head dim in two pieces (TAIL_GS): columns offs_d (all valid), then offs_d2 (masked)."""
+    x = _load_rows3(P, off, rows, s_n, offs_d, rows_ok, offs_d, MASK_R, False)
+    return x, _load_rows3(P, off, rows, s_n, offs_d2, rows_ok, mask_d2, MASK_R, True)
+
+
+@triton.jit
+def _store_rows3_pair(P, off, rows, s_n, offs_d, offs_d2, x, x2, rows_ok, mask_d2):
+    """_store_rows3 of a head dim in two pieces: x into columns offs_d, x2 into offs_d2 (masked)."""
+    _store_rows3(P, off, rows, s_n, offs_d, x, rows_ok, offs_d, False)
+    _store_rows3(P, off, rows, s_n, offs_d2, x2, rows_ok, mask_d2, True)
+
+
+@triton.jit
 def _fwd_kv_step_g(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale, offs_d, mask_d,
                    BN: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, LEAN: tl.constexpr = False):
     # _fwd_kv_step for G heads: q [G, TM, d], m_i / l_i [G, TM]
@@ -496,10 +510,8 @@ def _fwd_kv_step_g2(q, q2, m_i, l_i, acc, acc2, K, V, ko, vo, start_n, seqlen, s
     # _fwd_kv_step_g with the head dim in two pieces (TAIL_GD2): columns offs_d (all valid), offs_d2 (masked)
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
-    k = _load_rows3(K, ko, cols, sk_n, offs_d, cols_ok, offs_d, MASK_N, False)
-    k2 = _load_rows3(K, ko, cols, sk_n, offs_d2, cols_ok, mask_d2, MASK_N, True)
-    v = _load_rows3(V, vo, cols, sv_n, offs_d, cols_ok, offs_d, MASK_N, False)
-    v2 = _load_rows3(V, vo, cols, sv_n, offs_d2, cols_ok, mask_d2, MASK_N, True)
+    k, k2 = _load_rows3_pair(K, ko, cols, sk_n, offs_d, offs_d2, cols_ok, mask_d2, MASK_N)
+    v, v2 = _load_rows3_pair(V, vo, cols, sv_n, offs_d, offs_d2, cols_ok, mask_d2, MASK_N)
     qk = tl.dot(q2, tl.permute(k2, (0, 2, 1)), tl.dot(q, tl.permute(k, (0, 2, 1))))
     m_new, p = _softmax_step(qk, m_i, qk_scale, cols_ok[None, None, :], MASK_N, 2, LEAN)
     alpha = tl.math.exp2(m_i - m_new)
@@ -521,8 +533,7 @@ def _fwd_tail_group2(Q, K, V, O, LSE, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
     ko = _group_offs(bh, H, sk_b, sk_h)
     vo = _group_offs(bh, H, sv_b, sv_h)
     qo = _group_offs(bh, H, sq_b, sq_h)
-    q = _load_rows3(Q, qo, rows, sq_n, offs_d, rows_ok, offs_d, True, False)
-    q2 = _load_rows3(Q, qo, rows, sq_n, offs_d2, rows_ok, mask_d2, True, True)
+    q, q2 = _load_rows3_pair(Q, qo, rows, sq_n, offs_d, offs_d2, rows_ok, mask_d2, True)
     m_i = tl.full([G, TM], float("-inf"), tl.float32)
     l_i = tl.zeros([G, TM], tl.float32)
     acc = tl.zeros([G, TM, D1], tl.float32)
@@ -537,8 +548,8 @@ def _fwd_tail_group2(Q, K, V, O, LSE, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
     acc = _normalise(acc, l_i, 2, LEAN)
     acc2 = _normalise(acc2, l_i, 2, LEAN)
     oo = _group_offs(bh, H, so_b, so_h)
-    _store_rows3(O, oo, rows, so_n, offs_d, acc.to(O.dtype.element_ty), rows_ok, offs_d, False)
-    _store_rows3(O, oo, rows, so_n, offs_d2, acc2.to(O.dtype.element_ty), rows_ok, mask_d2, True)
+    _store_rows3_pair(O, oo, rows, so_n, offs_d, offs_d2, acc.to(O.dtype.element_ty), acc2.to(O.dtype.element_ty),
+                      rows_ok, mask_d2)
     lo = _group_offs(bh, H, sl_b, sl_h)
     tl.store(LSE + lo[:, None] + rows[None, :], m_i + tl.math.log2(l_i), mask=rows_ok[None, :])
 
@@ -548,10 +559,8 @@ def _bwd_dq_step_g2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq
                     offs_d2, mask_d2, BN: tl.constexpr, MASK_N: tl.constexpr):
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
-    k = _load_rows3(K, ko, cols, sk_n, offs_d, cols_ok, offs_d, MASK_N, False)
-    k2 = _load_rows3(K, ko, cols, sk_n, offs_d2, cols_ok, mask_d2, MASK_N, True)
-    v = _load_rows3(V, vo, cols, sv_n, offs_d, cols_ok, offs_d, MASK_N, False)
-    v2 = _load_rows3(V, vo, cols, sv_n, offs_d2, cols_ok, mask_d2, MASK_N, True)
+    k, k2 = _load_rows3_pair(K, ko, cols, sk_n, offs_d, offs_d2, cols_ok, mask_d2, MASK_N)
+    v, v2 = _load_rows3_pair(V, vo, cols, sv_n, offs_d, offs_d2, cols_ok, mask_d2, MASK_N)
     qk = tl.dot(q2, tl.permute(k2, (0, 2, 1)), tl.dot(q, tl.permute(k, (0, 2, 1))))
     p = tl.math.exp2(qk * qk_scale - lse[:, :, None])
     if MASK_N:
@@ -574,12 +583,9 @@ def _bwd_dq_tail_group2(Q, K, V, O, DO, DQ, LSE, DELTA, bh, H, sq_b, sq_h, sq_n,
     qo = _group_offs(bh, H, sq_b, sq_h)
     doo = _group_offs(bh, H, sdo_b, sdo_h)
     oo = _group_offs(bh, H, so_b, so_h)
-    q = _load_rows3(Q, qo, rows, sq_n, offs_d, rows_ok, offs_d, True, False)
-    q2 = _load_rows3(Q, qo, rows, sq_n, offs_d2, rows_ok, mask_d2, True, True)
-    do = _load_rows3(DO, doo, rows, sdo_n, offs_d, rows_ok, offs_d, True, False)
-    do2 = _load_rows3(DO, doo, rows, sdo_n, offs_d2, rows_ok, mask_d2, True, True)
-    o = _load_rows3(O, oo, rows, so_n, offs_d, rows_ok, offs_d, True, False)
-    o2 = _load_rows3(O, oo, rows, so_n, offs_d2, rows_ok, mask_d2, True, True)
+    q, q2 = _load_rows3_pair(Q, qo, rows, sq_n, offs_d, offs_d2, rows_ok, mask_d2, True)
+    do, do2 = _load_rows3_pair(DO, doo, rows, sdo_n, offs_d, offs_d2, rows_ok, mask_d2, True)
+    o, o2 = _load_rows3_pair(O, oo, rows, so_n, offs_d, offs_d2, rows_ok, mask_d2, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 2) + tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 2)
     lp = _group_offs(bh, H, sl_b, sl_h)[:, None] + rows[None, :]
     lse = tl.load(LSE + lp, mask=rows_ok[None, :], other=float("inf"))
@@ -594,8 +600,8 @@ def _bwd_dq_tail_group2(Q, K, V, O, DO, DQ, LSE, DELTA, bh, H, sq_b, sq_h, sq_n,
         dq, dq2 = _bwd_dq_step_g2(K, V, ko, vo, sk_n, sv_n, q, q2, do, do2, lse, delta, dq, dq2, start_n, seqlen,
                                   qk_scale, offs_d, offs_d2, mask_d2, TAIL_N, True)
     dqo = _group_offs(bh, H, sdq_b, sdq_h)
-    _store_rows3(DQ, dqo, rows, sdq_n, offs_d, (dq * sm_scale).to(DQ.dtype.element_ty), rows_ok, offs_d, False)
-    _store_rows3(DQ, dqo, rows, sdq_n, offs_d2, (dq2 * sm_scale).to(DQ.dtype.element_ty), rows_ok, mask_d2, True)
+    _store_rows3_pair(DQ, dqo, rows, sdq_n, offs_d, offs_d2, (dq * sm_scale).to(DQ.dtype.element_ty),
+                      (dq2 * sm_scale).to(DQ.dtype.element_ty), rows_ok, mask_d2)
 
 
 @triton.jit
@@ -603,10 +609,8 @@ def _bwd_dkdv_step_g2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2,
                       qk_scale, offs_d, offs_d2, mask_d2, BM: tl.constexpr, MASK_M: tl.constexpr):
     rows = start_m + tl.arange(0, BM)
     rows_ok = rows < seqlen
-    q = _load_rows3(Q, qo, rows, sq_n, offs_d, rows_ok, offs_d, MASK_M, False)
-    q2 = _load_rows3(Q, qo, rows, sq_n, offs_d2, rows_ok, mask_d2, MASK_M, True)
-    do = _load_rows3(DO, doo, rows, sdo_n, offs_d, rows_ok, offs_d, MASK_M, False)
-    do2 = _load_rows3(DO, doo, rows, sdo_n, offs_d2, rows_ok, mask_d2, MASK_M, True)
+    q, q2 = _load_rows3_pair(Q, qo, rows, sq_n, offs_d, offs_d2, rows_ok, mask_d2, MASK_M)
+    do, do2 = _load_rows3_pair(DO, doo, rows, sdo_n, offs_d, offs_d2, rows_ok, mask_d2, MASK_M)
     lp = lo[:, None] + rows[None, :]
     if MASK_M:
         lse = tl.load(LSE + lp, mask=rows_ok[None, :], other=float("inf"))  # padded queries: p = 0
@@ -639,10 +643,8 @@ def _bwd_dkdv_tail_group2(Q, K, V, DO, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, sq
     lo = _group_offs(bh, H, sl_b, sl_h)
     ko = _group_offs(bh, H, sk_b, sk_h)
     vo = _group_offs(bh, H, sv_b, sv_h)
-    k = _load_rows3(K, ko, cols, sk_n, offs_d, cols_ok, offs_d, True, False)
-    k2 = _load_rows3(K, ko, cols, sk_n, offs_d2, cols_ok, mask_d2, True, True)
-    v = _load_rows3(V, vo, cols, sv_n, offs_d, cols_ok, offs_d, True, False)
-    v2 = _load_rows3(V, vo, cols, sv_n, offs_d2, cols_ok, mask_d2, True, True)
+    k, k2 = _load_rows3_pair(K, ko, cols, sk_n, offs_d, offs_d2, cols_ok, mask_d2, True)
+    v, v2 = _load_rows3_pair(V, vo, cols, sv_n, offs_d, offs_d2, cols_ok, mask_d2, True)
     dk = tl.zeros([G, TN, D1], tl.float32)
     dk2 = tl.zeros([G, TN, D2], tl.float32)
     dv = tl.zeros([G, TN, D1], tl.float32)
@@ -656,10 +658,10 @@ def _bwd_dkdv_tail_group2(Q, K, V, DO, DK, DV, LSE, DELTA, bh, H, sq_b, sq_h, sq
                                              dv2, start_m, seqlen, qk_scale, offs_d, offs_d2, mask_d2, TAIL_M, True)
     dko = _group_offs(bh, H, sdk_b, sdk_h)
     dvo = _group_offs(bh, H, sdv_b, sdv_h)
-    _store_rows3(DK, dko, cols, sdk_n, offs_d, (dk * sm_scale).to(DK.dtype.element_ty), cols_ok, offs_d, False)
-    _store_rows3(DK, dko, cols, sdk_n, offs_d2, (dk2 * sm_scale).to(DK.dtype.element_ty), cols_ok, mask_d2, True)
-    _store_rows3(DV, dvo, cols, sdv_n, offs_d, dv.to(DV.dtype.element_ty), cols_ok, offs_d, False)
-    _store_rows3(DV, dvo, cols, sdv_n, offs_d2, dv2.to(DV.dtype.element_ty), cols_ok, mask_d2, True)
+    _store_rows3_pair(DK, dko, cols, sdk_n, offs_d, offs_d2, (dk * sm_scale).to(DK.dtype.element_ty),
+                      (dk2 * sm_scale).to(DK.dtype.element_ty), cols_ok, mask_d2)
+    _store_rows3_pair(DV, dvo, cols, sdv_n, offs_d, offs_d2, dv.to(DV.dtype.element_ty), dv2.to(DV.dtype.element_ty),
+                      cols_ok, mask_d2)
 
 
 @triton.jit
