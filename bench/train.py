@@ -387,10 +387,15 @@ def gap_table(gaps: dict) -> str:
     return "\n".join(lines)
 
 
+def recipe_stems(recipes: list[str]) -> list[str]:
+    """Each recipe entry's file stem (`recipes/vit_l_mae.yaml::train.micro_batch=128` -> `vit_l_mae`)."""
+    return [Path(split_entry(r)[0]).stem for r in recipes]
+
+
 def profile_stem(recipes: list[str], i: int) -> str:
     """The profile table's file stem for the i-th recipe entry: the recipe file's stem, and where several entries share
     it (one recipe with different `::` overrides), its position too (1-based), so that no table overwrites another."""
-    stems = [Path(split_entry(r)[0]).stem for r in recipes]
+    stems = recipe_stems(recipes)
     return stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}-{i + 1}"
 
 
@@ -456,7 +461,7 @@ def run_scaling(args, argv: list[str]) -> int:
                 print_table([row], [k for k in row if k not in lists])
                 if "error" in row:
                     print(row["error"])
-    tag = "+".join(Path(split_entry(r)[0]).stem for r in args.recipes) + f"-{args.variants[0]}"
+    tag = "+".join(recipe_stems(args.recipes)) + f"-{args.variants[0]}"
     tag += f"-{args.tag}" if args.tag else ""
     write_result("train-scaling", {"rows": rows, "compile": not args.no_compile, "overrides": args.override},
                  argv, tag=tag, command_suite="train")
