@@ -40,6 +40,16 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+K80)  # session 30: every attention default under Triton 3.8.0 (what a fresh install runs) after K79's changes
+      # (SPLIT_TAIL_GROUPS off, 3.8's own winners for d = 88 / 80 / N = 65 in TUNED_NEWER_TRITON); /tmp/site38 as in
+      # K79 (its three parts, plus .whl/amd.tar.xz unpacked into /tmp/site38/triton/backends)
+  if [ ! -d /tmp/site38/triton ] && ls /tmp/w38/t38.part.* >/dev/null 2>&1; then
+    mkdir -p /tmp/site38 && cat /tmp/w38/t38.part.* | xz -d | tar x -C /tmp/site38
+  fi
+  [ -d /tmp/site38/triton/backends/amd ] || { [ -f .whl/amd.tar.xz ] && tar xJf .whl/amd.tar.xz -C /tmp/site38; }
+  [ -d /tmp/site38/triton/backends/amd ] || { echo "no /tmp/site38 with backends/amd: see K79's comment"; exit 3; }
+  PYTHONPATH=/tmp/site38:. step 300 python3 -m bench kernels --only attention --tag s30-triton38-defaults
+  ;;
 K79)  # session 30: the split grouped tails (K78) under Triton 3.8.0, torch 2.14's, which a fresh install takes. Needs
       # /tmp/site38: the cp312 triton 3.8.0 wheel's package less proton, CUPTI, ptxas-blackwell, nvdisasm and cuobjdump
       # (keep backends/amd: 3.8's backend discovery imports it), tar | xz (100 MB), carried in three 34 MB parts
