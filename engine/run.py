@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    del trainer  # its FSDP2 modules freed before the process group ends (teardown_distributed)
     teardown_distributed()
     return 0
 

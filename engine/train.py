@@ -56,10 +56,16 @@ def setup_distributed(device_kind: str) -> Dist:
 def teardown_distributed() -> None:
     """End the process group (after a barrier), so no rank exits while another still talks to it:
     a gloo process group left to interpreter exit can abort its process ("terminate called
-    without an active exception")."""
+    without an active exception"). A full collection first (after undoing train.gc_freeze_after's freeze): FSDP2
+    modules sit in reference cycles (their hooks), so without it they, and the communication state they hold, may be
+    freed only at interpreter exit, where freeing it aborts a gloo rank the same way (one CI run of
+    tests/optim_worker.py on 2026-11-30, after its barrier and destroy_process_group). Callers drop their references
+    to models and optimizers before calling this."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.unfreeze()
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

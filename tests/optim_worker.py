@@ -18,7 +18,17 @@ from engine.train import teardown_distributed
 
 
 def main(out: str) -> None:
+    """The comparison, then the process group's end, with every FSDP2 module and optimizer of `compare` freed first
+    (teardown_distributed collects their cycles while the interpreter is whole)."""
     dist.init_process_group("gloo")
+    result = compare()
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    teardown_distributed()  # a barrier first: gloo aborts a rank that exits while the other still talks
+
+
+def compare() -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -90,12 +100,10 @@ def main(out: str) -> None:
         torch._foreach_lerp_(t_local, s_local, 0.3)
     ema_local = not any(isinstance(t, DTensor) for t in t_local + s_local)
     ema_same = all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(*(t.parameters() for t in teachers)))
-    if dist.get_rank() == 0:
-        json.dump({"params_equal": same, "state_equal": state_same, "moved": moved, "dtensor_args": seen,
-                   "specs": [specs[::2], specs[1::2]],
-                   "norms": [norms[::2], norms[1::2]], "clip": [clip_ref, clip_ours, clipped_norm],
-                   "clip_close": clip_close, "ema_local": ema_local, "ema_equal": ema_same}, open(out, "w"))
-    teardown_distributed()  # a barrier first: gloo aborts a rank that exits while the other still talks
+    return {"params_equal": same, "state_equal": state_same, "moved": moved, "dtensor_args": seen,
+            "specs": [specs[::2], specs[1::2]], "norms": [norms[::2], norms[1::2]],
+            "clip": [clip_ref, clip_ours, clipped_norm], "clip_close": clip_close, "ema_local": ema_local,
+            "ema_equal": ema_same}
 
 
 if __name__ == "__main__":

@@ -112,3 +112,37 @@ def test_dinov2_packed_student_pass_under_fsdp(tmp_path):
     assert res["packed"]["folded"] == 8 and res["unfolded"]["folded"] == 0
     assert res["unfolded"]["losses"] == pytest.approx(res["packed"]["losses"], rel=1e-4)
     assert res["unfolded"]["losses"][1] != res["unfolded"]["losses"][0]
+
+
+def test_teardown_frees_cycles_while_the_group_is_up(tmp_path):
+    """teardown_distributed: objects in reference cycles (FSDP2 modules with their hooks), frozen too
+    (train.gc_freeze_after), are freed before the process group ends, not at interpreter exit where freeing a gloo
+    rank's communication state can abort the process. One gloo rank in a subprocess."""
+    code = f"""
+import gc
+import torch.distributed as dist
+from engine.train import teardown_distributed
+
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+freed = []
+
+class Cycle:
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        freed.append(dist.is_initialized())
+
+c = Cycle()
+gc.collect()
+gc.freeze()  # as after train.gc_freeze_after: only an unfreeze lets a collection see it
+del c
+gc.collect()
+assert freed == [], freed
+teardown_distributed()
+print("freed", freed, "initialized after", dist.is_initialized())
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "freed [True] initialized after False"
