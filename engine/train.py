@@ -58,9 +58,9 @@ def teardown_distributed() -> None:
     a gloo process group left to interpreter exit can abort its process ("terminate called
     without an active exception"). A full collection first (after undoing train.gc_freeze_after's freeze): FSDP2
     modules sit in reference cycles (their hooks), so without it they, and the communication state they hold, may be
-    freed only at interpreter exit, where freeing it aborts a gloo rank the same way (one CI run of
-    tests/optim_worker.py on 2026-11-30, after its barrier and destroy_process_group). Callers drop their references
-    to models and optimizers before calling this."""
+    freed only at interpreter exit. That is the likely path of one abort of tests/optim_worker.py in CI on 2026-11-30,
+    after its barrier and destroy_process_group; 20 runs here did not reproduce it. Callers drop their references to
+    models and optimizers before calling this."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
