@@ -37,7 +37,7 @@ def main(argv=None) -> int:
             o, lse = attn.attention_fwd(q, k, v, s, config=fwd)
             f = graph_ms(lambda: attn.attention_fwd(q, k, v, s, config=fwd))
             b = graph_ms(lambda: attn.attention_bwd(do, q, k, v, o, lse, s, config=bwd))
-            flops = 4.0 * B * H * n * n * D * 3.5
+            flops = attn.attention_flops(B * H * n * n, D)  # forward + backward
             row[f"n{n}"] = {"fwd_ms": f, "bwd_ms": b, "ms": f + b, "tflops": flops / (f + b) / 1e9}
             print(f"{name} N={n}: fwd {f:.4f} bwd {b:.4f} ms, {flops / (f + b) / 1e9:.0f} TFLOP/s", file=sys.stderr)
         full, tail = row[f"n{N - N % block}"], row[f"n{N}"]
