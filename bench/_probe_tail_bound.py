@@ -7,8 +7,6 @@ bwd graphed. The difference bounds what any tail scheme (grouped, split, folded)
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 
 import torch
@@ -43,10 +41,8 @@ def main(argv=None) -> int:
         full, tail = row[f"n{N - N % block}"], row[f"n{N}"]
         row["tail_share"] = 1 - full["ms"] / tail["ms"]  # of the N-row time, what the rows past the blocks cost
         rows.append(row)
-    path = write_result("kernels-probe", {"rows": rows}, argv, tag=args.tag)
-    record = json.loads(path.read_text())  # write_result writes `python -m bench <suite>`; this runs as a module
-    record["command"] = "python -m bench._probe_tail_bound " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_result("kernels-probe", {"rows": rows}, sys.argv[1:] if argv is None else argv, tag=args.tag,
+                 module="bench._probe_tail_bound")
     return 0
 
 

@@ -82,12 +82,15 @@ ENV_RECORDED = ("CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_VISIBLE_DEVICES")
 
 
 def write_result(suite: str, payload: dict[str, Any], argv: list[str] | None = None, tag: str | None = None,
-                 command_suite: str | None = None) -> Path:
+                 command_suite: str | None = None, module: str = "bench") -> Path:
     """Write bench/results/<suite>-<card>-<date>[-<tag>].json with card, versions and command.
     `tag` tells runs of one suite apart on the same day (e.g. the models measured); `command_suite` is the suite
-    whose command line wrote it where that differs from `suite` (bench train's scaling mode writes "train-scaling")."""
+    whose command line wrote it where that differs from `suite` (bench train's scaling mode writes "train-scaling");
+    `module`: the module run with `python -m` (a probe of its own, e.g. "bench._probe_tail_bound", takes no suite
+    in its command line)."""
     card = card_name()
-    cmd = "python -m bench " + " ".join(shlex.quote(a) for a in [command_suite or suite, *(argv or [])])
+    words = [command_suite or suite] if module == "bench" else []
+    cmd = f"python -m {module} " + " ".join(shlex.quote(a) for a in [*words, *(argv or [])])
     record = {
         "suite": suite,
         "card": card,

@@ -355,3 +355,19 @@ def test_mae_batch_flag_rejects_repeats(capsys):
     with pytest.raises(SystemExit):
         bk.main(["--mae-batch", "256", "256"])
     assert "--mae-batch takes distinct positive sizes" in capsys.readouterr().err
+
+
+def test_result_files_name_the_command_that_wrote_them(monkeypatch, tmp_path):
+    """bench.common.write_result: `python -m bench <suite> ...` (or the suite the command line named), or for a probe
+    run as a module of its own (`module`), `python -m <module> ...` with no suite in it."""
+    import json
+
+    from bench import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    read = lambda p: json.loads(p.read_text())["command"]
+    assert read(common.write_result("kernels", {}, ["--quick"], tag="a")) == "python -m bench kernels --quick"
+    assert read(common.write_result("train-scaling", {}, ["--gpus", "2"], tag="b", command_suite="train")) == \
+        "python -m bench train --gpus 2"
+    assert read(common.write_result("kernels-probe", {}, ["--tag", "s 1"], tag="c", module="bench._probe_tail_bound")) \
+        == "python -m bench._probe_tail_bound --tag 's 1'"
