@@ -914,13 +914,12 @@ def tail_split_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
         return [fwd], [bwd]
     base = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW", "TAIL_GS")}
     groups = [{}] + [{"TAIL_G": g} | ({"TAIL_GS": True} if gs else {}) for g in TAIL_GROUPS for gs in (False, True)]
-    fwds = [attn._fwd_config(N, D)] + [base(fwd) | t for t in groups]
+    fwds = [fwd] + [base(fwd) | t for t in groups]
     if bwd.get("SPLIT") != attn.KV_Q:
         return _unique(fwds), [bwd]
     dq = base(attn._kv_q_dq_config(bwd))
     dqs = [dq | t for t in groups] + [dq | t | {"maxnreg": 168} for t in groups[1:]]
-    return _unique(fwds), _unique([attn._bwd_config(N, D)] + [base(bwd) | a | {"DQ": b} for a in groups
-                                                               for b in dqs])
+    return _unique(fwds), _unique([bwd] + [base(bwd) | a | {"DQ": b} for a in groups for b in dqs])
 
 
 def lean_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:

@@ -371,3 +371,25 @@ def test_result_files_name_the_command_that_wrote_them(monkeypatch, tmp_path):
         "python -m bench train --gpus 2"
     assert read(common.write_result("kernels-probe", {}, ["--tag", "s 1"], tag="c", module="bench._probe_tail_bound")) \
         == "python -m bench._probe_tail_bound --tag 's 1'"
+
+
+def test_tail_split_variants():
+    """--tune-tail-split: the current configs first, then per-head, padded and split tail groups of 2 and 4 on the
+    forward, and every such choice on the dK/dV pass crossed with every one on the dQ pass (that pass also under a
+    168-register cap), nothing else changed; shapes whose full blocks hold the head dim whole: the current configs."""
+    from bench.kernels import tail_split_variants
+
+    fwds, bwds = tail_split_variants(257, 88)
+    fwd, bwd = attn._fwd_config(257, 88), attn._bwd_config(257, 88)
+    assert fwds[0] == fwd and bwds[0] == bwd
+    knobs = lambda c: (c.get("TAIL_G", 0), c.get("TAIL_GS", False))
+    # (each variant once: the current config also stands among them where it has no cap of its own)
+    assert {knobs(f) for f in fwds} == {(0, False), (2, False), (2, True), (4, False), (4, True)}
+    combos = [(knobs(b), knobs(b["DQ"]), b["DQ"].get("maxnreg")) for b in bwds]
+    assert len(set(combos)) == len(combos) == 5 * 9 and set(combos) == {
+        (a, q, cap) for a in {(0, False), (2, False), (2, True), (4, False), (4, True)}
+        for q, cap in [((0, False), None)] + [(g, c) for g in [(2, False), (2, True), (4, False), (4, True)]
+                                                for c in (None, 168)]}
+    rest = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW", "TAIL_GS", "DQ", "maxnreg")}
+    assert all(rest(f) == rest(fwd) for f in fwds) and all(rest(b) == rest(bwd) for b in bwds)
+    assert tail_split_variants(197, 64) == ([attn._fwd_config(197, 64)], [attn._bwd_config(197, 64)])
