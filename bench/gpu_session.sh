@@ -40,6 +40,13 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+K81)  # session 31: DQ_TAIL (the tail rows' dQ from the dK/dV pass's full key tiles, slots summed by a third kernel,
+      # instead of the dQ pass's tail programs) against each shape's current backward, twice in one call
+  for i in 1 2; do
+    step 240 python3 -m bench kernels --only attention --tune-dq-tail --tag s31-tune-dq-tail-$i \
+      --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64,mae-l-dec-n197-d32,dinov2-g518-n1374-d64
+  done
+  ;;
 K80)  # session 30: every attention default under Triton 3.8.0 (what a fresh install runs) after K79's changes
       # (SPLIT_TAIL_GROUPS off, 3.8's own winners for d = 88 / 80 / N = 65 in TUNED_NEWER_TRITON); /tmp/site38 as in
       # K79 (its three parts, plus .whl/amd.tar.xz unpacked into /tmp/site38/triton/backends)

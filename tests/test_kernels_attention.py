@@ -740,3 +740,33 @@ def test_tma_descriptors_from_autograds_thread_on_gpu():
     r = subprocess.run([sys.executable, "-c", _THREAD_CASE], env=env, cwd=root, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("n,d,heads,batch", [(70, 64, 2, 2), (37, 32, 1, 3), (101, 48, 2, 1), (90, 64, 4, 1)])
+def test_dq_tail_from_the_dkdv_pass(monkeypatch, n, d, heads, batch):
+    """DQ_TAIL (config key): the dQ pass runs no tail programs (its grouped tail dropped too); the dK/dV pass's full key
+    tiles store their shares of the tail rows' dQ and _attn_bwd_dq_tail adds them to the tail keys' share: the
+    reference gradients, with one or two dK/dV tail steps (tails of 6, 5, 5 and 26 rows)."""
+    seen = []
+    real = attn._dq_tail_rows
+    monkeypatch.setattr(attn, "_dq_tail_rows", lambda *a: seen.append(real(*a)) or seen[-1])
+    q, k, v = (torch.randn(batch, heads, n, d, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q | {"DQ_TAIL": True, "TAIL_G": 2}))
+    assert seen == [n // 32 * 32]
+
+
+def test_dq_tail_falls_back_where_it_does_not_apply():
+    """DQ_TAIL needs dense inputs, an unsplit head dim, tail rows, a full block and key tile, and both passes' full
+    query blocks ending at the same row; elsewhere it is off (0) and the two passes run as before."""
+    dims = attn._head_dim_meta(64, False)
+    dq, kv = {"BLOCK_M": 64}, {"BLOCK_M": 32, "BLOCK_N": 64}
+    assert attn._dq_tail_rows(True, 261, dq, kv, False, dims) == 256
+    assert attn._dq_tail_rows(False, 261, dq, kv, False, dims) == 0
+    assert attn._dq_tail_rows(True, 261, dq, kv, True, dims) == 0  # packed
+    assert attn._dq_tail_rows(True, 256, dq, kv, False, dims) == 0  # no tail rows
+    assert attn._dq_tail_rows(True, 50, dq, kv, False, dims) == 0  # no full block
+    assert attn._dq_tail_rows(True, 230, dq, kv, False, dims) == 0  # dK/dV's full steps end at 224, the dQ pass's at 192
+    assert attn._dq_tail_rows(True, 257, dq, kv, False, attn._head_dim_meta(88, True)) == 0  # split head dim
+    q, k, v = (torch.randn(1, 2, 230, 64, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q | {"DQ": KV_Q["DQ"] | {"BLOCK_M": 64},
+                                                                           "DQ_TAIL": True}))
