@@ -40,6 +40,21 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+K83)  # session 31: K82 again after moving the tail keys' share of the tail rows' dQ (and their delta) into the dQ
+      # pass's last full program per head: _attn_bwd_dq_tail only sums the slots (no products, no q / k / v / dO loads)
+  PYTHONPATH=. step 60 python3 .notes/probe_dqtail.py
+  for i in 1 2; do
+    step 240 python3 -m bench kernels --only attention --tune-dq-tail --tag s31-tune-dq-tail-prep-$i \
+      --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64
+  done
+  ;;
+K82)  # session 31: K81 again after two changes to DQ_TAIL: each slot stored as [rows, head dim] (dS K, lanes along the
+      # head dim: coalesced) instead of (dS K)^T, and _attn_bwd_dq_tail's slot loads unrolled (N_FULL constexpr)
+  for i in 1 2; do
+    step 240 python3 -m bench kernels --only attention --tune-dq-tail --tag s31-tune-dq-tail-coalesced-$i \
+      --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64
+  done
+  ;;
 K81)  # session 31: DQ_TAIL (the tail rows' dQ from the dK/dV pass's full key tiles, slots summed by a third kernel,
       # instead of the dQ pass's tail programs) against each shape's current backward, twice in one call
   for i in 1 2; do

@@ -976,8 +976,8 @@ def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, st
                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False, DQT=None, dqto=0, m0=0,
                    DQT_S: tl.constexpr = 0):
     # key-major products; padded keys need no mask here: their dK/dV rows are never stored
-    # DQT_S > 0 (DQ_TAIL, full key tiles only): also this key tile's share of the tail rows' dQ, (dS K)^T = K^T dS^T,
-    # stored in its slot of the fp32 scratch DQT (rows start_m - m0 ..., DQT_S columns a row) for _attn_bwd_dq_tail
+    # DQT_S > 0 (DQ_TAIL, full key tiles only): also this key tile's share of the tail rows' dQ, dS K, stored in its
+    # slot of the fp32 scratch DQT (rows start_m - m0 ..., DQT_S columns a row) for _attn_bwd_dq_tail
     rows = start_m + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q, do = _walk_pair(Q, DO, qo, doo, sq_n, sdo_n, QD, DOD, b, h, start_m, seqlen, offs_d, mask_d, BM, MASK_M, EVEN_D,
@@ -992,9 +992,9 @@ def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, st
     dv += tl.dot(pt.to(do.dtype), do)
     dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
     dk += tl.dot(dst.to(q.dtype), q)
-    if DQT_S > 0:
-        dqt = tl.dot(tl.trans(k), dst.to(k.dtype))  # [head dim, BM]
-        tl.store(DQT + dqto + (rows - m0)[None, :] * DQT_S + offs_d[:, None], dqt, mask=rows_ok[None, :])
+    if DQT_S > 0:  # [BM, head dim]: a warp's lanes along the head dim, so the stores coalesce
+        dqt = tl.dot(tl.trans(dst.to(k.dtype)), k)
+        tl.store(DQT + dqto + (rows - m0)[:, None] * DQT_S + offs_d[None, :], dqt, mask=rows_ok[:, None])
     return dk, dv
 
 
@@ -1073,65 +1073,60 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
 
 
 @triton.jit
-def _dq_tail_delta(O, DO, DELTA, oo, doo, lo, so_n, sdo_n, m0, seqlen, offs_d, mask_d, TR: tl.constexpr,
-                   EVEN_D: tl.constexpr):
-    """DQ_TAIL: delta = rowsum(dO * O) of the tail rows m0 ... seqlen - 1 (< TR of them), which no dQ-pass program
-    owns; the dK/dV pass reads it."""
+def _dq_tail_prep(Q, K, V, O, DO, LSE, DELTA, DQT, qo, ko, vo, oo, doo, lo, sq_n, sk_n, sv_n, so_n, sdo_n, bh, m0,
+                  seqlen, qk_scale, offs_d, mask_d, TR: tl.constexpr, TN: tl.constexpr, KV_BN: tl.constexpr,
+                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """DQ_TAIL, in the dQ pass's last full program of each head: for the tail rows m0 ... seqlen - 1 (< TR of them),
+    which no dQ-pass program owns, delta = rowsum(dO * O) (stored: the dK/dV pass reads it) and the tail keys' share
+    of their dQ, dS K over the keys past the dK/dV pass's last full tile of KV_BN (< TN of them), into the last slot
+    (_dq_tail_slot). The dK/dV pass's full key tiles store the other slots."""
     rows = m0 + tl.arange(0, TR)
     rows_ok = rows < seqlen
-    o = _load_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], rows_ok, mask_d, True, not EVEN_D)
-    do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, True, not EVEN_D)
-    tl.store(DELTA + lo + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows_ok)
-
-
-@triton.jit
-def _attn_bwd_dq_tail(
-    Q, K, V, DO, DQ, LSE, DELTA, DQT,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, sl_b, sl_h,
-    H, N, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TR: tl.constexpr, TN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-):
-    """DQ_TAIL's last step, one program per (b, h) of a dense batch: dQ of the tail rows (past the last full block
-    of BLOCK_M queries; < TR of them) = the sum of the dK/dV pass's key-tile slots in DQT (fp32 [B * H, key tiles,
-    rows, BLOCK_D], added in a fixed order: deterministic) + the share of the tail keys (past the last full block of
-    BLOCK_N keys; < TN of them), computed here."""
-    pid_bh = tl.program_id(0)
-    b64 = (pid_bh // H).to(tl.int64)
-    h64 = (pid_bh % H).to(tl.int64)
-    m0 = (N // BLOCK_M) * BLOCK_M
-    n_full = N // BLOCK_N
-    n0 = n_full * BLOCK_N
-    qo, sq_n = _row_base(b64, h64, 0, sq_b, sq_h, sq_n, ALIGN)
-    ko, sk_n = _row_base(b64, h64, 0, sk_b, sk_h, sk_n, ALIGN)
-    vo, sv_n = _row_base(b64, h64, 0, sv_b, sv_h, sv_n, ALIGN)
-    doo, sdo_n = _row_base(b64, h64, 0, sdo_b, sdo_h, sdo_n, ALIGN)
-    dqo, sdq_n = _row_base(b64, h64, 0, sdq_b, sdq_h, sdq_n, ALIGN)
-    lo = b64 * sl_b + h64 * sl_h
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    rows = m0 + tl.arange(0, TR)
-    rows_ok = rows < N
+    n0 = (seqlen // KV_BN) * KV_BN
     cols = n0 + tl.arange(0, TN)
-    cols_ok = cols < N
+    cols_ok = cols < seqlen
     q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, True, not EVEN_D)
+    o = _load_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], rows_ok, mask_d, True, not EVEN_D)
     do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, True, not EVEN_D)
     k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, True, not EVEN_D)
     v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, True, not EVEN_D)
     lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))
-    delta = tl.load(DELTA + lo + rows, mask=rows_ok, other=0.0)
-    r = N - m0
-    slot = (pid_bh.to(tl.int64) * n_full) * r * BLOCK_D
-    acc = tl.zeros([TR, BLOCK_D], tl.float32)
-    for t in range(0, n_full):
-        acc += tl.load(DQT + slot + t * r * BLOCK_D + tl.arange(0, TR)[:, None] * BLOCK_D + offs_d[None, :],
-                       mask=rows_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + lo + rows, delta, mask=rows_ok)
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-    p = tl.where(cols_ok[None, :], p, 0.0)
+    p = tl.where(cols_ok[None, :], p, 0.0)  # padded keys (k = 0) get p = exp2(-lse), which may be inf
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    acc = tl.dot(ds.to(k.dtype), k, acc)
-    _store_tile(DQ + dqo + rows[:, None] * sdq_n + offs_d[None, :], (acc * sm_scale).to(DQ.dtype.element_ty),
-                rows_ok, mask_d, True, not EVEN_D)
+    dq = tl.dot(ds.to(k.dtype), k)
+    slot = _dq_tail_slot(bh, seqlen // KV_BN, seqlen, m0, KV_BN, BLOCK_D)
+    tl.store(DQT + slot + (rows - m0)[:, None] * BLOCK_D + offs_d[None, :], dq, mask=rows_ok[:, None])
+
+
+@triton.jit
+def _dq_tail_slot(bh, pid, seqlen, m0, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DQ_TAIL: the offset in DQT of slot `pid` of head bh: slots [B * H, seqlen // BLOCK_N + 1, tail rows (m0 ...
+    seqlen - 1), BLOCK_D] fp32; slot t < seqlen // BLOCK_N holds full key tile t's share of the tail rows' dQ (the
+    dK/dV pass), the last one the tail keys' share (the dQ pass, _dq_tail_prep)."""
+    return (bh.to(tl.int64) * (seqlen // BLOCK_N + 1) + pid) * (seqlen - m0) * BLOCK_D
+
+
+@triton.jit
+def _attn_bwd_dq_tail(DQT, DQ, sdq_b, sdq_h, sdq_n, H, N, sm_scale, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
+                      BLOCK_M: tl.constexpr, TR: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr):
+    """DQ_TAIL's last step, one program per (b, h) of a dense batch: dQ of the tail rows (past the last full block of
+    BLOCK_M queries; < TR of them) = the sum of the dK/dV pass's TILES key-tile slots in DQT (_dq_tail_slot), added
+    in a fixed order (deterministic), times the softmax scale."""
+    pid_bh = tl.program_id(0)
+    m0 = (N // BLOCK_M) * BLOCK_M
+    r = N - m0
+    offs_r = tl.arange(0, TR)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_r[:, None] < r) & (offs_d[None, :] < HEAD_DIM)
+    ptrs = DQT + pid_bh.to(tl.int64) * TILES * r * BLOCK_D + offs_r[:, None] * BLOCK_D + offs_d[None, :]
+    acc = tl.zeros([TR, BLOCK_D], tl.float32)
+    for t in tl.static_range(TILES):  # unrolled: every load issued before the first add
+        acc += tl.load(ptrs + t * r * BLOCK_D, mask=ok, other=0.0)
+    dqo, sdq_n = _row_base((pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), m0, sdq_b, sdq_h, sdq_n, ALIGN)
+    tl.store(DQ + dqo + offs_r[:, None] * sdq_n + offs_d[None, :], (acc * sm_scale).to(DQ.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -1294,10 +1289,12 @@ def _attn_bwd_kv_q(
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
     D2: tl.constexpr = 0, TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
     TAIL_GD: tl.constexpr = 16, TAIL_GD2: tl.constexpr = 0, DQ_TAIL: tl.constexpr = 0, DQT=None,
+    DQ_TAIL_N: tl.constexpr = 16, DQ_TAIL_BN: tl.constexpr = 64,
 ):
     # DQ_TAIL > 0 (dense, unsplit head dim, both passes' full query blocks ending at the same row m0): the dQ pass runs
-    # no tail programs; its last full program per head stores the tail rows' delta (< DQ_TAIL of them), the dK/dV
-    # pass's full key tiles store their shares of the tail rows' dQ in DQT, and _attn_bwd_dq_tail adds them up
+    # no tail programs; its last full program per head stores the tail rows' delta (< DQ_TAIL of them) and the share
+    # of their dQ from the keys past the dK/dV pass's last full tile of DQ_TAIL_BN (< DQ_TAIL_N of them), the dK/dV
+    # pass's full key tiles store theirs, each in its slot of DQT (_dq_tail_slot), and _attn_bwd_dq_tail adds them up
     # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense inputs), walking
     # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids), or with TAIL_GD2 > 0 in two
     # pieces, TAIL_GD then TAIL_GD2 columns (config key TAIL_GS)
@@ -1359,8 +1356,9 @@ def _attn_bwd_kv_q(
                               offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
                 if DQ_TAIL > 0:
                     if pid == m_full - 1:
-                        _dq_tail_delta(O, DO, DELTA, oo, doo, lo, so_n, sdo_n, m_full * BLOCK_M, seqlen, offs_d,
-                                       mask_d, DQ_TAIL, EVEN_D)
+                        _dq_tail_prep(Q, K, V, O, DO, LSE, DELTA, DQT, qo, ko, vo, oo, doo, lo, sq_n, sk_n, sv_n, so_n,
+                                      sdo_n, pid_bh, m_full * BLOCK_M, seqlen, qk_scale, offs_d, mask_d, DQ_TAIL,
+                                      DQ_TAIL_N, DQ_TAIL_BN, BLOCK_D, EVEN_D)
             else:
                 row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
                 if row0 < seqlen:
@@ -1385,12 +1383,11 @@ def _attn_bwd_kv_q(
                                          offs_d, offs_d2, mask_d2, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, D2, WS,
                                          QD, QD2, DOD, DOD2, b, h, TMA)
             elif pid < n_full:
-                m0 = (seqlen // BLOCK_M) * BLOCK_M
                 _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
                                 offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
-                                TMA, DQT, (pid_bh.to(tl.int64) * n_full + pid) * (seqlen - m0) * BLOCK_D,
-                                BLOCK_D if DQ_TAIL > 0 else 0)
+                                TMA, DQT, _dq_tail_slot(pid_bh, pid, seqlen, (seqlen // BLOCK_M) * BLOCK_M, BLOCK_N,
+                                                        BLOCK_D), BLOCK_D if DQ_TAIL > 0 else 0)
             else:
                 start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
                 if start_n < seqlen:
@@ -1673,13 +1670,13 @@ def _bwd_tuned(n: int, d: int) -> dict:
 
 def _dq_tail_rows(on: bool, n: int, dq_cfg: dict, kv_cfg: dict, packed: bool, dims: dict) -> int:
     """Where DQ_TAIL (config key, top level of a two-pass backward config) applies, the row m0 its tail rows start
-    at, else 0. It needs dense inputs, an unsplit head dim, rows past the dQ pass's last full block of queries, at
-    least one such block and one full key tile, and the dK/dV pass's full query steps ending at the same row (its
-    tail steps are where the tail rows' dQ shares come from)."""
+    at, else 0. It needs dense inputs, an unsplit head dim, rows past the dQ pass's last full block of queries and at
+    least one such block (its last program takes the tail keys' share), and the dK/dV pass's full query steps ending
+    at the same row (the full key tiles' tail steps are where their shares come from)."""
     if not on or packed or dims["D2"] > 0:
         return 0
     m0 = n // dq_cfg["BLOCK_M"] * dq_cfg["BLOCK_M"]
-    if m0 == 0 or m0 == n or n // kv_cfg["BLOCK_M"] * kv_cfg["BLOCK_M"] != m0 or n < kv_cfg["BLOCK_N"]:
+    if m0 == 0 or m0 == n or n // kv_cfg["BLOCK_M"] * kv_cfg["BLOCK_M"] != m0:
         return 0
     return m0
 
@@ -1855,29 +1852,26 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         descs, tma_q = _descs(tma_dq and not packed, (k, v), dq_cfg["BLOCK_N"], dims["BLOCK_D"], dims["D2"])
         kd, vd, kd2, vd2 = descs + [None] * (4 - len(descs))
         group = _tail_group(dq_cfg, maxn, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], B * H, packed, D, dims["D2"] > 0)
-        if m0:  # no dQ-pass tail programs (nor tail groups): the dK/dV pass and _attn_bwd_dq_tail take those rows
-            grid, group, tail = (m0 // dq_cfg["BLOCK_M"], B * H), {}, dict(DQ_TAIL=_pow2(maxn - m0))
+        tail, slots = {}, maxn // cfg["BLOCK_N"] + 1
+        if m0:  # no dQ-pass tail programs (nor tail groups): slots of the tail rows' dQ, summed by _attn_bwd_dq_tail
+            grid, group = (m0 // dq_cfg["BLOCK_M"], B * H), {}
+            tail = dict(DQ_TAIL=_pow2(maxn - m0), DQ_TAIL_N=_pow2(maxn % cfg["BLOCK_N"]), DQ_TAIL_BN=cfg["BLOCK_N"],
+                        DQT=torch.empty(B * H * slots * (maxn - m0) * bd, device=q.device, dtype=torch.float32))
         else:
-            grid, tail = _grid(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed, B * H, group), {}
+            grid = _grid(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed, B * H, group)
         _attn_bwd_kv_q[grid](
             *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **group,
             **tail, **dq_cfg)
         descs, tma_kv = _descs(tma and not packed, (q, do), cfg["BLOCK_M"], dims["BLOCK_D"], dims["D2"])
         qd, dod, qd2, dod2 = descs + [None] * (4 - len(descs))
         group = _tail_group(cfg, maxn, cfg["BLOCK_N"], cfg["BLOCK_M"], B * H, packed, D, dims["D2"] > 0)
-        n_full = maxn // cfg["BLOCK_N"]
-        if m0:  # the full key tiles' slots of the tail rows' dQ, fp32
-            tail["DQT"] = torch.empty(B * H * n_full * (maxn - m0) * bd, device=q.device, dtype=torch.float32)
         _attn_bwd_kv_q[_grid(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed, B * H, group)](
             *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **group,
             **tail, **cfg)
         if m0:
-            st = [strides[i:i + 3] for i in range(0, 24, 3)]  # q, k, v, o, do, dq, dk, dv
             _attn_bwd_dq_tail[(B * H,)](
-                q, k, v, do, dq, lse, delta, tail["DQT"], *st[0], *st[1], *st[2], *st[4], *st[5], *sl,
-                H, N, scale * LOG2E, scale, HEAD_DIM=D, ALIGN=align, BLOCK_M=dq_cfg["BLOCK_M"],
-                BLOCK_N=cfg["BLOCK_N"], TR=tail["DQ_TAIL"], TN=_pow2(maxn - n_full * cfg["BLOCK_N"]), BLOCK_D=bd,
-                EVEN_D=bd == D, num_warps=2,
+                tail["DQT"], dq, *strides[15:18], H, N, scale, HEAD_DIM=D, ALIGN=align, BLOCK_M=dq_cfg["BLOCK_M"],
+                TR=tail["DQ_TAIL"], BLOCK_D=bd, TILES=slots, num_warps=2,
             )
         return dq, dk, dv
     if split not in (True, False):

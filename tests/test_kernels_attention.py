@@ -744,20 +744,32 @@ def test_tma_descriptors_from_autograds_thread_on_gpu():
 
 @pytest.mark.parametrize("n,d,heads,batch", [(70, 64, 2, 2), (37, 32, 1, 3), (101, 48, 2, 1), (90, 64, 4, 1)])
 def test_dq_tail_from_the_dkdv_pass(monkeypatch, n, d, heads, batch):
-    """DQ_TAIL (config key): the dQ pass runs no tail programs (its grouped tail dropped too); the dK/dV pass's full key
-    tiles store their shares of the tail rows' dQ and _attn_bwd_dq_tail adds them to the tail keys' share: the
-    reference gradients, with one or two dK/dV tail steps (tails of 6, 5, 5 and 26 rows)."""
+    """DQ_TAIL (config key): the dQ pass runs no tail programs (its grouped tail dropped too); its last full program
+    per head stores the tail rows' delta and the tail keys' share of their dQ, the dK/dV pass's full key tiles store
+    theirs, and _attn_bwd_dq_tail adds the slots up: the reference gradients, with one or two dK/dV tail steps (tails
+    of 6, 5, 5 and 26 rows), with and without the dK/dV pass's tail groups, and with a tail row whose p = exp2(-lse)
+    is inf at the padded keys (every score far below -128 in exp2's units)."""
     seen = []
     real = attn._dq_tail_rows
     monkeypatch.setattr(attn, "_dq_tail_rows", lambda *a: seen.append(real(*a)) or seen[-1])
     q, k, v = (torch.randn(batch, heads, n, d, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q | {"DQ_TAIL": True, "TAIL_G": 2}))
-    assert seen == [n // 32 * 32]
+    for g in (2, 0):
+        assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q | {"DQ_TAIL": True, "TAIL_G": g}))
+    assert seen == [n // 32 * 32] * 2
+    q2, k2 = q.detach().clone(), k.detach().clone()
+    k2[..., 0] = 100 + k2[..., 0].abs()
+    q2[..., -1, :] = 0
+    q2[..., -1, 0] = -50
+    q2.requires_grad_(), k2.requires_grad_()
+    for g in (2, 0):
+        assert_close(*run_both(q2, k2, v, fwd_config=SMALL_FWD, bwd_config=KV_Q | {"DQ_TAIL": True, "TAIL_G": g}),
+                     tol=1e-4)  # scores of -5000: fp32 rounding
 
 
 def test_dq_tail_falls_back_where_it_does_not_apply():
-    """DQ_TAIL needs dense inputs, an unsplit head dim, tail rows, a full block and key tile, and both passes' full
-    query blocks ending at the same row; elsewhere it is off (0) and the two passes run as before."""
+    """DQ_TAIL needs dense inputs, an unsplit head dim, tail rows, a full block, and both passes' full query blocks
+    ending at the same row; elsewhere it is off (0) and the two passes run as before. A sequence shorter than a key
+    tile has only the tail keys' share."""
     dims = attn._head_dim_meta(64, False)
     dq, kv = {"BLOCK_M": 64}, {"BLOCK_M": 32, "BLOCK_N": 64}
     assert attn._dq_tail_rows(True, 261, dq, kv, False, dims) == 256
@@ -765,8 +777,10 @@ def test_dq_tail_falls_back_where_it_does_not_apply():
     assert attn._dq_tail_rows(True, 261, dq, kv, True, dims) == 0  # packed
     assert attn._dq_tail_rows(True, 256, dq, kv, False, dims) == 0  # no tail rows
     assert attn._dq_tail_rows(True, 50, dq, kv, False, dims) == 0  # no full block
-    assert attn._dq_tail_rows(True, 230, dq, kv, False, dims) == 0  # dK/dV's full steps end at 224, the dQ pass's at 192
+    assert attn._dq_tail_rows(True, 230, dq, kv, False, dims) == 0  # dK/dV's full steps end at 224, the dQ's at 192
     assert attn._dq_tail_rows(True, 257, dq, kv, False, attn._head_dim_meta(88, True)) == 0  # split head dim
     q, k, v = (torch.randn(1, 2, 230, 64, requires_grad=True) for _ in range(3))
     assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q | {"DQ": KV_Q["DQ"] | {"BLOCK_M": 64},
                                                                            "DQ_TAIL": True}))
+    q, k, v = (torch.randn(1, 2, 40, 64, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD, bwd_config=KV_Q | {"BLOCK_N": 64, "DQ_TAIL": True}))
