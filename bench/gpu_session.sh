@@ -40,6 +40,8 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+# K81-K83 (session 31): DQ_TAIL, measured and removed (commit 58413a7 has its third form and `--tune-dq-tail`,
+# 4d43c71 its first; kernels/README.md, "The tail rows' dQ from the dK/dV pass")
 K83)  # session 31: K82 again after moving the tail keys' share of the tail rows' dQ (and their delta) into the dQ
       # pass's last full program per head: _attn_bwd_dq_tail only sums the slots (no products, no q / k / v / dO loads)
   PYTHONPATH=. step 60 python3 .notes/probe_dqtail.py

@@ -28,9 +28,9 @@ both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", w
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
 --tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-tail-split, --tune-lean, --tune-blocks,
---tune-occupancy, --tune-dq-tail: the current configs under register caps, warp specialization, a split head dim, TMA
-loads, tail groups, split grouped tails, the forward's lean softmax, neighbouring blocks, shallower pipelines under
-caps for one more program per SM, the tail rows' dQ from the dK/dV pass),
+--tune-occupancy: the current configs under register caps, warp specialization, a split head dim, TMA loads, tail
+groups, split grouped tails, the forward's lean softmax, neighbouring blocks, shallower pipelines under caps for one
+more program per SM),
 --shapes a,b (attention shape names), --only mae|attention|packed|soft-ce|patch-embed (one part; --skip-mae = --only
 attention), --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -771,8 +771,7 @@ def _compile_worker(job):
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
     configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-tail-split /
-    --tune-lean / --tune-blocks / --tune-occupancy / --tune-dq-tail: the variants of the current configs) or just the
-    ones each shape
+    --tune-lean / --tune-blocks / --tune-occupancy: the variants of the current configs) or just the ones each shape
     will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -984,23 +983,6 @@ def block_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return _unique(fwds), _unique(kvs + dqs)
 
 
-def dq_tail_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
-    """The shape's current configs, then the backward with DQ_TAIL (the tail rows' dQ from the dK/dV pass's full key
-    tiles, summed by a third kernel, instead of the dQ pass's tail programs), and with DQ_TAIL and the dQ pass's
-    register cap dropped where it has one (a cap chosen for its grouped tail, which DQ_TAIL removes); the forward as
-    it is. Shapes DQ_TAIL does not apply to (split head dims, no tail rows) time the same kernels twice."""
-    from kernels import attn
-
-    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
-    if bwd.get("SPLIT") != attn.KV_Q:
-        return [fwd], [bwd]
-    dq = attn._kv_q_dq_config(bwd)
-    bwds = [bwd, bwd | {"DQ_TAIL": True}]
-    if "maxnreg" in dq:
-        bwds.append(bwd | {"DQ_TAIL": True, "DQ": {k: v for k, v in dq.items() if k != "maxnreg"}})
-    return [fwd], _unique(bwds)
-
-
 # the variant sweeps' flags, in the order the first one given wins: (flag, VARIANT_SWEEPS key, --help after "instead
 # of the block sweep, time each shape's current")
 VARIANT_FLAGS = [
@@ -1023,8 +1005,6 @@ VARIANT_FLAGS = [
      "(NEIGHBOUR_BLOCKS), every other knob kept"),
     ("--tune-occupancy", "occupancy", "configs with the forward and the dQ pass one stage shallower under register "
      "caps that fit one more program per SM (OCCUPANCY)"),
-    ("--tune-dq-tail", "dqtail", "backward configs without and with DQ_TAIL (the tail rows' dQ from the dK/dV pass's "
-     "full key tiles instead of the dQ pass's tail programs)"),
 ]
 
 
@@ -1039,15 +1019,15 @@ def _unique(cfgs: list[dict]) -> list[dict]:
 
 VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
                   "tailg": tail_group_variants, "tailsplit": tail_split_variants, "lean": lean_variants,
-                  "blocks": block_variants, "occupancy": occupancy_variants, "dqtail": dq_tail_variants}
+                  "blocks": block_variants, "occupancy": occupancy_variants}
 
 
 def tune_attention(names, variants=None):
     """Time every block config of the forward and both backward layouts (or, with `variants` a key of
-    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "tailsplit" / "lean" / "blocks" / "occupancy" /
-    "dqtail", the current configs under register caps / with warp specialization / with the head dim split / with TMA
-    loads / with tail groups / with split grouped tails / with the lean softmax / with neighbouring blocks / shallower
-    under caps / with the tail rows' dQ from the dK/dV pass); print the best per shape."""
+    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "tailsplit" / "lean" / "blocks" / "occupancy", the
+    current configs under register caps / with warp specialization / with the head dim split / with TMA loads / with
+    tail groups / with split grouped tails / with the lean softmax / with neighbouring blocks / shallower under caps);
+    print the best per shape."""
     from kernels import attn
 
     out = {}

@@ -973,11 +973,8 @@ def _row_base(b64, h64, tok, s_b, s_h, s_n, ALIGN: tl.constexpr):
 @triton.jit
 def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen, qk_scale,
                    offs_d, mask_d, BM: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr,
-                   QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False, DQT=None, dqto=0, m0=0,
-                   DQT_S: tl.constexpr = 0):
+                   QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False):
     # key-major products; padded keys need no mask here: their dK/dV rows are never stored
-    # DQT_S > 0 (DQ_TAIL, full key tiles only): also this key tile's share of the tail rows' dQ, dS K, stored in its
-    # slot of the fp32 scratch DQT (rows start_m - m0 ..., DQT_S columns a row) for _attn_bwd_dq_tail
     rows = start_m + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q, do = _walk_pair(Q, DO, qo, doo, sq_n, sdo_n, QD, DOD, b, h, start_m, seqlen, offs_d, mask_d, BM, MASK_M, EVEN_D,
@@ -992,9 +989,6 @@ def _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, st
     dv += tl.dot(pt.to(do.dtype), do)
     dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
     dk += tl.dot(dst.to(q.dtype), q)
-    if DQT_S > 0:  # [BM, head dim]: a warp's lanes along the head dim, so the stores coalesce
-        dqt = tl.dot(tl.trans(dst.to(k.dtype)), k)
-        tl.store(DQT + dqto + (rows - m0)[:, None] * DQT_S + offs_d[None, :], dqt, mask=rows_ok[:, None])
     return dk, dv
 
 
@@ -1003,10 +997,8 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                     BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
-                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False, DQT=None, dqto=0,
-                    DQT_S: tl.constexpr = 0):
-    """dK, dV of one key tile: K and V stay resident, every query tile streams past. DQT_S > 0: the tail steps also
-    store the tail rows' dQ share (_bwd_dkdv_step)."""
+                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False):
+    """dK, dV of one key tile: K and V stay resident, every query tile streams past."""
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
     k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
@@ -1019,8 +1011,7 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
                                 qk_scale, offs_d, mask_d, BLOCK_M, False, EVEN_D, QD, DOD, b, h, TMA)
     for start_m in range(m_full, seqlen, TAIL_M):
         dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
-                                qk_scale, offs_d, mask_d, TAIL_M, True, EVEN_D, DQT=DQT, dqto=dqto, m0=m_full,
-                                DQT_S=DQT_S)
+                                qk_scale, offs_d, mask_d, TAIL_M, True, EVEN_D)
     _store_tile(DK + dko + cols[:, None] * sdk_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
                 cols_ok, mask_d, MASK_N, not EVEN_D)
     _store_tile(DV + dvo + cols[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -1070,63 +1061,6 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                           offs_d, mask_d, TAIL_N, True, EVEN_D)
     _store_tile(DQ + dqo + rows[:, None] * sdq_n + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
                 rows_ok, mask_d, MASK_M, not EVEN_D)
-
-
-@triton.jit
-def _dq_tail_prep(Q, K, V, O, DO, LSE, DELTA, DQT, qo, ko, vo, oo, doo, lo, sq_n, sk_n, sv_n, so_n, sdo_n, bh, m0,
-                  seqlen, qk_scale, offs_d, mask_d, TR: tl.constexpr, TN: tl.constexpr, KV_BN: tl.constexpr,
-                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """DQ_TAIL, in the dQ pass's last full program of each head: for the tail rows m0 ... seqlen - 1 (< TR of them),
-    which no dQ-pass program owns, delta = rowsum(dO * O) (stored: the dK/dV pass reads it) and the tail keys' share
-    of their dQ, dS K over the keys past the dK/dV pass's last full tile of KV_BN (< TN of them), into the last slot
-    (_dq_tail_slot). The dK/dV pass's full key tiles store the other slots."""
-    rows = m0 + tl.arange(0, TR)
-    rows_ok = rows < seqlen
-    n0 = (seqlen // KV_BN) * KV_BN
-    cols = n0 + tl.arange(0, TN)
-    cols_ok = cols < seqlen
-    q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, True, not EVEN_D)
-    o = _load_tile(O + oo + rows[:, None] * so_n + offs_d[None, :], rows_ok, mask_d, True, not EVEN_D)
-    do = _load_tile(DO + doo + rows[:, None] * sdo_n + offs_d[None, :], rows_ok, mask_d, True, not EVEN_D)
-    k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, True, not EVEN_D)
-    v = _load_tile(V + vo + cols[:, None] * sv_n + offs_d[None, :], cols_ok, mask_d, True, not EVEN_D)
-    lse = tl.load(LSE + lo + rows, mask=rows_ok, other=float("inf"))
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + lo + rows, delta, mask=rows_ok)
-    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-    p = tl.where(cols_ok[None, :], p, 0.0)  # padded keys (k = 0) get p = exp2(-lse), which may be inf
-    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k)
-    slot = _dq_tail_slot(bh, seqlen // KV_BN, seqlen, m0, KV_BN, BLOCK_D)
-    tl.store(DQT + slot + (rows - m0)[:, None] * BLOCK_D + offs_d[None, :], dq, mask=rows_ok[:, None])
-
-
-@triton.jit
-def _dq_tail_slot(bh, pid, seqlen, m0, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """DQ_TAIL: the offset in DQT of slot `pid` of head bh: slots [B * H, seqlen // BLOCK_N + 1, tail rows (m0 ...
-    seqlen - 1), BLOCK_D] fp32; slot t < seqlen // BLOCK_N holds full key tile t's share of the tail rows' dQ (the
-    dK/dV pass), the last one the tail keys' share (the dQ pass, _dq_tail_prep)."""
-    return (bh.to(tl.int64) * (seqlen // BLOCK_N + 1) + pid) * (seqlen - m0) * BLOCK_D
-
-
-@triton.jit
-def _attn_bwd_dq_tail(DQT, DQ, sdq_b, sdq_h, sdq_n, H, N, sm_scale, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
-                      BLOCK_M: tl.constexpr, TR: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr):
-    """DQ_TAIL's last step, one program per (b, h) of a dense batch: dQ of the tail rows (past the last full block of
-    BLOCK_M queries; < TR of them) = the sum of the dK/dV pass's TILES key-tile slots in DQT (_dq_tail_slot), added
-    in a fixed order (deterministic), times the softmax scale."""
-    pid_bh = tl.program_id(0)
-    m0 = (N // BLOCK_M) * BLOCK_M
-    r = N - m0
-    offs_r = tl.arange(0, TR)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_r[:, None] < r) & (offs_d[None, :] < HEAD_DIM)
-    ptrs = DQT + pid_bh.to(tl.int64) * TILES * r * BLOCK_D + offs_r[:, None] * BLOCK_D + offs_d[None, :]
-    acc = tl.zeros([TR, BLOCK_D], tl.float32)
-    for t in tl.static_range(TILES):  # unrolled: every load issued before the first add
-        acc += tl.load(ptrs + t * r * BLOCK_D, mask=ok, other=0.0)
-    dqo, sdq_n = _row_base((pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), m0, sdq_b, sdq_h, sdq_n, ALIGN)
-    tl.store(DQ + dqo + offs_r[:, None] * sdq_n + offs_d[None, :], (acc * sm_scale).to(DQ.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -1288,13 +1222,8 @@ def _attn_bwd_kv_q(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
     D2: tl.constexpr = 0, TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
-    TAIL_GD: tl.constexpr = 16, TAIL_GD2: tl.constexpr = 0, DQ_TAIL: tl.constexpr = 0, DQT=None,
-    DQ_TAIL_N: tl.constexpr = 16, DQ_TAIL_BN: tl.constexpr = 64,
+    TAIL_GD: tl.constexpr = 16, TAIL_GD2: tl.constexpr = 0,
 ):
-    # DQ_TAIL > 0 (dense, unsplit head dim, both passes' full query blocks ending at the same row m0): the dQ pass runs
-    # no tail programs; its last full program per head stores the tail rows' delta (< DQ_TAIL of them) and the share
-    # of their dQ from the keys past the dK/dV pass's last full tile of DQ_TAIL_BN (< DQ_TAIL_N of them), the dK/dV
-    # pass's full key tiles store theirs, each in its slot of DQT (_dq_tail_slot), and _attn_bwd_dq_tail adds them up
     # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense inputs), walking
     # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids), or with TAIL_GD2 > 0 in two
     # pieces, TAIL_GD then TAIL_GD2 columns (config key TAIL_GS)
@@ -1354,11 +1283,6 @@ def _attn_bwd_kv_q(
                 _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                               sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
                               offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA)
-                if DQ_TAIL > 0:
-                    if pid == m_full - 1:
-                        _dq_tail_prep(Q, K, V, O, DO, LSE, DELTA, DQT, qo, ko, vo, oo, doo, lo, sq_n, sk_n, sv_n, so_n,
-                                      sdo_n, pid_bh, m_full * BLOCK_M, seqlen, qk_scale, offs_d, mask_d, DQ_TAIL,
-                                      DQ_TAIL_N, DQ_TAIL_BN, BLOCK_D, EVEN_D)
             else:
                 row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
                 if row0 < seqlen:
@@ -1386,8 +1310,7 @@ def _attn_bwd_kv_q(
                 _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
                                 offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
-                                TMA, DQT, _dq_tail_slot(pid_bh, pid, seqlen, (seqlen // BLOCK_M) * BLOCK_M, BLOCK_N,
-                                                        BLOCK_D), BLOCK_D if DQ_TAIL > 0 else 0)
+                                TMA)
             else:
                 start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
                 if start_n < seqlen:
@@ -1430,7 +1353,7 @@ KV_Q = "kv+q"  # backward SPLIT value of the two-pass layout (_attn_bwd_kv_q)
 
 
 def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=None, split_d=False, tma=False,
-         tail_g=0, tail_gs=False, dq_tail=False):
+         tail_g=0, tail_gs=False):
     """Block config; backward ones carry SPLIT (False, True or KV_Q). For KV_Q the top-level
     blocks drive the dK/dV pass (BLOCK_N key tile per program, BLOCK_M query sub-tiles) and
     `dq` = (bm, bn, tm, tn, warps, stages) the dQ pass (BLOCK_M query tile per program, BLOCK_N
@@ -1444,12 +1367,8 @@ def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=N
     `tail_g` (TAIL_G): the tail rows of that many heads share one program (dense inputs with an unsplit head dim
     whose length is not a multiple of the block; see _grouped_pids), per pass as TMA (`dq`'s 8th entry; its 9th: the
     dQ pass's register cap). `tail_gs` (TAIL_GS): on every pass with tail groups, the grouped tail splits the head dim
-    as the full blocks do (with split_d) instead of padding it. `dq_tail` (DQ_TAIL, two-pass backward): the tail
-    rows' dQ comes from the dK/dV pass's full key tiles and a small third kernel instead of the dQ pass's tail
-    programs (where _dq_tail_rows allows it)."""
+    as the full blocks do (with split_d) instead of padding it."""
     c = dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=warps, num_stages=stages)
-    if dq_tail:
-        c["DQ_TAIL"] = True
     if split_d:
         c["SPLIT_D"] = True
     if tma:
@@ -1668,19 +1587,6 @@ def _bwd_tuned(n: int, d: int) -> dict:
     return _cfg(128, 128, 16, 16, 8, 1, split=True)
 
 
-def _dq_tail_rows(on: bool, n: int, dq_cfg: dict, kv_cfg: dict, packed: bool, dims: dict) -> int:
-    """Where DQ_TAIL (config key, top level of a two-pass backward config) applies, the row m0 its tail rows start
-    at, else 0. It needs dense inputs, an unsplit head dim, rows past the dQ pass's last full block of queries and at
-    least one such block (its last program takes the tail keys' share), and the dK/dV pass's full query steps ending
-    at the same row (the full key tiles' tail steps are where their shares come from)."""
-    if not on or packed or dims["D2"] > 0:
-        return 0
-    m0 = n // dq_cfg["BLOCK_M"] * dq_cfg["BLOCK_M"]
-    if m0 == 0 or m0 == n or n // kv_cfg["BLOCK_M"] * kv_cfg["BLOCK_M"] != m0:
-        return 0
-    return m0
-
-
 def _n_tiles(n: int, block: int, tail: int, packed: bool) -> int:
     """Programs along a sequence: full blocks, then tail tiles (an upper bound when packed)."""
     if packed:
@@ -1848,31 +1754,18 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         # SPLIT_D (the config's top level) applies to both passes; TMA, like WS, to the pass whose blocks carry it
         dims = _head_dim_meta(D, split_d)
         meta = dict(HEAD_DIM=D, VARLEN=packed, ALIGN=align, **dims)
-        m0 = _dq_tail_rows(cfg.pop("DQ_TAIL", False), maxn, dq_cfg, cfg, packed, dims)
         descs, tma_q = _descs(tma_dq and not packed, (k, v), dq_cfg["BLOCK_N"], dims["BLOCK_D"], dims["D2"])
         kd, vd, kd2, vd2 = descs + [None] * (4 - len(descs))
         group = _tail_group(dq_cfg, maxn, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], B * H, packed, D, dims["D2"] > 0)
-        tail, slots = {}, maxn // cfg["BLOCK_N"] + 1
-        if m0:  # no dQ-pass tail programs (nor tail groups): slots of the tail rows' dQ, summed by _attn_bwd_dq_tail
-            grid, group = (m0 // dq_cfg["BLOCK_M"], B * H), {}
-            tail = dict(DQ_TAIL=_pow2(maxn - m0), DQ_TAIL_N=_pow2(maxn % cfg["BLOCK_N"]), DQ_TAIL_BN=cfg["BLOCK_N"],
-                        DQT=torch.empty(B * H * slots * (maxn - m0) * bd, device=q.device, dtype=torch.float32))
-        else:
-            grid = _grid(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed, B * H, group)
-        _attn_bwd_kv_q[grid](
+        _attn_bwd_kv_q[_grid(maxn, dq_cfg["BLOCK_M"], dq_cfg["TAIL_M"], packed, B * H, group)](
             *head, None, kd, vd, None, None, kd2, vd2, None, *rest, DQ_PASS=True, TMA=tma_q, **meta, **group,
-            **tail, **dq_cfg)
+            **dq_cfg)
         descs, tma_kv = _descs(tma and not packed, (q, do), cfg["BLOCK_M"], dims["BLOCK_D"], dims["D2"])
         qd, dod, qd2, dod2 = descs + [None] * (4 - len(descs))
         group = _tail_group(cfg, maxn, cfg["BLOCK_N"], cfg["BLOCK_M"], B * H, packed, D, dims["D2"] > 0)
         _attn_bwd_kv_q[_grid(maxn, cfg["BLOCK_N"], cfg["TAIL_N"], packed, B * H, group)](
             *head, qd, None, None, dod, qd2, None, None, dod2, *rest, DQ_PASS=False, TMA=tma_kv, **meta, **group,
-            **tail, **cfg)
-        if m0:
-            _attn_bwd_dq_tail[(B * H,)](
-                tail["DQT"], dq, *strides[15:18], H, N, scale, HEAD_DIM=D, ALIGN=align, BLOCK_M=dq_cfg["BLOCK_M"],
-                TR=tail["DQ_TAIL"], BLOCK_D=bd, TILES=slots, num_warps=2,
-            )
+            **cfg)
         return dq, dk, dv
     if split not in (True, False):
         raise ValueError(f"backward SPLIT must be True, False or {KV_Q!r}; got {split!r}")
@@ -1880,7 +1773,6 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
     cfg.pop("TAIL_G", None)  # the one-kernel layouts take no tail groups
     cfg.pop("TAIL_GW", None)
     cfg.pop("TAIL_GS", None)
-    cfg.pop("DQ_TAIL", None)
     bn = cfg["BLOCK_N"]
     if split:
         mode = 1
