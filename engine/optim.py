@@ -27,18 +27,22 @@ except ImportError:  # a torch built without distributed: no DTensors to meet
     DTensor = None
 
 
+def _is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
 def _local(t: Tensor) -> Tensor:
     """A DTensor's shard on this rank (the same storage, so in-place updates reach the DTensor); a tensor as it is."""
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def paired_locals(a: list[Tensor], b: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """Two lists of tensors for an elementwise foreach op between them (e.g. DINOv2's teacher EMA): their local shards
     where every pair is DTensors of one shape, mesh and placements (FSDP2 shards both alike), so that the op runs no
     DTensor dispatch (torch 2.11's keeps each call's argument specs alive); otherwise the lists as they are."""
-    if DTensor is None or not any(isinstance(x, DTensor) for x in a):
+    if not any(_is_dtensor(x) for x in a):
         return a, b
-    if all(isinstance(x, DTensor) and isinstance(y, DTensor) and x.shape == y.shape and x.device_mesh == y.device_mesh
+    if all(_is_dtensor(x) and _is_dtensor(y) and x.shape == y.shape and x.device_mesh == y.device_mesh
            and x.placements == y.placements for x, y in zip(a, b, strict=True)):
         return [x.to_local() for x in a], [y.to_local() for y in b]
     return a, b
@@ -57,8 +61,7 @@ class ShardLocalAdamW(torch.optim.AdamW):
 
     def _takes_local_step(self) -> bool:
         if self._sharded is None:
-            self._sharded = DTensor is not None and any(isinstance(p, DTensor) for g in self.param_groups
-                                                        for p in g["params"])
+            self._sharded = any(_is_dtensor(p) for g in self.param_groups for p in g["params"])
         return self._sharded and all(
             g.get("fused") and not g.get("amsgrad") and not g.get("maximize") and not g.get("differentiable")
             for g in self.param_groups)
@@ -117,7 +120,7 @@ def clip_grad_norm(params, max_norm: float) -> Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    sharded = DTensor is not None and all(isinstance(g, DTensor) for g in grads)
+    sharded = all(_is_dtensor(g) for g in grads)
     if sharded:
         from torch.distributed.tensor import Replicate, Shard
 
@@ -126,7 +129,7 @@ def clip_grad_norm(params, max_norm: float) -> Tensor:
             isinstance(pl, (Shard, Replicate)) for pl in placements)
     if not sharded:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        return norm.full_tensor() if DTensor is not None and isinstance(norm, DTensor) else norm
+        return norm.full_tensor() if _is_dtensor(norm) else norm
     local = [g.to_local() for g in grads]
     by_device: dict[tuple, list[Tensor]] = {}
     for t in local:
