@@ -84,7 +84,6 @@ def test_fsdp2_step_runs_on_the_shards_and_matches_torch(tmp_path):
     assert after_ours[-1] <= after_ours[2] + (after_torch[-1] - after_torch[2]), res["specs"]
 
 
-
 @pytest.mark.parametrize("prefix", ["0", "1"])
 def test_bench_torch_dtensor_paths_switch(prefix):
     """bench/torch_dtensor_paths (gpu_session.sh G1's A/B): with BIOVFM_PREFIX=1 the names engine.train and DINOv2 use
