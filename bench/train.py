@@ -399,6 +399,18 @@ def profile_stem(recipes: list[str], i: int) -> str:
     return stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}-{i + 1}"
 
 
+def worker_error(text: str, keep: int = 1500) -> str:
+    """What a failed torchrun launch printed, shortened for a result row: the ranks' own output (their tracebacks,
+    a C++ abort's message) and the launcher's summary of which rank failed how, without the launcher's traceback
+    between them, which says only that a child failed and would crowd the ranks' lines out of a plain tail."""
+    head, sep, rest = text.rpartition("Traceback (most recent call last):")
+    if not sep or "torch/distributed/run.py" not in rest:
+        return text[-keep:]
+    cut = max(rest.find("Root Cause"), 0)  # the first rank to fail, which the others' failures follow
+    summary = rest[cut:][-keep // 3:]
+    return head.rstrip()[-(keep - len(summary) - 5):] + "\n...\n" + summary
+
+
 def run_scaling(args, argv: list[str]) -> int:
     """Launch the engine on 1..N GPUs with torchrun (same per-GPU batch) and report images/s,
     MFU, peak memory and scaling efficiency = img/s(N) / (N x img/s(1))."""
@@ -455,7 +467,7 @@ def run_scaling(args, argv: list[str]) -> int:
                         row["speedup"] = row["img_s"] / base
                         row["scaling_eff"] = row["img_s"] / (n * base)
                 else:
-                    row["error"] = (r.stderr or r.stdout)[-1500:]
+                    row["error"] = worker_error(r.stderr or r.stdout)
                 rows.append(row)
                 lists = ("error", "step_ms_each", "profile_ms_ranks", "gc_pauses_ranks")
                 print_table([row], [k for k in row if k not in lists])
@@ -512,7 +524,11 @@ def main(argv: list[str] | None = None) -> int:
         res = run_engine(cfg, args.batch[0], args.steps, args.warmup, accum=args.accum,
                          profile=args.worker_json + ".prof.txt" if args.profile else None)
         if int(os.environ.get("RANK", 0)) == 0:
-            json.dump(res, open(args.worker_json, "w"))
+            with open(args.worker_json, "w") as f:
+                json.dump(res, f)
+        from engine.train import teardown_distributed
+
+        teardown_distributed()  # gloo left to interpreter exit can abort a rank after its work is done
         return 0
 
     from engine.plan import measure_model

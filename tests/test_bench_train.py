@@ -179,3 +179,22 @@ def test_profile_stem_keeps_one_recipes_variants_apart():
     assert [profile_stem(recipes, i) for i in range(3)] == ["vit_l_dinov2-1", "vit_l_dinov2-2", "vit_s_dinov2"]
     assert profile_stem(["recipes/vit_b_mae.yaml"], 0) == "vit_b_mae"
 
+
+
+def test_worker_error_keeps_the_ranks_lines_and_the_root_cause():
+    """A failed torchrun launch in a scaling row: the rank's own message (here a C++ abort's) and which rank failed
+    first survive, however long the launcher's traceback between them; other text keeps its tail."""
+    from bench.train import worker_error
+
+    rank = "x" * 3000 + "\nterminate called without an active exception\n"
+    launcher = ("Traceback (most recent call last):\n  File \"/site-packages/torch/distributed/run.py\", line 1\n"
+                + "    frame\n" * 400 + "ChildFailedError:\nFailures:\n[1]:\n  rank: 1 (SIGTERM)\n"
+                + "Root Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : -6\n===\n")
+    e = worker_error(rank + launcher)
+    assert len(e) <= 1500
+    assert "terminate called without an active exception" in e
+    assert "Root Cause" in e and "exitcode  : -6" in e
+    assert "frame" not in e
+    # a rank's own traceback alone (no launcher's after it) is kept as the tail
+    own = "y" * 2000 + "Traceback (most recent call last):\n  File \"bench/train.py\"\nValueError: bad\n"
+    assert worker_error(own) == own[-1500:]
