@@ -877,6 +877,11 @@ def tma_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
 TAIL_GROUPS = (2, 4)
 
 
+def _without_tail_groups(c: dict) -> dict:
+    """A config with its tail-group keys (TAIL_G, TAIL_GW, TAIL_GS) dropped: one tail program per head."""
+    return {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW", "TAIL_GS")}
+
+
 def tail_group_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     """The shape's current configs without and with tail groups (TAIL_G: the tail rows of G heads in one program),
     each also under the register cap that keeps the kernel's programs per SM (the grouped tail's 3D tiles raise the
@@ -886,7 +891,7 @@ def tail_group_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     from kernels import attn
 
     fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
-    base = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW")}
+    base = _without_tail_groups
     capped = lambda c, cap: c | {"maxnreg": min(cap, c.get("maxnreg", cap))}
     fwd = base(fwd)
     fwds = [fwd] + [c for g in TAIL_GROUPS for c in (fwd | {"TAIL_G": g}, capped(fwd | {"TAIL_G": g}, 128))]
@@ -912,7 +917,7 @@ def tail_split_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
     if attn._split_dims(D) is None or not fwd.get("SPLIT_D"):
         return [fwd], [bwd]
-    base = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW", "TAIL_GS")}
+    base = _without_tail_groups
     groups = [{}] + [{"TAIL_G": g} | ({"TAIL_GS": True} if gs else {}) for g in TAIL_GROUPS for gs in (False, True)]
     fwds = [fwd] + [base(fwd) | t for t in groups]
     if bwd.get("SPLIT") != attn.KV_Q:
