@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from kernels import triton_version
+from kernels.host import cdiv, next_power_of_2
 from kernels.cuda_context import ensure_context
 
 IMPLS = ("auto", "triton", "torch", "sdpa", "xformers")
@@ -1327,7 +1328,7 @@ LOG2E = 1.4426950408889634
 
 
 def _pow2(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _split_dims(d: int) -> Optional[tuple[int, int]]:
@@ -1590,8 +1591,8 @@ def _bwd_tuned(n: int, d: int) -> dict:
 def _n_tiles(n: int, block: int, tail: int, packed: bool) -> int:
     """Programs along a sequence: full blocks, then tail tiles (an upper bound when packed)."""
     if packed:
-        return triton.cdiv(n, block) + triton.cdiv(block, tail)
-    return n // block + triton.cdiv(n % block, tail)
+        return cdiv(n, block) + cdiv(block, tail)
+    return n // block + cdiv(n % block, tail)
 
 
 def _tail_group(cfg: dict, n: int, block: int, walk: int, bh: int, packed: bool, d: int, split_d: bool = False) -> dict:
@@ -1622,7 +1623,7 @@ def _grid(n: int, block: int, tail: int, packed: bool, bh: int, group: dict) -> 
     """Programs (tiles, heads): with a tail group (see _grouped_pids) each group's full blocks, then its tail tiles."""
     g = group.get("TAIL_G", 1)
     if g > 1:
-        return n // block * g + triton.cdiv(n % block, tail), bh // g
+        return n // block * g + cdiv(n % block, tail), bh // g
     return _n_tiles(n, block, tail, packed), bh
 
 
@@ -1784,7 +1785,7 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
         delta, acc, sa = lse, q, sq  # unused
     else:
         delta = torch.empty_like(lse)
-        _attn_bwd_delta[(triton.cdiv(maxn, 64), B * H)](
+        _attn_bwd_delta[(cdiv(maxn, 64), B * H)](
             o, do, delta, cu, *so, *sdo, *sl, H, N,
             HEAD_DIM=D, VARLEN=packed, BLOCK_M=64, BLOCK_D=bd, num_warps=4,
         )

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels import triton_version
+from kernels.host import cdiv, next_power_of_2
 from kernels.pdl import launch_options, pdl_enter, use_pdl
 
 
@@ -211,7 +212,7 @@ def _launch(imgs, pred, m, p, eps, norm_pix, backward, gout=None, msum=None, cpq
         raise ValueError(f"the mae_loss kernel takes at most {MAX_CHANNELS} channels, got {C}")
     N = pred.shape[1]
     G = B * N
-    grid = triton.cdiv(G, PATCHES_PER_PROGRAM)
+    grid = cdiv(G, PATCHES_PER_PROGRAM)
     dev = pred.device
     dpred = torch.empty(pred.shape, device=dev, dtype=pred.dtype) if backward else pred
     if not backward:
@@ -227,10 +228,10 @@ def _launch(imgs, pred, m, p, eps, norm_pix, backward, gout=None, msum=None, cpq
         _loss_rows[(grid,)](
             imgs, pred, m, part, dpred, gout, msum, N, W // p, G, eps,
             si_b=si[0], si_c=si[1], si_h=si[2], si_w=si[3], sp_b=pred.stride(0), sp_n=pred.stride(1),
-            C=C, P=p, PAP=triton.next_power_of_2(p * p), BP=PATCHES_PER_PROGRAM, NORM=norm_pix,
+            C=C, P=p, PAP=next_power_of_2(p * p), BP=PATCHES_PER_PROGRAM, NORM=norm_pix,
             BACKWARD=backward, CPQ=cpq, num_warps=NUM_WARPS, **pdl)
         if not backward:
-            bl = min(triton.next_power_of_2(grid), 16384)
+            bl = min(next_power_of_2(grid), 16384)
             _loss_finish[(1,)](part, loss, msum, grid, BLOCK=bl, num_warps=16 if bl >= 8192 else 4, **pdl)
     elif not backward:
         loss.fill_(float("nan"))  # 0 / 0, as the reference

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels import triton_version
+from kernels.host import cdiv, next_power_of_2
 from kernels.pdl import launch_options, pdl_enter, use_pdl
 
 # ----------------------------------------------------------------------------- references
@@ -359,7 +360,7 @@ def _col_block(C: int, cap: int) -> int:
         if C % bc == 0:
             return bc
         bc //= 2
-    return min(triton.next_power_of_2(max(C, 1)), cap)
+    return min(next_power_of_2(max(C, 1)), cap)
 
 
 # Launch shapes of the gather / unmask forwards (rows per program, warps; columns: whole rows up to
@@ -465,10 +466,10 @@ def _walk_config(B: int, N: int, C: int, bb: int, target: Optional[int] = None):
     costs a write and a read of N * C fp32). B = 256, N = 196: 3 chunks for C = 1024, 6 for 512."""
     bn, bc = 4, _col_block(C, 256)
     target = WALK_PROGRAMS if target is None else target
-    tiles = triton.cdiv(N, bn) * triton.cdiv(C, bc)
-    chunks = max(1, min(triton.cdiv(B, bb), triton.cdiv(target, tiles)))
-    bchunk = triton.cdiv(triton.cdiv(B, chunks), bb) * bb  # a multiple of BLOCK_B
-    return bb, bn, bc, bchunk, triton.cdiv(B, bchunk)
+    tiles = cdiv(N, bn) * cdiv(C, bc)
+    chunks = max(1, min(cdiv(B, bb), cdiv(target, tiles)))
+    bchunk = cdiv(cdiv(B, chunks), bb) * bb  # a multiple of BLOCK_B
+    return bb, bn, bc, bchunk, cdiv(B, bchunk)
 
 
 def _finish_parts(part, nchunks, N, C, extra, dmt, dtype):
@@ -478,12 +479,12 @@ def _finish_parts(part, nchunks, N, C, extra, dmt, dtype):
     dpos = part.new_empty((N, C), dtype=dtype)
     M = N * C
     block = 1024
-    npb = triton.cdiv(M, block)
+    npb = cdiv(M, block)
     # the mask-token rows (chunks x position tiles, ~300 at MAE-L) are summed by C / BLOCK_C programs,
     # BLOCK_T rows a step: few dependent steps (it was 2 programs x 37 steps of 8 rows, ~30 us)
     bt, bcm = LAUNCH["sum_mt"]
-    bcm = min(triton.next_power_of_2(max(C, 1)), bcm)
-    grid = npb + (triton.cdiv(C, bcm) if dmt is not None else 0)
+    bcm = min(next_power_of_2(max(C, 1)), bcm)
+    grid = npb + (cdiv(C, bcm) if dmt is not None else 0)
     _sum_parts[(grid,)](part, dpos, dmt if dmt is not None else dpos, nchunks, M, M + extra * C, extra, C, npb,
                         BLOCK=block, BLOCK_T=bt, BLOCK_C=bcm, num_warps=4, **launch_options(use_pdl(part)))
     return dpos
@@ -501,7 +502,7 @@ def mae_rank(noise: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, t
     ids_keep = torch.empty(B, K, device=noise.device, dtype=torch.int64)
     mask = torch.empty(B, N, device=noise.device, dtype=torch.bool)
     rank = torch.empty(B, N, device=noise.device, dtype=torch.int32)
-    bj = triton.next_power_of_2(max(N, 1))
+    bj = next_power_of_2(max(N, 1))
     if not (B and N):
         return ids_keep, mask, rank
     bits = max(1, bj.bit_length() - 1)  # 2**bits == bj > every position
@@ -511,7 +512,7 @@ def mae_rank(noise: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, t
                                 **launch_options(use_pdl(noise)))
     else:
         bi = max(1, min(32, 4096 // bj))
-        _rank_kernel[(B, triton.cdiv(N, bi))](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj, num_warps=4,
+        _rank_kernel[(B, cdiv(N, bi))](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj, num_warps=4,
                                               **launch_options(use_pdl(noise)))
     return ids_keep, mask, rank
 
@@ -530,11 +531,11 @@ def _gather_impl(tokens, pos, ids_keep):
     pos = pos if pos.stride(-1) == 1 else pos.contiguous()
     ids_keep = ids_keep.contiguous()
     out = torch.empty(B, K, C, device=tokens.device, dtype=torch.result_type(tokens, pos))
-    bc = min(triton.next_power_of_2(max(C, 1)), 1024)
+    bc = min(next_power_of_2(max(C, 1)), 1024)
     rows, warps = LAUNCH["gather"]
     br = max(1, rows * 1024 // bc)
     if B * K:
-        _gather_kernel[(triton.cdiv(B * K, br), triton.cdiv(C, bc))](
+        _gather_kernel[(cdiv(B * K, br), cdiv(C, bc))](
             tokens, pos, ids_keep, out, B * K, K, C, tokens.stride(0), tokens.stride(1), pos.stride(0),
             BLOCK_R=br, BLOCK_C=bc, num_warps=warps, **_evict(MASK_EVICT), **launch_options(use_pdl(out)))
     return out
@@ -558,7 +559,7 @@ def _gather_bwd(dvis: torch.Tensor, rank: torch.Tensor, tokens_dtype: torch.dtyp
     # one chunk: the kernel writes dpos itself (in pos_dtype); else fp32 partial planes and one reduction launch
     part = (dvis.new_empty((nchunks, N, C), dtype=torch.float32) if nchunks > 1 else
             dvis.new_empty((N, C), dtype=pos_dtype)) if need_dpos else dtok
-    _gather_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), nchunks)](
+    _gather_bwd_kernel[(cdiv(N, bn), cdiv(C, bc), nchunks)](
         dvis, rank, dtok, part, B, N, K, C, bchunk, N * C, HAS_DPOS=need_dpos, BLOCK_B=bb, BLOCK_N=bn, BLOCK_C=bc,
         num_warps=4, **_evict(MASK_EVICT, keep=False), **launch_options(GATHER_WALK_PDL and use_pdl(dvis)))
     if not need_dpos:
@@ -618,14 +619,14 @@ def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Ten
     inv = torch.empty((B, N), device=visible.device, dtype=torch.int32)
     mt = mask_token.contiguous()
     out = torch.empty(B, N, C, device=visible.device, dtype=torch.result_type(visible, pos))
-    bc = min(triton.next_power_of_2(max(C, 1)), 1024)
+    bc = min(next_power_of_2(max(C, 1)), 1024)
     if mask is not None and UNMASK_SPLIT:
         if not B * N:
             return out, inv
         visible = visible if visible.stride(-1) == 1 else visible.contiguous()
         sr, fr, warps = LAUNCH["unmask_split"]
-        sb = triton.cdiv(B * K, sr)
-        _unmask_split_kernel[(sb + triton.cdiv(B * N, fr), triton.cdiv(C, bc))](
+        sb = cdiv(B * K, sr)
+        _unmask_split_kernel[(sb + cdiv(B * N, fr), cdiv(C, bc))](
             visible, ids_keep, _mask_bytes(mask), mt, pos, out, inv, B * K, B * N, N, K, C, visible.stride(0),
             visible.stride(1), pos.stride(0), sb, BLOCK_SR=sr, BLOCK_FR=fr, BLOCK_C=bc, num_warps=warps,
             NATIVE=UNMASK_NATIVE_ADD and _native_add_ok(visible, mt, pos, out), **_evict(UNMASK_EVICT),
@@ -634,12 +635,12 @@ def _unmask(visible: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Ten
     visible = visible.contiguous()
     rows, warps = LAUNCH["unmask"]
     br = max(1, min(2 * rows, rows * 512 // bc))
-    bk = min(triton.next_power_of_2(max(K, 1)), max(16, 1024 // br))
+    bk = min(next_power_of_2(max(K, 1)), max(16, 1024 // br))
     if not B * N:
         return out, inv
     from_rank = rank is not None
     rank = rank.contiguous() if from_rank else inv
-    _unmask_kernel[(B, triton.cdiv(N, br), triton.cdiv(C, bc))](
+    _unmask_kernel[(B, cdiv(N, br), cdiv(C, bc))](
         visible, ids_keep, mt, pos, out, inv, rank, N, K, C, pos.stride(0), BLOCK_R=br, BLOCK_C=bc, BLOCK_K=bk,
         HOIST=UNMASK_HOIST, FROM_RANK=from_rank, num_warps=warps, **launch_options(use_pdl(out)))
     return out, inv
@@ -667,10 +668,10 @@ def _unmask_bwd(dfull: torch.Tensor, inv: torch.Tensor, K: int, visible_dtype: t
         return dvis, dfull.new_zeros((C,), dtype=mt_dtype), dfull.new_zeros((n_pos, C), dtype=pos_dtype)
     # two accumulators: 4 samples a step; the mask token's alone: 8
     bb, bn, bc, bchunk, nchunks = _walk_config(B, N, C, LAUNCH["unmask_walk"][0 if need_dpos else 1])
-    nb = triton.cdiv(N, bn)
+    nb = cdiv(N, bn)
     # per chunk one plane: N rows of dpos partials (if needed), then nb rows of mask-token partials
     part = dfull.new_empty((nchunks, n_pos + nb, C), dtype=torch.float32)
-    _unmask_bwd_kernel[(nb, triton.cdiv(C, bc), nchunks)](
+    _unmask_bwd_kernel[(nb, cdiv(C, bc), nchunks)](
         dfull, inv, dvis, part, B, N, K, C, bchunk, (n_pos + nb) * C, n_pos, HAS_DPOS=need_dpos, BLOCK_B=bb,
         BLOCK_N=bn, BLOCK_C=bc, num_warps=4, **_evict(UNMASK_EVICT, keep=False),
         **launch_options((UNMASK_WALK_PDL if need_dpos else UNMASK_FIXED_WALK_PDL) and use_pdl(dfull)))

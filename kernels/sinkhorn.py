@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels import triton_version
+from kernels.host import cdiv, next_power_of_2
 from kernels.soft_ce import _LOG2E, FactoredTargets, _rows
 
 # _sk_rows: elements of a row per step and warps (one program a row); _sk_cols: tile rows x prototypes, warps, and
@@ -86,7 +87,7 @@ def _sk_rows_op(logits: torch.Tensor, col: torch.Tensor | None, shift: torch.Ten
     M, K = x.shape
     out = torch.zeros(M, device=x.device, dtype=torch.float32)
     if M and K:
-        block = min(LAUNCH["row_block"], triton.next_power_of_2(K))
+        block = min(LAUNCH["row_block"], next_power_of_2(K))
         _sk_rows[(M,)](x, x if col is None else col.contiguous(), shift, tinv, out, K, x.stride(0),
                        HAS_A=col is not None, BLOCK=block, num_warps=LAUNCH["row_warps"])
     return out
@@ -99,8 +100,8 @@ def _(logits, col, shift, tinv):
 
 def _chunks(M: int) -> tuple[int, int]:
     """(chunks, rows per chunk) for the column pass: chunk_rows rows a program, at most max_chunks chunks."""
-    chunks = max(1, min(LAUNCH["max_chunks"], triton.cdiv(M, LAUNCH["chunk_rows"])))
-    return chunks, triton.cdiv(M, chunks)
+    chunks = max(1, min(LAUNCH["max_chunks"], cdiv(M, LAUNCH["chunk_rows"])))
+    return chunks, cdiv(M, chunks)
 
 
 @torch.library.custom_op("vfm::sk_cols", mutates_args=())
@@ -111,8 +112,8 @@ def _sk_cols_op(logits: torch.Tensor, row: torch.Tensor, shift: torch.Tensor, ti
         return torch.zeros(K, device=x.device, dtype=torch.float32)
     chunks, chunk_rows = _chunks(M)
     partial = torch.empty(chunks, K, device=x.device, dtype=torch.float32)
-    bk = min(LAUNCH["col_bk"], triton.next_power_of_2(K))
-    _sk_cols[(triton.cdiv(K, bk), chunks)](x, row.contiguous(), shift, tinv, partial, M, K, x.stride(0), chunk_rows,
+    bk = min(LAUNCH["col_bk"], next_power_of_2(K))
+    _sk_cols[(cdiv(K, bk), chunks)](x, row.contiguous(), shift, tinv, partial, M, K, x.stride(0), chunk_rows,
                                           BM=LAUNCH["col_bm"], BK=bk, num_warps=LAUNCH["col_warps"])
     return partial.sum(0)
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels import triton_version
+from kernels.host import next_power_of_2
 
 # elements of a row per step and warps per program (one program a row)
 LAUNCH = {"block": 4096, "warps": 8}
@@ -134,7 +135,7 @@ def _soft_ce_op(scores: torch.Tensor, targets: torch.Tensor, row: Factor, col: F
     M, K = scores.shape
     ce, lse, tsum = (torch.empty(M, device=scores.device, dtype=torch.float32) for _ in range(3))
     if M and K:
-        block = min(LAUNCH["block"], triton.next_power_of_2(K))
+        block = min(LAUNCH["block"], next_power_of_2(K))
         *t, factored = _factors(targets, row, col, shift, tinv)
         _soft_ce_fwd[(M,)](scores, *t, ce, lse, tsum, K, scores.stride(0), targets.stride(0), inv_temp,
                            BLOCK=block, FACTORED=factored, num_warps=LAUNCH["warps"])
@@ -159,7 +160,7 @@ def _soft_ce_bwd_op(gce: torch.Tensor, scores: torch.Tensor, targets: torch.Tens
     M, K = scores.shape
     ds = torch.empty(M, K, device=scores.device, dtype=scores.dtype)
     if M and K:
-        block = min(LAUNCH["block"], triton.next_power_of_2(K))
+        block = min(LAUNCH["block"], next_power_of_2(K))
         *t, factored = _factors(targets, row, col, shift, tinv)
         _soft_ce_bwd[(M,)](gce.contiguous(), scores, *t, lse, tsum, ds, K, scores.stride(0), targets.stride(0),
                            ds.stride(0), inv_temp, BLOCK=block, FACTORED=factored, num_warps=LAUNCH["warps"])
@@ -309,8 +310,8 @@ def _crop_dims(scores: torch.Tensor, targets: torch.Tensor, groups: int) -> tupl
 
 def _crop_launch(K: int, G: int) -> tuple[int, int]:
     """(GP, BLOCK): the target rows padded to a power of two, and a step of LAUNCH["block"] elements in all."""
-    gp = triton.next_power_of_2(G)
-    return gp, max(16, min(LAUNCH["block"] // gp, triton.next_power_of_2(K)))
+    gp = next_power_of_2(G)
+    return gp, max(16, min(LAUNCH["block"] // gp, next_power_of_2(K)))
 
 
 @torch.library.custom_op("vfm::crop_ce", mutates_args=())
