@@ -40,6 +40,11 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+K84)  # session 32: every attention default and the MAE kernels at HEAD (DQ_TAIL removed since session 30's table,
+      # the launch arithmetic in kernels/host.py): the "Where it stands" table of kernels/README.md
+  step 330 python3 -m bench kernels --only attention --tag s32-defaults
+  step 220 python3 -m bench kernels --only mae --tag s32-defaults-mae
+  ;;
 # K81-K83 (session 31): DQ_TAIL, measured and removed (commit 58413a7 has its third form and `--tune-dq-tail`,
 # 4d43c71 its first; kernels/README.md, "The tail rows' dQ from the dK/dV pass")
 K83)  # session 31: K82 again after moving the tail keys' share of the tail rows' dQ (and their delta) into the dQ
