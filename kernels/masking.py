@@ -513,7 +513,7 @@ def mae_rank(noise: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, t
     else:
         bi = max(1, min(32, 4096 // bj))
         _rank_kernel[(B, cdiv(N, bi))](noise, ids_keep, mask, rank, N, K, BLOCK_I=bi, BLOCK_J=bj, num_warps=4,
-                                              **launch_options(use_pdl(noise)))
+                                       **launch_options(use_pdl(noise)))
     return ids_keep, mask, rank
 
 

@@ -114,7 +114,7 @@ def _sk_cols_op(logits: torch.Tensor, row: torch.Tensor, shift: torch.Tensor, ti
     partial = torch.empty(chunks, K, device=x.device, dtype=torch.float32)
     bk = min(LAUNCH["col_bk"], next_power_of_2(K))
     _sk_cols[(cdiv(K, bk), chunks)](x, row.contiguous(), shift, tinv, partial, M, K, x.stride(0), chunk_rows,
-                                          BM=LAUNCH["col_bm"], BK=bk, num_warps=LAUNCH["col_warps"])
+                                    BM=LAUNCH["col_bm"], BK=bk, num_warps=LAUNCH["col_warps"])
     return partial.sum(0)
 
 

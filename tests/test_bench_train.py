@@ -189,7 +189,8 @@ def test_worker_error_keeps_the_ranks_lines_and_the_root_cause():
     rank = "x" * 3000 + "\nterminate called without an active exception\n"
     launcher = ("Traceback (most recent call last):\n  File \"/site-packages/torch/distributed/run.py\", line 1\n"
                 + "    frame\n" * 400 + "ChildFailedError:\nFailures:\n[1]:\n  rank: 1 (SIGTERM)\n"
-                + "Root Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : -6\n===\n")
+                + "Root Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n"
+                + "  exitcode  : -6\n===\n")
     e = worker_error(rank + launcher)
     assert len(e) <= 1500
     assert "terminate called without an active exception" in e
