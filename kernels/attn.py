@@ -2126,8 +2126,9 @@ def attention(q, k, v, *, scale=None, cu_seqlens=None, max_seqlen=None, impl="au
     impl: "triton" (our kernels), "sdpa" (torch's fused SDPA), "torch" (fp32 reference),
     "xformers" (memory_efficient_attention), "auto" = triton on CUDA for head dim <= 128 and
     N <= AUTO_TRITON_MAX_SEQLEN (where it measured at least as fast on the GPU), SDPA otherwise.
-    Eagerly (no CUDA graphs) each fwd+bwd costs ~1 ms of CPU against SDPA's ~0.35 ms (kernels/README.md): a
-    CPU-bound eager loop may be faster with "sdpa"; under torch.compile with CUDA graphs none of it is paid.
+    Eagerly (no CUDA graphs) each fwd+bwd costs 0.6-1 ms of CPU against SDPA's 0.15-0.35 ms on an H200's host
+    (kernels/README.md): a CPU-bound eager loop may be faster with "sdpa"; under torch.compile with CUDA graphs none
+    of it is paid.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
