@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from kernels import triton_version
-from kernels.host import cdiv, next_power_of_2
 from kernels.cuda_context import ensure_context
+from kernels.host import cdiv, next_power_of_2
 
 IMPLS = ("auto", "triton", "torch", "sdpa", "xformers")
 
