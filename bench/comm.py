@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench.common import print_table, write_result
+from bench.common import print_table, worker_error, write_result
 
 SIZES_MB = (16, 64, 256)
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         log = r.stdout + r.stderr
         if r.returncode or not os.path.exists(out):
-            print(log[-3000:], file=sys.stderr)
+            print(worker_error(log, 3000), file=sys.stderr)
             return 1
         res = json.load(open(out))
     transports = sorted({m.group(0).strip() for m in re.finditer(r"via (P2P/\S+|SHM\S*|NET/\S+|P2P)", log)})

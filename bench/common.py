@@ -108,6 +108,19 @@ def write_result(suite: str, payload: dict[str, Any], argv: list[str] | None = N
     return path
 
 
+def worker_error(text: str, keep: int = 1500) -> str:
+    """What a failed torchrun launch printed, shortened for a result row or a message: the ranks' own output (their
+    tracebacks, a C++ abort's message) and the launcher's summary of which rank failed how, without the launcher's
+    traceback between them, which says only that a child failed and would crowd the ranks' lines out of a plain
+    tail."""
+    head, sep, rest = text.rpartition("Traceback (most recent call last):")
+    if not sep or "torch/distributed/run.py" not in rest:
+        return text[-keep:]
+    cut = max(rest.find("Root Cause"), 0)  # the first rank to fail, which the others' failures follow
+    summary = rest[cut:][-keep // 3:]
+    return head.rstrip()[-(keep - len(summary) - 5):] + "\n...\n" + summary
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import bar_plot, card_name, print_table, write_result
+from bench.common import bar_plot, card_name, print_table, worker_error, write_result
 from engine.config import split_entry
 
 RESULTS_PROFILE_DIR = Path(__file__).parent / "results" / "profiles"
@@ -397,18 +397,6 @@ def profile_stem(recipes: list[str], i: int) -> str:
     it (one recipe with different `::` overrides), its position too (1-based), so that no table overwrites another."""
     stems = recipe_stems(recipes)
     return stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}-{i + 1}"
-
-
-def worker_error(text: str, keep: int = 1500) -> str:
-    """What a failed torchrun launch printed, shortened for a result row: the ranks' own output (their tracebacks,
-    a C++ abort's message) and the launcher's summary of which rank failed how, without the launcher's traceback
-    between them, which says only that a child failed and would crowd the ranks' lines out of a plain tail."""
-    head, sep, rest = text.rpartition("Traceback (most recent call last):")
-    if not sep or "torch/distributed/run.py" not in rest:
-        return text[-keep:]
-    cut = max(rest.find("Root Cause"), 0)  # the first rank to fail, which the others' failures follow
-    summary = rest[cut:][-keep // 3:]
-    return head.rstrip()[-(keep - len(summary) - 5):] + "\n...\n" + summary
 
 
 def run_scaling(args, argv: list[str]) -> int:

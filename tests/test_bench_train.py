@@ -184,7 +184,7 @@ def test_profile_stem_keeps_one_recipes_variants_apart():
 def test_worker_error_keeps_the_ranks_lines_and_the_root_cause():
     """A failed torchrun launch in a scaling row: the rank's own message (here a C++ abort's) and which rank failed
     first survive, however long the launcher's traceback between them; other text keeps its tail."""
-    from bench.train import worker_error
+    from bench.common import worker_error
 
     rank = "x" * 3000 + "\nterminate called without an active exception\n"
     launcher = ("Traceback (most recent call last):\n  File \"/site-packages/torch/distributed/run.py\", line 1\n"
