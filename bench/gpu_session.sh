@@ -40,6 +40,36 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+K88)  # session 33: TAIL_PRE on the split head dims' dK/dV pass (d = 88, 80; the MAE ViT-g encoder), twice; then every
+      # attention default twice more (K87's defaults call put N = 261 at 1.43x, its sweep after it at 1.49x)
+  for i in 1 2; do
+    step 200 python3 -m bench kernels --only attention --tune-tail-pre --tag s33-tune-tail-pre-split-$i \
+      --shapes vit-g-n257-d88,vit-h-n257-d80,mae-g-enc-n65-d88
+  done
+  for i in 2 3; do
+    step 330 python3 -m bench kernels --only attention --tag s33-defaults-$i
+  done
+  ;;
+K87)  # session 33: every attention default with TAIL_PRE in the defaults (the d = 64 dK/dV pass, the MAE decoder's
+      # forward), then the TAIL_PRE sweep at N = 197 and 261 again, now with each kernel's shared memory in the JSON
+  step 330 python3 -m bench kernels --only attention --tag s33-defaults
+  step 200 python3 -m bench kernels --only attention --tune-tail-pre --tag s33-tune-tail-pre3 \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64
+  ;;
+K86)  # session 33: K85 again with TAIL_PRE at two levels (1: the operand a tail step uses first; 2: the whole tile),
+      # the forward and the dQ pass also under other caps, and each kernel's registers and spills in the JSON
+  for i in 1 2; do
+    step 280 python3 -m bench kernels --only attention --tune-tail-pre --tag s33-tune-tail-pre2-$i \
+      --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64,mae-l-dec-n197-d32
+  done
+  ;;
+K85)  # session 33: TAIL_PRE (each walk's first tail tile loaded before its full-tile loop, so the tail step does not
+      # wait out a load after the loop) on the forward and each backward pass, twice
+  for i in 1 2; do
+    step 280 python3 -m bench kernels --only attention --tune-tail-pre --tag s33-tune-tail-pre-$i \
+      --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64,mae-l-dec-n197-d32,dinov2-g518-n1374-d64
+  done
+  ;;
 K84)  # session 32: every attention default and the MAE kernels at HEAD (DQ_TAIL removed since session 30's table,
       # the launch arithmetic in kernels/host.py): the "Where it stands" table of kernels/README.md
   step 330 python3 -m bench kernels --only attention --tag s32-defaults

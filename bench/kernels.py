@@ -28,15 +28,16 @@ both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", w
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
 --tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-tail-split, --tune-lean, --tune-blocks,
---tune-occupancy: the current configs under register caps, warp specialization, a split head dim, TMA loads, tail
-groups, split grouped tails, the forward's lean softmax, neighbouring blocks, shallower pipelines under caps for one
-more program per SM),
+--tune-tail-pre, --tune-occupancy: the current configs under register caps, warp specialization, a split head dim,
+TMA loads, tail groups, split grouped tails, the forward's lean softmax, neighbouring blocks, the tail tiles loaded
+before the loop, shallower pipelines under caps for one more program per SM),
 --shapes a,b (attention shape names), --only mae|attention|packed|soft-ce|patch-embed (one part; --skip-mae = --only
 attention), --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -771,7 +772,7 @@ def _compile_worker(job):
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
     configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-tail-split /
-    --tune-lean / --tune-blocks / --tune-occupancy: the variants of the current configs) or just the ones each shape
+    --tune-lean / --tune-blocks / --tune-tail-pre / --tune-occupancy: the variants of the current configs) or just the ones each shape
     will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -937,6 +938,41 @@ def lean_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return [fwd | {"LEAN": False}, fwd | {"LEAN": True}], [attn._bwd_config(N, D)]
 
 
+# register caps for --tune-tail-pre's variants: the forward's (4 programs of 4 warps per SM) and the dQ pass's (5)
+TAIL_PRE_CAPS = {"fwd": 128, "dq": 96}
+
+
+def tail_pre_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
+    """The shape's current configs and the same without TAIL_PRE (each walk's first tail tile loaded before the
+    full-tile loop, kernels.attn._fwd_q_block), then, from the latter, TAIL_PRE at 1 (the operand the step uses first)
+    and 2 (the whole tile): on the forward, with its current cap and under TAIL_PRE_CAPS["fwd"] (or none, where that
+    is the current cap); on the dK/dV pass; on the dQ pass, also under TAIL_PRE_CAPS["dq"]; on both passes. Where the
+    head dim is split (SPLIT_D) only the dK/dV pass takes the key (the whole tile at either level): the current
+    forward, the backward without and with it there."""
+    from kernels import attn
+
+    off = lambda c: {k: v for k, v in c.items() if k != "TAIL_PRE"}
+    fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
+    if fwd.get("SPLIT_D"):
+        fwds = [fwd]
+    else:
+        cap = TAIL_PRE_CAPS["fwd"]
+        recap = (lambda c: {k: v for k, v in c.items() if k != "maxnreg"}) if fwd.get("maxnreg") == cap else \
+            (lambda c: c | {"maxnreg": cap})
+        f0 = off(fwd)
+        fwds = [fwd, f0] + [f0 | {"TAIL_PRE": p} for p in (1, 2)] + [recap(f0) | {"TAIL_PRE": p} for p in (1, 2)]
+    if bwd.get("SPLIT") != attn.KV_Q:
+        return _unique(fwds), [bwd]
+    dq, b0 = attn._kv_q_dq_config(bwd), off(bwd)
+    dq0 = off(dq)
+    if bwd.get("SPLIT_D"):
+        return _unique(fwds), _unique([bwd | {"DQ": dq}, b0 | {"DQ": dq0}, b0 | {"TAIL_PRE": 2, "DQ": dq0}])
+    kvs = [b0 | {"TAIL_PRE": p, "DQ": dq0} for p in (1, 2)]
+    dqs = [b0 | {"DQ": dq0 | {"TAIL_PRE": p} | c} for c in ({}, {"maxnreg": TAIL_PRE_CAPS["dq"]}) for p in (1, 2)]
+    both = [b0 | {"TAIL_PRE": p, "DQ": dq0 | {"TAIL_PRE": p}} for p in (1, 2)]
+    return _unique(fwds), _unique([bwd | {"DQ": dq}, b0 | {"DQ": dq0}] + kvs + dqs + both)
+
+
 # (num_stages, maxnreg) pairs for --tune-occupancy: one stage fewer (less shared memory a program) under a register
 # cap low enough for one more 4-warp program per SM (offline for sm_90: the d = 64 forward's full blocks fit 96
 # registers and its dQ pass 84 without spills)
@@ -1008,6 +1044,8 @@ VARIANT_FLAGS = [
      "argument, a reciprocal per row)"),
     ("--tune-blocks", "blocks", "configs with their blocks, warps and pipeline depth swapped for neighbours "
      "(NEIGHBOUR_BLOCKS), every other knob kept"),
+    ("--tune-tail-pre", "tailpre", "configs without and with TAIL_PRE (each walk's first tail tile loaded before "
+     "the full-tile loop) on the forward and on each pass of the two-pass backward"),
     ("--tune-occupancy", "occupancy", "configs with the forward and the dQ pass one stage shallower under register "
      "caps that fit one more program per SM (OCCUPANCY)"),
 ]
@@ -1024,14 +1062,37 @@ def _unique(cfgs: list[dict]) -> list[dict]:
 
 VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
                   "tailg": tail_group_variants, "tailsplit": tail_split_variants, "lean": lean_variants,
-                  "blocks": block_variants, "occupancy": occupancy_variants}
+                  "blocks": block_variants, "occupancy": occupancy_variants, "tailpre": tail_pre_variants}
+
+
+@contextlib.contextmanager
+def launched_kernels():
+    """The attention kernels launched inside the block, in launch order, as [{"regs": registers per thread,
+    "spills": bytes spilled, "shared": bytes of shared memory per program}] (None each where Triton's compiled kernel
+    does not say, e.g. under the interpreter)."""
+    from kernels import attn
+
+    seen, fns = [], (attn._attn_fwd, attn._attn_bwd_kv_q, attn._attn_bwd)
+    for fn in fns:
+        def run(*a, _run=fn.run, **kw):
+            kernel = _run(*a, **kw)
+            seen.append({"regs": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None),
+                         "shared": getattr(getattr(kernel, "metadata", None), "shared", None)})
+            return kernel
+        fn.run = run  # an instance attribute over JITFunction.run, which fn[grid](...) calls
+    try:
+        yield seen
+    finally:
+        for fn in fns:
+            del fn.run
 
 
 def tune_attention(names, variants=None):
     """Time every block config of the forward and both backward layouts (or, with `variants` a key of
-    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "tailsplit" / "lean" / "blocks" / "occupancy", the
-    current configs under register caps / with warp specialization / with the head dim split / with TMA loads / with
-    tail groups / with split grouped tails / with the lean softmax / with neighbouring blocks / shallower under caps);
+    VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "tailsplit" / "lean" / "blocks" / "occupancy" /
+    "tailpre", the current configs under register caps / with warp specialization / with the head dim split / with TMA
+    loads / with tail groups / with split grouped tails / with the lean softmax / with neighbouring blocks / shallower
+    under caps / with the tail tiles loaded early);
     print the best per shape."""
     from kernels import attn
 
@@ -1053,27 +1114,29 @@ def tune_attention(names, variants=None):
         f = 4.0 * B * H * N * N * D
         for cfg in fwd_cfgs:
             try:
-                o, lse = attn.attention_fwd(q, k, v, scale, config=cfg)
+                with launched_kernels() as kern:
+                    o, lse = attn.attention_fwd(q, k, v, scale, config=cfg)
                 ok = _rel(o[:bs], ref) < 1e-2 and _rel(lse, lse_ref) < 1e-3
                 t = graph_ms(lambda: attn.attention_fwd(q, k, v, scale, config=cfg))
-                res["fwd"].append({**cfg, "ms": t, "tflops": f / t / 1e9, "ok": ok})
+                res["fwd"].append({**cfg, "ms": t, "tflops": f / t / 1e9, "ok": ok, "kernels": kern})
             except Exception as e:
                 res["fwd"].append({**cfg, "error": f"{type(e).__name__}: {str(e)[:80]}"})
         for cfg in bwd_cfgs:
             if not cfg["SPLIT"] and N > 1400:
                 continue
             try:
-                gs = attn.attention_bwd(do, q, k, v, o_ref, lse_ref, scale, config=cfg)
+                with launched_kernels() as kern:
+                    gs = attn.attention_bwd(do, q, k, v, o_ref, lse_ref, scale, config=cfg)
                 ok = max(_rel(a[:bs], b) for a, b in zip(gs, g_ref)) < 1e-2
                 t = graph_ms(lambda: attn.attention_bwd(do, q, k, v, o_ref, lse_ref, scale, config=cfg))
-                res["bwd"].append({**cfg, "ms": t, "tflops": 2.5 * f / t / 1e9, "ok": ok})
+                res["bwd"].append({**cfg, "ms": t, "tflops": 2.5 * f / t / 1e9, "ok": ok, "kernels": kern})
             except Exception as e:
                 res["bwd"].append({**cfg, "error": f"{type(e).__name__}: {str(e)[:80]}"})
         best = {}
         for part in ("fwd", "bwd"):
             good = sorted((r for r in res[part] if r.get("ok")), key=lambda r: r["ms"])
             if good:
-                best[part] = {kk: vv for kk, vv in good[0].items() if kk not in ("ms", "tflops", "ok")}
+                best[part] = {kk: vv for kk, vv in good[0].items() if kk not in ("ms", "tflops", "ok", "kernels")}
             for r in good[:3]:
                 print(f"  tune {name} {part}: {r}", file=sys.stderr)
             if part == "bwd":  # the best of each backward layout, to compare the layouts

@@ -136,6 +136,7 @@ def test_defaults_follow_the_triton_version(monkeypatch, groups):
     TUNED's as they are; off (Triton 3.8, where they lose at d = 32 / 64), the same configs without TAIL_G on any
     pass at power-of-two head dims, register caps and every other key kept; split head dims (d = 80) keep theirs."""
     monkeypatch.setattr(attn, "POW2_TAIL_GROUPS", groups)
+    monkeypatch.setattr(attn, "TAIL_PRE_DEFAULTS", True)
     keys = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW", "DQ")}
     for n, d in ((197, 64), (261, 64), (197, 32), (257, 64)):
         fwd, bwd = attn._fwd_config(n, d), attn._bwd_config(n, d)
@@ -147,6 +148,25 @@ def test_defaults_follow_the_triton_version(monkeypatch, groups):
             assert (fwd, bwd) == (tf, tb)
     assert attn._fwd_config(257, 80)["TAIL_G"] == 4 and attn._bwd_config(257, 80)["DQ"]["TAIL_G"] == 4
     assert attn._fwd_config(1374, 64) == attn.TUNED[(1374, 64)][0]  # nothing to drop
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_tail_pre_defaults_follow_the_triton_version(monkeypatch, on):
+    """TAIL_PRE_DEFAULTS (on under Triton < 3.7, where TAIL_PRE was measured): the d = 64 defaults up to
+    TAIL_GROUP_MAX_N load the dK/dV pass's first tail tile early (not the dQ pass's, nor the forward's), the MAE
+    decoder's (197, 32) its forward's; off, no default carries the key on any pass, and nothing else changes."""
+    for knob in ("POW2_TAIL_GROUPS", "SPLIT_TAIL_GROUPS"):
+        monkeypatch.setattr(attn, knob, True)
+    monkeypatch.setattr(attn, "NEWER_TRITON", False)
+    monkeypatch.setattr(attn, "TAIL_PRE_DEFAULTS", on)
+    pre = lambda c: [x.get("TAIL_PRE") for x in (c, c.get("DQ") or {})]
+    rest = lambda c: {k: (rest(v) if k == "DQ" else v) for k, v in c.items() if k != "TAIL_PRE"}
+    for n, d in ((197, 64), (261, 64), (257, 64), (300, 64), (197, 32), (1374, 64), (257, 88)):
+        fwd, bwd = attn._fwd_config(n, d), attn._bwd_config(n, d)
+        assert rest(fwd) == rest(attn._fwd_tuned(n, d)) and rest(bwd) == rest(attn._bwd_tuned(n, d))
+        want_fwd = [2 if on and (n, d) == (197, 32) else None, None]
+        want_bwd = [2 if on and d == 64 and n <= attn.TAIL_GROUP_MAX_N else None, None]
+        assert (pre(fwd), pre(bwd)) == (want_fwd, want_bwd), (n, d)
 
 
 @pytest.mark.parametrize("newer", [False, True])
@@ -740,3 +760,34 @@ def test_tma_descriptors_from_autograds_thread_on_gpu():
     r = subprocess.run([sys.executable, "-c", _THREAD_CASE], env=env, cwd=root, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-3000:]
+
+
+PRE_BWD = KV_Q | {"TAIL_PRE": 2, "DQ": KV_Q["DQ"] | {"TAIL_PRE": 2}}
+
+
+@pytest.mark.parametrize("n,d,heads", [(197, 64, 2), (100, 32, 2), (21, 88, 2), (1, 64, 1)])
+def test_tail_pre(n, d, heads):
+    """TAIL_PRE (config key): each walk's first tail tile loaded before the full-tile loop (2: the whole tile; 1: the
+    operand the step uses first), on the forward and on each pass of the two-pass backward: the reference result with one tail step (197 = 6 x 32 + 5), several (100 =
+    64 + 36 walks two 32-key tail steps in the dQ pass), a sequence shorter than a block (all tail) and N = 1;
+    dense, with tail groups beside it, and packed."""
+    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_PRE": 2}, bwd_config=PRE_BWD))
+    first = KV_Q | {"TAIL_PRE": 1, "DQ": KV_Q["DQ"] | {"TAIL_PRE": 1}}  # the first operand only (K; Q and LSE)
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_PRE": 1}, bwd_config=first))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_PRE": 2, "TAIL_G": 2},
+                           bwd_config=PRE_BWD | {"TAIL_G": 2}))
+    cu = torch.tensor([0, n, n + 37], dtype=torch.int32)
+    q, k, v = (torch.randn(n + 37, heads, d, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD | {"TAIL_PRE": 2}, bwd_config=PRE_BWD))
+
+
+@pytest.mark.parametrize("n,d", [(70, 88), (37, 80), (58, 88)])
+def test_tail_pre_with_a_split_head_dim(n, d):
+    """TAIL_PRE where the head dim is split (SPLIT_D: 64 + 32 / 64 + 16 columns): the dK/dV pass loads its first
+    tail tile early at either level (the forward and the dQ pass ignore the key): the reference result with one
+    16-row tail step (70 = 2 x 32 + 6, 37 = 32 + 5) and two (58 = 32 + 26)."""
+    q, k, v = (torch.randn(1, 2, n, d, requires_grad=True) for _ in range(3))
+    for level in (1, 2):
+        bwd = KV_Q | {"SPLIT_D": True, "TAIL_PRE": level, "DQ": KV_Q["DQ"] | {"TAIL_PRE": level}}
+        assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"SPLIT_D": True, "TAIL_PRE": level}, bwd_config=bwd))
