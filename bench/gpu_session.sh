@@ -40,6 +40,8 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+# K85-K88 (session 33) ran TAIL_PRE as commit 132d7db has it: levels 1 / 2 and a split-head-dim form on the dK/dV pass,
+# since removed (they lost); today's --tune-tail-pre times the whole tile only ("level 2")
 K88)  # session 33: TAIL_PRE on the split head dims' dK/dV pass (d = 88, 80; the MAE ViT-g encoder), twice; then every
       # attention default twice more (K87's defaults call put N = 261 at 1.43x, its sweep after it at 1.49x)
   for i in 1 2; do

@@ -772,8 +772,8 @@ def _compile_worker(job):
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
     configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-tail-split /
-    --tune-lean / --tune-blocks / --tune-tail-pre / --tune-occupancy: the variants of the current configs) or just the ones each shape
-    will use."""
+    --tune-lean / --tune-blocks / --tune-tail-pre / --tune-occupancy: the variants of the current configs) or just the
+    ones each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
@@ -944,14 +944,14 @@ TAIL_PRE_CAPS = {"fwd": 128, "dq": 96}
 
 def tail_pre_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     """The shape's current configs and the same without TAIL_PRE (each walk's first tail tile loaded before the
-    full-tile loop, kernels.attn._fwd_q_block), then, from the latter, TAIL_PRE at 1 (the operand the step uses first)
-    and 2 (the whole tile): on the forward, with its current cap and under TAIL_PRE_CAPS["fwd"] (or none, where that
-    is the current cap); on the dK/dV pass; on the dQ pass, also under TAIL_PRE_CAPS["dq"]; on both passes. Where the
-    head dim is split (SPLIT_D) only the dK/dV pass takes the key (the whole tile at either level): the current
-    forward, the backward without and with it there."""
+    full-tile loop, kernels.attn._fwd_q_block), then, from the latter, TAIL_PRE on the forward, with its current cap
+    and under TAIL_PRE_CAPS["fwd"] (or none, where that is the current cap); on the dK/dV pass; on the dQ pass, also
+    under TAIL_PRE_CAPS["dq"]; on both passes. Configs that split the head dim (SPLIT_D) ignore the key: only the
+    current ones."""
     from kernels import attn
 
     off = lambda c: {k: v for k, v in c.items() if k != "TAIL_PRE"}
+    pre = {"TAIL_PRE": True}
     fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
     if fwd.get("SPLIT_D"):
         fwds = [fwd]
@@ -959,18 +959,14 @@ def tail_pre_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
         cap = TAIL_PRE_CAPS["fwd"]
         recap = (lambda c: {k: v for k, v in c.items() if k != "maxnreg"}) if fwd.get("maxnreg") == cap else \
             (lambda c: c | {"maxnreg": cap})
-        f0 = off(fwd)
-        fwds = [fwd, f0] + [f0 | {"TAIL_PRE": p} for p in (1, 2)] + [recap(f0) | {"TAIL_PRE": p} for p in (1, 2)]
-    if bwd.get("SPLIT") != attn.KV_Q:
+        fwds = [fwd, off(fwd), off(fwd) | pre, recap(off(fwd)) | pre]
+    if bwd.get("SPLIT") != attn.KV_Q or bwd.get("SPLIT_D"):
         return _unique(fwds), [bwd]
     dq, b0 = attn._kv_q_dq_config(bwd), off(bwd)
     dq0 = off(dq)
-    if bwd.get("SPLIT_D"):
-        return _unique(fwds), _unique([bwd | {"DQ": dq}, b0 | {"DQ": dq0}, b0 | {"TAIL_PRE": 2, "DQ": dq0}])
-    kvs = [b0 | {"TAIL_PRE": p, "DQ": dq0} for p in (1, 2)]
-    dqs = [b0 | {"DQ": dq0 | {"TAIL_PRE": p} | c} for c in ({}, {"maxnreg": TAIL_PRE_CAPS["dq"]}) for p in (1, 2)]
-    both = [b0 | {"TAIL_PRE": p, "DQ": dq0 | {"TAIL_PRE": p}} for p in (1, 2)]
-    return _unique(fwds), _unique([bwd | {"DQ": dq}, b0 | {"DQ": dq0}] + kvs + dqs + both)
+    capped = dq0 | pre | {"maxnreg": TAIL_PRE_CAPS["dq"]}
+    return _unique(fwds), _unique([bwd | {"DQ": dq}, b0 | {"DQ": dq0}, b0 | pre | {"DQ": dq0}, b0 | {"DQ": dq0 | pre},
+                                   b0 | {"DQ": capped}, b0 | pre | {"DQ": dq0 | pre}])
 
 
 # (num_stages, maxnreg) pairs for --tune-occupancy: one stage fewer (less shared memory a program) under a register

@@ -240,40 +240,14 @@ def _fwd_kv_math(q, m_i, l_i, acc, k, v, cols_ok, qk_scale, MASK_N: tl.constexpr
 
 
 @triton.jit
-def _pre_pair(A, B, ao, bo, sa_n, sb_n, start, seqlen, offs_d, mask_d, ROWS: tl.constexpr, EVEN_D: tl.constexpr,
-              PRE: tl.constexpr):
-    """TAIL_PRE: rows [start, start + ROWS) of A, and with PRE > 1 of B too (else B's tile is a placeholder, loaded
-    by _pre_second where it is used); rows past seqlen read as zeros. (a, b, rows_ok)."""
-    rows = start + tl.arange(0, ROWS)
-    rows_ok = rows < seqlen
-    a = _load_tile(A + ao + rows[:, None] * sa_n + offs_d[None, :], rows_ok, mask_d, True, not EVEN_D)
-    if PRE > 1:
-        x = _load_tile(B + bo + rows[:, None] * sb_n + offs_d[None, :], rows_ok, mask_d, True, not EVEN_D)
-    else:
-        x = a
-    return a, x, rows_ok
-
-
-@triton.jit
-def _pre_second(B, bo, sb_n, x, start, rows_ok, offs_d, mask_d, ROWS: tl.constexpr, EVEN_D: tl.constexpr,
-                PRE: tl.constexpr):
-    """The second tile of a TAIL_PRE pair: x as _pre_pair loaded it (PRE > 1), else loaded now."""
-    if PRE == 1:
-        rows = start + tl.arange(0, ROWS)
-        x = _load_tile(B + bo + rows[:, None] * sb_n + offs_d[None, :], rows_ok, mask_d, True, not EVEN_D)
-    return x
-
-
-@triton.jit
 def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
                  offs_d, mask_d,
                  BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False, LEAN: tl.constexpr = False,
-                 PRE: tl.constexpr = 0):
-    # PRE (config key TAIL_PRE) > 0: the walk's first tail tile is loaded with Q, before the full-tile loop, so its
-    # load latency hides behind the loop instead of following it: 1 its K (V is loaded after the loop, behind QK^T and
-    # the softmax), 2 K and V
+                 PRE: tl.constexpr = False):
+    # PRE (config key TAIL_PRE): the walk's first tail tile (K and V) is loaded with Q, before the full-tile loop, so
+    # its load latency hides behind the loop instead of following it
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
@@ -282,16 +256,17 @@ def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, 
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
     n_full = (seqlen // BLOCK_N) * BLOCK_N
     n_tail = n_full
-    if PRE > 0:
-        kt, vt, t_ok = _pre_pair(K, V, ko, vo, sk_n, sv_n, n_full, seqlen, offs_d, mask_d, TAIL_N, EVEN_D, PRE)
+    if PRE:
+        kt, vt = _walk_pair(K, V, ko, vo, sk_n, sv_n, KD, VD, b, h, n_full, seqlen, offs_d, mask_d, TAIL_N, True,
+                            EVEN_D, False)
         n_tail = n_full + TAIL_N
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
                                      offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA, LEAN)
-    if PRE > 0:
+    if PRE:
         if n_full < seqlen:
-            vt = _pre_second(V, vo, sv_n, vt, n_full, t_ok, offs_d, mask_d, TAIL_N, EVEN_D, PRE)
-            m_i, l_i, acc = _fwd_kv_math(q, m_i, l_i, acc, kt, vt, t_ok, qk_scale, True, LEAN)
+            m_i, l_i, acc = _fwd_kv_math(q, m_i, l_i, acc, kt, vt, n_full + tl.arange(0, TAIL_N) < seqlen, qk_scale,
+                                         True, LEAN)
     for start_n in range(n_tail, seqlen, TAIL_N):
         m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
                                      offs_d, mask_d, TAIL_N, True, EVEN_D, KD, VD, b, h, False, LEAN)
@@ -731,7 +706,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False, D2: tl.constexpr = 0,
     TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16, TAIL_GD: tl.constexpr = 16,
-    LEAN: tl.constexpr = False, TAIL_GD2: tl.constexpr = 0, TAIL_PRE: tl.constexpr = 0,
+    LEAN: tl.constexpr = False, TAIL_GD2: tl.constexpr = 0, TAIL_PRE: tl.constexpr = False,
 ):
     # TMA: the full key tiles are loaded through the tensor descriptors KD / VD (dense inputs; block
     # [1, 1, BLOCK_N, BLOCK_D]); otherwise KD / VD are unused.
@@ -1056,9 +1031,9 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                     BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
-                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False, PRE: tl.constexpr = 0):
-    """dK, dV of one key tile: K and V stay resident, every query tile streams past. PRE (TAIL_PRE) > 0: the walk's
-    first tail tile is loaded with K and V, before the full-tile loop: 1 its Q and LSE, 2 Q, dO, LSE and delta."""
+                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False, PRE: tl.constexpr = False):
+    """dK, dV of one key tile: K and V stay resident, every query tile streams past. PRE (TAIL_PRE): the walk's first
+    tail tile (Q, dO, LSE, delta) is loaded with K and V, before the full-tile loop."""
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
     k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
@@ -1067,20 +1042,15 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
     m_full = (seqlen // BLOCK_M) * BLOCK_M
     m_tail = m_full
-    if PRE > 0:
-        qt, dot, t_ok = _pre_pair(Q, DO, qo, doo, sq_n, sdo_n, m_full, seqlen, offs_d, mask_d, TAIL_M, EVEN_D, PRE)
-        lset = tl.load(LSE + lo + m_full + tl.arange(0, TAIL_M), mask=t_ok, other=float("inf"))  # padded: p = 0
-        if PRE > 1:
-            deltat = tl.load(DELTA + lo + m_full + tl.arange(0, TAIL_M), mask=t_ok, other=0.0)
+    if PRE:
+        qt, dot, lset, deltat = _bwd_dkdv_load(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, m_full, seqlen, offs_d,
+                                               mask_d, TAIL_M, True, EVEN_D)
         m_tail = m_full + TAIL_M
     for start_m in tl.range(0, m_full, BLOCK_M, warp_specialize=WS):
         dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
                                 qk_scale, offs_d, mask_d, BLOCK_M, False, EVEN_D, QD, DOD, b, h, TMA)
-    if PRE > 0:
+    if PRE:
         if m_full < seqlen:
-            dot = _pre_second(DO, doo, sdo_n, dot, m_full, t_ok, offs_d, mask_d, TAIL_M, EVEN_D, PRE)
-            if PRE == 1:
-                deltat = tl.load(DELTA + lo + m_full + tl.arange(0, TAIL_M), mask=t_ok, other=0.0)
             dk, dv = _bwd_dkdv_math(qt, dot, lset, deltat, k, v, dk, dv, qk_scale)
     for start_m in range(m_tail, seqlen, TAIL_M):
         dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
@@ -1116,9 +1086,9 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                   BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
-                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False, PRE: tl.constexpr = 0):
-    """dQ of one query tile (and its delta = rowsum(dO * O), stored for the dK/dV pass). PRE (TAIL_PRE) > 0: the
-    walk's first tail tile is loaded with Q, dO and O, before the full-tile loop: 1 its K, 2 K and V."""
+                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False, PRE: tl.constexpr = False):
+    """dQ of one query tile (and its delta = rowsum(dO * O), stored for the dK/dV pass). PRE (TAIL_PRE): the walk's
+    first tail tile of K and V is loaded with Q, dO and O, before the full-tile loop."""
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
@@ -1134,16 +1104,16 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
     n_full = (seqlen // BLOCK_N) * BLOCK_N
     n_tail = n_full
-    if PRE > 0:
-        kt, vt, t_ok = _pre_pair(K, V, ko, vo, sk_n, sv_n, n_full, seqlen, offs_d, mask_d, TAIL_N, EVEN_D, PRE)
+    if PRE:
+        kt, vt = _walk_pair(K, V, ko, vo, sk_n, sv_n, KD, VD, b, h, n_full, seqlen, offs_d, mask_d, TAIL_N, True,
+                            EVEN_D, False)
         n_tail = n_full + TAIL_N
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
                           offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA)
-    if PRE > 0:
+    if PRE:
         if n_full < seqlen:
-            vt = _pre_second(V, vo, sv_n, vt, n_full, t_ok, offs_d, mask_d, TAIL_N, EVEN_D, PRE)
-            dq = _bwd_dq_math(kt, vt, q, do, lse, delta, dq, t_ok, qk_scale, True)
+            dq = _bwd_dq_math(kt, vt, q, do, lse, delta, dq, n_full + tl.arange(0, TAIL_N) < seqlen, qk_scale, True)
     for start_n in range(n_tail, seqlen, TAIL_N):
         dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
                           offs_d, mask_d, TAIL_N, True, EVEN_D)
@@ -1156,16 +1126,6 @@ def _bwd_dkdv_step2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, d
                     qk_scale, offs_d, offs_d2, mask_d2, BM: tl.constexpr, MASK_M: tl.constexpr,
                     QD=None, QD2=None, DOD=None, DOD2=None, b=0, h=0, TMA: tl.constexpr = False):
     # _bwd_dkdv_step with the head dim in two pieces (SPLIT_D)
-    q, q2, do, do2, lse, delta = _bwd_dkdv_load2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, start_m, seqlen, offs_d,
-                                                 offs_d2, mask_d2, BM, MASK_M, QD, QD2, DOD, DOD2, b, h, TMA)
-    return _bwd_dkdv_math2(q, q2, do, do2, lse, delta, k, k2, v, v2, dk, dk2, dv, dv2, qk_scale)
-
-
-@triton.jit
-def _bwd_dkdv_load2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, start_m, seqlen, offs_d, offs_d2, mask_d2,
-                    BM: tl.constexpr, MASK_M: tl.constexpr,
-                    QD=None, QD2=None, DOD=None, DOD2=None, b=0, h=0, TMA: tl.constexpr = False):
-    """_bwd_dkdv_load with the head dim in two pieces: (q, q2, do, do2, lse, delta)."""
     rows = start_m + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q, q2, do, do2 = _walk_pair2(Q, DO, qo, doo, sq_n, sdo_n, QD, QD2, DOD, DOD2, b, h, start_m, seqlen, offs_d,
@@ -1176,11 +1136,6 @@ def _bwd_dkdv_load2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, start_m, seqlen
     else:
         lse = tl.load(LSE + lo + rows)
         delta = tl.load(DELTA + lo + rows)
-    return q, q2, do, do2, lse, delta
-
-
-@triton.jit
-def _bwd_dkdv_math2(q, q2, do, do2, lse, delta, k, k2, v, v2, dk, dk2, dv, dv2, qk_scale):
     pt = tl.math.exp2(tl.dot(k2, tl.trans(q2), tl.dot(k, tl.trans(q))) * qk_scale - lse[None, :])
     ptc = pt.to(do.dtype)
     dv += tl.dot(ptc, do)
@@ -1196,9 +1151,7 @@ def _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo,
                      sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, offs_d2,
                      mask_d2, BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
                      BLOCK_D: tl.constexpr, D2: tl.constexpr, WS: tl.constexpr,
-                     QD=None, QD2=None, DOD=None, DOD2=None, b=0, h=0, TMA: tl.constexpr = False,
-                     PRE: tl.constexpr = 0):
-    # PRE (TAIL_PRE) > 0: the walk's first tail tile (Q, dO, LSE, delta; every level) loaded before the loop
+                     QD=None, QD2=None, DOD=None, DOD2=None, b=0, h=0, TMA: tl.constexpr = False):
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
     k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, offs_d, MASK_N, False)
@@ -1210,20 +1163,11 @@ def _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo,
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
     dv2 = tl.zeros([BN, D2], tl.float32)
     m_full = (seqlen // BLOCK_M) * BLOCK_M
-    m_tail = m_full
-    if PRE > 0:
-        qt, qt2, dot, dot2, lset, deltat = _bwd_dkdv_load2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, m_full, seqlen,
-                                                           offs_d, offs_d2, mask_d2, TAIL_M, True)
-        m_tail = m_full + TAIL_M
     for start_m in tl.range(0, m_full, BLOCK_M, warp_specialize=WS):
         dk, dk2, dv, dv2 = _bwd_dkdv_step2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, dk, dk2, dv,
                                            dv2, start_m, seqlen, qk_scale, offs_d, offs_d2, mask_d2, BLOCK_M, False,
                                            QD, QD2, DOD, DOD2, b, h, TMA)
-    if PRE > 0:
-        if m_full < seqlen:
-            dk, dk2, dv, dv2 = _bwd_dkdv_math2(qt, qt2, dot, dot2, lset, deltat, k, k2, v, v2, dk, dk2, dv, dv2,
-                                               qk_scale)
-    for start_m in range(m_tail, seqlen, TAIL_M):
+    for start_m in range(m_full, seqlen, TAIL_M):
         dk, dk2, dv, dv2 = _bwd_dkdv_step2(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, k2, v, v2, dk, dk2, dv,
                                            dv2, start_m, seqlen, qk_scale, offs_d, offs_d2, mask_d2, TAIL_M, True)
     _store_tile(DK + dko + cols[:, None] * sdk_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
@@ -1336,10 +1280,9 @@ def _attn_bwd_kv_q(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
     D2: tl.constexpr = 0, TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
-    TAIL_GD: tl.constexpr = 16, TAIL_GD2: tl.constexpr = 0, TAIL_PRE: tl.constexpr = 0,
+    TAIL_GD: tl.constexpr = 16, TAIL_GD2: tl.constexpr = 0, TAIL_PRE: tl.constexpr = False,
 ):
-    # TAIL_PRE: each walk's first tail tile is loaded before its full-tile loop (see _bwd_dq_block); with a split head
-    # dim (D2 > 0) only the dK/dV pass takes it
+    # TAIL_PRE: each walk's first tail tile is loaded before its full-tile loop (see _bwd_dq_block; unsplit head dims)
     # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense inputs), walking
     # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids), or with TAIL_GD2 > 0 in two
     # pieces, TAIL_GD then TAIL_GD2 columns (config key TAIL_GS)
@@ -1416,14 +1359,14 @@ def _attn_bwd_kv_q(
                     _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                      sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
                                      offs_d, offs_d2, mask_d2, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, D2, WS,
-                                     QD, QD2, DOD, DOD2, b, h, TMA, TAIL_PRE)
+                                     QD, QD2, DOD, DOD2, b, h, TMA)
                 else:
                     start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
                     if start_n < seqlen:
                         _bwd_dkdv_block2(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                          sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
                                          offs_d, offs_d2, mask_d2, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, D2, WS,
-                                         QD, QD2, DOD, DOD2, b, h, TMA, TAIL_PRE)
+                                         QD, QD2, DOD, DOD2, b, h, TMA)
             elif pid < n_full:
                 _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
@@ -1471,7 +1414,7 @@ KV_Q = "kv+q"  # backward SPLIT value of the two-pass layout (_attn_bwd_kv_q)
 
 
 def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=None, split_d=False, tma=False,
-         tail_g=0, tail_gs=False, pre=0):
+         tail_g=0, tail_gs=False, pre=False):
     """Block config; backward ones carry SPLIT (False, True or KV_Q). For KV_Q the top-level
     blocks drive the dK/dV pass (BLOCK_N key tile per program, BLOCK_M query sub-tiles) and
     `dq` = (bm, bn, tm, tn, warps, stages) the dQ pass (BLOCK_M query tile per program, BLOCK_N
@@ -1486,8 +1429,8 @@ def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=N
     whose length is not a multiple of the block; see _grouped_pids), per pass as TMA (`dq`'s 8th entry; its 9th: the
     dQ pass's register cap). `tail_gs` (TAIL_GS): on every pass with tail groups, the grouped tail splits the head dim
     as the full blocks do (with split_d) instead of padding it. `pre` (TAIL_PRE): the walk's first tail tile loaded
-    before the full-tile loop (1: the operand a step uses first, 2: the whole tile), the forward's or, in a two-pass
-    backward config, the dK/dV pass's. With split_d only the dK/dV pass takes it (the whole tile at either level)."""
+    before the full-tile loop (unsplit head dims), the forward's or, in a two-pass backward config, the dK/dV
+    pass's."""
     c = dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=warps, num_stages=stages)
     if pre:
         c["TAIL_PRE"] = pre
@@ -1539,25 +1482,26 @@ TUNED: dict = {
     # ...-tune-tailg.json): N = 197 fwd 0.1081 ms vs 0.1152, bwd 0.2972 vs 0.3112; N = 261 fwd 0.2232 vs 0.2374, bwd
     # 0.6528 vs 0.6692. Grouped dQ-pass tails were slower at d = 64 with or without caps (N = 197: 0.3144-0.3208 ms vs
     # 0.3112)
-    # then the dK/dV pass's first tail tile (Q, dO, LSE, delta) loaded before its loop (TAIL_PRE 2, --tune-tail-pre,
-    # ...-2026-11-30-s33-tune-tail-pre{,2}-{1,2}.json, four runs in two calls): bwd 0.2960 / 0.2948 ms vs 0.2991 /
-    # 0.2991 (N = 197), 0.6408 / 0.6390 vs 0.6435 / 0.6444 (N = 261), 0.4305 / 0.4304 vs 0.4388 / 0.4388 (N = 257);
-    # the same on the forward (0.1151 vs 0.1051 at N = 197), on the dQ pass (0.3133, capped at 96 0.3020) and at
-    # level 1 (Q and LSE only: 0.3022) lost
+    # then the dK/dV pass's first tail tile (Q, dO, LSE, delta) loaded before its loop (TAIL_PRE, --tune-tail-pre,
+    # ...-2026-11-30-s33-tune-tail-pre2-{1,2}.json, as "level 2"): bwd 0.2960 / 0.2948 ms vs 0.2991 / 0.2991
+    # (N = 197), 0.6408 / 0.6390 vs 0.6435 / 0.6444 (N = 261), 0.4305 / 0.4304 vs 0.4388 / 0.4388 (N = 257); the same
+    # on the forward (0.1151 vs 0.1051 at N = 197: 61,440 bytes of shared memory per program, 3 programs per SM
+    # instead of 4, ...-tune-tail-pre3.json) and on the dQ pass (0.3133, capped at 96 0.3020) lost, as did loading
+    # only Q and LSE early ("level 1", 0.3022; removed, commit 132d7db has it)
     (197, 64): (_cfg(64, 64, 16, 16, 4, 3, regs=128, tail_g=4),
                 _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True, regs=128, tail_g=4,
-                     pre=2)),
+                     pre=True)),
     # the MAE ViT-L decoder (16 heads of 32): here the TMA forward wins too, 0.1600 ms vs 0.1725, and the backward
     # with TMA on both passes 0.4000 vs 0.4132 (...-tune-tma-d32.json); then tail groups of 4 heads on the forward
     # (0.1436 ms vs 0.1561; its registers do not rise at d = 32) and on the dQ pass under a 96-register cap (bwd
     # 0.3842 vs 0.3998; ...-tune-tailg-caps.json); then the forward's first tail tile of K and V loaded before its
-    # loop (TAIL_PRE 2, ...-s33-tune-tail-pre{,2}-{1,2}.json): 0.1345 / 0.1355 ms vs 0.1396 / 0.1402 (the backward's
-    # lost on both passes here: 0.3938-0.4138 vs 0.3852 / 0.3889)
-    (197, 32): (_cfg(64, 64, 16, 16, 4, 3, tma=True, tail_g=4, pre=2),
+    # loop (TAIL_PRE, ...-s33-tune-tail-pre2-{1,2}.json): 0.1345 / 0.1355 ms vs 0.1396 / 0.1402 (the backward's lost
+    # on both passes here: 0.3938-0.4138 vs 0.3852 / 0.3889)
+    (197, 32): (_cfg(64, 64, 16, 16, 4, 3, tma=True, tail_g=4, pre=True),
                 _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True, 4, 96), tma=True)),
     (261, 64): (_cfg(64, 64, 16, 16, 4, 3, regs=128, tail_g=4),
                 _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True, regs=128, tail_g=4,
-                     pre=2)),
+                     pre=True)),
     # d = 88 with the head dim in two pieces, 64 + 32 columns (`--tune-split`, ...-2026-11-29-tune-split.json): fwd
     # 0.2018 ms vs 0.2449 padded to 128, bwd 0.5948 vs 0.6956, fwd+bwd 1.15x cuDNN (was 0.97x)
     # then TMA on both backward passes (two descriptors per tensor: 64 and 32 columns), the dK/dV pass at 3 stages
@@ -1658,8 +1602,9 @@ def _newer(n: int, d: int, i: int):
 def _for_this_triton(cfg: dict, d: int) -> dict:
     """A default config as this Triton runs it best: without tail groups at power-of-two head dims where
     POW2_TAIL_GROUPS is off, without split grouped tails (TAIL_GS; the padded groups stay) where SPLIT_TAIL_GROUPS is
-    off, without TAIL_PRE where TAIL_PRE_DEFAULTS is off (both passes of a two-pass backward), else unchanged. The register caps stay: per-head tails under Triton 3.8
-    still run faster with them (N = 197 forward 0.1106 vs 0.1141 ms, backward 0.3110 vs 0.3140)."""
+    off, without TAIL_PRE where TAIL_PRE_DEFAULTS is off (both passes of a two-pass backward), else unchanged. The
+    register caps stay: per-head tails under Triton 3.8 still run faster with them (N = 197 forward 0.1106 vs 0.1141
+    ms, backward 0.3110 vs 0.3140)."""
     drop = ()
     if not POW2_TAIL_GROUPS and _pow2(d) == d:
         drop += ("TAIL_G", "TAIL_GW", "TAIL_GS")
@@ -1713,7 +1658,7 @@ def _bwd_tuned(n: int, d: int) -> dict:
     if _pow2(d) == 64 and n <= TAIL_GROUP_MAX_N:  # the N = 197 / 257 / 261 winner: dK/dV-pass tail groups, capped,
         # its first tail tile loaded before the loop
         return _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True, regs=128, tail_g=4,
-                    pre=2)
+                    pre=True)
     if _pow2(d) <= 64:  # the N = 197 / 261 winner before tail groups
         return _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True)
     if n <= 128 and _split_dims(d) is not None:  # N = 65, d = 88: 0.320 ms vs 0.359 with the blocks below

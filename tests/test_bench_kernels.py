@@ -1,6 +1,6 @@
 """bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma, --tune-tail-groups,
---tune-lean, --tune-blocks, --tune-occupancy, --tune-tail-pre): the variants it times are the shape's current configs with only the
-knob swept changed; the MAE variants (--mae-variants) set and restore their settings."""
+--tune-lean, --tune-blocks, --tune-occupancy, --tune-tail-pre): the variants it times are the shape's current configs
+with only the knob swept changed; the MAE variants (--mae-variants) set and restore their settings."""
 import itertools
 
 import pytest
@@ -196,33 +196,29 @@ def test_occupancy_variants(monkeypatch, groups):
 @pytest.mark.parametrize("defaults", [False, True])
 def test_tail_pre_variants(monkeypatch, defaults):
     """--tune-tail-pre: the current configs, the same without TAIL_PRE (one config where the defaults carry none),
-    then from the latter TAIL_PRE 1 and 2 on the forward (at its cap and under the other one), on the dK/dV pass, on
-    the dQ pass (also capped) and on both; nothing else changed. A split head dim: the current forward, and the
-    backward without and with the key on its dK/dV pass (the only one there that takes it)."""
+    then from the latter TAIL_PRE on the forward (at its cap and under the other one), on the dK/dV pass, on the dQ
+    pass (also capped) and on both; nothing else changed. A split head dim (whose blocks ignore the key) gets the
+    current configs only."""
     from bench.kernels import TAIL_PRE_CAPS, tail_pre_variants
 
     monkeypatch.setattr(attn, "TAIL_PRE_DEFAULTS", defaults)
     fwd, bwd = attn._fwd_config(261, 64), attn._bwd_config(261, 64)
     dq = attn._kv_q_dq_config(bwd)
     fwds, bwds = tail_pre_variants(261, 64)
-    assert fwds[0] == fwd and [f.get("TAIL_PRE") for f in fwds] == [None, 1, 2, 1, 2]
-    caps = {f.get("maxnreg") for f in fwds[3:]}
-    assert caps == ({None} if fwd.get("maxnreg") == TAIL_PRE_CAPS["fwd"] else {TAIL_PRE_CAPS["fwd"]})
+    assert fwds[0] == fwd and [f.get("TAIL_PRE") for f in fwds] == [None, True, True]  # the forward never carries it
+    other = None if fwd.get("maxnreg") == TAIL_PRE_CAPS["fwd"] else TAIL_PRE_CAPS["fwd"]
+    assert [f.get("maxnreg") for f in fwds[1:]] == [fwd.get("maxnreg"), other]
     drop = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_PRE", "DQ", "maxnreg")}
     assert all(drop(f) == drop(fwd) for f in fwds)
-    assert bwds[0] == bwd | {"DQ": dq} and (bwd.get("TAIL_PRE") == 2) == defaults
+    assert bwds[0] == bwd | {"DQ": dq} and bool(bwd.get("TAIL_PRE")) == defaults
     cap = dq.get("maxnreg")
     assert [(b.get("TAIL_PRE"), b["DQ"].get("TAIL_PRE"), b["DQ"].get("maxnreg")) for b in bwds] == \
-        ([(2, None, cap), (None, None, cap), (1, None, cap)] if defaults else
-         [(None, None, cap), (1, None, cap), (2, None, cap)]) + \
-        [(None, 1, cap), (None, 2, cap), (None, 1, TAIL_PRE_CAPS["dq"]), (None, 2, TAIL_PRE_CAPS["dq"]), (1, 1, cap),
-         (2, 2, cap)]
+        ([(True, None, cap), (None, None, cap)] if defaults else [(None, None, cap)]) + \
+        [(True, None, cap)] * (not defaults) + \
+        [(None, True, cap), (None, True, TAIL_PRE_CAPS["dq"]), (True, True, cap)]
     assert all(drop(b) == drop(bwd) and b.get("maxnreg") == bwd.get("maxnreg") and drop(b["DQ"]) == drop(dq)
                for b in bwds)
-    fwds, bwds = tail_pre_variants(257, 88)
-    bwd = attn._bwd_config(257, 88)
-    assert fwds == [attn._fwd_config(257, 88)] and bwds[0] == bwd | {"DQ": attn._kv_q_dq_config(bwd)}
-    assert [b.get("TAIL_PRE") for b in bwds] == [None, 2] and all(drop(b) == drop(bwd) for b in bwds)
+    assert tail_pre_variants(257, 88) == ([attn._fwd_config(257, 88)], [attn._bwd_config(257, 88)])
 
 
 def test_launched_kernels_records_each_launch():

@@ -164,8 +164,8 @@ def test_tail_pre_defaults_follow_the_triton_version(monkeypatch, on):
     for n, d in ((197, 64), (261, 64), (257, 64), (300, 64), (197, 32), (1374, 64), (257, 88)):
         fwd, bwd = attn._fwd_config(n, d), attn._bwd_config(n, d)
         assert rest(fwd) == rest(attn._fwd_tuned(n, d)) and rest(bwd) == rest(attn._bwd_tuned(n, d))
-        want_fwd = [2 if on and (n, d) == (197, 32) else None, None]
-        want_bwd = [2 if on and d == 64 and n <= attn.TAIL_GROUP_MAX_N else None, None]
+        want_fwd = [True if on and (n, d) == (197, 32) else None, None]
+        want_bwd = [True if on and d == 64 and n <= attn.TAIL_GROUP_MAX_N else None, None]
         assert (pre(fwd), pre(bwd)) == (want_fwd, want_bwd), (n, d)
 
 
@@ -762,32 +762,19 @@ def test_tma_descriptors_from_autograds_thread_on_gpu():
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-3000:]
 
 
-PRE_BWD = KV_Q | {"TAIL_PRE": 2, "DQ": KV_Q["DQ"] | {"TAIL_PRE": 2}}
+PRE_BWD = KV_Q | {"TAIL_PRE": True, "DQ": KV_Q["DQ"] | {"TAIL_PRE": True}}
 
 
 @pytest.mark.parametrize("n,d,heads", [(197, 64, 2), (100, 32, 2), (21, 88, 2), (1, 64, 1)])
 def test_tail_pre(n, d, heads):
-    """TAIL_PRE (config key): each walk's first tail tile loaded before the full-tile loop (2: the whole tile; 1: the
-    operand the step uses first), on the forward and on each pass of the two-pass backward: the reference result with one tail step (197 = 6 x 32 + 5), several (100 =
+    """TAIL_PRE (config key): each walk's first tail tile loaded before the full-tile loop, on the forward and on
+    each pass of the two-pass backward: the reference result with one tail step (197 = 6 x 32 + 5), several (100 =
     64 + 36 walks two 32-key tail steps in the dQ pass), a sequence shorter than a block (all tail) and N = 1;
     dense, with tail groups beside it, and packed."""
     q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_PRE": 2}, bwd_config=PRE_BWD))
-    first = KV_Q | {"TAIL_PRE": 1, "DQ": KV_Q["DQ"] | {"TAIL_PRE": 1}}  # the first operand only (K; Q and LSE)
-    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_PRE": 1}, bwd_config=first))
-    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_PRE": 2, "TAIL_G": 2},
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_PRE": True}, bwd_config=PRE_BWD))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_PRE": True, "TAIL_G": 2},
                            bwd_config=PRE_BWD | {"TAIL_G": 2}))
     cu = torch.tensor([0, n, n + 37], dtype=torch.int32)
     q, k, v = (torch.randn(n + 37, heads, d, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD | {"TAIL_PRE": 2}, bwd_config=PRE_BWD))
-
-
-@pytest.mark.parametrize("n,d", [(70, 88), (37, 80), (58, 88)])
-def test_tail_pre_with_a_split_head_dim(n, d):
-    """TAIL_PRE where the head dim is split (SPLIT_D: 64 + 32 / 64 + 16 columns): the dK/dV pass loads its first
-    tail tile early at either level (the forward and the dQ pass ignore the key): the reference result with one
-    16-row tail step (70 = 2 x 32 + 6, 37 = 32 + 5) and two (58 = 32 + 26)."""
-    q, k, v = (torch.randn(1, 2, n, d, requires_grad=True) for _ in range(3))
-    for level in (1, 2):
-        bwd = KV_Q | {"SPLIT_D": True, "TAIL_PRE": level, "DQ": KV_Q["DQ"] | {"TAIL_PRE": level}}
-        assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"SPLIT_D": True, "TAIL_PRE": level}, bwd_config=bwd))
+    assert_close(*run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD | {"TAIL_PRE": True}, bwd_config=PRE_BWD))
