@@ -40,6 +40,10 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+K89)  # session 33: the defaults before TAIL_PRE (f73f63c's kernels/, unpacked in .notes/base_kernels) against HEAD's, in
+      # alternating processes on one machine (bench/_probe_ab_trees.py), 4 rounds
+  ROUNDS=4 step 500 python3 -m bench._probe_ab_trees .notes/base_kernels
+  ;;
 # K85-K88 (session 33) ran TAIL_PRE as commit 132d7db has it: levels 1 / 2 and a split-head-dim form on the dK/dV pass,
 # since removed (they lost); today's --tune-tail-pre times the whole tile only ("level 2")
 K88)  # session 33: TAIL_PRE on the split head dims' dK/dV pass (d = 88, 80; the MAE ViT-g encoder), twice; then every
