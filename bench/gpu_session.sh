@@ -40,12 +40,41 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+K93)  # session 33: N = 197, 261 and 257 (d = 64) against every SDPA backend three times more at K92's defaults
+  for i in 2 3 4; do
+    step 150 python3 -m bench kernels --only attention --tag s33-defaults-first-$i \
+      --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64
+  done
+  ;;
+K92)  # session 33: the defaults before TAIL_PRE / TAIL_FIRST (f73f63c's kernels/ in .notes/base_kernels) against HEAD's in
+      # alternating processes, 4 rounds; then every attention default once
+  ROUNDS=4 step 300 python3 -m bench._probe_ab_trees .notes/base_kernels
+  step 330 python3 -m bench kernels --only attention --tag s33-defaults-first
+  ;;
+K91)  # session 33: --tune-tail-step (TAIL_PRE and TAIL_FIRST; the dK/dV pass's TAIL_FIRST now the d = 64 default): the
+      # split head dims twice (their dK/dV pass then took TAIL_FIRST, a form since removed), the d = 64 shapes and the
+      # MAE decoder once
+  for i in 1 2; do
+    step 200 python3 -m bench kernels --only attention --tune-tail-step --tag s33-tune-tail-step-split-$i \
+      --shapes vit-g-n257-d88,vit-h-n257-d80,mae-g-enc-n65-d88
+  done
+  step 280 python3 -m bench kernels --only attention --tune-tail-step --tag s33-tune-tail-step \
+    --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64,mae-l-dec-n197-d32
+  ;;
+K90)  # session 33: TAIL_FIRST (the walk's tail steps before the full-tile loop; .notes/tail_first.py swaps the
+      # --tune-tail-pre variants for it; both are --tune-tail-step's since) against the defaults, twice
+  for i in 1 2; do
+    PYTHONPATH=/tmp/site:. step 240 python3 .notes/tail_first.py --only attention --tune-tail-pre \
+      --tag s33-tune-tail-first-$i \
+      --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64,mae-l-dec-n197-d32,dinov2-g518-n1374-d64
+  done
+  ;;
 K89)  # session 33: the defaults before TAIL_PRE (f73f63c's kernels/, unpacked in .notes/base_kernels) against HEAD's, in
       # alternating processes on one machine (bench/_probe_ab_trees.py), 4 rounds
   ROUNDS=4 step 500 python3 -m bench._probe_ab_trees .notes/base_kernels
   ;;
 # K85-K88 (session 33) ran TAIL_PRE as commit 132d7db has it: levels 1 / 2 and a split-head-dim form on the dK/dV pass,
-# since removed (they lost); today's --tune-tail-pre times the whole tile only ("level 2")
+# since removed (they lost), and the flag then named --tune-tail-pre (now --tune-tail-step, with TAIL_FIRST)
 K88)  # session 33: TAIL_PRE on the split head dims' dK/dV pass (d = 88, 80; the MAE ViT-g encoder), twice; then every
       # attention default twice more (K87's defaults call put N = 261 at 1.43x, its sweep after it at 1.49x)
   for i in 1 2; do

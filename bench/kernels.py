@@ -28,9 +28,9 @@ both with a learnable pos_embed and with MAE's fixed sin-cos one ("fixed-pos", w
 
 Options: --quick (fewer shapes), --tune (sweep the attention block configs and print the best; --tune-regs,
 --tune-ws, --tune-split, --tune-tma, --tune-tail-groups, --tune-tail-split, --tune-lean, --tune-blocks,
---tune-tail-pre, --tune-occupancy: the current configs under register caps, warp specialization, a split head dim,
+--tune-tail-step, --tune-occupancy: the current configs under register caps, warp specialization, a split head dim,
 TMA loads, tail groups, split grouped tails, the forward's lean softmax, neighbouring blocks, the tail tiles loaded
-before the loop, shallower pipelines under caps for one more program per SM),
+or taken before the loop, shallower pipelines under caps for one more program per SM),
 --shapes a,b (attention shape names), --only mae|attention|packed|soft-ce|patch-embed (one part; --skip-mae = --only
 attention), --mae-variants (also the kernels' alternative paths), --tag (result file suffix).
 """
@@ -772,7 +772,7 @@ def _compile_worker(job):
 def precompile(names, sweep=True, variants=None):
     """Compile the attention kernels in parallel processes before timing anything: the sweep's
     configs (--tune; --tune-regs / --tune-ws / --tune-split / --tune-tma / --tune-tail-groups / --tune-tail-split /
-    --tune-lean / --tune-blocks / --tune-tail-pre / --tune-occupancy: the variants of the current configs) or just the
+    --tune-lean / --tune-blocks / --tune-tail-step / --tune-occupancy: the variants of the current configs) or just the
     ones each shape will use."""
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -938,20 +938,22 @@ def lean_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
     return [fwd | {"LEAN": False}, fwd | {"LEAN": True}], [attn._bwd_config(N, D)]
 
 
-# register caps for --tune-tail-pre's variants: the forward's (4 programs of 4 warps per SM) and the dQ pass's (5)
+# register caps for --tune-tail-step's TAIL_PRE variants: the forward's (4 programs of 4 warps per SM) and the dQ
+# pass's (5)
 TAIL_PRE_CAPS = {"fwd": 128, "dq": 96}
+TAIL_STEP_KEYS = ("TAIL_PRE", "TAIL_FIRST")
 
 
-def tail_pre_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
-    """The shape's current configs and the same without TAIL_PRE (each walk's first tail tile loaded before the
-    full-tile loop, kernels.attn._fwd_q_block), then, from the latter, TAIL_PRE on the forward, with its current cap
-    and under TAIL_PRE_CAPS["fwd"] (or none, where that is the current cap); on the dK/dV pass; on the dQ pass, also
-    under TAIL_PRE_CAPS["dq"]; on both passes. Configs that split the head dim (SPLIT_D) ignore the key: only the
-    current ones."""
+def tail_step_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
+    """The shape's current configs and the same without TAIL_PRE / TAIL_FIRST, then, from the latter, each walk's
+    first tail tile loaded before the full-tile loop (TAIL_PRE, kernels.attn._fwd_q_block) or its tail steps taken
+    before the loop (TAIL_FIRST): on the forward (TAIL_PRE also under TAIL_PRE_CAPS["fwd"], or none where that is the
+    current cap); on the dK/dV pass; on the dQ pass (TAIL_PRE also under TAIL_PRE_CAPS["dq"]); on both passes.
+    Configs that split the head dim (SPLIT_D) ignore both keys: only the current ones."""
     from kernels import attn
 
-    off = lambda c: {k: v for k, v in c.items() if k != "TAIL_PRE"}
-    pre = {"TAIL_PRE": True}
+    off = lambda c: {k: v for k, v in c.items() if k not in TAIL_STEP_KEYS}
+    pre, first = {"TAIL_PRE": True}, {"TAIL_FIRST": True}
     fwd, bwd = attn._fwd_config(N, D), attn._bwd_config(N, D)
     if fwd.get("SPLIT_D"):
         fwds = [fwd]
@@ -959,14 +961,16 @@ def tail_pre_variants(N: int, D: int) -> tuple[list[dict], list[dict]]:
         cap = TAIL_PRE_CAPS["fwd"]
         recap = (lambda c: {k: v for k, v in c.items() if k != "maxnreg"}) if fwd.get("maxnreg") == cap else \
             (lambda c: c | {"maxnreg": cap})
-        fwds = [fwd, off(fwd), off(fwd) | pre, recap(off(fwd)) | pre]
+        f0 = off(fwd)
+        fwds = [fwd, f0, f0 | pre, recap(f0) | pre, f0 | first]
     if bwd.get("SPLIT") != attn.KV_Q or bwd.get("SPLIT_D"):
         return _unique(fwds), [bwd]
     dq, b0 = attn._kv_q_dq_config(bwd), off(bwd)
     dq0 = off(dq)
     capped = dq0 | pre | {"maxnreg": TAIL_PRE_CAPS["dq"]}
-    return _unique(fwds), _unique([bwd | {"DQ": dq}, b0 | {"DQ": dq0}, b0 | pre | {"DQ": dq0}, b0 | {"DQ": dq0 | pre},
-                                   b0 | {"DQ": capped}, b0 | pre | {"DQ": dq0 | pre}])
+    return _unique(fwds), _unique([bwd | {"DQ": dq}, b0 | {"DQ": dq0}, b0 | pre | {"DQ": dq0}, b0 | first | {"DQ": dq0},
+                                   b0 | {"DQ": dq0 | pre}, b0 | {"DQ": capped}, b0 | {"DQ": dq0 | first},
+                                   b0 | pre | {"DQ": dq0 | pre}, b0 | first | {"DQ": dq0 | first}])
 
 
 # (num_stages, maxnreg) pairs for --tune-occupancy: one stage fewer (less shared memory a program) under a register
@@ -1040,8 +1044,9 @@ VARIANT_FLAGS = [
      "argument, a reciprocal per row)"),
     ("--tune-blocks", "blocks", "configs with their blocks, warps and pipeline depth swapped for neighbours "
      "(NEIGHBOUR_BLOCKS), every other knob kept"),
-    ("--tune-tail-pre", "tailpre", "configs without and with TAIL_PRE (each walk's first tail tile loaded before "
-     "the full-tile loop) on the forward and on each pass of the two-pass backward"),
+    ("--tune-tail-step", "tailstep", "configs without and with TAIL_PRE (each walk's first tail tile loaded before "
+     "the full-tile loop) or TAIL_FIRST (its tail steps before the loop) on the forward and on each pass of the "
+     "two-pass backward"),
     ("--tune-occupancy", "occupancy", "configs with the forward and the dQ pass one stage shallower under register "
      "caps that fit one more program per SM (OCCUPANCY)"),
 ]
@@ -1058,7 +1063,7 @@ def _unique(cfgs: list[dict]) -> list[dict]:
 
 VARIANT_SWEEPS = {"regs": register_variants, "ws": ws_variants, "split": split_variants, "tma": tma_variants,
                   "tailg": tail_group_variants, "tailsplit": tail_split_variants, "lean": lean_variants,
-                  "blocks": block_variants, "occupancy": occupancy_variants, "tailpre": tail_pre_variants}
+                  "blocks": block_variants, "occupancy": occupancy_variants, "tailstep": tail_step_variants}
 
 
 @contextlib.contextmanager
@@ -1086,9 +1091,9 @@ def launched_kernels():
 def tune_attention(names, variants=None):
     """Time every block config of the forward and both backward layouts (or, with `variants` a key of
     VARIANT_SWEEPS, "regs" / "ws" / "split" / "tma" / "tailg" / "tailsplit" / "lean" / "blocks" / "occupancy" /
-    "tailpre", the current configs under register caps / with warp specialization / with the head dim split / with TMA
-    loads / with tail groups / with split grouped tails / with the lean softmax / with neighbouring blocks / shallower
-    under caps / with the tail tiles loaded early);
+    "tailstep", the current configs under register caps / with warp specialization / with the head dim split / with
+    TMA loads / with tail groups / with split grouped tails / with the lean softmax / with neighbouring blocks /
+    shallower under caps / with the tail tiles loaded early or taken first);
     print the best per shape."""
     from kernels import attn
 

@@ -245,9 +245,10 @@ def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, 
                  BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False, LEAN: tl.constexpr = False,
-                 PRE: tl.constexpr = False):
+                 PRE: tl.constexpr = False, FIRST: tl.constexpr = False):
     # PRE (config key TAIL_PRE): the walk's first tail tile (K and V) is loaded with Q, before the full-tile loop, so
     # its load latency hides behind the loop instead of following it
+    # FIRST (config key TAIL_FIRST): the walk's tail steps run before the full-tile loop instead of after it
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
@@ -256,14 +257,19 @@ def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, 
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
     n_full = (seqlen // BLOCK_N) * BLOCK_N
     n_tail = n_full
-    if PRE:
+    if FIRST:
+        for start_n in range(n_full, seqlen, TAIL_N):
+            m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
+                                         offs_d, mask_d, TAIL_N, True, EVEN_D, KD, VD, b, h, False, LEAN)
+        n_tail = seqlen
+    elif PRE:
         kt, vt = _walk_pair(K, V, ko, vo, sk_n, sv_n, KD, VD, b, h, n_full, seqlen, offs_d, mask_d, TAIL_N, True,
                             EVEN_D, False)
         n_tail = n_full + TAIL_N
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         m_i, l_i, acc = _fwd_kv_step(q, m_i, l_i, acc, K, V, ko, vo, start_n, seqlen, sk_n, sv_n, qk_scale,
                                      offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA, LEAN)
-    if PRE:
+    if PRE and not FIRST:
         if n_full < seqlen:
             m_i, l_i, acc = _fwd_kv_math(q, m_i, l_i, acc, kt, vt, n_full + tl.arange(0, TAIL_N) < seqlen, qk_scale,
                                          True, LEAN)
@@ -707,6 +713,7 @@ def _attn_fwd(
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr = False, D2: tl.constexpr = 0,
     TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16, TAIL_GD: tl.constexpr = 16,
     LEAN: tl.constexpr = False, TAIL_GD2: tl.constexpr = 0, TAIL_PRE: tl.constexpr = False,
+    TAIL_FIRST: tl.constexpr = False,
 ):
     # TMA: the full key tiles are loaded through the tensor descriptors KD / VD (dense inputs; block
     # [1, 1, BLOCK_N, BLOCK_D]); otherwise KD / VD are unused.
@@ -765,7 +772,7 @@ def _attn_fwd(
         else:
             _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, pid_m * BLOCK_M, seqlen, sq_n, sk_n, sv_n, so_n,
                          qk_scale, offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS,
-                         KD, VD, b, h, TMA, LEAN, TAIL_PRE)
+                         KD, VD, b, h, TMA, LEAN, TAIL_PRE, TAIL_FIRST)
     else:
         row0 = m_full * BLOCK_M + (pid_m - m_full) * TAIL_M
         if row0 < seqlen:
@@ -775,7 +782,7 @@ def _attn_fwd(
             else:
                 _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, sv_n, so_n, qk_scale,
                              offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA,
-                             LEAN, TAIL_PRE)
+                             LEAN, TAIL_PRE, TAIL_FIRST)
 
 
 @triton.jit
@@ -1031,9 +1038,11 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                     BN: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
-                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False, PRE: tl.constexpr = False):
+                    QD=None, DOD=None, b=0, h=0, TMA: tl.constexpr = False, PRE: tl.constexpr = False,
+                    FIRST: tl.constexpr = False):
     """dK, dV of one key tile: K and V stay resident, every query tile streams past. PRE (TAIL_PRE): the walk's first
-    tail tile (Q, dO, LSE, delta) is loaded with K and V, before the full-tile loop."""
+    tail tile (Q, dO, LSE, delta) is loaded with K and V, before the full-tile loop. FIRST (TAIL_FIRST): the walk's
+    tail steps run before the full-tile loop."""
     cols = start_n + tl.arange(0, BN)
     cols_ok = cols < seqlen
     k = _load_tile(K + ko + cols[:, None] * sk_n + offs_d[None, :], cols_ok, mask_d, MASK_N, not EVEN_D)
@@ -1042,14 +1051,19 @@ def _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, 
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
     m_full = (seqlen // BLOCK_M) * BLOCK_M
     m_tail = m_full
-    if PRE:
+    if FIRST:
+        for start_m in range(m_full, seqlen, TAIL_M):
+            dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
+                                    qk_scale, offs_d, mask_d, TAIL_M, True, EVEN_D)
+        m_tail = seqlen
+    elif PRE:
         qt, dot, lset, deltat = _bwd_dkdv_load(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, m_full, seqlen, offs_d,
                                                mask_d, TAIL_M, True, EVEN_D)
         m_tail = m_full + TAIL_M
     for start_m in tl.range(0, m_full, BLOCK_M, warp_specialize=WS):
         dk, dv = _bwd_dkdv_step(Q, DO, LSE, DELTA, qo, doo, lo, sq_n, sdo_n, k, v, dk, dv, start_m, seqlen,
                                 qk_scale, offs_d, mask_d, BLOCK_M, False, EVEN_D, QD, DOD, b, h, TMA)
-    if PRE:
+    if PRE and not FIRST:
         if m_full < seqlen:
             dk, dv = _bwd_dkdv_math(qt, dot, lset, deltat, k, v, dk, dv, qk_scale)
     for start_m in range(m_tail, seqlen, TAIL_M):
@@ -1086,9 +1100,11 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale, offs_d, mask_d,
                   BM: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WS: tl.constexpr,
-                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False, PRE: tl.constexpr = False):
+                  KD=None, VD=None, b=0, h=0, TMA: tl.constexpr = False, PRE: tl.constexpr = False,
+                  FIRST: tl.constexpr = False):
     """dQ of one query tile (and its delta = rowsum(dO * O), stored for the dK/dV pass). PRE (TAIL_PRE): the walk's
-    first tail tile of K and V is loaded with Q, dO and O, before the full-tile loop."""
+    first tail tile of K and V is loaded with Q, dO and O, before the full-tile loop. FIRST (TAIL_FIRST): the walk's
+    tail steps run before the full-tile loop."""
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
@@ -1104,14 +1120,19 @@ def _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
     n_full = (seqlen // BLOCK_N) * BLOCK_N
     n_tail = n_full
-    if PRE:
+    if FIRST:
+        for start_n in range(n_full, seqlen, TAIL_N):
+            dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
+                              offs_d, mask_d, TAIL_N, True, EVEN_D)
+        n_tail = seqlen
+    elif PRE:
         kt, vt = _walk_pair(K, V, ko, vo, sk_n, sv_n, KD, VD, b, h, n_full, seqlen, offs_d, mask_d, TAIL_N, True,
                             EVEN_D, False)
         n_tail = n_full + TAIL_N
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         dq = _bwd_dq_step(K, V, ko, vo, sk_n, sv_n, q, do, lse, delta, dq, start_n, seqlen, qk_scale,
                           offs_d, mask_d, BLOCK_N, False, EVEN_D, KD, VD, b, h, TMA)
-    if PRE:
+    if PRE and not FIRST:
         if n_full < seqlen:
             dq = _bwd_dq_math(kt, vt, q, do, lse, delta, dq, n_full + tl.arange(0, TAIL_N) < seqlen, qk_scale, True)
     for start_n in range(n_tail, seqlen, TAIL_N):
@@ -1281,8 +1302,10 @@ def _attn_bwd_kv_q(
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DQ_PASS: tl.constexpr, WS: tl.constexpr = False,
     D2: tl.constexpr = 0, TMA: tl.constexpr = False, TAIL_G: tl.constexpr = 0, TAIL_GW: tl.constexpr = 16,
     TAIL_GD: tl.constexpr = 16, TAIL_GD2: tl.constexpr = 0, TAIL_PRE: tl.constexpr = False,
+    TAIL_FIRST: tl.constexpr = False,
 ):
     # TAIL_PRE: each walk's first tail tile is loaded before its full-tile loop (see _bwd_dq_block; unsplit head dims)
+    # TAIL_FIRST: each walk's tail steps run before its full-tile loop (unsplit head dims)
     # TAIL_G > 1: the tail rows (dQ pass) or keys (dK/dV pass) of TAIL_G heads in one program (dense inputs), walking
     # TAIL_GW rows a step, the head dim whole in TAIL_GD columns (see _grouped_pids), or with TAIL_GD2 > 0 in two
     # pieces, TAIL_GD then TAIL_GD2 columns (config key TAIL_GS)
@@ -1342,14 +1365,14 @@ def _attn_bwd_kv_q(
                 _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                               sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, pid * BLOCK_M, seqlen, qk_scale, sm_scale,
                               offs_d, mask_d, BLOCK_M, False, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA,
-                              TAIL_PRE)
+                              TAIL_PRE, TAIL_FIRST)
             else:
                 row0 = m_full * BLOCK_M + (pid - m_full) * TAIL_M
                 if row0 < seqlen:
                     _bwd_dq_block(Q, K, V, O, DO, DQ, LSE, DELTA, qo, ko, vo, oo, doo, dqo, lo,
                                   sq_n, sk_n, sv_n, so_n, sdo_n, sdq_n, row0, seqlen, qk_scale, sm_scale,
                                   offs_d, mask_d, TAIL_M, True, BLOCK_N, TAIL_N, BLOCK_D, EVEN_D, WS, KD, VD, b, h, TMA,
-                                  TAIL_PRE)
+                                  TAIL_PRE, TAIL_FIRST)
         else:
             dko, sdk_n = _row_base(b64, h64, tok, sdk_b, sdk_h, sdk_n, ALIGN)
             dvo, sdv_n = _row_base(b64, h64, tok, sdv_b, sdv_h, sdv_n, ALIGN)
@@ -1371,14 +1394,14 @@ def _attn_bwd_kv_q(
                 _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                 sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, pid * BLOCK_N, seqlen, qk_scale, sm_scale,
                                 offs_d, mask_d, BLOCK_N, False, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
-                                TMA, TAIL_PRE)
+                                TMA, TAIL_PRE, TAIL_FIRST)
             else:
                 start_n = n_full * BLOCK_N + (pid - n_full) * TAIL_N
                 if start_n < seqlen:
                     _bwd_dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, qo, ko, vo, doo, dko, dvo, lo,
                                     sq_n, sk_n, sv_n, sdo_n, sdk_n, sdv_n, start_n, seqlen, qk_scale, sm_scale,
                                     offs_d, mask_d, TAIL_N, True, BLOCK_M, TAIL_M, BLOCK_D, EVEN_D, WS, QD, DOD, b, h,
-                                    TMA, TAIL_PRE)
+                                    TMA, TAIL_PRE, TAIL_FIRST)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -1414,7 +1437,7 @@ KV_Q = "kv+q"  # backward SPLIT value of the two-pass layout (_attn_bwd_kv_q)
 
 
 def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=None, split_d=False, tma=False,
-         tail_g=0, tail_gs=False, pre=False):
+         tail_g=0, tail_gs=False, pre=False, first=False):
     """Block config; backward ones carry SPLIT (False, True or KV_Q). For KV_Q the top-level
     blocks drive the dK/dV pass (BLOCK_N key tile per program, BLOCK_M query sub-tiles) and
     `dq` = (bm, bn, tm, tn, warps, stages) the dQ pass (BLOCK_M query tile per program, BLOCK_N
@@ -1429,11 +1452,13 @@ def _cfg(bm, bn, tm, tn, warps, stages, split=None, trans=False, dq=None, regs=N
     whose length is not a multiple of the block; see _grouped_pids), per pass as TMA (`dq`'s 8th entry; its 9th: the
     dQ pass's register cap). `tail_gs` (TAIL_GS): on every pass with tail groups, the grouped tail splits the head dim
     as the full blocks do (with split_d) instead of padding it. `pre` (TAIL_PRE): the walk's first tail tile loaded
-    before the full-tile loop (unsplit head dims), the forward's or, in a two-pass backward config, the dK/dV
-    pass's."""
+    before the full-tile loop; `first` (TAIL_FIRST): the walk's tail steps taken before the full-tile loop; both for
+    unsplit head dims, the forward's or, in a two-pass backward config, the dK/dV pass's."""
     c = dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tm, TAIL_N=tn, num_warps=warps, num_stages=stages)
     if pre:
         c["TAIL_PRE"] = pre
+    if first:
+        c["TAIL_FIRST"] = first
     if split_d:
         c["SPLIT_D"] = True
     if tma:
@@ -1482,26 +1507,29 @@ TUNED: dict = {
     # ...-tune-tailg.json): N = 197 fwd 0.1081 ms vs 0.1152, bwd 0.2972 vs 0.3112; N = 261 fwd 0.2232 vs 0.2374, bwd
     # 0.6528 vs 0.6692. Grouped dQ-pass tails were slower at d = 64 with or without caps (N = 197: 0.3144-0.3208 ms vs
     # 0.3112)
-    # then the dK/dV pass's first tail tile (Q, dO, LSE, delta) loaded before its loop (TAIL_PRE, --tune-tail-pre,
-    # ...-2026-11-30-s33-tune-tail-pre2-{1,2}.json, as "level 2"): bwd 0.2960 / 0.2948 ms vs 0.2991 / 0.2991
-    # (N = 197), 0.6408 / 0.6390 vs 0.6435 / 0.6444 (N = 261), 0.4305 / 0.4304 vs 0.4388 / 0.4388 (N = 257); the same
-    # on the forward (0.1151 vs 0.1051 at N = 197: 61,440 bytes of shared memory per program, 3 programs per SM
-    # instead of 4, ...-tune-tail-pre3.json) and on the dQ pass (0.3133, capped at 96 0.3020) lost, as did loading
-    # only Q and LSE early ("level 1", 0.3022; removed, commit 132d7db has it)
+    # then the dK/dV pass's tail step taken before its loop (TAIL_FIRST; --tune-tail-step, K90,
+    # ...-2026-11-30-s33-tune-tail-first-{1,2}.json): bwd 0.2875 / 0.2891 ms vs 0.2986 / 0.2987 (N = 197), 0.6174 /
+    # 0.6227 vs 0.6456 / 0.6471 (N = 261), 0.4212 / 0.4217 vs 0.4373 / 0.4423 (N = 257). Its first tail tile loaded
+    # before the loop instead (TAIL_PRE) gained a third of that (0.2965-0.2967, 0.6364-0.6367, 0.4301-0.4304; K85-K87,
+    # ...-s33-tune-tail-pre*.json). Both lost on the forward (N = 197 0.1057 first, 0.1151 pre vs 0.1047-0.1051: pre
+    # takes 61,440 bytes of shared memory per program, so 3 programs per SM instead of 4) and on the dQ pass (N = 261
+    # first 0.6281 / 0.6256 with the dK/dV pass's; pre 0.6695, capped at 96 0.6520). Loading only Q and LSE early lost
+    # everywhere (removed; commit 132d7db has it)
     (197, 64): (_cfg(64, 64, 16, 16, 4, 3, regs=128, tail_g=4),
                 _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True, regs=128, tail_g=4,
-                     pre=True)),
+                     first=True)),
     # the MAE ViT-L decoder (16 heads of 32): here the TMA forward wins too, 0.1600 ms vs 0.1725, and the backward
     # with TMA on both passes 0.4000 vs 0.4132 (...-tune-tma-d32.json); then tail groups of 4 heads on the forward
     # (0.1436 ms vs 0.1561; its registers do not rise at d = 32) and on the dQ pass under a 96-register cap (bwd
     # 0.3842 vs 0.3998; ...-tune-tailg-caps.json); then the forward's first tail tile of K and V loaded before its
     # loop (TAIL_PRE, ...-s33-tune-tail-pre2-{1,2}.json): 0.1345 / 0.1355 ms vs 0.1396 / 0.1402 (the backward's lost
-    # on both passes here: 0.3938-0.4138 vs 0.3852 / 0.3889)
+    # on both passes here: 0.3938-0.4138 vs 0.3852 / 0.3889, as did TAIL_FIRST, forward 0.1409 / 0.1416 and backward
+    # 0.3912-0.4008 vs 0.3863 / 0.3882, ...-s33-tune-tail-first-{1,2}.json)
     (197, 32): (_cfg(64, 64, 16, 16, 4, 3, tma=True, tail_g=4, pre=True),
                 _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True, 4, 96), tma=True)),
     (261, 64): (_cfg(64, 64, 16, 16, 4, 3, regs=128, tail_g=4),
                 _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True, regs=128, tail_g=4,
-                     pre=True)),
+                     first=True)),
     # d = 88 with the head dim in two pieces, 64 + 32 columns (`--tune-split`, ...-2026-11-29-tune-split.json): fwd
     # 0.2018 ms vs 0.2449 padded to 128, bwd 0.5948 vs 0.6956, fwd+bwd 1.15x cuDNN (was 0.97x)
     # then TMA on both backward passes (two descriptors per tensor: 64 and 32 columns), the dK/dV pass at 3 stages
@@ -1566,9 +1594,9 @@ POW2_TAIL_GROUPS = not NEWER_TRITON
 # padded groups of 4, d = 80 backward 0.7784 vs 0.7012, the MAE ViT-g encoder backward 0.4286 vs 0.2831. Off from 3.7,
 # the defaults drop the key (their padded groups stay), and TUNED_NEWER_TRITON holds 3.8's own winners for those shapes.
 SPLIT_TAIL_GROUPS = not NEWER_TRITON
-# TAIL_PRE (the walk's first tail tile loaded before the loop) was measured under Triton 3.6 only, beside the tail
-# groups that 3.8 runs without: from 3.7 the defaults drop the key
-TAIL_PRE_DEFAULTS = not NEWER_TRITON
+# TAIL_PRE (the walk's first tail tile loaded before the loop) and TAIL_FIRST (its tail steps taken before the loop)
+# were measured under Triton 3.6 only, beside the tail groups that 3.8 runs without: from 3.7 the defaults drop them
+TAIL_STEP_DEFAULTS = not NEWER_TRITON
 
 
 # Shapes whose blocks differ under Triton 3.7 and later (measured under 3.8, torch 2.14's; 3.7 is taken as 3.8, as
@@ -1602,16 +1630,16 @@ def _newer(n: int, d: int, i: int):
 def _for_this_triton(cfg: dict, d: int) -> dict:
     """A default config as this Triton runs it best: without tail groups at power-of-two head dims where
     POW2_TAIL_GROUPS is off, without split grouped tails (TAIL_GS; the padded groups stay) where SPLIT_TAIL_GROUPS is
-    off, without TAIL_PRE where TAIL_PRE_DEFAULTS is off (both passes of a two-pass backward), else unchanged. The
-    register caps stay: per-head tails under Triton 3.8 still run faster with them (N = 197 forward 0.1106 vs 0.1141
-    ms, backward 0.3110 vs 0.3140)."""
+    off, without TAIL_PRE / TAIL_FIRST where TAIL_STEP_DEFAULTS is off (both passes of a two-pass backward), else
+    unchanged. The register caps stay: per-head tails under Triton 3.8 still run faster with them (N = 197 forward
+    0.1106 vs 0.1141 ms, backward 0.3110 vs 0.3140)."""
     drop = ()
     if not POW2_TAIL_GROUPS and _pow2(d) == d:
         drop += ("TAIL_G", "TAIL_GW", "TAIL_GS")
     if not SPLIT_TAIL_GROUPS:
         drop += ("TAIL_GS",)
-    if not TAIL_PRE_DEFAULTS:
-        drop += ("TAIL_PRE",)
+    if not TAIL_STEP_DEFAULTS:
+        drop += ("TAIL_PRE", "TAIL_FIRST")
     if not drop:
         return cfg
     strip = lambda c: {k: v for k, v in c.items() if k not in drop}
@@ -1656,9 +1684,9 @@ def _bwd_tuned(n: int, d: int) -> dict:
     # the two-pass layout won every tuned shape above 64 tokens on the H200 (N = 197: 0.32 ms vs 0.47
     # for the best single-pass one; N = 1374: 0.71 vs 1.01; d = 88: 0.70 vs 1.02)
     if _pow2(d) == 64 and n <= TAIL_GROUP_MAX_N:  # the N = 197 / 257 / 261 winner: dK/dV-pass tail groups, capped,
-        # its first tail tile loaded before the loop
+        # its tail step before its loop
         return _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True, regs=128, tail_g=4,
-                    pre=True)
+                    first=True)
     if _pow2(d) <= 64:  # the N = 197 / 261 winner before tail groups
         return _cfg(32, 64, 16, 16, 4, 3, split=KV_Q, dq=(64, 32, 16, 16, 4, 3, True), tma=True)
     if n <= 128 and _split_dims(d) is not None:  # N = 65, d = 88: 0.320 ms vs 0.359 with the blocks below
@@ -1857,6 +1885,7 @@ def attention_bwd(do, q, k, v, o, lse, scale, cu_seqlens=None, max_seqlen=None, 
     cfg.pop("TAIL_GW", None)
     cfg.pop("TAIL_GS", None)
     cfg.pop("TAIL_PRE", None)
+    cfg.pop("TAIL_FIRST", None)
     bn = cfg["BLOCK_N"]
     if split:
         mode = 1

@@ -1,5 +1,5 @@
 """bench kernels' variant sweeps (--tune-regs, --tune-ws, --tune-split, --tune-tma, --tune-tail-groups,
---tune-lean, --tune-blocks, --tune-occupancy, --tune-tail-pre): the variants it times are the shape's current configs
+--tune-lean, --tune-blocks, --tune-occupancy, --tune-tail-step): the variants it times are the shape's current configs
 with only the knob swept changed; the MAE variants (--mae-variants) set and restore their settings."""
 import itertools
 
@@ -194,31 +194,33 @@ def test_occupancy_variants(monkeypatch, groups):
 
 
 @pytest.mark.parametrize("defaults", [False, True])
-def test_tail_pre_variants(monkeypatch, defaults):
-    """--tune-tail-pre: the current configs, the same without TAIL_PRE (one config where the defaults carry none),
-    then from the latter TAIL_PRE on the forward (at its cap and under the other one), on the dK/dV pass, on the dQ
-    pass (also capped) and on both; nothing else changed. A split head dim (whose blocks ignore the key) gets the
-    current configs only."""
-    from bench.kernels import TAIL_PRE_CAPS, tail_pre_variants
+def test_tail_step_variants(monkeypatch, defaults):
+    """--tune-tail-step: the current configs, the same without TAIL_PRE / TAIL_FIRST (one config where the defaults
+    carry neither), then from the latter: TAIL_PRE (at the forward's cap and under the other one) and TAIL_FIRST on
+    the forward; each on the dK/dV pass, on the dQ pass (TAIL_PRE also capped) and on both; nothing else changed. A
+    split head dim (whose blocks ignore both keys) gets the current configs only."""
+    from bench.kernels import TAIL_PRE_CAPS, TAIL_STEP_KEYS, tail_step_variants
 
-    monkeypatch.setattr(attn, "TAIL_PRE_DEFAULTS", defaults)
+    monkeypatch.setattr(attn, "TAIL_STEP_DEFAULTS", defaults)
     fwd, bwd = attn._fwd_config(261, 64), attn._bwd_config(261, 64)
     dq = attn._kv_q_dq_config(bwd)
-    fwds, bwds = tail_pre_variants(261, 64)
-    assert fwds[0] == fwd and [f.get("TAIL_PRE") for f in fwds] == [None, True, True]  # the forward never carries it
+    fwds, bwds = tail_step_variants(261, 64)
+    step = lambda c: tuple(k for k in TAIL_STEP_KEYS if c.get(k))
+    assert fwds[0] == fwd and [step(f) for f in fwds] == [(), ("TAIL_PRE",), ("TAIL_PRE",), ("TAIL_FIRST",)]
     other = None if fwd.get("maxnreg") == TAIL_PRE_CAPS["fwd"] else TAIL_PRE_CAPS["fwd"]
-    assert [f.get("maxnreg") for f in fwds[1:]] == [fwd.get("maxnreg"), other]
-    drop = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_PRE", "DQ", "maxnreg")}
+    assert [f.get("maxnreg") for f in fwds[1:]] == [fwd.get("maxnreg"), other, fwd.get("maxnreg")]
+    drop = lambda c: {k: v for k, v in c.items() if k not in TAIL_STEP_KEYS + ("DQ", "maxnreg")}
     assert all(drop(f) == drop(fwd) for f in fwds)
-    assert bwds[0] == bwd | {"DQ": dq} and bool(bwd.get("TAIL_PRE")) == defaults
+    assert bwds[0] == bwd | {"DQ": dq} and bool(bwd.get("TAIL_FIRST")) == defaults
     cap = dq.get("maxnreg")
-    assert [(b.get("TAIL_PRE"), b["DQ"].get("TAIL_PRE"), b["DQ"].get("maxnreg")) for b in bwds] == \
-        ([(True, None, cap), (None, None, cap)] if defaults else [(None, None, cap)]) + \
-        [(True, None, cap)] * (not defaults) + \
-        [(None, True, cap), (None, True, TAIL_PRE_CAPS["dq"]), (True, True, cap)]
+    pre, first = ("TAIL_PRE",), ("TAIL_FIRST",)
+    assert [(step(b), step(b["DQ"]), b["DQ"].get("maxnreg")) for b in bwds] == \
+        ([(first, (), cap), ((), (), cap), (pre, (), cap)] if defaults else
+         [((), (), cap), (pre, (), cap), (first, (), cap)]) + \
+        [((), pre, cap), ((), pre, TAIL_PRE_CAPS["dq"]), ((), first, cap), (pre, pre, cap), (first, first, cap)]
     assert all(drop(b) == drop(bwd) and b.get("maxnreg") == bwd.get("maxnreg") and drop(b["DQ"]) == drop(dq)
                for b in bwds)
-    assert tail_pre_variants(257, 88) == ([attn._fwd_config(257, 88)], [attn._bwd_config(257, 88)])
+    assert tail_step_variants(257, 88) == ([attn._fwd_config(257, 88)], [attn._bwd_config(257, 88)])
 
 
 def test_launched_kernels_records_each_launch():

@@ -136,7 +136,7 @@ def test_defaults_follow_the_triton_version(monkeypatch, groups):
     TUNED's as they are; off (Triton 3.8, where they lose at d = 32 / 64), the same configs without TAIL_G on any
     pass at power-of-two head dims, register caps and every other key kept; split head dims (d = 80) keep theirs."""
     monkeypatch.setattr(attn, "POW2_TAIL_GROUPS", groups)
-    monkeypatch.setattr(attn, "TAIL_PRE_DEFAULTS", True)
+    monkeypatch.setattr(attn, "TAIL_STEP_DEFAULTS", True)
     keys = lambda c: {k: v for k, v in c.items() if k not in ("TAIL_G", "TAIL_GW", "DQ")}
     for n, d in ((197, 64), (261, 64), (197, 32), (257, 64)):
         fwd, bwd = attn._fwd_config(n, d), attn._bwd_config(n, d)
@@ -151,22 +151,24 @@ def test_defaults_follow_the_triton_version(monkeypatch, groups):
 
 
 @pytest.mark.parametrize("on", [True, False])
-def test_tail_pre_defaults_follow_the_triton_version(monkeypatch, on):
-    """TAIL_PRE_DEFAULTS (on under Triton < 3.7, where TAIL_PRE was measured): the d = 64 defaults up to
-    TAIL_GROUP_MAX_N load the dK/dV pass's first tail tile early (not the dQ pass's, nor the forward's), the MAE
-    decoder's (197, 32) its forward's; off, no default carries the key on any pass, and nothing else changes."""
+def test_tail_step_defaults_follow_the_triton_version(monkeypatch, on):
+    """TAIL_STEP_DEFAULTS (on under Triton < 3.7, where TAIL_FIRST and TAIL_PRE were measured): the d = 64 defaults up
+    to TAIL_GROUP_MAX_N take the dK/dV pass's tail step first (not the dQ pass's, nor the forward's), the MAE
+    decoder's (197, 32) loads its forward's first tail tile early; off, no default carries either key on any pass, and
+    nothing else changes."""
     for knob in ("POW2_TAIL_GROUPS", "SPLIT_TAIL_GROUPS"):
         monkeypatch.setattr(attn, knob, True)
     monkeypatch.setattr(attn, "NEWER_TRITON", False)
-    monkeypatch.setattr(attn, "TAIL_PRE_DEFAULTS", on)
-    pre = lambda c: [x.get("TAIL_PRE") for x in (c, c.get("DQ") or {})]
-    rest = lambda c: {k: (rest(v) if k == "DQ" else v) for k, v in c.items() if k != "TAIL_PRE"}
+    monkeypatch.setattr(attn, "TAIL_STEP_DEFAULTS", on)
+    keys = ("TAIL_PRE", "TAIL_FIRST")
+    step = lambda c: [{k: x[k] for k in keys if k in x} for x in (c, c.get("DQ") or {})]
+    rest = lambda c: {k: (rest(v) if k == "DQ" else v) for k, v in c.items() if k not in keys}
     for n, d in ((197, 64), (261, 64), (257, 64), (300, 64), (197, 32), (1374, 64), (257, 88)):
         fwd, bwd = attn._fwd_config(n, d), attn._bwd_config(n, d)
         assert rest(fwd) == rest(attn._fwd_tuned(n, d)) and rest(bwd) == rest(attn._bwd_tuned(n, d))
-        want_fwd = [True if on and (n, d) == (197, 32) else None, None]
-        want_bwd = [True if on and d == 64 and n <= attn.TAIL_GROUP_MAX_N else None, None]
-        assert (pre(fwd), pre(bwd)) == (want_fwd, want_bwd), (n, d)
+        want_fwd = [{"TAIL_PRE": True} if on and (n, d) == (197, 32) else {}, {}]
+        want_bwd = [{"TAIL_FIRST": True} if on and d == 64 and n <= attn.TAIL_GROUP_MAX_N else {}, {}]
+        assert (step(fwd), step(bwd)) == (want_fwd, want_bwd), (n, d)
 
 
 @pytest.mark.parametrize("newer", [False, True])
@@ -762,19 +764,18 @@ def test_tma_descriptors_from_autograds_thread_on_gpu():
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-3000:]
 
 
-PRE_BWD = KV_Q | {"TAIL_PRE": True, "DQ": KV_Q["DQ"] | {"TAIL_PRE": True}}
-
-
+@pytest.mark.parametrize("knob", ["TAIL_PRE", "TAIL_FIRST"])
 @pytest.mark.parametrize("n,d,heads", [(197, 64, 2), (100, 32, 2), (21, 88, 2), (1, 64, 1)])
-def test_tail_pre(n, d, heads):
-    """TAIL_PRE (config key): each walk's first tail tile loaded before the full-tile loop, on the forward and on
-    each pass of the two-pass backward: the reference result with one tail step (197 = 6 x 32 + 5), several (100 =
-    64 + 36 walks two 32-key tail steps in the dQ pass), a sequence shorter than a block (all tail) and N = 1;
-    dense, with tail groups beside it, and packed."""
+def test_tail_steps(knob, n, d, heads):
+    """TAIL_PRE (each walk's first tail tile loaded before the full-tile loop) and TAIL_FIRST (its tail steps taken
+    before the loop), config keys, on the forward and on each pass of the two-pass backward: the reference result
+    with one tail step (197 = 6 x 32 + 5), several (100 = 64 + 36 walks two 32-key tail steps in the dQ pass), a
+    sequence shorter than a block (all tail) and N = 1; dense, with tail groups beside it, and packed."""
+    on = {knob: True}
+    bwd = KV_Q | on | {"DQ": KV_Q["DQ"] | on}
     q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_PRE": True}, bwd_config=PRE_BWD))
-    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | {"TAIL_PRE": True, "TAIL_G": 2},
-                           bwd_config=PRE_BWD | {"TAIL_G": 2}))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | on, bwd_config=bwd))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | on | {"TAIL_G": 2}, bwd_config=bwd | {"TAIL_G": 2}))
     cu = torch.tensor([0, n, n + 37], dtype=torch.int32)
     q, k, v = (torch.randn(n + 37, heads, d, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD | {"TAIL_PRE": True}, bwd_config=PRE_BWD))
+    assert_close(*run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD | on, bwd_config=bwd))
