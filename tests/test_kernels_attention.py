@@ -422,6 +422,23 @@ def _pow2_split(d):
     return attn._split_dims(d)[1]
 
 
+@pytest.mark.parametrize("knob", ["TAIL_PRE", "TAIL_FIRST"])
+@pytest.mark.parametrize("n,d,heads", [(197, 64, 2), (100, 32, 2), (21, 88, 2), (1, 64, 1)])
+def test_tail_steps(knob, n, d, heads):
+    """TAIL_PRE (each walk's first tail tile loaded before the full-tile loop) and TAIL_FIRST (its tail steps taken
+    before the loop), config keys, on the forward and on each pass of the two-pass backward: the reference result
+    with one tail step (197 = 6 x 32 + 5), several (100 = 64 + 36 walks two 32-key tail steps in the dQ pass), a
+    sequence shorter than a block (all tail) and N = 1; dense, with tail groups beside it, and packed."""
+    on = {knob: True}
+    bwd = KV_Q | on | {"DQ": KV_Q["DQ"] | on}
+    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | on, bwd_config=bwd))
+    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | on | {"TAIL_G": 2}, bwd_config=bwd | {"TAIL_G": 2}))
+    cu = torch.tensor([0, n, n + 37], dtype=torch.int32)
+    q, k, v = (torch.randn(n + 37, heads, d, requires_grad=True) for _ in range(3))
+    assert_close(*run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD | on, bwd_config=bwd))
+
+
 def test_split_grouped_tail_needs_a_split_head_dim(monkeypatch):
     """TAIL_GS without SPLIT_D (or at a head dim that does not split) pads the grouped tail as before."""
     seen = _tail_group_pieces(monkeypatch)
@@ -762,20 +779,3 @@ def test_tma_descriptors_from_autograds_thread_on_gpu():
     r = subprocess.run([sys.executable, "-c", _THREAD_CASE], env=env, cwd=root, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-3000:]
-
-
-@pytest.mark.parametrize("knob", ["TAIL_PRE", "TAIL_FIRST"])
-@pytest.mark.parametrize("n,d,heads", [(197, 64, 2), (100, 32, 2), (21, 88, 2), (1, 64, 1)])
-def test_tail_steps(knob, n, d, heads):
-    """TAIL_PRE (each walk's first tail tile loaded before the full-tile loop) and TAIL_FIRST (its tail steps taken
-    before the loop), config keys, on the forward and on each pass of the two-pass backward: the reference result
-    with one tail step (197 = 6 x 32 + 5), several (100 = 64 + 36 walks two 32-key tail steps in the dQ pass), a
-    sequence shorter than a block (all tail) and N = 1; dense, with tail groups beside it, and packed."""
-    on = {knob: True}
-    bwd = KV_Q | on | {"DQ": KV_Q["DQ"] | on}
-    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | on, bwd_config=bwd))
-    assert_close(*run_both(q, k, v, fwd_config=SMALL_FWD | on | {"TAIL_G": 2}, bwd_config=bwd | {"TAIL_G": 2}))
-    cu = torch.tensor([0, n, n + 37], dtype=torch.int32)
-    q, k, v = (torch.randn(n + 37, heads, d, requires_grad=True) for _ in range(3))
-    assert_close(*run_both(q, k, v, cu_seqlens=cu, fwd_config=SMALL_FWD | on, bwd_config=bwd))
