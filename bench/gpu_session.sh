@@ -40,6 +40,10 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+K94)  # session 33: the dQ pass's TAIL_FIRST beside the dK/dV pass's (HEAD's kernels/ with _bwd_config wrapped to add it
+      # at d = 64 up to N = 320, unpacked in .notes/dqfirst) against HEAD's, alternating processes, 5 rounds
+  ROUNDS=5 step 400 python3 -m bench._probe_ab_trees .notes/dqfirst
+  ;;
 K93)  # session 33: N = 197, 261 and 257 (d = 64) against every SDPA backend three times more at K92's defaults
   for i in 2 3 4; do
     step 150 python3 -m bench kernels --only attention --tag s33-defaults-first-$i \
