@@ -41,7 +41,8 @@ T0=$(date +%s)
 PART=$1
 case $PART in
 K94)  # session 33: the dQ pass's TAIL_FIRST beside the dK/dV pass's (HEAD's kernels/ with _bwd_config wrapped to add it
-      # at d = 64 up to N = 320, unpacked in .notes/dqfirst) against HEAD's, alternating processes, 5 rounds
+      # at d = 64 up to N = 320, unpacked in .notes/dqfirst, which git ignores: the wrapper is the 'prototype' entry
+      # of kernels-probe-nvidia-h200-2026-11-30-s33-ab-dq-first.json) against HEAD's, alternating processes, 5 rounds
   ROUNDS=5 step 400 python3 -m bench._probe_ab_trees .notes/dqfirst
   ;;
 K93)  # session 33: N = 197, 261 and 257 (d = 64) against every SDPA backend three times more at K92's defaults
@@ -65,8 +66,9 @@ K91)  # session 33: --tune-tail-step (TAIL_PRE and TAIL_FIRST; the dK/dV pass's 
   step 280 python3 -m bench kernels --only attention --tune-tail-step --tag s33-tune-tail-step \
     --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64,mae-l-dec-n197-d32
   ;;
-K90)  # session 33: TAIL_FIRST (the walk's tail steps before the full-tile loop; .notes/tail_first.py swaps the
-      # --tune-tail-pre variants for it; both are --tune-tail-step's since) against the defaults, twice
+K90)  # session 33: TAIL_FIRST (the walk's tail steps before the full-tile loop; .notes/tail_first.py, which git ignores
+      # and the result JSONs keep as 'script', swaps the --tune-tail-pre variants for it; both are --tune-tail-step's
+      # since) against the defaults, twice
   for i in 1 2; do
     PYTHONPATH=/tmp/site:. step 240 python3 .notes/tail_first.py --only attention --tune-tail-pre \
       --tag s33-tune-tail-first-$i \

@@ -248,7 +248,8 @@ def _fwd_q_block(Q, K, V, O, LSE, qo, ko, vo, oo, lo, row0, seqlen, sq_n, sk_n, 
                  PRE: tl.constexpr = False, FIRST: tl.constexpr = False):
     # PRE (config key TAIL_PRE): the walk's first tail tile (K and V) is loaded with Q, before the full-tile loop, so
     # its load latency hides behind the loop instead of following it
-    # FIRST (config key TAIL_FIRST): the walk's tail steps run before the full-tile loop instead of after it
+    # FIRST (config key TAIL_FIRST): the walk's tail steps run before the full-tile loop instead of after it; where
+    # both are set, FIRST (PRE then does nothing), as in the backward blocks
     rows = row0 + tl.arange(0, BM)
     rows_ok = rows < seqlen
     q = _load_tile(Q + qo + rows[:, None] * sq_n + offs_d[None, :], rows_ok, mask_d, MASK_M, not EVEN_D)
