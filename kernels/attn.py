@@ -1596,8 +1596,12 @@ POW2_TAIL_GROUPS = not NEWER_TRITON
 # the defaults drop the key (their padded groups stay), and TUNED_NEWER_TRITON holds 3.8's own winners for those shapes.
 SPLIT_TAIL_GROUPS = not NEWER_TRITON
 # TAIL_PRE (the walk's first tail tile loaded before the loop) and TAIL_FIRST (its tail steps taken before the loop)
-# were measured under Triton 3.6 only, beside the tail groups that 3.8 runs without: from 3.7 the defaults drop them
-TAIL_STEP_DEFAULTS = not NEWER_TRITON
+# in the defaults, under every Triton: measured under 3.6 (session 33) and then under 3.8, beside the per-head tails
+# that 3.8 runs at d = 64 (session 34, H200; HEAD's kernels against the same with this on, alternating processes, 4
+# rounds, kernels-probe-nvidia-h200-2026-11-30-s34-triton38-ab-tail-step.json, median ms): backward at N = 261 0.6178
+# vs 0.6297, N = 257 0.4179 vs 0.4264, N = 197 0.2929 vs 0.2975 (4 / 4 / 3 of 4 rounds apart); the MAE decoder's
+# forward 0.1465 vs 0.1486. Off (for A/B runs), no default carries either key.
+TAIL_STEP_DEFAULTS = True
 
 
 # Shapes whose blocks differ under Triton 3.7 and later (measured under 3.8, torch 2.14's; 3.7 is taken as 3.8, as

@@ -150,25 +150,32 @@ def test_defaults_follow_the_triton_version(monkeypatch, groups):
     assert attn._fwd_config(1374, 64) == attn.TUNED[(1374, 64)][0]  # nothing to drop
 
 
+@pytest.mark.parametrize("newer", [False, True])
 @pytest.mark.parametrize("on", [True, False])
-def test_tail_step_defaults_follow_the_triton_version(monkeypatch, on):
-    """TAIL_STEP_DEFAULTS (on under Triton < 3.7, where TAIL_FIRST and TAIL_PRE were measured): the d = 64 defaults up
-    to TAIL_GROUP_MAX_N take the dK/dV pass's tail step first (not the dQ pass's, nor the forward's), the MAE
-    decoder's (197, 32) loads its forward's first tail tile early; off, no default carries either key on any pass, and
-    nothing else changes."""
+def test_tail_step_defaults(monkeypatch, on, newer):
+    """TAIL_STEP_DEFAULTS (on under every Triton: measured under 3.6 and 3.8): the d = 64 defaults up to
+    TAIL_GROUP_MAX_N take the dK/dV pass's tail step first (not the dQ pass's, nor the forward's), the MAE decoder's
+    (197, 32) loads its forward's first tail tile early, whether or not the Triton in use keeps the tail groups;
+    off, no default carries either key on any pass, and nothing else changes."""
+    assert attn.TAIL_STEP_DEFAULTS
+    monkeypatch.setattr(attn, "NEWER_TRITON", newer)
     for knob in ("POW2_TAIL_GROUPS", "SPLIT_TAIL_GROUPS"):
-        monkeypatch.setattr(attn, knob, True)
-    monkeypatch.setattr(attn, "NEWER_TRITON", False)
+        monkeypatch.setattr(attn, knob, not newer)
     monkeypatch.setattr(attn, "TAIL_STEP_DEFAULTS", on)
     keys = ("TAIL_PRE", "TAIL_FIRST")
     step = lambda c: [{k: x[k] for k in keys if k in x} for x in (c, c.get("DQ") or {})]
     rest = lambda c: {k: (rest(v) if k == "DQ" else v) for k, v in c.items() if k not in keys}
     for n, d in ((197, 64), (261, 64), (257, 64), (300, 64), (197, 32), (1374, 64), (257, 88)):
         fwd, bwd = attn._fwd_config(n, d), attn._bwd_config(n, d)
-        assert rest(fwd) == rest(attn._fwd_tuned(n, d)) and rest(bwd) == rest(attn._bwd_tuned(n, d))
+        monkeypatch.setattr(attn, "TAIL_STEP_DEFAULTS", True)
+        assert rest(fwd) == rest(attn._fwd_config(n, d)) and rest(bwd) == rest(attn._bwd_config(n, d))
+        if not newer:
+            assert rest(fwd) == rest(attn._fwd_tuned(n, d)) and rest(bwd) == rest(attn._bwd_tuned(n, d))
+        monkeypatch.setattr(attn, "TAIL_STEP_DEFAULTS", on)
         want_fwd = [{"TAIL_PRE": True} if on and (n, d) == (197, 32) else {}, {}]
         want_bwd = [{"TAIL_FIRST": True} if on and d == 64 and n <= attn.TAIL_GROUP_MAX_N else {}, {}]
-        assert (step(fwd), step(bwd)) == (want_fwd, want_bwd), (n, d)
+        assert (step(fwd), step(bwd)) == (want_fwd, want_bwd), (n, d, newer)
+        assert not newer or not any(c.get("TAIL_G") for c in (fwd, bwd, bwd.get("DQ") or {}) if d in (32, 64))
 
 
 @pytest.mark.parametrize("newer", [False, True])
