@@ -40,6 +40,16 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+K100)  # session 34: the forward's grouped tails as four unrolled 2D walks (TAIL_GU: 2D tiles, whose shared copies keep
+       # a conflict-free order under Triton 3.8) against the 3D groups and per-head tails, under 3.8 then the stock 3.6
+       # (.notes/probe_gu.py with .notes/t38g's kernels/, ignored by git; source kept in ...-s34-tail-gu.json)
+  if [ ! -d /tmp/site38/triton ] && [ -f .whl/t38s.tar.xz ]; then
+    mkdir -p /tmp/site38 && xz -dc .whl/t38s.tar.xz | tar x -C /tmp/site38
+  fi
+  [ -d /tmp/site38/triton/backends/amd ] || { echo "no /tmp/site38: carry .whl/t38s.tar.xz (K95's comment)"; exit 3; }
+  PYTHONPATH=/tmp/site38:. step 200 sh -c "python3 .notes/probe_gu.py > $OUT/gu-38.json"
+  step 200 sh -c "python3 .notes/probe_gu.py > $OUT/gu-36.json"
+  ;;
 K99)  # session 34: K98 showed the tail groups' loss under Triton 3.8 comes from its front end, not ptxas; offline the
       # grouped tail's Q and V copies in shared memory take order [2, 0, 1] under 3.8 ([2, 1, 0] under 3.6): rows of
       # one head 4 lines apart, so ldmatrix meets 4-way bank conflicts. Probe (.notes/probe_qt.py, .notes/t38g's
