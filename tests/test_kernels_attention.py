@@ -178,6 +178,33 @@ def test_tail_step_defaults(monkeypatch, on, newer):
         assert not newer or not any(c.get("TAIL_G") for c in (fwd, bwd, bwd.get("DQ") or {}) if d in (32, 64))
 
 
+def test_grouped_tail_shared_order():
+    """bench._shared_order, compiled offline for sm_90 (no GPU): the d = 64 forward's grouped tail has one resident Q
+    tile, then pipelined K / V tiles, each with the head dim's columns fastest. Under Triton < 3.7 every one keeps a
+    head's rows on consecutive lines; under 3.7+ (3.8 measured) some put the heads between the rows: the ldmatrix
+    bank conflicts for which POW2_TAIL_GROUPS drops the tail groups there. Should a newer Triton keep the rows
+    consecutive, this fails: re-time the tail groups under it (bench kernels --tune-tail-groups) and revisit
+    POW2_TAIL_GROUPS."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from kernels import triton_version
+
+    env = dict(os.environ, TRITON_INTERPRET="0")  # compiled, not interpreted: in a process of its own
+    out = subprocess.run([sys.executable, "-m", "bench._shared_order", "--json"], env=env, capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], check=True)
+    bufs = json.loads(out.stdout.strip().splitlines()[-1])["buffers"]
+    assert bufs[0]["shape"] == [4, 16, 64] and len(bufs) >= 3
+    assert all(b["shape"][1:] == [4, 16, 64] for b in bufs[1:]) and all(b["order"][0] == 2 for b in bufs)
+    consecutive = [b["rows_consecutive"] for b in bufs]
+    if triton_version.TRITON < (3, 7):
+        assert all(consecutive) and attn.POW2_TAIL_GROUPS
+    else:
+        assert not all(consecutive) and not attn.POW2_TAIL_GROUPS
+
+
 @pytest.mark.parametrize("newer", [False, True])
 def test_split_tail_groups_follow_the_triton_version(monkeypatch, newer):
     """SPLIT_TAIL_GROUPS (on under Triton < 3.7, where split grouped tails were measured to win): under 3.6 the split
