@@ -40,6 +40,16 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
 T0=$(date +%s)
 PART=$1
 case $PART in
+K101)  # session 34: the forward as persistent programs (PERSIST per SM, each looping over every num_programs-th tile;
+       # .notes/probe_persist.py with .notes/persist's kernels/, ignored by git; source kept in ...-s34-persist.json)
+       # against the defaults, under the stock Triton 3.6 then 3.8
+  if [ ! -d /tmp/site38/triton ] && [ -f .whl/t38s.tar.xz ]; then
+    mkdir -p /tmp/site38 && xz -dc .whl/t38s.tar.xz | tar x -C /tmp/site38
+  fi
+  step 200 sh -c "python3 .notes/probe_persist.py > $OUT/persist-36.json"
+  [ -d /tmp/site38/triton/backends/amd ] && PYTHONPATH=/tmp/site38:. step 200 \
+    sh -c "python3 .notes/probe_persist.py > $OUT/persist-38.json"
+  ;;
 K100)  # session 34: the forward's grouped tails as four unrolled 2D walks (TAIL_GU: 2D tiles, whose shared copies keep
        # a conflict-free order under Triton 3.8) against the 3D groups and per-head tails, under 3.8 then the stock 3.6
        # (.notes/probe_gu.py with .notes/t38g's kernels/, ignored by git; source kept in ...-s34-tail-gu.json)
