@@ -13,13 +13,26 @@ import re
 import sys
 
 
+def compile_sm90(fn, signature: dict, constexprs: dict, aligned, **options):
+    """`fn` (a @triton.jit kernel) compiled offline for sm_90, as the launcher would specialize it: `signature` maps
+    each runtime argument to its Triton type, `constexprs` each constexpr argument to its value, and the arguments
+    named in `aligned` are taken as 16-byte aligned. Returns Triton's compiled kernel (its .asm holds "ttgir", "ptx"
+    ...)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature) | {k: "constexpr" for k in constexprs}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def loss_memory_ops(cpq: bool, backward: bool, *, C: int = 3, P: int = 16, img: int = 224,
                     patches: int = 4) -> collections.Counter:
     """Counts of `ld.global*` / `st.global*` PTX instructions (per thread) in kernels.loss._loss_rows for
     bf16 images of `img` px and pred rows of p*p*C, pred `cpq` (channel-major) or in MAE's order."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from kernels import loss
 
@@ -29,10 +42,8 @@ def loss_memory_ops(cpq: bool, backward: bool, *, C: int = 3, P: int = 16, img: 
             "MSUM": "*fp32"}
     const = dict(si_b=C * img * img, si_c=img * img, si_h=img, si_w=1, sp_b=n * P * P * C, sp_n=P * P * C, C=C, P=P,
                  PAP=triton.next_power_of_2(P * P), BP=patches, NORM=True, BACKWARD=backward, PDL=False, CPQ=cpq)
-    sig = ptrs | {"N": "i32", "W_PATCHES": "i32", "G": "i32", "eps": "fp32"} | {k: "constexpr" for k in const}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
-                    attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in ptrs})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": loss.NUM_WARPS}).asm["ptx"]
+    sig = ptrs | {"N": "i32", "W_PATCHES": "i32", "G": "i32", "eps": "fp32"}
+    ptx = compile_sm90(fn, sig, const, ptrs, num_warps=loss.NUM_WARPS).asm["ptx"]
     return collections.Counter(re.findall(r"\b(?:ld|st)\.global[\w.]*", ptx))
 
 

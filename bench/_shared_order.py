@@ -23,10 +23,7 @@ def grouped_tail_buffers(d: int = 64, g: int = 4, rows: int = 16) -> list[dict]:
     kernels.attn._attn_fwd compiled for sm_90 with tail groups of g heads of `rows` rows at head dim d (blocks of 64,
     4 warps, 3 stages, the d = 64 defaults' register cap): {"shape", "order", "rows_consecutive"}, in the order the
     compiler allocates them."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    from bench._ptx import compile_sm90
     from kernels import attn
 
     fn = attn._attn_fwd
@@ -35,11 +32,8 @@ def grouped_tail_buffers(d: int = 64, g: int = 4, rows: int = 16) -> list[dict]:
                  EVEN_D=True, WS=False, D2=0, TMA=False, TAIL_G=g, TAIL_GW=max(16, 64 // g), TAIL_GD=d, LEAN=False,
                  TAIL_GD2=0, TAIL_PRE=False, TAIL_FIRST=False, KD=None, VD=None)
     const = {k: v for k, v in const.items() if k in fn.arg_names}
-    sig = {a: "constexpr" if a in const else ptrs.get(a, "fp32" if a == "qk_scale" else "i32") for a in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
-                    attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in ptrs})
-    ir = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": 4, "num_stages": 3, "maxnreg": 128}).asm["ttgir"]
+    sig = {a: ptrs.get(a, "fp32" if a == "qk_scale" else "i32") for a in fn.arg_names if a not in const}
+    ir = compile_sm90(fn, sig, const, ptrs, num_warps=4, num_stages=3, maxnreg=128).asm["ttgir"]
     orders = {m.group(1): [int(x) for x in m.group(2).split(",")]
               for m in re.finditer(r"^(#shared\d*) = #ttg\.swizzled_shared<\{[^}]*order = \[([\d, ]+)\]", ir, re.M)}
     out = []
