@@ -37,26 +37,27 @@ step() {  # step SECONDS CMD...: one measurement; a failure or time-out does not
   echo "    ($(( $(date +%s) - T0 )) s into the part)" | tee -a "$OUT/summary-$PART.log"
   tar czf "$OUT/results-$PART.tgz" bench/results  # after every step: a call cut short still brings back what ran
 }
+site38() {  # Triton 3.8.0 (torch 2.14's) unpacked into /tmp/site38 from a carried .whl/t38s.tar.xz (K95's comment says
+           # how it is built); fails, saying so, where neither is there
+  if [ ! -d /tmp/site38/triton ] && [ -f .whl/t38s.tar.xz ]; then
+    mkdir -p /tmp/site38 && xz -dc .whl/t38s.tar.xz | tar x -C /tmp/site38
+  fi
+  [ -d /tmp/site38/triton/backends/amd ] || { echo "no /tmp/site38: carry .whl/t38s.tar.xz (K95's comment)"; return 1; }
+}
 T0=$(date +%s)
 PART=$1
 case $PART in
 K101)  # session 34: the forward as persistent programs (PERSIST per SM, each looping over every num_programs-th tile;
        # .notes/probe_persist.py with .notes/persist's kernels/, ignored by git; source kept in ...-s34-persist.json)
        # against the defaults, under the stock Triton 3.6 then 3.8
-  if [ ! -d /tmp/site38/triton ] && [ -f .whl/t38s.tar.xz ]; then
-    mkdir -p /tmp/site38 && xz -dc .whl/t38s.tar.xz | tar x -C /tmp/site38
-  fi
   step 200 sh -c "python3 .notes/probe_persist.py > $OUT/persist-36.json"
-  [ -d /tmp/site38/triton/backends/amd ] && PYTHONPATH=/tmp/site38:. step 200 \
+  site38 && PYTHONPATH=/tmp/site38:. step 200 \
     sh -c "python3 .notes/probe_persist.py > $OUT/persist-38.json"
   ;;
 K100)  # session 34: the forward's grouped tails as four unrolled 2D walks (TAIL_GU: 2D tiles, whose shared copies keep
        # a conflict-free order under Triton 3.8) against the 3D groups and per-head tails, under 3.8 then the stock 3.6
        # (.notes/probe_gu.py with .notes/t38g's kernels/, ignored by git; source kept in ...-s34-tail-gu.json)
-  if [ ! -d /tmp/site38/triton ] && [ -f .whl/t38s.tar.xz ]; then
-    mkdir -p /tmp/site38 && xz -dc .whl/t38s.tar.xz | tar x -C /tmp/site38
-  fi
-  [ -d /tmp/site38/triton/backends/amd ] || { echo "no /tmp/site38: carry .whl/t38s.tar.xz (K95's comment)"; exit 3; }
+  site38 || exit 3
   PYTHONPATH=/tmp/site38:. step 200 sh -c "python3 .notes/probe_gu.py > $OUT/gu-38.json"
   step 200 sh -c "python3 .notes/probe_gu.py > $OUT/gu-36.json"
   ;;
@@ -65,20 +66,14 @@ K99)  # session 34: K98 showed the tail groups' loss under Triton 3.8 comes from
       # one head 4 lines apart, so ldmatrix meets 4-way bank conflicts. Probe (.notes/probe_qt.py, .notes/t38g's
       # kernels/, ignored by git; source kept in ...-s34-triton38-qt.json): Q loaded rows-first and permuted (TAIL_QT,
       # which gives Q order [2, 1, 0] under 3.8), groups of 4 and 2, against per-head tails, forward, under 3.8
-  if [ ! -d /tmp/site38/triton ] && [ -f .whl/t38s.tar.xz ]; then
-    mkdir -p /tmp/site38 && xz -dc .whl/t38s.tar.xz | tar x -C /tmp/site38
-  fi
-  [ -d /tmp/site38/triton/backends/amd ] || { echo "no /tmp/site38: carry .whl/t38s.tar.xz (K95's comment)"; exit 3; }
+  site38 || exit 3
   PYTHONPATH=/tmp/site38:. step 200 sh -c "python3 .notes/probe_qt.py > $OUT/qt-38.json"
   ;;
 K98)  # session 34: why tail groups lose under Triton 3.8 (K97: one launch or two, the grouped forward ~0.025-0.045 ms
       # slower than per-head tails, while under 3.6 it is faster): each Triton with its own ptxas and with the other's
       # (TRITON_PTXAS_PATH: 3.6 brings ptxas 12.8, 3.8 brings 12.9; a fresh cache each), per-head against grouped
       # tails, forward and backward (.notes/probe_ptxas.py, ignored by git; its source is kept in ...-s34-ptxas.json)
-  if [ ! -d /tmp/site38/triton ] && [ -f .whl/t38s.tar.xz ]; then
-    mkdir -p /tmp/site38 && xz -dc .whl/t38s.tar.xz | tar x -C /tmp/site38
-  fi
-  [ -d /tmp/site38/triton/backends/amd ] || { echo "no /tmp/site38: carry .whl/t38s.tar.xz (K95's comment)"; exit 3; }
+  site38 || exit 3
   P36=$(python3 -c "import triton, os; print(os.path.dirname(triton.__file__))")/backends/nvidia/bin/ptxas
   P38=/tmp/site38/triton/backends/nvidia/bin/ptxas
   for t in 36 38; do for p in 36 38; do
@@ -92,20 +87,14 @@ K97)  # session 34: every attention default under Triton 3.8.0 with the tail ste
       # K96); then a probe (.notes/probe_tailsep.py with .notes/tailsep's kernels/, both ignored by git; the source is
       # kept in ...-s34-tailsep.json): the forward's grouped tails launched as a kernel of their own, after or before
       # the full blocks, against one launch and against per-head tails, under 3.8 and then the stock 3.6
-  if [ ! -d /tmp/site38/triton ] && [ -f .whl/t38s.tar.xz ]; then
-    mkdir -p /tmp/site38 && xz -dc .whl/t38s.tar.xz | tar x -C /tmp/site38
-  fi
-  [ -d /tmp/site38/triton/backends/amd ] || { echo "no /tmp/site38: carry .whl/t38s.tar.xz (K95's comment)"; exit 3; }
+  site38 || exit 3
   PYTHONPATH=/tmp/site38:. step 200 python3 -m bench kernels --only attention --tag s34-triton38-defaults-step
   PYTHONPATH=/tmp/site38:. step 120 sh -c "python3 .notes/probe_tailsep.py > $OUT/tailsep-38.json"
   step 120 sh -c "python3 .notes/probe_tailsep.py > $OUT/tailsep-36.json"
   ;;
 K96)  # session 34: K95's tail steps under Triton 3.8 as defaults (HEAD's kernels/ with TAIL_STEP_DEFAULTS on, unpacked
       # in .notes/t38_step, which git ignores) against HEAD's, alternating processes, 4 rounds; /tmp/site38 as for K95
-  if [ ! -d /tmp/site38/triton ] && [ -f .whl/t38s.tar.xz ]; then
-    mkdir -p /tmp/site38 && xz -dc .whl/t38s.tar.xz | tar x -C /tmp/site38
-  fi
-  [ -d /tmp/site38/triton/backends/amd ] || { echo "no /tmp/site38: carry .whl/t38s.tar.xz (K95's comment)"; exit 3; }
+  site38 || exit 3
   PYTHONPATH=/tmp/site38:. ROUNDS=4 step 500 python3 -m bench._probe_ab_trees .notes/t38_step
   ;;
 K95)  # session 34: TAIL_PRE / TAIL_FIRST under Triton 3.8.0 (torch 2.14's, what a fresh install takes), where the
@@ -113,10 +102,7 @@ K95)  # session 34: TAIL_PRE / TAIL_FIRST under Triton 3.8.0 (torch 2.14's, what
       # shapes' defaults against every SDPA backend. /tmp/site38 from .whl/t38s.tar.xz: K79's package with libtriton.so
       # stripped (strip --strip-unneeded: 506 -> 192 MB), the test instrumentation library left out and backends/amd
       # put in, tar | xz -9: 49 MB, one carry
-  if [ ! -d /tmp/site38/triton ] && [ -f .whl/t38s.tar.xz ]; then
-    mkdir -p /tmp/site38 && xz -dc .whl/t38s.tar.xz | tar x -C /tmp/site38
-  fi
-  [ -d /tmp/site38/triton/backends/amd ] || { echo "no /tmp/site38: carry .whl/t38s.tar.xz (K95's comment)"; exit 3; }
+  site38 || exit 3
   PYTHONPATH=/tmp/site38:. step 330 python3 -m bench kernels --only attention --tune-tail-step \
     --tag s34-triton38-tune-tail-step --shapes vit-l-n197-d64,dinov2-g-n261-d64,dinov2-l-n257-d64,mae-l-dec-n197-d32
   PYTHONPATH=/tmp/site38:. step 200 python3 -m bench kernels --only attention --tag s34-triton38-defaults \
